@@ -1,0 +1,81 @@
+"""Every touch of peft internals lives here.
+
+PEFT registers tuners with `peft.utils.register_peft_method`, which only accepts names that its `PeftType` enum
+already lists. We add one member, `PeftType.ILA`, to that enum and then go through the public registration call.
+The enum surgery is checked against the peft versions we test; if peft's internals move, importing `peft_ila`
+fails here with a message that says so, instead of failing later in an obscure place.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+
+import peft
+from packaging.version import Version
+
+TESTED_PEFT = (Version("0.21.0"), Version("0.22.0"))  # [low, high)
+PEFT_TYPE_NAME = "ILA"
+PREFIX = "ila_"
+
+
+def _fail(what: str) -> ImportError:
+    low, high = TESTED_PEFT
+    return ImportError(
+        f"peft-ila cannot register its tuner with peft {peft.__version__}: {what}. "
+        f"peft-ila is tested with peft>={low},<{high}; install that with `pip install 'peft>={low},<{high}'`."
+    )
+
+
+def _extend_peft_type(name: str) -> enum.Enum:
+    """Add `name` to `peft.utils.PeftType` (idempotent) and return the member."""
+    from peft.utils import peft_types
+
+    peft_type = getattr(peft_types, "PeftType", None)
+    if not (isinstance(peft_type, enum.EnumMeta) and issubclass(peft_type, str)):
+        raise _fail("peft.utils.peft_types.PeftType is no longer a str Enum")
+    if name in peft_type.__members__:
+        return peft_type[name]
+    for attr in ("_member_map_", "_value2member_map_", "_member_names_"):
+        if not hasattr(peft_type, attr):
+            raise _fail(f"PeftType lacks the enum internal {attr}")
+
+    member = str.__new__(peft_type, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = peft_type
+    member._sort_order_ = len(peft_type._member_names_)
+    peft_type._member_map_[name] = member
+    peft_type._value2member_map_[name] = member
+    peft_type._member_names_.append(name)
+    type.__setattr__(peft_type, name, member)
+
+    if peft_type(name) is not member or name not in list(peft_type) or peft_type[name] is not member:
+        raise _fail("adding a member to PeftType did not take effect")
+    return member
+
+
+def register(config_cls: type, model_cls: type) -> None:
+    """Register the ILA config and tuner with peft; calling it again (e.g. after a reload) rebinds the classes."""
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
+    from peft.utils import register_peft_method
+
+    if ILA in PEFT_TYPE_TO_TUNER_MAPPING:
+        PEFT_TYPE_TO_CONFIG_MAPPING[ILA] = config_cls
+        PEFT_TYPE_TO_TUNER_MAPPING[ILA] = model_cls
+        PEFT_TYPE_TO_PREFIX_MAPPING[ILA] = PREFIX
+        return
+    register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
+
+
+if not TESTED_PEFT[0] <= Version(peft.__version__) < TESTED_PEFT[1]:
+    warnings.warn(
+        f"peft-ila is tested with peft>={TESTED_PEFT[0]},<{TESTED_PEFT[1]} but found peft {peft.__version__}; "
+        "the registration checks passed, but report any problem together with your peft version.",
+        stacklevel=2,
+    )
+ILA = _extend_peft_type(PEFT_TYPE_NAME)

@@ -1,0 +1,226 @@
+"""`ILAConfig`: the adapter shape, the layer selection, the identification budget and its result."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+from ._peft_compat import ILA
+from .mask import ILALoadError
+
+GRANULARITIES = ("module", "block")
+
+
+def resolve_top_k(top_k: Union[int, float], n_candidates: int) -> int:
+    """Number of layers kept: an int is taken as is, a fraction f of n candidates means round(f * n), halves up.
+
+    Raises `ValueError` when the result is not in [1, n_candidates].
+    """
+    if n_candidates < 1:
+        raise ValueError("ILA found no candidate layers; check `target_modules`.")
+    if isinstance(top_k, float):
+        k = math.floor(top_k * n_candidates + 0.5)
+        if k < 1:
+            raise ValueError(
+                f"`top_k`={top_k} of {n_candidates} candidate layers rounds to 0 layers; use a fraction of at "
+                f"least {0.5 / n_candidates:.4g} or an int >= 1."
+            )
+        return k
+    if not 1 <= top_k <= n_candidates:
+        raise ValueError(
+            f"`top_k`={top_k} but the model has {n_candidates} candidate layers; use an int in [1, {n_candidates}] "
+            "or a fraction in (0, 1]."
+        )
+    return top_k
+
+
+@dataclass
+class ILAConfig(PeftConfig):
+    """Configuration of an [`ILAModel`]: LoRA adapters placed only on the layers that ILA finds important.
+
+    Paper: Shi et al., "Understanding Layer Significance in LLM Alignment", https://arxiv.org/abs/2410.17875.
+    Without `selected_layers` the model starts in the *probe* state (gated adapters on every candidate layer) and
+    `identify_important_layers` fills `selected_layers` and `layer_scores`; with them, adapters go only there.
+    """
+
+    # Adapter shape
+    r: int = field(default=8, metadata={"help": "LoRA rank of each adapter (int >= 1)."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: update = B @ A * lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Candidate modules: a list of names or name suffixes (e.g. ['q_proj', 'v_proj']), a regex, or "
+                "'all-linear'. None means 'all-linear'. Only nn.Linear and transformers' Conv1D can be adapted."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names, suffixes or a regex of modules never to adapt."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapters to train fully and save, e.g. a classifier head ['score']."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True: A Kaiming-uniform, B zero, so a fresh adapter changes nothing. False: B random too (tests only)."
+            )
+        },
+    )
+
+    # Selection
+    top_k: Union[int, float] = field(
+        default=0.25,
+        metadata={
+            "help": (
+                "How many layers keep adapters: an int >= 1, or a fraction in (0, 1] of the candidate layers "
+                "(rounded half up). 0.75 is the paper's 'freeze the least important 25%'."
+            )
+        },
+    )
+    granularity: Literal["module", "block"] = field(
+        default="module",
+        metadata={
+            "help": (
+                "'module': each adapted weight matrix is a layer (as in the paper), e.g. 'model.layers.7.self_attn"
+                ".q_proj'. 'block': one gate per transformer block, e.g. 'model.layers.7' (the name up to its first "
+                "numeric part)."
+            )
+        },
+    )
+
+    # Identification budget
+    stage1_max_steps: int = field(
+        default=300, metadata={"help": "Stage 1 step cap: adapters train until epsilon-stable or this many steps."}
+    )
+    stage1_lr: float = field(default=1e-3, metadata={"help": "Stage 1 AdamW learning rate of the adapters."})
+    stability_epsilon: float = field(
+        default=0.01,
+        metadata={
+            "help": (
+                "Stage 1 is epsilon-stable when the mean loss of the last `stability_window` steps differs from the "
+                "mean of the window before by less than this fraction of it (> 0)."
+            )
+        },
+    )
+    stability_window: int = field(default=20, metadata={"help": "Steps per window of the stability test (>= 1)."})
+    stage2_steps: int = field(default=100, metadata={"help": "Stage 2 steps that learn the layer gates (>= 1)."})
+    gate_lr: float = field(default=0.1, metadata={"help": "Stage 2 Adam learning rate of the gate logits (> 0)."})
+    gate_init: float = field(default=0.5, metadata={"help": "Gate value every layer starts stage 2 with, in (0, 1)."})
+    sparsity_weight: float = field(
+        default=0.5,
+        metadata={"help": "Stage 2 loss = task loss + sparsity_weight * mean(gates); >= 0. Higher closes more gates."},
+    )
+    keep_stage1_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "After selection keep the kept adapters' stage 1 weights instead of re-initialising them."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the identification run (data order is the caller's)."})
+
+    # Result (filled by identification, or by hand to reuse a mask)
+    selected_layers: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "The important layers: set, adapters go only there and no identification is needed. None: probe "
+                "state, adapters and gates on every candidate until `identify_important_layers` selects."
+            )
+        },
+    )
+    layer_scores: Optional[dict[str, float]] = field(
+        default=None, metadata={"help": "Learned gate in [0, 1] of each candidate layer, as found by identification."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ILA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config of a saved adapter; an adapter directory holding only a pickle is refused."""
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+        if os.path.isdir(path) and has(WEIGHTS_NAME) and not has(SAFETENSORS_WEIGHTS_NAME):
+            raise ILALoadError(
+                f"{path} holds {WEIGHTS_NAME} (a pickle) but no {SAFETENSORS_WEIGHTS_NAME}; peft-ila loads weights "
+                "only from safetensors. Re-save the adapter with save_pretrained(dir) (safe_serialization=True)."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    def _validate(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"ILAConfig.{name}={getattr(self, name)!r} is invalid: it must be {allowed}.")
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not is_int(self.r) or self.r < 1:
+            raise bad("r", "an int >= 1")
+        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
+            raise bad("lora_alpha", "a number > 0")
+        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "a number in [0, 1)")
+        if not isinstance(self.init_weights, bool):
+            raise bad("init_weights", "True or False")
+        if is_int(self.top_k):
+            if self.top_k < 1:
+                raise bad("top_k", "an int >= 1 or a fraction in (0, 1]")
+        elif not (isinstance(self.top_k, float) and 0 < self.top_k <= 1):
+            raise bad("top_k", "an int >= 1 or a fraction in (0, 1]")
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", "'module' or 'block'")
+        for name in ("stage1_max_steps", "stability_window", "stage2_steps"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "an int >= 1")
+        for name in ("stage1_lr", "stability_epsilon", "gate_lr"):
+            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise bad(name, "a number > 0")
+        if not is_number(self.gate_init) or not 0 < self.gate_init < 1:
+            raise bad("gate_init", "a number in (0, 1)")
+        if not is_number(self.sparsity_weight) or self.sparsity_weight < 0:
+            raise bad("sparsity_weight", "a number >= 0")
+        if not isinstance(self.keep_stage1_weights, bool):
+            raise bad("keep_stage1_weights", "True or False")
+        if not is_int(self.seed):
+            raise bad("seed", "an int")
+        if self.selected_layers is not None:
+            names = self.selected_layers
+            if (
+                not isinstance(names, (list, tuple))
+                or not names
+                or not all(isinstance(n, str) and n for n in names)
+                or len(set(names)) != len(names)
+            ):
+                raise bad("selected_layers", "None or a non-empty list of distinct layer names")
+            self.selected_layers = list(names)
+        if self.layer_scores is not None:
+            scores = self.layer_scores
+            if not isinstance(scores, dict) or not all(
+                isinstance(k, str) and is_number(v) and 0 <= v <= 1 for k, v in scores.items()
+            ):
+                raise bad("layer_scores", "None or a dict of layer name -> gate in [0, 1]")
+            if self.selected_layers is not None and not set(self.selected_layers) <= set(scores):
+                missing = sorted(set(self.selected_layers) - set(scores))[:3]
+                raise ValueError(
+                    f"ILAConfig.selected_layers names layers without a score in `layer_scores` (e.g. {missing}); "
+                    "give a score for every selected layer or leave `layer_scores` None."
+                )

@@ -1,0 +1,203 @@
+"""ILA adapter layers: a LoRA update B @ A * lora_alpha / r, scaled in the probe state by a learned layer gate."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import nn
+
+from .config import ILAConfig
+
+
+class GateBank(nn.Module):
+    """One logit s_i per candidate layer; gate g_i = sigmoid(s_i) in [0, 1].
+
+    While `active` is False (stage 1, or a bank never trained) every gate reads as exactly 1.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(n_layers), requires_grad=False)
+        self.active = False
+
+    def gate(self, index: int) -> Optional[torch.Tensor]:
+        """Gate of layer `index` (a 0-dim tensor), or None for 'exactly 1'."""
+        return torch.sigmoid(self.logits[index]) if self.active else None
+
+    def gates(self) -> torch.Tensor:
+        """All gates, float [n_layers]."""
+        return torch.sigmoid(self.logits)
+
+
+class ILALayer(BaseTunerLayer):
+    """Adapter mixin: per adapter a rank-r pair (ila_A: in -> r, ila_B: r -> out) and, in the probe state, a gate."""
+
+    adapter_layer_names = ("ila_A", "ila_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "ila_dropout", "gate_index")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.ila_dropout = nn.ModuleDict({})
+        self.ila_A = nn.ModuleDict({})
+        self.ila_B = nn.ModuleDict({})
+        self.gate_index: dict[str, int] = {}
+        self._gate_banks: dict[str, GateBank] = {}  # plain dict: the bank is owned and saved by the model
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"ILA cannot adapt {type(self.get_base_layer()).__name__}: only nn.Linear and Conv1D.")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: ILAConfig,
+        gate_bank: Optional[GateBank] = None,
+        gate_index: Optional[int] = None,
+    ) -> None:
+        """Add adapter `adapter_name`; with a gate bank the adapter is gated (probe state)."""
+        self.r[adapter_name] = config.r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha / config.r
+        self.ila_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.ila_A[adapter_name] = nn.Linear(self.in_features, config.r, bias=False)
+        self.ila_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False)
+        if gate_bank is not None:
+            self.gate_index[adapter_name] = gate_index
+            self._gate_banks[adapter_name] = gate_bank
+        self.reset_adapter_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_adapter_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """A Kaiming-uniform; B zero (the update starts at 0) or, with init_weights=False, random too."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.ila_A[adapter_name].weight, a=math.sqrt(5))
+            if init_weights:
+                nn.init.zeros_(self.ila_B[adapter_name].weight)
+            else:
+                nn.init.normal_(self.ila_B[adapter_name].weight, std=0.1)
+
+    def gate(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The adapter's gate (0-dim tensor) in the probe state while gates are learned, else None (= 1)."""
+        bank = self._gate_banks.get(adapter_name)
+        return None if bank is None else bank.gate(self.gate_index[adapter_name])
+
+    def drop_gate(self, adapter_name: str) -> None:
+        """Leave the probe state: the adapter becomes a plain LoRA update."""
+        self._gate_banks.pop(adapter_name, None)
+        self.gate_index.pop(adapter_name, None)
+
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Drop the adapter's weights without changing which adapters are active (the model decides that)."""
+        for attr in self.adapter_layer_names + self.other_param_names:
+            if adapter_name in getattr(self, attr):
+                del getattr(self, attr)[adapter_name]
+        self._gate_banks.pop(adapter_name, None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._gate_banks.pop(adapter_name, None)
+
+    def update_norm(self, adapter_name: str) -> float:
+        """Frobenius norm of the adapter's update ||B @ A|| * scaling."""
+        with torch.no_grad():
+            delta = self.ila_B[adapter_name].weight.float() @ self.ila_A[adapter_name].weight.float()
+            return float(delta.norm()) * self.scaling[adapter_name]
+
+
+class Linear(nn.Module, ILALayer):
+    """ILA on an nn.Linear, or on transformers' Conv1D (weight stored as [in, out]: fan_in_fan_out=True)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: ILAConfig,
+        fan_in_fan_out: bool = False,
+        gate_bank: Optional[GateBank] = None,
+        gate_index: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        ILALayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, gate_bank, gate_index)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Weight update of the adapter, shaped like the base weight ([out, in], or [in, out] for Conv1D)."""
+        weight_B = self.ila_B[adapter_name].weight
+        dtype = weight_B.dtype
+        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        weight_A = self.ila_A[adapter_name].weight
+        if upcast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = transpose(weight_B @ weight_A, self.fan_in_fan_out) * self.scaling[adapter_name]
+        gate = self.gate(adapter_name)
+        if gate is not None:
+            delta = delta * gate.to(delta.dtype)
+        return delta.to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or given) adapters' updates into the base weight."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.ila_A:
+                continue
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(name).to(weight.dtype)
+            if safe_merge:
+                weight = weight.clone() + delta
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"Merging ILA adapter '{name}' gives non-finite weights; the adapter is broken.")
+                self.set_base_weight(weight)
+            else:
+                weight += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged updates again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.ila_A:
+                weight = self.get_base_weight()
+                weight -= self.get_delta_weight(name).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.ila_A:
+                continue
+            ila_A, ila_B = self.ila_A[name], self.ila_B[name]
+            h = ila_B(ila_A(self.ila_dropout[name](self._cast_input_dtype(x, ila_A.weight.dtype))))
+            gate = self.gate(name)
+            scale = self.scaling[name] if gate is None else self.scaling[name] * gate
+            result = result + (h * scale).to(result_dtype)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "ila." + super().__repr__()

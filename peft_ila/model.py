@@ -1,0 +1,297 @@
+"""`ILAModel`: decides which modules carry ILA adapters, in the probe state and in the selected state."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils import _get_submodules
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ._peft_compat import PREFIX
+from .config import ILAConfig, resolve_top_k
+from .layer import GateBank, ILALayer, Linear
+from .mask import MASK_KEYS, ILALoadError, layer_of, mask_to_tensors, tensors_to_mask
+
+
+def _few(names: Iterable[str], n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+class ILAModel(BaseTuner):
+    """Places ILA adapters on a model (see [`ILAConfig`]).
+
+    *Probe state* (`config.selected_layers is None`): a gated adapter on every candidate layer; the gates live in
+    `self.ila_gates[adapter]`, a [`GateBank`] over `self.ila_candidates[adapter]`. *Selected state*: plain adapters
+    on the selected layers only; every other module is the base model's own object, untouched.
+
+    Example:
+        ```py
+        >>> import peft_ila
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, peft_ila.ILAConfig(target_modules="all-linear", top_k=0.25))
+        >>> result = model.identify_important_layers(batches)  # now only the top 25% layers carry adapters
+        ```
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = ILALayer
+    target_module_mapping: dict[str, list[str]] = {}
+    uses_shared_state: bool = True
+
+    # --- what to wrap -----------------------------------------------------------------------------------------
+
+    def _prepare_adapter_config(self, peft_config: ILAConfig, model_config: dict) -> ILAConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
+        return peft_config
+
+    def _find_candidates(self, model: nn.Module, config: ILAConfig) -> list[str]:
+        """Ordered candidate layers of `config` in `model`; raise `ValueError` if none or unsupported ones match."""
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        config = _maybe_include_all_linear_layers(config, model)
+        tuner_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+        modules, unsupported = [], []
+        for name, module in model.named_modules():
+            if not name or name.startswith(tuner_prefixes) or not check_target_module_exists(config, name):
+                continue
+            if isinstance(module, (nn.Linear, Conv1D, ILALayer)):
+                modules.append(name)
+            else:
+                unsupported.append(f"{name} ({type(module).__name__})")
+        if unsupported:
+            raise ValueError(
+                f"ILAConfig.target_modules matches modules ILA cannot adapt: {_few(unsupported)}. Only nn.Linear and "
+                "Conv1D layers can carry ILA adapters; narrow `target_modules` (or use 'all-linear')."
+            )
+        if not modules:
+            existing = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+            raise ValueError(
+                f"ILAConfig.target_modules={config.target_modules!r} matches no module of the model. Linear "
+                f"modules that exist: {_few(existing)}."
+            )
+        return list(dict.fromkeys(layer_of(name, config.granularity) for name in modules))
+
+    def _check_target_module_exists(self, peft_config: ILAConfig, key: str) -> Any:
+        found = check_target_module_exists(peft_config, key)
+        if not found or peft_config.selected_layers is None:
+            return found
+        return layer_of(key, peft_config.granularity) in set(peft_config.selected_layers)
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        if "ila_candidates" not in self.__dict__:
+            self.ila_candidates: dict[str, list[str]] = {}
+            self.ila_gates = nn.ModuleDict()
+        config = self.peft_config[adapter_name]
+        candidates = self._find_candidates(model, config)
+        if config.selected_layers is None:
+            resolve_top_k(config.top_k, len(candidates))
+        else:
+            for field_name, names in (("selected_layers", config.selected_layers), ("layer_scores", config.layer_scores)):
+                missing = [n for n in names or () if n not in set(candidates)]
+                if missing:
+                    raise ILALoadError(
+                        f"ILAConfig.{field_name} names {len(missing)} layer(s) this base model does not have as "
+                        f"candidates: {_few(missing)}. Its candidate layers are: {_few(candidates)}. The mask was "
+                        "found on another model, or with other target_modules/granularity."
+                    )
+        self.ila_candidates[adapter_name] = candidates
+        if config.selected_layers is None:
+            bank = GateBank(len(candidates))
+            if bank.logits.is_meta:  # low_cpu_mem_usage: gates are never loaded from a file, so make them real
+                bank.to_empty(device=_device_of(model))
+                nn.init.zeros_(bank.logits)
+            self.ila_gates[adapter_name] = bank.to(_device_of(model))
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        except Exception:
+            self.ila_candidates.pop(adapter_name, None)
+            if adapter_name in self.ila_gates:
+                del self.ila_gates[adapter_name]
+            raise
+
+    def _create_and_replace(
+        self,
+        peft_config: ILAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        bank = self.ila_gates[adapter_name] if adapter_name in self.ila_gates else None
+        index = None
+        if bank is not None:
+            index = self.ila_candidates[adapter_name].index(layer_of(current_key, peft_config.granularity))
+        if isinstance(target, ILALayer):
+            target.update_layer(adapter_name, peft_config, bank, index)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(f"ILA cannot adapt {current_key} ({type(base).__name__}): only nn.Linear and Conv1D.")
+        new_module = Linear(target, adapter_name, peft_config, isinstance(base, Conv1D), bank, index)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # --- probe state -> selected state --------------------------------------------------------------------------
+
+    def candidate_layers(self, adapter_name: Optional[str] = None) -> list[str]:
+        """The ordered candidate layers of an adapter (what the gates and the saved mask refer to)."""
+        return list(self.ila_candidates[adapter_name or self._the_active_adapter()])
+
+    def select_layers(
+        self,
+        selected: list[str],
+        scores: Optional[dict[str, float]] = None,
+        adapter_name: Optional[str] = None,
+        keep_weights: bool = False,
+    ) -> None:
+        """Switch an adapter from the probe to the selected state: adapters stay on `selected` only.
+
+        Other wrapped modules lose this adapter; a module left without adapters is replaced by its original base
+        module. Kept adapters lose their gate and are re-initialised unless `keep_weights`.
+        """
+        adapter_name = adapter_name or self._the_active_adapter()
+        config = self.peft_config[adapter_name]
+        if config.selected_layers is not None:
+            raise ValueError(f"ILA adapter '{adapter_name}' already has selected layers; start from a probe model.")
+        candidates = set(self.ila_candidates[adapter_name])
+        selected = list(selected)
+        unknown = [n for n in selected if n not in candidates]
+        if not selected or unknown or len(set(selected)) != len(selected):
+            raise ValueError(
+                f"select_layers needs distinct candidate layers of adapter '{adapter_name}'; got unknown "
+                f"{_few(unknown)} among {len(selected)} names."
+            )
+        keep = set(selected)
+        for name, module in list(self.model.named_modules()):
+            if not isinstance(module, ILALayer) or adapter_name not in module.ila_A:
+                continue
+            if module.merged:
+                raise ValueError(f"Unmerge the adapters before selecting layers ({name} is merged).")
+            if layer_of(name, config.granularity) in keep:
+                module.drop_gate(adapter_name)
+                if not keep_weights:
+                    module.reset_adapter_parameters(adapter_name, config.init_weights)
+                continue
+            module.remove_adapter(adapter_name)
+        self._unwrap_empty_layers()
+        del self.ila_gates[adapter_name]
+        config.selected_layers = selected
+        config.layer_scores = dict(scores) if scores is not None else None
+        self.set_adapter(self.active_adapter, inference_mode=config.inference_mode)
+
+    def _unwrap_empty_layers(self) -> None:
+        """Put back the original base module wherever an ILA layer holds no adapter any more."""
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ILALayer) and not module._all_available_adapter_names():
+                parent, _, child_name = _get_submodules(self.model, name)
+                setattr(parent, child_name, module.get_base_layer())
+        self.targeted_module_names = [n for n, m in self.model.named_modules() if isinstance(m, ILALayer)]
+
+    def identify_important_layers(self, batches: Iterable[dict[str, torch.Tensor]], **kwargs: Any):
+        """Run ILA on this model; see [`peft_ila.importance.identify_important_layers`]."""
+        from .importance import identify_important_layers
+
+        return identify_important_layers(self, batches, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.ila_candidates.pop(adapter_name, None)
+        if adapter_name in self.ila_gates:
+            del self.ila_gates[adapter_name]
+        self._unwrap_empty_layers()
+
+    def _the_active_adapter(self) -> str:
+        if len(self.active_adapters) != 1:
+            raise ValueError(f"Several adapters are active ({self.active_adapters}); pass `adapter_name`.")
+        return self.active_adapters[0]
+
+    # --- saving and loading the mask with the weights -----------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: ILAConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        candidates = _ila_tuner(model).ila_candidates[adapter_name]
+        to_return.update(mask_to_tensors(candidates, config.selected_layers, config.layer_scores))
+        return to_return
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key if key in MASK_KEYS else super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: ILAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        def fail(problem: str) -> ILALoadError:
+            return ILALoadError(f"Cannot load ILA adapter '{adapter_name}': {problem}")
+
+        try:
+            saved_candidates, adapted, scores = tensors_to_mask(state_dict)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        candidates = _ila_tuner(model).ila_candidates[adapter_name]
+        if saved_candidates != candidates:
+            raise fail(
+                f"the saved mask covers {len(saved_candidates)} candidate layers ({_few(saved_candidates, 3)}) but "
+                f"this model has {len(candidates)} ({_few(candidates, 3)}): another base model or target_modules."
+            )
+        selected = set(candidates if config.selected_layers is None else config.selected_layers)
+        if adapted != [n for n in candidates if n in selected]:
+            raise fail(
+                f"adapter_config.json selects {_few(sorted(selected), 3)} but the mask in the weights file marks "
+                f"{_few(adapted, 3)}; the two files come from different runs."
+            )
+        config_scores = config.layer_scores or {}
+        if set(scores) != set(config_scores) or any(abs(scores[n] - config_scores[n]) > 1e-6 for n in scores):
+            raise fail("the layer scores in adapter_config.json and in the weights file differ.")
+        weights = {k: v for k, v in state_dict.items() if k not in MASK_KEYS}
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, weights)
+        own = {k: v for k, v in model.state_dict().items() if f".{PREFIX}" in k and f".{adapter_name}." in k}
+        unexpected = sorted(k for k in remapped if f".{PREFIX}" in k and k not in own)
+        missing = sorted(k for k in own if k not in remapped)
+        if unexpected or missing:
+            raise fail(
+                f"the weights file has adapter weights the selection does not explain ({_few(unexpected, 3)}) or "
+                f"lacks some it needs ({_few(missing, 3)})."
+            )
+        for key, value in remapped.items():
+            if key in own and own[key].shape != value.shape:
+                raise fail(
+                    f"{key} has shape {tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model: the "
+                    "adapter was trained on a base model of another width or with another r."
+                )
+        return remapped
+
+
+def _ila_tuner(model: nn.Module) -> ILAModel:
+    for candidate in (model, getattr(model, "base_model", None)):
+        if isinstance(candidate, ILAModel):
+            return candidate
+    raise TypeError("ILA adapters can only be saved and loaded through a PeftModel built with an ILAConfig.")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))

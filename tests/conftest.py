@@ -1,0 +1,85 @@
+"""Tiny randomly initialised models built from configs, and batches for them."""
+
+from __future__ import annotations
+
+import copy
+import os
+import types
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import peft_ila  # noqa: F401  (registers the ILA PEFT type)
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, init_range: float = 0.2, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=init_range,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+class TinyMLP(nn.Module):
+    """A plain classifier: lin0 -> relu -> lin1 -> relu -> head; forward(x, labels) returns .logits and .loss."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 20)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> types.SimpleNamespace:
+        logits = self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return types.SimpleNamespace(logits=logits, loss=loss)
+
+
+def lm_batches(n_batches: int = 4, batch: int = 4, seq: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def llama_candidates(layers: int = 4) -> list[str]:
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    return [f"model.layers.{i}.{k}" for i in range(layers) for k in kinds]
+
+
+@pytest.fixture
+def llama() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(7))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})

@@ -1,0 +1,135 @@
+"""The ILA algorithm: a planted answer is found; stage 1 stops on stability or on its cap; the result is complete."""
+
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB, lm_batches, llama_candidates, tiny_llama
+
+from peft import get_peft_model
+from peft_ila import ILAConfig, ILALayer, identify_important_layers
+from peft_ila.training import StabilityTest, cycle
+
+PLANTED = ["model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
+
+
+def teacher_data(student, planted, n=1024, batch=32, seed=0):
+    """Perturb `planted` layers of a copy of `student` by a rank-2 update as large as the weight itself, and
+    sample training sequences from that teacher: only the planted layers need to change to fit them."""
+    teacher = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name in planted:
+            w = teacher.get_submodule(name).weight
+            delta = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
+            w += delta / delta.norm() * w.norm()
+        seq = torch.randint(0, VOCAB, (n, 2), generator=g)
+        for _ in range(14):
+            probs = teacher(input_ids=seq).logits[:, -1].softmax(-1)
+            seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], dim=1)
+    labels = seq.clone()
+    labels[:, :2] = -100  # the prompt is not learned
+    return [
+        {"input_ids": seq[i : i + batch], "attention_mask": torch.ones_like(seq[i : i + batch]), "labels": labels[i : i + batch]}
+        for i in range(0, n, batch)
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_known_answer_planted_layers_rank_on_top(seed):
+    student = tiny_llama(seed=seed)
+    batches = teacher_data(student, PLANTED, seed=seed)
+    config = ILAConfig(r=4, top_k=2, stage1_lr=0.01, stage1_max_steps=200, stability_epsilon=1e-3, stage2_steps=100)
+    model = get_peft_model(student, config)
+    result = identify_important_layers(model, batches, progress=False)
+    assert set(result.ranking[:2]) == set(PLANTED), result.ranking[:5]
+    assert set(result.selected) == set(PLANTED)
+    assert min(result.scores[n] for n in PLANTED) > 0.5 > max(result.scores[n] for n in result.ranking[2:])
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, ILALayer)}
+    assert wrapped == set(PLANTED)
+    assert config.selected_layers == result.selected and config.layer_scores == result.scores
+
+
+def test_stage1_stops_when_stable_before_its_cap():
+    student = tiny_llama()
+    batches = teacher_data(student, PLANTED, n=512)
+    config = ILAConfig(r=4, top_k=2, stage1_lr=0.01, stage1_max_steps=400, stability_epsilon=1e-3, stage2_steps=2)
+    result = identify_important_layers(get_peft_model(student, config), batches, progress=False)
+    assert result.stage1_stop == "stable"
+    assert 2 * config.stability_window <= result.stage1_steps < config.stage1_max_steps
+    assert result.stage1_losses[-1] < result.stage1_losses[0]
+
+
+def test_stage1_hits_its_cap_on_a_noisy_task():
+    batches = lm_batches(n_batches=64, batch=1, seq=4)  # fresh random tokens: the loss never settles
+    config = ILAConfig(r=2, stage1_max_steps=60, stability_window=5, stability_epsilon=1e-3, stage2_steps=2)
+    result = identify_important_layers(get_peft_model(tiny_llama(), config), batches, progress=False)
+    assert result.stage1_stop == "max_steps" and result.stage1_steps == 60
+
+
+def test_result_records_costs_and_curves():
+    batches = lm_batches(n_batches=3, batch=2, seq=8)
+    config = ILAConfig(r=2, top_k=0.25, stage1_max_steps=7, stage2_steps=4)
+    model = get_peft_model(tiny_llama(), config)
+    result = model.identify_important_layers(batches, progress=False)  # also reachable as a method
+    assert (result.stage1_steps, result.stage2_steps) == (7, 4)
+    assert (result.stage1_tokens, result.stage2_tokens) == (7 * 16, 4 * 16)
+    assert len(result.stage1_losses) == 7 and len(result.stage2_losses) == 4
+    assert result.stage1_seconds > 0 and result.stage2_seconds > 0
+    assert sorted(result.ranking) == sorted(llama_candidates()) and result.selected == result.ranking[:7]
+    assert [result.scores[n] for n in result.ranking] == sorted(result.scores.values(), reverse=True)
+    assert set(result.to_dict()) >= {"scores", "ranking", "selected", "stage1_stop", "stage1_seconds"}
+
+
+def test_ties_are_broken_by_update_norm():
+    batches = lm_batches(n_batches=2)
+    config = ILAConfig(r=2, top_k=3, stage1_max_steps=5, stage2_steps=1, gate_lr=1e-12)  # gates barely move
+    model = get_peft_model(tiny_llama(), config)
+    result = identify_important_layers(model, batches, progress=False)
+    by_norm = sorted(result.update_norms, key=result.update_norms.get, reverse=True)
+    assert result.ranking == by_norm
+
+
+def test_kept_adapters_are_reinitialised_unless_asked(inputs):
+    batches = lm_batches(n_batches=2)
+    for keep in (False, True):
+        base = tiny_llama()
+        expected = base(**inputs).logits
+        model = get_peft_model(base, ILAConfig(r=2, top_k=3, stage1_max_steps=5, stage2_steps=2, keep_stage1_weights=keep))
+        identify_important_layers(model, batches, progress=False)
+        same = torch.allclose(model(**inputs).logits, expected)
+        assert same is not keep
+
+
+def test_identification_is_seeded_and_restores_trainability():
+    batches = lm_batches(n_batches=2)
+    runs = []
+    for _ in range(2):
+        model = get_peft_model(tiny_llama(), ILAConfig(r=2, top_k=3, lora_dropout=0.1, stage1_max_steps=6, stage2_steps=3))
+        runs.append(identify_important_layers(model, batches, progress=False))
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert len(trainable) == 6 and all(".ila_" in n for n in trainable)
+    assert runs[0].scores == runs[1].scores and runs[0].selected == runs[1].selected
+
+
+def test_misuse_is_refused():
+    batches = lm_batches(n_batches=1)
+    model = get_peft_model(tiny_llama(), ILAConfig(r=2, stage1_max_steps=2, stage2_steps=1))
+    identify_important_layers(model, batches, progress=False)
+    with pytest.raises(ValueError, match="already has selected layers"):
+        identify_important_layers(model, batches, progress=False)
+    one_shot = iter(lm_batches(n_batches=2))
+    with pytest.raises(ValueError, match="ran out before stage 2"):
+        identify_important_layers(get_peft_model(tiny_llama(), ILAConfig(stage1_max_steps=5)), one_shot, progress=False)
+    no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    with pytest.raises(ValueError, match="needs `labels`"):
+        identify_important_layers(get_peft_model(tiny_llama(), ILAConfig()), no_labels, progress=False)
+
+
+def test_stability_test_and_cycle():
+    flat = StabilityTest(epsilon=0.01, window=3)
+    assert [flat.update(2.0) for _ in range(6)] == [False] * 5 + [True]
+    falling = StabilityTest(epsilon=0.01, window=3)
+    assert not any(falling.update(10.0 - i) for i in range(20))
+    assert [b for _, b in zip(range(5), cycle([1, 2]))] == [1, 2, 1, 2, 1]
+    assert list(cycle(iter([1, 2]))) == [1, 2]
