@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -16,7 +16,7 @@ from .mask import ILALoadError
 GRANULARITIES = ("module", "block")
 
 
-def resolve_top_k(top_k: Union[int, float], n_candidates: int) -> int:
+def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
     """Number of layers kept: an int is taken as is, a fraction f of n candidates means round(f * n), halves up.
 
     Raises `ValueError` when the result is not in [1, n_candidates].
@@ -52,7 +52,7 @@ class ILAConfig(PeftConfig):
     r: int = field(default=8, metadata={"help": "LoRA rank of each adapter (int >= 1)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: update = B @ A * lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -61,10 +61,10 @@ class ILAConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names, suffixes or a regex of modules never to adapt."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules besides the adapters to train fully and save, e.g. a classifier head ['score']."},
     )
@@ -78,7 +78,7 @@ class ILAConfig(PeftConfig):
     )
 
     # Selection
-    top_k: Union[int, float] = field(
+    top_k: int | float = field(
         default=0.25,
         metadata={
             "help": (
@@ -122,14 +122,12 @@ class ILAConfig(PeftConfig):
     )
     keep_stage1_weights: bool = field(
         default=False,
-        metadata={
-            "help": "After selection keep the kept adapters' stage 1 weights instead of re-initialising them."
-        },
+        metadata={"help": "After selection keep the kept adapters' stage 1 weights instead of re-initialising them."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the identification run (data order is the caller's)."})
 
     # Result (filled by identification, or by hand to reuse a mask)
-    selected_layers: Optional[list[str]] = field(
+    selected_layers: list[str] | None = field(
         default=None,
         metadata={
             "help": (
@@ -138,7 +136,7 @@ class ILAConfig(PeftConfig):
             )
         },
     )
-    layer_scores: Optional[dict[str, float]] = field(
+    layer_scores: dict[str, float] | None = field(
         default=None, metadata={"help": "Learned gate in [0, 1] of each candidate layer, as found by identification."}
     )
 
@@ -152,7 +150,7 @@ class ILAConfig(PeftConfig):
         self._validate()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config of a saved adapter; an adapter directory holding only a pickle is refused."""
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731

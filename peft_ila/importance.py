@@ -76,7 +76,9 @@ def identify_important_layers(
     k = resolve_top_k(config.top_k, len(candidates))
     bank = tuner.ila_gates[adapter]
     layers = {name: m for name, m in tuner.model.named_modules() if isinstance(m, ILALayer) and adapter in m.ila_A}
-    adapter_params = [p for m in layers.values() for p in (*m.ila_A[adapter].parameters(), *m.ila_B[adapter].parameters())]
+    adapter_params = [
+        p for m in layers.values() for p in (*m.ila_A[adapter].parameters(), *m.ila_B[adapter].parameters())
+    ]
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not all(p.requires_grad for p in adapter_params):
         raise ValueError(f"ILA adapter '{adapter}' is frozen (inference mode); load it with is_trainable=True.")
@@ -129,7 +131,7 @@ def identify_important_layers(
     for name, module in layers.items():
         squares[layer_of(name, config.granularity)] += module.update_norm(adapter) ** 2
     norms = {name: math.sqrt(sq) for name, sq in squares.items()}
-    scores = dict(zip(candidates, gates))
+    scores = dict(zip(candidates, gates, strict=True))
     order = {name: i for i, name in enumerate(candidates)}
     ranking = sorted(candidates, key=lambda n: (-scores[n], -norms[n], order[n]))
     if not config.keep_stage1_weights:

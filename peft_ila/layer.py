@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
@@ -25,7 +25,7 @@ class GateBank(nn.Module):
         self.logits = nn.Parameter(torch.zeros(n_layers), requires_grad=False)
         self.active = False
 
-    def gate(self, index: int) -> Optional[torch.Tensor]:
+    def gate(self, index: int) -> torch.Tensor | None:
         """Gate of layer `index` (a 0-dim tensor), or None for 'exactly 1'."""
         return torch.sigmoid(self.logits[index]) if self.active else None
 
@@ -63,8 +63,8 @@ class ILALayer(BaseTunerLayer):
         self,
         adapter_name: str,
         config: ILAConfig,
-        gate_bank: Optional[GateBank] = None,
-        gate_index: Optional[int] = None,
+        gate_bank: GateBank | None = None,
+        gate_index: int | None = None,
     ) -> None:
         """Add adapter `adapter_name`; with a gate bank the adapter is gated (probe state)."""
         self.r[adapter_name] = config.r
@@ -89,7 +89,7 @@ class ILALayer(BaseTunerLayer):
             else:
                 nn.init.normal_(self.ila_B[adapter_name].weight, std=0.1)
 
-    def gate(self, adapter_name: str) -> Optional[torch.Tensor]:
+    def gate(self, adapter_name: str) -> torch.Tensor | None:
         """The adapter's gate (0-dim tensor) in the probe state while gates are learned, else None (= 1)."""
         bank = self._gate_banks.get(adapter_name)
         return None if bank is None else bank.gate(self.gate_index[adapter_name])
@@ -126,8 +126,8 @@ class Linear(nn.Module, ILALayer):
         adapter_name: str,
         config: ILAConfig,
         fan_in_fan_out: bool = False,
-        gate_bank: Optional[GateBank] = None,
-        gate_index: Optional[int] = None,
+        gate_bank: GateBank | None = None,
+        gate_index: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -150,7 +150,7 @@ class Linear(nn.Module, ILALayer):
             delta = delta * gate.to(delta.dtype)
         return delta.to(dtype)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or given) adapters' updates into the base weight."""
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.ila_A:
@@ -169,7 +169,7 @@ class Linear(nn.Module, ILALayer):
     def unmerge(self) -> None:
         """Subtract the merged updates again."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

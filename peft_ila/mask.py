@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
 
 import torch
 
@@ -21,7 +20,6 @@ NAMES_KEY = "base_model.ila_layer_names"
 MASK_KEY = "base_model.ila_layer_mask"
 SCORES_KEY = "base_model.ila_layer_scores"
 MASK_KEYS = (NAMES_KEY, MASK_KEY, SCORES_KEY)
-
 
 
 class ILALoadError(ValueError):
@@ -40,7 +38,7 @@ def layer_of(module_name: str, granularity: str) -> str:
 
 
 def mask_to_tensors(
-    candidates: list[str], selected: Optional[list[str]], scores: Optional[dict[str, float]]
+    candidates: list[str], selected: list[str] | None, scores: dict[str, float] | None
 ) -> dict[str, torch.Tensor]:
     """Encode the mask over `candidates`; `selected=None` (probe state) marks every candidate as adapted."""
     if any("\n" in name for name in candidates):
@@ -71,6 +69,6 @@ def tensors_to_mask(tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[s
             f"the ILA mask tensors disagree: {len(candidates)} layer names, {mask.numel()} mask entries, "
             f"{scores.numel()} scores; the file is damaged, save the adapter again."
         )
-    adapted = [name for name, keep in zip(candidates, mask.tolist()) if keep]
-    known = {name: float(s) for name, s in zip(candidates, scores.tolist()) if not math.isnan(s)}
+    adapted = [name for name, keep in zip(candidates, mask.tolist(), strict=True) if keep]
+    known = {name: float(s) for name, s in zip(candidates, scores.tolist(), strict=True) if not math.isnan(s)}
     return candidates, adapted, known

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from peft.utils import _get_submodules
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
-from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -41,7 +46,7 @@ class ILAModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = ILALayer
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}  # no defaults: None means "all-linear"
     uses_shared_state: bool = True
 
     # --- what to wrap -----------------------------------------------------------------------------------------
@@ -89,7 +94,7 @@ class ILAModel(BaseTuner):
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if "ila_candidates" not in self.__dict__:
             self.ila_candidates: dict[str, list[str]] = {}
@@ -99,7 +104,10 @@ class ILAModel(BaseTuner):
         if config.selected_layers is None:
             resolve_top_k(config.top_k, len(candidates))
         else:
-            for field_name, names in (("selected_layers", config.selected_layers), ("layer_scores", config.layer_scores)):
+            for field_name, names in (
+                ("selected_layers", config.selected_layers),
+                ("layer_scores", config.layer_scores),
+            ):
                 missing = [n for n in names or () if n not in set(candidates)]
                 if missing:
                     raise ILALoadError(
@@ -132,7 +140,7 @@ class ILAModel(BaseTuner):
         current_key: str,
         **kwargs: Any,
     ) -> None:
-        bank = self.ila_gates[adapter_name] if adapter_name in self.ila_gates else None
+        bank = self.ila_gates[adapter_name] if adapter_name in self.ila_gates else None  # noqa: SIM401 (no .get)
         index = None
         if bank is not None:
             index = self.ila_candidates[adapter_name].index(layer_of(current_key, peft_config.granularity))
@@ -149,15 +157,15 @@ class ILAModel(BaseTuner):
 
     # --- probe state -> selected state --------------------------------------------------------------------------
 
-    def candidate_layers(self, adapter_name: Optional[str] = None) -> list[str]:
+    def candidate_layers(self, adapter_name: str | None = None) -> list[str]:
         """The ordered candidate layers of an adapter (what the gates and the saved mask refer to)."""
         return list(self.ila_candidates[adapter_name or self._the_active_adapter()])
 
     def select_layers(
         self,
         selected: list[str],
-        scores: Optional[dict[str, float]] = None,
-        adapter_name: Optional[str] = None,
+        scores: dict[str, float] | None = None,
+        adapter_name: str | None = None,
         keep_weights: bool = False,
     ) -> None:
         """Switch an adapter from the probe to the selected state: adapters stay on `selected` only.

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -66,8 +65,8 @@ def train_steps(
     batches: Iterator[Batch],
     optimizer: torch.optim.Optimizer,
     max_steps: int,
-    penalty: Optional[Callable[[], torch.Tensor]] = None,
-    should_stop: Optional[Callable[[float], bool]] = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    should_stop: Callable[[float], bool] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> StepStats:

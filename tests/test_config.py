@@ -3,23 +3,47 @@
 import json
 
 import pytest
-
 from peft import PeftConfig
+
 from peft_ila import ILAConfig, resolve_top_k
 
 INVALID = [
-    ("r", 0), ("r", 2.5), ("r", True),
-    ("lora_alpha", 0), ("lora_alpha", -1), ("lora_alpha", float("nan")),
-    ("lora_dropout", -0.1), ("lora_dropout", 1.0),
+    ("r", 0),
+    ("r", 2.5),
+    ("r", True),
+    ("lora_alpha", 0),
+    ("lora_alpha", -1),
+    ("lora_alpha", float("nan")),
+    ("lora_dropout", -0.1),
+    ("lora_dropout", 1.0),
     ("init_weights", "gaussian"),
-    ("top_k", 0), ("top_k", -3), ("top_k", 0.0), ("top_k", 1.5), ("top_k", True), ("top_k", "25%"),
+    ("top_k", 0),
+    ("top_k", -3),
+    ("top_k", 0.0),
+    ("top_k", 1.5),
+    ("top_k", True),
+    ("top_k", "25%"),
     ("granularity", "layer"),
-    ("stage1_max_steps", 0), ("stability_window", 0), ("stage2_steps", 0), ("stage2_steps", 1.0),
-    ("stage1_lr", 0), ("stability_epsilon", 0), ("stability_epsilon", -1e-3), ("gate_lr", -0.1),
-    ("gate_init", 0), ("gate_init", 1), ("sparsity_weight", -1),
-    ("keep_stage1_weights", 1), ("seed", 1.5),
-    ("selected_layers", []), ("selected_layers", ["a", "a"]), ("selected_layers", [""]), ("selected_layers", "a"),
-    ("layer_scores", {"a": 1.5}), ("layer_scores", {"a": -0.1}), ("layer_scores", ["a"]),
+    ("stage1_max_steps", 0),
+    ("stability_window", 0),
+    ("stage2_steps", 0),
+    ("stage2_steps", 1.0),
+    ("stage1_lr", 0),
+    ("stability_epsilon", 0),
+    ("stability_epsilon", -1e-3),
+    ("gate_lr", -0.1),
+    ("gate_init", 0),
+    ("gate_init", 1),
+    ("sparsity_weight", -1),
+    ("keep_stage1_weights", 1),
+    ("seed", 1.5),
+    ("selected_layers", []),
+    ("selected_layers", ["a", "a"]),
+    ("selected_layers", [""]),
+    ("selected_layers", "a"),
+    ("layer_scores", {"a": 1.5}),
+    ("layer_scores", {"a": -0.1}),
+    ("layer_scores", ["a"]),
 ]
 
 
@@ -42,22 +66,39 @@ def test_defaults_are_valid_and_typed():
 
 @pytest.mark.parametrize(
     ("top_k", "n", "k"),
-    [(0.25, 28, 7), (0.75, 28, 21), (1.0, 28, 28), (0.25, 210, 53), (0.75, 210, 158), (3, 28, 3), (28, 28, 28),
-     (0.5, 1, 1), (0.02, 28, 1)],
+    [
+        (0.25, 28, 7),
+        (0.75, 28, 21),
+        (1.0, 28, 28),
+        (0.25, 210, 53),
+        (0.75, 210, 158),
+        (3, 28, 3),
+        (28, 28, 28),
+        (0.5, 1, 1),
+        (0.02, 28, 1),
+    ],
 )
 def test_resolve_top_k(top_k, n, k):
     assert resolve_top_k(top_k, n) == k
 
 
-@pytest.mark.parametrize(("top_k", "n", "message"), [(0.01, 28, "rounds to 0"), (29, 28, r"\[1, 28\]"), (3, 0, "no candidate")])
+@pytest.mark.parametrize(
+    ("top_k", "n", "message"), [(0.01, 28, "rounds to 0"), (29, 28, r"\[1, 28\]"), (3, 0, "no candidate")]
+)
 def test_resolve_top_k_errors(top_k, n, message):
     with pytest.raises(ValueError, match=message):
         resolve_top_k(top_k, n)
 
 
 def test_json_round_trip(tmp_path):
-    config = ILAConfig(r=4, top_k=3, target_modules=["q_proj", "v_proj"], selected_layers=["x.q_proj", "x.v_proj"],
-                       layer_scores={"x.q_proj": 0.9, "x.v_proj": 0.8, "x.k_proj": 0.1}, granularity="module")
+    config = ILAConfig(
+        r=4,
+        top_k=3,
+        target_modules=["q_proj", "v_proj"],
+        selected_layers=["x.q_proj", "x.v_proj"],
+        layer_scores={"x.q_proj": 0.9, "x.v_proj": 0.8, "x.k_proj": 0.1},
+        granularity="module",
+    )
     config.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "ILA" and data["selected_layers"] == ["x.q_proj", "x.v_proj"]

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, lm_batches, llama_candidates, tiny_llama
-
 from peft import get_peft_model
+
+from conftest import VOCAB, llama_candidates, lm_batches, tiny_llama
 from peft_ila import ILAConfig, ILALayer, identify_important_layers
 from peft_ila.training import StabilityTest, cycle
 
@@ -30,7 +30,11 @@ def teacher_data(student, planted, n=1024, batch=32, seed=0):
     labels = seq.clone()
     labels[:, :2] = -100  # the prompt is not learned
     return [
-        {"input_ids": seq[i : i + batch], "attention_mask": torch.ones_like(seq[i : i + batch]), "labels": labels[i : i + batch]}
+        {
+            "input_ids": seq[i : i + batch],
+            "attention_mask": torch.ones_like(seq[i : i + batch]),
+            "labels": labels[i : i + batch],
+        }
         for i in range(0, n, batch)
     ]
 
@@ -95,7 +99,9 @@ def test_kept_adapters_are_reinitialised_unless_asked(inputs):
     for keep in (False, True):
         base = tiny_llama()
         expected = base(**inputs).logits
-        model = get_peft_model(base, ILAConfig(r=2, top_k=3, stage1_max_steps=5, stage2_steps=2, keep_stage1_weights=keep))
+        model = get_peft_model(
+            base, ILAConfig(r=2, top_k=3, stage1_max_steps=5, stage2_steps=2, keep_stage1_weights=keep)
+        )
         identify_important_layers(model, batches, progress=False)
         same = torch.allclose(model(**inputs).logits, expected)
         assert same is not keep
@@ -105,7 +111,9 @@ def test_identification_is_seeded_and_restores_trainability():
     batches = lm_batches(n_batches=2)
     runs = []
     for _ in range(2):
-        model = get_peft_model(tiny_llama(), ILAConfig(r=2, top_k=3, lora_dropout=0.1, stage1_max_steps=6, stage2_steps=3))
+        model = get_peft_model(
+            tiny_llama(), ILAConfig(r=2, top_k=3, lora_dropout=0.1, stage1_max_steps=6, stage2_steps=3)
+        )
         runs.append(identify_important_layers(model, batches, progress=False))
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert len(trainable) == 6 and all(".ila_" in n for n in trainable)
@@ -131,5 +139,5 @@ def test_stability_test_and_cycle():
     assert [flat.update(2.0) for _ in range(6)] == [False] * 5 + [True]
     falling = StabilityTest(epsilon=0.01, window=3)
     assert not any(falling.update(10.0 - i) for i in range(20))
-    assert [b for _, b in zip(range(5), cycle([1, 2]))] == [1, 2, 1, 2, 1]
+    assert [b for _, b in zip(range(5), cycle([1, 2]), strict=False)] == [1, 2, 1, 2, 1]
     assert list(cycle(iter([1, 2]))) == [1, 2]

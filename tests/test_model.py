@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import TinyMLP, lm_batches, llama_candidates, snapshot, tiny_gpt2, tiny_llama
+from peft import PeftModel, get_peft_model
 from torch import nn
 
-from peft import PeftModel, get_peft_model
+from conftest import TinyMLP, llama_candidates, lm_batches, snapshot, tiny_gpt2, tiny_llama
 from peft_ila import ILAConfig, ILALayer, ILAModel
 
 
@@ -213,9 +213,9 @@ def test_low_cpu_mem_usage_probe_state(llama, inputs, tmp_path):
 
 
 def test_unsupported_target_raises(llama):
-    with pytest.raises(ValueError, match="cannot adapt.*embed_tokens"):
+    with pytest.raises(ValueError, match=r"cannot adapt.*embed_tokens"):
         get_peft_model(llama, ILAConfig(target_modules=["embed_tokens", "q_proj"]))
-    with pytest.raises(ValueError, match="matches no module.*model.layers.0.self_attn.q_proj"):
+    with pytest.raises(ValueError, match=r"matches no module.*model\.layers\.0\.self_attn\.q_proj"):
         get_peft_model(tiny_llama(), ILAConfig(target_modules=["nonexistent"]))
 
 
@@ -229,7 +229,7 @@ def test_top_k_checked_before_any_work(llama):
 
 def test_select_layers_rejects_unknown_names(llama):
     model = get_peft_model(llama, ILAConfig(r=2))
-    with pytest.raises(ValueError, match="unknown model.layers.9.mlp.up_proj"):
+    with pytest.raises(ValueError, match=r"unknown model\.layers\.9\.mlp\.up_proj"):
         model.base_model.select_layers(["model.layers.9.mlp.up_proj"])
     model.base_model.select_layers(llama_candidates()[:1])
     with pytest.raises(ValueError, match="already has selected layers"):

@@ -8,11 +8,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import lm_batches, llama_candidates, tiny_llama
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from conftest import llama_candidates, lm_batches, tiny_llama
 from peft_ila import ILAConfig, ILALayer, ILALoadError, identify_important_layers
 
 MASK_KEYS = ["base_model.ila_layer_names", "base_model.ila_layer_mask", "base_model.ila_layer_scores"]  # README
@@ -24,21 +24,23 @@ def saved(tmp_path):
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
-    model = get_peft_model(base, ILAConfig(task_type="CAUSAL_LM", r=4, top_k=5, stage1_max_steps=10, stage2_steps=5,
-                                           keep_stage1_weights=True))
+    model = get_peft_model(
+        base,
+        ILAConfig(task_type="CAUSAL_LM", r=4, top_k=5, stage1_max_steps=10, stage2_steps=5, keep_stage1_weights=True),
+    )
     result = identify_important_layers(model, lm_batches(3), progress=False)
     model.save_pretrained(tmp_path / "adapter")
     return tmp_path, model, result
 
 
 def test_mask_and_scores_are_in_the_safetensors(saved):
-    tmp_path, model, result = saved
+    tmp_path, _model, result = saved
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     names = bytes(tensors[MASK_KEYS[0]].tolist()).decode().split("\n")
     assert names == llama_candidates()
     mask, scores = tensors[MASK_KEYS[1]], tensors[MASK_KEYS[2]]
     assert mask.dtype == torch.bool and scores.dtype == torch.float32
-    assert [n for n, m in zip(names, mask.tolist()) if m] == [n for n in names if n in result.selected]
+    assert [n for n, m in zip(names, mask.tolist(), strict=True) if m] == [n for n in names if n in result.selected]
     assert scores.tolist() == pytest.approx([result.scores[n] for n in names])
     weights = [k for k in tensors if k not in MASK_KEYS]
     assert len(weights) == 2 * 5 and all(".ila_A.weight" in k or ".ila_B.weight" in k for k in weights)
@@ -134,7 +136,7 @@ def test_base_model_of_another_depth_or_width_is_refused(tmp_path):
 def test_config_and_tensors_disagreeing_on_the_selection(saved):
     tmp_path, _, result = saved
     other = next(n for n in llama_candidates() if n not in result.selected)
-    edit_config(tmp_path / "adapter", selected_layers=result.selected[:4] + [other])
+    edit_config(tmp_path / "adapter", selected_layers=[*result.selected[:4], other])
     refuse(tmp_path / "adapter", "the two files come from different runs")
 
 

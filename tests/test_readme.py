@@ -1,0 +1,56 @@
+"""README stays true: its commands are CI's, its quickstart is the example that runs, its tables match the code."""
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from peft import PeftConfig
+
+from peft_ila import ILAConfig
+from peft_ila.mask import MASK_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(language):
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    first = code_blocks("bash")[0]
+    commands = [line.split("#")[0].strip() for line in first.strip().splitlines()]
+    assert commands == ["make quickstart", "make test"]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "make test" in ci
+
+
+def test_quickstart_block_is_the_example_file():
+    assert (ROOT / "examples" / "quickstart.py").read_text() in code_blocks("python")
+
+
+def test_every_config_field_and_mask_key_is_documented():
+    own = {f.name for f in dataclasses.fields(ILAConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    documented = set(re.findall(r"^\| `(\w+)` \|", README, flags=re.M))
+    assert own <= documented, own - documented
+    assert all(f"| `{key}` |" in README for key in MASK_KEYS)
+
+
+def test_quickstart_runs_as_written(tmp_path):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    assert "important layers: [" in out and "trainable params" in out
+    diff = float(re.search(r"after reload: (\S+)", out).group(1))
+    assert diff <= 1e-5
+    assert (tmp_path / "ila-quickstart" / "adapter_model.safetensors").exists()
