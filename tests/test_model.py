@@ -144,20 +144,20 @@ def test_unload_restores_the_base(llama, inputs):
 
 def test_multiple_adapters(llama, inputs):
     cands = llama_candidates()
-    model = get_peft_model(llama, ILAConfig(r=4, init_weights=False, selected_layers=cands[:3]), adapter_name="a")
+    model = get_peft_model(llama, ILAConfig(r=4, init_weights=False, selected_layers=cands[:3]), adapter_name="first")
     out_a = model(**inputs).logits
-    model.add_adapter("b", ILAConfig(r=2, init_weights=False, selected_layers=cands[2:6]))
-    assert model.active_adapters == ["a"]
+    model.add_adapter("second", ILAConfig(r=2, init_weights=False, selected_layers=cands[2:6]))
+    assert model.active_adapters == ["first"]
     torch.testing.assert_close(model(**inputs).logits, out_a)
-    model.set_adapter("b")
+    model.set_adapter("second")
     out_b = model(**inputs).logits
     assert not torch.allclose(out_a, out_b)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".b." in n for n in trainable)
-    model.delete_adapter("a")
-    assert sorted(ila_layers(model)) == sorted(cands[2:6])  # layers only "a" used are plain modules again
+    assert trainable and all(".second." in n for n in trainable)
+    model.delete_adapter("first")
+    assert sorted(ila_layers(model)) == sorted(cands[2:6])  # layers only "first" used are plain modules again
     torch.testing.assert_close(model(**inputs).logits, out_b)
-    assert list(model.peft_config) == ["b"]
+    assert list(model.peft_config) == ["second"]
 
 
 def test_probe_adapter_beside_a_selected_one(llama):
