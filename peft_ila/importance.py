@@ -72,6 +72,8 @@ def identify_important_layers(
             f"ILA adapter '{adapter}' already has selected layers; to identify again, build a probe model with "
             "an ILAConfig whose `selected_layers` is None."
         )
+    if adapter not in tuner.active_adapters:
+        raise ValueError(f"ILA adapter '{adapter}' is not active; call model.set_adapter('{adapter}') first.")
     candidates = tuner.ila_candidates[adapter]
     k = resolve_top_k(config.top_k, len(candidates))
     bank = tuner.ila_gates[adapter]

@@ -49,7 +49,7 @@ class ILALayer(BaseTunerLayer):
         self.ila_A = nn.ModuleDict({})
         self.ila_B = nn.ModuleDict({})
         self.gate_index: dict[str, int] = {}
-        self._gate_banks: dict[str, GateBank] = {}  # plain dict: the bank is owned and saved by the model
+        self._gate_banks: dict[str, GateBank] = {}  # plain dict: the ILAModel owns the bank
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         in_features, out_features = _get_in_out_features(self.get_base_layer())

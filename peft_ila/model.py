@@ -180,11 +180,10 @@ class ILAModel(BaseTuner):
         candidates = set(self.ila_candidates[adapter_name])
         selected = list(selected)
         unknown = [n for n in selected if n not in candidates]
-        if not selected or unknown or len(set(selected)) != len(selected):
-            raise ValueError(
-                f"select_layers needs distinct candidate layers of adapter '{adapter_name}'; got unknown "
-                f"{_few(unknown)} among {len(selected)} names."
-            )
+        if unknown:
+            raise ValueError(f"select_layers got layers that are not candidates of '{adapter_name}': {_few(unknown)}.")
+        if not selected or len(set(selected)) != len(selected):
+            raise ValueError(f"select_layers needs a non-empty list of distinct layers, got {len(selected)} names.")
         keep = set(selected)
         for name, module in list(self.model.named_modules()):
             if not isinstance(module, ILALayer) or adapter_name not in module.ila_A:

@@ -129,6 +129,10 @@ def test_misuse_is_refused():
     one_shot = iter(lm_batches(n_batches=2))
     with pytest.raises(ValueError, match="ran out before stage 2"):
         identify_important_layers(get_peft_model(tiny_llama(), ILAConfig(stage1_max_steps=5)), one_shot, progress=False)
+    two = get_peft_model(tiny_llama(), ILAConfig(r=2), adapter_name="first")
+    two.add_adapter("second", ILAConfig(r=2))
+    with pytest.raises(ValueError, match=r"'second' is not active; call model.set_adapter\('second'\)"):
+        identify_important_layers(two, batches, adapter_name="second", progress=False)
     no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     with pytest.raises(ValueError, match="needs `labels`"):
         identify_important_layers(get_peft_model(tiny_llama(), ILAConfig()), no_labels, progress=False)
