@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 from .config import resolve_top_k
@@ -50,6 +51,7 @@ def identify_important_layers(
     batches: Iterable[Batch],
     adapter_name: str | None = None,
     progress: bool = True,
+    accelerator: Accelerator | None = None,
 ) -> ILAResult:
     """Find the important layers of a probe-state ILA model and switch it to the selected state.
 
@@ -59,6 +61,7 @@ def identify_important_layers(
             DataLoader is cycled as needed; a one-shot iterator may run out, which ends stage 1 early.
         adapter_name: the ILA adapter to work on; default the single active one.
         progress: show tqdm bars (step, loss, elapsed, ETA).
+        accelerator: precision and gradient accumulation for both stages; default `Accelerator()`.
 
     Budget and selection come from the adapter's `ILAConfig`. Only adapter (and `modules_to_save`) weights train in
     stage 1 and only the gates in stage 2; unless `keep_stage1_weights`, both are reset before returning, so the
@@ -86,6 +89,7 @@ def identify_important_layers(
         raise ValueError(f"ILA adapter '{adapter}' is frozen (inference mode); load it with is_trainable=True.")
     adapter_ids = {id(p) for p in adapter_params}
     others = {p: p.detach().clone() for p in trainable if id(p) not in adapter_ids}  # e.g. modules_to_save
+    accelerator = accelerator or Accelerator()
     was_training = model.training
     devices = sorted({p.device.index for p in adapter_params if p.device.type == "cuda"})
     stream = cycle(batches)
@@ -98,6 +102,7 @@ def identify_important_layers(
             stream,
             torch.optim.AdamW(trainable, lr=config.stage1_lr, weight_decay=0.0),
             config.stage1_max_steps,
+            accelerator=accelerator,
             should_stop=StabilityTest(config.stability_epsilon, config.stability_window).update,
             desc="ILA stage 1: adapters",
             progress=progress,
@@ -114,6 +119,7 @@ def identify_important_layers(
                 stream,
                 torch.optim.Adam([bank.logits], lr=config.gate_lr),
                 config.stage2_steps,
+                accelerator=accelerator,
                 penalty=lambda: config.sparsity_weight * bank.gates().mean(),
                 desc="ILA stage 2: gates",
                 progress=progress,

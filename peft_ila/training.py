@@ -1,4 +1,8 @@
-"""The one training loop: identification's two stages and plain fine-tuning all step through `train_steps`."""
+"""The one training loop: identification's two stages, fine-tuning and the benchmarks all step through here.
+
+Precision, gradient accumulation and distributed gradient sync are accelerate's (`Accelerator.autocast`,
+`accumulate`, `backward`); this module only decides what one step is and when to stop.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -16,13 +21,15 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class StepStats:
-    """What a run of `train_steps` did: steps, tokens seen, wall seconds, loss per step, and why it stopped."""
+    """What a run of `train_steps` did: optimizer steps, tokens seen, seconds, per-step loss and time, and why it
+    stopped ("max_steps", "stable" or "data_exhausted")."""
 
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
-    stop_reason: str = ""  # "max_steps" | "stable" | "data_exhausted"
+    step_seconds: list[float] = field(default_factory=list)
+    stop_reason: str = "data_exhausted"
 
 
 class StabilityTest:
@@ -60,45 +67,66 @@ def count_tokens(batch: Batch) -> int:
     return int(batch["input_ids" if "input_ids" in batch else "labels"].numel())
 
 
+def _to_device(batch: Batch, model: nn.Module) -> Batch:
+    device = next(p.device for p in model.parameters())
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def train_steps(
     model: nn.Module,
     batches: Iterator[Batch],
     optimizer: torch.optim.Optimizer,
     max_steps: int,
+    accelerator: Accelerator | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     should_stop: Callable[[float], bool] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> StepStats:
-    """Train for up to `max_steps` on `batches` (dicts with input_ids, attention_mask, labels).
+    """Train for up to `max_steps` optimizer steps on `batches` (dicts with input_ids, attention_mask, labels).
 
-    Each step minimises the model's own loss (`model(**batch).loss`) plus `penalty()`; `should_stop(loss)` may end
-    the run early. Raises `FloatingPointError` naming the step if the loss stops being finite.
+    Each step minimises the model's own loss (`model(**batch).loss`) plus `penalty()`, over
+    `accelerator.gradient_accumulation_steps` micro-batches; `should_stop(mean step loss)` may end the run early.
+    Batches go to the model's device. Raises `FloatingPointError` naming the step if the loss stops being finite.
     """
-    stats = StepStats()
-    device = next(p.device for p in model.parameters())
-    bar = tqdm(total=max_steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    start = time.perf_counter()
-    stats.stop_reason = "data_exhausted"
+    accelerator = accelerator or Accelerator()
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    scheduler = accelerator.prepare_scheduler(scheduler) if scheduler is not None else None
+    accelerator.step = 0  # align accumulation boundaries with this run's first micro-batch
+    stats, micro = StepStats(), []
+    bar = tqdm(total=max_steps, desc=desc, disable=not (progress and accelerator.is_local_main_process), leave=False)
+    start = step_start = time.perf_counter()
     try:
         for batch in batches:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss = model(**batch).loss
-            if loss is None:
-                raise ValueError("The model returned no loss: every batch needs `labels`.")
-            total = loss + penalty() if penalty is not None else loss
-            value = float(loss.detach())
-            if not math.isfinite(float(total.detach())):
-                raise FloatingPointError(
-                    f"{desc}: the loss became {float(total.detach())} at step {stats.steps + 1}; lower the learning "
-                    "rate or check the data."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            stats.steps += 1
+            batch = _to_device(batch, model)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                    if loss is None:
+                        raise ValueError("The model returned no loss: every batch needs `labels`.")
+                    total = loss + penalty() if penalty is not None else loss
+                if not math.isfinite(float(total.detach())):
+                    raise FloatingPointError(
+                        f"{desc}: the loss became {float(total.detach())} at step {stats.steps + 1}; lower the "
+                        "learning rate or check the data."
+                    )
+                accelerator.backward(total)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro.append(float(loss.detach()))
             stats.tokens += count_tokens(batch)
+            if not accelerator.sync_gradients:
+                continue
+            value = sum(micro) / len(micro)
+            micro.clear()
+            now = time.perf_counter()
+            stats.steps += 1
             stats.losses.append(value)
+            stats.step_seconds.append(now - step_start)
+            step_start = now
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if should_stop is not None and should_stop(value):
@@ -111,3 +139,26 @@ def train_steps(
         bar.close()
         stats.seconds = time.perf_counter() - start
     return stats
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: Iterable[Batch], accelerator: Accelerator | None = None) -> float:
+    """Mean loss per predicted label token over `batches` (the model's own shifted-label loss, token-weighted)."""
+    accelerator = accelerator or Accelerator()
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            batch = _to_device(batch, model)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            with accelerator.autocast():
+                total += float(model(**batch).loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("No label tokens to evaluate on.")
+    return total / count

@@ -98,3 +98,46 @@ def inputs() -> dict[str, torch.Tensor]:
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(chat_template: bool = True):
+    """A byte-level tokenizer (one token per byte, no merges) with ChatML special tokens, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+def tiny_lm_dir(path, chat_template: bool = True, seed: int = 0):
+    """A tiny random Llama and a byte tokenizer saved as a model directory (what --model DIR expects)."""
+    tokenizer = byte_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def alpaca_rows(n: int = 40) -> list[dict]:
+    words = ["red", "blue", "green", "small", "large", "fast", "slow", "warm"]
+    return [
+        {"instruction": f"Name a {words[i % 8]} thing.", "input": "" if i % 3 else "Be brief.",
+         "output": f"A {words[i % 8]} {words[(i * 3) % 8]} box number {i}."}
+        for i in range(n)
+    ]

@@ -1,0 +1,16 @@
+"""The application layer: data, model loading, the `peft-ila` command line, reports and plots.
+
+The tuner core (`peft_ila.config`, `layer`, `model`, `importance`, `training`, `mask`) imports nothing from here.
+"""
+
+import os
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; the CLI prints its message on one line and exits with status 2."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded data and converted models are kept: $PEFT_ILA_CACHE, default ~/.cache/peft-ila."""
+    return Path(os.environ.get("PEFT_ILA_CACHE", "~/.cache/peft-ila")).expanduser()

@@ -1,0 +1,226 @@
+"""Alignment data: load conversations, format them with the chat template, tokenize with response-only labels,
+split off a seeded held-out set, and batch.
+
+A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}. Loss counts the assistant
+tokens only (labels are -100 elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import UsageError, cache_dir
+
+ALPACA_DEMO = "alpaca_en_demo"
+ALPACA_DEMO_SOURCE = "llamafactory==0.9.5"  # its PyPI sdist ships data/alpaca_en_demo.json (999 pairs)
+PLAIN_FORMAT = "### Instruction:\n{user}\n\n### Response:\n"  # used when the tokenizer has no chat template
+Conversation = list[dict[str, str]]
+
+
+def fetch_alpaca_demo() -> Path:
+    """The cached alpaca_en_demo.json, fetched once from the llamafactory sdist on PyPI."""
+    target = cache_dir() / "data" / f"{ALPACA_DEMO}.json"
+    if target.exists():
+        return target
+    print(f"Fetching {ALPACA_DEMO}.json from the PyPI sdist of {ALPACA_DEMO_SOURCE} into {target} (once) ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", ALPACA_DEMO_SOURCE]
+        done = subprocess.run([*cmd, "-d", tmp], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            raise UsageError(
+                f"could not download {ALPACA_DEMO_SOURCE} from PyPI ({done.stderr.strip()[-200:]}); check network "
+                "access to PyPI, or pass --data with a local json/jsonl/parquet file."
+            )
+        with tarfile.open(sdists[0]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith(f"/data/{ALPACA_DEMO}.json")), None)
+            if member is None:
+                raise UsageError(f"{sdists[0].name} has no data/{ALPACA_DEMO}.json; pass --data with a local file.")
+            partial = Path(tmp) / "partial.json"
+            partial.write_bytes(tar.extractfile(member).read())
+        os.replace(partial, target)
+    return target
+
+
+def _rows(spec: str) -> list[dict]:
+    """Rows of a dataset: the embedded default, a local json/jsonl/parquet file, or a cached `datasets` name."""
+    import datasets
+
+    path = fetch_alpaca_demo() if spec == ALPACA_DEMO else Path(spec)
+    if path.suffix in (".json", ".jsonl", ".parquet"):
+        if not path.is_file():
+            raise UsageError(f"data file {path} does not exist; pass --data with an existing json/jsonl/parquet file.")
+        builder = "parquet" if path.suffix == ".parquet" else "json"
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
+        except Exception as exc:  # datasets raises many types for unreadable files
+            raise UsageError(f"cannot read {path} as {builder}: {str(exc).splitlines()[0]}") from None
+    if path.exists():
+        raise UsageError(f"{path} is not a .json, .jsonl or .parquet file; convert it or pass one of those.")
+    try:
+        return datasets.load_dataset(spec, split="train").to_list()
+    except Exception:
+        raise UsageError(
+            f"--data {spec!r} is neither a local .json/.jsonl/.parquet file nor a dataset in the local datasets "
+            f"cache (nothing is downloaded from the hub); pass a local file, or {ALPACA_DEMO!r}."
+        ) from None
+
+
+def _from_alpaca(row: dict) -> Conversation:
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    for user, assistant in row.get("history") or []:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _from_sharegpt(row: dict) -> Conversation:
+    return [{"role": _SHAREGPT_ROLES.get(t.get("from"), "?"), "content": t.get("value")} for t in row["conversations"]]
+
+
+def _from_chat(row: dict) -> Conversation:
+    return [{"role": m.get("role"), "content": m.get("content")} for m in row["messages"]]
+
+
+def _usable(conversation: Conversation) -> bool:
+    return all(
+        m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str) for m in conversation
+    ) and any(m["role"] == "assistant" and m["content"].strip() for m in conversation)
+
+
+def load_conversations(spec: str) -> list[Conversation]:
+    """Conversations from alpaca (`instruction`/`input`/`output`[/`history`/`system`]), chat (`messages`) or
+    ShareGPT (`conversations`) rows; rows that do not make a conversation with an assistant answer are skipped."""
+    rows = _rows(spec)
+    if not rows:
+        raise UsageError(f"--data {spec} has no rows; pass a file with at least one example.")
+    columns = set(rows[0])
+    if {"instruction", "output"} <= columns:
+        convert = _from_alpaca
+    elif "messages" in columns:
+        convert = _from_chat
+    elif "conversations" in columns:
+        convert = _from_sharegpt
+    else:
+        raise UsageError(
+            f"--data {spec} has columns {sorted(columns)}: not a known layout. Use alpaca instruction/input/output, "
+            "chat `messages` [{role, content}], or ShareGPT `conversations` [{from, value}]."
+        )
+    conversations = []
+    for row in rows:
+        try:
+            conversation = convert(row)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if _usable(conversation):
+            conversations.append(conversation)
+    if not conversations:
+        raise UsageError(f"--data {spec}: none of its {len(rows)} rows holds a usable conversation with an answer.")
+    return conversations
+
+
+def segments(conversation: Conversation, tokenizer, plain: bool = False) -> list[tuple[str, bool]]:
+    """The conversation as text pieces, each marked True if it is response text the loss should count.
+
+    With a chat template the pieces come from `apply_chat_template` (the assistant piece includes its end-of-turn
+    marker); without one (or `plain=True`) from PLAIN_FORMAT, the response followed by the eos token.
+    """
+    if plain or not tokenizer.chat_template:
+        system = "".join(m["content"] + "\n\n" for m in conversation if m["role"] == "system")
+        pieces, prompt = [], system
+        for m in conversation:
+            if m["role"] == "user":
+                prompt += PLAIN_FORMAT.format(user=m["content"])
+            elif m["role"] == "assistant":
+                pieces += [(prompt, False), (m["content"] + (tokenizer.eos_token or "") + "\n\n", True)]
+                prompt = ""
+        return pieces
+    pieces, done = [], ""
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(conversation[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(conversation[: i + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UsageError("the tokenizer's chat template does not extend its own prefix; pass --plain-format.")
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    return pieces
+
+
+def prompt_text(conversation: Conversation, tokenizer, plain: bool = False) -> str:
+    """The text a model continues to answer the conversation's first assistant turn."""
+    return segments(conversation, tokenizer, plain)[0][0]
+
+
+@dataclass
+class Encoded:
+    """Token examples (input_ids, labels) and what happened on the way."""
+
+    examples: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)  # conversation index of each example
+    truncated: int = 0
+    dropped: int = 0
+
+
+def encode(
+    conversations: list[Conversation], tokenizer, max_length: int, overlong: str = "truncate", plain: bool = False
+) -> Encoded:
+    """Tokenize; examples longer than `max_length` are truncated (kept if a response token survives) or dropped."""
+    out = Encoded()
+    for index, conversation in enumerate(conversations):
+        ids, labels = [], []
+        for text, is_response in segments(conversation, tokenizer, plain):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if is_response else [-100] * len(piece)
+        if len(ids) > max_length:
+            if overlong == "drop" or all(t == -100 for t in labels[:max_length]):
+                out.dropped += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            out.truncated += 1
+        out.examples.append((ids, labels))
+        out.sources.append(index)
+    return out
+
+
+def split(examples: list, eval_size: int, seed: int) -> tuple[list, list]:
+    """A seeded shuffle, then (train, held-out) with `eval_size` held-out examples."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    if not 0 < eval_size < len(examples):
+        raise UsageError(f"--eval-size {eval_size} must be between 1 and {len(examples) - 1} (the usable examples).")
+    held_out = [examples[i] for i in order[:eval_size]]
+    return [examples[i] for i in order[eval_size:]], held_out
+
+
+def batches(examples: list, batch_size: int, pad_id: int, shuffle: bool = True, seed: int = 0) -> DataLoader:
+    """A re-iterable of padded batches (right padding; labels -100 and attention 0 on padding)."""
+
+    def collate(items):
+        width = max(len(ids) for ids, _ in items)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for ids, labels in items:
+            pad = width - len(ids)
+            out["input_ids"].append(ids + [pad_id] * pad)
+            out["attention_mask"].append([1] * len(ids) + [0] * pad)
+            out["labels"].append(labels + [-100] * pad)
+        return {k: torch.tensor(v) for k, v in out.items()}
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)

@@ -1,0 +1,46 @@
+"""`peft-ila export-lora`: an ILA adapter as a plain LoRA adapter that vanilla peft loads without peft-ila."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ..mask import MASK_KEYS
+from . import UsageError
+from .files import read_json, staged_dir
+
+
+def export_lora(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> list[str]:
+    """Write `out_dir` with peft_type LORA, explicit target module names and renamed weights; returns the modules.
+
+    ILA's update is LoRA's (B @ A * lora_alpha / r) and a saved adapter has no gate, so the logits are equal.
+    """
+    from peft import LoraConfig
+
+    adapter_dir = Path(adapter_dir)
+    config = read_json(adapter_dir / "adapter_config.json")
+    if config.get("peft_type") != "ILA":
+        raise UsageError(f"{adapter_dir} holds a {config.get('peft_type')} adapter, not an ILA one.")
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise UsageError(f"{weights_file} is missing: export needs the adapter's safetensors file.")
+    tensors = {k: v for k, v in load_file(weights_file).items() if k not in MASK_KEYS}
+    modules = sorted({k.removeprefix("base_model.model.").split(".ila_A.")[0] for k in tensors if ".ila_A." in k})
+    if not modules:
+        raise UsageError(f"{weights_file} holds no ILA adapter weights.")
+    renamed = {k.replace(".ila_A.", ".lora_A.").replace(".ila_B.", ".lora_B."): v for k, v in tensors.items()}
+    lora = LoraConfig(
+        task_type=config.get("task_type"),
+        r=config["r"],
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=config["lora_dropout"],
+        target_modules=modules,
+        modules_to_save=config.get("modules_to_save"),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        revision=config.get("revision"),
+    )
+    with staged_dir(Path(out_dir), overwrite) as tmp:
+        lora.save_pretrained(tmp)
+        save_file(renamed, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    return modules

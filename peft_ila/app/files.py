@@ -1,0 +1,81 @@
+"""Directories that appear whole or not at all, JSON output, and peak-memory readings."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import UsageError
+
+
+def check_free(out: Path, overwrite: bool) -> None:
+    """Refuse early (before any work) to replace an existing output directory unless asked to."""
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite or choose another output path.")
+
+
+@contextmanager
+def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `out`; on success it replaces `out`, on any error it is removed,
+    so `out` is never left half-written (Ctrl-C included)."""
+    out = Path(out)
+    check_free(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: object) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist; pass a directory written by peft-ila.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); it is damaged, write it again.") from None
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window: the kernel's peak RSS (Linux) and CUDA's peak allocation."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak covers the whole process
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory since `reset_peak_memory` (MiB), and the CUDA peak where a GPU is used."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
+        rss = int(line.split()[1]) / 1024 if line else rss
+    out = {"peak_rss_mb": round(rss, 1)}
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

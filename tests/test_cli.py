@@ -1,0 +1,185 @@
+"""`peft-ila` on a tiny local model and a tiny alpaca file: every command, its files, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import alpaca_rows, tiny_lm_dir
+from safetensors.torch import load_file
+
+from peft import PeftModel
+from peft_ila import ILALayer
+from peft_ila.app.cli import main
+from peft_ila.mask import tensors_to_mask
+from transformers import AutoModelForCausalLM
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_lm_dir(root / "lm")
+    (root / "data.json").write_text(json.dumps(alpaca_rows(40)))
+    return root
+
+
+def common(work, *extra):
+    return ["--model", str(work / "lm"), "--data", str(work / "data.json"), "--max-length", "96", "--eval-size", "8",
+            "--no-progress", *extra]
+
+
+def identify(work, out, *extra):
+    assert main(["identify", *common(work, "--stage1-max-steps", "6", "--stage2-steps", "3", *extra), "--out", str(out)]) == 0
+
+
+@pytest.fixture(scope="module")
+def run(work):
+    identify(work, work / "run")
+    return work / "run"
+
+
+def test_identify_writes_a_complete_run_directory(run):
+    assert sorted(p.name for p in run.iterdir()) == ["heatmap.png", "importance.json", "mask.safetensors", "report.md"]
+    record = json.loads((run / "importance.json").read_text())
+    assert len(record["candidates"]) == 14 and len(record["selected"]) == 4  # 2 blocks x 7, top 25%
+    assert record["costs"]["stage1"]["steps"] == 6 and record["costs"]["stage1"]["stop"] == "max_steps"
+    assert record["costs"]["stage2"]["tokens"] > 0 and record["config"]["granularity"] == "module"
+    assert record["command"].startswith("peft-ila identify ")
+    candidates, selected, scores = tensors_to_mask(load_file(run / "mask.safetensors"))
+    assert candidates == record["candidates"] and set(selected) == set(record["selected"])
+    assert (run / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (run / "report.md").read_text()
+    assert all(f"`{name}`" in report for name in record["selected"]) and record["command"] in report
+
+
+def test_train_on_a_mask_saves_a_loadable_adapter(work, run):
+    out = work / "adapter"
+    assert main(["train", *common(work, "--steps", "4"), "--mask", str(run), "--out", str(out)]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 4 and info["trainable_params"] > 0 and info["memory"]["peak_rss_mb"] > 0
+    assert info["loss_after"] < info["loss_before"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "lm"), out)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, ILALayer)}
+    assert wrapped == set(json.loads((run / "importance.json").read_text())["selected"])
+
+
+def test_train_all_layers_and_given_layers(work):
+    assert main(["train", *common(work, "--steps", "2"), "--all-layers", "--out", str(work / "all")]) == 0
+    assert json.loads((work / "all" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    layers = "model.layers.0.mlp.up_proj,model.layers.1.self_attn.q_proj"
+    assert main(["train", *common(work, "--steps", "2"), "--layers", layers, "--out", str(work / "two")]) == 0
+    config = json.loads((work / "two" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ILA" and config["selected_layers"] == layers.split(",")
+
+
+def test_compare_runs(work, run, capsys):
+    identify(work, work / "run-seed1", "--seed", "1")
+    assert main(["compare", str(run), str(run), str(work / "run-seed1"), "--out", str(work / "cmp")]) == 0
+    data = json.loads((work / "cmp" / "compare.json").read_text())
+    assert data["jaccard"][0][1] == 1.0 and data["pairs"][0]["spearman"] == pytest.approx(1.0)
+    assert 0.0 <= data["jaccard"][0][2] <= 1.0
+    assert (work / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Jaccard" in capsys.readouterr().out
+
+
+VANILLA = textwrap.dedent(
+    """
+    import sys, torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    assert "peft_ila" not in sys.modules
+    lm, lora, io = sys.argv[1:]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm), lora)
+    assert "peft_ila" not in sys.modules and type(model.peft_config["default"]).__name__ == "LoraConfig"
+    save_file({"logits": model(**load_file(io + "/in.safetensors")).logits}, io + "/out.safetensors")
+    """
+)
+
+
+def test_export_lora_loads_in_vanilla_peft_with_equal_logits(work, run, inputs):
+    from safetensors.torch import save_file
+
+    ila_dir = work / "adapter-export"
+    assert main(["train", *common(work, "--steps", "3"), "--mask", str(run), "--out", str(ila_dir)]) == 0
+    assert main(["export-lora", str(ila_dir), str(work / "lora")]) == 0
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "lm"), ila_dir)(**inputs).logits
+    save_file(inputs, work / "in.safetensors")
+    subprocess.run([sys.executable, "-c", VANILLA, str(work / "lm"), str(work / "lora"), str(work)], check=True,
+                   timeout=300)
+    got = load_file(work / "out.safetensors")["logits"]
+    assert (got - expected).abs().max() <= 1e-5
+    assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(work / "lm")(**inputs).logits)
+
+
+def test_eval_reproduces_the_trained_loss(work, run, tmp_path):
+    out = work / "adapter-eval"
+    assert main(["train", *common(work, "--steps", "3"), "--mask", str(run), "--out", str(out)]) == 0
+    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["held_out_loss"] == pytest.approx(json.loads((out / "training.json").read_text())["loss_after"])
+    assert isinstance(result["generation"], str)
+
+
+def test_demo_end_to_end(work, capsys):
+    out = work / "demo"
+    args = ["demo", *common(work, "--stage1-max-steps", "4", "--stage2-steps", "2", "--steps", "3"), "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "demo.json", "identify", "reload.json"]
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["held_out_loss_after_reload"] == pytest.approx(summary["held_out_loss_after"], abs=1e-5)
+    assert summary["generation_after_reload"] == summary["generation_after"]
+    printed = capsys.readouterr().out
+    assert "Top 4 of 14 layers" in printed and "held-out loss:" in printed
+
+
+def test_plain_format_without_chat_template(tmp_path):
+    lm = tiny_lm_dir(tmp_path / "plain-lm", chat_template=False)
+    (tmp_path / "d.json").write_text(json.dumps(alpaca_rows(12)))
+    args = ["identify", "--model", str(lm), "--data", str(tmp_path / "d.json"), "--eval-size", "2", "--max-length",
+            "96", "--stage1-max-steps", "2", "--stage2-steps", "1", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "r" / "importance.json").read_text())["format"] == "plain"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing-data", "does not exist"),
+        ("bad-columns", "not a known layout"),
+        ("no-usable-rows", "none of its 2 rows"),
+        ("not-a-data-file", "is not a .json, .jsonl or .parquet file"),
+        ("missing-model", "no such file or directory"),
+        ("all-too-long", "2 dropped as longer than --max-length 8"),
+        ("out-exists", "already exists; pass --overwrite"),
+        ("bad-mask", "is not a directory"),
+    ],
+)
+def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, case, message):
+    data, model, out = tmp_path / "d.json", str(work / "lm"), tmp_path / "out"
+    data.write_text(json.dumps(alpaca_rows(2)))
+    extra = []
+    if case == "missing-data":
+        data = tmp_path / "nope.json"
+    elif case == "bad-columns":
+        data.write_text(json.dumps([{"question": "q", "answer": "a"}]))
+    elif case == "no-usable-rows":
+        data.write_text(json.dumps([{"instruction": "q", "output": ""}, {"instruction": "q", "output": "  "}]))
+    elif case == "not-a-data-file":
+        data = tmp_path / "d.txt"
+        data.write_text("hello")
+    elif case == "missing-model":
+        model = "./no/such/model"
+    elif case == "all-too-long":
+        extra = ["--max-length", "8", "--overlong", "drop"]
+    elif case == "out-exists":
+        out.mkdir()
+    command = ["train", "--mask", str(tmp_path / "nowhere")] if case == "bad-mask" else ["identify"]
+    code = main([*command, "--model", model, "--data", str(data), "--no-progress", *extra, "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    assert leftovers == (["out"] if case == "out-exists" else [])
