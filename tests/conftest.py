@@ -126,9 +126,17 @@ def tiny_lm_dir(path, chat_template: bool = True, seed: int = 0):
     """A tiny random Llama and a byte tokenizer saved as a model directory (what --model DIR expects)."""
     tokenizer = byte_tokenizer(chat_template)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -137,7 +145,10 @@ def tiny_lm_dir(path, chat_template: bool = True, seed: int = 0):
 def alpaca_rows(n: int = 40) -> list[dict]:
     words = ["red", "blue", "green", "small", "large", "fast", "slow", "warm"]
     return [
-        {"instruction": f"Name a {words[i % 8]} thing.", "input": "" if i % 3 else "Be brief.",
-         "output": f"A {words[i % 8]} {words[(i * 3) % 8]} box number {i}."}
+        {
+            "instruction": f"Name a {words[i % 8]} thing.",
+            "input": "" if i % 3 else "Be brief.",
+            "output": f"A {words[i % 8]} {words[(i * 3) % 8]} box number {i}.",
+        }
         for i in range(n)
     ]

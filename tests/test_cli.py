@@ -7,14 +7,14 @@ import textwrap
 
 import pytest
 import torch
-from conftest import alpaca_rows, tiny_lm_dir
-from safetensors.torch import load_file
-
 from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import alpaca_rows, tiny_lm_dir
 from peft_ila import ILALayer
 from peft_ila.app.cli import main
 from peft_ila.mask import tensors_to_mask
-from transformers import AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,25 @@ def work(tmp_path_factory):
 
 
 def common(work, *extra):
-    return ["--model", str(work / "lm"), "--data", str(work / "data.json"), "--max-length", "96", "--eval-size", "8",
-            "--no-progress", *extra]
+    return [
+        "--model",
+        str(work / "lm"),
+        "--data",
+        str(work / "data.json"),
+        "--max-length",
+        "96",
+        "--eval-size",
+        "8",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def identify(work, out, *extra):
-    assert main(["identify", *common(work, "--stage1-max-steps", "6", "--stage2-steps", "3", *extra), "--out", str(out)]) == 0
+    assert (
+        main(["identify", *common(work, "--stage1-max-steps", "6", "--stage2-steps", "3", *extra), "--out", str(out)])
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +60,7 @@ def test_identify_writes_a_complete_run_directory(run):
     assert record["costs"]["stage1"]["steps"] == 6 and record["costs"]["stage1"]["stop"] == "max_steps"
     assert record["costs"]["stage2"]["tokens"] > 0 and record["config"]["granularity"] == "module"
     assert record["command"].startswith("peft-ila identify ")
-    candidates, selected, scores = tensors_to_mask(load_file(run / "mask.safetensors"))
+    candidates, selected, _ = tensors_to_mask(load_file(run / "mask.safetensors"))
     assert candidates == record["candidates"] and set(selected) == set(record["selected"])
     assert (run / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run / "report.md").read_text()
@@ -108,8 +121,9 @@ def test_export_lora_loads_in_vanilla_peft_with_equal_logits(work, run, inputs):
     assert main(["export-lora", str(ila_dir), str(work / "lora")]) == 0
     expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "lm"), ila_dir)(**inputs).logits
     save_file(inputs, work / "in.safetensors")
-    subprocess.run([sys.executable, "-c", VANILLA, str(work / "lm"), str(work / "lora"), str(work)], check=True,
-                   timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", VANILLA, str(work / "lm"), str(work / "lora"), str(work)], check=True, timeout=300
+    )
     got = load_file(work / "out.safetensors")["logits"]
     assert (got - expected).abs().max() <= 1e-5
     assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(work / "lm")(**inputs).logits)
@@ -139,8 +153,24 @@ def test_demo_end_to_end(work, capsys):
 def test_plain_format_without_chat_template(tmp_path):
     lm = tiny_lm_dir(tmp_path / "plain-lm", chat_template=False)
     (tmp_path / "d.json").write_text(json.dumps(alpaca_rows(12)))
-    args = ["identify", "--model", str(lm), "--data", str(tmp_path / "d.json"), "--eval-size", "2", "--max-length",
-            "96", "--stage1-max-steps", "2", "--stage2-steps", "1", "--no-progress", "--out", str(tmp_path / "r")]
+    args = [
+        "identify",
+        "--model",
+        str(lm),
+        "--data",
+        str(tmp_path / "d.json"),
+        "--eval-size",
+        "2",
+        "--max-length",
+        "96",
+        "--stage1-max-steps",
+        "2",
+        "--stage2-steps",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main(args) == 0
     assert json.loads((tmp_path / "r" / "importance.json").read_text())["format"] == "plain"
 

@@ -8,7 +8,6 @@ from peft import get_peft_model
 
 from conftest import VOCAB, llama_candidates, lm_batches, tiny_llama
 from peft_ila import ILAConfig, ILALayer, identify_important_layers
-from peft_ila.training import StabilityTest, cycle
 
 PLANTED = ["model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
 
@@ -136,12 +135,3 @@ def test_misuse_is_refused():
     no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     with pytest.raises(ValueError, match="needs `labels`"):
         identify_important_layers(get_peft_model(tiny_llama(), ILAConfig()), no_labels, progress=False)
-
-
-def test_stability_test_and_cycle():
-    flat = StabilityTest(epsilon=0.01, window=3)
-    assert [flat.update(2.0) for _ in range(6)] == [False] * 5 + [True]
-    falling = StabilityTest(epsilon=0.01, window=3)
-    assert not any(falling.update(10.0 - i) for i in range(20))
-    assert [b for _, b in zip(range(5), cycle([1, 2]), strict=False)] == [1, 2, 1, 2, 1]
-    assert list(cycle(iter([1, 2]))) == [1, 2]

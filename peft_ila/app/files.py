@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -60,10 +61,8 @@ def read_json(path: Path) -> dict:
 
 def reset_peak_memory() -> None:
     """Start a new peak-memory window: the kernel's peak RSS (Linux) and CUDA's peak allocation."""
-    try:
+    with contextlib.suppress(OSError):  # elsewhere (not Linux) the peak covers the whole process
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # elsewhere the peak covers the whole process
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 

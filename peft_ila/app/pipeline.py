@@ -106,8 +106,13 @@ def identify(
 
 def lora_all_layers(prepared: Prepared, r: int, lora_alpha: float, lora_dropout: float, target_modules) -> PeftModel:
     """The baseline a user would pick instead: plain peft LoRA on every candidate layer."""
-    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        target_modules=target_modules or "all-linear")
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules or "all-linear",
+    )
     return get_peft_model(prepared.model, config)
 
 
@@ -146,8 +151,16 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
     reset_peak_memory()
-    stats = train_steps(model, cycle(prepared.batches(batch_size, seed)), optimizer, steps, accelerator=accelerator,
-                        scheduler=scheduler, desc="fine-tune", progress=progress)
+    stats = train_steps(
+        model,
+        cycle(prepared.batches(batch_size, seed)),
+        optimizer,
+        steps,
+        accelerator=accelerator,
+        scheduler=scheduler,
+        desc="fine-tune",
+        progress=progress,
+    )
     memory = peak_memory_mb()
     after = evaluate_loss(model, held_out, accelerator)
     trainable, total = model.get_nb_trainable_parameters()
@@ -170,7 +183,9 @@ def first_user_turn(conversation: Conversation) -> str:
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer, conversation: Conversation, plain: bool, max_new_tokens: int = 48) -> str:
+def generate(
+    model: torch.nn.Module, tokenizer, conversation: Conversation, plain: bool, max_new_tokens: int = 48
+) -> str:
     """Greedy answer to the conversation's first user turn."""
     text = prompt_text(conversation, tokenizer, plain)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)

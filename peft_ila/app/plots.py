@@ -7,41 +7,41 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ..mask import layer_of  # noqa: E402
+from ..mask import layer_of
 
 
 def grid(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
-    """Rows (blocks), columns (module types within a block) and each layer's cell."""
-    rows, cols, cell = [], [], {}
+    """Rows (module types within a block), columns (blocks) and each layer's cell."""
+    blocks, kinds, cell = [], [], {}
     for name in names:
         block = layer_of(name, "block")
         kind = name[len(block) + 1 :] or "block"
-        if block not in rows:
-            rows.append(block)
-        if kind not in cols:
-            cols.append(kind)
-        cell[name] = (rows.index(block), cols.index(kind))
-    return rows, cols, cell
+        if block not in blocks:
+            blocks.append(block)
+        if kind not in kinds:
+            kinds.append(kind)
+        cell[name] = (kinds.index(kind), blocks.index(block))
+    return kinds, blocks, cell
 
 
 def heatmap(path: Path, scores: dict[str, float], selected: list[str], title: str) -> None:
-    """Blocks x module types, colour = learned gate; selected layers marked with a white dot."""
-    rows, cols, cell = grid(list(scores))
-    values = [[float("nan")] * len(cols) for _ in rows]
+    """Module types x blocks, colour = learned gate; selected layers marked with a white dot."""
+    kinds, blocks, cell = grid(list(scores))
+    values = [[float("nan")] * len(blocks) for _ in kinds]
     for name, score in scores.items():
         r, c = cell[name]
         values[r][c] = score
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.5 + 0.28 * len(rows)))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.32 * len(blocks), 1.6 + 0.32 * len(kinds)))
     image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     chosen = [cell[n] for n in selected]
-    ax.scatter([c for _, c in chosen], [r for r, _ in chosen], s=22, c="white", edgecolors="black", linewidths=0.6)
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), [r.rsplit(".", 1)[-1] for r in rows], fontsize=7)
-    ax.set_ylabel(rows[0].rsplit(".", 1)[0] + ".*" if len(rows) > 1 else "block")
+    ax.scatter([c for _, c in chosen], [r for r, _ in chosen], s=18, c="white", edgecolors="black", linewidths=0.6)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+    ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=7)
+    ax.set_xlabel(f"block ({blocks[0].rsplit('.', 1)[0]}.N)" if "." in blocks[0] else "block", fontsize=8)
     ax.set_title(f"{title}\nwhite dots: the {len(selected)} selected layers", fontsize=9)
-    fig.colorbar(image, ax=ax, label="gate (importance)")
+    fig.colorbar(image, ax=ax, label="gate (importance)", fraction=0.025, pad=0.01)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -54,8 +54,15 @@ def overlap_matrix(path: Path, labels: list[str], jaccard: list[list[float]], ti
     image = ax.imshow(jaccard, cmap="magma", vmin=0.0, vmax=1.0)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{jaccard[i][j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if jaccard[i][j] > 0.5 else "white")
+            ax.text(
+                j,
+                i,
+                f"{jaccard[i][j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if jaccard[i][j] > 0.5 else "white",
+            )
     ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n), labels, fontsize=8)
     ax.set_title(title, fontsize=9)

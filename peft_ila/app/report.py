@@ -23,8 +23,13 @@ MASK = "mask.safetensors"
 
 
 def versions() -> dict[str, str]:
-    return {"peft-ila": __version__, "peft": peft.__version__, "transformers": transformers.__version__,
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "peft-ila": __version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def write_run(out: Path, result: ILAResult, config: dict, candidates: list[str], info: dict, command: str) -> dict:
@@ -39,10 +44,17 @@ def write_run(out: Path, result: ILAResult, config: dict, candidates: list[str],
         "scores": result.scores,
         "update_norms": result.update_norms,
         "costs": {
-            "stage1": {"steps": result.stage1_steps, "tokens": result.stage1_tokens,
-                       "seconds": round(result.stage1_seconds, 2), "stop": result.stage1_stop},
-            "stage2": {"steps": result.stage2_steps, "tokens": result.stage2_tokens,
-                       "seconds": round(result.stage2_seconds, 2)},
+            "stage1": {
+                "steps": result.stage1_steps,
+                "tokens": result.stage1_tokens,
+                "seconds": round(result.stage1_seconds, 2),
+                "stop": result.stage1_stop,
+            },
+            "stage2": {
+                "steps": result.stage2_steps,
+                "tokens": result.stage2_tokens,
+                "seconds": round(result.stage2_seconds, 2),
+            },
         },
         "losses": {"stage1": result.stage1_losses, "stage2": result.stage2_losses},
         "versions": versions(),
@@ -70,8 +82,10 @@ def markdown(record: dict) -> str:
         "",
         "| rank | layer | gate | update norm ‖ΔW‖ |",
         "|---:|---|---:|---:|",
-        *(f"| {i} | `{name}` | {record['scores'][name]:.4f} | {record['update_norms'][name]:.4f} |"
-          for i, name in enumerate(record["selected"], 1)),
+        *(
+            f"| {i} | `{name}` | {record['scores'][name]:.4f} | {record['update_norms'][name]:.4f} |"
+            for i, name in enumerate(record["selected"], 1)
+        ),
         "",
         "## Cost of identification",
         "",
