@@ -63,9 +63,10 @@ def identify_important_layers(
         progress: show tqdm bars (step, loss, elapsed, ETA).
         accelerator: precision and gradient accumulation for both stages; default `Accelerator()`.
 
-    Budget and selection come from the adapter's `ILAConfig`. Only adapter (and `modules_to_save`) weights train in
-    stage 1 and only the gates in stage 2; unless `keep_stage1_weights`, both are reset before returning, so the
-    fine-tune that follows starts from the base model.
+    Budget and selection come from the adapter's `ILAConfig`. Stage 1 starts from freshly initialised adapters drawn
+    from `config.seed` (so the result depends only on model, data and config), and only adapter (and
+    `modules_to_save`) weights train in it; stage 2 trains only the gates. Unless `keep_stage1_weights`, adapters and
+    `modules_to_save` are reset before returning, so the fine-tune that follows starts from the base model.
     """
     tuner = _ila_tuner(model)
     adapter = adapter_name or tuner._the_active_adapter()
@@ -96,6 +97,8 @@ def identify_important_layers(
 
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
+        for module in layers.values():  # stage 1 starts from fresh adapters drawn from the seed
+            module.reset_adapter_parameters(adapter, config.init_weights)
         model.train()
         stage1 = train_steps(
             model,

@@ -135,3 +135,14 @@ def test_misuse_is_refused():
     no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     with pytest.raises(ValueError, match="needs `labels`"):
         identify_important_layers(get_peft_model(tiny_llama(), ILAConfig()), no_labels, progress=False)
+
+
+def test_result_does_not_depend_on_the_global_rng_before_identification():
+    batches = lm_batches(n_batches=2)
+    results = []
+    for noise in (0, 123):
+        base = tiny_llama()
+        torch.manual_seed(noise)  # whatever happened before get_peft_model
+        model = get_peft_model(base, ILAConfig(r=2, top_k=3, stage1_max_steps=4, stage2_steps=2))
+        results.append(identify_important_layers(model, batches, progress=False))
+    assert results[0].stage1_losses == results[1].stage1_losses and results[0].scores == results[1].scores

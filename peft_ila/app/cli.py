@@ -237,8 +237,11 @@ def _ila_config(args, **overrides):
 
 
 def _prepare(args, accelerator):
+    from transformers import set_seed
+
     from .pipeline import prepare
 
+    set_seed(args.seed)  # adapter initialisation outside identification, dropout
     return prepare(
         args.model, args.data, args.max_length, args.overlong, args.eval_size, args.seed, args.plain_format, accelerator
     )
