@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test quickstart lint clean
+.PHONY: demo demo-docs test quickstart lint clean
 
 # the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -21,6 +21,12 @@ $(BIN)/.app: $(BIN)/.installed
 
 demo: $(BIN)/.app
 	$(BIN)/peft-ila demo --out ila-demo --overwrite
+
+# the demo's reports, kept in docs/demo/ as the source of the README's demo numbers and heatmap
+demo-docs: demo
+	mkdir -p docs/demo
+	cp ila-demo/demo.json ila-demo/adapter/training.json docs/demo/
+	cp ila-demo/identify/importance.json ila-demo/identify/report.md ila-demo/identify/heatmap.png docs/demo/
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -142,14 +142,16 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[Batch], accelerator: Accelerator | None = None) -> float:
+def evaluate_loss(
+    model: nn.Module, batches: Iterable[Batch], accelerator: Accelerator | None = None, progress: bool = False
+) -> float:
     """Mean loss per predicted label token over `batches` (the model's own shifted-label loss, token-weighted)."""
     accelerator = accelerator or Accelerator()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="held-out loss", disable=not progress, leave=False):
             batch = _to_device(batch, model)
             n = int((batch["labels"][:, 1:] != -100).sum())
             if n == 0:

@@ -186,6 +186,8 @@ def test_plain_format_without_chat_template(tmp_path):
         ("all-too-long", "2 dropped as longer than --max-length 8"),
         ("out-exists", "already exists; pass --overwrite"),
         ("bad-mask", "is not a directory"),
+        ("uncached-model", "cannot load it from local files"),
+        ("uncached-dataset", "nor a dataset in the local datasets cache"),
     ],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, case, message):
@@ -207,6 +209,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, cas
         extra = ["--max-length", "8", "--overlong", "drop"]
     elif case == "out-exists":
         out.mkdir()
+    elif case == "uncached-model":
+        model = "someone/not-cached-model"
+    elif case == "uncached-dataset":
+        data = "someone/not-cached-dataset"
     command = ["train", "--mask", str(tmp_path / "nowhere")] if case == "bad-mask" else ["identify"]
     code = main([*command, "--model", model, "--data", str(data), "--no-progress", *extra, "--out", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -400,7 +400,7 @@ def cmd_eval(args) -> dict:
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)
     result = {
         "adapter": str(args.adapter),
-        "held_out_loss": evaluate_loss(model, held_out),
+        "held_out_loss": evaluate_loss(model, held_out, progress=not args.no_progress),
         "prompt": first_user_turn(prepared.held_out_conversations[0]),
         "generation": generate(model, prepared.tokenizer, prepared.held_out_conversations[0], prepared.plain),
     }
@@ -414,6 +414,7 @@ def cmd_eval(args) -> dict:
 def cmd_demo(args) -> None:
     from .files import check_free, staged_dir, write_json
     from .pipeline import finetune, first_user_turn, generate
+    from .report import machine
 
     started = time.perf_counter()
     check_free(args.out, args.overwrite)
@@ -460,6 +461,7 @@ def cmd_demo(args) -> None:
             "generation_after": after_text,
             "generation_after_reload": reloaded["generation"],
             "seconds": round(time.perf_counter() - started, 1),
+            "machine": machine(),
         }
         write_json(tmp / "demo.json", summary)
     print(

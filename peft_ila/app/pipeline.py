@@ -146,7 +146,7 @@ def finetune(
     """AdamW with linear warmup and decay on the trainable parameters; held-out loss measured before and after."""
     accelerator = accelerator or Accelerator()
     held_out = prepared.batches(batch_size, seed, held_out=True)
-    before = evaluate_loss(model, held_out, accelerator)
+    before = evaluate_loss(model, held_out, accelerator, progress)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
@@ -162,7 +162,7 @@ def finetune(
         progress=progress,
     )
     memory = peak_memory_mb()
-    after = evaluate_loss(model, held_out, accelerator)
+    after = evaluate_loss(model, held_out, accelerator, progress)
     trainable, total = model.get_nb_trainable_parameters()
     return FinetuneReport(
         loss_before=before,
