@@ -1,6 +1,7 @@
 """README stays true: its commands are CI's, its quickstart is the example that runs, its tables match the code."""
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -23,7 +24,7 @@ def code_blocks(language):
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     first = code_blocks("bash")[0]
     commands = [line.split("#")[0].strip() for line in first.strip().splitlines()]
-    assert commands == ["make quickstart", "make test"]
+    assert commands == ["make demo", "make test"]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert "make test" in ci
 
@@ -54,3 +55,20 @@ def test_quickstart_runs_as_written(tmp_path):
     diff = float(re.search(r"after reload: (\S+)", out).group(1))
     assert diff <= 1e-5
     assert (tmp_path / "ila-quickstart" / "adapter_model.safetensors").exists()
+
+
+def test_demo_figures_match_the_recorded_run():
+    demo = json.loads((ROOT / "docs" / "demo" / "demo.json").read_text())
+    costs = json.loads((ROOT / "docs" / "demo" / "importance.json").read_text())["costs"]
+    training = json.loads((ROOT / "docs" / "demo" / "training.json").read_text())
+    quoted = [
+        f"**{demo['seconds']:.0f} s**",
+        f"identification {costs['stage1']['steps']} + {costs['stage2']['steps']} steps in "
+        f"{costs['stage1']['seconds'] + costs['stage2']['seconds']:.0f} s",
+        f"fine-tuning {training['steps']} steps at a median {training['median_step_seconds']:.2f} s/step",
+        f"**{demo['held_out_loss_before']:.4f} -> {demo['held_out_loss_after']:.4f}**",
+        f"({demo['held_out_loss_after_reload']:.4f} after the reload)",
+    ]
+    flat = " ".join(README.split())
+    assert all(q in flat for q in quoted), [q for q in quoted if q not in flat]
+    assert (ROOT / "docs" / "demo" / "heatmap.png").exists() and "docs/demo/heatmap.png" in README

@@ -36,8 +36,14 @@ def versions() -> dict[str, str]:
 def machine() -> dict:
     """What the numbers were measured on."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "gpu": gpu, **versions()}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        **versions(),
+    }
 
 
 def write_run(out: Path, result: ILAResult, config: dict, candidates: list[str], info: dict, command: str) -> dict:
