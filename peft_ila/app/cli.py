@@ -151,7 +151,10 @@ def cmd_train(args) -> None:
     from .pipeline import finetune, lora_all_layers
     from .report import read_run
 
+    inline = args.out.with_name(args.out.name + "-identify")  # where an inline identification writes its run
     check_free(args.out, args.overwrite)
+    if not (args.mask or args.all_layers or args.layers):
+        check_free(inline, args.overwrite)
     run = read_run(args.mask) if args.mask else None
     accelerator = _accelerator(args)
     prepared = _prepare(args, accelerator)
@@ -172,9 +175,9 @@ def cmd_train(args) -> None:
     elif args.layers:
         model, selection = get_peft_model(prepared.model, _ila_config(args, selected_layers=args.layers)), "--layers"
     else:
-        model, _, record = _identify(args, prepared, accelerator, args.out.with_name(args.out.name + "-identify"))
+        model, _, record = _identify(args, prepared, accelerator, inline)
         _print_top(record)
-        selection = f"identified inline ({args.out.name}-identify)"
+        selection = f"identified inline ({inline})"
     report = finetune(
         model, prepared, args.steps, args.lr, args.batch_size, args.seed, args.warmup, accelerator, not args.no_progress
     )
@@ -271,7 +274,9 @@ def cmd_demo(args) -> None:
             str(tmp / "reload.json"),
             "--no-progress",
         ]
-        subprocess.run(reload, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(reload, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"reloading the adapter in a fresh process failed:\n{done.stderr[-3000:]}")
         reloaded = json.loads((tmp / "reload.json").read_text())
         summary = {
             "held_out_loss_before": report.loss_before,
