@@ -81,14 +81,16 @@ def train_steps(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     should_stop: Callable[[float], bool] | None = None,
+    on_step: Callable[[int], None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> StepStats:
     """Train for up to `max_steps` optimizer steps on `batches` (dicts with input_ids, attention_mask, labels).
 
     Each step minimises the model's own loss (`model(**batch).loss`) plus `penalty()`, over
-    `accelerator.gradient_accumulation_steps` micro-batches; `should_stop(mean step loss)` may end the run early.
-    Batches go to the model's device. Raises `FloatingPointError` naming the step if the loss stops being finite.
+    `accelerator.gradient_accumulation_steps` micro-batches; `should_stop(mean step loss)` may end the run early and
+    `on_step(steps done)` runs after every step (e.g. to change which parameters train). Batches go to the model's
+    device. Raises `FloatingPointError` naming the step if the loss stops being finite.
     """
     accelerator = accelerator or Accelerator()
     optimizer = accelerator.prepare_optimizer(optimizer)
@@ -129,6 +131,8 @@ def train_steps(
             step_start = now
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
+            if on_step is not None:
+                on_step(stats.steps)
             if should_stop is not None and should_stop(value):
                 stats.stop_reason = "stable"
                 break

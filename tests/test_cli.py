@@ -219,3 +219,24 @@ def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, cas
     assert code == 2 and len(err) == 1 and message in err[0], err
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
     assert leftovers == (["out"] if case == "out-exists" else [])
+
+
+def test_held_out_examples_from_a_separate_file(work, tmp_path):
+    (tmp_path / "test.json").write_text(json.dumps(alpaca_rows(12)[::-1]))
+    out = tmp_path / "adapter"
+    args = [
+        "train",
+        *common(work, "--steps", "2"),
+        "--eval-data",
+        str(tmp_path / "test.json"),
+        "--layers",
+        "model.layers.1.mlp.down_proj",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert (info["train_examples"], info["held_out_examples"]) == (40, 8)
+    assert info["eval_data"] == str(tmp_path / "test.json")
+    assert main(["eval", str(out), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])

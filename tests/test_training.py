@@ -64,3 +64,11 @@ def test_stability_test_and_cycle():
     assert not any(falling.update(10.0 - i) for i in range(20))
     assert [b for _, b in zip(range(5), cycle([1, 2]), strict=False)] == [1, 2, 1, 2, 1]
     assert list(cycle(iter([1, 2]))) == [1, 2]
+
+
+def test_on_step_runs_after_every_step():
+    model = probe_model()
+    seen = []
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    train_steps(model, cycle(lm_batches(2)), optimizer, 4, on_step=seen.append, progress=False)
+    assert seen == [1, 2, 3, 4]

@@ -51,6 +51,9 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
         help="what to do with longer examples (default: %(default)s)",
     )
     g.add_argument("--eval-size", type=int, default=d.get("eval_size", 64), help="held-out examples (%(default)s)")
+    g.add_argument(
+        "--eval-data", help="a separate test file to draw the held-out examples from (default: split them off --data)"
+    )
     g.add_argument("--seed", type=int, default=0, help="split, data order and identification seed (default: 0)")
     g.add_argument(
         "--plain-format",

@@ -64,7 +64,15 @@ def _prepare(args, accelerator):
 
     set_seed(args.seed)  # adapter initialisation outside identification, dropout
     return prepare(
-        args.model, args.data, args.max_length, args.overlong, args.eval_size, args.seed, args.plain_format, accelerator
+        args.model,
+        args.data,
+        args.max_length,
+        args.overlong,
+        args.eval_size,
+        args.seed,
+        args.plain_format,
+        accelerator,
+        args.eval_data,
     )
 
 
@@ -219,6 +227,7 @@ def cmd_eval(args) -> dict:
         info["held_out_examples"],
         info["split_seed"],
         info["format"] == "plain",
+        eval_data=info.get("eval_data"),
     )
     model = PeftModel.from_pretrained(prepared.model, args.adapter)
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)

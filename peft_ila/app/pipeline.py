@@ -4,6 +4,7 @@ evaluate, generate. Training always goes through `peft_ila.training.train_steps`
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ from ..config import ILAConfig
 from ..importance import ILAResult, identify_important_layers
 from ..training import cycle, evaluate_loss, train_steps
 from . import UsageError
-from .data import Conversation, batches, encode, load_conversations, prompt_text, split
+from .data import Conversation, Encoded, batches, encode, load_conversations, prompt_text, split
 from .files import peak_memory_mb, reset_peak_memory
 from .models import load_model
 
@@ -46,29 +47,40 @@ def prepare(
     seed: int = 0,
     plain: bool = False,
     accelerator: Accelerator | None = None,
+    eval_data: str | None = None,
 ) -> Prepared:
-    """Load data first (cheap, and where most mistakes are), then the model; tokenize and split."""
+    """Load data first (cheap, and where most mistakes are), then the model; tokenize and split.
+
+    The held-out set is `eval_size` examples: split off `data_spec` with `seed`, or drawn with `seed` from
+    `eval_data` (a separate test file, then all of `data_spec` trains)."""
     conversations = load_conversations(data_spec)
+    test_conversations = load_conversations(eval_data) if eval_data else None
     model, tokenizer = load_model(model_spec)
     if accelerator is not None:
         model.to(accelerator.device)
     plain = plain or not tokenizer.chat_template
-    encoded = encode(conversations, tokenizer, max_length, overlong, plain)
-    if len(encoded.examples) < 2:
-        raise UsageError(
-            f"--data {data_spec}: {len(conversations)} conversations, {encoded.dropped} dropped as longer than "
-            f"--max-length {max_length}, {len(encoded.examples)} left; raise --max-length or use --overlong truncate."
+    encoded = _encode_checked(conversations, data_spec, tokenizer, max_length, overlong, plain)
+    if test_conversations is None:
+        train, held_out = split(list(range(len(encoded.examples))), eval_size, seed)
+        test, test_source = encoded, conversations
+    else:
+        test = _encode_checked(test_conversations, eval_data, tokenizer, max_length, overlong, plain)
+        train, (_, held_out) = (
+            list(range(len(encoded.examples))),
+            split(list(range(len(test.examples))), eval_size, seed),
         )
-    train, held_out = split(list(range(len(encoded.examples))), eval_size, seed)
+        test_source = test_conversations
     info = {
         "model": model_spec,
         "data": data_spec,
+        "eval_data": eval_data,
         "format": "plain" if plain else "chat template",
         "conversations": len(conversations),
         "examples": len(encoded.examples),
         "truncated": encoded.truncated,
         "dropped": encoded.dropped,
         "max_length": max_length,
+        "overlong": overlong,
         "train_examples": len(train),
         "held_out_examples": len(held_out),
         "split_seed": seed,
@@ -76,17 +88,28 @@ def prepare(
     print(
         f"data {data_spec}: {len(conversations)} conversations -> {len(encoded.examples)} examples "
         f"({encoded.truncated} truncated, {encoded.dropped} dropped at max length {max_length}); "
-        f"{len(train)} train, {len(held_out)} held out (seed {seed}); format: {info['format']}"
+        f"{len(train)} train, {len(held_out)} held out{f' from {eval_data}' if eval_data else ''} (seed {seed}); "
+        f"format: {info['format']}"
     )
     return Prepared(
         model=model,
         tokenizer=tokenizer,
         info=info,
         train=[encoded.examples[i] for i in train],
-        held_out=[encoded.examples[i] for i in held_out],
-        held_out_conversations=[conversations[encoded.sources[i]] for i in held_out],
+        held_out=[test.examples[i] for i in held_out],
+        held_out_conversations=[test_source[test.sources[i]] for i in held_out],
         plain=plain,
     )
+
+
+def _encode_checked(conversations, spec: str, tokenizer, max_length: int, overlong: str, plain: bool) -> Encoded:
+    encoded = encode(conversations, tokenizer, max_length, overlong, plain)
+    if len(encoded.examples) < 2:
+        raise UsageError(
+            f"--data {spec}: {len(conversations)} conversations, {encoded.dropped} dropped as longer than "
+            f"--max-length {max_length}, {len(encoded.examples)} left; raise --max-length or use --overlong truncate."
+        )
+    return encoded
 
 
 def identify(
@@ -142,12 +165,16 @@ def finetune(
     warmup: float = 0.1,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    params: list[torch.nn.Parameter] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    loss_before: float | None = None,
 ) -> FinetuneReport:
-    """AdamW with linear warmup and decay on the trainable parameters; held-out loss measured before and after."""
+    """AdamW with linear warmup and decay on `params` (default: the trainable ones); held-out loss measured before
+    (unless given) and after. `on_step` runs after every step (see `train_steps`)."""
     accelerator = accelerator or Accelerator()
     held_out = prepared.batches(batch_size, seed, held_out=True)
-    before = evaluate_loss(model, held_out, accelerator, progress)
-    params = [p for p in model.parameters() if p.requires_grad]
+    before = evaluate_loss(model, held_out, accelerator, progress) if loss_before is None else loss_before
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
     reset_peak_memory()
@@ -158,6 +185,7 @@ def finetune(
         steps,
         accelerator=accelerator,
         scheduler=scheduler,
+        on_step=on_step,
         desc="fine-tune",
         progress=progress,
     )
