@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs test quickstart lint clean
+.PHONY: demo demo-docs bench bench-quick test quickstart lint clean
 
 # the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -28,6 +28,13 @@ demo-docs: demo
 	cp ila-demo/demo.json ila-demo/adapter/training.json docs/demo/
 	cp ila-demo/identify/importance.json ila-demo/identify/report.md ila-demo/identify/heatmap.png docs/demo/
 
+# benchmarks/results/<preset>.json and benchmarks/RESULTS.md; LIMA and Dolly come from ../shared when it exists
+bench: $(BIN)/.app
+	$(BIN)/python benchmarks/run.py --preset full
+
+bench-quick: $(BIN)/.app
+	$(BIN)/python benchmarks/run.py --preset quick
+
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
@@ -35,8 +42,8 @@ quickstart: $(BIN)/.installed
 	$(BIN)/python examples/quickstart.py
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check peft_ila tests examples
-	$(BIN)/ruff format --check peft_ila tests examples
+	$(BIN)/ruff check peft_ila tests benchmarks examples
+	$(BIN)/ruff format --check peft_ila tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -59,22 +61,33 @@ def read_json(path: Path) -> dict:
         raise UsageError(f"{path} is not valid JSON ({exc}); it is damaged, write it again.") from None
 
 
-def reset_peak_memory() -> None:
-    """Start a new peak-memory window: the kernel's peak RSS (Linux) and CUDA's peak allocation."""
+def _status_mb(field: str) -> float | None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    line = next((x for x in status.read_text().splitlines() if x.startswith(f"{field}:")), None)
+    return int(line.split()[1]) / 1024 if line else None
+
+
+def reset_peak_memory() -> float | None:
+    """Start a new peak-memory window (the kernel's peak RSS on Linux, CUDA's peak allocation) after handing freed
+    heap back to the system; returns the resident MiB at the start of the window."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):  # elsewhere (not Linux) the peak covers the whole process
         Path("/proc/self/clear_refs").write_text("5")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    return _status_mb("VmRSS")
 
 
-def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory since `reset_peak_memory` (MiB), and the CUDA peak where a GPU is used."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
-        rss = int(line.split()[1]) / 1024 if line else rss
+def peak_memory_mb(start_mb: float | None = None) -> dict[str, float]:
+    """Peak resident MiB since `reset_peak_memory` (and its rise over `start_mb`), and the CUDA peak on a GPU."""
+    rss = _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"peak_rss_mb": round(rss, 1)}
+    if start_mb is not None:
+        out["rss_rise_mb"] = round(rss - start_mb, 1)
     if torch.cuda.is_available():
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out

@@ -177,7 +177,7 @@ def finetune(
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
-    reset_peak_memory()
+    start_mb = reset_peak_memory()
     stats = train_steps(
         model,
         cycle(prepared.batches(batch_size, seed)),
@@ -189,7 +189,7 @@ def finetune(
         desc="fine-tune",
         progress=progress,
     )
-    memory = peak_memory_mb()
+    memory = peak_memory_mb(start_mb)
     after = evaluate_loss(model, held_out, accelerator, progress)
     trainable, total = model.get_nb_trainable_parameters()
     return FinetuneReport(

@@ -1,0 +1,100 @@
+"""Layer selectors to compare ILA with: each returns k candidate layer names (granularity "module").
+
+Data-free: random, first/last blocks, KappaTune (condition number), Spectrum-style signal-to-noise ratio.
+Data-driven and cheap: adapter gradient norm over a few steps, ||B A|| after ILA's stage 1 (no stage 2).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from peft.helpers import find_kappa_target_modules
+from torch import nn
+
+from peft_ila import ILALayer
+from peft_ila.mask import layer_of
+from peft_ila.training import cycle, train_steps
+
+
+def blocks(candidates: list[str]) -> list[str]:
+    """The transformer blocks the candidates belong to, in model order."""
+    return list(dict.fromkeys(layer_of(name, "block") for name in candidates))
+
+
+def random_layers(candidates: list[str], k: int, seed: int) -> list[str]:
+    return random.Random(seed).sample(candidates, k)
+
+
+def edge_blocks(candidates: list[str], fraction: float, last: bool) -> list[str]:
+    """Every candidate in the first (or last) `fraction` of the blocks, rounded half up."""
+    order = blocks(candidates)
+    n = max(1, math.floor(fraction * len(order) + 0.5))
+    chosen = set(order[-n:] if last else order[:n])
+    return [name for name in candidates if layer_of(name, "block") in chosen]
+
+
+def top_k(scores: dict[str, float], k: int, largest: bool = True) -> list[str]:
+    """The k names with the largest (or smallest) scores; ties keep candidate order."""
+    order = {name: i for i, name in enumerate(scores)}
+    sign = -1 if largest else 1
+    return sorted(scores, key=lambda n: (sign * scores[n], order[n]))[:k]
+
+
+def kappa_layers(model: nn.Module, candidates: list[str], k: int) -> list[str]:
+    """KappaTune (peft.helpers.find_kappa_target_modules): the k candidates whose weights have the lowest condition
+    number, i.e. the most isotropic ones (peft ranks all nn.Linear; we keep the candidates in its order)."""
+    ranked = find_kappa_target_modules(model, top_p=1.0, show_progress=False)["target_modules"]
+    wanted = set(candidates)
+    return [name for name in ranked if name in wanted][:k]
+
+
+def spectrum_snr(weight: torch.Tensor) -> float:
+    """Spectrum-style signal-to-noise ratio of a weight matrix: singular values above the Marchenko-Pastur edge of a
+    random matrix with the same shape and entry std count as signal, the rest as noise; SNR = sum(signal) /
+    sum(noise), divided by the largest singular value to compare matrices of different scale."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    s = torch.linalg.svdvals(w)
+    edge = w.std() * (math.sqrt(rows) + math.sqrt(cols))
+    signal, noise = s[s > edge].sum(), s[s <= edge].sum()
+    return float(signal / noise / s[0]) if noise > 0 else math.inf
+
+
+def spectrum_layers(model: nn.Module, candidates: list[str], k: int) -> list[str]:
+    """The k candidates with the highest Spectrum-style SNR."""
+    scores = {name: spectrum_snr(model.get_submodule(name).weight) for name in candidates}
+    return top_k(scores, k)
+
+
+def gradnorm_layers(probe: nn.Module, batches, steps: int, k: int, lr: float, accelerator=None) -> list[str]:
+    """Train every adapter of an ILA probe model for `steps` steps (the shared training loop) while summing each
+    layer's adapter gradient norm; the k layers with the largest sum."""
+    tuner = probe.base_model
+    adapter = tuner.active_adapters[0]
+    sums: dict[str, float] = dict.fromkeys(tuner.candidate_layers(), 0.0)
+    hooks = []
+    for name, module in tuner.model.named_modules():
+        if isinstance(module, ILALayer) and adapter in module.ila_A:
+            for param in (module.ila_A[adapter].weight, module.ila_B[adapter].weight):
+
+                def add(p: torch.Tensor, name: str = name) -> None:
+                    sums[name] += float(p.grad.norm())
+
+                hooks.append(param.register_post_accumulate_grad_hook(add))
+    params = [p for p in probe.parameters() if p.requires_grad]
+    try:
+        train_steps(
+            probe,
+            cycle(batches),
+            torch.optim.AdamW(params, lr=lr),
+            steps,
+            accelerator=accelerator,
+            desc="gradient-norm proxy",
+            progress=False,
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return top_k(sums, k)

@@ -1,0 +1,142 @@
+"""The benchmark scripts run end to end on a tiny model and tiny data (no timing is asserted anywhere)."""
+
+import json
+
+import torch
+from peft import get_peft_model
+
+from benchmarks import baselines
+from benchmarks.run import main
+from conftest import alpaca_rows, llama_candidates, lm_batches, tiny_llama, tiny_lm_dir
+from peft_ila import ILAConfig
+
+FULL_GRID = {
+    "LoRA on all layers",
+    "ILA top-25%",
+    "ILA top-75%",
+    "ILA top-25%, mask from lima",
+    "ILA top-75%, mask from lima",
+    "random 25%",
+    "first 25% of blocks",
+    "last 25% of blocks",
+    "KappaTune 25% (lowest condition number)",
+    "Spectrum-style SNR 25%",
+    "adapter gradient norm 25%",
+    "||BA|| after stage 1 25% (no stage 2)",
+}
+CORE = {"LoRA on all layers", "ILA top-25%", "ILA top-75%", "random 25%"}
+
+
+def test_benchmark_smoke_run_writes_every_method_and_the_report(tmp_path):
+    lm = tiny_lm_dir(tmp_path / "lm")
+    args = [
+        "--preset",
+        "quick",
+        "--model",
+        str(lm),
+        "--results",
+        str(tmp_path / "results"),
+        "--markdown",
+        str(tmp_path / "RESULTS.md"),
+        "--name",
+        "smoke",
+    ]
+    for name, rows in (("alpaca", 40), ("lima", 30), ("dolly", 30)):
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps(alpaca_rows(rows)[::-1] if name == "lima" else alpaca_rows(rows))
+        )
+        args += ["--data", f"{name}={tmp_path / (name + '.json')}"]
+    main(args)
+    output = json.loads((tmp_path / "results" / "smoke.json").read_text())
+    methods = {d: [r["method"] for r in output["records"] if r["dataset"] == d] for d in ("alpaca", "lima", "dolly")}
+    assert {m for m in methods["alpaca"] if not m.startswith("LISA")} == FULL_GRID
+    assert any(m.startswith("LISA-style") for m in methods["alpaca"])
+    assert set(methods["lima"]) == set(methods["dolly"]) == CORE
+    assert all(methods[d].count("random 25%") == 3 for d in methods)
+    for record in output["records"]:
+        first = next(r for r in output["records"] if r["dataset"] == record["dataset"])
+        assert record["tokens"] == first["tokens"]  # the same token budget for every method of a dataset
+        assert record["loss_after"] > 0 and record["trainable_params"] > 0 and "rss_rise_mb" in record["memory"]
+    idents = output["identifications"]
+    assert {(i["dataset"], i["seed"], i["stage1_length"]) for i in idents} >= {
+        ("alpaca", 0, None),
+        ("lima", 0, None),
+        ("dolly", 0, None),
+        ("alpaca", 1, None),
+        ("alpaca", 2, None),
+        ("alpaca", 0, 0.5),
+        ("alpaca", 0, 1.0),
+        ("alpaca", 0, 2.0),
+    }
+    assert set(output["overhead"]) == {
+        "lora_all",
+        "probe_stage1",
+        "probe_stage2",
+        "base",
+        "ila_top25",
+        "ila_top25_merged",
+    }
+    report = (tmp_path / "RESULTS.md").read_text()
+    for section in (
+        "## What holds here",
+        "### alpaca",
+        "### lima",
+        "### dolly",
+        "## Overlap",
+        "### Stability",
+        "## Overhead",
+        output["meta"]["command"],
+    ):
+        assert section in report
+    pngs = sorted(p.name for p in (tmp_path / "results").glob("*.png"))
+    assert "smoke-loss.png" in pngs and "smoke-overlap-datasets.png" in pngs and len(pngs) == 6
+
+
+def test_missing_shared_data_is_skipped_with_a_message(tmp_path, capsys):
+    lm = tiny_lm_dir(tmp_path / "lm")
+    (tmp_path / "a.json").write_text(json.dumps(alpaca_rows(30)))
+    args = [
+        "--preset",
+        "quick",
+        "--model",
+        str(lm),
+        "--results",
+        str(tmp_path / "r"),
+        "--markdown",
+        str(tmp_path / "R.md"),
+        "--data",
+        f"alpaca={tmp_path / 'a.json'}",
+        "--shared",
+        str(tmp_path / "nowhere"),
+    ]
+    output = main(args)
+    assert "skipping lima" in capsys.readouterr().out
+    assert set(output["datasets"]) == {"alpaca"}
+
+
+def test_position_random_and_score_selectors():
+    cands = llama_candidates()
+    assert baselines.blocks(cands) == [f"model.layers.{i}" for i in range(4)]
+    assert baselines.edge_blocks(cands, 0.25, last=False) == cands[:7]
+    assert baselines.edge_blocks(cands, 0.25, last=True) == cands[-7:]
+    assert baselines.random_layers(cands, 7, seed=1) == baselines.random_layers(cands, 7, seed=1)
+    assert baselines.random_layers(cands, 7, seed=1) != baselines.random_layers(cands, 7, seed=2)
+    assert baselines.top_k({"a": 1.0, "b": 3.0, "c": 3.0, "d": 2.0}, 2) == ["b", "c"]
+
+
+def test_spectrum_snr_prefers_structure_over_noise():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, 32, generator=g)
+    structured = noise + 3 * torch.randn(64, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    assert baselines.spectrum_snr(structured) > baselines.spectrum_snr(noise)
+
+
+def test_kappa_and_gradient_norm_selectors_return_k_candidates():
+    model = tiny_llama()
+    cands = llama_candidates()
+    kappa = baselines.kappa_layers(model, cands, 7)
+    assert len(kappa) == 7 and set(kappa) <= set(cands)
+    probe = get_peft_model(tiny_llama(), ILAConfig(r=2))
+    chosen = baselines.gradnorm_layers(probe, lm_batches(2), steps=2, k=5, lr=1e-3)
+    assert len(chosen) == 5 and set(chosen) <= set(cands)
+    assert not any(p._post_accumulate_grad_hooks for p in probe.parameters())  # the hooks were removed
