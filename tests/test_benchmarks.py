@@ -27,9 +27,9 @@ FULL_GRID = {
 CORE = {"LoRA on all layers", "ILA top-25%", "ILA top-75%", "random 25%"}
 
 
-def test_benchmark_smoke_run_writes_every_method_and_the_report(tmp_path):
-    lm = tiny_lm_dir(tmp_path / "lm")
-    args = [
+def bench_args(tmp_path, lm, *extra) -> list[str]:
+    """Arguments for a quick-preset run on the tiny model, writing into tmp_path."""
+    return [
         "--preset",
         "quick",
         "--model",
@@ -38,13 +38,16 @@ def test_benchmark_smoke_run_writes_every_method_and_the_report(tmp_path):
         str(tmp_path / "results"),
         "--markdown",
         str(tmp_path / "RESULTS.md"),
-        "--name",
-        "smoke",
+        *extra,
     ]
+
+
+def test_benchmark_smoke_run_writes_every_method_and_the_report(tmp_path):
+    lm = tiny_lm_dir(tmp_path / "lm")
+    args = bench_args(tmp_path, lm, "--name", "smoke")
     for name, rows in (("alpaca", 40), ("lima", 30), ("dolly", 30)):
-        (tmp_path / f"{name}.json").write_text(
-            json.dumps(alpaca_rows(rows)[::-1] if name == "lima" else alpaca_rows(rows))
-        )
+        rows_ = alpaca_rows(rows)[::-1] if name == "lima" else alpaca_rows(rows)
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows_))
         args += ["--data", f"{name}={tmp_path / (name + '.json')}"]
     main(args)
     output = json.loads((tmp_path / "results" / "smoke.json").read_text())
@@ -95,20 +98,7 @@ def test_benchmark_smoke_run_writes_every_method_and_the_report(tmp_path):
 def test_missing_shared_data_is_skipped_with_a_message(tmp_path, capsys):
     lm = tiny_lm_dir(tmp_path / "lm")
     (tmp_path / "a.json").write_text(json.dumps(alpaca_rows(30)))
-    args = [
-        "--preset",
-        "quick",
-        "--model",
-        str(lm),
-        "--results",
-        str(tmp_path / "r"),
-        "--markdown",
-        str(tmp_path / "R.md"),
-        "--data",
-        f"alpaca={tmp_path / 'a.json'}",
-        "--shared",
-        str(tmp_path / "nowhere"),
-    ]
+    args = bench_args(tmp_path, lm, "--data", f"alpaca={tmp_path / 'a.json'}", "--shared", str(tmp_path / "nowhere"))
     output = main(args)
     assert "skipping lima" in capsys.readouterr().out
     assert set(output["datasets"]) == {"alpaca"}
