@@ -6,6 +6,7 @@
 
 from ._peft_compat import ILA as PEFT_TYPE
 from ._peft_compat import register as _register
+from .callback import ILACallback
 from .config import ILAConfig, resolve_top_k
 from .importance import ILAResult, identify_important_layers
 from .layer import GateBank, ILALayer, Linear
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PEFT_TYPE",
     "GateBank",
+    "ILACallback",
     "ILAConfig",
     "ILALayer",
     "ILALoadError",

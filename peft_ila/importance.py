@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .config import resolve_top_k
+from .distributed import agree_on
 from .layer import ILALayer
 from .mask import layer_of
 from .model import _ila_tuner
@@ -63,8 +64,10 @@ def identify_important_layers(
         progress: show tqdm bars (step, loss, elapsed, ETA).
         accelerator: precision and gradient accumulation for both stages; default `Accelerator()`.
 
-    Budget and selection come from the adapter's `ILAConfig`. Stage 1 starts from freshly initialised adapters drawn
-    from `config.seed` (so the result depends only on model, data and config), and only adapter (and
+    Under several processes (`torchrun`, `accelerate launch`) every rank calls this with its own share of the data:
+    gradients of both stages are averaged over ranks, and the selection is rank 0's, checked to be the same on every
+    rank. Budget and selection come from the adapter's `ILAConfig`. Stage 1 starts from freshly initialised adapters
+    drawn from `config.seed` (so the result depends only on model, data and config), and only adapter (and
     `modules_to_save`) weights train in it; stage 2 trains only the gates. Unless `keep_stage1_weights`, adapters and
     `modules_to_save` are reset before returning, so the fine-tune that follows starts from the base model.
     """
@@ -145,6 +148,7 @@ def identify_important_layers(
     scores = dict(zip(candidates, gates, strict=True))
     order = {name: i for i, name in enumerate(candidates)}
     ranking = sorted(candidates, key=lambda n: (-scores[n], -norms[n], order[n]))
+    ranking, scores = agree_on(ranking, scores, k)  # decided on rank 0, checked on every rank
     if not config.keep_stage1_weights:
         with torch.no_grad():
             for p, value in others.items():

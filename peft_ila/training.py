@@ -1,7 +1,9 @@
 """The one training loop: identification's two stages, fine-tuning and the benchmarks all step through here.
 
-Precision, gradient accumulation and distributed gradient sync are accelerate's (`Accelerator.autocast`,
-`accumulate`, `backward`); this module only decides what one step is and when to stop.
+Precision and gradient accumulation are accelerate's (`Accelerator.autocast`, `accumulate`, `backward`); this module
+decides what one step is and when to stop. Under several processes (`torchrun`, `accelerate launch`) each rank
+feeds its own batches, gradients are averaged over ranks (unless the model is already wrapped in DDP) and the
+step loss is the mean over ranks, so every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+from .distributed import any_rank, average_gradients, mean_over_ranks, sum_over_ranks
 
 Batch = dict[str, torch.Tensor]
 
 
 @dataclass
 class StepStats:
-    """What a run of `train_steps` did: optimizer steps, tokens seen, seconds, per-step loss and time, and why it
-    stopped ("max_steps", "stable" or "data_exhausted")."""
+    """What a run of `train_steps` did: optimizer steps, tokens seen (by all ranks), seconds, per-step loss (mean
+    over ranks) and time, and why it stopped ("max_steps", "stable" or "data_exhausted")."""
 
     steps: int = 0
     tokens: int = 0
@@ -90,11 +96,14 @@ def train_steps(
     Each step minimises the model's own loss (`model(**batch).loss`) plus `penalty()`, over
     `accelerator.gradient_accumulation_steps` micro-batches; `should_stop(mean step loss)` may end the run early and
     `on_step(steps done)` runs after every step (e.g. to change which parameters train). Batches go to the model's
-    device. Raises `FloatingPointError` naming the step if the loss stops being finite.
+    device; under several processes each rank passes its own share and gradients are averaged at every step (see
+    the module docstring). Raises `FloatingPointError` naming the step if the loss stops being finite on any rank.
     """
     accelerator = accelerator or Accelerator()
-    optimizer = accelerator.prepare_optimizer(optimizer)
-    scheduler = accelerator.prepare_scheduler(scheduler) if scheduler is not None else None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sync_here = not isinstance(model, DistributedDataParallel)  # DDP averages gradients itself
+    # not accelerator.prepare_*: that would keep this run's optimizer (and its state) alive in the accelerator
+    optimizer = AcceleratedOptimizer(optimizer, device_placement=False, scaler=accelerator.scaler)
     accelerator.step = 0  # align accumulation boundaries with this run's first micro-batch
     stats, micro = StepStats(), []
     bar = tqdm(total=max_steps, desc=desc, disable=not (progress and accelerator.is_local_main_process), leave=False)
@@ -108,21 +117,24 @@ def train_steps(
                     if loss is None:
                         raise ValueError("The model returned no loss: every batch needs `labels`.")
                     total = loss + penalty() if penalty is not None else loss
-                if not math.isfinite(float(total.detach())):
+                value = float(total.detach())
+                if any_rank(not math.isfinite(value)):
+                    what = f"became {value}" if not math.isfinite(value) else "became non-finite on another rank"
                     raise FloatingPointError(
-                        f"{desc}: the loss became {float(total.detach())} at step {stats.steps + 1}; lower the "
-                        "learning rate or check the data."
+                        f"{desc}: the loss {what} at step {stats.steps + 1}; lower the learning rate or check the data."
                     )
                 accelerator.backward(total)
+                if accelerator.sync_gradients and sync_here:
+                    average_gradients(params)
                 optimizer.step()
-                if scheduler is not None:
+                if scheduler is not None and accelerator.sync_gradients and not optimizer.step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro.append(float(loss.detach()))
             stats.tokens += count_tokens(batch)
             if not accelerator.sync_gradients:
                 continue
-            value = sum(micro) / len(micro)
+            value = mean_over_ranks(sum(micro) / len(micro))
             micro.clear()
             now = time.perf_counter()
             stats.steps += 1
@@ -142,6 +154,8 @@ def train_steps(
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - start
+    (tokens,) = sum_over_ranks(stats.tokens)
+    stats.tokens = int(tokens)
     return stats
 
 
@@ -149,7 +163,8 @@ def train_steps(
 def evaluate_loss(
     model: nn.Module, batches: Iterable[Batch], accelerator: Accelerator | None = None, progress: bool = False
 ) -> float:
-    """Mean loss per predicted label token over `batches` (the model's own shifted-label loss, token-weighted)."""
+    """Mean loss per predicted label token over `batches` (the model's own shifted-label loss, token-weighted); under
+    several processes, over the union of every rank's batches."""
     accelerator = accelerator or Accelerator()
     was_training = model.training
     model.eval()
@@ -165,6 +180,7 @@ def evaluate_loss(
             count += n
     finally:
         model.train(was_training)
+    total, count = sum_over_ranks(total, count)
     if count == 0:
         raise ValueError("No label tokens to evaluate on.")
     return total / count

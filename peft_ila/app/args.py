@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+LAUNCHERS = (
+    "\n\nseveral processes (data parallel, one shard of each batch stream per rank; gradients averaged, the same "
+    "layers\nselected on every rank, outputs written once by rank 0):\n"
+    "  torchrun --nproc_per_node 2 -m peft_ila.app.cli {command} ...\n"
+    "  accelerate launch --num_processes 2 -m peft_ila.app.cli {command} ...   (add --cpu on a machine without GPU)"
+)
+MULTI_PROCESS = ("identify", "train")  # the other commands run in one process
 EXAMPLES = {
     "identify": "peft-ila identify --out runs/alpaca --top-k 0.25 --stage1-max-steps 60 --stage2-steps 30",
     "train": "peft-ila train --mask runs/alpaca --out adapters/alpaca-top25 --steps 100\n"
@@ -128,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
             name,
             help=summary,
             description=summary,
-            epilog=f"example:\n  {EXAMPLES[name]}",
+            epilog=f"example:\n  {EXAMPLES[name]}" + (LAUNCHERS.format(command=name) if name in MULTI_PROCESS else ""),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 

@@ -29,9 +29,15 @@ def _offline_and_quiet() -> None:
 
 
 def _accelerator(args):
+    """Precision and accumulation; under torchrun/accelerate launch also the process group (gloo without a GPU)."""
+    import torch
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="bf16" if args.bf16 else "no", gradient_accumulation_steps=args.grad_accum)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision="bf16" if args.bf16 else "no",
+        gradient_accumulation_steps=args.grad_accum,
+    )
 
 
 def _ila_config(args, **overrides):
@@ -63,17 +69,18 @@ def _prepare(args, accelerator):
     from .pipeline import prepare
 
     set_seed(args.seed)  # adapter initialisation outside identification, dropout
-    return prepare(
-        args.model,
-        args.data,
-        args.max_length,
-        args.overlong,
-        args.eval_size,
-        args.seed,
-        args.plain_format,
-        accelerator,
-        args.eval_data,
-    )
+    with accelerator.main_process_first():  # rank 0 fills the data and model caches, the others then read them
+        return prepare(
+            args.model,
+            args.data,
+            args.max_length,
+            args.overlong,
+            args.eval_size,
+            args.seed,
+            args.plain_format,
+            accelerator,
+            args.eval_data,
+        )
 
 
 def _config_record(config) -> dict:
@@ -86,12 +93,12 @@ def _config_record(config) -> dict:
 
 def _identify(args, prepared, accelerator, out: Path, shown: Path | None = None) -> tuple:
     """Stages 1 and 2 on the training split; the run directory appears whole at `out` or not at all."""
-    from .files import staged_dir
+    from .files import main_process_dir
     from .pipeline import identify
     from .report import write_run
 
     config = _ila_config(args)
-    with staged_dir(out, args.overwrite) as tmp:
+    with main_process_dir(out, args.overwrite) as tmp:
         model, result = identify(prepared, config, args.batch_size, args.seed, accelerator, not args.no_progress)
         candidates = model.base_model.candidate_layers()
         info = {**prepared.info, "batch_size": args.batch_size}
@@ -123,13 +130,16 @@ def _save_adapter(args, model, out: Path, report, prepared, selection: str) -> d
     """Save the adapter and training.json (what `eval` needs to rebuild the base model and the split)."""
     from dataclasses import asdict
 
-    from .files import staged_dir, write_json
+    from ..distributed import world_size
+    from .files import main_process_dir, write_json
 
     settings = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "bf16", "lr", "warmup")}
-    record = {"command": _command(args), **prepared.info, **settings, "selection": selection, **asdict(report)}
-    with staged_dir(out, args.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        write_json(tmp / "training.json", record)
+    record = {"command": _command(args), **prepared.info, **settings, "processes": world_size()}
+    record.update(selection=selection, **asdict(report))
+    with main_process_dir(out, args.overwrite) as tmp:
+        if tmp is not None:
+            model.save_pretrained(tmp)
+            write_json(tmp / "training.json", record)
     return record
 
 
@@ -319,6 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv
     from . import UsageError
+    from .args import MULTI_PROCESS
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and args.command not in MULTI_PROCESS:
+        print(
+            f"peft-ila {args.command}: error: runs in one process; launch it without torchrun/accelerate launch "
+            f"(only {' and '.join(MULTI_PROCESS)} use several).",
+            file=sys.stderr,
+        )
+        return 2
+    if int(os.environ.get("RANK", "0")) > 0:  # rank 0 speaks for all; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
     handlers = {
         "identify": cmd_identify,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import rank
 from . import UsageError
 
 
@@ -45,6 +46,17 @@ def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def main_process_dir(out: Path, overwrite: bool = False) -> Iterator[Path | None]:
+    """`staged_dir` on the main process (rank 0); None on the other ranks of a multi-process launch, which write
+    nothing."""
+    if rank() > 0:
+        yield None
+        return
+    with staged_dir(out, overwrite) as tmp:
+        yield tmp
 
 
 def write_json(path: Path, data: object) -> None:

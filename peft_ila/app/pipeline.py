@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
 from ..config import ILAConfig
+from ..distributed import rank, world_size
 from ..importance import ILAResult, identify_important_layers
 from ..training import cycle, evaluate_loss, train_steps
 from . import UsageError
@@ -34,7 +35,14 @@ class Prepared:
     plain: bool = False
 
     def batches(self, batch_size: int, seed: int, held_out: bool = False):
-        data = self.held_out if held_out else self.train
+        """Padded batches of the training (shuffled) or held-out examples; under several processes, of this rank's
+        share of them (every n-th example)."""
+        data = (self.held_out if held_out else self.train)[rank() :: world_size()]
+        if not held_out and not data:
+            raise UsageError(
+                f"{len(self.train)} training examples cannot feed {world_size()} processes; use more data or fewer "
+                "processes."
+            )
         return batches(data, batch_size, self.tokenizer.pad_token_id, shuffle=not held_out, seed=seed)
 
 

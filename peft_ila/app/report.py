@@ -46,8 +46,11 @@ def machine() -> dict:
     }
 
 
-def write_run(out: Path, result: ILAResult, config: dict, candidates: list[str], info: dict, command: str) -> dict:
-    """Write the four files of a run directory into `out` (an empty staging directory) and return the record."""
+def write_run(
+    out: Path | None, result: ILAResult, config: dict, candidates: list[str], info: dict, command: str
+) -> dict:
+    """Write the four files of a run directory into `out` (an empty staging directory; None writes nothing, as on
+    ranks other than 0) and return the record."""
     record = {
         "command": command,
         **info,
@@ -73,6 +76,8 @@ def write_run(out: Path, result: ILAResult, config: dict, candidates: list[str],
         "losses": {"stage1": result.stage1_losses, "stage2": result.stage2_losses},
         "versions": versions(),
     }
+    if out is None:
+        return record
     write_json(out / IMPORTANCE, record)
     meta = {"granularity": config["granularity"], "model": str(info.get("model"))}
     save_file(mask_to_tensors(candidates, result.selected, result.scores), out / MASK, metadata=meta)

@@ -1,0 +1,138 @@
+"""`ILACallback`: ILA inside `transformers.Trainer` and TRL's `SFTTrainer`, in one process or under DDP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .distributed import world_size
+from .importance import ILAResult, identify_important_layers
+from .model import _ila_tuner
+
+logger = logging.getLogger(__name__)
+REPORT_NAME = "ila_importance.json"
+
+
+class ILACallback(TrainerCallback):
+    """Identify the important layers when `trainer.train()` starts, then fine-tune only those.
+
+    With a model in the probe state (an `ILAConfig` without `selected_layers`), `on_train_begin` runs ILA (stage 1
+    until epsilon-stable, stage 2) on the trainer's own training batches, with its precision and gradient
+    accumulation; each rank reads its own shard and gradients are averaged, so every rank selects the same layers.
+    The model then switches to the selected state and the trainer's optimizer keeps only the parameters that still
+    train (the scheduler keeps its groups, so it stays valid). Identification steps are not counted in
+    `state.global_step`: their cost is logged once as `ila/*` metrics, kept in `self.result`, and the main process
+    writes it to `<output_dir>/ila_importance.json`. A model already in the selected state is left as it is.
+
+    Args:
+        trainer: the trainer, to log through its loggers (`report_to`) and use its accelerator; without it the
+            metrics go to `state.log_history` only.
+        adapter_name: the ILA adapter to work on; default the single active one.
+
+    Example:
+        ```py
+        >>> trainer = Trainer(model=probe_model, args=args, train_dataset=ds, data_collator=collator)
+        >>> trainer.add_callback(ILACallback(trainer))
+        >>> trainer.train()  # identification first, then the fine-tune of the selected layers only
+        ```
+    """
+
+    def __init__(self, trainer: Any = None, adapter_name: str | None = None) -> None:
+        self.trainer = trainer
+        self.adapter_name = adapter_name
+        self.result: ILAResult | None = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        tuner = _ila_tuner(model)
+        adapter = self.adapter_name or tuner._the_active_adapter()
+        if tuner.peft_config[adapter].selected_layers is not None:
+            return
+        if world_size() > 1 and args.ddp_find_unused_parameters is False:
+            raise ValueError(
+                "ILACallback under DDP needs TrainingArguments(ddp_find_unused_parameters=None or True): after "
+                "identification the unselected layers lose their adapters and DDP must not wait for their gradients. "
+                "Or identify first (peft_ila.identify_important_layers) and build the Trainer on the selected model."
+            )
+        accelerator = self.trainer.accelerator if self.trainer is not None else Accelerator()
+        accumulation = accelerator.gradient_accumulation_steps
+        accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
+        probe = [p for p in model.parameters() if p.requires_grad]
+        try:  # the dataloader under the accelerate wrapper: this rank's shard, without touching its epoch count
+            batches = getattr(train_dataloader, "base_dataloader", train_dataloader)
+            self.result = identify_important_layers(model, batches, adapter, not args.disable_tqdm, accelerator)
+        finally:  # the trainer divides its loss by this: give it back its own value
+            accelerator.gradient_accumulation_steps = accumulation
+        keep_trainable_only(optimizer, model)
+        if world_size() > 1:
+            _settle_ddp(probe, model)
+        self._log(args, state, self.result)
+        if args.should_save and args.output_dir:
+            _write_json_atomically(Path(args.output_dir) / REPORT_NAME, self.result.to_dict())
+
+    def _log(self, args: TrainingArguments, state: TrainerState, result: ILAResult) -> None:
+        metrics: dict[str, float] = {"ila/selected_layers": len(result.selected), "ila/candidates": len(result.scores)}
+        for stage in ("stage1", "stage2"):
+            losses = getattr(result, f"{stage}_losses")
+            for what in ("steps", "tokens", "seconds"):
+                metrics[f"ila/{stage}_{what}"] = getattr(result, f"{stage}_{what}")
+            metrics[f"ila/{stage}_final_loss"] = losses[-1] if losses else float("nan")
+        metrics["ila/stage1_stable"] = float(result.stage1_stop == "stable")
+        if self.trainer is not None:
+            self.trainer.log(metrics)
+        else:
+            state.log_history.append({**metrics, "step": state.global_step})
+        if state.is_world_process_zero:
+            logger.info("ILA selected %d of %d layers: %s", len(result.selected), len(result.scores), metrics)
+
+
+def keep_trainable_only(optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:
+    """Drop from `optimizer` (in place, so schedulers stay bound) every parameter of its groups that no longer
+    trains in `model`, with its state: the adapters of unselected layers, and any gate."""
+    if optimizer is None:
+        return
+    keep = {id(p) for p in model.parameters() if p.requires_grad}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in keep:
+                optimizer.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if id(p) in keep]
+
+
+def _settle_ddp(probe: list[nn.Parameter], model: nn.Module) -> None:
+    """The trainer's DDP wrapper registered every probe adapter and saw identification's backward passes use them;
+    its first step then expects a gradient from each. The adapters that left the model get a zero gradient (DDP
+    all-reduces it as an unused parameter's from then on; the optimizer no longer holds them)."""
+    present = {id(p) for p in model.parameters()}
+    for p in probe:
+        if id(p) not in present:
+            p.grad = torch.zeros_like(p)
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,81 @@
+"""One rank of the multi-process tests (launched by torchrun from tests/test_distributed.py).
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py {function|callback} OUT_DIR
+
+Each rank identifies on its own shard of the data and fine-tunes a few steps, then writes OUT_DIR/rank<r>.json
+(its selection and a fingerprint of its adapter weights); rank 0 also saves the adapter and the logits it gives on
+fixed inputs (safetensors), for the test to reload and compare.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model
+from safetensors.torch import save_file
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from conftest import lm_batches, tiny_llama  # tests/ is this script's directory, so on sys.path
+from peft_ila import ILACallback, ILAConfig, identify_important_layers
+from peft_ila.distributed import agree_on, rank, world_size
+from peft_ila.training import cycle, train_steps
+
+CONFIG = dict(r=2, top_k=6, stage1_max_steps=12, stability_window=3, stage2_steps=8, gate_lr=0.2, seed=3)
+
+
+def run_function(out: Path) -> tuple[torch.nn.Module, list[str]]:
+    accelerator = Accelerator(cpu=True)
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    shard = lm_batches(8, seed=1)[rank() :: world_size()]
+    result = identify_important_layers(model, shard, progress=False, accelerator=accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_steps(model, cycle(shard), torch.optim.AdamW(params, lr=1e-2), 3, accelerator, progress=False)
+    try:  # a rank that selected other layers is an error on every rank
+        agree_on(["a", "b"][:: 1 if rank() == 0 else -1], {}, 1)
+        (out / f"mismatch{rank()}.txt").write_text("no error")
+    except RuntimeError as exc:
+        (out / f"mismatch{rank()}.txt").write_text(str(exc))
+    return model, result.selected
+
+
+def run_callback(out: Path) -> tuple[torch.nn.Module, list[str]]:
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    rows = [{k: v[i].tolist() for k, v in b.items()} for b in lm_batches(8, seed=1) for i in range(4)]
+    args = TrainingArguments(
+        str(out / "trainer"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model, args, train_dataset=datasets.Dataset.from_list(rows), data_collator=default_data_collator)
+    callback = ILACallback(trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+    return model, callback.result.selected
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    model, selected = (run_function if mode == "function" else run_callback)(out)
+    weights = {n: p.detach() for n, p in model.named_parameters() if "ila_" in n}
+    fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in weights.items()}
+    (out / f"rank{rank()}.json").write_text(json.dumps({"selected": selected, "weights": fingerprint}))
+    if rank() == 0:
+        model.save_pretrained(out / "adapter")
+        ids = torch.arange(20).reshape(2, 10) % 64
+        with torch.no_grad():
+            logits = model.eval()(input_ids=ids).logits.contiguous()
+        save_file({"input_ids": ids, "logits": logits}, out / "logits.safetensors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Two CPU processes under torchrun (gloo): the same selection on every rank, one save, a reloadable adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from conftest import alpaca_rows, tiny_llama, tiny_lm_dir
+from peft_ila.app.cli import main
+
+TESTS = Path(__file__).parent
+
+
+def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def ranks_agree(out: Path) -> list[str]:
+    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["selected"] == rank1["selected"] and len(rank0["selected"]) == 6
+    assert rank0["weights"] == rank1["weights"]  # the fine-tuned adapters are identical too
+    return rank0["selected"]
+
+
+def reload_reproduces_logits(out: Path, selected: list[str]) -> None:
+    model = PeftModel.from_pretrained(tiny_llama(), out / "adapter")
+    assert model.peft_config["default"].selected_layers == selected
+    saved = load_file(out / "logits.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"]).logits
+    assert torch.allclose(logits, saved["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["function", "callback"])
+def test_two_ranks_select_the_same_layers_and_the_adapter_reloads(tmp_path, mode):
+    torchrun(str(TESTS / "ddp_worker.py"), mode, str(tmp_path))
+    reload_reproduces_logits(tmp_path, ranks_agree(tmp_path))
+    if mode == "function":  # rank 1 claiming other layers than rank 0 is an error on both ranks
+        for r in (0, 1):
+            message = (tmp_path / f"mismatch{r}.txt").read_text()
+            assert "ILA ranks disagree on the selected layers: rank(s) [1]" in message
+
+
+def test_cli_identify_and_train_under_torchrun(tmp_path):
+    tiny_lm_dir(tmp_path / "lm")
+    (tmp_path / "data.json").write_text(json.dumps(alpaca_rows(40)))
+    common = ["--model", "lm", "--data", "data.json", "--max-length", "96", "--eval-size", "8", "--no-progress"]
+    cli = ["-m", "peft_ila.app.cli"]
+    budget = ["--stage1-max-steps", "6", "--stage2-steps", "3"]
+    done = torchrun(*cli, "identify", *common, *budget, "--out", "run", cwd=tmp_path)
+    assert done.stdout.count("data data.json:") == 1  # rank 0 speaks for both
+    record = json.loads((tmp_path / "run" / "importance.json").read_text())
+    assert record["costs"]["stage1"]["tokens"] > 0 and len(record["selected"]) == 4
+    torchrun(*cli, "train", *common, "--mask", "run", "--steps", "2", "--out", "adapter", cwd=tmp_path)
+    training = json.loads((tmp_path / "adapter" / "training.json").read_text())
+    assert training["processes"] == 2 and training["steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "data.json", "lm", "run"]  # nothing partial
+
+
+def test_single_process_commands_refuse_a_multi_process_launch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "runs in one process; launch it without torchrun" in capsys.readouterr().err
