@@ -94,7 +94,7 @@ def test_a_selected_model_is_left_as_it_is(tmp_path):
 
 
 def test_sft_trainer_with_the_callback(tmp_path):
-    trl = pytest.importorskip("trl")
+    import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     lm = tiny_lm_dir(tmp_path / "lm")
