@@ -65,6 +65,14 @@ class ILACallback(TrainerCallback):
         adapter = self.adapter_name or tuner._the_active_adapter()
         if tuner.peft_config[adapter].selected_layers is not None:
             return
+        sharded = [name for name in ("fsdp", "deepspeed") if getattr(args, name, None)]
+        sharded += [n for n in ("fsdp", "deepspeed") if getattr(self.trainer, f"is_{n}_enabled", False)]
+        if sharded:
+            raise ValueError(
+                f"ILACallback supports one process and DDP, not {sharded[0]}: identification rewrites which modules "
+                "carry adapters after the trainer has sharded them. Identify first (one process or DDP), then train "
+                "LoraConfig(target_modules=result.selected) under FSDP/DeepSpeed."
+            )
         if world_size() > 1 and args.ddp_find_unused_parameters is False:
             raise ValueError(
                 "ILACallback under DDP needs TrainingArguments(ddp_find_unused_parameters=None or True): after "

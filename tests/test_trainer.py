@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import types
 
 import datasets
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from conftest import alpaca_rows, lm_batches, tiny_llama, tiny_lm_dir
@@ -70,6 +71,9 @@ def test_trainer_identifies_first_then_trains_only_the_selected_layers(tmp_path)
     report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert report["selected"] == selected and report["stage2_steps"] == 6
     assert trainer.accelerator.gradient_accumulation_steps == 1  # the trainer's loss scaling is untouched
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
+    assert loaded.peft_config["default"].selected_layers == selected
 
 
 def test_callback_without_trainer_uses_accumulation_and_logs_to_state(tmp_path):
@@ -187,3 +191,11 @@ def test_bf16_autocast_and_checkpointing_in_both_states(bf16):
     stats = train_steps(model, cycle(batches), torch.optim.AdamW(params, lr=1e-2), 3, bf16, progress=False)
     assert all(torch.isfinite(torch.tensor(stats.losses))) and len(params) == 8
     assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+
+
+def test_sharded_trainers_are_refused_before_identification(tmp_path):
+    model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
+    sharded = types.SimpleNamespace(is_fsdp_enabled=True)
+    with pytest.raises(ValueError, match="ILACallback supports one process and DDP, not fsdp"):
+        ILACallback(sharded).on_train_begin(training_args(tmp_path), None, None, model=model)
+    assert model.peft_config["default"].selected_layers is None
