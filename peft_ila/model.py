@@ -16,10 +16,10 @@ from peft.tuners.tuners_utils import (
 from peft.utils import _get_submodules
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
 from ._peft_compat import PREFIX
+from .backward import InputGradRouter
 from .config import ILAConfig, resolve_top_k
 from .layer import GateBank, ILALayer, Linear
 from .mask import MASK_KEYS, ILALoadError, layer_of, mask_to_tensors, tensors_to_mask
@@ -101,7 +101,7 @@ class ILAModel(BaseTuner):
         if "ila_candidates" not in self.__dict__:
             self.ila_candidates: dict[str, list[str]] = {}
             self.ila_gates = nn.ModuleDict()
-            self._input_grads: tuple[nn.Module, Any] | None = None  # (block, hook handle), see _route_input_grads
+            self._input_grads = InputGradRouter()
         config = self.peft_config[adapter_name]
         candidates = self._find_candidates(model, config)
         if config.selected_layers is None:
@@ -231,41 +231,22 @@ class ILAModel(BaseTuner):
             raise ValueError(f"Several adapters are active ({self.active_adapters}); pass `adapter_name`.")
         return self.active_adapters[0]
 
-    # --- backward stops at the lowest adapted block ----------------------------------------------------------------
+    # --- backward stops at the lowest adapted block (see backward.py) -------------------------------------------
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Entered by `PeftModel` around every forward (and generate) while an adapter is enabled."""
         if self.training and torch.is_grad_enabled():
-            self._route_input_grads()
+            self._input_grads.route(self.model, self._holds_active_adapter)
         yield
 
-    def _route_input_grads(self) -> None:
-        """Gradient checkpointing makes transformers and peft hook the input embeddings so that their output requires
-        grad: every backward then runs through all blocks. Move that to the input of the lowest checkpointed block
-        holding an active adapter: backward stops there, and the blocks below run forward only."""
-        embeddings = _input_embeddings(self.model)
-        hooks = [k for k, fn in embeddings._forward_hooks.items() if _is_input_grad_hook(fn)] if embeddings else []
-        if not hooks and self._input_grads is None:
-            return
-        block = next(
-            (
-                m
-                for m in self.model.modules()
-                if isinstance(m, GradientCheckpointingLayer)
-                and any(isinstance(x, ILALayer) and set(x.active_adapters) & set(x.ila_A) for x in m.modules())
-            ),
-            None,
-        )
-        if block is None:  # no adapter inside a checkpointed block: leave the embedding hooks alone
-            return
-        for key in hooks:  # calling enable_input_require_grads twice orphans a handle, so go by the hooks themselves
-            del embeddings._forward_hooks[key]
-        if self._input_grads is not None:
-            if self._input_grads[0] is block:
-                return
-            self._input_grads[1].remove()
-        self._input_grads = (block, block.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True))
+    @staticmethod
+    def _holds_active_adapter(block: nn.Module) -> bool:
+        return any(isinstance(m, ILALayer) and set(m.active_adapters) & set(m.ila_A) for m in block.modules())
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        self._input_grads.remove()  # the base model goes back without ILA's hook
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     # --- saving and loading the mask with the weights -----------------------------------------------------------
 
@@ -337,27 +318,6 @@ def _ila_tuner(model: nn.Module) -> ILAModel:
         if isinstance(candidate, ILAModel):
             return candidate
     raise TypeError("ILA adapters can only be saved and loaded through a PeftModel built with an ILAConfig.")
-
-
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    try:
-        return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    except NotImplementedError:
-        return None
-
-
-def _is_input_grad_hook(fn: Any) -> bool:
-    """transformers' `enable_input_require_grads` hook, or peft's fallback for models without it."""
-    return getattr(fn, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad")
-
-
-def _hidden_states_require_grad(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: the block's input hidden states require grad, so reentrant checkpointing reaches the adapters
-    inside (transformers checkpoints `forward`, so this hook runs outside the checkpoint)."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    needed = module.training and torch.is_grad_enabled() and torch.is_tensor(hidden) and hidden.is_floating_point()
-    if needed and not hidden.requires_grad:
-        hidden.requires_grad_(True)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -6,10 +6,11 @@ import copy
 import os
 import types
 
+import datasets
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import peft_ila  # noqa: F401  (registers the ILA PEFT type)
 
@@ -74,6 +75,28 @@ def lm_batches(n_batches: int = 4, batch: int = 4, seq: int = 12, seed: int = 0)
         ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     return out
+
+
+def lm_dataset(n_batches: int = 6) -> datasets.Dataset:
+    """The examples of `lm_batches(n_batches, seed=1)` as a datasets.Dataset, for transformers.Trainer."""
+    return datasets.Dataset.from_list(
+        [{k: v[i].tolist() for k, v in b.items()} for b in lm_batches(n_batches, seed=1) for i in range(4)]
+    )
+
+
+def trainer_args(out, **extra) -> TrainingArguments:
+    """Small, quiet, CPU TrainingArguments writing to `out`."""
+    defaults = dict(
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    return TrainingArguments(str(out), **{**defaults, **extra})
 
 
 def llama_candidates(layers: int = 4) -> list[str]:

@@ -13,14 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-import datasets
 import torch
 from accelerate import Accelerator
 from peft import get_peft_model
 from safetensors.torch import save_file
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, default_data_collator
 
-from conftest import lm_batches, tiny_llama  # tests/ is this script's directory, so on sys.path
+# tests/ is this script's directory, so on sys.path
+from conftest import lm_batches, lm_dataset, tiny_llama, trainer_args
 from peft_ila import ILACallback, ILAConfig, identify_important_layers
 from peft_ila.distributed import agree_on, rank, world_size
 from peft_ila.training import cycle, train_steps
@@ -45,18 +45,8 @@ def run_function(out: Path) -> tuple[torch.nn.Module, list[str]]:
 
 def run_callback(out: Path) -> tuple[torch.nn.Module, list[str]]:
     model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
-    rows = [{k: v[i].tolist() for k, v in b.items()} for b in lm_batches(8, seed=1) for i in range(4)]
-    args = TrainingArguments(
-        str(out / "trainer"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model, args, train_dataset=datasets.Dataset.from_list(rows), data_collator=default_data_collator)
+    args = trainer_args(out / "trainer", max_steps=3)
+    trainer = Trainer(model, args, train_dataset=lm_dataset(8), data_collator=default_data_collator)
     callback = ILACallback(trainer)
     trainer.add_callback(callback)
     trainer.train()

@@ -73,3 +73,12 @@ def test_single_process_commands_refuse_a_multi_process_launch(tmp_path, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["eval", str(tmp_path)]) == 2
     assert "runs in one process; launch it without torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["identify", "train"])
+def test_help_of_the_training_commands_shows_the_launchers(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = capsys.readouterr().out
+    assert f"torchrun --nproc_per_node 2 -m peft_ila.app.cli {command}" in help_text
+    assert f"accelerate launch --num_processes 2 -m peft_ila.app.cli {command}" in help_text

@@ -72,3 +72,11 @@ def test_demo_figures_match_the_recorded_run():
     flat = " ".join(README.split())
     assert all(q in flat for q in quoted), [q for q in quoted if q not in flat]
     assert (ROOT / "docs" / "demo" / "heatmap.png").exists() and "docs/demo/heatmap.png" in README
+
+
+def test_benchmark_findings_are_quoted_from_results_md():
+    section = README.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    assert len(findings) == 4 and all(line in results for line in findings), findings
+    assert "make bench" in section and (ROOT / "benchmarks" / "results" / "full.json").exists()

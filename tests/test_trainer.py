@@ -11,34 +11,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from peft import PeftModel, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback, default_data_collator
 
-from conftest import alpaca_rows, lm_batches, tiny_llama, tiny_lm_dir
+from conftest import alpaca_rows, lm_batches, lm_dataset, tiny_llama, tiny_lm_dir, trainer_args
 from peft_ila import ILACallback, ILAConfig, identify_important_layers
 from peft_ila.callback import REPORT_NAME, keep_trainable_only
 from peft_ila.training import cycle, train_steps
 
 PROBE = dict(r=2, top_k=4, stage1_max_steps=12, stability_window=3, stage2_steps=6, gate_lr=0.2, seed=1)
-
-
-def lm_dataset(n_batches: int = 6) -> datasets.Dataset:
-    return datasets.Dataset.from_list(
-        [{k: v[i].tolist() for k, v in b.items()} for b in lm_batches(n_batches, seed=1) for i in range(4)]
-    )
-
-
-def training_args(tmp_path, **extra) -> TrainingArguments:
-    defaults = dict(
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-    )
-    return TrainingArguments(str(tmp_path / "out"), **{**defaults, **extra})
 
 
 class Snapshot(TrainerCallback):
@@ -52,7 +32,8 @@ class Snapshot(TrainerCallback):
 
 def test_trainer_identifies_first_then_trains_only_the_selected_layers(tmp_path):
     model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
-    trainer = Trainer(model, training_args(tmp_path), train_dataset=lm_dataset(), data_collator=default_data_collator)
+    args = trainer_args(tmp_path / "out")
+    trainer = Trainer(model, args, train_dataset=lm_dataset(), data_collator=default_data_collator)
     ila, snapshot = ILACallback(trainer), Snapshot()
     trainer.add_callback(ila)
     trainer.add_callback(snapshot)
@@ -78,7 +59,7 @@ def test_trainer_identifies_first_then_trains_only_the_selected_layers(tmp_path)
 
 def test_callback_without_trainer_uses_accumulation_and_logs_to_state(tmp_path):
     model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
-    args = training_args(tmp_path, max_steps=2, gradient_accumulation_steps=2)
+    args = trainer_args(tmp_path / "out", max_steps=2, gradient_accumulation_steps=2)
     trainer = Trainer(model, args, train_dataset=lm_dataset(), data_collator=default_data_collator)
     ila = ILACallback()
     trainer.add_callback(ila)
@@ -90,7 +71,7 @@ def test_callback_without_trainer_uses_accumulation_and_logs_to_state(tmp_path):
 
 def test_a_selected_model_is_left_as_it_is(tmp_path):
     model = get_peft_model(tiny_llama(), ILAConfig(r=2, selected_layers=["model.layers.1.mlp.up_proj"]))
-    trainer = Trainer(model, training_args(tmp_path, max_steps=1), train_dataset=lm_dataset(2))
+    trainer = Trainer(model, trainer_args(tmp_path / "out", max_steps=1), train_dataset=lm_dataset(2))
     ila = ILACallback(trainer)
     trainer.add_callback(ila)
     trainer.train()
@@ -165,6 +146,7 @@ def test_gradient_checkpointing_backward_stops_at_the_lowest_adapted_block(reent
     adapter = [p for p in model.parameters() if p.requires_grad]
     assert len(adapter) == 2 and all(p.grad is not None for p in adapter)
     assert adapter[1].grad.abs().sum() > 0  # B (A's gradient is 0 while B is still 0)
+    assert model.merge_and_unload() is base and not base.model.layers[2]._forward_pre_hooks  # no hook left behind
 
     probe = tiny_llama()
     probe.activation_checkpointing_enable({"use_reentrant": reentrant})
@@ -197,5 +179,5 @@ def test_sharded_trainers_are_refused_before_identification(tmp_path):
     model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
     sharded = types.SimpleNamespace(is_fsdp_enabled=True)
     with pytest.raises(ValueError, match="ILACallback supports one process and DDP, not fsdp"):
-        ILACallback(sharded).on_train_begin(training_args(tmp_path), None, None, model=model)
+        ILACallback(sharded).on_train_begin(trainer_args(tmp_path / "out"), None, None, model=model)
     assert model.peft_config["default"].selected_layers is None
