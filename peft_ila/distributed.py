@@ -46,11 +46,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 
 def mean_over_ranks(value: float) -> float:
     """The mean of a float over ranks (the value itself in one process)."""
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / world_size()
+    return sum_over_ranks(value)[0] / world_size()
 
 
 def sum_over_ranks(*values: float) -> tuple[float, ...]:
