@@ -254,7 +254,8 @@ class Bench:
         redraw()
         params = [p for ps in by_block.values() for p in ps]
         method = f"LISA-style ({n} blocks, re-drawn every {self.p['lisa_every']} steps)"
-        return self.finetune(dataset, prepared, method, "lisa", model, seed=seed, params=params, on_step=redraw)
+        on_step = lambda stats: redraw(stats.steps)  # noqa: E731
+        return self.finetune(dataset, prepared, method, "lisa", model, seed=seed, params=params, on_step=on_step)
 
     def grid(self, name: str, prepared: Prepared, ila: dict, full: bool) -> None:
         own = ila[name]

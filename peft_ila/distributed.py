@@ -8,9 +8,12 @@ rank makes the same stability decision), and the selection is checked to be iden
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -44,11 +47,6 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
             offset += p.numel()
 
 
-def mean_over_ranks(value: float) -> float:
-    """The mean of a float over ranks (the value itself in one process)."""
-    return sum_over_ranks(value)[0] / world_size()
-
-
 def sum_over_ranks(*values: float) -> tuple[float, ...]:
     """Element-wise sums over ranks of a few floats (the values themselves in one process)."""
     if world_size() == 1:
@@ -63,16 +61,22 @@ def any_rank(flag: bool) -> bool:
     return sum_over_ranks(float(flag))[0] > 0
 
 
+def gather(value: T) -> list[T]:
+    """Every rank's `value` (any picklable object), in rank order; `[value]` in one process."""
+    if world_size() == 1:
+        return [value]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def agree_on(ranking: list[str], scores: dict[str, float], k: int) -> tuple[list[str], dict[str, float]]:
     """Rank 0's ranking and scores, after checking that every rank put the same `k` layers on top.
 
     Raises `RuntimeError` on every rank if any rank differs: the ranks trained different updates (gradients not
     averaged, or different base weights), and fine-tuning inconsistent layers would be a silent divergence.
     """
-    if world_size() == 1:
-        return ranking, scores
-    gathered: list[tuple[list[str], dict[str, float]] | None] = [None] * world_size()
-    dist.all_gather_object(gathered, (list(ranking), dict(scores)))
+    gathered = gather((list(ranking), dict(scores)))
     reference = set(gathered[0][0][:k])
     differing = [r for r, (other, _) in enumerate(gathered) if set(other[:k]) != reference]
     if differing:

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .config import resolve_top_k
-from .distributed import agree_on
+from .checkpoint import (
+    DataPosition,
+    check_settings,
+    load_checkpoint,
+    load_optimizer,
+    optimizer_tensors,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+)
+from .config import ILAConfig, resolve_top_k
+from .distributed import agree_on, rank, world_size
 from .layer import ILALayer
-from .mask import layer_of
+from .mask import ILALoadError, layer_of
 from .model import _ila_tuner
-from .training import Batch, StabilityTest, cycle, train_steps
+from .training import Batch, StabilityTest, StepStats, cycle, train_steps
 
 
 @dataclass
@@ -53,6 +65,9 @@ def identify_important_layers(
     adapter_name: str | None = None,
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
 ) -> ILAResult:
     """Find the important layers of a probe-state ILA model and switch it to the selected state.
 
@@ -63,6 +78,11 @@ def identify_important_layers(
         adapter_name: the ILA adapter to work on; default the single active one.
         progress: show tqdm bars (step, loss, elapsed, ETA).
         accelerator: precision and gradient accumulation for both stages; default `Accelerator()`.
+        checkpoint: a `.safetensors` file to save the run's state to (by the main process) every
+            `checkpoint_every` optimizer steps and at the end of each stage; None: no checkpoints.
+        resume: continue the run saved in `checkpoint` (same model, data, config and processes; checked). The
+            result is bit for bit that of an uninterrupted run when `batches` replay in the same order (a list, or
+            a DataLoader whose shuffling has its own seeded generator).
 
     Under several processes (`torchrun`, `accelerate launch`) every rank calls this with its own share of the data:
     gradients of both stages are averaged over ranks, and the selection is rank 0's, checked to be the same on every
@@ -81,6 +101,8 @@ def identify_important_layers(
         )
     if adapter not in tuner.active_adapters:
         raise ValueError(f"ILA adapter '{adapter}' is not active; call model.set_adapter('{adapter}') first.")
+    if checkpoint is not None and (type(checkpoint_every) is not int or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} is invalid: it must be an int >= 1 (optimizer steps).")
     candidates = tuner.ila_candidates[adapter]
     k = resolve_top_k(config.top_k, len(candidates))
     bank = tuner.ila_gates[adapter]
@@ -88,7 +110,8 @@ def identify_important_layers(
     adapter_params = [
         p for m in layers.values() for p in (*m.ila_A[adapter].parameters(), *m.ila_B[adapter].parameters())
     ]
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    trainable = list(named.values())
     if not all(p.requires_grad for p in adapter_params):
         raise ValueError(f"ILA adapter '{adapter}' is frozen (inference mode); load it with is_trainable=True.")
     adapter_ids = {id(p) for p in adapter_params}
@@ -96,40 +119,76 @@ def identify_important_layers(
     accelerator = accelerator or Accelerator()
     was_training = model.training
     devices = sorted({p.device.index for p in adapter_params if p.device.type == "cuda"})
-    stream = cycle(batches)
+    stream = DataPosition(cycle(batches))
+    settings = _settings(config, candidates, accelerator)
+    saved = None
+    if resume:
+        if checkpoint is None:
+            raise ValueError("resume=True needs the `checkpoint` file of the interrupted run.")
+        saved = load_checkpoint(checkpoint)
+        check_settings(Path(checkpoint), saved[1]["settings"], settings)
+    stage1, stage2 = StepStats(), StepStats()
+    optimizer1 = torch.optim.AdamW(trainable, lr=config.stage1_lr, weight_decay=0.0)
+    optimizer2 = torch.optim.Adam([bank.logits], lr=config.gate_lr)
+
+    def save(stats: StepStats) -> None:
+        if checkpoint is None or not (stats.steps % checkpoint_every == 0 or stats.stop_reason):
+            return
+        position = stream.record()  # a collective: every rank takes part
+        if rank() > 0:
+            return
+        tensors = {**{f"param.{n}": p for n, p in named.items()}, "gates": bank.logits, **rng_tensors(devices)}
+        groups = {}
+        for name, optimizer in (("optimizer1", optimizer1), ("optimizer2", optimizer2)):
+            state, groups[name] = optimizer_tensors(optimizer, name)
+            tensors.update(state)
+        record = {"settings": settings, "position": position, "groups": groups}
+        record.update(stage1=dataclasses.asdict(stage1), stage2=dataclasses.asdict(stage2))
+        save_checkpoint(checkpoint, tensors, record)
 
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         for module in layers.values():  # stage 1 starts from fresh adapters drawn from the seed
             module.reset_adapter_parameters(adapter, config.init_weights)
+        if saved is not None:
+            stage1, stage2 = _restore(saved, checkpoint, named, bank, optimizer1, optimizer2, stream, devices)
         model.train()
-        stage1 = train_steps(
-            model,
-            stream,
-            torch.optim.AdamW(trainable, lr=config.stage1_lr, weight_decay=0.0),
-            config.stage1_max_steps,
-            accelerator=accelerator,
-            should_stop=StabilityTest(config.stability_epsilon, config.stability_window).update,
-            desc="ILA stage 1: adapters",
-            progress=progress,
-        )
+        if not stage1.stop_reason:
+            test = StabilityTest(config.stability_epsilon, config.stability_window)
+            test.losses = list(stage1.losses)
+            stage1 = train_steps(
+                model,
+                stream,
+                optimizer1,
+                config.stage1_max_steps,
+                accelerator=accelerator,
+                should_stop=test.update,
+                on_step=save,
+                desc="ILA stage 1: adapters",
+                progress=progress,
+                resume=stage1,
+            )
         for p in trainable:
             p.requires_grad_(False)
-        with torch.no_grad():
-            bank.logits.fill_(math.log(config.gate_init / (1 - config.gate_init)))
+        if not stage2.steps:
+            with torch.no_grad():
+                bank.logits.fill_(math.log(config.gate_init / (1 - config.gate_init)))
         bank.logits.requires_grad_(True)
         bank.active = True
         try:
-            stage2 = train_steps(
-                model,
-                stream,
-                torch.optim.Adam([bank.logits], lr=config.gate_lr),
-                config.stage2_steps,
-                accelerator=accelerator,
-                penalty=lambda: config.sparsity_weight * bank.gates().mean(),
-                desc="ILA stage 2: gates",
-                progress=progress,
-            )
+            if not stage2.stop_reason:
+                stage2 = train_steps(
+                    model,
+                    stream,
+                    optimizer2,
+                    config.stage2_steps,
+                    accelerator=accelerator,
+                    penalty=lambda: config.sparsity_weight * bank.gates().mean(),
+                    on_step=save,
+                    desc="ILA stage 2: gates",
+                    progress=progress,
+                    resume=stage2,
+                )
         finally:
             bank.active = False
             bank.logits.requires_grad_(False)
@@ -170,3 +229,36 @@ def identify_important_layers(
         stage1_losses=stage1.losses,
         stage2_losses=stage2.losses,
     )
+
+
+def _settings(config: ILAConfig, candidates: list[str], accelerator: Accelerator) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    record = {k: sorted(v) if isinstance(v, set) else getattr(v, "value", v) for k, v in config.to_dict().items()}
+    for key in ("selected_layers", "layer_scores", "base_model_name_or_path", "revision", "inference_mode"):
+        record.pop(key, None)
+    return {
+        "config": record,
+        "candidates": candidates,
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "processes": world_size(),
+    }
+
+
+def _restore(saved, path, named, bank, optimizer1, optimizer2, stream, devices) -> tuple[StepStats, StepStats]:
+    """Put a checkpoint's weights, optimizer states, data position and RNG state back; return the stage stats."""
+    tensors, record = saved
+    missing = sorted(n for n in named if f"param.{n}" not in tensors)
+    if missing:
+        raise ILALoadError(f"{path} holds no weights for {missing[:3]}; it was written for another model or adapter.")
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(tensors[f"param.{name}"])
+        bank.logits.copy_(tensors["gates"])
+    stage1 = StepStats(**record["stage1"])
+    stage2 = StepStats(**record["stage2"])
+    for name, optimizer in (("optimizer1", optimizer1), ("optimizer2", optimizer2)):
+        load_optimizer(optimizer, tensors, name, record["groups"][name])
+    stream.skip_to(record["position"], Path(path))
+    restore_rng(tensors, devices)
+    return stage1, stage2

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .distributed import any_rank, average_gradients, mean_over_ranks, sum_over_ranks
+from .distributed import any_rank, average_gradients, sum_over_ranks, world_size
 
 Batch = dict[str, torch.Tensor]
 
@@ -28,14 +28,14 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class StepStats:
     """What a run of `train_steps` did: optimizer steps, tokens seen (by all ranks), seconds, per-step loss (mean
-    over ranks) and time, and why it stopped ("max_steps", "stable" or "data_exhausted")."""
+    over ranks) and time, and why it stopped ("max_steps", "stable" or "data_exhausted"; "" while running)."""
 
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
-    stop_reason: str = "data_exhausted"
+    stop_reason: str = ""
 
 
 class StabilityTest:
@@ -87,17 +87,20 @@ def train_steps(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     should_stop: Callable[[float], bool] | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[StepStats], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    resume: StepStats | None = None,
 ) -> StepStats:
     """Train for up to `max_steps` optimizer steps on `batches` (dicts with input_ids, attention_mask, labels).
 
     Each step minimises the model's own loss (`model(**batch).loss`) plus `penalty()`, over
     `accelerator.gradient_accumulation_steps` micro-batches; `should_stop(mean step loss)` may end the run early and
-    `on_step(steps done)` runs after every step (e.g. to change which parameters train). Batches go to the model's
-    device; under several processes each rank passes its own share and gradients are averaged at every step (see
-    the module docstring). Raises `FloatingPointError` naming the step if the loss stops being finite on any rank.
+    `on_step(stats so far)` runs after every step, once its stop reason is decided (e.g. to change which parameters
+    train, or to checkpoint). `resume`: the stats of an interrupted run to continue (steps count on from there).
+    Batches go to the model's device; under several processes each rank passes its own share and gradients are
+    averaged at every step (see the module docstring). Raises `FloatingPointError` naming the step if the loss
+    stops being finite on any rank.
     """
     accelerator = accelerator or Accelerator()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -105,8 +108,15 @@ def train_steps(
     # not accelerator.prepare_*: that would keep this run's optimizer (and its state) alive in the accelerator
     optimizer = AcceleratedOptimizer(optimizer, device_placement=False, scaler=accelerator.scaler)
     accelerator.step = 0  # align accumulation boundaries with this run's first micro-batch
-    stats, micro = StepStats(), []
-    bar = tqdm(total=max_steps, desc=desc, disable=not (progress and accelerator.is_local_main_process), leave=False)
+    stats, micro, micro_tokens = resume or StepStats(), [], 0
+    previous_seconds = stats.seconds
+    bar = tqdm(
+        total=max_steps,
+        initial=stats.steps,
+        desc=desc,
+        disable=not (progress and accelerator.is_local_main_process),
+        leave=False,
+    )
     start = step_start = time.perf_counter()
     try:
         for batch in batches:
@@ -131,31 +141,35 @@ def train_steps(
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro.append(float(loss.detach()))
-            stats.tokens += count_tokens(batch)
+            micro_tokens += count_tokens(batch)
             if not accelerator.sync_gradients:
                 continue
-            value = mean_over_ranks(sum(micro) / len(micro))
-            micro.clear()
+            loss_sum, tokens = sum_over_ranks(sum(micro) / len(micro), micro_tokens)
+            value = loss_sum / world_size()
+            micro, micro_tokens = [], 0
             now = time.perf_counter()
             stats.steps += 1
+            stats.tokens += int(tokens)
             stats.losses.append(value)
             stats.step_seconds.append(now - step_start)
+            stats.seconds = previous_seconds + now - start
             step_start = now
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
-            if on_step is not None:
-                on_step(stats.steps)
             if should_stop is not None and should_stop(value):
                 stats.stop_reason = "stable"
-                break
-            if stats.steps >= max_steps:
+            elif stats.steps >= max_steps:
                 stats.stop_reason = "max_steps"
+            if on_step is not None:
+                on_step(stats)
+            if stats.stop_reason:
                 break
     finally:
         bar.close()
-        stats.seconds = time.perf_counter() - start
-    (tokens,) = sum_over_ranks(stats.tokens)
-    stats.tokens = int(tokens)
+        stats.seconds = previous_seconds + time.perf_counter() - start
+    if micro_tokens:  # the data ran out inside an accumulation window: those micro-batches were seen too
+        stats.tokens += int(sum_over_ranks(micro_tokens)[0])
+    stats.stop_reason = stats.stop_reason or "data_exhausted"
     return stats
 
 

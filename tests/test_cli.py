@@ -11,6 +11,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import peft_ila.app.pipeline
+import peft_ila.importance
 from conftest import alpaca_rows, tiny_lm_dir
 from peft_ila import ILALayer
 from peft_ila.app.cli import main
@@ -188,6 +190,10 @@ def test_plain_format_without_chat_template(tmp_path):
         ("bad-mask", "is not a directory"),
         ("uncached-model", "cannot load it from local files"),
         ("uncached-dataset", "nor a dataset in the local datasets cache"),
+        ("empty-data", "has no rows"),
+        ("empty-file", "has no rows"),
+        ("resume-nothing", "does not exist, there is nothing to resume"),
+        ("stale-checkpoint", "holds the state of an interrupted identification; pass --resume"),
     ],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, case, message):
@@ -213,12 +219,20 @@ def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, cas
         model = "someone/not-cached-model"
     elif case == "uncached-dataset":
         data = "someone/not-cached-dataset"
+    elif case == "empty-data":
+        data.write_text("[]\n")
+    elif case == "empty-file":
+        data.write_text("")
+    elif case == "resume-nothing":
+        extra = ["--resume"]
+    elif case == "stale-checkpoint":
+        (tmp_path / "out.checkpoint.safetensors").write_bytes(b"state")
     command = ["train", "--mask", str(tmp_path / "nowhere")] if case == "bad-mask" else ["identify"]
     code = main([*command, "--model", model, "--data", str(data), "--no-progress", *extra, "--out", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and message in err[0], err
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
-    assert leftovers == (["out"] if case == "out-exists" else [])
+    assert leftovers == {"out-exists": ["out"], "stale-checkpoint": ["out.checkpoint.safetensors"]}.get(case, [])
 
 
 def test_held_out_examples_from_a_separate_file(work, tmp_path):
@@ -240,3 +254,51 @@ def test_held_out_examples_from_a_separate_file(work, tmp_path):
     assert info["eval_data"] == str(tmp_path / "test.json")
     assert main(["eval", str(out), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])
+
+
+def stop_at_step(monkeypatch, module, step: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+    """Make `module.train_steps` raise `error` after its `step`-th optimizer step (counted over calls), once the
+    step's own `on_step` (a checkpoint, say) has run: an interruption in the middle of a run."""
+    real, done = module.train_steps, []
+
+    def interrupted(*args, on_step=None, **kwargs):
+        def hook(stats):
+            if on_step is not None:
+                on_step(stats)
+            done.append(1)
+            if len(done) == step:
+                raise error("stopped by the test")
+
+        return real(*args, on_step=hook, **kwargs)
+
+    monkeypatch.setattr(module, "train_steps", interrupted)
+
+
+def test_interrupted_identify_resumes_to_the_uninterrupted_selection(work, run, tmp_path, monkeypatch, capsys):
+    out, checkpoint = tmp_path / "r", tmp_path / "r.checkpoint.safetensors"
+    args = ["identify", *common(work, "--stage1-max-steps", "6", "--stage2-steps", "3"), "--out", str(out)]
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, peft_ila.importance, 8)  # stage 2, step 2
+        assert main([*args, "--checkpoint-every", "2"]) == 130
+    err = capsys.readouterr().err
+    assert f"progress is saved in {checkpoint}; run the same command with --resume" in err
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.name]  # no run directory, whole or partial
+    assert main([*args, "--checkpoint-every", "2", "--resume"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # the checkpoint goes once the run is written
+    resumed, whole = (json.loads((d / "importance.json").read_text()) for d in (out, run))
+    for key in ("scores", "ranking", "selected", "update_norms", "losses"):
+        assert resumed[key] == whole[key], key
+    for stage in ("stage1", "stage2"):
+        assert resumed["costs"][stage]["tokens"] == whole["costs"][stage]["tokens"]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_or_crashed_train_leaves_no_adapter_directory(work, tmp_path, monkeypatch, error):
+    stop_at_step(monkeypatch, peft_ila.app.pipeline, 2, error)
+    args = ["train", *common(work, "--steps", "4"), "--layers", "model.layers.1.mlp.down_proj", "--out"]
+    if error is KeyboardInterrupt:
+        assert main([*args, str(tmp_path / "a")]) == 130
+    else:
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            main([*args, str(tmp_path / "a")])
+    assert list(tmp_path.iterdir()) == []

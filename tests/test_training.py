@@ -66,9 +66,21 @@ def test_stability_test_and_cycle():
     assert list(cycle(iter([1, 2]))) == [1, 2]
 
 
-def test_on_step_runs_after_every_step():
+def test_on_step_sees_each_step_with_its_stop_decision():
     model = probe_model()
     seen = []
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    train_steps(model, cycle(lm_batches(2)), optimizer, 4, on_step=seen.append, progress=False)
-    assert seen == [1, 2, 3, 4]
+    on_step = lambda stats: seen.append((stats.steps, stats.stop_reason))  # noqa: E731
+    train_steps(model, cycle(lm_batches(2)), optimizer, 4, on_step=on_step, progress=False)
+    assert seen == [(1, ""), (2, ""), (3, ""), (4, "max_steps")]
+
+
+def test_resumed_stats_continue_counting():
+    model = probe_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    first = train_steps(model, cycle(lm_batches(2)), optimizer, 2, progress=False)
+    first.stop_reason = ""
+    before = (first.tokens, first.seconds, list(first.losses))
+    stats = train_steps(model, cycle(lm_batches(2)), optimizer, 5, progress=False, resume=first)
+    assert stats.steps == 5 and stats.stop_reason == "max_steps" and stats.losses[:2] == before[2]
+    assert len(stats.losses) == 5 and stats.tokens == 5 * before[0] // 2 and stats.seconds > before[1]

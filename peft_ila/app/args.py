@@ -13,7 +13,9 @@ LAUNCHERS = (
 )
 MULTI_PROCESS = ("identify", "train")  # the other commands run in one process
 EXAMPLES = {
-    "identify": "peft-ila identify --out runs/alpaca --top-k 0.25 --stage1-max-steps 60 --stage2-steps 30",
+    "identify": "peft-ila identify --out runs/alpaca --top-k 0.25 --stage1-max-steps 60 --stage2-steps 30\n"
+    "  peft-ila identify --out runs/alpaca --top-k 0.25 --stage1-max-steps 60 --stage2-steps 30 --resume   "
+    "(after an interruption)",
     "train": "peft-ila train --mask runs/alpaca --out adapters/alpaca-top25 --steps 100\n"
     "  peft-ila train --all-layers --out adapters/alpaca-all --steps 100\n"
     "  peft-ila train --layers model.layers.3.mlp.down_proj,model.layers.9.self_attn.o_proj --out adapters/two",
@@ -110,6 +112,23 @@ def _add_ila(p: argparse.ArgumentParser, d: dict) -> None:
     g.add_argument("--sparsity-weight", type=float, default=0.5, help="sparsity weight (default: %(default)s)")
 
 
+def _add_checkpoints(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpoints (identification)")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="save identification's state to OUT.checkpoint.safetensors every N steps, 0: never (default: "
+        "%(default)s); it is removed once the run directory is written",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted identification from its checkpoint (same command otherwise): the selection "
+        "is that of an uninterrupted run",
+    )
+
+
 def _add_tune(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--steps", type=int, default=d.get("steps", 100), help="optimizer steps (default: %(default)s)")
@@ -143,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
         "identify",
         "Run ILA stages 1 and 2 and write a run directory: importance.json, mask.safetensors, heatmap.png, report.md.",
     )
-    _add_data(p, {}), _add_shape(p), _add_ila(p, {})
+    _add_data(p, {}), _add_shape(p), _add_ila(p, {}), _add_checkpoints(p)
     _add_out(p, "run directory to write")
 
     p = command(
@@ -152,7 +171,7 @@ def parser() -> argparse.ArgumentParser:
         "plain peft LoRA), on --layers, or on layers found inline; save a PEFT adapter and report held-out "
         "loss before/after, step time, peak memory and trainable parameters.",
     )
-    _add_data(p, {}), _add_shape(p), _add_ila(p, {}), _add_tune(p, {})
+    _add_data(p, {}), _add_shape(p), _add_ila(p, {}), _add_checkpoints(p), _add_tune(p, {})
     which = p.add_mutually_exclusive_group()
     which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
     which.add_argument("--all-layers", action="store_true", help="baseline: plain peft LoRA on every candidate")
@@ -192,5 +211,6 @@ def parser() -> argparse.ArgumentParser:
         "before and after.",
     )
     _add_data(p, DEMO), _add_shape(p), _add_ila(p, DEMO), _add_tune(p, DEMO)
+    p.set_defaults(checkpoint_every=0, resume=False)  # minutes long, and its outputs appear only at the end
     _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
     return root

@@ -91,18 +91,66 @@ def _config_record(config) -> dict:
     return {k: (v.value if hasattr(v, "value") else v) for k, v in record.items()}
 
 
-def _identify(args, prepared, accelerator, out: Path, shown: Path | None = None) -> tuple:
-    """Stages 1 and 2 on the training split; the run directory appears whole at `out` or not at all."""
+def _checkpoint(args, out: Path) -> Path | None:
+    """Where identification checkpoints to (None: it does not); checked before any work, like the output path."""
+    from ..distributed import rank
+    from . import UsageError
+
+    path = out.with_name(out.name + ".checkpoint.safetensors")
+    if args.resume and not args.checkpoint_every:
+        raise UsageError("--resume needs checkpoints; drop --checkpoint-every 0.")
+    if args.resume and not path.is_file():
+        raise UsageError(f"--resume: {path} does not exist, there is nothing to resume; run without --resume.")
+    if path.is_file() and not args.resume:
+        if not args.overwrite:
+            raise UsageError(
+                f"{path} holds the state of an interrupted identification; pass --resume to continue it, or "
+                "--overwrite to start over."
+            )
+        if rank() == 0:
+            path.unlink()
+    return path if args.checkpoint_every else None
+
+
+def _identify(args, prepared, accelerator, out: Path, checkpoint: Path | None = None, shown: Path | None = None):
+    """Stages 1 and 2 on the training split; the run directory appears whole at `out` or not at all. With a
+    `checkpoint`, the run's state is saved there as it goes and removed once the run directory is written."""
+    from ..distributed import rank
+    from ..mask import ILALoadError
+    from . import UsageError
     from .files import main_process_dir
     from .pipeline import identify
     from .report import write_run
 
     config = _ila_config(args)
-    with main_process_dir(out, args.overwrite) as tmp:
-        model, result = identify(prepared, config, args.batch_size, args.seed, accelerator, not args.no_progress)
-        candidates = model.base_model.candidate_layers()
-        info = {**prepared.info, "batch_size": args.batch_size}
-        record = write_run(tmp, result, _config_record(config), candidates, info, _command(args))
+    try:
+        with main_process_dir(out, args.overwrite) as tmp:
+            model, result = identify(
+                prepared,
+                config,
+                args.batch_size,
+                args.seed,
+                accelerator,
+                not args.no_progress,
+                checkpoint,
+                args.checkpoint_every,
+                args.resume,
+            )
+            candidates = model.base_model.candidate_layers()
+            info = {**prepared.info, "batch_size": args.batch_size}
+            record = write_run(tmp, result, _config_record(config), candidates, info, _command(args))
+    except ILALoadError as exc:  # the checkpoint to resume does not fit this command
+        raise UsageError(str(exc)) from None
+    except BaseException:
+        if checkpoint is not None and checkpoint.is_file() and rank() == 0:
+            print(
+                f"peft-ila: identification's progress is saved in {checkpoint}; run the same command with --resume "
+                "to continue it.",
+                file=sys.stderr,
+            )
+        raise
+    if checkpoint is not None and rank() == 0:
+        checkpoint.unlink(missing_ok=True)
     print(f"run directory {shown or out}: importance.json, mask.safetensors, heatmap.png, report.md")
     return model, result, record
 
@@ -156,23 +204,32 @@ def cmd_identify(args) -> None:
     from .files import check_free
 
     check_free(args.out, args.overwrite)
+    checkpoint = _checkpoint(args, args.out)
     accelerator = _accelerator(args)
     prepared = _prepare(args, accelerator)
-    _, _, record = _identify(args, prepared, accelerator, args.out)
+    _, _, record = _identify(args, prepared, accelerator, args.out, checkpoint)
     _print_top(record)
 
 
 def cmd_train(args) -> None:
     from peft import get_peft_model
 
+    from . import UsageError
     from .files import check_free
     from .pipeline import finetune, lora_all_layers
     from .report import read_run
 
     inline = args.out.with_name(args.out.name + "-identify")  # where an inline identification writes its run
     check_free(args.out, args.overwrite)
+    checkpoint = None
     if not (args.mask or args.all_layers or args.layers):
         check_free(inline, args.overwrite)
+        checkpoint = _checkpoint(args, inline)
+    elif args.resume:
+        raise UsageError(
+            "--resume continues an interrupted identification; with --mask, --all-layers or --layers "
+            "there is none, drop --resume."
+        )
     run = read_run(args.mask) if args.mask else None
     accelerator = _accelerator(args)
     prepared = _prepare(args, accelerator)
@@ -193,7 +250,7 @@ def cmd_train(args) -> None:
     elif args.layers:
         model, selection = get_peft_model(prepared.model, _ila_config(args, selected_layers=args.layers)), "--layers"
     else:
-        model, _, record = _identify(args, prepared, accelerator, inline)
+        model, _, record = _identify(args, prepared, accelerator, inline, checkpoint)
         _print_top(record)
         selection = f"identified inline ({inline})"
     report = finetune(
@@ -264,7 +321,7 @@ def cmd_demo(args) -> None:
     accelerator = _accelerator(args)
     with staged_dir(args.out, args.overwrite) as tmp:
         prepared = _prepare(args, accelerator)
-        model, _, record = _identify(args, prepared, accelerator, tmp / "identify", args.out / "identify")
+        model, _, record = _identify(args, prepared, accelerator, tmp / "identify", shown=args.out / "identify")
         _print_top(record)
         conversation = prepared.held_out_conversations[0]
         before_text = generate(model, prepared.tokenizer, conversation, prepared.plain)

@@ -62,6 +62,8 @@ def _rows(spec: str) -> list[dict]:
         if not path.is_file():
             raise UsageError(f"data file {path} does not exist; pass --data with an existing json/jsonl/parquet file.")
         builder = "parquet" if path.suffix == ".parquet" else "json"
+        if builder == "json" and path.stat().st_size <= 64 and path.read_bytes().strip() in (b"", b"[]", b"{}"):
+            return []  # datasets reports an empty file obscurely
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
         except Exception as exc:  # datasets raises many types for unreadable files

@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -15,7 +16,7 @@ from transformers import get_linear_schedule_with_warmup
 from ..config import ILAConfig
 from ..distributed import rank, world_size
 from ..importance import ILAResult, identify_important_layers
-from ..training import cycle, evaluate_loss, train_steps
+from ..training import StepStats, cycle, evaluate_loss, train_steps
 from . import UsageError
 from .data import Conversation, Encoded, batches, encode, load_conversations, prompt_text, split
 from .files import peak_memory_mb, reset_peak_memory
@@ -127,11 +128,23 @@ def identify(
     seed: int,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
 ) -> tuple[PeftModel, ILAResult]:
-    """Wrap the model in the probe state and run ILA on the training split."""
+    """Wrap the model in the probe state and run ILA on the training split (checkpointing to `checkpoint`, and
+    continuing from it if `resume`: see `identify_important_layers`)."""
     model = get_peft_model(prepared.model, config)
     train = prepared.batches(batch_size, seed)
-    result = identify_important_layers(model, train, progress=progress, accelerator=accelerator)
+    result = identify_important_layers(
+        model,
+        train,
+        progress=progress,
+        accelerator=accelerator,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
     return model, result
 
 
@@ -174,7 +187,7 @@ def finetune(
     accelerator: Accelerator | None = None,
     progress: bool = True,
     params: list[torch.nn.Parameter] | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[StepStats], None] | None = None,
     loss_before: float | None = None,
 ) -> FinetuneReport:
     """AdamW with linear warmup and decay on `params` (default: the trainable ones); held-out loss measured before
