@@ -9,6 +9,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import safe_open
 
 from ._peft_compat import ILA
 from .mask import ILALoadError
@@ -151,7 +152,8 @@ class ILAConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config of a saved adapter; an adapter directory holding only a pickle is refused."""
+        """Load the config of a saved adapter. Its directory's weights are checked first (this runs before peft
+        touches the model): a pickle alone is refused, and so is a damaged or truncated safetensors file."""
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
         if os.path.isdir(path) and has(WEIGHTS_NAME) and not has(SAFETENSORS_WEIGHTS_NAME):
@@ -159,6 +161,15 @@ class ILAConfig(PeftConfig):
                 f"{path} holds {WEIGHTS_NAME} (a pickle) but no {SAFETENSORS_WEIGHTS_NAME}; peft-ila loads weights "
                 "only from safetensors. Re-save the adapter with save_pretrained(dir) (safe_serialization=True)."
             )
+        if has(SAFETENSORS_WEIGHTS_NAME):
+            weights = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
+            try:
+                with safe_open(weights, framework="pt"):  # parses the header, checks that the data cover the file
+                    pass
+            except Exception as exc:
+                raise ILALoadError(
+                    f"{weights} is damaged or truncated ({str(exc).splitlines()[0]}); save the adapter again."
+                ) from None
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def _validate(self) -> None:

@@ -1,6 +1,7 @@
 """`peft-ila` on a tiny local model and a tiny alpaca file: every command, its files, and its one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -302,3 +303,31 @@ def test_interrupted_or_crashed_train_leaves_no_adapter_directory(work, tmp_path
         with pytest.raises(RuntimeError, match="stopped by the test"):
             main([*args, str(tmp_path / "a")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_mask_file_is_refused_naming_it(work, run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    mask = copy / "mask.safetensors"
+    mask.write_bytes(mask.read_bytes()[:-10])
+    code = main(["train", *common(work), "--mask", str(copy), "--out", str(tmp_path / "a")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and f"{mask} cannot be read" in err[0], err
+    assert not (tmp_path / "a").exists()
+
+
+def test_diverging_identification_names_stage_and_step_and_writes_no_mask(work, tmp_path, monkeypatch, capsys):
+    real = peft_ila.importance.train_steps
+
+    def diverging_gates(*args, **kwargs):
+        if kwargs["desc"].startswith("ILA stage 2"):
+            kwargs["penalty"] = lambda: torch.tensor(float("nan"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft_ila.importance, "train_steps", diverging_gates)
+    code = main(
+        ["identify", *common(work, "--stage1-max-steps", "2", "--checkpoint-every", "1"), "--out", str(tmp_path / "r")]
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and "error: ILA stage 2: gates: the loss became nan at step 1" in err[-1], err
+    assert [p.name for p in tmp_path.iterdir()] == ["r.checkpoint.safetensors"]  # stage 1's work is kept

@@ -146,3 +146,21 @@ def test_result_does_not_depend_on_the_global_rng_before_identification():
         model = get_peft_model(base, ILAConfig(r=2, top_k=3, stage1_max_steps=4, stage2_steps=2))
         results.append(identify_important_layers(model, batches, progress=False))
     assert results[0].stage1_losses == results[1].stage1_losses and results[0].scores == results[1].scores
+
+
+@pytest.mark.parametrize(
+    ("bad_forward", "value", "where"), [(2, "nan", "stage 1: adapters"), (4, "inf", "stage 2: gates")]
+)
+def test_non_finite_loss_names_stage_and_step_and_selects_nothing(bad_forward, value, where):
+    model = get_peft_model(tiny_llama(), ILAConfig(r=2, stage1_max_steps=2, stage2_steps=3))
+    forwards = []
+
+    def poison(module, args, output):
+        forwards.append(1)
+        return output * float(value) if len(forwards) == bad_forward else output
+
+    model.base_model.model.lm_head.register_forward_hook(poison)
+    # forwards 1-2 are stage 1's steps 1-2, forwards 3-4 stage 2's steps 1-2
+    with pytest.raises(FloatingPointError, match=rf"ILA {where}: the loss became (nan|inf) at step 2"):
+        identify_important_layers(model, lm_batches(2), progress=False)
+    assert model.peft_config["default"].selected_layers is None and "default" in model.base_model.ila_gates

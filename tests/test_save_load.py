@@ -194,3 +194,13 @@ def test_pickle_only_adapter_is_refused(saved):
     refuse(tmp_path / "pickled", "safetensors")
     with pytest.raises(ILALoadError, match="only from safetensors"):
         AutoPeftModelForCausalLM.from_pretrained(tmp_path / "pickled")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_weights_file_is_refused_naming_it(saved, damage):
+    tmp_path, *_ = saved
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) - 100], "garbage": b"\xff" * 64, "empty": b""}[damage])
+    base = refuse(tmp_path / "adapter", f"{weights} is damaged or truncated .*; save the adapter again")
+    assert not any(isinstance(m, ILALayer) for m in base.modules())

@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"peft-ila {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # the loss diverged: the step and stage are in the message
+        print(f"peft-ila {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"peft-ila {args.command}: interrupted; nothing half-written was left behind.", file=sys.stderr)
         return 130
