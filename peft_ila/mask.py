@@ -41,8 +41,8 @@ def mask_to_tensors(
     candidates: list[str], selected: list[str] | None, scores: dict[str, float] | None
 ) -> dict[str, torch.Tensor]:
     """Encode the mask over `candidates`; `selected=None` (probe state) marks every candidate as adapted."""
-    if any("\n" in name for name in candidates):
-        raise ValueError("ILA layer names cannot contain a newline.")
+    if any(not name or "\n" in name for name in candidates):
+        raise ValueError("ILA layer names cannot be empty or contain a newline.")
     chosen = set(candidates if selected is None else selected)
     scores = scores or {}
     return {
