@@ -195,6 +195,12 @@ def test_plain_format_without_chat_template(tmp_path):
         ("empty-file", "has no rows"),
         ("resume-nothing", "does not exist, there is nothing to resume"),
         ("stale-checkpoint", "holds the state of an interrupted identification; pass --resume"),
+        ("top-k-zero", "ILAConfig.top_k=0 is invalid: it must be an int >= 1"),
+        ("top-k-too-many", "the model has 14 candidate layers; use an int in [1, 14]"),
+        ("top-k-rounds-to-zero", "of 14 candidate layers rounds to 0 layers"),
+        ("targets-nothing", "matches no module of the model. Linear modules that exist: model.layers.0"),
+        ("targets-embeddings", "cannot adapt: model.embed_tokens (Embedding)"),
+        ("layers-not-in-model", "this base model does not have as candidates: model.layers.7.mlp.up_proj"),
     ],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, case, message):
@@ -228,7 +234,18 @@ def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, cas
         extra = ["--resume"]
     elif case == "stale-checkpoint":
         (tmp_path / "out.checkpoint.safetensors").write_bytes(b"state")
+    else:
+        options = {
+            "top-k-zero": ["--top-k", "0"],
+            "top-k-too-many": ["--top-k", "500"],
+            "top-k-rounds-to-zero": ["--top-k", "0.01"],
+            "targets-nothing": ["--target-modules", "nothing_here"],
+            "targets-embeddings": ["--target-modules", "embed_tokens"],
+            "layers-not-in-model": ["--layers", "model.layers.7.mlp.up_proj"],
+        }
+        extra = [*options.get(case, extra), "--eval-size", "1"]
     command = ["train", "--mask", str(tmp_path / "nowhere")] if case == "bad-mask" else ["identify"]
+    command = ["train"] if case == "layers-not-in-model" else command
     code = main([*command, "--model", model, "--data", str(data), "--no-progress", *extra, "--out", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and message in err[0], err

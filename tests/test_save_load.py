@@ -12,7 +12,7 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from conftest import llama_candidates, lm_batches, tiny_llama
+from conftest import llama_candidates, lm_batches, tiny_gpt2, tiny_llama
 from peft_ila import ILAConfig, ILALayer, ILALoadError, identify_important_layers
 
 MASK_KEYS = ["base_model.ila_layer_names", "base_model.ila_layer_mask", "base_model.ila_layer_scores"]  # README
@@ -126,10 +126,14 @@ def test_selected_layer_missing_from_base_is_refused_before_touching_it(saved):
     assert not any(isinstance(m, ILALayer) for m in base.modules())
 
 
-def test_base_model_of_another_depth_or_width_is_refused(tmp_path):
+def test_base_model_of_another_architecture_depth_or_width_is_refused(tmp_path):
     model = get_peft_model(tiny_llama(), ILAConfig(r=4, selected_layers=["model.layers.3.mlp.up_proj"]))
     model.save_pretrained(tmp_path)
     refuse(tmp_path, "does not have as candidates", base=tiny_llama(layers=1))
+    gpt2 = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"matches no module of the model. Linear modules that exist: transformer.h.0"):
+        PeftModel.from_pretrained(gpt2, tmp_path)
+    assert not any(isinstance(m, ILALayer) for m in gpt2.modules())
     refuse(tmp_path, r"up_proj.*has shape \(4, 32\) in the file but \(4, 64\) in the model", base=tiny_llama(hidden=64))
 
 

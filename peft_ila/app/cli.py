@@ -41,7 +41,9 @@ def _accelerator(args):
 
 
 def _ila_config(args, **overrides):
+    """The ILAConfig of the command's options; an invalid value is a usage error (checked before any loading)."""
     from ..config import ILAConfig
+    from . import UsageError
 
     fields = dict(
         task_type="CAUSAL_LM",
@@ -60,7 +62,10 @@ def _ila_config(args, **overrides):
         sparsity_weight=args.sparsity_weight,
         seed=args.seed,
     )
-    return ILAConfig(**{**fields, **overrides})
+    try:
+        return ILAConfig(**{**fields, **overrides})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _prepare(args, accelerator):
@@ -205,6 +210,7 @@ def cmd_identify(args) -> None:
 
     check_free(args.out, args.overwrite)
     checkpoint = _checkpoint(args, args.out)
+    _ila_config(args)
     accelerator = _accelerator(args)
     prepared = _prepare(args, accelerator)
     _, _, record = _identify(args, prepared, accelerator, args.out, checkpoint)
@@ -212,11 +218,9 @@ def cmd_identify(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from peft import get_peft_model
-
     from . import UsageError
     from .files import check_free
-    from .pipeline import finetune, lora_all_layers
+    from .pipeline import finetune, lora_all_layers, wrap
     from .report import read_run
 
     inline = args.out.with_name(args.out.name + "-identify")  # where an inline identification writes its run
@@ -231,6 +235,7 @@ def cmd_train(args) -> None:
             "there is none, drop --resume."
         )
     run = read_run(args.mask) if args.mask else None
+    _ila_config(args)
     accelerator = _accelerator(args)
     prepared = _prepare(args, accelerator)
     if run is not None:
@@ -243,12 +248,12 @@ def cmd_train(args) -> None:
             target_modules=run["config"]["target_modules"],
             granularity=run["config"]["granularity"],
         )
-        model, selection = get_peft_model(prepared.model, config), f"mask {args.mask}"
+        model, selection = wrap(prepared.model, config), f"mask {args.mask}"
     elif args.all_layers:
         model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
         selection = "all layers (plain peft LoRA)"
     elif args.layers:
-        model, selection = get_peft_model(prepared.model, _ila_config(args, selected_layers=args.layers)), "--layers"
+        model, selection = wrap(prepared.model, _ila_config(args, selected_layers=args.layers)), "--layers"
     else:
         model, _, record = _identify(args, prepared, accelerator, inline, checkpoint)
         _print_top(record)
@@ -318,6 +323,7 @@ def cmd_demo(args) -> None:
 
     started = time.perf_counter()
     check_free(args.out, args.overwrite)
+    _ila_config(args)
     accelerator = _accelerator(args)
     with staged_dir(args.out, args.overwrite) as tmp:
         prepared = _prepare(args, accelerator)

@@ -134,7 +134,7 @@ def identify(
 ) -> tuple[PeftModel, ILAResult]:
     """Wrap the model in the probe state and run ILA on the training split (checkpointing to `checkpoint`, and
     continuing from it if `resume`: see `identify_important_layers`)."""
-    model = get_peft_model(prepared.model, config)
+    model = wrap(prepared.model, config)
     train = prepared.batches(batch_size, seed)
     result = identify_important_layers(
         model,
@@ -157,7 +157,15 @@ def lora_all_layers(prepared: Prepared, r: int, lora_alpha: float, lora_dropout:
         lora_dropout=lora_dropout,
         target_modules=target_modules or "all-linear",
     )
-    return get_peft_model(prepared.model, config)
+    return wrap(prepared.model, config)
+
+
+def wrap(model: torch.nn.Module, config: ILAConfig | LoraConfig) -> PeftModel:
+    """`get_peft_model`, with what does not fit the model (top-k, target modules, layer names) as a usage error."""
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
 
 
 @dataclass
