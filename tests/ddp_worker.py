@@ -4,11 +4,14 @@
 
 Each rank identifies on its own shard of the data and fine-tunes a few steps, then writes OUT_DIR/rank<r>.json
 (its selection and a fingerprint of its adapter weights); rank 0 also saves the adapter and the logits it gives on
-fixed inputs (safetensors), for the test to reload and compare.
+fixed inputs (safetensors), for the test to reload and compare. In "function" mode each rank also reports whether an
+interrupted and resumed identification ended as the uninterrupted one (OUT_DIR/resumed<r>.txt).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -35,12 +38,35 @@ def run_function(out: Path) -> tuple[torch.nn.Module, list[str]]:
     result = identify_important_layers(model, shard, progress=False, accelerator=accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     train_steps(model, cycle(shard), torch.optim.AdamW(params, lr=1e-2), 3, accelerator, progress=False)
+    resumed = interrupted_and_resumed(shard, out / "checkpoint.safetensors")
+    same = dataclasses.asdict(resumed) | {"stage1_seconds": 0, "stage2_seconds": 0}
+    same = same == dataclasses.asdict(result) | {"stage1_seconds": 0, "stage2_seconds": 0}
+    (out / f"resumed{rank()}.txt").write_text("same as uninterrupted" if same else "differs")
     try:  # a rank that selected other layers is an error on every rank
         agree_on(["a", "b"][:: 1 if rank() == 0 else -1], {}, 1)
         (out / f"mismatch{rank()}.txt").write_text("no error")
     except RuntimeError as exc:
         (out / f"mismatch{rank()}.txt").write_text(str(exc))
     return model, result.selected
+
+
+def interrupted_and_resumed(shard: list, checkpoint: Path):
+    """Identification stopped (on every rank) in stage 1's fifth step, then resumed from its checkpoint."""
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    calls = []
+
+    def stop(*_):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    hook = model.base_model.model.lm_head.register_forward_pre_hook(stop)
+    kwargs = dict(progress=False, accelerator=Accelerator(cpu=True), checkpoint=checkpoint, checkpoint_every=2)
+    with contextlib.suppress(KeyboardInterrupt):
+        identify_important_layers(model, shard, **kwargs)
+    hook.remove()
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    return identify_important_layers(model, shard, resume=True, **kwargs)
 
 
 def run_callback(out: Path) -> tuple[torch.nn.Module, list[str]]:
