@@ -66,6 +66,20 @@ def check_settings(path: Path, saved: dict, current: dict) -> None:
         )
 
 
+def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
+    """SHA-256 over the names, shapes, dtypes and first `sample` values of tensors: tells base models apart (another
+    architecture, or other weights of the same one) without reading all of them."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(_bytes(tensor.detach().reshape(-1)[:sample]))
+    return digest.hexdigest()
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], list]:
     """An optimizer's state as tensors `{prefix}.{param index}.{key}`, and its param groups (JSON-able)."""
     state = optimizer.state_dict()
@@ -115,7 +129,7 @@ class DataPosition:
             for key in sorted(batch):
                 if torch.is_tensor(batch[key]):
                     self._digest.update(key.encode())
-                    self._digest.update(batch[key].detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    self._digest.update(_bytes(batch[key].detach()))
             yield batch
 
     def record(self) -> dict:

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ._peft_compat import PREFIX
 from .checkpoint import (
     DataPosition,
     check_settings,
@@ -27,6 +28,7 @@ from .checkpoint import (
     restore_rng,
     rng_tensors,
     save_checkpoint,
+    weights_fingerprint,
 )
 from .config import ILAConfig, resolve_top_k
 from .distributed import agree_on, rank, world_size
@@ -121,6 +123,9 @@ def identify_important_layers(
     devices = sorted({p.device.index for p in adapter_params if p.device.type == "cuda"})
     stream = DataPosition(cycle(batches))
     settings = _settings(config, candidates, accelerator)
+    if checkpoint is not None:  # the frozen base weights must be the same ones too
+        base = ((n, p) for n, p in model.named_parameters() if not p.requires_grad and PREFIX not in n)
+        settings["base_weights"] = weights_fingerprint(base)
     saved = None
     if resume:
         if checkpoint is None:

@@ -15,8 +15,8 @@ from peft_ila import ILAConfig, ILALoadError, identify_important_layers
 CONFIG = dict(r=2, top_k=5, lora_dropout=0.1, stage1_max_steps=7, stage2_steps=5, seed=3)
 
 
-def identify(checkpoint=None, stop_at_forward=None, resume=False, data_seed=0, **overrides):
-    model = get_peft_model(tiny_llama(), ILAConfig(**{**CONFIG, **overrides}))
+def identify(checkpoint=None, stop_at_forward=None, resume=False, data_seed=0, base_seed=0, **overrides):
+    model = get_peft_model(tiny_llama(base_seed), ILAConfig(**{**CONFIG, **overrides}))
     forwards = []
 
     def crash(*_):
@@ -61,12 +61,14 @@ def test_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninterrupted, stop
     assert without_seconds(resumed) == without_seconds(uninterrupted)
 
 
-def test_resume_refuses_other_settings_other_data_and_no_checkpoint(tmp_path):
+def test_resume_refuses_other_settings_base_weights_data_and_no_checkpoint(tmp_path):
     checkpoint = tmp_path / "ckpt.safetensors"
     with pytest.raises(KeyboardInterrupt):
         identify(checkpoint, stop_at_forward=10)
     with pytest.raises(ILALoadError, match=r"other settings \(config: .*'r': 2.*'r': 4"):
         identify(checkpoint, resume=True, r=4)
+    with pytest.raises(ILALoadError, match=r"other settings \(base_weights: '[0-9a-f]+' there"):
+        identify(checkpoint, resume=True, base_seed=1)  # the same architecture with other weights
     with pytest.raises(ILALoadError, match="The data differ from those of the run that wrote"):
         identify(checkpoint, resume=True, data_seed=1)
     with pytest.raises(ILALoadError, match=r"No identification checkpoint at .*nowhere"):
