@@ -56,8 +56,10 @@ def run(work):
     return work / "run"
 
 
-def test_identify_writes_a_complete_run_directory(run):
+def test_identify_writes_a_complete_run_directory(run, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["heatmap.png", "importance.json", "mask.safetensors", "report.md"]
+    (tmp_path / "plain").mkdir()
+    assert run.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not left private by its temporary name
     record = json.loads((run / "importance.json").read_text())
     assert len(record["candidates"]) == 14 and len(record["selected"]) == 4  # 2 blocks x 7, top 25%
     assert record["costs"]["stage1"]["steps"] == 6 and record["costs"]["stage1"]["stop"] == "max_steps"

@@ -118,6 +118,7 @@ def _add_checkpoints(p: argparse.ArgumentParser) -> None:
         "--checkpoint-every",
         type=int,
         default=10,
+        metavar="N",
         help="save identification's state to OUT.checkpoint.safetensors every N steps, 0: never (default: "
         "%(default)s); it is removed once the run directory is written",
     )

@@ -34,6 +34,9 @@ def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     check_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output gets the permissions of a plain mkdir
     try:
         yield tmp
         if out.exists():
