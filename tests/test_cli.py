@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import peft_ila.app.pipeline
 import peft_ila.importance
-from conftest import alpaca_rows, tiny_lm_dir
+from conftest import alpaca_rows, tiny_llama, tiny_lm_dir
 from peft_ila import ILALayer
 from peft_ila.app.cli import main
 from peft_ila.mask import tensors_to_mask
@@ -134,6 +134,13 @@ def test_export_lora_loads_in_vanilla_peft_with_equal_logits(work, run, inputs):
     assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(work / "lm")(**inputs).logits)
 
 
+def test_eval_refuses_an_adapter_without_safetensors(work, tmp_path, capsys):
+    (tmp_path / "training.json").write_text(json.dumps({"model": str(work / "lm")}))
+    torch.save({}, tmp_path / "adapter_model.bin")
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "has no adapter_model.safetensors; peft-ila loads weights only from safetensors" in capsys.readouterr().err
+
+
 def test_eval_reproduces_the_trained_loss(work, run, tmp_path):
     out = work / "adapter-eval"
     assert main(["train", *common(work, "--steps", "3"), "--mask", str(run), "--out", str(out)]) == 0
@@ -203,6 +210,7 @@ def test_plain_format_without_chat_template(tmp_path):
         ("targets-nothing", "matches no module of the model. Linear modules that exist: model.layers.0"),
         ("targets-embeddings", "cannot adapt: model.embed_tokens (Embedding)"),
         ("layers-not-in-model", "this base model does not have as candidates: model.layers.7.mlp.up_proj"),
+        ("pickled-model", "holds only pickled weights (*.bin); peft-ila loads weights only from safetensors"),
     ],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, case, message):
@@ -236,6 +244,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, cas
         extra = ["--resume"]
     elif case == "stale-checkpoint":
         (tmp_path / "out.checkpoint.safetensors").write_bytes(b"state")
+    elif case == "pickled-model":
+        model = str(shutil.copytree(work / "lm", tmp_path / "lm"))
+        (tmp_path / "lm" / "model.safetensors").unlink()
+        torch.save(tiny_llama().state_dict(), tmp_path / "lm" / "pytorch_model.bin")
     else:
         options = {
             "top-k-zero": ["--top-k", "0"],

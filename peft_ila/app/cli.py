@@ -287,10 +287,16 @@ def cmd_eval(args) -> dict:
     from peft import PeftModel
 
     from ..training import evaluate_loss
+    from . import UsageError
     from .files import read_json, write_json
     from .pipeline import first_user_turn, generate, prepare
 
     info = read_json(args.adapter / "training.json")
+    if not (args.adapter / "adapter_model.safetensors").is_file():
+        raise UsageError(
+            f"{args.adapter} has no adapter_model.safetensors; peft-ila loads weights only from safetensors. Save "
+            "the adapter again with save_pretrained(dir)."
+        )
     prepared = prepare(
         info["model"],
         info["data"],

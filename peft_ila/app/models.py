@@ -65,6 +65,13 @@ def load_model(spec: str = DEFAULT_MODEL):
     kwargs: dict = {"local_files_only": True}
     if isinstance(where, Path) and where.suffix == ".gguf":
         where, kwargs["gguf_file"] = where.parent, where.name
+    else:  # weights only from safetensors, never from a pickle
+        kwargs["use_safetensors"] = True
+        if isinstance(where, Path) and not any(where.glob("*.safetensors")) and any(where.glob("*.bin")):
+            raise UsageError(
+                f"--model {spec} holds only pickled weights (*.bin); peft-ila loads weights only from safetensors. "
+                "Convert it once with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)`."
+            )
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
