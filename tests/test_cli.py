@@ -2,9 +2,11 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -362,3 +364,18 @@ def test_diverging_identification_names_stage_and_step_and_writes_no_mask(work, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and "error: ILA stage 2: gates: the loss became nan at step 1" in err[-1], err
     assert [p.name for p in tmp_path.iterdir()] == ["r.checkpoint.safetensors"]  # stage 1's work is kept
+
+
+def test_sigterm_during_identify_cleans_up_like_ctrl_c(work, tmp_path):
+    out, checkpoint = tmp_path / "r", tmp_path / "r.checkpoint.safetensors"
+    budget = ["--stage1-max-steps", "100000", "--checkpoint-every", "1"]
+    command = [sys.executable, "-m", "peft_ila.app.cli", "identify", *common(work, *budget), "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "run the same command with --resume" in err and "interrupted; nothing half-written" in err
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.name]  # no run directory, no hidden partial one

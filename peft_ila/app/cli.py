@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -419,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "demo": cmd_demo,
     }
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM cleans up like Ctrl-C
     try:
         handlers[args.command](args)
     except UsageError as exc:
@@ -430,7 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"peft-ila {args.command}: interrupted; nothing half-written was left behind.", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
