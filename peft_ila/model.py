@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -23,6 +24,8 @@ from .backward import InputGradRouter
 from .config import ILAConfig, resolve_top_k
 from .layer import GateBank, ILALayer, Linear
 from .mask import MASK_KEYS, ILALoadError, layer_of, mask_to_tensors, tensors_to_mask
+
+logger = logging.getLogger(__name__)
 
 
 def _few(names: Iterable[str], n: int = 5) -> str:
@@ -279,12 +282,19 @@ class ILAModel(BaseTuner):
             saved_candidates, adapted, scores = tensors_to_mask(state_dict)
         except ValueError as exc:
             raise fail(str(exc)) from None
-        candidates = _ila_tuner(model).ila_candidates[adapter_name]
+        tuner = _ila_tuner(model)
+        candidates = tuner.ila_candidates[adapter_name]
         if saved_candidates != candidates:
             raise fail(
                 f"the saved mask covers {len(saved_candidates)} candidate layers ({_few(saved_candidates, 3)}) but "
                 f"this model has {len(candidates)} ({_few(candidates, 3)}): another base model or target_modules."
             )
+        if config.selected_layers is None and len(adapted) < len(candidates):
+            # a selection saved from a probe model like this one (e.g. a Trainer checkpoint taken after ILACallback
+            # selected): apply it, most important first, so that its weights fit
+            ranking = sorted(adapted, key=lambda name: -scores.get(name, 0.0))
+            tuner.select_layers(ranking, scores or None, adapter_name)
+            logger.info("ILA adapter '%s': applied the %d layers selected in the file.", adapter_name, len(ranking))
         selected = set(candidates if config.selected_layers is None else config.selected_layers)
         if adapted != [n for n in candidates if n in selected]:
             raise fail(

@@ -57,6 +57,25 @@ def test_trainer_identifies_first_then_trains_only_the_selected_layers(tmp_path)
     assert loaded.peft_config["default"].selected_layers == selected
 
 
+def test_resuming_from_a_checkpoint_keeps_the_selection_and_ends_as_the_uninterrupted_run(tmp_path):
+    def run(resume_from=None):
+        model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
+        args = trainer_args(tmp_path / "out", save_strategy="steps", save_steps=2)
+        trainer = Trainer(model, args, train_dataset=lm_dataset(), data_collator=default_data_collator)
+        ila = ILACallback(trainer)
+        trainer.add_callback(ila)
+        trainer.train(resume_from_checkpoint=resume_from)
+        return model, ila.result
+
+    whole, result = run()
+    resumed, again = run(tmp_path / "out" / "checkpoint-2")  # a fresh probe model, as a restarted job builds it
+    assert again is None  # no second identification: the checkpoint's selection is applied as it loads
+    assert resumed.peft_config["default"].selected_layers == result.selected
+    assert resumed.peft_config["default"].layer_scores == result.scores
+    final, expected = dict(resumed.named_parameters()), dict(whole.named_parameters())
+    assert final.keys() == expected.keys() and all(torch.equal(final[n], expected[n]) for n in final)
+
+
 def test_callback_without_trainer_uses_accumulation_and_logs_to_state(tmp_path):
     model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
     args = trainer_args(tmp_path / "out", max_steps=2, gradient_accumulation_steps=2)
