@@ -7,6 +7,7 @@ import os
 import types
 
 import datasets
+import hypothesis
 import pytest
 import torch
 from torch import nn
@@ -15,6 +16,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import peft_ila  # noqa: F401  (registers the ILA PEFT type)
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# property tests: the same examples on every run (CI is reproducible) and no per-example deadline (CI is noisy)
+hypothesis.settings.register_profile("peft-ila", derandomize=True, deadline=None)
+hypothesis.settings.load_profile("peft-ila")
 VOCAB = 64
 
 

@@ -70,7 +70,7 @@ def test_int_top_k_is_taken_as_is_or_refused(n, top_k):
             resolve_top_k(top_k, n)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15)
 @given(
     layers=st.integers(1, 3),
     granularity=st.sampled_from(["module", "block"]),
