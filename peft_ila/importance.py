@@ -81,7 +81,8 @@ def identify_important_layers(
         progress: show tqdm bars (step, loss, elapsed, ETA).
         accelerator: precision and gradient accumulation for both stages; default `Accelerator()`.
         checkpoint: a `.safetensors` file to save the run's state to (by the main process) every
-            `checkpoint_every` optimizer steps and at the end of each stage; None: no checkpoints.
+            `checkpoint_every` optimizer steps and at the end of each stage; None: no checkpoints. The file is left
+            in place when the run ends (the CLI removes it once the run directory is written).
         resume: continue the run saved in `checkpoint` (same model, data, config and processes; checked). The
             result is bit for bit that of an uninterrupted run when `batches` replay in the same order (a list, or
             a DataLoader whose shuffling has its own seeded generator).
