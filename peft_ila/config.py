@@ -40,6 +40,17 @@ def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
     return top_k
 
 
+# what `ILAConfig.run_settings` leaves out: the selection itself, where the adapter came from, and peft's type
+_NOT_RUN_SETTINGS = (
+    "selected_layers",
+    "layer_scores",
+    "base_model_name_or_path",
+    "revision",
+    "peft_type",
+    "auto_mapping",
+)
+
+
 @dataclass
 class ILAConfig(PeftConfig):
     """Configuration of an [`ILAModel`]: LoRA adapters placed only on the layers that ILA finds important.
@@ -171,6 +182,15 @@ class ILAConfig(PeftConfig):
                     f"{weights} is damaged or truncated ({str(exc).splitlines()[0]}); save the adapter again."
                 ) from None
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    def run_settings(self) -> dict:
+        """The fields that decide how layers are found and trained, as plain JSON (sets as sorted lists): `to_dict()`
+        without the selection (`selected_layers`, `layer_scores`), where the adapter came from, and peft's type."""
+        return {
+            k: sorted(v) if isinstance(v, set) else getattr(v, "value", v)
+            for k, v in self.to_dict().items()
+            if k not in _NOT_RUN_SETTINGS
+        }
 
     def _validate(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:

@@ -239,11 +239,8 @@ def identify_important_layers(
 
 def _settings(config: ILAConfig, candidates: list[str], accelerator: Accelerator) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
-    record = {k: sorted(v) if isinstance(v, set) else getattr(v, "value", v) for k, v in config.to_dict().items()}
-    for key in ("selected_layers", "layer_scores", "base_model_name_or_path", "revision", "inference_mode"):
-        record.pop(key, None)
     return {
-        "config": record,
+        "config": config.run_settings(),
         "candidates": candidates,
         "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
         "mixed_precision": str(accelerator.mixed_precision),

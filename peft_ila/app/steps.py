@@ -69,14 +69,6 @@ def prepare_data(args, accelerator):
         )
 
 
-def config_record(config) -> dict:
-    record = config.to_dict()
-    record = {k: sorted(v) if isinstance(v, set) else v for k, v in record.items()}
-    for key in ("selected_layers", "layer_scores", "peft_type", "auto_mapping", "base_model_name_or_path", "revision"):
-        record.pop(key, None)
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in record.items()}
-
-
 def checkpoint_path(args, out: Path) -> Path | None:
     """Where identification checkpoints to (None: it does not); checked before any work, like the output path."""
     from ..distributed import rank
@@ -124,7 +116,7 @@ def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | N
             )
             candidates = model.base_model.candidate_layers()
             info = {**prepared.info, "batch_size": args.batch_size}
-            record = write_run(tmp, result, config_record(config), candidates, info, command_line(args))
+            record = write_run(tmp, result, config.run_settings(), candidates, info, command_line(args))
     except ILALoadError as exc:  # the checkpoint to resume does not fit this command
         raise UsageError(str(exc)) from None
     except BaseException:
