@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .atomic import written_atomically
 from .distributed import world_size
 from .importance import ILAResult, identify_important_layers
 from .model import _ila_tuner
@@ -93,7 +92,8 @@ class ILACallback(TrainerCallback):
             _settle_ddp(probe, model)
         self._log(args, state, self.result)
         if args.should_save and args.output_dir:
-            _write_json_atomically(Path(args.output_dir) / REPORT_NAME, self.result.to_dict())
+            with written_atomically(Path(args.output_dir) / REPORT_NAME) as tmp:
+                tmp.write_text(json.dumps(self.result.to_dict(), indent=2))
 
     def _log(self, args: TrainingArguments, state: TrainerState, result: ILAResult) -> None:
         metrics: dict[str, float] = {"ila/selected_layers": len(result.selected), "ila/candidates": len(result.scores)}
@@ -132,15 +132,3 @@ def _settle_ddp(probe: list[nn.Parameter], model: nn.Module) -> None:
     for p in probe:
         if id(p) not in present:
             p.grad = torch.zeros_like(p)
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

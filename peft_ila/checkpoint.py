@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import written_atomically
 from .distributed import any_rank, gather, rank
 from .mask import ILALoadError
 
@@ -26,15 +27,9 @@ FORMAT = "peft-ila identification checkpoint v1"
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], record: dict) -> None:
     """Write `tensors` and the JSON-able `record` to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    try:
+    with written_atomically(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "ila": json.dumps({"format": FORMAT, **record})})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
