@@ -122,11 +122,10 @@ def identify_important_layers(
     accelerator = accelerator or Accelerator()
     was_training = model.training
     devices = sorted({p.device.index for p in adapter_params if p.device.type == "cuda"})
-    stream = DataPosition(cycle(batches))
-    settings = _settings(config, candidates, accelerator)
-    if checkpoint is not None:  # the frozen base weights must be the same ones too
-        base = ((n, p) for n, p in model.named_parameters() if not p.requires_grad and PREFIX not in n)
-        settings["base_weights"] = weights_fingerprint(base)
+    stream = cycle(batches)
+    if checkpoint is not None:  # count and fingerprint the batches, and note what a resumed run must share
+        stream = DataPosition(stream)
+        settings = _settings(model, config, candidates, accelerator)
     saved = None
     if resume:
         if checkpoint is None:
@@ -237,9 +236,11 @@ def identify_important_layers(
     )
 
 
-def _settings(config: ILAConfig, candidates: list[str], accelerator: Accelerator) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint."""
+def _settings(model: nn.Module, config: ILAConfig, candidates: list[str], accelerator: Accelerator) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint, the frozen base weights included."""
+    base = ((n, p) for n, p in model.named_parameters() if not p.requires_grad and PREFIX not in n)
     return {
+        "base_weights": weights_fingerprint(base),
         "config": config.run_settings(),
         "candidates": candidates,
         "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
