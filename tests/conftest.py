@@ -81,6 +81,18 @@ def lm_batches(n_batches: int = 4, batch: int = 4, seq: int = 12, seed: int = 0)
     return out
 
 
+def interrupt_at_forward(model, n: int) -> torch.utils.hooks.RemovableHandle:
+    """Make the `n`-th forward of a PeftModel over a tiny LM raise KeyboardInterrupt, as Ctrl-C mid-run would."""
+    forwards = []
+
+    def stop(*_):
+        forwards.append(1)
+        if len(forwards) == n:
+            raise KeyboardInterrupt
+
+    return model.base_model.model.lm_head.register_forward_pre_hook(stop)
+
+
 def lm_dataset(n_batches: int = 6) -> datasets.Dataset:
     """The examples of `lm_batches(n_batches, seed=1)` as a datasets.Dataset, for transformers.Trainer."""
     return datasets.Dataset.from_list(

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, default_data_collator
 
 # tests/ is this script's directory, so on sys.path
-from conftest import lm_batches, lm_dataset, tiny_llama, trainer_args
+from conftest import interrupt_at_forward, lm_batches, lm_dataset, tiny_llama, trainer_args
 from peft_ila import ILACallback, ILAConfig, identify_important_layers
 from peft_ila.distributed import agree_on, rank, world_size
 from peft_ila.training import cycle, train_steps
@@ -53,14 +53,7 @@ def run_function(out: Path) -> tuple[torch.nn.Module, list[str]]:
 def interrupted_and_resumed(shard: list, checkpoint: Path):
     """Identification stopped (on every rank) in stage 1's fifth step, then resumed from its checkpoint."""
     model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
-    calls = []
-
-    def stop(*_):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-
-    hook = model.base_model.model.lm_head.register_forward_pre_hook(stop)
+    hook = interrupt_at_forward(model, 5)
     kwargs = dict(progress=False, accelerator=Accelerator(cpu=True), checkpoint=checkpoint, checkpoint_every=2)
     with contextlib.suppress(KeyboardInterrupt):
         identify_important_layers(model, shard, **kwargs)

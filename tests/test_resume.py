@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 from peft import get_peft_model
 
-from conftest import lm_batches, tiny_llama
+from conftest import interrupt_at_forward, lm_batches, tiny_llama
 from peft_ila import ILAConfig, ILALoadError, identify_important_layers
 
 # 7 stage-1 steps and 5 stage-2 steps of 2 micro-batches each: forwards 1-14 are stage 1, 15-24 stage 2
@@ -17,14 +17,8 @@ CONFIG = dict(r=2, top_k=5, lora_dropout=0.1, stage1_max_steps=7, stage2_steps=5
 
 def identify(checkpoint=None, stop_at_forward=None, resume=False, data_seed=0, base_seed=0, **overrides):
     model = get_peft_model(tiny_llama(base_seed), ILAConfig(**{**CONFIG, **overrides}))
-    forwards = []
-
-    def crash(*_):
-        forwards.append(1)
-        if len(forwards) == stop_at_forward:
-            raise KeyboardInterrupt
-
-    model.base_model.model.lm_head.register_forward_pre_hook(crash)
+    if stop_at_forward is not None:
+        interrupt_at_forward(model, stop_at_forward)
     return identify_important_layers(
         model,
         lm_batches(3, seed=data_seed),
