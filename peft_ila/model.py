@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -62,30 +63,7 @@ class ILAModel(BaseTuner):
         return peft_config
 
     def _find_candidates(self, model: nn.Module, config: ILAConfig) -> list[str]:
-        """Ordered candidate layers of `config` in `model`; raise `ValueError` if none or unsupported ones match."""
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
-        config = _maybe_include_all_linear_layers(config, model)
-        tuner_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
-        modules, unsupported = [], []
-        for name, module in model.named_modules():
-            if not name or name.startswith(tuner_prefixes) or not check_target_module_exists(config, name):
-                continue
-            if isinstance(module, (nn.Linear, Conv1D, ILALayer)):
-                modules.append(name)
-            else:
-                unsupported.append(f"{name} ({type(module).__name__})")
-        if unsupported:
-            raise ValueError(
-                f"ILAConfig.target_modules matches modules ILA cannot adapt: {_few(unsupported)}. Only nn.Linear and "
-                "Conv1D layers can carry ILA adapters; narrow `target_modules` (or use 'all-linear')."
-            )
-        if not modules:
-            existing = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-            raise ValueError(
-                f"ILAConfig.target_modules={config.target_modules!r} matches no module of the model. Linear "
-                f"modules that exist: {_few(existing)}."
-            )
-        return list(dict.fromkeys(layer_of(name, config.granularity) for name in modules))
+        return find_candidates(model, self._prepare_adapter_config(config, self.get_model_config(model)))
 
     def _check_target_module_exists(self, peft_config: ILAConfig, key: str) -> Any:
         found = check_target_module_exists(peft_config, key)
@@ -118,8 +96,8 @@ class ILAModel(BaseTuner):
                 if missing:
                     raise ILALoadError(
                         f"ILAConfig.{field_name} names {len(missing)} layer(s) this base model does not have as "
-                        f"candidates: {_few(missing)}. Its candidate layers are: {_few(candidates)}. The mask was "
-                        "found on another model, or with other target_modules/granularity."
+                        f"candidates: {_few(missing)}. Its candidate layers are: {_few(candidates)}. The layers come "
+                        "from another model, or from other target_modules/granularity."
                     )
         self.ila_candidates[adapter_name] = candidates
         if config.selected_layers is None:
@@ -321,6 +299,37 @@ class ILAModel(BaseTuner):
                     "adapter was trained on a base model of another width or with another r."
                 )
         return remapped
+
+
+def find_candidates(model: nn.Module, config: ILAConfig) -> list[str]:
+    """The ordered candidate layers that `config` (its `target_modules`, `exclude_modules`, `granularity`) gives on
+    `model`, without changing either: what gates, masks and selections refer to. Raises `ValueError` if no module
+    matches or a matched one cannot carry an adapter."""
+    config = copy.copy(config)
+    if config.target_modules is None:
+        config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
+    config = _maybe_include_all_linear_layers(config, model)
+    tuner_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    modules, unsupported = [], []
+    for name, module in model.named_modules():
+        if not name or name.startswith(tuner_prefixes) or not check_target_module_exists(config, name):
+            continue
+        if isinstance(module, (nn.Linear, Conv1D, ILALayer)):
+            modules.append(name)
+        else:
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if unsupported:
+        raise ValueError(
+            f"ILAConfig.target_modules matches modules ILA cannot adapt: {_few(unsupported)}. Only nn.Linear and "
+            "Conv1D layers can carry ILA adapters; narrow `target_modules` (or use 'all-linear')."
+        )
+    if not modules:
+        existing = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+        raise ValueError(
+            f"ILAConfig.target_modules={config.target_modules!r} matches no module of the model. Linear "
+            f"modules that exist: {_few(existing)}."
+        )
+    return list(dict.fromkeys(layer_of(name, config.granularity) for name in modules))
 
 
 def _ila_tuner(model: nn.Module) -> ILAModel:

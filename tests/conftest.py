@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import types
 
@@ -165,12 +166,13 @@ def byte_tokenizer(chat_template: bool = True):
     return fast
 
 
-def tiny_lm_dir(path, chat_template: bool = True, seed: int = 0):
-    """A tiny random Llama and a byte tokenizer saved as a model directory (what --model DIR expects)."""
+def tiny_lm_dir(path, chat_template: bool = True, seed: int = 0, layers: int = 2):
+    """A tiny random Llama (`layers` blocks) and a byte tokenizer saved as a model directory (what --model DIR
+    expects)."""
     tokenizer = byte_tokenizer(chat_template)
     model = tiny_llama(
         seed,
-        layers=2,
+        layers=layers,
         init_range=0.02,
         vocab=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
@@ -191,3 +193,43 @@ def alpaca_rows(n: int = 40) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    """A directory with a tiny model directory `lm` and a 40-example alpaca file `data.json`, for the CLI tests."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_lm_dir(root / "lm")
+    (root / "data.json").write_text(json.dumps(alpaca_rows(40)))
+    return root
+
+
+def common(work, *extra) -> list[str]:
+    """CLI options for the tiny model and data of `work`, then `extra`."""
+    return [
+        "--model",
+        str(work / "lm"),
+        "--data",
+        str(work / "data.json"),
+        "--max-length",
+        "96",
+        "--eval-size",
+        "8",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def identify(work, out, *extra) -> None:
+    """`peft-ila identify` on `work` with a tiny budget (6 + 3 steps), into `out`."""
+    from peft_ila.app.cli import main
+
+    args = ["identify", *common(work, "--stage1-max-steps", "6", "--stage2-steps", "3", *extra), "--out", str(out)]
+    assert main(args) == 0
+
+
+@pytest.fixture(scope="session")
+def run(work):
+    """A run directory of `identify` on `work`."""
+    identify(work, work / "run")
+    return work / "run"

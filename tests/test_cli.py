@@ -16,46 +16,10 @@ from transformers import AutoModelForCausalLM
 
 import peft_ila.app.pipeline
 import peft_ila.importance
-from conftest import alpaca_rows, tiny_llama, tiny_lm_dir
+from conftest import alpaca_rows, common, identify, tiny_llama, tiny_lm_dir
 from peft_ila import ILALayer
 from peft_ila.app.cli import main
 from peft_ila.mask import tensors_to_mask
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    tiny_lm_dir(root / "lm")
-    (root / "data.json").write_text(json.dumps(alpaca_rows(40)))
-    return root
-
-
-def common(work, *extra):
-    return [
-        "--model",
-        str(work / "lm"),
-        "--data",
-        str(work / "data.json"),
-        "--max-length",
-        "96",
-        "--eval-size",
-        "8",
-        "--no-progress",
-        *extra,
-    ]
-
-
-def identify(work, out, *extra):
-    assert (
-        main(["identify", *common(work, "--stage1-max-steps", "6", "--stage2-steps", "3", *extra), "--out", str(out)])
-        == 0
-    )
-
-
-@pytest.fixture(scope="module")
-def run(work):
-    identify(work, work / "run")
-    return work / "run"
 
 
 def test_identify_writes_a_complete_run_directory(run, tmp_path):
@@ -160,6 +124,7 @@ def test_demo_end_to_end(work, capsys):
     summary = json.loads((out / "demo.json").read_text())
     assert summary["held_out_loss_after_reload"] == pytest.approx(summary["held_out_loss_after"], abs=1e-5)
     assert summary["generation_after_reload"] == summary["generation_after"]
+    assert json.loads((out / "reload.json").read_text())["adapter"] == str((out / "adapter").resolve())  # not staged
     printed = capsys.readouterr().out
     assert "Top 4 of 14 layers" in printed and "held-out loss:" in printed
 
@@ -193,7 +158,7 @@ def test_plain_format_without_chat_template(tmp_path):
     ("case", "message"),
     [
         ("missing-data", "does not exist"),
-        ("bad-columns", "not a known layout"),
+        ("bad-columns", "not a known layout (no column for instruction or output)"),
         ("no-usable-rows", "none of its 2 rows"),
         ("not-a-data-file", "is not a .json, .jsonl or .parquet file"),
         ("missing-model", "no such file or directory"),
@@ -206,12 +171,12 @@ def test_plain_format_without_chat_template(tmp_path):
         ("empty-file", "has no rows"),
         ("resume-nothing", "does not exist, there is nothing to resume"),
         ("stale-checkpoint", "holds the state of an interrupted identification; pass --resume"),
-        ("top-k-zero", "ILAConfig.top_k=0 is invalid: it must be an int >= 1"),
-        ("top-k-too-many", "the model has 14 candidate layers; use an int in [1, 14]"),
+        ("top-k-zero", "--top-k 0 is invalid: it must be an int >= 1"),
+        ("top-k-too-many", "--top-k 500 but the model has 14 candidate layers; use an int in [1, 14]"),
         ("top-k-rounds-to-zero", "of 14 candidate layers rounds to 0 layers"),
         ("targets-nothing", "matches no module of the model. Linear modules that exist: model.layers.0"),
         ("targets-embeddings", "cannot adapt: model.embed_tokens (Embedding)"),
-        ("layers-not-in-model", "this base model does not have as candidates: model.layers.7.mlp.up_proj"),
+        ("layers-not-in-model", "are not candidates of /"),
         ("pickled-model", "holds only pickled weights (*.bin); peft-ila loads weights only from safetensors"),
     ],
 )
@@ -222,7 +187,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, cas
     if case == "missing-data":
         data = tmp_path / "nope.json"
     elif case == "bad-columns":
-        data.write_text(json.dumps([{"question": "q", "answer": "a"}]))
+        data.write_text(json.dumps([{"ask": "q", "reply": "a"}]))
     elif case == "no-usable-rows":
         data.write_text(json.dumps([{"instruction": "q", "output": ""}, {"instruction": "q", "output": "  "}]))
     elif case == "not-a-data-file":

@@ -1,12 +1,22 @@
 """Data: the three row layouts, file formats, response-only labels, truncation, the seeded split, batching."""
 
+import hashlib
 import json
 
 import pytest
 
 from conftest import byte_tokenizer
 from peft_ila.app import UsageError
-from peft_ila.app.data import PLAIN_FORMAT, batches, encode, load_conversations, segments, split
+from peft_ila.app.data import (
+    PLAIN_FORMAT,
+    batches,
+    column_mapping,
+    encode,
+    load_conversations,
+    read_dataset,
+    segments,
+    split,
+)
 
 ALPACA = {"instruction": "Add.", "input": "2+2", "output": "4", "system": "Be terse.", "history": [["hi", "hello"]]}
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -107,3 +117,61 @@ def test_batches_pad_right_and_mask_padding():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+
+
+@pytest.mark.parametrize(
+    ("columns", "given", "expected"),
+    [
+        (
+            ["instruction", "input", "output"],
+            None,
+            {"instruction": "instruction", "input": "input", "output": "output"},
+        ),
+        (
+            ["instruction", "input", "response"],
+            None,
+            {"instruction": "instruction", "input": "input", "output": "response"},
+        ),
+        (["question", "context", "answer"], None, {"instruction": "question", "input": "context", "output": "answer"}),
+        (["prompt", "completion"], None, {"instruction": "prompt", "output": "completion"}),
+        (["output", "response", "instruction"], None, {"instruction": "instruction", "output": "output"}),  # exact wins
+        (
+            ["q", "a", "sys"],
+            {"prompt": "q", "response": "a", "system": "sys"},
+            {"instruction": "q", "output": "a", "system": "sys"},
+        ),
+        (["messages", "id"], None, {"messages": "messages"}),
+        (["dialog"], {"conversations": "dialog"}, {"conversations": "dialog"}),
+    ],
+)
+def test_column_mapping_detects_common_names_and_takes_given_ones(columns, given, expected):
+    assert column_mapping(columns, given) == expected
+
+
+@pytest.mark.parametrize(
+    ("columns", "given", "message"),
+    [
+        (
+            ["prompt", "response", "answer"],
+            None,
+            "['response', 'answer'] that could each be the output; say which with --columns output=COLUMN",
+        ),
+        (["q", "a"], None, "not a known layout (no column for instruction or output)"),
+        (["q", "a"], {"instruction": "q", "output": "nope"}, "--columns output=nope: the data has no column 'nope'"),
+        (["q", "a"], {"answer": "a"}, "--columns answer=a: 'answer' is not a role"),
+    ],
+)
+def test_column_mapping_refuses_what_it_cannot_resolve(columns, given, message):
+    with pytest.raises(UsageError) as caught:
+        column_mapping(columns, given)
+    assert message in str(caught.value)
+
+
+def test_read_dataset_records_source_fingerprint_and_row_ids(tmp_path):
+    rows = [{"ask": "a", "reply": "b"}, {"ask": "c", "reply": ""}, {"ask": "d", "reply": "e"}]
+    path = write(tmp_path / "x.json", rows, "json")
+    dataset = read_dataset(path, {"instruction": "ask", "output": "reply"})
+    assert dataset.row_ids == [0, 2] and dataset.source == str((tmp_path / "x.json").resolve())
+    assert dataset.sha256 == hashlib.sha256((tmp_path / "x.json").read_bytes()).hexdigest()
+    with pytest.raises(UsageError, match=r"is a directory; pass a \.json"):
+        read_dataset(str(tmp_path))

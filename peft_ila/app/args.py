@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 LAUNCHERS = (
@@ -27,12 +28,83 @@ EXAMPLES = {
 DEMO = {"max_length": 128, "eval_size": 32, "stage1_max_steps": 30, "stage2_steps": 20, "steps": 30, "lr": 1e-3}
 
 
-def _top_k(text: str) -> int | float:
-    return float(text) if "." in text else int(text)
+class ArgumentError(Exception):
+    """A command line argparse cannot parse; the CLI prints it on one line, naming the flag, and exits with 2."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported as one line that names the flag as typed (no usage dump)."""
+
+    def error(self, message: str):
+        flag, _, problem = message.partition(": ")
+        if flag.startswith("argument ") and " is invalid: " in problem:  # from the types below
+            message = f"{flag.removeprefix('argument ').split('/')[-1]} {problem}"
+        raise ArgumentError(self.prog, f"{message}; see `{self.prog} --help`.")
+
+
+def _typed(convert, allowed: str):
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text} is invalid: it must be {allowed}") from None
+
+    parse.__name__ = allowed
+    return parse
+
+
+_int = _typed(int, "an int")
+_float = _typed(float, "a number")
+_top_k = _typed(lambda text: float(text) if "." in text else int(text), "an int >= 1 or a fraction in (0, 1]")
 
 
 def _modules(text: str) -> list[str] | str:
     return text if text == "all-linear" else [m for m in text.split(",") if m]
+
+
+def _columns(text: str) -> dict[str, str]:
+    pairs = [p.partition("=") for p in text.split(",") if p]
+    if not pairs or any(not role or not sep or not column for role, sep, column in pairs):
+        raise argparse.ArgumentTypeError(
+            f"{text} is invalid: it must be comma-separated ROLE=COLUMN pairs, e.g. instruction=question,output=answer"
+        )
+    return {role.strip(): column.strip() for role, _, column in pairs}
+
+
+# the ILAConfig field behind each option, so that a config error names the flag the user typed
+FLAGS = {
+    "r": "--r",
+    "lora_alpha": "--lora-alpha",
+    "lora_dropout": "--lora-dropout",
+    "target_modules": "--target-modules",
+    "top_k": "--top-k",
+    "granularity": "--granularity",
+    "stage1_max_steps": "--stage1-max-steps",
+    "stage1_lr": "--stage1-lr",
+    "stability_epsilon": "--epsilon",
+    "stability_window": "--window",
+    "stage2_steps": "--stage2-steps",
+    "gate_lr": "--gate-lr",
+    "sparsity_weight": "--sparsity-weight",
+    "seed": "--seed",
+    "selected_layers": "--layers",
+}
+
+
+def in_flags(message: str) -> str:
+    """A config error (`ILAConfig.top_k=0 is invalid ...`, `` `top_k`=500 but ...``) in the words of the command
+    line (`--top-k 0 is invalid ...`)."""
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1) or match.group(3), match.group(2) or match.group(4)
+        shown = FLAGS.get(name, name)
+        return f"{shown} {value.strip(chr(39))}" if value is not None else shown
+
+    return re.sub(r"ILAConfig\.(\w+)(?:=(\S+?)(?= is invalid))?|`(\w+)`(?:=(\S+))?", flag, message)
 
 
 def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
@@ -51,7 +123,15 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
         "dataset in the local datasets cache (default: %(default)s)",
     )
     g.add_argument(
-        "--max-length", type=int, default=d.get("max_length", 256), help="tokens per example (default: %(default)s)"
+        "--columns",
+        type=_columns,
+        metavar="ROLE=COLUMN,...",
+        help="which column holds what, e.g. instruction=question,output=answer; roles: instruction (alias prompt), "
+        "input (query), output (response), system, history, messages, conversations (default: detected from the "
+        "column names, printed and recorded)",
+    )
+    g.add_argument(
+        "--max-length", type=_int, default=d.get("max_length", 256), help="tokens per example (default: %(default)s)"
     )
     g.add_argument(
         "--overlong",
@@ -59,28 +139,30 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
         default="truncate",
         help="what to do with longer examples (default: %(default)s)",
     )
-    g.add_argument("--eval-size", type=int, default=d.get("eval_size", 64), help="held-out examples (%(default)s)")
+    g.add_argument(
+        "--eval-size", type=_int, default=d.get("eval_size", 64), help="held-out examples (default: %(default)s)"
+    )
     g.add_argument(
         "--eval-data", help="a separate test file to draw the held-out examples from (default: split them off --data)"
     )
-    g.add_argument("--seed", type=int, default=0, help="split, data order and identification seed (default: 0)")
+    g.add_argument("--seed", type=_int, default=0, help="split, data order and identification seed (default: 0)")
     g.add_argument(
         "--plain-format",
         action="store_true",
         help="format as '### Instruction: ... ### Response: ...' instead of the chat template (used anyway "
         "when the tokenizer has none)",
     )
-    g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default: %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--batch-size", type=_int, default=4, help="examples per micro-batch (default: %(default)s)")
+    g.add_argument("--grad-accum", type=_int, default=1, help="micro-batches per optimizer step (default: 1)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (through accelerate)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_shape(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapter shape")
-    g.add_argument("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default: %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="adapter dropout (default: %(default)s)")
+    g.add_argument("--r", type=_int, default=8, help="LoRA rank (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=_float, default=16, help="LoRA alpha (default: %(default)s)")
+    g.add_argument("--lora-dropout", type=_float, default=0.0, help="adapter dropout (default: %(default)s)")
     g.add_argument(
         "--target-modules",
         type=_modules,
@@ -91,32 +173,43 @@ def _add_shape(p: argparse.ArgumentParser) -> None:
 
 def _add_ila(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("identification")
-    g.add_argument("--top-k", type=_top_k, default=0.25, help="layers kept: an int, or a fraction (default: 0.25)")
-    g.add_argument("--granularity", choices=("module", "block"), default="module", help="(default: %(default)s)")
+    g.add_argument(
+        "--top-k",
+        type=_top_k,
+        help="layers kept: an int, or a fraction of the candidate layers (default: 0.25); with --mask, the best "
+        "of the mask's ranking (default: the layers the mask selected)",
+    )
+    g.add_argument(
+        "--granularity",
+        choices=("module", "block"),
+        default="module",
+        help="'module': each adapted weight matrix is a layer (as in the paper); 'block': one gate per transformer "
+        "block (default: %(default)s)",
+    )
     g.add_argument(
         "--stage1-max-steps",
-        type=int,
+        type=_int,
         default=d.get("stage1_max_steps", 300),
         help="stage 1 step cap (default: %(default)s)",
     )
-    g.add_argument("--stage1-lr", type=float, default=1e-3, help="stage 1 learning rate (default: %(default)s)")
-    g.add_argument("--epsilon", type=float, default=0.01, help="stability epsilon, relative (default: %(default)s)")
-    g.add_argument("--window", type=int, default=20, help="stability window in steps (default: %(default)s)")
+    g.add_argument("--stage1-lr", type=_float, default=1e-3, help="stage 1 learning rate (default: %(default)s)")
+    g.add_argument("--epsilon", type=_float, default=0.01, help="stability epsilon, relative (default: %(default)s)")
+    g.add_argument("--window", type=_int, default=20, help="stability window in steps (default: %(default)s)")
     g.add_argument(
         "--stage2-steps",
-        type=int,
+        type=_int,
         default=d.get("stage2_steps", 100),
         help="gate-learning steps (default: %(default)s)",
     )
-    g.add_argument("--gate-lr", type=float, default=0.1, help="gate learning rate (default: %(default)s)")
-    g.add_argument("--sparsity-weight", type=float, default=0.5, help="sparsity weight (default: %(default)s)")
+    g.add_argument("--gate-lr", type=_float, default=0.1, help="gate learning rate (default: %(default)s)")
+    g.add_argument("--sparsity-weight", type=_float, default=0.5, help="sparsity weight (default: %(default)s)")
 
 
 def _add_checkpoints(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints (identification)")
     g.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=_int,
         default=10,
         metavar="N",
         help="save identification's state to OUT.checkpoint.safetensors every N steps, 0: never (default: "
@@ -132,9 +225,9 @@ def _add_checkpoints(p: argparse.ArgumentParser) -> None:
 
 def _add_tune(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--steps", type=int, default=d.get("steps", 100), help="optimizer steps (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d.get("lr", 2e-4), help="AdamW learning rate (default: %(default)s)")
-    g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
+    g.add_argument("--steps", type=_int, default=d.get("steps", 100), help="optimizer steps (default: %(default)s)")
+    g.add_argument("--lr", type=_float, default=d.get("lr", 2e-4), help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--warmup", type=_float, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
 
 
 def _add_out(p: argparse.ArgumentParser, help: str, **kwargs) -> None:
@@ -143,7 +236,7 @@ def _add_out(p: argparse.ArgumentParser, help: str, **kwargs) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
+    root = Parser(
         prog="peft-ila",
         description="ILA: find the layers supervised alignment needs (two-stage gate learning on LoRA updates), "
         "fine-tune only those, ship a PEFT adapter. Works offline: models and data come from local files and caches.",
@@ -177,6 +270,12 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
     which.add_argument("--all-layers", action="store_true", help="baseline: plain peft LoRA on every candidate")
     which.add_argument("--layers", type=_modules, help="comma-separated layer names")
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="apply a --mask found on a model with other candidate layers: the mask's layers that exist here are "
+        "used, the others dropped (counted)",
+    )
     _add_out(p, "adapter directory to write")
 
     p = command(
@@ -185,6 +284,13 @@ def parser() -> argparse.ArgumentParser:
         "their scores, and a PNG of the overlap matrix.",
     )
     p.add_argument("runs", type=Path, nargs="+", help="run directories of `peft-ila identify`")
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="name of a run in the table and plot, once per run in order (default: the shortest distinct end of "
+        "each run's path)",
+    )
     _add_out(p, "where compare.json and compare.png go (default: %(default)s)", default=Path("ila-compare"))
 
     p = command(
@@ -202,6 +308,16 @@ def parser() -> argparse.ArgumentParser:
         "the same split and one greedy generation.",
     )
     p.add_argument("adapter", type=Path, help="adapter directory written by `peft-ila train`")
+    g = p.add_argument_group(
+        "overrides (default: what the adapter's training.json records; the recorded data fingerprint is checked)"
+    )
+    g.add_argument("--model", help="the base model, e.g. when its directory moved")
+    g.add_argument(
+        "--data",
+        help="the training data file the held-out examples were split off, e.g. when it moved (other content: a "
+        "warning, and the split is drawn from it again)",
+    )
+    g.add_argument("--eval-data", help="draw the held-out examples from this file instead (a warning says so)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -9,13 +9,17 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
+from pathlib import Path
 
 from .args import parser
 from .steps import (
     accelerator_for,
+    candidates_of,
     checkpoint_path,
     identify_to_run,
     ila_config,
+    mask_config,
     prepare_data,
     print_finetune,
     print_top,
@@ -66,30 +70,33 @@ def cmd_train(args) -> None:
             "--resume continues an interrupted identification; with --mask, --all-layers or --layers "
             "there is none, drop --resume."
         )
+    if args.top_k is not None and (args.all_layers or args.layers):
+        raise UsageError(
+            "--top-k takes the best layers of a ranking (from identification or a --mask); --layers and "
+            "--all-layers have none, drop --top-k."
+        )
+    if args.allow_other_model and not args.mask:
+        raise UsageError("--allow-other-model applies to a --mask found on another model; drop it.")
     run = read_run(args.mask) if args.mask else None
     ila_config(args)
     accelerator = accelerator_for(args)
     prepared = prepare_data(args, accelerator)
     if run is not None:
-        if run.get("model") != args.model:
-            print(f"note: the mask was found on {run.get('model')}, fine-tuning {args.model}")
-        config = ila_config(
-            args,
-            selected_layers=run["selected"],
-            layer_scores=run["scores"],
-            target_modules=run["config"]["target_modules"],
-            granularity=run["config"]["granularity"],
-        )
-        model, selection = wrap(prepared.model, config), f"mask {args.mask}"
+        config, selection = mask_config(args, run, args.mask, prepared)
+        model = wrap(prepared.model, config)
     elif args.all_layers:
         model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
-        selection = "all layers (plain peft LoRA)"
+        selection = {"selection": "all layers (plain peft LoRA)", "layers": len(model.base_model.targeted_module_names)}
     elif args.layers:
-        model, selection = wrap(prepared.model, ila_config(args, selected_layers=args.layers)), "--layers"
+        config = ila_config(args, selected_layers=args.layers)
+        _check_layers(args, candidates_of(prepared.model, config), prepared.info["model"])
+        model = wrap(prepared.model, config)
+        selection = {"selection": "--layers", "layers": len(args.layers)}
     else:
         model, _, record = identify_to_run(args, prepared, accelerator, inline, checkpoint)
         print_top(record)
-        selection = f"identified inline ({inline})"
+        top_k = model.peft_config["default"].top_k
+        selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(record["selected"])}
     report = finetune(
         model, prepared, args.steps, args.lr, args.batch_size, args.seed, args.warmup, accelerator, not args.no_progress
     )
@@ -98,11 +105,24 @@ def cmd_train(args) -> None:
     print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
 
 
+def _check_layers(args, candidates: list[str], model: str) -> None:
+    from . import UsageError
+
+    missing = [name for name in args.layers if name not in set(candidates)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise UsageError(
+            f"--layers names {len(missing)} layer(s) that are not candidates of {model} with --target-modules "
+            f"{args.target_modules if isinstance(args.target_modules, str) else ','.join(args.target_modules)} "
+            f"and --granularity {args.granularity}: {shown}. Its candidates are {candidates[0]}, ... "
+            f"({len(candidates)} in all; a run directory's importance.json lists them)."
+        )
+
+
 def cmd_compare(args) -> None:
     from .compare import compare
 
-    table = compare(args.runs, args.out, args.overwrite)
-    print(table)
+    print(compare(args.runs, args.out, args.overwrite, args.label))
 
 
 def cmd_export_lora(args) -> None:
@@ -118,6 +138,7 @@ def cmd_export_lora(args) -> None:
 def cmd_eval(args) -> dict:
     from peft import PeftModel
 
+    from ..mask import ILALoadError
     from ..training import evaluate_loss
     from . import UsageError
     from .files import read_json, write_json
@@ -129,20 +150,33 @@ def cmd_eval(args) -> dict:
             f"{args.adapter} has no adapter_model.safetensors; peft-ila loads weights only from safetensors. Save "
             "the adapter again with save_pretrained(dir)."
         )
+    source, columns = _held_out_source(args, info)
     prepared = prepare(
-        info["model"],
-        info["data"],
+        args.model or info["model"],
+        source,
         info["max_length"],
         info.get("overlong", "truncate"),
         info["held_out_examples"],
         info["split_seed"],
         info["format"] == "plain",
-        eval_data=info.get("eval_data"),
+        columns=columns,
     )
-    model = PeftModel.from_pretrained(prepared.model, args.adapter)
+    _check_base_model(args, info, prepared.info["base_model"])
+    if source == (info.get("eval_data") or info["data"]) and prepared.info["held_out_ids"] != info.get(
+        "held_out_ids", prepared.info["held_out_ids"]
+    ):
+        print(
+            f"warning: the held-out examples differ from those recorded in {args.adapter}/training.json (another "
+            "tokenizer or chat template?); the loss is not comparable to the recorded one.",
+            file=sys.stderr,
+        )
+    try:
+        model = PeftModel.from_pretrained(prepared.model, args.adapter)
+    except ILALoadError as exc:
+        raise UsageError(str(exc)) from None
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)
     result = {
-        "adapter": str(args.adapter),
+        "adapter": str(args.adapter.resolve()),
         "held_out_loss": evaluate_loss(model, held_out, progress=not args.no_progress),
         "prompt": first_user_turn(prepared.held_out_conversations[0]),
         "generation": generate(model, prepared.tokenizer, prepared.held_out_conversations[0], prepared.plain),
@@ -152,6 +186,66 @@ def cmd_eval(args) -> dict:
     if args.json:
         write_json(args.json, result)
     return result
+
+
+def _held_out_source(args, info: dict) -> tuple[str, dict | None]:
+    """Where `eval` draws the held-out examples from, and its column mapping: the file recorded in training.json
+    (checked against its SHA-256: a changed file is refused), or the --data/--eval-data given (a warning when its
+    content is not the recorded one)."""
+    from . import UsageError
+    from .data import ALPACA_DEMO, fingerprint
+
+    flag = "--eval-data" if info.get("eval_data") else "--data"
+    recorded = info.get("eval_data") or info["data"]
+    sha = info.get("eval_data_sha256") if info.get("eval_data") else info.get("data_sha256")
+    columns = info.get("eval_columns") if info.get("eval_data") else info.get("columns")
+    if args.data and info.get("eval_data") and not args.eval_data:
+        raise UsageError(
+            f"the held-out examples of {args.adapter} come from the separate file {recorded}, not from --data; pass "
+            "--eval-data to draw them from another file."
+        )
+    given = args.eval_data or args.data
+    if given is None and recorded != ALPACA_DEMO and Path(recorded).is_absolute() and not Path(recorded).exists():
+        raise UsageError(
+            f"{recorded}, the {flag} recorded in {args.adapter}/training.json, is not there any more; pass {flag} "
+            "with its new place."
+        )
+    source, now = fingerprint(given or recorded)
+    if sha is None or now == sha:
+        if given and source != recorded and sha is not None:
+            print(f"note: {source} has the content of the recorded {flag} {recorded} (sha256 {sha[:12]})")
+        return source, columns if sha is not None else None
+    if given is None:
+        raise UsageError(
+            f"{source} has changed since {args.adapter} was trained (sha256 {sha[:12]} recorded, {now[:12]} now): its "
+            f"held-out examples and loss would not be the recorded ones. Restore it, or pass {flag} {source} to "
+            "evaluate on it anyway."
+        )
+    print(
+        f"warning: evaluating on {source} (sha256 {now[:12]}), not on the {flag} {args.adapter} was trained and "
+        f"evaluated on, {recorded} (sha256 {sha[:12]}): {info['held_out_examples']} held-out examples are drawn "
+        f"from it with seed {info['split_seed']}; the loss is not comparable to the recorded one.",
+        file=sys.stderr,
+    )
+    return source, None
+
+
+def _check_base_model(args, info: dict, loaded: dict) -> None:
+    """The base model's weights must be those the adapter was trained on: refused if they changed under the
+    recorded name, a warning if another model was given with --model."""
+    from . import UsageError
+
+    recorded = info.get("base_model")
+    if recorded is None or recorded["weights_sha256"] == loaded["weights_sha256"]:
+        return
+    other = f"{loaded['model']} (weights {loaded['weights_sha256'][:12]})"
+    was = f"{recorded['model']} (weights {recorded['weights_sha256'][:12]})"
+    if args.model is None:
+        raise UsageError(
+            f"the base model {other} is not the one {args.adapter} was trained on, {was}; restore it, or pass "
+            f"--model {loaded['model']} to evaluate on it anyway."
+        )
+    print(f"warning: evaluating on the base model {other}, not on {was}; the loss is not comparable.", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -182,7 +276,8 @@ def cmd_demo(args) -> None:
         )
         print_finetune(report)
         after_text = generate(model, prepared.tokenizer, conversation, prepared.plain)
-        save_adapter(args, model, tmp / "adapter", report, prepared, "ILA top-k found by this demo")
+        selection = {"selection": "ILA top-k found by this demo", "top_k": model.peft_config["default"].top_k}
+        save_adapter(args, model, tmp / "adapter", report, prepared, {**selection, "layers": len(record["selected"])})
         print("reloading the saved adapter in a fresh process ...")
         reload = [
             sys.executable,
@@ -198,6 +293,8 @@ def cmd_demo(args) -> None:
         if done.returncode != 0:
             raise RuntimeError(f"reloading the adapter in a fresh process failed:\n{done.stderr[-3000:]}")
         reloaded = json.loads((tmp / "reload.json").read_text())
+        reloaded["adapter"] = str((args.out / "adapter").resolve())  # where it is once the demo's output is in place
+        write_json(tmp / "reload.json", reloaded)
         summary = {
             "held_out_loss_before": report.loss_before,
             "held_out_loss_after": report.loss_after,
@@ -224,13 +321,42 @@ def cmd_demo(args) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    _offline_and_quiet()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
-    args.argv = argv
+def _check_optional_packages(args) -> None:
+    """Refuse, before any work, a command whose output needs a package of the `app` extra that is missing."""
     from . import UsageError
-    from .args import MULTI_PROCESS
+
+    plots = args.command in ("identify", "demo", "compare") or (
+        args.command == "train" and not (args.mask or args.all_layers or args.layers)
+    )
+    try:
+        if plots:
+            import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"peft-ila {args.command} needs matplotlib for its plots, which a plain `pip install peft-ila` lacks: "
+            "pip install 'peft-ila[app]'."
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        # peft 0.21's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`; not ours to fix
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    _offline_and_quiet()
+    from . import UsageError
+    from .args import MULTI_PROCESS, ArgumentError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser().parse_args(argv)
+    except ArgumentError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    args.argv = argv
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1 and args.command not in MULTI_PROCESS:
@@ -253,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM cleans up like Ctrl-C
     try:
+        _check_optional_packages(args)
         handlers[args.command](args)
     except UsageError as exc:
         print(f"peft-ila {args.command}: error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from itertools import combinations
 from pathlib import Path
 
+from . import UsageError
 from .files import staged_dir, write_json
 from .plots import overlap_matrix
 from .report import read_run
@@ -41,27 +42,65 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / (vx * vy) ** 0.5 if vx and vy else float("nan")
 
 
-def compare(runs: list[Path], out: Path, overwrite: bool = False) -> str:
-    """Write compare.json and compare.png into `out`; return a printable table."""
+def default_labels(runs: list[Path]) -> list[str]:
+    """Each run's shortest path ending that no other run shares (`alpaca/identify`, `lima/identify`)."""
+    paths = [Path(run).resolve() for run in runs]
+    labels = []
+    for path in paths:
+        others = [other for other in paths if other != path]
+        n = 1
+        while n < len(path.parts) and any(other.parts[-n:] == path.parts[-n:] for other in others):
+            n += 1
+        labels.append("/".join(path.parts[-n:]))
+    return labels
+
+
+def _model(record: dict) -> dict:
+    return record.get("base_model") or {"model": record.get("model")}  # runs of peft-ila < 0.2: the spec only
+
+
+def _same_model(a: dict, b: dict) -> bool:
+    if "weights_sha256" in a and "weights_sha256" in b:
+        return a["weights_sha256"] == b["weights_sha256"]
+    return a["model"] == b["model"]
+
+
+def compare(runs: list[Path], out: Path, overwrite: bool = False, labels: list[str] | None = None) -> str:
+    """Write compare.json and compare.png into `out`; return a printable table. Runs on other models or candidate
+    sets are compared on their common candidate layers only, with a note saying so."""
+    if labels is not None and len(labels) != len(runs):
+        raise UsageError(f"--label given {len(labels)} time(s) for {len(runs)} runs; give one per run, in order.")
     records = [read_run(run) for run in runs]
-    labels = [Path(run).name for run in runs]
-    sets = [set(r["selected"]) for r in records]
-    matrix = [[jaccard(a, b) for b in sets] for a in sets]
-    pairs = []
+    labels = labels or default_labels(runs)
+    matrix = [[1.0] * len(runs) for _ in runs]
+    pairs, notes = [], []
     for i, j in combinations(range(len(runs)), 2):
-        common = [n for n in records[i]["candidates"] if n in records[j]["scores"] and n in records[i]["scores"]]
+        a, b = records[i], records[j]
+        common = [n for n in a["candidates"] if n in set(b["candidates"])]
+        chosen = [set(r["selected"]) & set(common) for r in (a, b)]
+        matrix[i][j] = matrix[j][i] = jaccard(*chosen)
+        same_model = _same_model(_model(a), _model(b))
+        if not same_model:
+            notes.append(
+                f"note: {labels[i]} and {labels[j]} come from different models ({_model(a)['model']} and "
+                f"{_model(b)['model']})"
+            )
+        if a["candidates"] != b["candidates"]:
+            notes.append(
+                f"note: {labels[i]} and {labels[j]} are compared on their {len(common)} common candidate layers only "
+                f"(of {len(a['candidates'])} and {len(b['candidates'])})"
+            )
         pairs.append(
             {
                 "a": labels[i],
                 "b": labels[j],
                 "jaccard": matrix[i][j],
-                "shared_selected": len(sets[i] & sets[j]),
-                "spearman": spearman(
-                    [records[i]["scores"][n] for n in common], [records[j]["scores"][n] for n in common]
-                )
+                "shared_selected": len(chosen[0] & chosen[1]),
+                "spearman": spearman([a["scores"][n] for n in common], [b["scores"][n] for n in common])
                 if len(common) > 1
                 else float("nan"),
                 "common_candidates": len(common),
+                "same_model": same_model,
             }
         )
     with staged_dir(out, overwrite) as tmp:
@@ -69,9 +108,11 @@ def compare(runs: list[Path], out: Path, overwrite: bool = False) -> str:
             tmp / "compare.json", {"runs": [str(r) for r in runs], "labels": labels, "jaccard": matrix, "pairs": pairs}
         )
         overlap_matrix(tmp / "compare.png", labels, matrix, "Overlap of ILA-selected layers (Jaccard)")
-    lines = [f"{'run A':<20} {'run B':<20} {'Jaccard':>7} {'shared':>6} {'Spearman':>8}"]
+    width = max(7, *(len(label) for label in labels))
+    lines = [*notes, f"{'run A':<{width}} {'run B':<{width}} {'Jaccard':>7} {'shared':>6} {'Spearman':>8}"]
     lines += [
-        f"{p['a']:<20} {p['b']:<20} {p['jaccard']:7.3f} {p['shared_selected']:>6} {p['spearman']:8.3f}" for p in pairs
+        f"{p['a']:<{width}} {p['b']:<{width}} {p['jaccard']:7.3f} {p['shared_selected']:>6} {p['spearman']:8.3f}"
+        for p in pairs
     ]
     lines.append(f"wrote {out}/compare.json and {out}/compare.png")
     return "\n".join(lines)

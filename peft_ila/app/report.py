@@ -80,6 +80,7 @@ def write_run(
         return record
     write_json(out / IMPORTANCE, record)
     meta = {"granularity": config["granularity"], "model": str(info.get("model"))}
+    meta["architecture_sha256"] = str(info.get("base_model", {}).get("architecture_sha256"))
     save_file(mask_to_tensors(candidates, result.selected, result.scores), out / MASK, metadata=meta)
     title = f"ILA layer importance: {Path(str(info.get('model'))).name} on {Path(str(info.get('data'))).name}"
     heatmap(out / "heatmap.png", result.scores, result.selected, title)

@@ -21,9 +21,11 @@ def accelerator_for(args):
 
 
 def ila_config(args, **overrides):
-    """The ILAConfig of the command's options; an invalid value is a usage error (checked before any loading)."""
+    """The ILAConfig of the command's options; an invalid value is a usage error naming the option (checked before
+    any loading)."""
     from ..config import ILAConfig
     from . import UsageError
+    from .args import in_flags
 
     fields = dict(
         task_type="CAUSAL_LM",
@@ -31,7 +33,6 @@ def ila_config(args, **overrides):
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=args.target_modules,
-        top_k=args.top_k,
         granularity=args.granularity,
         stage1_max_steps=args.stage1_max_steps,
         stage1_lr=args.stage1_lr,
@@ -42,10 +43,24 @@ def ila_config(args, **overrides):
         sparsity_weight=args.sparsity_weight,
         seed=args.seed,
     )
+    if args.top_k is not None:  # else ILAConfig's default
+        fields["top_k"] = args.top_k
     try:
         return ILAConfig(**{**fields, **overrides})
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(in_flags(str(exc))) from None
+
+
+def candidates_of(model, config) -> list[str]:
+    """The candidate layers `config` gives on `model` (nothing is wrapped); a mismatch is a usage error."""
+    from ..model import find_candidates
+    from . import UsageError
+    from .args import in_flags
+
+    try:
+        return find_candidates(model, config)
+    except ValueError as exc:
+        raise UsageError(in_flags(str(exc).splitlines()[0])) from None
 
 
 def prepare_data(args, accelerator):
@@ -66,6 +81,7 @@ def prepare_data(args, accelerator):
             args.plain_format,
             accelerator,
             args.eval_data,
+            args.columns,
         )
 
 
@@ -133,6 +149,63 @@ def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | N
     return model, result, record
 
 
+def mask_config(args, run: dict, mask: Path, prepared):
+    """The ILAConfig that applies a run directory's mask to the prepared model, and what the adapter records of it.
+
+    The mask's selection, or with `--top-k` the best k of its ranking. A mask whose candidate layers or
+    architecture differ from this model's is refused unless `--allow-other-model` (then its layers that exist here
+    are used, the others dropped and counted); other weights of the same architecture get a note."""
+    from ..config import resolve_top_k
+    from . import UsageError
+    from .args import in_flags
+
+    shape = {"target_modules": run["config"]["target_modules"], "granularity": run["config"]["granularity"]}
+    here = candidates_of(prepared.model, ila_config(args, **shape))
+    ranking = [name for name in run["ranking"] if name in set(here)]
+    _check_mask_model(args, run, mask, here, ranking, prepared.info["base_model"])
+    if args.top_k is None:
+        top_k, selected = run["config"]["top_k"], [name for name in run["selected"] if name in set(here)]
+        how = f"the {len(selected)} layers selected by mask {mask}"
+    else:
+        try:
+            top_k, selected = args.top_k, ranking[: resolve_top_k(args.top_k, len(ranking))]
+        except ValueError as exc:
+            raise UsageError(in_flags(str(exc))) from None
+        how = f"the best {len(selected)} of the ranking of mask {mask} (--top-k {args.top_k})"
+    if not selected:
+        raise UsageError(
+            f"none of the {len(run['selected'])} layers selected by --mask {mask} is a candidate of this model; pass "
+            "--top-k K to take the best K of its ranking that are."
+        )
+    if len(selected) < len(run["selected"]) and args.top_k is None:
+        print(f"note: dropped {len(run['selected']) - len(selected)} of its {len(run['selected'])} selected layers")
+    scores = {name: run["scores"][name] for name in ranking}
+    config = ila_config(args, selected_layers=selected, layer_scores=scores, top_k=top_k, **shape)
+    return config, {"selection": how, "mask": str(mask.resolve()), "top_k": top_k, "layers": len(selected)}
+
+
+def _check_mask_model(args, run: dict, mask: Path, here: list[str], common: list[str], model: dict) -> None:
+    """Refuse a mask found on another model (other candidates or architecture) unless --allow-other-model."""
+    from . import UsageError
+
+    found = run.get("base_model") or {"model": run.get("model")}  # runs of peft-ila < 0.2 record the model spec only
+    where = f"--mask {mask} was found on {found['model']} ({len(run['candidates'])} candidate layers)"
+    if run["candidates"] != here:
+        problem = f"{model['model']} has {len(here)}, {len(common)} of them in common"
+    elif found.get("architecture_sha256", model["architecture_sha256"]) != model["architecture_sha256"]:
+        problem = f"{model['model']} has the same layer names but another architecture (other shapes)"
+    else:
+        if found.get("weights_sha256", model["weights_sha256"]) != model["weights_sha256"]:
+            print(f"note: {where}; fine-tuning {model['model']}: same architecture, other weights")
+        return
+    if not args.allow_other_model:
+        raise UsageError(
+            f"{where}; {problem}. A mask belongs to the model it was found on: identify on this one, or pass "
+            "--allow-other-model to apply the mask's layers that exist here."
+        )
+    print(f"note: --allow-other-model: {where}; {problem}")
+
+
 def command_line(args) -> str:
     """The command line that made an output, for its report."""
     return shlex.join(["peft-ila", *args.argv])
@@ -152,8 +225,10 @@ def print_top(record: dict, limit: int = 15) -> None:
     )
 
 
-def save_adapter(args, model, out: Path, report, prepared, selection: str) -> dict:
-    """Save the adapter and training.json (what `eval` needs to rebuild the base model and the split)."""
+def save_adapter(args, model, out: Path, report, prepared, selection: dict) -> dict:
+    """Save the adapter and training.json: what `eval` needs to rebuild the base model and the split (see
+    `pipeline.prepare`), how the layers were chosen (`selection`: at least its description and the number of
+    `layers`), and the fine-tune's report."""
     from dataclasses import asdict
 
     from ..distributed import world_size
@@ -161,7 +236,7 @@ def save_adapter(args, model, out: Path, report, prepared, selection: str) -> di
 
     settings = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "bf16", "lr", "warmup")}
     record = {"command": command_line(args), **prepared.info, **settings, "processes": world_size()}
-    record.update(selection=selection, **asdict(report))
+    record.update({"top_k": None, **selection, **asdict(report)})
     with main_process_dir(out, args.overwrite) as tmp:
         if tmp is not None:
             model.save_pretrained(tmp)
