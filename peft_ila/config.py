@@ -95,7 +95,8 @@ class ILAConfig(PeftConfig):
         metadata={
             "help": (
                 "How many layers keep adapters: an int >= 1, or a fraction in (0, 1] of the candidate layers "
-                "(rounded half up). 0.75 is the paper's 'freeze the least important 25%'."
+                "(rounded half up). 0.75 is the paper's 'freeze the least important 25%'. Ignored when "
+                "`selected_layers` is given: those are taken as they are."
             )
         },
     )

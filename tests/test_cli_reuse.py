@@ -74,6 +74,27 @@ def test_eval_refuses_changed_data_and_warns_on_data_given_instead(work, run, tm
         assert warning.startswith("warning:") and str(data) in warning and f"{data} (sha256" in warning
 
 
+def test_eval_refuses_a_base_model_whose_weights_changed_and_warns_on_one_given(work, run, tmp_path, capsys):
+    lm = tiny_lm_dir(tmp_path / "lm")
+    out = tmp_path / "adapter"
+    assert train_on_mask(work, run, out, "--model", str(lm)) == 0
+    tiny_lm_dir(lm, seed=1)  # other weights under the same name
+    capsys.readouterr()
+    assert main(["eval", str(out), "--no-progress"]) == 2
+    assert f"the base model {lm} (weights" in one_line_error(capsys)
+    assert main(["eval", str(out), "--model", str(lm), "--no-progress"]) == 0
+    assert capsys.readouterr().err.startswith(f"warning: evaluating on the base model {lm} (weights")
+
+
+def test_eval_of_held_out_data_from_a_separate_file_takes_eval_data_not_data(work, run, tmp_path, capsys):
+    (tmp_path / "test.json").write_text(json.dumps(alpaca_rows(12)))
+    out = tmp_path / "adapter"
+    assert train_on_mask(work, run, out, "--eval-data", str(tmp_path / "test.json")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(work / "data.json")]) == 2
+    assert "come from the separate file" in one_line_error(capsys)
+
+
 # --- 2. --top-k with --mask -----------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ EXAMPLES = {
 DEMO = {"max_length": 128, "eval_size": 32, "stage1_max_steps": 30, "stage2_steps": 20, "steps": 30, "lr": 1e-3}
 
 
-class ArgumentError(Exception):
+class CommandLineError(Exception):
     """A command line argparse cannot parse; the CLI prints it on one line, naming the flag, and exits with 2."""
 
     def __init__(self, prog: str, message: str) -> None:
@@ -43,7 +43,7 @@ class Parser(argparse.ArgumentParser):
         flag, _, problem = message.partition(": ")
         if flag.startswith("argument ") and " is invalid: " in problem:  # from the types below
             message = f"{flag.removeprefix('argument ').split('/')[-1]} {problem}"
-        raise ArgumentError(self.prog, f"{message}; see `{self.prog} --help`.")
+        raise CommandLineError(self.prog, f"{message}; see `{self.prog} --help`.")
 
 
 def _typed(convert, allowed: str):
@@ -53,7 +53,6 @@ def _typed(convert, allowed: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text} is invalid: it must be {allowed}") from None
 
-    parse.__name__ = allowed
     return parse
 
 

@@ -150,7 +150,7 @@ def cmd_eval(args) -> dict:
             f"{args.adapter} has no adapter_model.safetensors; peft-ila loads weights only from safetensors. Save "
             "the adapter again with save_pretrained(dir)."
         )
-    source, columns = _held_out_source(args, info)
+    source, columns, recorded = _held_out_source(args, info)
     prepared = prepare(
         args.model or info["model"],
         source,
@@ -162,9 +162,7 @@ def cmd_eval(args) -> dict:
         columns=columns,
     )
     _check_base_model(args, info, prepared.info["base_model"])
-    if source == (info.get("eval_data") or info["data"]) and prepared.info["held_out_ids"] != info.get(
-        "held_out_ids", prepared.info["held_out_ids"]
-    ):
+    if recorded and prepared.info["held_out_ids"] != info.get("held_out_ids", prepared.info["held_out_ids"]):
         print(
             f"warning: the held-out examples differ from those recorded in {args.adapter}/training.json (another "
             "tokenizer or chat template?); the loss is not comparable to the recorded one.",
@@ -188,10 +186,10 @@ def cmd_eval(args) -> dict:
     return result
 
 
-def _held_out_source(args, info: dict) -> tuple[str, dict | None]:
-    """Where `eval` draws the held-out examples from, and its column mapping: the file recorded in training.json
-    (checked against its SHA-256: a changed file is refused), or the --data/--eval-data given (a warning when its
-    content is not the recorded one)."""
+def _held_out_source(args, info: dict) -> tuple[str, dict | None, bool]:
+    """Where `eval` draws the held-out examples from, its column mapping, and whether it is the recorded data: the
+    file recorded in training.json (checked against its SHA-256: a changed file is refused), or the --data or
+    --eval-data given (with a warning when its content is not the recorded one)."""
     from . import UsageError
     from .data import ALPACA_DEMO, fingerprint
 
@@ -211,10 +209,13 @@ def _held_out_source(args, info: dict) -> tuple[str, dict | None]:
             "with its new place."
         )
     source, now = fingerprint(given or recorded)
-    if sha is None or now == sha:
-        if given and source != recorded and sha is not None:
+    if sha is None:
+        print(f"note: {args.adapter}/training.json records no SHA-256 of its data (an older adapter): not checked")
+        return source, None, False
+    if now == sha:
+        if source != recorded:
             print(f"note: {source} has the content of the recorded {flag} {recorded} (sha256 {sha[:12]})")
-        return source, columns if sha is not None else None
+        return source, columns, True
     if given is None:
         raise UsageError(
             f"{source} has changed since {args.adapter} was trained (sha256 {sha[:12]} recorded, {now[:12]} now): its "
@@ -227,7 +228,7 @@ def _held_out_source(args, info: dict) -> tuple[str, dict | None]:
         f"from it with seed {info['split_seed']}; the loss is not comparable to the recorded one.",
         file=sys.stderr,
     )
-    return source, None
+    return source, None, False
 
 
 def _check_base_model(args, info: dict, loaded: dict) -> None:
@@ -348,12 +349,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     _offline_and_quiet()
     from . import UsageError
-    from .args import MULTI_PROCESS, ArgumentError
+    from .args import MULTI_PROCESS, CommandLineError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser().parse_args(argv)
-    except ArgumentError as exc:
+    except CommandLineError as exc:
         print(f"{exc.prog}: error: {exc}", file=sys.stderr)
         return 2
     args.argv = argv

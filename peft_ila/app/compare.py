@@ -56,7 +56,7 @@ def default_labels(runs: list[Path]) -> list[str]:
 
 
 def _model(record: dict) -> dict:
-    return record.get("base_model") or {"model": record.get("model")}  # runs of peft-ila < 0.2: the spec only
+    return record.get("base_model") or {"model": record.get("model")}  # older runs record the model spec only
 
 
 def _same_model(a: dict, b: dict) -> bool:

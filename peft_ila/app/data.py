@@ -66,43 +66,28 @@ class Dataset:
     columns: dict[str, str]  # role -> column, as used
 
 
-def _rows(spec: str) -> tuple[list[dict], str, str]:
-    """Rows of a dataset (the embedded default, a local json/jsonl/parquet file, or a cached `datasets` name), where
-    they came from, and their SHA-256."""
-    import datasets
-
+def _data_file(spec: str) -> Path | None:
+    """The local file a dataset spec names (the embedded default is fetched once), or None for a name to look up in
+    the local `datasets` cache."""
     path = fetch_alpaca_demo() if spec == ALPACA_DEMO else Path(spec).expanduser()
-    source = spec if spec == ALPACA_DEMO else str(path.resolve())
     if path.is_dir():
         raise UsageError(f"--data {spec} is a directory; pass a .json, .jsonl or .parquet file.")
     if path.suffix in (".json", ".jsonl", ".parquet"):
         if not path.is_file():
             raise UsageError(f"data file {path} does not exist; pass --data with an existing json/jsonl/parquet file.")
-        builder = "parquet" if path.suffix == ".parquet" else "json"
-        if builder == "json" and path.stat().st_size <= 64 and path.read_bytes().strip() in (b"", b"[]", b"{}"):
-            return [], source, file_sha256(path)  # datasets reports an empty file obscurely
-        try:
-            rows = datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
-        except Exception as exc:  # datasets raises many types for unreadable files
-            raise UsageError(f"cannot read {path} as {builder}: {str(exc).splitlines()[0]}") from None
-        return rows, source, file_sha256(path)
+        return path
     if path.exists():
         raise UsageError(f"{path} is not a .json, .jsonl or .parquet file; convert it or pass one of those.")
-    try:
-        rows = datasets.load_dataset(spec, split="train").to_list()
-    except Exception:
-        raise UsageError(
-            f"--data {spec!r} is neither a local .json/.jsonl/.parquet file nor a dataset in the local datasets "
-            f"cache (nothing is downloaded from the hub); pass a local file, or {ALPACA_DEMO!r}."
-        ) from None
-    canonical = json.dumps(rows, sort_keys=True, default=str).encode()
-    return rows, spec, hashlib.sha256(canonical).hexdigest()
+    return None
 
 
 def fingerprint(spec: str) -> tuple[str, str]:
-    """Where a dataset spec resolves to (see `Dataset.source`) and the SHA-256 of its content."""
-    _, source, sha256 = _rows(spec)
-    return source, sha256
+    """Where a dataset spec resolves to and the SHA-256 of its content (see `Dataset.source`, `Dataset.sha256`)."""
+    path = _data_file(spec)
+    if path is None:
+        _, source, sha256 = _rows(spec)
+        return source, sha256
+    return (spec if spec == ALPACA_DEMO else str(path.resolve())), file_sha256(path)
 
 
 def file_sha256(path: Path) -> str:
@@ -111,6 +96,31 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _rows(spec: str) -> tuple[list[dict], str, str]:
+    """Rows of a dataset (the embedded default, a local json/jsonl/parquet file, or a cached `datasets` name), where
+    they came from and their SHA-256 (see `fingerprint`)."""
+    import datasets
+
+    path = _data_file(spec)
+    if path is None:
+        try:
+            rows = datasets.load_dataset(spec, split="train").to_list()
+        except Exception:
+            raise UsageError(
+                f"--data {spec!r} is neither a local .json/.jsonl/.parquet file nor a dataset in the local datasets "
+                f"cache (nothing is downloaded from the hub); pass a local file, or {ALPACA_DEMO!r}."
+            ) from None
+        return rows, spec, hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    source, sha256 = fingerprint(spec)
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    if builder == "json" and path.stat().st_size <= 64 and path.read_bytes().strip() in (b"", b"[]", b"{}"):
+        return [], source, sha256  # datasets reports an empty file obscurely
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train").to_list(), source, sha256
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise UsageError(f"cannot read {path} as {builder}: {str(exc).splitlines()[0]}") from None
 
 
 def _from_alpaca(row: dict, columns: dict[str, str]) -> Conversation:

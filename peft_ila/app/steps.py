@@ -188,7 +188,7 @@ def _check_mask_model(args, run: dict, mask: Path, here: list[str], common: list
     """Refuse a mask found on another model (other candidates or architecture) unless --allow-other-model."""
     from . import UsageError
 
-    found = run.get("base_model") or {"model": run.get("model")}  # runs of peft-ila < 0.2 record the model spec only
+    found = run.get("base_model") or {"model": run.get("model")}  # older runs record the model spec only
     where = f"--mask {mask} was found on {found['model']} ({len(run['candidates'])} candidate layers)"
     if run["candidates"] != here:
         problem = f"{model['model']} has {len(here)}, {len(common)} of them in common"
