@@ -18,11 +18,15 @@ EXAMPLES = {
     "  peft-ila identify --out runs/alpaca --top-k 0.25 --stage1-max-steps 60 --stage2-steps 30 --resume   "
     "(after an interruption)",
     "train": "peft-ila train --mask runs/alpaca --out adapters/alpaca-top25 --steps 100\n"
+    "  peft-ila train --mask runs/alpaca --top-k 10 --out adapters/alpaca-best10 --steps 100   (the mask's best 10)\n"
+    "  peft-ila train --data mine.json --columns instruction=ask,output=reply --mask runs/alpaca --out adapters/mine\n"
     "  peft-ila train --all-layers --out adapters/alpaca-all --steps 100\n"
     "  peft-ila train --layers model.layers.3.mlp.down_proj,model.layers.9.self_attn.o_proj --out adapters/two",
-    "compare": "peft-ila compare runs/alpaca runs/lima runs/dolly --out runs/compare",
+    "compare": "peft-ila compare runs/alpaca runs/lima runs/dolly --out runs/compare\n"
+    "  peft-ila compare runs/a/identify runs/b/identify --label alpaca --label lima",
     "export-lora": "peft-ila export-lora adapters/alpaca-top25 adapters/alpaca-top25-lora",
-    "eval": "peft-ila eval adapters/alpaca-top25",
+    "eval": "peft-ila eval adapters/alpaca-top25\n"
+    "  peft-ila eval adapters/alpaca-top25 --data /new/place/alpaca.json   (the data file moved)",
     "demo": "peft-ila demo --out ila-demo",
 }
 DEMO = {"max_length": 128, "eval_size": 32, "stage1_max_steps": 30, "stage2_steps": 20, "steps": 30, "lr": 1e-3}

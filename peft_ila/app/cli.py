@@ -191,7 +191,7 @@ def _held_out_source(args, info: dict) -> tuple[str, dict | None, bool]:
     file recorded in training.json (checked against its SHA-256: a changed file is refused), or the --data or
     --eval-data given (with a warning when its content is not the recorded one)."""
     from . import UsageError
-    from .data import ALPACA_DEMO, fingerprint
+    from .data import ALPACA_DEMO, fetch_alpaca_demo, fingerprint
 
     flag = "--eval-data" if info.get("eval_data") else "--data"
     recorded = info.get("eval_data") or info["data"]
@@ -217,10 +217,11 @@ def _held_out_source(args, info: dict) -> tuple[str, dict | None, bool]:
             print(f"note: {source} has the content of the recorded {flag} {recorded} (sha256 {sha[:12]})")
         return source, columns, True
     if given is None:
+        where = f" ({fetch_alpaca_demo()})" if source == ALPACA_DEMO else ""
         raise UsageError(
-            f"{source} has changed since {args.adapter} was trained (sha256 {sha[:12]} recorded, {now[:12]} now): its "
-            f"held-out examples and loss would not be the recorded ones. Restore it, or pass {flag} {source} to "
-            "evaluate on it anyway."
+            f"{source}{where} has changed since {args.adapter} was trained (sha256 {sha[:12]} recorded, {now[:12]} "
+            f"now): its held-out examples and loss would not be the recorded ones. Restore it, or pass {flag} "
+            f"{source} to evaluate on it anyway."
         )
     print(
         f"warning: evaluating on {source} (sha256 {now[:12]}), not on the {flag} {args.adapter} was trained and "
