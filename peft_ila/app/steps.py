@@ -178,7 +178,11 @@ def mask_config(args, run: dict, mask: Path, prepared):
             "--top-k K to take the best K of its ranking that are."
         )
     if len(selected) < len(run["selected"]) and args.top_k is None:
-        print(f"note: dropped {len(run['selected']) - len(selected)} of its {len(run['selected'])} selected layers")
+        dropped = len(run["selected"]) - len(selected)
+        print(
+            f"note: dropped {dropped} of its {len(run['selected'])} selected layers (not candidates here); "
+            f"{len(selected)} left"
+        )
     scores = {name: run["scores"][name] for name in ranking}
     config = ila_config(args, selected_layers=selected, layer_scores=scores, top_k=top_k, **shape)
     return config, {"selection": how, "mask": str(mask.resolve()), "top_k": top_k, "layers": len(selected)}
