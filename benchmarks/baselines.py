@@ -14,8 +14,8 @@ from peft.helpers import find_kappa_target_modules
 from torch import nn
 
 from peft_ila import ILALayer
-from peft_ila.mask import layer_of
-from peft_ila.training import cycle, train_steps
+from peft_ila.identification.training import cycle, train_steps
+from peft_ila.tuner.mask import layer_of
 
 
 def blocks(candidates: list[str]) -> list[str]:

@@ -35,8 +35,8 @@ from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.files import write_json  # noqa: E402
 from peft_ila.app.pipeline import Prepared, finetune, identify, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
-from peft_ila.mask import layer_of  # noqa: E402
-from peft_ila.training import evaluate_loss  # noqa: E402
+from peft_ila.identification.training import evaluate_loss  # noqa: E402
+from peft_ila.tuner.mask import layer_of  # noqa: E402
 
 PRESETS = {  # tokens per example, batch, held-out examples, fine-tune steps, ILA budget, LISA period, timing batches
     "quick": dict(
@@ -332,12 +332,8 @@ class Bench:
         batches = self.timing_batches(prepared)
         probe = get_peft_model(self.copy_base(), self.config())
         stage1 = step_costs(probe, batches)
-        bank = probe.base_model.ila_gates["default"]
-        bank.active = True
-        for param in probe.parameters():
-            param.requires_grad_(False)
-        bank.logits.requires_grad_(True)
-        stage2 = step_costs(probe, batches)
+        with probe.base_model.gate_stage():
+            stage2 = step_costs(probe, batches)
         selected = get_peft_model(self.copy_base(), self.config(selected_layers=own["ranking"][: own["k_low"]]))
         unmerged = step_costs(selected, batches)
         return {

@@ -1,19 +1,12 @@
 """peft-ila: ILA (Shi et al., arXiv 2410.17875) as a PEFT tuner.
 
 `import peft_ila` registers the PEFT type "ILA", so `get_peft_model(model, ILAConfig(...))`,
-`PeftModel.from_pretrained` and `AutoPeftModelFor*.from_pretrained` work with ILA adapters.
+`PeftModel.from_pretrained` and `AutoPeftModelFor*.from_pretrained` work with ILA adapters. Two wings: `tuner` (the
+PEFT tuner) and `identification` (finding the important layers); the command line and its helpers are in `app`.
 """
 
-from ._peft_compat import ILA as PEFT_TYPE
-from ._peft_compat import register as _register
-from .callback import ILACallback
-from .config import ILAConfig, resolve_top_k
-from .importance import ILAResult, identify_important_layers
-from .layer import GateBank, ILALayer, Linear
-from .mask import ILALoadError
-from .model import ILAModel
-
-_register(ILAConfig, ILAModel)
+from .identification import ILACallback, ILAResult, identify_important_layers
+from .tuner import PEFT_TYPE, GateBank, ILAConfig, ILALayer, ILALoadError, ILAModel, Linear, resolve_top_k
 
 __version__ = "0.1.0"
 __all__ = [

@@ -25,8 +25,8 @@ from transformers import Trainer, default_data_collator
 # tests/ is this script's directory, so on sys.path
 from conftest import interrupt_at_forward, lm_batches, lm_dataset, tiny_llama, trainer_args
 from peft_ila import ILACallback, ILAConfig, identify_important_layers
-from peft_ila.distributed import agree_on, rank, world_size
-from peft_ila.training import cycle, train_steps
+from peft_ila.identification.distributed import agree_on, rank, world_size
+from peft_ila.identification.training import cycle, train_steps
 
 CONFIG = dict(r=2, top_k=6, stage1_max_steps=12, stability_window=3, stage2_steps=8, gate_lr=0.2, seed=3)
 

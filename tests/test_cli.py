@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import peft_ila.app.pipeline
-import peft_ila.importance
+import peft_ila.identification.importance
 from conftest import alpaca_rows, common, identify, tiny_llama, tiny_lm_dir
 from peft_ila import ILALayer
 from peft_ila.app.cli import main
-from peft_ila.mask import tensors_to_mask
+from peft_ila.tuner.mask import tensors_to_mask
 
 
 def test_identify_writes_a_complete_run_directory(run, tmp_path):
@@ -277,7 +277,7 @@ def test_interrupted_identify_resumes_to_the_uninterrupted_selection(work, run, 
     out, checkpoint = tmp_path / "r", tmp_path / "r.checkpoint.safetensors"
     args = ["identify", *common(work, "--stage1-max-steps", "6", "--stage2-steps", "3"), "--out", str(out)]
     with monkeypatch.context() as patch:
-        stop_at_step(patch, peft_ila.importance, 8)  # stage 2, step 2
+        stop_at_step(patch, peft_ila.identification.importance, 8)  # stage 2, step 2
         assert main([*args, "--checkpoint-every", "2"]) == 130
     err = capsys.readouterr().err
     assert f"progress is saved in {checkpoint}; run the same command with --resume" in err
@@ -315,14 +315,14 @@ def test_damaged_mask_file_is_refused_naming_it(work, run, tmp_path, capsys):
 
 
 def test_diverging_identification_names_stage_and_step_and_writes_no_mask(work, tmp_path, monkeypatch, capsys):
-    real = peft_ila.importance.train_steps
+    real = peft_ila.identification.importance.train_steps
 
     def diverging_gates(*args, **kwargs):
         if kwargs["desc"].startswith("ILA stage 2"):
             kwargs["penalty"] = lambda: torch.tensor(float("nan"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(peft_ila.importance, "train_steps", diverging_gates)
+    monkeypatch.setattr(peft_ila.identification.importance, "train_steps", diverging_gates)
     code = main(
         ["identify", *common(work, "--stage1-max-steps", "2", "--checkpoint-every", "1"), "--out", str(tmp_path / "r")]
     )
@@ -344,3 +344,10 @@ def test_sigterm_during_identify_cleans_up_like_ctrl_c(work, tmp_path):
     assert process.returncode == 130, err[-2000:]
     assert "run the same command with --resume" in err and "interrupted; nothing half-written" in err
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.name]  # no run directory, no hidden partial one
+
+
+def test_identify_with_another_estimator(work, tmp_path):
+    identify(work, tmp_path / "r", "--estimator", "update-norm")
+    record = json.loads((tmp_path / "r" / "importance.json").read_text())
+    assert record["config"]["estimator"] == "update-norm" and record["costs"]["stage2"]["steps"] == 0
+    assert max(record["scores"].values()) == 1.0

@@ -38,6 +38,31 @@ def teacher_data(student, planted, n=1024, batch=32, seed=0):
     ]
 
 
+def test_the_first_order_estimator_finds_the_planted_layers_without_training_gates():
+    student = tiny_llama(seed=0)
+    batches = teacher_data(student, PLANTED, seed=0)
+    config = ILAConfig(
+        r=4,
+        top_k=2,
+        stage1_lr=0.01,
+        stage1_max_steps=200,
+        stability_epsilon=1e-3,
+        stage2_steps=8,
+        estimator="first-order",
+    )
+    result = identify_important_layers(get_peft_model(student, config), batches, progress=False)
+    assert set(result.selected) == set(PLANTED), result.ranking[:5]
+    assert min(result.scores.values()) == 0.0 and max(result.scores.values()) == 1.0 and result.stage2_steps == 8
+
+
+def test_the_update_norm_estimator_scores_norms_and_has_no_second_stage():
+    config = ILAConfig(r=2, top_k=3, stage1_max_steps=5, estimator="update-norm")
+    result = identify_important_layers(get_peft_model(tiny_llama(), config), lm_batches(3), progress=False)
+    top = max(result.update_norms.values())
+    assert result.scores == {name: norm / top for name, norm in result.update_norms.items()}
+    assert result.stage2_steps == 0 and result.stage2_losses == [] and len(result.selected) == 3
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_known_answer_planted_layers_rank_on_top(seed):
     student = tiny_llama(seed=seed)
@@ -74,7 +99,7 @@ def test_result_records_costs_and_curves():
     batches = lm_batches(n_batches=3, batch=2, seq=8)
     config = ILAConfig(r=2, top_k=0.25, stage1_max_steps=7, stage2_steps=4)
     model = get_peft_model(tiny_llama(), config)
-    result = model.identify_important_layers(batches, progress=False)  # also reachable as a method
+    result = identify_important_layers(model, batches, progress=False)
     assert (result.stage1_steps, result.stage2_steps) == (7, 4)
     assert (result.stage1_tokens, result.stage2_tokens) == (7 * 16, 4 * 16)
     assert len(result.stage1_losses) == 7 and len(result.stage2_losses) == 4
@@ -164,3 +189,12 @@ def test_non_finite_loss_names_stage_and_step_and_selects_nothing(bad_forward, v
     with pytest.raises(FloatingPointError, match=rf"ILA {where}: the loss became (nan|inf) at step 2"):
         identify_important_layers(model, lm_batches(2), progress=False)
     assert model.peft_config["default"].selected_layers is None and "default" in model.base_model.ila_gates
+
+
+def test_the_config_names_exactly_the_estimators_there_are():
+    from peft_ila.identification.estimators import ESTIMATORS
+    from peft_ila.tuner.config import ESTIMATOR_NAMES
+
+    assert tuple(ESTIMATORS) == ESTIMATOR_NAMES
+    with pytest.raises(ValueError, match="ILAConfig.estimator='fisher' is invalid: it must be 'gates' or"):
+        ILAConfig(estimator="fisher")

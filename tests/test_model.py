@@ -6,7 +6,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from conftest import TinyMLP, llama_candidates, lm_batches, snapshot, tiny_gpt2, tiny_llama
-from peft_ila import ILAConfig, ILALayer, ILAModel
+from peft_ila import ILAConfig, ILALayer, ILAModel, identify_important_layers
 
 
 def ila_layers(model):
@@ -113,7 +113,7 @@ def test_plain_mlp_with_modules_to_save():
     batches = [{"x": torch.randn(16, 10), "labels": torch.randint(0, 3, (16,))} for _ in range(4)]
     model.base_model.peft_config["default"].stage1_max_steps = 5
     model.base_model.peft_config["default"].stage2_steps = 3
-    result = model.identify_important_layers(batches, progress=False)
+    result = identify_important_layers(model, batches, progress=False)
     assert len(result.selected) == 1 and result.stage1_tokens == 5 * 16
     assert model(x).logits.shape == (8, 3)
 

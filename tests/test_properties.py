@@ -11,7 +11,7 @@ from peft import get_peft_model
 
 from conftest import tiny_llama
 from peft_ila import ILAConfig, ILALayer, resolve_top_k
-from peft_ila.mask import mask_to_tensors, tensors_to_mask
+from peft_ila.tuner.mask import mask_to_tensors, tensors_to_mask
 
 numbers = st.one_of(st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none())
 

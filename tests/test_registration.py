@@ -10,7 +10,8 @@ from peft import PeftType
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import peft_ila
-from peft_ila import ILAConfig, ILAModel, _peft_compat
+from peft_ila import ILAConfig, ILAModel
+from peft_ila.tuner import _peft_compat
 
 
 def test_ila_is_a_peft_type():
@@ -23,7 +24,7 @@ def test_ila_is_a_peft_type():
 
 def test_reimport_and_reload_are_harmless():
     code = (
-        "import importlib, peft_ila, peft_ila._peft_compat as c\n"
+        "import importlib, peft_ila, peft_ila.tuner._peft_compat as c\n"
         "import peft_ila\n"
         "importlib.reload(c); importlib.reload(peft_ila)\n"
         "from peft import PeftType, get_peft_model\n"

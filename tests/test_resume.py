@@ -95,7 +95,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("peft_ila.checkpoint.save_file", crash_midway)
+    monkeypatch.setattr("peft_ila.identification.checkpoint.save_file", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         identify(checkpoint)  # its first checkpoint (step 2) dies while being written
     assert checkpoint.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [checkpoint.name]
@@ -106,3 +106,12 @@ def test_checkpoint_every_is_validated():
         identify_important_layers(
             get_peft_model(tiny_llama(), ILAConfig(r=2)), lm_batches(1), checkpoint="x", checkpoint_every=0
         )
+
+
+@pytest.mark.parametrize(("estimator", "stop_at_forward"), [("first-order", 19), ("update-norm", 9)])
+def test_every_estimator_resumes_to_its_uninterrupted_result(tmp_path, estimator, stop_at_forward):
+    whole = identify(estimator=estimator)
+    checkpoint = tmp_path / "run.ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        identify(checkpoint, stop_at_forward=stop_at_forward, estimator=estimator)
+    assert without_seconds(identify(checkpoint, resume=True, estimator=estimator)) == without_seconds(whole)

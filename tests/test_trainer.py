@@ -15,8 +15,8 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 
 from conftest import alpaca_rows, lm_batches, lm_dataset, tiny_llama, tiny_lm_dir, trainer_args
 from peft_ila import ILACallback, ILAConfig, identify_important_layers
-from peft_ila.callback import REPORT_NAME, keep_trainable_only
-from peft_ila.training import cycle, train_steps
+from peft_ila.identification.callback import REPORT_NAME, keep_trainable_only
+from peft_ila.identification.training import cycle, train_steps
 
 PROBE = dict(r=2, top_k=4, stage1_max_steps=12, stability_window=3, stage2_steps=6, gate_lr=0.2, seed=1)
 

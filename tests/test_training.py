@@ -7,7 +7,7 @@ from peft import get_peft_model
 
 from conftest import lm_batches, tiny_llama
 from peft_ila import ILAConfig
-from peft_ila.training import StabilityTest, cycle, evaluate_loss, train_steps
+from peft_ila.identification.training import StabilityTest, cycle, evaluate_loss, train_steps
 
 
 def probe_model():

@@ -1,6 +1,6 @@
 """The application layer: data, model loading, the `peft-ila` command line, reports and plots.
 
-The tuner core (`peft_ila.config`, `layer`, `model`, `importance`, `training`, `mask`) imports nothing from here.
+The two wings of the package, `peft_ila.tuner` and `peft_ila.identification`, import nothing from here.
 """
 
 import os

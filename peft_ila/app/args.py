@@ -91,6 +91,7 @@ FLAGS = {
     "stability_epsilon": "--epsilon",
     "stability_window": "--window",
     "stage2_steps": "--stage2-steps",
+    "estimator": "--estimator",
     "gate_lr": "--gate-lr",
     "sparsity_weight": "--sparsity-weight",
     "seed": "--seed",
@@ -203,6 +204,13 @@ def _add_ila(p: argparse.ArgumentParser, d: dict) -> None:
         type=_int,
         default=d.get("stage2_steps", 100),
         help="gate-learning steps (default: %(default)s)",
+    )
+    g.add_argument(
+        "--estimator",
+        choices=("gates", "update-norm", "first-order"),
+        default="gates",
+        help="how layers are scored after stage 1: 'gates' (the paper's learned gates), 'update-norm' (||dW||, no "
+        "stage 2), 'first-order' (mean -dL/dgate over --stage2-steps steps, nothing trained) (default: %(default)s)",
     )
     g.add_argument("--gate-lr", type=_float, default=0.1, help="gate learning rate (default: %(default)s)")
     g.add_argument("--sparsity-weight", type=_float, default=0.5, help="sparsity weight (default: %(default)s)")

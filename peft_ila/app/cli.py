@@ -138,8 +138,8 @@ def cmd_export_lora(args) -> None:
 def cmd_eval(args) -> dict:
     from peft import PeftModel
 
-    from ..mask import ILALoadError
-    from ..training import evaluate_loss
+    from ..identification.training import evaluate_loss
+    from ..tuner.mask import ILALoadError
     from . import UsageError
     from .files import read_json, write_json
     from .pipeline import first_user_turn, generate, prepare

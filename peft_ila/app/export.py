@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..mask import MASK_KEYS
+from ..tuner.mask import MASK_KEYS
 from . import UsageError
 from .files import read_json, staged_dir
 

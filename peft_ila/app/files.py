@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import rank
+from ..identification.distributed import rank
 from . import UsageError
 
 

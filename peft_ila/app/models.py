@@ -81,7 +81,7 @@ def portable(spec: str) -> str:
 def identity(model) -> dict:
     """What tells base models apart: the class, a SHA-256 of the parameter names and shapes (the architecture), and
     a sampled SHA-256 of the weights (see `weights_fingerprint`)."""
-    from ..checkpoint import weights_fingerprint
+    from ..identification.checkpoint import weights_fingerprint
 
     named = list(model.named_parameters())
     shapes = "".join(f"{name} {tuple(p.shape)}\n" for name, p in named)

@@ -1,5 +1,5 @@
 """What `identify`, `train`, `demo` and the benchmarks share: prepare model and data, find the layers, fine-tune,
-evaluate, generate. Training always goes through `peft_ila.training.train_steps`."""
+evaluate, generate. Training always goes through `peft_ila.identification.training.train_steps`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
-from ..config import ILAConfig
-from ..distributed import rank, world_size
-from ..importance import ILAResult, identify_important_layers
-from ..training import StepStats, cycle, evaluate_loss, train_steps
+from ..identification.distributed import rank, world_size
+from ..identification.importance import ILAResult, identify_important_layers
+from ..identification.training import StepStats, cycle, evaluate_loss, train_steps
+from ..tuner.config import ILAConfig
 from . import UsageError
 from .args import in_flags
 from .data import Conversation, Encoded, batches, encode, prompt_text, read_dataset, split

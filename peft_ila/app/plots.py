@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ..mask import layer_of
+from ..tuner.mask import layer_of
 
 
 def grid(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
@@ -27,7 +27,7 @@ def grid(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, i
 
 
 def heatmap(path: Path, scores: dict[str, float], selected: list[str], title: str) -> None:
-    """Module types x blocks, colour = learned gate; selected layers marked with a white dot."""
+    """Module types x blocks, colour = importance score in [0, 1]; selected layers marked with a white dot."""
     kinds, blocks, cell = grid(list(scores))
     values = [[float("nan")] * len(blocks) for _ in kinds]
     for name, score in scores.items():
@@ -41,7 +41,7 @@ def heatmap(path: Path, scores: dict[str, float], selected: list[str], title: st
     ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=7)
     ax.set_xlabel(f"block ({blocks[0].rsplit('.', 1)[0]}.N)" if "." in blocks[0] else "block", fontsize=8)
     ax.set_title(f"{title}\nwhite dots: the {len(selected)} selected layers", fontsize=9)
-    fig.colorbar(image, ax=ax, label="gate (importance)", fraction=0.025, pad=0.01)
+    fig.colorbar(image, ax=ax, label="importance score", fraction=0.025, pad=0.01)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -13,8 +13,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..importance import ILAResult
-from ..mask import mask_to_tensors, tensors_to_mask
+from ..identification.importance import ILAResult
+from ..tuner.mask import mask_to_tensors, tensors_to_mask
 from . import UsageError
 from .files import read_json, write_json
 
@@ -101,7 +101,7 @@ def markdown(record: dict) -> str:
         "",
         "![heatmap](heatmap.png)",
         "",
-        "| rank | layer | gate | update norm ‖ΔW‖ |",
+        f"| rank | layer | score ({record['config'].get('estimator', 'gates')}) | update norm ‖ΔW‖ |",
         "|---:|---|---:|---:|",
         *(
             f"| {i} | `{name}` | {record['scores'][name]:.4f} | {record['update_norms'][name]:.4f} |"
@@ -113,7 +113,8 @@ def markdown(record: dict) -> str:
         "| stage | steps | tokens | seconds | ended by |",
         "|---|---:|---:|---:|---|",
         f"| 1: adapters until epsilon-stable | {s1['steps']} | {s1['tokens']} | {s1['seconds']} | {s1['stop']} |",
-        f"| 2: gates | {s2['steps']} | {s2['tokens']} | {s2['seconds']} | step budget |",
+        f"| 2: {record['config'].get('estimator', 'gates')} | {s2['steps']} | {s2['tokens']} | {s2['seconds']} | "
+        "step budget |",
         "",
         "## Command",
         "",

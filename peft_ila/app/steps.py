@@ -23,7 +23,7 @@ def accelerator_for(args):
 def ila_config(args, **overrides):
     """The ILAConfig of the command's options; an invalid value is a usage error naming the option (checked before
     any loading)."""
-    from ..config import ILAConfig
+    from ..tuner.config import ILAConfig
     from . import UsageError
     from .args import in_flags
 
@@ -39,6 +39,7 @@ def ila_config(args, **overrides):
         stability_epsilon=args.epsilon,
         stability_window=args.window,
         stage2_steps=args.stage2_steps,
+        estimator=args.estimator,
         gate_lr=args.gate_lr,
         sparsity_weight=args.sparsity_weight,
         seed=args.seed,
@@ -53,7 +54,7 @@ def ila_config(args, **overrides):
 
 def candidates_of(model, config) -> list[str]:
     """The candidate layers `config` gives on `model` (nothing is wrapped); a mismatch is a usage error."""
-    from ..model import find_candidates
+    from ..tuner.model import find_candidates
     from . import UsageError
     from .args import in_flags
 
@@ -87,7 +88,7 @@ def prepare_data(args, accelerator):
 
 def checkpoint_path(args, out: Path) -> Path | None:
     """Where identification checkpoints to (None: it does not); checked before any work, like the output path."""
-    from ..distributed import rank
+    from ..identification.distributed import rank
     from . import UsageError
 
     path = out.with_name(out.name + ".checkpoint.safetensors")
@@ -109,8 +110,8 @@ def checkpoint_path(args, out: Path) -> Path | None:
 def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | None = None, shown: Path | None = None):
     """Stages 1 and 2 on the training split; the run directory appears whole at `out` or not at all. With a
     `checkpoint`, the run's state is saved there as it goes and removed once the run directory is written."""
-    from ..distributed import rank
-    from ..mask import ILALoadError
+    from ..identification.distributed import rank
+    from ..tuner.mask import ILALoadError
     from . import UsageError
     from .files import main_process_dir
     from .pipeline import identify
@@ -155,7 +156,7 @@ def mask_config(args, run: dict, mask: Path, prepared):
     The mask's selection, or with `--top-k` the best k of its ranking. A mask whose candidate layers or
     architecture differ from this model's is refused unless `--allow-other-model` (then its layers that exist here
     are used, the others dropped and counted); other weights of the same architecture get a note."""
-    from ..config import resolve_top_k
+    from ..tuner.config import resolve_top_k
     from . import UsageError
     from .args import in_flags
 
@@ -217,8 +218,9 @@ def command_line(args) -> str:
 
 def print_top(record: dict, limit: int = 15) -> None:
     s1, s2 = record["costs"]["stage1"], record["costs"]["stage2"]
-    print(f"\nTop {len(record['selected'])} of {len(record['candidates'])} layers (gate = learned importance):")
-    print(f"{'rank':>4}  {'gate':>6}  layer")
+    estimator = record["config"].get("estimator", "gates")
+    print(f"\nTop {len(record['selected'])} of {len(record['candidates'])} layers (score: {estimator}):")
+    print(f"{'rank':>4}  {'score':>6}  layer")
     for i, name in enumerate(record["selected"][:limit], 1):
         print(f"{i:>4}  {record['scores'][name]:6.3f}  {name}")
     if len(record["selected"]) > limit:
@@ -235,7 +237,7 @@ def save_adapter(args, model, out: Path, report, prepared, selection: dict) -> d
     `layers`), and the fine-tune's report."""
     from dataclasses import asdict
 
-    from ..distributed import world_size
+    from ..identification.distributed import world_size
     from .files import main_process_dir, write_json
 
     settings = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "bf16", "lr", "warmup")}

@@ -122,25 +122,14 @@ def train_steps(
         for batch in batches:
             batch = _to_device(batch, model)
             with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = model(**batch).loss
-                    if loss is None:
-                        raise ValueError("The model returned no loss: every batch needs `labels`.")
-                    total = loss + penalty() if penalty is not None else loss
-                value = float(total.detach())
-                if any_rank(not math.isfinite(value)):
-                    what = f"became {value}" if not math.isfinite(value) else "became non-finite on another rank"
-                    raise FloatingPointError(
-                        f"{desc}: the loss {what} at step {stats.steps + 1}; lower the learning rate or check the data."
-                    )
-                accelerator.backward(total)
+                loss = _micro_step(model, batch, accelerator, penalty, f"{desc}: the loss", stats.steps + 1)
                 if accelerator.sync_gradients and sync_here:
                     average_gradients(params)
                 optimizer.step()
                 if scheduler is not None and accelerator.sync_gradients and not optimizer.step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro.append(float(loss.detach()))
+            micro.append(loss)
             micro_tokens += count_tokens(batch)
             if not accelerator.sync_gradients:
                 continue
@@ -171,6 +160,22 @@ def train_steps(
         stats.tokens += int(sum_over_ranks(micro_tokens)[0])
     stats.stop_reason = stats.stop_reason or "data_exhausted"
     return stats
+
+
+def _micro_step(model, batch: Batch, accelerator, penalty, what: str, step: int) -> float:
+    """Forward and backward of one micro-batch (loss plus penalty); its loss. Raises `FloatingPointError` naming the
+    step if the loss is not finite on any rank."""
+    with accelerator.autocast():
+        loss = model(**batch).loss
+        if loss is None:
+            raise ValueError("The model returned no loss: every batch needs `labels`.")
+        total = loss + penalty() if penalty is not None else loss
+    value = float(total.detach())
+    if any_rank(not math.isfinite(value)):
+        how = f"became {value}" if not math.isfinite(value) else "became non-finite on another rank"
+        raise FloatingPointError(f"{what} {how} at step {step}; lower the learning rate or check the data.")
+    accelerator.backward(total)
+    return float(loss.detach())
 
 
 @torch.no_grad()

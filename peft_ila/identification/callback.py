@@ -12,10 +12,10 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..tuner.model import _ila_tuner
 from .atomic import written_atomically
 from .distributed import world_size
 from .importance import ILAResult, identify_important_layers
-from .model import _ila_tuner
 
 logger = logging.getLogger(__name__)
 REPORT_NAME = "ila_importance.json"

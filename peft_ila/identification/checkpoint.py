@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..tuner.mask import ILALoadError
 from .atomic import written_atomically
 from .distributed import any_rank, gather, rank
-from .mask import ILALoadError
 
 FORMAT = "peft-ila identification checkpoint v1"
 

@@ -15,6 +15,7 @@ from ._peft_compat import ILA
 from .mask import ILALoadError
 
 GRANULARITIES = ("module", "block")
+ESTIMATOR_NAMES = ("gates", "update-norm", "first-order")  # implemented in peft_ila.identification.estimators
 
 
 def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
@@ -127,8 +128,23 @@ class ILAConfig(PeftConfig):
     )
     stability_window: int = field(default=20, metadata={"help": "Steps per window of the stability test (>= 1)."})
     stage2_steps: int = field(default=100, metadata={"help": "Stage 2 steps that learn the layer gates (>= 1)."})
+    estimator: str = field(
+        default="gates",
+        metadata={
+            "help": (
+                "How layers are scored after stage 1: 'gates' (the paper's stage 2: learned gates), 'update-norm' "
+                "(||dW|| after stage 1, no stage 2), 'first-order' (mean -dL/dgate at gate = `gate_init` over "
+                "`stage2_steps` steps, nothing trained). Scores are in [0, 1], higher is more important."
+            )
+        },
+    )
     gate_lr: float = field(default=0.1, metadata={"help": "Stage 2 Adam learning rate of the gate logits (> 0)."})
-    gate_init: float = field(default=0.5, metadata={"help": "Gate value every layer starts stage 2 with, in (0, 1)."})
+    gate_init: float = field(
+        default=0.5,
+        metadata={
+            "help": "Gate value every layer starts stage 2 with (for 'first-order': where it is measured), in (0, 1)."
+        },
+    )
     sparsity_weight: float = field(
         default=0.5,
         metadata={"help": "Stage 2 loss = task loss + sparsity_weight * mean(gates); >= 0. Higher closes more gates."},
@@ -194,44 +210,45 @@ class ILAConfig(PeftConfig):
         }
 
     def _validate(self) -> None:
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"ILAConfig.{name}={getattr(self, name)!r} is invalid: it must be {allowed}.")
+        self._validate_settings()
+        self._validate_selection()
 
-        def is_int(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
+    def _bad(self, name: str, allowed: str) -> ValueError:
+        return ValueError(f"ILAConfig.{name}={getattr(self, name)!r} is invalid: it must be {allowed}.")
 
-        def is_number(value: object) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        if not is_int(self.r) or self.r < 1:
+    def _validate_settings(self) -> None:
+        """Adapter shape, top-k and the identification budget."""
+        bad = self._bad
+        if not _is_int(self.r) or self.r < 1:
             raise bad("r", "an int >= 1")
-        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
+        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
             raise bad("lora_alpha", "a number > 0")
-        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", "a number in [0, 1)")
-        if not isinstance(self.init_weights, bool):
-            raise bad("init_weights", "True or False")
-        if is_int(self.top_k):
-            if self.top_k < 1:
-                raise bad("top_k", "an int >= 1 or a fraction in (0, 1]")
-        elif not (isinstance(self.top_k, float) and 0 < self.top_k <= 1):
+        for name in ("init_weights", "keep_stage1_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        if not ((_is_int(self.top_k) and self.top_k >= 1) or (isinstance(self.top_k, float) and 0 < self.top_k <= 1)):
             raise bad("top_k", "an int >= 1 or a fraction in (0, 1]")
         if self.granularity not in GRANULARITIES:
             raise bad("granularity", "'module' or 'block'")
         for name in ("stage1_max_steps", "stability_window", "stage2_steps"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "an int >= 1")
         for name in ("stage1_lr", "stability_epsilon", "gate_lr"):
-            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise bad(name, "a number > 0")
-        if not is_number(self.gate_init) or not 0 < self.gate_init < 1:
+        if self.estimator not in ESTIMATOR_NAMES:
+            raise bad("estimator", " or ".join(repr(name) for name in ESTIMATOR_NAMES))
+        if not _is_number(self.gate_init) or not 0 < self.gate_init < 1:
             raise bad("gate_init", "a number in (0, 1)")
-        if not is_number(self.sparsity_weight) or self.sparsity_weight < 0:
+        if not _is_number(self.sparsity_weight) or self.sparsity_weight < 0:
             raise bad("sparsity_weight", "a number >= 0")
-        if not isinstance(self.keep_stage1_weights, bool):
-            raise bad("keep_stage1_weights", "True or False")
-        if not is_int(self.seed):
+        if not _is_int(self.seed):
             raise bad("seed", "an int")
+
+    def _validate_selection(self) -> None:
+        """`selected_layers` and `layer_scores`."""
         if self.selected_layers is not None:
             names = self.selected_layers
             if (
@@ -240,17 +257,25 @@ class ILAConfig(PeftConfig):
                 or not all(isinstance(n, str) and n for n in names)
                 or len(set(names)) != len(names)
             ):
-                raise bad("selected_layers", "None or a non-empty list of distinct layer names")
+                raise self._bad("selected_layers", "None or a non-empty list of distinct layer names")
             self.selected_layers = list(names)
         if self.layer_scores is not None:
             scores = self.layer_scores
             if not isinstance(scores, dict) or not all(
-                isinstance(k, str) and is_number(v) and 0 <= v <= 1 for k, v in scores.items()
+                isinstance(k, str) and _is_number(v) and 0 <= v <= 1 for k, v in scores.items()
             ):
-                raise bad("layer_scores", "None or a dict of layer name -> gate in [0, 1]")
+                raise self._bad("layer_scores", "None or a dict of layer name -> score in [0, 1]")
             if self.selected_layers is not None and not set(self.selected_layers) <= set(scores):
                 missing = sorted(set(self.selected_layers) - set(scores))[:3]
                 raise ValueError(
                     f"ILAConfig.selected_layers names layers without a score in `layer_scores` (e.g. {missing}); "
                     "give a score for every selected layer or leave `layer_scores` None."
                 )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

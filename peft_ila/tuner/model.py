@@ -46,7 +46,7 @@ class ILAModel(BaseTuner):
         >>> import peft_ila
         >>> from peft import get_peft_model
         >>> model = get_peft_model(base, peft_ila.ILAConfig(target_modules="all-linear", top_k=0.25))
-        >>> result = model.identify_important_layers(batches)  # now only the top 25% layers carry adapters
+        >>> result = peft_ila.identify_important_layers(model, batches)  # now only the top 25% carry adapters
         ```
     """
 
@@ -194,11 +194,24 @@ class ILAModel(BaseTuner):
                 setattr(parent, child_name, module.get_base_layer())
         self.targeted_module_names = [n for n, m in self.model.named_modules() if isinstance(m, ILALayer)]
 
-    def identify_important_layers(self, batches: Iterable[dict[str, torch.Tensor]], **kwargs: Any):
-        """Run ILA on this model; see [`peft_ila.importance.identify_important_layers`]."""
-        from .importance import identify_important_layers
-
-        return identify_important_layers(self, batches, **kwargs)
+    @contextmanager
+    def gate_stage(self, adapter_name: str | None = None) -> Iterator[GateBank]:
+        """ILA's second stage on a probe model: the gates are read, every parameter that trains is frozen and the
+        gate logits train instead; all undone on exit. Yields the adapter's gate bank."""
+        adapter_name = adapter_name or self._the_active_adapter()
+        bank = self.ila_gates[adapter_name]
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        bank.logits.requires_grad_(True)
+        bank.active = True
+        try:
+            yield bank
+        finally:
+            bank.active = False
+            bank.logits.requires_grad_(False)
+            for p in frozen:
+                p.requires_grad_(True)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

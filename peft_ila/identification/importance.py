@@ -1,0 +1,320 @@
+"""The ILA recipe: which layers does alignment need to change?
+
+Stage 1 trains adapters on every candidate layer until the loss is epsilon-stable (or a step cap). Then an importance
+estimator (`estimators.py`; by default the paper's stage 2, which freezes those updates dW_i and learns one gate
+g_i = sigmoid(s_i) per layer, minimising the task loss of W_i + g_i * dW_i plus `sparsity_weight * mean(g)`) scores
+every layer. Layers are ranked by score (ties: larger ||dW_i||); the top-k keep adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..tuner._peft_compat import PREFIX
+from ..tuner.config import ILAConfig, resolve_top_k
+from ..tuner.layer import ILALayer
+from ..tuner.mask import ILALoadError, layer_of
+from ..tuner.model import _ila_tuner
+from .checkpoint import (
+    DataPosition,
+    check_settings,
+    load_checkpoint,
+    load_optimizer,
+    optimizer_tensors,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+    weights_fingerprint,
+)
+from .distributed import agree_on, rank, world_size
+from .estimators import ESTIMATORS
+from .training import Batch, StabilityTest, StepStats, cycle, train_steps
+
+
+@dataclass
+class ILAResult:
+    """Outcome of `identify_important_layers`, with what it cost."""
+
+    scores: dict[str, float]  # layer -> score in [0, 1] of the estimator (the learned gate by default)
+    ranking: list[str]  # all candidate layers, most important first
+    selected: list[str]  # the top-k of `ranking`
+    update_norms: dict[str, float]  # layer -> ||dW|| after stage 1 (the tie-break)
+    stage1_stop: str  # "stable" | "max_steps" | "data_exhausted"
+    stage1_steps: int = 0
+    stage1_tokens: int = 0
+    stage1_seconds: float = 0.0
+    stage2_steps: int = 0
+    stage2_tokens: int = 0
+    stage2_seconds: float = 0.0
+    stage1_losses: list[float] = field(default_factory=list)
+    stage2_losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return dataclasses.asdict(self)
+
+
+def identify_important_layers(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    adapter_name: str | None = None,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+) -> ILAResult:
+    """Find the important layers of a probe-state ILA model and switch it to the selected state.
+
+    Args:
+        model: a `PeftModel` (or its `ILAModel`) made from an `ILAConfig` without `selected_layers`.
+        batches: dicts with `input_ids`, `attention_mask`, `labels` ([batch, seq] long tensors). A list or a
+            DataLoader is cycled as needed; a one-shot iterator may run out, which ends stage 1 early.
+        adapter_name: the ILA adapter to work on; default the single active one.
+        progress: show tqdm bars (step, loss, elapsed, ETA).
+        accelerator: precision and gradient accumulation for both stages; default `Accelerator()`.
+        checkpoint: a `.safetensors` file to save the run's state to (by the main process) every
+            `checkpoint_every` optimizer steps and at the end of each stage; None: no checkpoints. The file is left
+            in place when the run ends (the CLI removes it once the run directory is written).
+        resume: continue the run saved in `checkpoint` (same model, data, config and processes; checked). The
+            result is bit for bit that of an uninterrupted run when `batches` replay in the same order (a list, or
+            a DataLoader whose shuffling has its own seeded generator).
+
+    Under several processes (`torchrun`, `accelerate launch`) every rank calls this with its own share of the data:
+    gradients of both stages are averaged over ranks, and the selection is rank 0's, checked to be the same on every
+    rank. Budget and selection come from the adapter's `ILAConfig`. Stage 1 starts from freshly initialised adapters
+    drawn from `config.seed` (so the result depends only on model, data and config), and only adapter (and
+    `modules_to_save`) weights train in it; stage 2 trains only the gates. Unless `keep_stage1_weights`, adapters and
+    `modules_to_save` are reset before returning, so the fine-tune that follows starts from the base model.
+    """
+    recipe = Identification(model, adapter_name, accelerator, checkpoint, checkpoint_every)
+    return recipe.run(batches, progress, resume)
+
+
+class Identification:
+    """One identification run of an ILA adapter, with all its state: the adapters and gates (in the model), both
+    stages' optimizers and step statistics, the estimator, and the data position. `run` carries it out; every
+    step may be saved to, and a run continued from, one checkpoint file."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter_name: str | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+    ) -> None:
+        self.model, self.tuner = model, _ila_tuner(model)
+        self.adapter = adapter_name or self.tuner._the_active_adapter()
+        self.config: ILAConfig = self.tuner.peft_config[self.adapter]
+        self._check(checkpoint, checkpoint_every)
+        self.candidates = self.tuner.ila_candidates[self.adapter]
+        self.k = resolve_top_k(self.config.top_k, len(self.candidates))
+        self.bank = self.tuner.ila_gates[self.adapter]
+        self.layers = {
+            name: m
+            for name, m in self.tuner.model.named_modules()
+            if isinstance(m, ILALayer) and self.adapter in m.ila_A
+        }
+        adapter_params = [
+            p
+            for m in self.layers.values()
+            for p in (*m.ila_A[self.adapter].parameters(), *m.ila_B[self.adapter].parameters())
+        ]
+        if not all(p.requires_grad for p in adapter_params):
+            raise ValueError(
+                f"ILA adapter '{self.adapter}' is frozen (inference mode); load it with is_trainable=True."
+            )
+        self.named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        adapter_ids = {id(p) for p in adapter_params}
+        self.others = {
+            p: p.detach().clone() for p in self.named.values() if id(p) not in adapter_ids
+        }  # modules_to_save
+        self.devices = sorted({p.device.index for p in adapter_params if p.device.type == "cuda"})
+        self.accelerator = accelerator or Accelerator()
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.estimator = ESTIMATORS[self.config.estimator](self.config)
+        self.optimizer1 = torch.optim.AdamW(list(self.named.values()), lr=self.config.stage1_lr, weight_decay=0.0)
+        self.optimizer2 = self.estimator.optimizer(self.bank)
+        self.stage1, self.stage2 = StepStats(), StepStats()
+        self.stream: Iterator[Batch] | DataPosition | None = None
+
+    def _check(self, checkpoint, checkpoint_every) -> None:
+        if self.config.selected_layers is not None:
+            raise ValueError(
+                f"ILA adapter '{self.adapter}' already has selected layers; to identify again, build a probe model "
+                "with an ILAConfig whose `selected_layers` is None."
+            )
+        if self.adapter not in self.tuner.active_adapters:
+            raise ValueError(
+                f"ILA adapter '{self.adapter}' is not active; call model.set_adapter('{self.adapter}') first."
+            )
+        if checkpoint is not None and (type(checkpoint_every) is not int or checkpoint_every < 1):
+            raise ValueError(
+                f"checkpoint_every={checkpoint_every!r} is invalid: it must be an int >= 1 (optimizer steps)."
+            )
+
+    def run(self, batches: Iterable[Batch], progress: bool = True, resume: bool = False) -> ILAResult:
+        """Stage 1, the estimator's stage, ranking and selection; see `identify_important_layers`."""
+        self.stream = cycle(batches)
+        saved = None
+        if self.checkpoint is not None:  # count and fingerprint the batches, and note what a resumed run must share
+            self.stream = DataPosition(self.stream)
+            self.settings = self._settings()
+            if resume:
+                saved = load_checkpoint(self.checkpoint)
+                check_settings(Path(self.checkpoint), saved[1]["settings"], self.settings)
+        elif resume:
+            raise ValueError("resume=True needs the `checkpoint` file of the interrupted run.")
+        was_training = self.model.training
+        with torch.random.fork_rng(devices=self.devices):
+            torch.manual_seed(self.config.seed)
+            for module in self.layers.values():  # stage 1 starts from fresh adapters drawn from the seed
+                module.reset_adapter_parameters(self.adapter, self.config.init_weights)
+            if saved is not None:
+                self._restore(saved)
+            self.model.train()
+            self._stage1(progress)
+            scores = self._estimate(progress)
+        result = self._select(scores)
+        self.model.train(was_training)
+        return result
+
+    def _stage1(self, progress: bool) -> None:
+        if self.stage1.stop_reason:
+            return
+        test = StabilityTest(self.config.stability_epsilon, self.config.stability_window)
+        test.losses = list(self.stage1.losses)
+        self.stage1 = train_steps(
+            self.model,
+            self.stream,
+            self.optimizer1,
+            self.config.stage1_max_steps,
+            accelerator=self.accelerator,
+            should_stop=test.update,
+            on_step=self._save,
+            desc="ILA stage 1: adapters",
+            progress=progress,
+            resume=self.stage1,
+        )
+
+    def _estimate(self, progress: bool) -> list[float]:
+        """The estimator's stage (if it has one and it is not done), then its scores in candidate order."""
+        steps = self.estimator.steps()
+        with self.tuner.gate_stage(self.adapter) as bank:
+            if steps and not self.stage2.steps:
+                self.estimator.start(bank)
+            if steps and not self.stage2.stop_reason:
+                self.stage2 = train_steps(
+                    self.model,
+                    self.stream,
+                    self.optimizer2,
+                    steps,
+                    accelerator=self.accelerator,
+                    penalty=self.estimator.penalty(bank),
+                    on_step=self._save,
+                    desc=self.estimator.desc,
+                    progress=progress,
+                    resume=self.stage2,
+                )
+            if steps and self.stage2.steps == 0:
+                raise ValueError(
+                    "The batches ran out before stage 2; pass a list or a DataLoader (they are cycled) or more data."
+                )
+            return self.estimator.scores(bank, self.optimizer2, list(self.update_norms().values()))
+
+    def update_norms(self) -> dict[str, float]:
+        """||dW|| of every candidate layer (root of the sum of squares over its modules)."""
+        squares = dict.fromkeys(self.candidates, 0.0)
+        for name, module in self.layers.items():
+            squares[layer_of(name, self.config.granularity)] += module.update_norm(self.adapter) ** 2
+        return {name: math.sqrt(sq) for name, sq in squares.items()}
+
+    def _select(self, gates: list[float]) -> ILAResult:
+        """Rank by score (ties: larger ||dW||, then candidate order), agree across ranks, keep the top k."""
+        norms = self.update_norms()
+        scores = dict(zip(self.candidates, gates, strict=True))
+        order = {name: i for i, name in enumerate(self.candidates)}
+        ranking = sorted(self.candidates, key=lambda n: (-scores[n], -norms[n], order[n]))
+        ranking, scores = agree_on(ranking, scores, self.k)  # decided on rank 0, checked on every rank
+        if not self.config.keep_stage1_weights:
+            with torch.no_grad():
+                for p, value in self.others.items():
+                    p.copy_(value)
+        self.tuner.select_layers(ranking[: self.k], scores, self.adapter, keep_weights=self.config.keep_stage1_weights)
+        return ILAResult(
+            scores=scores,
+            ranking=ranking,
+            selected=ranking[: self.k],
+            update_norms=norms,
+            stage1_stop=self.stage1.stop_reason,
+            stage1_steps=self.stage1.steps,
+            stage1_tokens=self.stage1.tokens,
+            stage1_seconds=self.stage1.seconds,
+            stage2_steps=self.stage2.steps,
+            stage2_tokens=self.stage2.tokens,
+            stage2_seconds=self.stage2.seconds,
+            stage1_losses=self.stage1.losses,
+            stage2_losses=self.stage2.losses,
+        )
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer1": self.optimizer1, **({"optimizer2": self.optimizer2} if self.optimizer2 else {})}
+
+    def _save(self, stats: StepStats) -> None:
+        """Checkpoint every `checkpoint_every` optimizer steps and at the end of each stage (rank 0 writes)."""
+        if self.checkpoint is None or not (stats.steps % self.checkpoint_every == 0 or stats.stop_reason):
+            return
+        position = self.stream.record()  # a collective: every rank takes part
+        if rank() > 0:
+            return
+        tensors = {**{f"param.{n}": p for n, p in self.named.items()}, "gates": self.bank.logits}
+        tensors.update(rng_tensors(self.devices))
+        groups = {}
+        for name, optimizer in self._optimizers().items():
+            state, groups[name] = optimizer_tensors(optimizer, name)
+            tensors.update(state)
+        record = {"settings": self.settings, "position": position, "groups": groups}
+        record.update(stage1=dataclasses.asdict(self.stage1), stage2=dataclasses.asdict(self.stage2))
+        save_checkpoint(self.checkpoint, tensors, record)
+
+    def _settings(self) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoint, the frozen base weights included."""
+        base = ((n, p) for n, p in self.model.named_parameters() if not p.requires_grad and PREFIX not in n)
+        return {
+            "base_weights": weights_fingerprint(base),
+            "config": self.config.run_settings(),
+            "candidates": self.candidates,
+            "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps,
+            "mixed_precision": str(self.accelerator.mixed_precision),
+            "processes": world_size(),
+        }
+
+    def _restore(self, saved: tuple[dict[str, torch.Tensor], dict]) -> None:
+        """Put a checkpoint's weights, optimizer states, step statistics, data position and RNG state back."""
+        tensors, record = saved
+        missing = sorted(n for n in self.named if f"param.{n}" not in tensors)
+        if missing:
+            raise ILALoadError(
+                f"{self.checkpoint} holds no weights for {missing[:3]}; it was written for another model or adapter."
+            )
+        with torch.no_grad():
+            for name, p in self.named.items():
+                p.copy_(tensors[f"param.{name}"])
+            self.bank.logits.copy_(tensors["gates"])
+        self.stage1, self.stage2 = StepStats(**record["stage1"]), StepStats(**record["stage2"])
+        for name, optimizer in self._optimizers().items():
+            load_optimizer(optimizer, tensors, name, record["groups"][name])
+        self.stream.skip_to(record["position"], Path(self.checkpoint))
+        restore_rng(tensors, self.devices)
