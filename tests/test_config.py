@@ -107,3 +107,18 @@ def test_json_round_trip(tmp_path):
     assert loaded.top_k == 3 and isinstance(loaded.top_k, int)
     assert loaded.target_modules == {"q_proj", "v_proj"}
     assert loaded.selected_layers == config.selected_layers and loaded.layer_scores == config.layer_scores
+
+
+def test_command_line_defaults_are_the_config_defaults():
+    import dataclasses
+
+    from peft_ila.app.args import FLAGS, parser
+
+    identify = parser()._subparsers._group_actions[0].choices["identify"]
+    defaults = {action.option_strings[0]: action.default for action in identify._actions if action.option_strings}
+    fields = {f.name: f.default for f in dataclasses.fields(ILAConfig)}
+    by_design = {"top_k": None, "target_modules": "all-linear", "selected_layers": None}  # None: the config's own
+    compared = [name for name, flag in FLAGS.items() if flag in defaults]
+    assert len(compared) >= 13, compared
+    for name in compared:
+        assert defaults[FLAGS[name]] == by_design.get(name, fields[name]), FLAGS[name]

@@ -196,5 +196,5 @@ def test_the_config_names_exactly_the_estimators_there_are():
     from peft_ila.tuner.config import ESTIMATOR_NAMES
 
     assert tuple(ESTIMATORS) == ESTIMATOR_NAMES
-    with pytest.raises(ValueError, match="ILAConfig.estimator='fisher' is invalid: it must be 'gates' or"):
+    with pytest.raises(ValueError, match=r"ILAConfig\.estimator='fisher' is invalid: it must be 'gates' or"):
         ILAConfig(estimator="fisher")

@@ -166,7 +166,10 @@ class ILAConfig(PeftConfig):
         },
     )
     layer_scores: dict[str, float] | None = field(
-        default=None, metadata={"help": "Learned gate in [0, 1] of each candidate layer, as found by identification."}
+        default=None,
+        metadata={
+            "help": "Score in [0, 1] of each candidate layer, as found by identification (the learned gate by default)."
+        },
     )
 
     def __post_init__(self) -> None:

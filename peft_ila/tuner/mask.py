@@ -6,7 +6,8 @@ layers with three tensors:
 
 - `base_model.ila_layer_names`: uint8 [n_bytes], the UTF-8 bytes of the candidate names joined by newlines;
 - `base_model.ila_layer_mask`: bool [n_candidates], True where the layer carries an adapter;
-- `base_model.ila_layer_scores`: float32 [n_candidates], the learned gate in [0, 1], NaN where none is known.
+- `base_model.ila_layer_scores`: float32 [n_candidates], the score in [0, 1] (the learned gate by default), NaN where
+  none is known.
 """
 
 from __future__ import annotations
