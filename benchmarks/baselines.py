@@ -13,7 +13,7 @@ import torch
 from peft.helpers import find_kappa_target_modules
 from torch import nn
 
-from peft_ila import ILALayer
+from peft_ila import ILALayer, resolve_top_k
 from peft_ila.identification.training import cycle, train_steps
 from peft_ila.tuner.mask import layer_of
 
@@ -28,9 +28,9 @@ def random_layers(candidates: list[str], k: int, seed: int) -> list[str]:
 
 
 def edge_blocks(candidates: list[str], fraction: float, last: bool) -> list[str]:
-    """Every candidate in the first (or last) `fraction` of the blocks, rounded half up."""
+    """Every candidate in the first (or last) `fraction` of the blocks, rounded half up (as `top_k` is)."""
     order = blocks(candidates)
-    n = max(1, math.floor(fraction * len(order) + 0.5))
+    n = resolve_top_k(fraction, len(order))
     chosen = set(order[-n:] if last else order[:n])
     return [name for name in candidates if layer_of(name, "block") in chosen]
 

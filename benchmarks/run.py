@@ -242,7 +242,7 @@ class Bench:
         for name, module in model.base_model.model.named_modules():
             if isinstance(module, ILALayer):
                 by_block[layer_of(name, "block")] += [module.ila_A["default"].weight, module.ila_B["default"].weight]
-        rng, n = random.Random(seed), max(1, math.floor(COMMON["low"] * len(blocks) + 0.5))
+        rng, n = random.Random(seed), resolve_top_k(COMMON["low"], len(blocks))
 
         def redraw(step: int = 0) -> None:
             if step % self.p["lisa_every"] == 0:
