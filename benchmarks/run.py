@@ -88,6 +88,15 @@ def median_seconds(fn, batches) -> float:
     return statistics.median(times)
 
 
+def flat_costs(result) -> dict:
+    """An ILAResult's stages as the flat fields of this benchmark's records (`stage1_steps`, ..., `stage1_stop`), the
+    format of benchmarks/results/*.json."""
+    out = {"stage1_stop": result.stage1.stop_reason}
+    for name, stage in (("stage1", result.stage1), ("stage2", result.stage2)):
+        out.update({f"{name}_{what}": getattr(stage, what) for what in ("steps", "tokens", "seconds", "losses")})
+    return out
+
+
 def step_costs(model: torch.nn.Module, batches: list) -> dict[str, float]:
     """Seconds per batch: inference, and where something trains, forward with autograd and forward + backward (no
     optimizer)."""
@@ -173,13 +182,14 @@ class Bench:
             "candidates": n,
             "k_low": resolve_top_k(COMMON["low"], n),
             "k_high": resolve_top_k(COMMON["high"], n),
-            **asdict(result),
+            **{key: getattr(result, key) for key in ("scores", "ranking", "selected", "update_norms")},
+            **flat_costs(result),
         }
         self.out["identifications"].append(record)
         print(
-            f"  ILA on {dataset} (seed {seed}, stage 1 length {length or 'default'}): {result.stage1_steps} + "
-            f"{result.stage2_steps} "
-            f"steps, {result.stage1_seconds + result.stage2_seconds:.0f} s, stage 1 {result.stage1_stop}"
+            f"  ILA on {dataset} (seed {seed}, stage 1 length {length or 'default'}): {result.stage1.steps} + "
+            f"{result.stage2.steps} steps, {result.stage1.seconds + result.stage2.seconds:.0f} s, stage 1 "
+            f"{result.stage1.stop_reason}"
         )
         return record
 

@@ -34,7 +34,7 @@ config = ILAConfig(
 model = get_peft_model(make_base(), config)  # probe state: gated adapters on all 28 candidate layers
 result = identify_important_layers(model, batches)  # stage 1 + stage 2, then adapters stay on the top 7 only
 print("important layers:", result.selected)
-print(f"stage 1 ended '{result.stage1_stop}' after {result.stage1_steps} steps, {result.stage1_seconds:.1f} s")
+print(f"stage 1 ended '{result.stage1.stop_reason}' after {result.stage1.steps} steps, {result.stage1.seconds:.1f} s")
 model.print_trainable_parameters()
 
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

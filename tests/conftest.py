@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import types
@@ -92,6 +93,14 @@ def interrupt_at_forward(model, n: int) -> torch.utils.hooks.RemovableHandle:
             raise KeyboardInterrupt
 
     return model.base_model.model.lm_head.register_forward_pre_hook(stop)
+
+
+def without_seconds(result) -> dict:
+    """An ILAResult as a dict, without the wall-clock times of its stages."""
+    record = dataclasses.asdict(result)
+    for stage in ("stage1", "stage2"):
+        record[stage] = {k: v for k, v in record[stage].items() if not k.endswith("seconds")}
+    return record
 
 
 def lm_dataset(n_batches: int = 6) -> datasets.Dataset:

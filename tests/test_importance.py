@@ -52,7 +52,7 @@ def test_the_first_order_estimator_finds_the_planted_layers_without_training_gat
     )
     result = identify_important_layers(get_peft_model(student, config), batches, progress=False)
     assert set(result.selected) == set(PLANTED), result.ranking[:5]
-    assert min(result.scores.values()) == 0.0 and max(result.scores.values()) == 1.0 and result.stage2_steps == 8
+    assert min(result.scores.values()) == 0.0 and max(result.scores.values()) == 1.0 and result.stage2.steps == 8
 
 
 def test_the_update_norm_estimator_scores_norms_and_has_no_second_stage():
@@ -60,7 +60,7 @@ def test_the_update_norm_estimator_scores_norms_and_has_no_second_stage():
     result = identify_important_layers(get_peft_model(tiny_llama(), config), lm_batches(3), progress=False)
     top = max(result.update_norms.values())
     assert result.scores == {name: norm / top for name, norm in result.update_norms.items()}
-    assert result.stage2_steps == 0 and result.stage2_losses == [] and len(result.selected) == 3
+    assert result.stage2.steps == 0 and result.stage2.losses == [] and len(result.selected) == 3
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -83,16 +83,16 @@ def test_stage1_stops_when_stable_before_its_cap():
     batches = teacher_data(student, PLANTED, n=512)
     config = ILAConfig(r=4, top_k=2, stage1_lr=0.01, stage1_max_steps=400, stability_epsilon=1e-3, stage2_steps=2)
     result = identify_important_layers(get_peft_model(student, config), batches, progress=False)
-    assert result.stage1_stop == "stable"
-    assert 2 * config.stability_window <= result.stage1_steps < config.stage1_max_steps
-    assert result.stage1_losses[-1] < result.stage1_losses[0]
+    assert result.stage1.stop_reason == "stable"
+    assert 2 * config.stability_window <= result.stage1.steps < config.stage1_max_steps
+    assert result.stage1.losses[-1] < result.stage1.losses[0]
 
 
 def test_stage1_hits_its_cap_on_a_noisy_task():
     batches = lm_batches(n_batches=64, batch=1, seq=4)  # fresh random tokens: the loss never settles
     config = ILAConfig(r=2, stage1_max_steps=60, stability_window=5, stability_epsilon=1e-3, stage2_steps=2)
     result = identify_important_layers(get_peft_model(tiny_llama(), config), batches, progress=False)
-    assert result.stage1_stop == "max_steps" and result.stage1_steps == 60
+    assert result.stage1.stop_reason == "max_steps" and result.stage1.steps == 60
 
 
 def test_result_records_costs_and_curves():
@@ -100,13 +100,15 @@ def test_result_records_costs_and_curves():
     config = ILAConfig(r=2, top_k=0.25, stage1_max_steps=7, stage2_steps=4)
     model = get_peft_model(tiny_llama(), config)
     result = identify_important_layers(model, batches, progress=False)
-    assert (result.stage1_steps, result.stage2_steps) == (7, 4)
-    assert (result.stage1_tokens, result.stage2_tokens) == (7 * 16, 4 * 16)
-    assert len(result.stage1_losses) == 7 and len(result.stage2_losses) == 4
-    assert result.stage1_seconds > 0 and result.stage2_seconds > 0
+    assert (result.stage1.steps, result.stage2.steps) == (7, 4)
+    assert (result.stage1.tokens, result.stage2.tokens) == (7 * 16, 4 * 16)
+    assert len(result.stage1.losses) == 7 and len(result.stage2.losses) == 4
+    assert result.stage1.seconds > 0 and result.stage2.seconds > 0
     assert sorted(result.ranking) == sorted(llama_candidates()) and result.selected == result.ranking[:7]
     assert [result.scores[n] for n in result.ranking] == sorted(result.scores.values(), reverse=True)
-    assert set(result.to_dict()) >= {"scores", "ranking", "selected", "stage1_stop", "stage1_seconds"}
+    record = result.to_dict()
+    assert set(record) == {"scores", "ranking", "selected", "update_norms", "stage1", "stage2"}
+    assert record["stage1"]["stop_reason"] == "max_steps" and record["stage2"]["steps"] == 4
 
 
 def test_ties_are_broken_by_update_norm():
@@ -170,7 +172,7 @@ def test_result_does_not_depend_on_the_global_rng_before_identification():
         torch.manual_seed(noise)  # whatever happened before get_peft_model
         model = get_peft_model(base, ILAConfig(r=2, top_k=3, stage1_max_steps=4, stage2_steps=2))
         results.append(identify_important_layers(model, batches, progress=False))
-    assert results[0].stage1_losses == results[1].stage1_losses and results[0].scores == results[1].scores
+    assert results[0].stage1.losses == results[1].stage1.losses and results[0].scores == results[1].scores
 
 
 @pytest.mark.parametrize(

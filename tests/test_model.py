@@ -114,7 +114,7 @@ def test_plain_mlp_with_modules_to_save():
     model.base_model.peft_config["default"].stage1_max_steps = 5
     model.base_model.peft_config["default"].stage2_steps = 3
     result = identify_important_layers(model, batches, progress=False)
-    assert len(result.selected) == 1 and result.stage1_tokens == 5 * 16
+    assert len(result.selected) == 1 and result.stage1.tokens == 5 * 16
     assert model(x).logits.shape == (8, 3)
 
 

@@ -1,14 +1,12 @@
 """Identification is deterministic, checkpoints itself, and a resumed run ends exactly as an uninterrupted one."""
 
-import dataclasses
-
 import pytest
 import safetensors.torch
 import torch
 from accelerate import Accelerator
 from peft import get_peft_model
 
-from conftest import interrupt_at_forward, lm_batches, tiny_llama
+from conftest import interrupt_at_forward, lm_batches, tiny_llama, without_seconds
 from peft_ila import ILAConfig, ILALoadError, identify_important_layers
 
 # 7 stage-1 steps and 5 stage-2 steps of 2 micro-batches each: forwards 1-14 are stage 1, 15-24 stage 2
@@ -33,11 +31,6 @@ def identify(checkpoint=None, stop_at_forward=None, resume=False, data_seed=0, b
 @pytest.fixture(scope="module")
 def uninterrupted():
     return identify()
-
-
-def without_seconds(result):
-    record = dataclasses.asdict(result)
-    return {k: v for k, v in record.items() if not k.endswith("seconds")}
 
 
 def test_same_data_seed_and_settings_give_the_same_result_bit_for_bit(uninterrupted):

@@ -48,9 +48,9 @@ def test_trainer_identifies_first_then_trains_only_the_selected_layers(tmp_path)
     assert changed == snapshot.trainable  # the selected adapters moved, nothing else did
     assert trainer.state.global_step == 4  # identification steps are not counted as training steps
     logged = next(h for h in trainer.state.log_history if "ila/stage1_steps" in h)
-    assert logged["ila/stage1_steps"] == ila.result.stage1_steps > 0 and logged["ila/selected_layers"] == 4
+    assert logged["ila/stage1_steps"] == ila.result.stage1.steps > 0 and logged["ila/selected_layers"] == 4
     report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
-    assert report["selected"] == selected and report["stage2_steps"] == 6
+    assert report["selected"] == selected and report["stage2"]["steps"] == 6
     assert trainer.accelerator.gradient_accumulation_steps == 1  # the trainer's loss scaling is untouched
     trainer.save_model(str(tmp_path / "saved"))
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
@@ -83,7 +83,7 @@ def test_callback_without_trainer_uses_accumulation_and_logs_to_state(tmp_path):
     ila = ILACallback()
     trainer.add_callback(ila)
     trainer.train()
-    assert ila.result.stage1_tokens == ila.result.stage1_steps * 2 * 4 * 12  # two micro-batches per step
+    assert ila.result.stage1.tokens == ila.result.stage1.steps * 2 * 4 * 12  # two micro-batches per step
     assert any(h.get("ila/stage2_steps") == 6 for h in trainer.state.log_history)
     assert trainer.accelerator.gradient_accumulation_steps == 1
 

@@ -61,18 +61,18 @@ def write_run(
         "update_norms": result.update_norms,
         "costs": {
             "stage1": {
-                "steps": result.stage1_steps,
-                "tokens": result.stage1_tokens,
-                "seconds": round(result.stage1_seconds, 2),
-                "stop": result.stage1_stop,
+                "steps": result.stage1.steps,
+                "tokens": result.stage1.tokens,
+                "seconds": round(result.stage1.seconds, 2),
+                "stop": result.stage1.stop_reason,
             },
             "stage2": {
-                "steps": result.stage2_steps,
-                "tokens": result.stage2_tokens,
-                "seconds": round(result.stage2_seconds, 2),
+                "steps": result.stage2.steps,
+                "tokens": result.stage2.tokens,
+                "seconds": round(result.stage2.seconds, 2),
             },
         },
-        "losses": {"stage1": result.stage1_losses, "stage2": result.stage2_losses},
+        "losses": {"stage1": result.stage1.losses, "stage2": result.stage2.losses},
         "versions": versions(),
     }
     if out is None:

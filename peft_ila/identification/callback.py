@@ -97,12 +97,11 @@ class ILACallback(TrainerCallback):
 
     def _log(self, args: TrainingArguments, state: TrainerState, result: ILAResult) -> None:
         metrics: dict[str, float] = {"ila/selected_layers": len(result.selected), "ila/candidates": len(result.scores)}
-        for stage in ("stage1", "stage2"):
-            losses = getattr(result, f"{stage}_losses")
+        for name, stage in (("stage1", result.stage1), ("stage2", result.stage2)):
             for what in ("steps", "tokens", "seconds"):
-                metrics[f"ila/{stage}_{what}"] = getattr(result, f"{stage}_{what}")
-            metrics[f"ila/{stage}_final_loss"] = losses[-1] if losses else float("nan")
-        metrics["ila/stage1_stable"] = float(result.stage1_stop == "stable")
+                metrics[f"ila/{name}_{what}"] = getattr(stage, what)
+            metrics[f"ila/{name}_final_loss"] = stage.losses[-1] if stage.losses else float("nan")
+        metrics["ila/stage1_stable"] = float(result.stage1.stop_reason == "stable")
         if self.trainer is not None:
             self.trainer.log(metrics)
         else:

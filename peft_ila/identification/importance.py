@@ -42,24 +42,17 @@ from .training import Batch, StabilityTest, StepStats, cycle, train_steps
 
 @dataclass
 class ILAResult:
-    """Outcome of `identify_important_layers`, with what it cost."""
+    """Outcome of `identify_important_layers`, with what each stage did and cost."""
 
     scores: dict[str, float]  # layer -> score in [0, 1] of the estimator (the learned gate by default)
     ranking: list[str]  # all candidate layers, most important first
     selected: list[str]  # the top-k of `ranking`
     update_norms: dict[str, float]  # layer -> ||dW|| after stage 1 (the tie-break)
-    stage1_stop: str  # "stable" | "max_steps" | "data_exhausted"
-    stage1_steps: int = 0
-    stage1_tokens: int = 0
-    stage1_seconds: float = 0.0
-    stage2_steps: int = 0
-    stage2_tokens: int = 0
-    stage2_seconds: float = 0.0
-    stage1_losses: list[float] = field(default_factory=list)
-    stage2_losses: list[float] = field(default_factory=list)
+    stage1: StepStats = field(default_factory=StepStats)  # stop_reason: "stable" | "max_steps" | "data_exhausted"
+    stage2: StepStats = field(default_factory=StepStats)  # the estimator's stage (no steps for "update-norm")
 
     def to_dict(self) -> dict:
-        """Plain-JSON form."""
+        """Plain-JSON form (the stages as nested dicts)."""
         return dataclasses.asdict(self)
 
 
@@ -256,15 +249,8 @@ class Identification:
             ranking=ranking,
             selected=ranking[: self.k],
             update_norms=norms,
-            stage1_stop=self.stage1.stop_reason,
-            stage1_steps=self.stage1.steps,
-            stage1_tokens=self.stage1.tokens,
-            stage1_seconds=self.stage1.seconds,
-            stage2_steps=self.stage2.steps,
-            stage2_tokens=self.stage2.tokens,
-            stage2_seconds=self.stage2.seconds,
-            stage1_losses=self.stage1.losses,
-            stage2_losses=self.stage2.losses,
+            stage1=self.stage1,
+            stage2=self.stage2,
         )
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
