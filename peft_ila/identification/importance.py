@@ -129,9 +129,8 @@ class Identification:
             )
         self.named = {name: p for name, p in model.named_parameters() if p.requires_grad}
         adapter_ids = {id(p) for p in adapter_params}
-        self.others = {
-            p: p.detach().clone() for p in self.named.values() if id(p) not in adapter_ids
-        }  # modules_to_save
+        # what trains besides the adapters (modules_to_save), put back after identification
+        self.others = {p: p.detach().clone() for p in self.named.values() if id(p) not in adapter_ids}
         self.devices = sorted({p.device.index for p in adapter_params if p.device.type == "cuda"})
         self.accelerator = accelerator or Accelerator()
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
@@ -140,6 +139,7 @@ class Identification:
         self.optimizer2 = self.estimator.optimizer(self.bank)
         self.stage1, self.stage2 = StepStats(), StepStats()
         self.stream: Iterator[Batch] | DataPosition | None = None
+        self.settings: dict | None = None  # what a resumed run must share (only with a checkpoint)
 
     def _check(self, checkpoint, checkpoint_every) -> None:
         if self.config.selected_layers is not None:
