@@ -6,6 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
+from ..tuner.config import ESTIMATOR_NAMES
+
 LAUNCHERS = (
     "\n\nseveral processes (data parallel, one shard of each batch stream per rank; gradients averaged, the same "
     "layers\nselected on every rank, outputs written once by rank 0):\n"
@@ -207,7 +209,7 @@ def _add_ila(p: argparse.ArgumentParser, d: dict) -> None:
     )
     g.add_argument(
         "--estimator",
-        choices=("gates", "update-norm", "first-order"),
+        choices=ESTIMATOR_NAMES,
         default="gates",
         help="how layers are scored after stage 1: 'gates' (the paper's learned gates), 'update-norm' (||dW||, no "
         "stage 2), 'first-order' (mean -dL/dgate over --stage2-steps steps, nothing trained) (default: %(default)s)",
