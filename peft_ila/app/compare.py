@@ -8,7 +8,7 @@ from pathlib import Path
 from . import UsageError
 from .files import staged_dir, write_json
 from .plots import overlap_matrix
-from .report import read_run
+from .report import read_run, run_model
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -55,10 +55,6 @@ def default_labels(runs: list[Path]) -> list[str]:
     return labels
 
 
-def _model(record: dict) -> dict:
-    return record.get("base_model") or {"model": record.get("model")}  # older runs record the model spec only
-
-
 def _same_model(a: dict, b: dict) -> bool:
     if "weights_sha256" in a and "weights_sha256" in b:
         return a["weights_sha256"] == b["weights_sha256"]
@@ -79,11 +75,11 @@ def compare(runs: list[Path], out: Path, overwrite: bool = False, labels: list[s
         common = [n for n in a["candidates"] if n in set(b["candidates"])]
         chosen = [set(r["selected"]) & set(common) for r in (a, b)]
         matrix[i][j] = matrix[j][i] = jaccard(*chosen)
-        same_model = _same_model(_model(a), _model(b))
+        same_model = _same_model(run_model(a), run_model(b))
         if not same_model:
             notes.append(
-                f"note: {labels[i]} and {labels[j]} come from different models ({_model(a)['model']} and "
-                f"{_model(b)['model']})"
+                f"note: {labels[i]} and {labels[j]} come from different models ({run_model(a)['model']} and "
+                f"{run_model(b)['model']})"
             )
         if a["candidates"] != b["candidates"]:
             notes.append(

@@ -87,6 +87,10 @@ def fingerprint(spec: str) -> tuple[str, str]:
     if path is None:
         _, source, sha256 = _rows(spec)
         return source, sha256
+    return _file_identity(spec, path)
+
+
+def _file_identity(spec: str, path: Path) -> tuple[str, str]:
     return (spec if spec == ALPACA_DEMO else str(path.resolve())), file_sha256(path)
 
 
@@ -113,7 +117,7 @@ def _rows(spec: str) -> tuple[list[dict], str, str]:
                 f"cache (nothing is downloaded from the hub); pass a local file, or {ALPACA_DEMO!r}."
             ) from None
         return rows, spec, hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
-    source, sha256 = fingerprint(spec)
+    source, sha256 = _file_identity(spec, path)
     builder = "parquet" if path.suffix == ".parquet" else "json"
     if builder == "json" and path.stat().st_size <= 64 and path.read_bytes().strip() in (b"", b"[]", b"{}"):
         return [], source, sha256  # datasets reports an empty file obscurely

@@ -124,6 +124,12 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def run_model(record: dict) -> dict:
+    """The base model a run or adapter record names: its `base_model` identity, or for older records (written before
+    model fingerprints) the model spec only."""
+    return record.get("base_model") or {"model": record.get("model")}
+
+
 def read_run(run: Path) -> dict:
     """A run directory's record, checked against its mask.safetensors."""
     run = Path(run)

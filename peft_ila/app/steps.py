@@ -192,8 +192,9 @@ def mask_config(args, run: dict, mask: Path, prepared):
 def _check_mask_model(args, run: dict, mask: Path, here: list[str], common: list[str], model: dict) -> None:
     """Refuse a mask found on another model (other candidates or architecture) unless --allow-other-model."""
     from . import UsageError
+    from .report import run_model
 
-    found = run.get("base_model") or {"model": run.get("model")}  # older runs record the model spec only
+    found = run_model(run)
     where = f"--mask {mask} was found on {found['model']} ({len(run['candidates'])} candidate layers)"
     if run["candidates"] != here:
         problem = f"{model['model']} has {len(here)}, {len(common)} of them in common"

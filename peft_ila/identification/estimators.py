@@ -19,7 +19,8 @@ from ..tuner.layer import GateBank
 
 
 class Estimator:
-    """Base class: no stage, no optimizer, no penalty; subclasses say what they need and how they score."""
+    """Base class: `stage2_steps` steps from gates at `gate_init`, no optimizer, no penalty; subclasses say what
+    differs and how they score."""
 
     name: ClassVar[str]
     desc: ClassVar[str]  # progress-bar label of its stage
@@ -36,7 +37,10 @@ class Estimator:
         return None
 
     def start(self, bank: GateBank) -> None:
-        """Set the gate logits where its stage begins (not called when a resumed stage is under way)."""
+        """Set the gate logits where its stage begins, every gate at `gate_init` (not called when a resumed stage is
+        under way)."""
+        with torch.no_grad():
+            bank.logits.fill_(math.log(self.config.gate_init / (1 - self.config.gate_init)))
 
     def penalty(self, bank: GateBank) -> Callable[[], torch.Tensor] | None:
         return None
@@ -55,10 +59,6 @@ class Gates(Estimator):
 
     def optimizer(self, bank: GateBank) -> torch.optim.Optimizer:
         return torch.optim.Adam([bank.logits], lr=self.config.gate_lr)
-
-    def start(self, bank: GateBank) -> None:
-        with torch.no_grad():
-            bank.logits.fill_(math.log(self.config.gate_init / (1 - self.config.gate_init)))
 
     def penalty(self, bank: GateBank) -> Callable[[], torch.Tensor]:
         return lambda: self.config.sparsity_weight * bank.gates().mean()
@@ -92,10 +92,6 @@ class FirstOrder(Estimator):
 
     def optimizer(self, bank: GateBank) -> torch.optim.Optimizer:
         return GradientSum([bank.logits])
-
-    def start(self, bank: GateBank) -> None:
-        with torch.no_grad():
-            bank.logits.fill_(math.log(self.config.gate_init / (1 - self.config.gate_init)))
 
     def scores(self, bank: GateBank, optimizer: torch.optim.Optimizer | None, norms: list[float]) -> list[float]:
         state = optimizer.state[bank.logits]
