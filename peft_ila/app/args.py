@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ..tuner.config import ESTIMATOR_NAMES
+from . import UsageError
 
 LAUNCHERS = (
     "\n\nseveral processes (data parallel, one shard of each batch stream per rank; gradients averaged, the same "
@@ -101,16 +102,18 @@ FLAGS = {
 }
 
 
-def in_flags(message: str) -> str:
-    """A config error (`ILAConfig.top_k=0 is invalid ...`, `` `top_k`=500 but ...``) in the words of the command
-    line (`--top-k 0 is invalid ...`)."""
+def usage_error(exc: ValueError) -> UsageError:
+    """A config or model-fit error as a one-line usage error in the words of the command line: `ILAConfig.top_k=0
+    is invalid ...` and `` `top_k`=500 but ...`` become `--top-k 0 is invalid ...` and `--top-k 500 but ...`."""
+    from . import UsageError
 
     def flag(match: re.Match) -> str:
         name, value = match.group(1) or match.group(3), match.group(2) or match.group(4)
         shown = FLAGS.get(name, name)
         return f"{shown} {value.strip(chr(39))}" if value is not None else shown
 
-    return re.sub(r"ILAConfig\.(\w+)(?:=(\S+?)(?= is invalid))?|`(\w+)`(?:=(\S+))?", flag, message)
+    pattern = r"ILAConfig\.(\w+)(?:=(\S+?)(?= is invalid))?|`(\w+)`(?:=(\S+))?"
+    return UsageError(re.sub(pattern, flag, str(exc).splitlines()[0]))
 
 
 def _add_data(p: argparse.ArgumentParser, d: dict) -> None:

@@ -18,7 +18,7 @@ from ..identification.importance import ILAResult, identify_important_layers
 from ..identification.training import StepStats, cycle, evaluate_loss, train_steps
 from ..tuner.config import ILAConfig
 from . import UsageError
-from .args import in_flags
+from .args import usage_error
 from .data import Conversation, Encoded, batches, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
 from .models import identity, load_model, portable
@@ -176,7 +176,7 @@ def wrap(model: torch.nn.Module, config: ILAConfig | LoraConfig) -> PeftModel:
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise UsageError(in_flags(str(exc).splitlines()[0])) from None
+        raise usage_error(exc) from None
 
 
 @dataclass

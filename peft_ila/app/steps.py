@@ -24,8 +24,7 @@ def ila_config(args, **overrides):
     """The ILAConfig of the command's options; an invalid value is a usage error naming the option (checked before
     any loading)."""
     from ..tuner.config import ILAConfig
-    from . import UsageError
-    from .args import in_flags
+    from .args import usage_error
 
     fields = dict(
         task_type="CAUSAL_LM",
@@ -49,19 +48,18 @@ def ila_config(args, **overrides):
     try:
         return ILAConfig(**{**fields, **overrides})
     except ValueError as exc:
-        raise UsageError(in_flags(str(exc))) from None
+        raise usage_error(exc) from None
 
 
 def candidates_of(model, config) -> list[str]:
     """The candidate layers `config` gives on `model` (nothing is wrapped); a mismatch is a usage error."""
     from ..tuner.model import find_candidates
-    from . import UsageError
-    from .args import in_flags
+    from .args import usage_error
 
     try:
         return find_candidates(model, config)
     except ValueError as exc:
-        raise UsageError(in_flags(str(exc).splitlines()[0])) from None
+        raise usage_error(exc) from None
 
 
 def prepare_data(args, accelerator):
@@ -158,7 +156,7 @@ def mask_config(args, run: dict, mask: Path, prepared):
     are used, the others dropped and counted); other weights of the same architecture get a note."""
     from ..tuner.config import resolve_top_k
     from . import UsageError
-    from .args import in_flags
+    from .args import usage_error
 
     shape = {"target_modules": run["config"]["target_modules"], "granularity": run["config"]["granularity"]}
     here = candidates_of(prepared.model, ila_config(args, **shape))
@@ -171,7 +169,7 @@ def mask_config(args, run: dict, mask: Path, prepared):
         try:
             top_k, selected = args.top_k, ranking[: resolve_top_k(args.top_k, len(ranking))]
         except ValueError as exc:
-            raise UsageError(in_flags(str(exc))) from None
+            raise usage_error(exc) from None
         how = f"the best {len(selected)} of the ranking of mask {mask} (--top-k {args.top_k})"
     if not selected:
         raise UsageError(
