@@ -15,7 +15,7 @@ from torch import nn
 
 from peft_ila import ILALayer, resolve_top_k
 from peft_ila.identification.training import cycle, train_steps
-from peft_ila.tuner.mask import layer_of
+from peft_ila.tuner.selection import layer_of
 
 
 def blocks(candidates: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from peft_ila.app.compare import jaccard, spearman  # noqa: E402
 from peft_ila.app.plots import heatmap, overlap_matrix  # noqa: E402
-from peft_ila.tuner.mask import layer_of  # noqa: E402
+from peft_ila.tuner.selection import layer_of  # noqa: E402
 
 BASELINE = "lora-all"
 

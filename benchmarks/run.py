@@ -36,7 +36,7 @@ from peft_ila.app.files import write_json  # noqa: E402
 from peft_ila.app.pipeline import Prepared, finetune, identify, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
 from peft_ila.identification.training import evaluate_loss  # noqa: E402
-from peft_ila.tuner.mask import layer_of  # noqa: E402
+from peft_ila.tuner.selection import layer_of  # noqa: E402
 
 PRESETS = {  # tokens per example, batch, held-out examples, fine-tune steps, ILA budget, LISA period, timing batches
     "quick": dict(
@@ -173,7 +173,8 @@ class Bench:
         _, result = identify(
             replace(prepared, model=self.copy_base()), config, self.p["batch_size"], seed, progress=self.args.progress
         )
-        n = len(result.ranking)
+        selection = result.selection
+        n = len(selection.candidates)
         record = {
             "dataset": dataset,
             "seed": seed,
@@ -182,7 +183,10 @@ class Bench:
             "candidates": n,
             "k_low": resolve_top_k(COMMON["low"], n),
             "k_high": resolve_top_k(COMMON["high"], n),
-            **{key: getattr(result, key) for key in ("scores", "ranking", "selected", "update_norms")},
+            "scores": dict(selection.scores),
+            "ranking": list(selection.ranking),
+            "selected": list(selection.selected),
+            "update_norms": result.update_norms,
             **flat_costs(result),
         }
         self.out["identifications"].append(record)

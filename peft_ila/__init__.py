@@ -6,7 +6,7 @@ PEFT tuner) and `identification` (finding the important layers); the command lin
 """
 
 from .identification import ILACallback, ILAResult, identify_important_layers
-from .tuner import PEFT_TYPE, GateBank, ILAConfig, ILALayer, ILALoadError, ILAModel, Linear, resolve_top_k
+from .tuner import PEFT_TYPE, GateBank, ILAConfig, ILALayer, ILALoadError, ILAModel, Linear, Selection, resolve_top_k
 
 __version__ = "0.1.0"
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ILAModel",
     "ILAResult",
     "Linear",
+    "Selection",
     "identify_important_layers",
     "resolve_top_k",
 ]

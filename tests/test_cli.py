@@ -19,7 +19,7 @@ import peft_ila.identification.importance
 from conftest import alpaca_rows, common, identify, tiny_llama, tiny_lm_dir
 from peft_ila import ILALayer
 from peft_ila.app.cli import main
-from peft_ila.tuner.mask import tensors_to_mask
+from peft_ila.tuner.selection import Selection
 
 
 def test_identify_writes_a_complete_run_directory(run, tmp_path):
@@ -31,8 +31,7 @@ def test_identify_writes_a_complete_run_directory(run, tmp_path):
     assert record["costs"]["stage1"]["steps"] == 6 and record["costs"]["stage1"]["stop"] == "max_steps"
     assert record["costs"]["stage2"]["tokens"] > 0 and record["config"]["granularity"] == "module"
     assert record["command"].startswith("peft-ila identify ")
-    candidates, selected, _ = tensors_to_mask(load_file(run / "mask.safetensors"))
-    assert candidates == record["candidates"] and set(selected) == set(record["selected"])
+    assert Selection.from_tensors(load_file(run / "mask.safetensors")).differences(Selection.from_json(record)) == []
     assert (run / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run / "report.md").read_text()
     assert all(f"`{name}`" in report for name in record["selected"]) and record["command"] in report

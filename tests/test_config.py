@@ -122,3 +122,16 @@ def test_command_line_defaults_are_the_config_defaults():
     assert len(compared) >= 13, compared
     for name in compared:
         assert defaults[FLAGS[name]] == by_design.get(name, fields[name]), FLAGS[name]
+
+
+def test_command_line_options_of_config_fields_carry_the_fields_help():
+    from peft_ila.app.args import CONFIG_OPTIONS, parser
+
+    identify = parser()._subparsers._group_actions[0].choices["identify"]
+    helps = {action.dest: action.help for action in identify._actions}
+    options = [field for group in CONFIG_OPTIONS.values() for field, _, _ in group]
+    assert len(options) == 13 and "gate_init" in options
+    for field in options:
+        first_words = ILAConfig.__dataclass_fields__[field].metadata["help"].split("`")[0]
+        assert helps[field].startswith(first_words.replace("%", "%%")), field
+        assert helps[field].endswith("(default: %(default)s)")

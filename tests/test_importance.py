@@ -8,6 +8,7 @@ from peft import get_peft_model
 
 from conftest import VOCAB, llama_candidates, lm_batches, tiny_llama
 from peft_ila import ILAConfig, ILALayer, identify_important_layers
+from peft_ila.tuner.selection import as_float32
 
 PLANTED = ["model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
 
@@ -59,7 +60,7 @@ def test_the_update_norm_estimator_scores_norms_and_has_no_second_stage():
     config = ILAConfig(r=2, top_k=3, stage1_max_steps=5, estimator="update-norm")
     result = identify_important_layers(get_peft_model(tiny_llama(), config), lm_batches(3), progress=False)
     top = max(result.update_norms.values())
-    assert result.scores == {name: norm / top for name, norm in result.update_norms.items()}
+    assert result.scores == {name: as_float32(norm / top) for name, norm in result.update_norms.items()}
     assert result.stage2.steps == 0 and result.stage2.losses == [] and len(result.selected) == 3
 
 
@@ -107,7 +108,16 @@ def test_result_records_costs_and_curves():
     assert sorted(result.ranking) == sorted(llama_candidates()) and result.selected == result.ranking[:7]
     assert [result.scores[n] for n in result.ranking] == sorted(result.scores.values(), reverse=True)
     record = result.to_dict()
-    assert set(record) == {"scores", "ranking", "selected", "update_norms", "stage1", "stage2"}
+    assert set(record) == {
+        "candidates",
+        "scores",
+        "ranking",
+        "selected",
+        "provenance",
+        "update_norms",
+        "stage1",
+        "stage2",
+    }
     assert record["stage1"]["stop_reason"] == "max_steps" and record["stage2"]["steps"] == 4
 
 

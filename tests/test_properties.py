@@ -1,5 +1,6 @@
-"""Property tests (hypothesis): config validation, top-k arithmetic, and the mask <-> layer names round trip."""
+"""Property tests (hypothesis): config validation, top-k arithmetic, and a selection's round trip through its forms."""
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from peft import get_peft_model
 
 from conftest import tiny_llama
 from peft_ila import ILAConfig, ILALayer, resolve_top_k
-from peft_ila.tuner.mask import mask_to_tensors, tensors_to_mask
+from peft_ila.tuner.selection import Selection
 
 numbers = st.one_of(st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none())
 
@@ -102,19 +103,31 @@ names = st.lists(
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), candidates=names)
-def test_mask_round_trips_through_safetensors(data, candidates):
-    chosen = data.draw(st.lists(st.sampled_from(candidates), unique=True))
+def test_a_selection_round_trips_through_every_form(data, candidates):
+    chosen = data.draw(st.lists(st.sampled_from(candidates), unique=True, min_size=1))
     scored = data.draw(st.lists(st.sampled_from(candidates), unique=True))
     scores = {name: data.draw(st.floats(0, 1)) for name in scored}
-    selected = chosen or None  # None: the probe state, every candidate adapted
-    tensors = safetensors.torch.load(safetensors.torch.save(mask_to_tensors(candidates, selected, scores)))
-    back, adapted, known = tensors_to_mask(tensors)
-    assert back == candidates
-    assert adapted == [n for n in candidates if selected is None or n in chosen]
-    assert known == {n: float(torch.tensor(s, dtype=torch.float32)) for n, s in scores.items()}
+    selection = Selection(tuple(candidates), tuple(chosen), scores)
+    assert selection.scores == {n: float(torch.tensor(s, dtype=torch.float32)) for n, s in scores.items()}
+    tensors = safetensors.torch.load(safetensors.torch.save(selection.to_tensors()))
+    from_tensors = Selection.from_tensors(tensors)
+    from_json = Selection.from_json(json.loads(json.dumps(selection.to_json())))
+    assert from_json == selection  # the JSON form keeps everything, the ranking included
+    assert from_tensors.differences(selection) == [] and from_tensors.candidates == tuple(candidates)
+    assert set(from_tensors.selected) == set(chosen)  # the tensors keep the set, not its order
+    if not scores or set(chosen) <= set(scores):  # a config needs a score for every selected layer, or none
+        config = ILAConfig(**selection.config_fields())
+        assert config.selected_layers == list(chosen) and (config.layer_scores or {}) == selection.scores
+    assert [n for n in selection.ranking if n not in chosen] == sorted(
+        set(candidates) - set(chosen), key=lambda n: (-selection.scores.get(n, -1.0), candidates.index(n))
+    )
 
 
 def test_layer_names_that_cannot_round_trip_are_refused():
-    for bad in (["a\nb"], ["a", ""]):
-        with pytest.raises(ValueError, match="cannot be empty or contain a newline"):
-            mask_to_tensors(bad, None, None)
+    for bad in (["a\nb"], ["a", ""], ["a", "a"], []):
+        with pytest.raises(ValueError, match=r"Selection\.candidates is invalid"):
+            Selection(tuple(bad), ("a",))
+    with pytest.raises(ValueError, match=r"Selection\.scores is invalid"):
+        Selection(("a",), ("a",), {"a": 1.5})
+    with pytest.raises(ValueError, match=r"Selection\.selected names 1 layer"):
+        Selection(("a",), ("b",))

@@ -11,7 +11,7 @@ from pathlib import Path
 from peft import PeftConfig
 
 from peft_ila import ILAConfig
-from peft_ila.tuner.mask import MASK_KEYS
+from peft_ila.tuner.selection import MASK_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

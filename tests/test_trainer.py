@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, default_data_collator
 
 from conftest import alpaca_rows, lm_batches, lm_dataset, tiny_llama, tiny_lm_dir, trainer_args
-from peft_ila import ILACallback, ILAConfig, identify_important_layers
+from peft_ila import ILACallback, ILAConfig, ILALoadError, identify_important_layers
 from peft_ila.identification.callback import REPORT_NAME, keep_trainable_only
 from peft_ila.identification.training import cycle, train_steps
 
@@ -60,6 +60,8 @@ def test_trainer_identifies_first_then_trains_only_the_selected_layers(tmp_path)
 def test_resuming_from_a_checkpoint_keeps_the_selection_and_ends_as_the_uninterrupted_run(tmp_path):
     def run(resume_from=None):
         model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
+        if resume_from is not None:  # the checkpoint was taken after ILACallback selected: take its selection first
+            assert model.base_model.select_as_saved(resume_from)
         args = trainer_args(tmp_path / "out", save_strategy="steps", save_steps=2)
         trainer = Trainer(model, args, train_dataset=lm_dataset(), data_collator=default_data_collator)
         ila = ILACallback(trainer)
@@ -69,11 +71,27 @@ def test_resuming_from_a_checkpoint_keeps_the_selection_and_ends_as_the_uninterr
 
     whole, result = run()
     resumed, again = run(tmp_path / "out" / "checkpoint-2")  # a fresh probe model, as a restarted job builds it
-    assert again is None  # no second identification: the checkpoint's selection is applied as it loads
+    assert again is None  # no second identification: the model already has the checkpoint's selection
     assert resumed.peft_config["default"].selected_layers == result.selected
     assert resumed.peft_config["default"].layer_scores == result.scores
     final, expected = dict(resumed.named_parameters()), dict(whole.named_parameters())
     assert final.keys() == expected.keys() and all(torch.equal(final[n], expected[n]) for n in final)
+    assert resumed.peft_config["default"].provenance == whole.peft_config["default"].provenance
+
+
+def test_loading_a_selection_into_a_probe_model_is_refused_and_names_the_step_that_applies_it(tmp_path):
+    model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
+    model.save_pretrained(tmp_path / "probe")
+    identify_important_layers(model, lm_batches(4), progress=False)
+    model.save_pretrained(tmp_path / "selected")
+    probe = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
+    with pytest.raises(ILALoadError, match=r"select_as_saved\(<that directory>, 'default'\)"):
+        probe.load_adapter(tmp_path / "selected", "default")
+    assert probe.peft_config["default"].selected_layers is None  # loading only checked: still the probe state
+    assert not probe.base_model.select_as_saved(tmp_path / "probe")  # a probe save holds no selection
+    assert probe.base_model.select_as_saved(tmp_path / "selected")
+    probe.load_adapter(tmp_path / "selected", "default")
+    assert probe.base_model.selection() == model.base_model.selection()
 
 
 def test_callback_without_trainer_uses_accumulation_and_logs_to_state(tmp_path):

@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ..tuner.config import ESTIMATOR_NAMES
+from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig
 from . import UsageError
 
 LAUNCHERS = (
@@ -81,25 +81,47 @@ def _columns(text: str) -> dict[str, str]:
     return {role.strip(): column.strip() for role, _, column in pairs}
 
 
+# The options that set an ILAConfig field, by argument group: (field, option, type or choices). Their default and
+# help are the field's own (see `_config_option`), so the command line cannot drift from the config.
+CONFIG_OPTIONS = {
+    "adapter shape": (
+        ("r", "--r", _int),
+        ("lora_alpha", "--lora-alpha", _float),
+        ("lora_dropout", "--lora-dropout", _float),
+    ),
+    "identification": (
+        ("granularity", "--granularity", GRANULARITIES),
+        ("stage1_max_steps", "--stage1-max-steps", _int),
+        ("stage1_lr", "--stage1-lr", _float),
+        ("stability_epsilon", "--epsilon", _float),
+        ("stability_window", "--window", _int),
+        ("stage2_steps", "--stage2-steps", _int),
+        ("estimator", "--estimator", ESTIMATOR_NAMES),
+        ("gate_lr", "--gate-lr", _float),
+        ("gate_init", "--gate-init", _float),
+        ("sparsity_weight", "--sparsity-weight", _float),
+    ),
+}
 # the ILAConfig field behind each option, so that a config error names the flag the user typed
 FLAGS = {
-    "r": "--r",
-    "lora_alpha": "--lora-alpha",
-    "lora_dropout": "--lora-dropout",
+    **{field: flag for options in CONFIG_OPTIONS.values() for field, flag, _ in options},
     "target_modules": "--target-modules",
     "top_k": "--top-k",
-    "granularity": "--granularity",
-    "stage1_max_steps": "--stage1-max-steps",
-    "stage1_lr": "--stage1-lr",
-    "stability_epsilon": "--epsilon",
-    "stability_window": "--window",
-    "stage2_steps": "--stage2-steps",
-    "estimator": "--estimator",
-    "gate_lr": "--gate-lr",
-    "sparsity_weight": "--sparsity-weight",
     "seed": "--seed",
     "selected_layers": "--layers",
 }
+
+
+def _config_option(group, field: str, flag: str, kind, defaults: dict) -> None:
+    """An option for an ILAConfig field: its default (unless `defaults` overrides it) and its help, with the names
+    of other fields written as their options."""
+    spec = ILAConfig.__dataclass_fields__[field]
+    text = re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), spec.metadata["help"])
+    typed = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+    default = defaults.get(field, spec.default)
+    help = text.replace("%", "%%") + " (default: %(default)s)"
+    metavar = None if "choices" in typed else flag.lstrip("-").upper().replace("-", "_")
+    group.add_argument(flag, dest=field, default=default, metavar=metavar, help=help, **typed)
 
 
 def usage_error(exc: ValueError) -> UsageError:
@@ -167,16 +189,15 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _add_shape(p: argparse.ArgumentParser) -> None:
+def _add_shape(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("adapter shape")
-    g.add_argument("--r", type=_int, default=8, help="LoRA rank (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=_float, default=16, help="LoRA alpha (default: %(default)s)")
-    g.add_argument("--lora-dropout", type=_float, default=0.0, help="adapter dropout (default: %(default)s)")
+    for option in CONFIG_OPTIONS["adapter shape"]:
+        _config_option(g, *option, d)
     g.add_argument(
         "--target-modules",
         type=_modules,
         default="all-linear",
-        help="candidate modules: 'all-linear' or comma-separated names (default: %(default)s)",
+        help="candidate modules: 'all-linear' or comma-separated names or name suffixes (default: %(default)s)",
     )
 
 
@@ -188,37 +209,8 @@ def _add_ila(p: argparse.ArgumentParser, d: dict) -> None:
         help="layers kept: an int, or a fraction of the candidate layers (default: 0.25); with --mask, the best "
         "of the mask's ranking (default: the layers the mask selected)",
     )
-    g.add_argument(
-        "--granularity",
-        choices=("module", "block"),
-        default="module",
-        help="'module': each adapted weight matrix is a layer (as in the paper); 'block': one gate per transformer "
-        "block (default: %(default)s)",
-    )
-    g.add_argument(
-        "--stage1-max-steps",
-        type=_int,
-        default=d.get("stage1_max_steps", 300),
-        help="stage 1 step cap (default: %(default)s)",
-    )
-    g.add_argument("--stage1-lr", type=_float, default=1e-3, help="stage 1 learning rate (default: %(default)s)")
-    g.add_argument("--epsilon", type=_float, default=0.01, help="stability epsilon, relative (default: %(default)s)")
-    g.add_argument("--window", type=_int, default=20, help="stability window in steps (default: %(default)s)")
-    g.add_argument(
-        "--stage2-steps",
-        type=_int,
-        default=d.get("stage2_steps", 100),
-        help="gate-learning steps (default: %(default)s)",
-    )
-    g.add_argument(
-        "--estimator",
-        choices=ESTIMATOR_NAMES,
-        default="gates",
-        help="how layers are scored after stage 1: 'gates' (the paper's learned gates), 'update-norm' (||dW||, no "
-        "stage 2), 'first-order' (mean -dL/dgate over --stage2-steps steps, nothing trained) (default: %(default)s)",
-    )
-    g.add_argument("--gate-lr", type=_float, default=0.1, help="gate learning rate (default: %(default)s)")
-    g.add_argument("--sparsity-weight", type=_float, default=0.5, help="sparsity weight (default: %(default)s)")
+    for option in CONFIG_OPTIONS["identification"]:
+        _config_option(g, *option, d)
 
 
 def _add_checkpoints(p: argparse.ArgumentParser) -> None:
@@ -272,7 +264,7 @@ def parser() -> argparse.ArgumentParser:
         "identify",
         "Run ILA stages 1 and 2 and write a run directory: importance.json, mask.safetensors, heatmap.png, report.md.",
     )
-    _add_data(p, {}), _add_shape(p), _add_ila(p, {}), _add_checkpoints(p)
+    _add_data(p, {}), _add_shape(p, {}), _add_ila(p, {}), _add_checkpoints(p)
     _add_out(p, "run directory to write")
 
     p = command(
@@ -281,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
         "plain peft LoRA), on --layers, or on layers found inline; save a PEFT adapter and report held-out "
         "loss before/after, step time, peak memory and trainable parameters.",
     )
-    _add_data(p, {}), _add_shape(p), _add_ila(p, {}), _add_checkpoints(p), _add_tune(p, {})
+    _add_data(p, {}), _add_shape(p, {}), _add_ila(p, {}), _add_checkpoints(p), _add_tune(p, {})
     which = p.add_mutually_exclusive_group()
     which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
     which.add_argument("--all-layers", action="store_true", help="baseline: plain peft LoRA on every candidate")
@@ -343,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
         "table, fine-tune the top-k, save, reload in a fresh process, and show held-out loss and a generation "
         "before and after.",
     )
-    _add_data(p, DEMO), _add_shape(p), _add_ila(p, DEMO), _add_tune(p, DEMO)
+    _add_data(p, DEMO), _add_shape(p, DEMO), _add_ila(p, DEMO), _add_tune(p, DEMO)
     p.set_defaults(checkpoint_every=0, resume=False)  # minutes long, and its outputs appear only at the end
     _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
     return root

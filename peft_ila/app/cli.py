@@ -77,12 +77,12 @@ def cmd_train(args) -> None:
         )
     if args.allow_other_model and not args.mask:
         raise UsageError("--allow-other-model applies to a --mask found on another model; drop it.")
-    run = read_run(args.mask) if args.mask else None
+    run = read_run(args.mask) if args.mask else None  # (record, selection)
     ila_config(args)
     accelerator = accelerator_for(args)
     prepared = prepare_data(args, accelerator)
     if run is not None:
-        config, selection = mask_config(args, run, args.mask, prepared)
+        config, selection = mask_config(args, *run, args.mask, prepared)
         model = wrap(prepared.model, config)
     elif args.all_layers:
         model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
@@ -139,7 +139,7 @@ def cmd_eval(args) -> dict:
     from peft import PeftModel
 
     from ..identification.training import evaluate_loss
-    from ..tuner.mask import ILALoadError
+    from ..tuner.selection import ILALoadError
     from . import UsageError
     from .files import read_json, write_json
     from .pipeline import first_user_turn, generate, prepare

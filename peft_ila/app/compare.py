@@ -66,14 +66,15 @@ def compare(runs: list[Path], out: Path, overwrite: bool = False, labels: list[s
     sets are compared on their common candidate layers only, with a note saying so."""
     if labels is not None and len(labels) != len(runs):
         raise UsageError(f"--label given {len(labels)} time(s) for {len(runs)} runs; give one per run, in order.")
-    records = [read_run(run) for run in runs]
+    records, selections = zip(*(read_run(run) for run in runs), strict=True)
     labels = labels or default_labels(runs)
     matrix = [[1.0] * len(runs) for _ in runs]
     pairs, notes = [], []
     for i, j in combinations(range(len(runs)), 2):
         a, b = records[i], records[j]
-        common = [n for n in a["candidates"] if n in set(b["candidates"])]
-        chosen = [set(r["selected"]) & set(common) for r in (a, b)]
+        sa, sb = selections[i], selections[j]
+        common = [n for n in sa.candidates if n in set(sb.candidates)]
+        chosen = [set(s.selected) & set(common) for s in (sa, sb)]
         matrix[i][j] = matrix[j][i] = jaccard(*chosen)
         same_model = _same_model(run_model(a), run_model(b))
         if not same_model:
@@ -81,10 +82,10 @@ def compare(runs: list[Path], out: Path, overwrite: bool = False, labels: list[s
                 f"note: {labels[i]} and {labels[j]} come from different models ({run_model(a)['model']} and "
                 f"{run_model(b)['model']})"
             )
-        if a["candidates"] != b["candidates"]:
+        if sa.candidates != sb.candidates:
             notes.append(
                 f"note: {labels[i]} and {labels[j]} are compared on their {len(common)} common candidate layers only "
-                f"(of {len(a['candidates'])} and {len(b['candidates'])})"
+                f"(of {len(sa.candidates)} and {len(sb.candidates)})"
             )
         pairs.append(
             {
@@ -92,7 +93,7 @@ def compare(runs: list[Path], out: Path, overwrite: bool = False, labels: list[s
                 "b": labels[j],
                 "jaccard": matrix[i][j],
                 "shared_selected": len(chosen[0] & chosen[1]),
-                "spearman": spearman([a["scores"][n] for n in common], [b["scores"][n] for n in common])
+                "spearman": spearman([sa.scores[n] for n in common], [sb.scores[n] for n in common])
                 if len(common) > 1
                 else float("nan"),
                 "common_candidates": len(common),

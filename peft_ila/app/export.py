@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..tuner.mask import MASK_KEYS
+from ..tuner.selection import MASK_KEYS, Selection, layer_of
 from . import UsageError
 from .files import read_json, staged_dir
 
@@ -25,10 +25,19 @@ def export_lora(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> li
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise UsageError(f"{weights_file} is missing: export needs the adapter's safetensors file.")
-    tensors = {k: v for k, v in load_file(weights_file).items() if k not in MASK_KEYS}
+    saved = load_file(weights_file)
+    try:
+        selected = set(Selection.from_tensors(saved).selected)
+    except ValueError as exc:
+        raise UsageError(f"{weights_file}: {exc}") from None
+    tensors = {k: v for k, v in saved.items() if k not in MASK_KEYS}
     modules = sorted({k.removeprefix("base_model.model.").split(".ila_A.")[0] for k in tensors if ".ila_A." in k})
-    if not modules:
-        raise UsageError(f"{weights_file} holds no ILA adapter weights.")
+    granularity = config.get("granularity", "module")
+    if {layer_of(module, granularity) for module in modules} != selected:
+        raise UsageError(
+            f"{weights_file} holds adapter weights for other layers than its mask selects ({len(selected)} layers); "
+            "the file was altered, save the adapter again."
+        )
     renamed = {k.replace(".ila_A.", ".lora_A.").replace(".ila_B.", ".lora_B."): v for k, v in tensors.items()}
     lora = LoraConfig(
         task_type=config.get("task_type"),

@@ -3,7 +3,6 @@ hub id already in the local cache."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -76,20 +75,6 @@ def portable(spec: str) -> str:
     """The model spec as it resolves from any working directory: a local path made absolute; the default and hub
     ids as they are."""
     return spec if spec == DEFAULT_MODEL else str(resolve(spec))
-
-
-def identity(model) -> dict:
-    """What tells base models apart: the class, a SHA-256 of the parameter names and shapes (the architecture), and
-    a sampled SHA-256 of the weights (see `weights_fingerprint`)."""
-    from ..identification.checkpoint import weights_fingerprint
-
-    named = list(model.named_parameters())
-    shapes = "".join(f"{name} {tuple(p.shape)}\n" for name, p in named)
-    return {
-        "class": type(model).__name__,
-        "architecture_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
-        "weights_sha256": weights_fingerprint(named),
-    }
 
 
 def load_model(spec: str = DEFAULT_MODEL):

@@ -17,11 +17,12 @@ from ..identification.distributed import rank, world_size
 from ..identification.importance import ILAResult, identify_important_layers
 from ..identification.training import StepStats, cycle, evaluate_loss, train_steps
 from ..tuner.config import ILAConfig
+from ..tuner.selection import model_identity
 from . import UsageError
 from .args import usage_error
 from .data import Conversation, Encoded, batches, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
-from .models import identity, load_model, portable
+from .models import load_model, portable
 
 
 @dataclass
@@ -69,7 +70,7 @@ def prepare(
     dataset = read_dataset(data_spec, columns)
     test_set = read_dataset(eval_data, columns) if eval_data else None
     model, tokenizer = load_model(model_spec)
-    base_model = {"model": portable(model_spec), **identity(model)}
+    base_model = {"model": portable(model_spec), **model_identity(model)}
     if accelerator is not None:
         model.to(accelerator.device)
     plain = plain or not tokenizer.chat_template

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ..tuner.mask import layer_of
+from ..tuner.selection import layer_of
 
 
 def grid(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:

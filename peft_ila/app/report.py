@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 from pathlib import Path
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..identification.importance import ILAResult
-from ..tuner.mask import mask_to_tensors, tensors_to_mask
+from ..tuner.selection import Selection
 from . import UsageError
 from .files import read_json, write_json
 
@@ -45,19 +44,15 @@ def machine() -> dict:
     }
 
 
-def write_run(
-    out: Path | None, result: ILAResult, config: dict, candidates: list[str], info: dict, command: str
-) -> dict:
+def write_run(out: Path | None, result: ILAResult, config: dict, info: dict, command: str) -> dict:
     """Write the four files of a run directory into `out` (an empty staging directory; None writes nothing, as on
-    ranks other than 0) and return the record."""
+    ranks other than 0) and return the record: the selection's JSON form (`Selection.to_json`) and the run's
+    settings, data, update norms, costs and losses."""
     record = {
         "command": command,
         **info,
         "config": config,
-        "candidates": candidates,
-        "selected": result.selected,
-        "ranking": result.ranking,
-        "scores": result.scores,
+        **result.selection.to_json(),
         "update_norms": result.update_norms,
         "costs": {
             "stage1": {
@@ -80,7 +75,7 @@ def write_run(
     write_json(out / IMPORTANCE, record)
     meta = {"granularity": config["granularity"], "model": str(info.get("model"))}
     meta["architecture_sha256"] = str(info.get("base_model", {}).get("architecture_sha256"))
-    save_file(mask_to_tensors(candidates, result.selected, result.scores), out / MASK, metadata=meta)
+    save_file(result.selection.to_tensors(), out / MASK, metadata=meta)
     from .plots import heatmap  # matplotlib (the app extra) only where a plot is drawn
 
     title = f"ILA layer importance: {Path(str(info.get('model'))).name} on {Path(str(info.get('data'))).name}"
@@ -130,8 +125,8 @@ def run_model(record: dict) -> dict:
     return record.get("base_model") or {"model": record.get("model")}
 
 
-def read_run(run: Path) -> dict:
-    """A run directory's record, checked against its mask.safetensors."""
+def read_run(run: Path) -> tuple[dict, Selection]:
+    """A run directory's record and its selection, checked against its mask.safetensors."""
     run = Path(run)
     if not run.is_dir():
         raise UsageError(f"{run} is not a directory; pass a run directory written by `peft-ila identify`.")
@@ -139,12 +134,16 @@ def read_run(run: Path) -> dict:
     if not (run / MASK).is_file():
         raise UsageError(f"{run / MASK} is missing; the run directory is incomplete, run identify again.")
     try:
-        candidates, selected, scores = tensors_to_mask(load_file(run / MASK))
+        selection = Selection.from_json(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{run / IMPORTANCE} holds no valid selection ({exc}); run identify again.") from None
+    try:
+        differences = selection.differences(Selection.from_tensors(load_file(run / MASK)))
     except Exception as exc:
         raise UsageError(f"{run / MASK} cannot be read ({str(exc).splitlines()[0]}); run identify again.") from None
-    same_scores = set(scores) == set(record["scores"]) and all(
-        math.isclose(scores[n], record["scores"][n], rel_tol=1e-6, abs_tol=1e-7) for n in scores
-    )
-    if candidates != record["candidates"] or set(selected) != set(record["selected"]) or not same_scores:
-        raise UsageError(f"{run / MASK} and {run / IMPORTANCE} disagree; they come from different runs.")
-    return record
+    if differences:
+        raise UsageError(
+            f"{run / MASK} and {run / IMPORTANCE} disagree on the {' and the '.join(differences)}; they come from "
+            "different runs."
+        )
+    return record, selection

@@ -24,25 +24,10 @@ def ila_config(args, **overrides):
     """The ILAConfig of the command's options; an invalid value is a usage error naming the option (checked before
     any loading)."""
     from ..tuner.config import ILAConfig
-    from .args import usage_error
+    from .args import CONFIG_OPTIONS, usage_error
 
-    fields = dict(
-        task_type="CAUSAL_LM",
-        r=args.r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=args.target_modules,
-        granularity=args.granularity,
-        stage1_max_steps=args.stage1_max_steps,
-        stage1_lr=args.stage1_lr,
-        stability_epsilon=args.epsilon,
-        stability_window=args.window,
-        stage2_steps=args.stage2_steps,
-        estimator=args.estimator,
-        gate_lr=args.gate_lr,
-        sparsity_weight=args.sparsity_weight,
-        seed=args.seed,
-    )
+    fields = {field: getattr(args, field) for options in CONFIG_OPTIONS.values() for field, _, _ in options}
+    fields.update(task_type="CAUSAL_LM", target_modules=args.target_modules, seed=args.seed)
     if args.top_k is not None:  # else ILAConfig's default
         fields["top_k"] = args.top_k
     try:
@@ -109,7 +94,7 @@ def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | N
     """Stages 1 and 2 on the training split; the run directory appears whole at `out` or not at all. With a
     `checkpoint`, the run's state is saved there as it goes and removed once the run directory is written."""
     from ..identification.distributed import rank
-    from ..tuner.mask import ILALoadError
+    from ..tuner.selection import ILALoadError
     from . import UsageError
     from .files import main_process_dir
     from .pipeline import identify
@@ -129,9 +114,8 @@ def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | N
                 args.checkpoint_every,
                 args.resume,
             )
-            candidates = model.base_model.candidate_layers()
             info = {**prepared.info, "batch_size": args.batch_size}
-            record = write_run(tmp, result, config.run_settings(), candidates, info, command_line(args))
+            record = write_run(tmp, result, config.run_settings(), info, command_line(args))
     except ILALoadError as exc:  # the checkpoint to resume does not fit this command
         raise UsageError(str(exc)) from None
     except BaseException:
@@ -148,8 +132,9 @@ def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | N
     return model, result, record
 
 
-def mask_config(args, run: dict, mask: Path, prepared):
-    """The ILAConfig that applies a run directory's mask to the prepared model, and what the adapter records of it.
+def mask_config(args, run: dict, saved, mask: Path, prepared):
+    """The ILAConfig that applies a run directory's mask (its record `run` and `Selection` `saved`) to the prepared
+    model, and what the adapter records of it.
 
     The mask's selection, or with `--top-k` the best k of its ranking. A mask whose candidate layers or
     architecture differ from this model's is refused unless `--allow-other-model` (then its layers that exist here
@@ -160,41 +145,44 @@ def mask_config(args, run: dict, mask: Path, prepared):
 
     shape = {"target_modules": run["config"]["target_modules"], "granularity": run["config"]["granularity"]}
     here = candidates_of(prepared.model, ila_config(args, **shape))
-    ranking = [name for name in run["ranking"] if name in set(here)]
-    _check_mask_model(args, run, mask, here, ranking, prepared.info["base_model"])
-    if args.top_k is None:
-        top_k, selected = run["config"]["top_k"], [name for name in run["selected"] if name in set(here)]
-        how = f"the {len(selected)} layers selected by mask {mask}"
-    else:
-        try:
-            top_k, selected = args.top_k, ranking[: resolve_top_k(args.top_k, len(ranking))]
-        except ValueError as exc:
-            raise usage_error(exc) from None
-        how = f"the best {len(selected)} of the ranking of mask {mask} (--top-k {args.top_k})"
-    if not selected:
+    common = [name for name in saved.ranking if name in set(here)]
+    _check_mask_model(args, run, saved, mask, here, common, prepared.info["base_model"])
+    try:
+        k = None if args.top_k is None else resolve_top_k(args.top_k, len(common))
+    except ValueError as exc:
+        raise usage_error(exc) from None
+    try:
+        selection = saved.within(here, k)
+    except ValueError:
         raise UsageError(
-            f"none of the {len(run['selected'])} layers selected by --mask {mask} is a candidate of this model; pass "
+            f"none of the {len(saved.selected)} layers selected by --mask {mask} is a candidate of this model; pass "
             "--top-k K to take the best K of its ranking that are."
+        ) from None
+    if args.top_k is None:
+        top_k, how = run["config"]["top_k"], f"the {len(selection.selected)} layers selected by mask {mask}"
+        if len(selection.selected) < len(saved.selected):
+            dropped = len(saved.selected) - len(selection.selected)
+            print(
+                f"note: dropped {dropped} of its {len(saved.selected)} selected layers (not candidates here); "
+                f"{len(selection.selected)} left"
+            )
+    else:
+        top_k, how = (
+            args.top_k,
+            f"the best {len(selection.selected)} of the ranking of mask {mask} (--top-k {args.top_k})",
         )
-    if len(selected) < len(run["selected"]) and args.top_k is None:
-        dropped = len(run["selected"]) - len(selected)
-        print(
-            f"note: dropped {dropped} of its {len(run['selected'])} selected layers (not candidates here); "
-            f"{len(selected)} left"
-        )
-    scores = {name: run["scores"][name] for name in ranking}
-    config = ila_config(args, selected_layers=selected, layer_scores=scores, top_k=top_k, **shape)
-    return config, {"selection": how, "mask": str(mask.resolve()), "top_k": top_k, "layers": len(selected)}
+    config = ila_config(args, **selection.config_fields(), top_k=top_k, **shape)
+    return config, {"selection": how, "mask": str(mask.resolve()), "top_k": top_k, "layers": len(selection.selected)}
 
 
-def _check_mask_model(args, run: dict, mask: Path, here: list[str], common: list[str], model: dict) -> None:
+def _check_mask_model(args, run: dict, saved, mask: Path, here: list[str], common: list[str], model: dict) -> None:
     """Refuse a mask found on another model (other candidates or architecture) unless --allow-other-model."""
     from . import UsageError
     from .report import run_model
 
     found = run_model(run)
-    where = f"--mask {mask} was found on {found['model']} ({len(run['candidates'])} candidate layers)"
-    if run["candidates"] != here:
+    where = f"--mask {mask} was found on {found['model']} ({len(saved.candidates)} candidate layers)"
+    if list(saved.candidates) != here:
         problem = f"{model['model']} has {len(here)}, {len(common)} of them in common"
     elif found.get("architecture_sha256", model["architecture_sha256"]) != model["architecture_sha256"]:
         problem = f"{model['model']} has the same layer names but another architecture (other shapes)"

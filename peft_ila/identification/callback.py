@@ -96,7 +96,8 @@ class ILACallback(TrainerCallback):
                 tmp.write_text(json.dumps(self.result.to_dict(), indent=2))
 
     def _log(self, args: TrainingArguments, state: TrainerState, result: ILAResult) -> None:
-        metrics: dict[str, float] = {"ila/selected_layers": len(result.selected), "ila/candidates": len(result.scores)}
+        selection = result.selection
+        metrics = {"ila/selected_layers": len(selection.selected), "ila/candidates": len(selection.candidates)}
         for name, stage in (("stage1", result.stage1), ("stage2", result.stage2)):
             for what in ("steps", "tokens", "seconds"):
                 metrics[f"ila/{name}_{what}"] = getattr(stage, what)
@@ -107,7 +108,7 @@ class ILACallback(TrainerCallback):
         else:
             state.log_history.append({**metrics, "step": state.global_step})
         if state.is_world_process_zero:
-            logger.info("ILA selected %d of %d layers: %s", len(result.selected), len(result.scores), metrics)
+            logger.info("ILA selected %d of %d layers: %s", len(selection.selected), len(selection.candidates), metrics)
 
 
 def keep_trainable_only(optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..tuner.mask import ILALoadError
+from ..tuner.selection import ILALoadError
 from .atomic import written_atomically
 from .distributed import any_rank, gather, rank
 

@@ -9,9 +9,10 @@ every layer. Layers are ranked by score (ties: larger ||dW_i||); the top-k keep 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from torch import nn
 from ..tuner._peft_compat import PREFIX
 from ..tuner.config import ILAConfig, resolve_top_k
 from ..tuner.layer import ILALayer
-from ..tuner.mask import ILALoadError, layer_of
 from ..tuner.model import _ila_tuner
+from ..tuner.selection import ILALoadError, Selection, as_float32, layer_of, model_identity
 from .checkpoint import (
     DataPosition,
     check_settings,
@@ -42,18 +43,32 @@ from .training import Batch, StabilityTest, StepStats, cycle, train_steps
 
 @dataclass
 class ILAResult:
-    """Outcome of `identify_important_layers`, with what each stage did and cost."""
+    """Outcome of `identify_important_layers`: the selection, and what each stage did and cost."""
 
-    scores: dict[str, float]  # layer -> score in [0, 1] of the estimator (the learned gate by default)
-    ranking: list[str]  # all candidate layers, most important first
-    selected: list[str]  # the top-k of `ranking`
+    selection: Selection  # candidates, scores in [0, 1] of the estimator, ranking, the top k, provenance
     update_norms: dict[str, float]  # layer -> ||dW|| after stage 1 (the tie-break)
     stage1: StepStats = field(default_factory=StepStats)  # stop_reason: "stable" | "max_steps" | "data_exhausted"
     stage2: StepStats = field(default_factory=StepStats)  # the estimator's stage (no steps for "update-norm")
 
+    @property
+    def scores(self) -> dict[str, float]:
+        """Layer -> score in [0, 1] (the learned gate by default)."""
+        return dict(self.selection.scores)
+
+    @property
+    def ranking(self) -> list[str]:
+        """Every candidate layer, most important first."""
+        return list(self.selection.ranking)
+
+    @property
+    def selected(self) -> list[str]:
+        """The top k of `ranking`: the layers that keep adapters."""
+        return list(self.selection.selected)
+
     def to_dict(self) -> dict:
-        """Plain-JSON form (the stages as nested dicts)."""
-        return dataclasses.asdict(self)
+        """Plain JSON: the selection's fields, `update_norms`, and the stages as nested dicts."""
+        stages = {"stage1": dataclasses.asdict(self.stage1), "stage2": dataclasses.asdict(self.stage2)}
+        return {**self.selection.to_json(), "update_norms": self.update_norms, **stages}
 
 
 def identify_important_layers(
@@ -138,7 +153,7 @@ class Identification:
         self.optimizer1 = torch.optim.AdamW(list(self.named.values()), lr=self.config.stage1_lr, weight_decay=0.0)
         self.optimizer2 = self.estimator.optimizer(self.bank)
         self.stage1, self.stage2 = StepStats(), StepStats()
-        self.stream: Iterator[Batch] | DataPosition | None = None
+        self.stream: DataPosition | None = None
         self.settings: dict | None = None  # what a resumed run must share (only with a checkpoint)
 
     def _check(self, checkpoint, checkpoint_every) -> None:
@@ -158,10 +173,9 @@ class Identification:
 
     def run(self, batches: Iterable[Batch], progress: bool = True, resume: bool = False) -> ILAResult:
         """Stage 1, the estimator's stage, ranking and selection; see `identify_important_layers`."""
-        self.stream = cycle(batches)
+        self.stream = DataPosition(cycle(batches))  # counts and fingerprints the batches read
         saved = None
-        if self.checkpoint is not None:  # count and fingerprint the batches, and note what a resumed run must share
-            self.stream = DataPosition(self.stream)
+        if self.checkpoint is not None:  # note what a resumed run must share
             self.settings = self._settings()
             if resume:
                 saved = load_checkpoint(self.checkpoint)
@@ -235,23 +249,30 @@ class Identification:
     def _select(self, gates: list[float]) -> ILAResult:
         """Rank by score (ties: larger ||dW||, then candidate order), agree across ranks, keep the top k."""
         norms = self.update_norms()
-        scores = dict(zip(self.candidates, gates, strict=True))
+        scores = {name: as_float32(score) for name, score in zip(self.candidates, gates, strict=True)}
         order = {name: i for i, name in enumerate(self.candidates)}
         ranking = sorted(self.candidates, key=lambda n: (-scores[n], -norms[n], order[n]))
         ranking, scores = agree_on(ranking, scores, self.k)  # decided on rank 0, checked on every rank
+        selection = Selection(
+            tuple(self.candidates), tuple(ranking[: self.k]), scores, tuple(ranking), self._provenance()
+        )
         if not self.config.keep_stage1_weights:
             with torch.no_grad():
                 for p, value in self.others.items():
                     p.copy_(value)
-        self.tuner.select_layers(ranking[: self.k], scores, self.adapter, keep_weights=self.config.keep_stage1_weights)
-        return ILAResult(
-            scores=scores,
-            ranking=ranking,
-            selected=ranking[: self.k],
-            update_norms=norms,
-            stage1=self.stage1,
-            stage2=self.stage2,
-        )
+        self.tuner.select_layers(selection, adapter_name=self.adapter, keep_weights=self.config.keep_stage1_weights)
+        return ILAResult(selection, norms, self.stage1, self.stage2)
+
+    def _provenance(self) -> dict:
+        """Where the selection comes from: estimator, settings, base model, and the batches read (on every rank)."""
+        position = self.stream.record()  # a collective: every rank takes part
+        data = hashlib.sha256("".join(position["digests"]).encode()).hexdigest()
+        return {
+            "estimator": self.config.estimator,
+            "settings": self.config.run_settings(),
+            "base_model": model_identity(self.model),
+            "data": {"micro_batches": position["micro_batches"], "sha256": data},
+        }
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 

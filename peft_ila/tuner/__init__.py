@@ -1,14 +1,14 @@
 """The PEFT tuner: `ILAConfig` (config.py), the adapter layer and gate bank (layer.py), `ILAModel` (model.py: which
-modules carry adapters, probe -> selected), the saved layer mask (mask.py), backward stopping at the lowest adapted
-block (backward.py), and the one module that touches peft internals (_peft_compat.py). Importing this package
-registers the PEFT type "ILA". It imports nothing from `identification` or `app`."""
+modules carry adapters, probe -> selected), `Selection` and its saved forms (selection.py), backward stopping at the
+lowest adapted block (backward.py), and the one module that touches peft internals (_peft_compat.py). Importing this
+package registers the PEFT type "ILA". It imports nothing from `identification` or `app`."""
 
 from ._peft_compat import ILA as PEFT_TYPE
 from ._peft_compat import register
 from .config import ILAConfig, resolve_top_k
 from .layer import GateBank, ILALayer, Linear
-from .mask import ILALoadError
 from .model import ILAModel, find_candidates
+from .selection import ILALoadError, Selection, model_identity
 
 register(ILAConfig, ILAModel)
 
@@ -20,6 +20,8 @@ __all__ = [
     "ILALoadError",
     "ILAModel",
     "Linear",
+    "Selection",
     "find_candidates",
+    "model_identity",
     "resolve_top_k",
 ]

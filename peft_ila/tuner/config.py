@@ -12,7 +12,7 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import safe_open
 
 from ._peft_compat import ILA
-from .mask import ILALoadError
+from .selection import ILALoadError, check_layer_names, check_scores
 
 GRANULARITIES = ("module", "block")
 ESTIMATOR_NAMES = ("gates", "update-norm", "first-order")  # implemented in peft_ila.identification.estimators
@@ -45,6 +45,7 @@ def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
 _NOT_RUN_SETTINGS = (
     "selected_layers",
     "layer_scores",
+    "provenance",
     "base_model_name_or_path",
     "revision",
     "peft_type",
@@ -171,6 +172,15 @@ class ILAConfig(PeftConfig):
             "help": "Score in [0, 1] of each candidate layer, as found by identification (the learned gate by default)."
         },
     )
+    provenance: dict | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Where the selection came from (filled by identification): the estimator and its settings, the base "
+                "model's identity (architecture and weights SHA-256) and a fingerprint of the data it read."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -251,29 +261,21 @@ class ILAConfig(PeftConfig):
             raise bad("seed", "an int")
 
     def _validate_selection(self) -> None:
-        """`selected_layers` and `layer_scores`."""
+        """`selected_layers`, `layer_scores` (kept as float32 values, as the saved tensors hold them), `provenance`."""
         if self.selected_layers is not None:
-            names = self.selected_layers
-            if (
-                not isinstance(names, (list, tuple))
-                or not names
-                or not all(isinstance(n, str) and n for n in names)
-                or len(set(names)) != len(names)
-            ):
-                raise self._bad("selected_layers", "None or a non-empty list of distinct layer names")
-            self.selected_layers = list(names)
+            self.selected_layers = check_layer_names(
+                self.selected_layers, f"ILAConfig.selected_layers={self.selected_layers!r}"
+            )
         if self.layer_scores is not None:
-            scores = self.layer_scores
-            if not isinstance(scores, dict) or not all(
-                isinstance(k, str) and _is_number(v) and 0 <= v <= 1 for k, v in scores.items()
-            ):
-                raise self._bad("layer_scores", "None or a dict of layer name -> score in [0, 1]")
-            if self.selected_layers is not None and not set(self.selected_layers) <= set(scores):
-                missing = sorted(set(self.selected_layers) - set(scores))[:3]
+            self.layer_scores = check_scores(self.layer_scores, f"ILAConfig.layer_scores={self.layer_scores!r}")
+            if self.selected_layers is not None and not set(self.selected_layers) <= set(self.layer_scores):
+                missing = sorted(set(self.selected_layers) - set(self.layer_scores))[:3]
                 raise ValueError(
                     f"ILAConfig.selected_layers names layers without a score in `layer_scores` (e.g. {missing}); "
                     "give a score for every selected layer or leave `layer_scores` None."
                 )
+        if self.provenance is not None and not isinstance(self.provenance, dict):
+            raise self._bad("provenance", "None or a dict")
 
 
 def _is_int(value: object) -> bool:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import logging
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -24,9 +24,7 @@ from ._peft_compat import PREFIX
 from .backward import InputGradRouter
 from .config import ILAConfig, resolve_top_k
 from .layer import GateBank, ILALayer, Linear
-from .mask import MASK_KEYS, ILALoadError, layer_of, mask_to_tensors, tensors_to_mask
-
-logger = logging.getLogger(__name__)
+from .selection import MASK_KEYS, ILALoadError, Selection, layer_of
 
 
 def _few(names: Iterable[str], n: int = 5) -> str:
@@ -88,17 +86,13 @@ class ILAModel(BaseTuner):
         if config.selected_layers is None:
             resolve_top_k(config.top_k, len(candidates))
         else:
-            for field_name, names in (
-                ("selected_layers", config.selected_layers),
-                ("layer_scores", config.layer_scores),
-            ):
-                missing = [n for n in names or () if n not in set(candidates)]
-                if missing:
-                    raise ILALoadError(
-                        f"ILAConfig.{field_name} names {len(missing)} layer(s) this base model does not have as "
-                        f"candidates: {_few(missing)}. Its candidate layers are: {_few(candidates)}. The layers come "
-                        "from another model, or from other target_modules/granularity."
-                    )
+            try:
+                _selection_of(config, candidates)
+            except ValueError as exc:
+                raise ILALoadError(
+                    f"The ILAConfig does not fit this base model: {exc} Its candidate layers are: {_few(candidates)}. "
+                    "The layers come from another model, or from other target_modules/granularity."
+                ) from None
         self.ila_candidates[adapter_name] = candidates
         if config.selected_layers is None:
             bank = GateBank(len(candidates))
@@ -145,30 +139,37 @@ class ILAModel(BaseTuner):
         """The ordered candidate layers of an adapter (what the gates and the saved mask refer to)."""
         return list(self.ila_candidates[adapter_name or self._the_active_adapter()])
 
+    def selection(self, adapter_name: str | None = None) -> Selection:
+        """The adapter's [`Selection`]; in the probe state every candidate, unscored."""
+        adapter_name = adapter_name or self._the_active_adapter()
+        return _selection_of(self.peft_config[adapter_name], self.ila_candidates[adapter_name])
+
     def select_layers(
         self,
-        selected: list[str],
+        selected: Selection | Sequence[str],
         scores: dict[str, float] | None = None,
         adapter_name: str | None = None,
         keep_weights: bool = False,
     ) -> None:
-        """Switch an adapter from the probe to the selected state: adapters stay on `selected` only.
+        """Switch an adapter from the probe to the selected state: adapters stay on the selected layers only.
 
-        Other wrapped modules lose this adapter; a module left without adapters is replaced by its original base
-        module. Kept adapters lose their gate and are re-initialised unless `keep_weights`.
+        `selected` is a [`Selection`] over this adapter's candidates, or layer names (most important first) with
+        optional `scores`. Other wrapped modules lose this adapter; a module left without adapters is replaced by its
+        original base module. Kept adapters lose their gate and are re-initialised unless `keep_weights`.
         """
         adapter_name = adapter_name or self._the_active_adapter()
         config = self.peft_config[adapter_name]
         if config.selected_layers is not None:
             raise ValueError(f"ILA adapter '{adapter_name}' already has selected layers; start from a probe model.")
-        candidates = set(self.ila_candidates[adapter_name])
-        selected = list(selected)
-        unknown = [n for n in selected if n not in candidates]
-        if unknown:
-            raise ValueError(f"select_layers got layers that are not candidates of '{adapter_name}': {_few(unknown)}.")
-        if not selected or len(set(selected)) != len(selected):
-            raise ValueError(f"select_layers needs a non-empty list of distinct layers, got {len(selected)} names.")
-        keep = set(selected)
+        candidates = tuple(self.ila_candidates[adapter_name])
+        if not isinstance(selected, Selection):
+            selected = Selection(candidates, tuple(selected), scores or {})
+        elif selected.candidates != candidates:
+            raise ValueError(
+                f"the selection covers {len(selected.candidates)} candidate layers but adapter '{adapter_name}' has "
+                f"{len(candidates)}: it was made for another model or other target_modules/granularity."
+            )
+        keep = set(selected.selected)
         for name, module in list(self.model.named_modules()):
             if not isinstance(module, ILALayer) or adapter_name not in module.ila_A:
                 continue
@@ -182,9 +183,22 @@ class ILAModel(BaseTuner):
             module.remove_adapter(adapter_name)
         self._unwrap_empty_layers()
         del self.ila_gates[adapter_name]
-        config.selected_layers = selected
-        config.layer_scores = dict(scores) if scores is not None else None
+        for field_name, value in selected.config_fields().items():
+            setattr(config, field_name, value)
         self.set_adapter(self.active_adapter, inference_mode=config.inference_mode)
+
+    def select_as_saved(self, directory: str | os.PathLike, adapter_name: str | None = None) -> bool:
+        """Give a probe adapter the selection saved in an adapter directory, keeping its weights, so that the saved
+        weights then load into it: what resuming a Trainer from a checkpoint taken after [`ILACallback`] selected
+        needs before `trainer.train(resume_from_checkpoint=directory)`. Returns False (and changes nothing) when the
+        directory holds a probe adapter too. Loading the weights checks them against the mask."""
+        adapter_name = adapter_name or self._the_active_adapter()
+        saved = ILAConfig.from_pretrained(str(directory))
+        if saved.selected_layers is None:
+            return False
+        selection = _selection_of(saved, self.ila_candidates[adapter_name])
+        self.select_layers(selection, adapter_name=adapter_name, keep_weights=True)
+        return True
 
     def _unwrap_empty_layers(self) -> None:
         """Put back the original base module wherever an ILA layer holds no adapter any more."""
@@ -254,8 +268,7 @@ class ILAModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        candidates = _ila_tuner(model).ila_candidates[adapter_name]
-        to_return.update(mask_to_tensors(candidates, config.selected_layers, config.layer_scores))
+        to_return.update(_selection_of(config, _ila_tuner(model).ila_candidates[adapter_name]).to_tensors())
         return to_return
 
     @classmethod
@@ -270,31 +283,28 @@ class ILAModel(BaseTuner):
             return ILALoadError(f"Cannot load ILA adapter '{adapter_name}': {problem}")
 
         try:
-            saved_candidates, adapted, scores = tensors_to_mask(state_dict)
+            saved = Selection.from_tensors(state_dict)
         except ValueError as exc:
             raise fail(str(exc)) from None
-        tuner = _ila_tuner(model)
-        candidates = tuner.ila_candidates[adapter_name]
-        if saved_candidates != candidates:
+        candidates = _ila_tuner(model).ila_candidates[adapter_name]
+        if list(saved.candidates) != candidates:
             raise fail(
-                f"the saved mask covers {len(saved_candidates)} candidate layers ({_few(saved_candidates, 3)}) but "
+                f"the saved mask covers {len(saved.candidates)} candidate layers ({_few(saved.candidates, 3)}) but "
                 f"this model has {len(candidates)} ({_few(candidates, 3)}): another base model or target_modules."
             )
-        if config.selected_layers is None and len(adapted) < len(candidates):
-            # a selection saved from a probe model like this one (e.g. a Trainer checkpoint taken after ILACallback
-            # selected): apply it, most important first, so that its weights fit
-            ranking = sorted(adapted, key=lambda name: -scores.get(name, 0.0))
-            tuner.select_layers(ranking, scores or None, adapter_name)
-            logger.info("ILA adapter '%s': applied the %d layers selected in the file.", adapter_name, len(ranking))
-        selected = set(candidates if config.selected_layers is None else config.selected_layers)
-        if adapted != [n for n in candidates if n in selected]:
+        if config.selected_layers is None and len(saved.selected) < len(candidates):
             raise fail(
-                f"adapter_config.json selects {_few(sorted(selected), 3)} but the mask in the weights file marks "
-                f"{_few(adapted, 3)}; the two files come from different runs."
+                f"the file selects {len(saved.selected)} of its {len(candidates)} layers but the adapter is in the "
+                "probe state (every layer). Give it the saved selection first with "
+                f"`model.base_model.select_as_saved(<that directory>, '{adapter_name}')`, as a Trainer resumed from a "
+                "checkpoint taken after ILACallback selected needs; or load it with PeftModel.from_pretrained."
             )
-        config_scores = config.layer_scores or {}
-        if set(scores) != set(config_scores) or any(abs(scores[n] - config_scores[n]) > 1e-6 for n in scores):
-            raise fail("the layer scores in adapter_config.json and in the weights file differ.")
+        differences = _selection_of(config, candidates).differences(saved)
+        if differences:
+            raise fail(
+                f"adapter_config.json and the mask in the weights file disagree on the {' and the '.join(differences)}"
+                "; the two files come from different runs."
+            )
         weights = {k: v for k, v in state_dict.items() if k not in MASK_KEYS}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, weights)
         own = {k: v for k, v in model.state_dict().items() if f".{PREFIX}" in k and f".{adapter_name}." in k}
@@ -343,6 +353,14 @@ def find_candidates(model: nn.Module, config: ILAConfig) -> list[str]:
             f"modules that exist: {_few(existing)}."
         )
     return list(dict.fromkeys(layer_of(name, config.granularity) for name in modules))
+
+
+def _selection_of(config: ILAConfig, candidates: Sequence[str]) -> Selection:
+    """The selection a config states over `candidates` (every one in the probe state)."""
+    if config.selected_layers is None:
+        return Selection.everything(candidates)
+    fields = (config.layer_scores or {}, (), config.provenance or {})
+    return Selection(tuple(candidates), tuple(config.selected_layers), *fields)
 
 
 def _ila_tuner(model: nn.Module) -> ILAModel:

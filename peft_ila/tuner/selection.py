@@ -1,0 +1,268 @@
+"""`Selection`: which candidate layers carry adapters, their scores, and where they came from.
+
+A *layer* is what ILA scores: a module name such as `model.layers.7.self_attn.q_proj` (granularity "module") or a
+block name such as `model.layers.7` (granularity "block"). A selection is validated here and only here; every other
+form derives from it: the config's `selected_layers` / `layer_scores` / `provenance` (`config_fields`), the three mask
+tensors in `adapter_model.safetensors` and a run's `mask.safetensors` (`to_tensors`), and a run's `importance.json`
+(`to_json`). Scores are kept as float32 values (what the tensors hold), so every form compares exactly.
+
+The tensors cover the ordered list of candidate layers:
+
+- `base_model.ila_layer_names`: uint8 [n_bytes], the UTF-8 bytes of the candidate names joined by newlines;
+- `base_model.ila_layer_mask`: bool [n_candidates], True where the layer carries an adapter;
+- `base_model.ila_layer_scores`: float32 [n_candidates], the score in [0, 1] (the learned gate by default), NaN where
+  none is known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+NAMES_KEY = "base_model.ila_layer_names"
+MASK_KEY = "base_model.ila_layer_mask"
+SCORES_KEY = "base_model.ila_layer_scores"
+MASK_KEYS = (NAMES_KEY, MASK_KEY, SCORES_KEY)
+
+
+class ILALoadError(ValueError):
+    """A saved ILA adapter does not fit the model it is loaded into, or its files disagree with each other."""
+
+
+_FIRST_INDEX = re.compile(r"^(.*?(?:^|\.)\d+)(?:\.|$)")
+
+
+def layer_of(module_name: str, granularity: str) -> str:
+    """The layer a module belongs to: itself, or for "block" its name up to its first numeric part."""
+    if granularity == "module":
+        return module_name
+    match = _FIRST_INDEX.match(module_name)
+    return match.group(1) if match else module_name
+
+
+def as_float32(value: float) -> float:
+    """`value` rounded to the nearest float32, as a Python float (what a float32 tensor gives back)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def check_layer_names(names: object, what: str) -> list[str]:
+    """`names` as a list, or `ValueError` naming `what` (e.g. "ILAConfig.selected_layers=[...]") unless it is a
+    non-empty sequence of distinct non-empty names without newlines."""
+    if (
+        not isinstance(names, (list, tuple))
+        or not names
+        or not all(isinstance(n, str) and n and "\n" not in n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ValueError(f"{what} is invalid: it must be a non-empty list of distinct layer names (no newlines).")
+    return list(names)
+
+
+def check_scores(scores: object, what: str) -> dict[str, float]:
+    """`scores` with float32 values, or `ValueError` naming `what` unless it maps layer names to numbers in [0, 1]."""
+    if not isinstance(scores, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+        for k, v in scores.items()
+    ):
+        raise ValueError(f"{what} is invalid: it must be a dict of layer name -> score in [0, 1].")
+    return {name: as_float32(value) for name, value in scores.items()}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The layers of a model that carry adapters, most important first.
+
+    Attributes:
+        candidates: every candidate layer of the model, in model order (what gates and masks index).
+        selected: the layers that carry adapters, most important first; a subset of `candidates`.
+        scores: layer -> score in [0, 1] (float32 values) for some or all candidates; empty when none is known.
+        ranking: every candidate, most important first; default: `selected`, then the rest by score (ties and
+            unscored layers in candidate order). Identification gives its own (ties broken by ||dW||).
+        provenance: where the selection came from: `estimator`, `settings` (the config's run settings),
+            `base_model` (see `model_identity`), `data` (a fingerprint of the batches identification read).
+    """
+
+    candidates: tuple[str, ...]
+    selected: tuple[str, ...]
+    scores: Mapping[str, float] = field(default_factory=dict)
+    ranking: tuple[str, ...] = ()
+    provenance: Mapping = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        candidates = tuple(check_layer_names(self.candidates, "Selection.candidates"))
+        selected = tuple(check_layer_names(self.selected, "Selection.selected"))
+        scores = check_scores(self.scores, "Selection.scores")
+        _require_known(selected, candidates, "selected")
+        _require_known(scores, candidates, "scores")
+        rest = sorted(set(candidates) - set(selected), key=_by_score(scores, candidates))
+        ranking = tuple(self.ranking) or (*selected, *rest)
+        if sorted(ranking) != sorted(candidates) or ranking[: len(selected)] != selected:
+            raise ValueError("Selection.ranking is invalid: it must order every candidate, the selected ones first.")
+        for name, value in (("candidates", candidates), ("selected", selected), ("scores", scores)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "ranking", ranking)
+        object.__setattr__(self, "provenance", dict(self.provenance))
+
+    @classmethod
+    def everything(cls, candidates: Sequence[str]) -> Selection:
+        """Every candidate carries an adapter, nothing is scored: the probe state."""
+        return cls(tuple(candidates), tuple(candidates))
+
+    def top(self, k: int) -> Selection:
+        """The best `k` layers of the ranking (a resolved count, see `resolve_top_k`)."""
+        if not 1 <= k <= len(self.candidates):
+            raise ValueError(f"top({k}): k must be in [1, {len(self.candidates)}].")
+        return Selection(self.candidates, self.ranking[:k], self.scores, self.ranking, self.provenance)
+
+    def within(self, candidates: Sequence[str], k: int | None = None) -> Selection:
+        """This selection on a candidate list (of this model, or another): its selected layers that exist there, or
+        with `k` the best k of them by its ranking; `ValueError` when that leaves none."""
+        here, known = set(candidates), set(self.candidates)
+        ranked = [name for name in self.ranking if name in here]
+        kept = tuple(ranked[:k] if k is not None else (name for name in self.selected if name in here))
+        if not kept:
+            raise ValueError("none of the selected layers is a candidate of this model")
+        scores = {name: value for name, value in self.scores.items() if name in here}
+        ranking = (*ranked, *(name for name in candidates if name not in known))
+        return Selection(tuple(candidates), kept, scores, ranking, self.provenance)
+
+    # --- the forms a selection is stored in ---------------------------------------------------------------------
+
+    def config_fields(self) -> dict:
+        """`ILAConfig` fields: `selected_layers`, `layer_scores` (None when unscored) and `provenance`."""
+        return {
+            "selected_layers": list(self.selected),
+            "layer_scores": dict(self.scores) or None,
+            "provenance": dict(self.provenance) or None,
+        }
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The three mask tensors (see the module docstring)."""
+        chosen = set(self.selected)
+        return {
+            NAMES_KEY: torch.tensor(list("\n".join(self.candidates).encode("utf-8")), dtype=torch.uint8),
+            MASK_KEY: torch.tensor([name in chosen for name in self.candidates], dtype=torch.bool),
+            SCORES_KEY: torch.tensor([self.scores.get(n, math.nan) for n in self.candidates], dtype=torch.float32),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], provenance: Mapping | None = None) -> Selection:
+        """Decode the mask tensors; `ValueError` naming the problem if they are missing or inconsistent. The
+        ranking is by score (the tensors keep the selected set, not its order)."""
+        missing = [key for key in MASK_KEYS if key not in tensors]
+        if missing:
+            raise ValueError(
+                f"the adapter weights lack the ILA mask tensors {missing}: the file was not written by peft-ila or "
+                "was altered; save the adapter again with peft-ila."
+            )
+        raw, mask, scores = (tensors[key].detach().cpu() for key in MASK_KEYS)
+        if raw.dtype != torch.uint8 or raw.dim() != 1 or mask.dtype != torch.bool or mask.dim() != 1:
+            raise ValueError(
+                "the ILA mask tensors have the wrong dtype or shape; save the adapter again with peft-ila."
+            )
+        candidates = bytes(raw.tolist()).decode("utf-8").split("\n") if raw.numel() else []
+        if not (len(candidates) == mask.numel() == scores.numel()):
+            raise ValueError(
+                f"the ILA mask tensors disagree: {len(candidates)} layer names, {mask.numel()} mask entries, "
+                f"{scores.numel()} scores; the file is damaged, save the adapter again."
+            )
+        known = {n: s for n, s in zip(candidates, scores.tolist(), strict=True) if not math.isnan(s)}
+        adapted = sorted(
+            (n for n, keep in zip(candidates, mask.tolist(), strict=True) if keep), key=_by_score(known, candidates)
+        )
+        return cls(tuple(candidates), tuple(adapted), known, (), provenance or {})
+
+    def to_json(self) -> dict:
+        """Plain JSON: candidates, selected, ranking, scores, provenance."""
+        return {
+            "candidates": list(self.candidates),
+            "selected": list(self.selected),
+            "ranking": list(self.ranking),
+            "scores": dict(self.scores),
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping) -> Selection:
+        """Read `to_json`'s form (also a whole `importance.json` record; records older than provenance have none)."""
+        return cls(
+            tuple(record["candidates"]),
+            tuple(record["selected"]),
+            record.get("scores") or {},
+            tuple(record.get("ranking") or ()),
+            record.get("provenance") or {},
+        )
+
+    def differences(self, other: Selection) -> list[str]:
+        """What two forms of one selection disagree on (candidates, selected set, scores; exact, both float32);
+        empty when they agree. Order within `selected` and provenance are not compared."""
+        found = []
+        if self.candidates != other.candidates:
+            found.append(f"candidates ({len(self.candidates)} vs {len(other.candidates)} layers)")
+        if set(self.selected) != set(other.selected):
+            found.append(f"selected layers ({_few(sorted(set(self.selected) ^ set(other.selected)), 3)} differ)")
+        if dict(self.scores) != dict(other.scores):
+            found.append("scores")
+        return found
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What tells base models apart, the same for a plain model and one wrapped with ILA adapters: the class, a SHA-256
+    of the parameter names and shapes (the architecture) and a sampled SHA-256 of the weights."""
+    named = list(_base_parameters(model))
+    shapes = "".join(f"{name} {tuple(p.shape)}\n" for name, p in named)
+    return {
+        "class": type(_unwrapped(model)).__name__,
+        "architecture_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
+        "weights_sha256": weights_fingerprint(named),
+    }
+
+
+def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
+    """SHA-256 over the names, shapes, dtypes and first `sample` values of tensors: tells base models apart (another
+    architecture, or other weights of the same one) without reading all of them."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        raw = tensor.detach().reshape(-1)[:sample].cpu().contiguous()
+        digest.update(raw.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model under a `PeftModel` or a tuner, or `model` itself."""
+    if isinstance(getattr(model, "base_model", None), BaseTuner):  # a PeftModel
+        model = model.base_model
+    return model.model if isinstance(model, BaseTuner) else model
+
+
+def _base_parameters(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """The base model's parameters under their own names: adapters, gates and modules_to_save copies left out."""
+    for name, p in _unwrapped(model).named_parameters():
+        if ".ila_" in name or ".modules_to_save." in name:
+            continue
+        yield name.replace(".base_layer.", ".").replace(".original_module.", "."), p
+
+
+def _by_score(scores: Mapping[str, float], candidates: Sequence[str]):
+    order = {name: i for i, name in enumerate(candidates)}
+    return lambda name: (-scores.get(name, -1.0), order[name])
+
+
+def _require_known(names: Iterable[str], candidates: Sequence[str], what: str) -> None:
+    unknown = [n for n in names if n not in set(candidates)]
+    if unknown:
+        raise ValueError(f"Selection.{what} names {len(unknown)} layer(s) that are not candidates: {_few(unknown)}.")
+
+
+def _few(names: Iterable[str], n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
