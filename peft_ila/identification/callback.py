@@ -30,7 +30,9 @@ class ILACallback(TrainerCallback):
     The model then switches to the selected state and the trainer's optimizer keeps only the parameters that still
     train (the scheduler keeps its groups, so it stays valid). Identification steps are not counted in
     `state.global_step`: their cost is logged once as `ila/*` metrics, kept in `self.result`, and the main process
-    writes it to `<output_dir>/ila_importance.json`. A model already in the selected state is left as it is.
+    writes it to `<output_dir>/ila_importance.json`. A model already in the selected state is left as it is: to
+    resume from a checkpoint taken after selection, call `model.base_model.select_as_saved(checkpoint)` on the fresh
+    probe model before `trainer.train(resume_from_checkpoint=checkpoint)`.
 
     Args:
         trainer: the trainer, to log through its loggers (`report_to`) and use its accelerator; without it the

@@ -106,10 +106,9 @@ class Selection:
         ranking = tuple(self.ranking) or (*selected, *rest)
         if sorted(ranking) != sorted(candidates) or ranking[: len(selected)] != selected:
             raise ValueError("Selection.ranking is invalid: it must order every candidate, the selected ones first.")
-        for name, value in (("candidates", candidates), ("selected", selected), ("scores", scores)):
+        normalised = {"candidates": candidates, "selected": selected, "scores": scores, "ranking": ranking}
+        for name, value in {**normalised, "provenance": dict(self.provenance)}.items():
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "ranking", ranking)
-        object.__setattr__(self, "provenance", dict(self.provenance))
 
     @classmethod
     def everything(cls, candidates: Sequence[str]) -> Selection:
@@ -258,7 +257,8 @@ def _by_score(scores: Mapping[str, float], candidates: Sequence[str]):
 
 
 def _require_known(names: Iterable[str], candidates: Sequence[str], what: str) -> None:
-    unknown = [n for n in names if n not in set(candidates)]
+    known = set(candidates)
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"Selection.{what} names {len(unknown)} layer(s) that are not candidates: {_few(unknown)}.")
 
