@@ -210,3 +210,18 @@ def test_the_config_names_exactly_the_estimators_there_are():
     assert tuple(ESTIMATORS) == ESTIMATOR_NAMES
     with pytest.raises(ValueError, match=r"ILAConfig\.estimator='fisher' is invalid: it must be 'gates' or"):
         ILAConfig(estimator="fisher")
+
+
+def test_scoring_given_adapters_equals_the_estimator_stage_of_a_whole_run():
+    batches, settings = lm_batches(5), dict(r=2, top_k=3, stage1_max_steps=4, stage2_steps=3, seed=2)
+    whole = identify_important_layers(get_peft_model(tiny_llama(), ILAConfig(**settings)), batches, progress=False)
+    keep = ILAConfig(**{**settings, "estimator": "update-norm", "top_k": 1.0, "keep_stage1_weights": True})
+    trained = get_peft_model(tiny_llama(), keep)
+    identify_important_layers(trained, batches, progress=False)  # stage 1 only, its weights kept on every layer
+    stage1 = {n: p for n, p in trained.named_parameters() if ".ila_" in n}
+    probe = get_peft_model(tiny_llama(), ILAConfig(**settings))
+    assert probe.load_state_dict(stage1, strict=False).unexpected_keys == []
+    rest = batches[4:] + batches[:4]  # stage 2 of the whole run continued after stage 1's four batches
+    given = identify_important_layers(probe, rest, progress=False, train_stage1=False)
+    assert given.stage1.steps == 0 and given.stage1.stop_reason == "skipped"
+    assert given.scores == whole.scores and given.selected == whole.selected

@@ -47,7 +47,7 @@ class ILAResult:
 
     selection: Selection  # candidates, scores in [0, 1] of the estimator, ranking, the top k, provenance
     update_norms: dict[str, float]  # layer -> ||dW|| after stage 1 (the tie-break)
-    stage1: StepStats = field(default_factory=StepStats)  # stop_reason: "stable" | "max_steps" | "data_exhausted"
+    stage1: StepStats = field(default_factory=StepStats)  # stop_reason: stable | max_steps | data_exhausted | skipped
     stage2: StepStats = field(default_factory=StepStats)  # the estimator's stage (no steps for "update-norm")
 
     @property
@@ -80,6 +80,7 @@ def identify_important_layers(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
+    train_stage1: bool = True,
 ) -> ILAResult:
     """Find the important layers of a probe-state ILA model and switch it to the selected state.
 
@@ -96,6 +97,9 @@ def identify_important_layers(
         resume: continue the run saved in `checkpoint` (same model, data, config and processes; checked). The
             result is bit for bit that of an uninterrupted run when `batches` replay in the same order (a list, or
             a DataLoader whose shuffling has its own seeded generator).
+        train_stage1: False: score the adapters as they are (trained elsewhere, e.g. the stage-1 weights of an
+            earlier run loaded into this probe model) and run only the estimator's stage; `result.stage1` is then
+            empty, with stop_reason "skipped".
 
     Under several processes (`torchrun`, `accelerate launch`) every rank calls this with its own share of the data:
     gradients of both stages are averaged over ranks, and the selection is rank 0's, checked to be the same on every
@@ -104,7 +108,7 @@ def identify_important_layers(
     `modules_to_save`) weights train in it; stage 2 trains only the gates. Unless `keep_stage1_weights`, adapters and
     `modules_to_save` are reset before returning, so the fine-tune that follows starts from the base model.
     """
-    recipe = Identification(model, adapter_name, accelerator, checkpoint, checkpoint_every)
+    recipe = Identification(model, adapter_name, accelerator, checkpoint, checkpoint_every, train_stage1)
     return recipe.run(batches, progress, resume)
 
 
@@ -120,8 +124,10 @@ class Identification:
         accelerator: Accelerator | None = None,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
+        train_stage1: bool = True,
     ) -> None:
         self.model, self.tuner = model, _ila_tuner(model)
+        self.train_stage1 = train_stage1
         self.adapter = adapter_name or self.tuner._the_active_adapter()
         self.config: ILAConfig = self.tuner.peft_config[self.adapter]
         self._check(checkpoint, checkpoint_every)
@@ -185,8 +191,11 @@ class Identification:
         was_training = self.model.training
         with torch.random.fork_rng(devices=self.devices):
             torch.manual_seed(self.config.seed)
-            for module in self.layers.values():  # stage 1 starts from fresh adapters drawn from the seed
-                module.reset_adapter_parameters(self.adapter, self.config.init_weights)
+            if self.train_stage1:  # stage 1 starts from fresh adapters drawn from the seed
+                for module in self.layers.values():
+                    module.reset_adapter_parameters(self.adapter, self.config.init_weights)
+            else:
+                self.stage1 = StepStats(stop_reason="skipped")
             if saved is not None:
                 self._restore(saved)
             self.model.train()
@@ -306,6 +315,7 @@ class Identification:
             "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps,
             "mixed_precision": str(self.accelerator.mixed_precision),
             "processes": world_size(),
+            **({} if self.train_stage1 else {"train_stage1": False}),
         }
 
     def _restore(self, saved: tuple[dict[str, torch.Tensor], dict]) -> None:
