@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs bench bench-quick test quickstart lint clean
+.PHONY: demo demo-docs bench bench-quick bench-stability test quickstart lint clean
 
 # the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -34,6 +34,11 @@ bench: $(BIN)/.app
 
 bench-quick: $(BIN)/.app
 	$(BIN)/python benchmarks/run.py --preset quick
+
+# the stability study: cells in benchmarks/results/stability/full/ (a finished cell is kept; rerun to continue),
+# then benchmarks/STABILITY.md; LIMA and Dolly come from ../shared
+bench-stability: $(BIN)/.app
+	$(BIN)/python benchmarks/stability.py --preset full
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

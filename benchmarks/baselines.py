@@ -69,8 +69,13 @@ def spectrum_layers(model: nn.Module, candidates: list[str], k: int) -> list[str
 
 
 def gradnorm_layers(probe: nn.Module, batches, steps: int, k: int, lr: float, accelerator=None) -> list[str]:
+    """The k layers with the largest `gradnorm_scores`."""
+    return top_k(gradnorm_scores(probe, batches, steps, lr, accelerator), k)
+
+
+def gradnorm_scores(probe: nn.Module, batches, steps: int, lr: float, accelerator=None) -> dict[str, float]:
     """Train every adapter of an ILA probe model for `steps` steps (the shared training loop) while summing each
-    layer's adapter gradient norm; the k layers with the largest sum."""
+    layer's adapter gradient norm: layer -> that sum."""
     tuner = probe.base_model
     adapter = tuner.active_adapters[0]
     sums: dict[str, float] = dict.fromkeys(tuner.candidate_layers(), 0.0)
@@ -97,4 +102,4 @@ def gradnorm_layers(probe: nn.Module, batches, steps: int, k: int, lr: float, ac
     finally:
         for hook in hooks:
             hook.remove()
-    return top_k(sums, k)
+    return sums

@@ -130,3 +130,36 @@ def test_kappa_and_gradient_norm_selectors_return_k_candidates():
     chosen = baselines.gradnorm_layers(probe, lm_batches(2), steps=2, k=5, lr=1e-3)
     assert len(chosen) == 5 and set(chosen) <= set(cands)
     assert not any(p._post_accumulate_grad_hooks for p in probe.parameters())  # the hooks were removed
+
+
+def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cells(tmp_path):
+    from benchmarks import stability
+
+    lm = tiny_lm_dir(tmp_path / "lm")
+    args = ["--preset", "quick", "--model", str(lm), "--cells", str(tmp_path / "cells"), "--markdown"]
+    args += [str(tmp_path / "STABILITY.md")]
+    for name, rows in (("alpaca", 40), ("lima", 30), ("dolly", 30)):
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps(alpaca_rows(rows)[::-1] if name == "lima" else alpaca_rows(rows))
+        )
+        args += ["--data", f"{name}={tmp_path / (name + '.json')}"]
+    results = stability.main(args)
+    estimators = {row["estimator"] for row in results["rows"]}
+    assert estimators == {"update-norm", *stability.ESTIMATORS, "gradient norm (fresh adapters)"}
+    gates = next(r for r in results["rows"] if r["estimator"] == "gates")
+    assert set(gates) >= {"init", "order", "stage2", "cost"} and 0 <= gates["init"]["jaccard@0.25"] <= 1
+    assert {(c["a"], c["b"]) for c in results["cross"]} == {("alpaca", "lima"), ("alpaca", "dolly"), ("lima", "dolly")}
+    cells = sorted(p.name for p in (tmp_path / "cells" / "quick").glob("*.json"))
+    assert sum(name.startswith("stage1-") for name in cells) == 5  # 3 seeds on alpaca (one of them shared), lima, dolly
+    page = (tmp_path / "STABILITY.md").read_text()
+    assert "| gates | 4 | 3 |" in page and (tmp_path / "cells" / "quick" / "frontier.png").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
+    assert stability.main(args)["rows"] == results["rows"]  # every cell read back, none recomputed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_random_jaccard_expectation_is_exact_on_a_small_case():
+    from benchmarks.stability import expected_random_jaccard
+
+    # n=4, k=2: overlap 0 (prob 1/6) -> 0, overlap 1 (4/6) -> 1/3, overlap 2 (1/6) -> 1
+    assert abs(expected_random_jaccard(4, 2) - (4 / 6 / 3 + 1 / 6)) < 1e-12

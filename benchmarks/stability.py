@@ -1,0 +1,415 @@
+"""How reproducible is the layer ranking, where does its noise come from, and what does it cost?
+
+    python benchmarks/stability.py --preset full    # `make bench-stability`; resumable: a finished cell is kept
+    python benchmarks/stability.py --preset quick   # smoke-sized
+
+The study is a grid of cells, each saved as JSON in `--cells` when it finishes and skipped when present, so it
+completes over several runs:
+
+- `stage1-*`: stage 1 (adapters on every candidate layer) on one dataset for a fixed number of steps, from one
+  adapter-initialisation seed (`ILAConfig.seed`) and one data-order seed. Its adapter weights are kept beside it
+  (`.safetensors`, not committed; recomputed bit for bit when absent) for the estimators; its record holds the
+  update norms, i.e. the `update-norm` estimator's scores, and its cost.
+- `score-*`: one estimator (with its settings) on one stage-1 cell, with its own stage-2 data order: scores, cost.
+- `gradnorm-*`: the cheap baseline (adapter gradient norms over a few steps from fresh adapters), one seed.
+- `reference-*`: LoRA on all layers, seconds per optimizer step, so costs read as a fraction of a 3-epoch fine-tune.
+
+Then `stability.json` and a Markdown page: top-k Jaccard (k = 5, 10, 25, 50% of the candidates) and Spearman between
+two runs that differ in one source of noise only (adapter initialisation, data order, or stage 2 alone), against the
+Jaccard of two random sets; overlap across datasets beside the seed-to-seed overlap; and the cost of each estimator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from benchmarks.baselines import gradnorm_scores  # noqa: E402
+from benchmarks.run import DATASETS  # noqa: E402
+from peft_ila import ILAConfig, identify_important_layers  # noqa: E402
+from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
+from peft_ila.app.compare import jaccard, spearman  # noqa: E402
+from peft_ila.app.data import fingerprint  # noqa: E402
+from peft_ila.app.files import write_json  # noqa: E402
+from peft_ila.app.pipeline import Prepared, lora_all_layers, prepare  # noqa: E402
+from peft_ila.app.report import machine  # noqa: E402
+from peft_ila.identification.training import cycle, train_steps  # noqa: E402
+
+FRACTIONS = (0.05, 0.10, 0.25, 0.50)
+PRESETS = {
+    "quick": dict(
+        eval_size=8, max_length=64, batch_size=2, stage1=[4], stage2=3, lengths_for_datasets=4, gradnorm=2, timing=2
+    ),
+    "full": dict(
+        eval_size=32,
+        max_length=128,
+        batch_size=4,
+        stage1=[128, 64, 256],
+        stage2=32,
+        lengths_for_datasets=128,
+        gradnorm=8,
+        timing=4,
+    ),
+}
+ADAPTER = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, stage1_lr=1e-3)
+# name -> ILAConfig fields of the estimator's stage (update-norm comes free with every stage-1 cell)
+ESTIMATORS = {
+    "gates": dict(estimator="gates"),
+    "gates from 0.9": dict(estimator="gates", gate_init=0.9),
+    "first-order": dict(estimator="first-order"),
+}
+SEEDS = [(0, 0), (1, 0), (0, 1)]  # (adapter initialisation, data order): the reference, init only, order only
+SOURCES = {"init": ((0, 0), (1, 0)), "order": ((0, 0), (0, 1))}
+EPOCHS = 3  # the reference fine-tune a user would otherwise run
+
+
+def key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Study:
+    """The cells of one preset: each computed at most once, read back from `cells` afterwards."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.p = args, PRESETS[args.preset]
+        self.cells: Path = args.cells / args.preset
+        self.cells.mkdir(parents=True, exist_ok=True)
+        self.prepared: dict[str, Prepared] = {}
+        self.base = None
+
+    def files(self, dataset: str) -> tuple[str, str | None]:
+        """The training data spec and the held-out file (None: split off the training data)."""
+        data, eval_data = self.args.data.get(dataset, DATASETS[dataset][0]), None
+        if dataset not in self.args.data:
+            eval_data = DATASETS[dataset][1]
+        return tuple(s.format(shared=self.args.shared) if s else s for s in (data, eval_data))
+
+    def identity(self, dataset: str) -> dict:
+        """What a cell's result depends on besides its own settings: the model, the data's SHA-256, the shape."""
+        return {
+            "dataset": dataset,
+            "data_sha256": fingerprint(self.files(dataset)[0])[1],
+            "model": self.args.model,
+            "max_length": self.p["max_length"],
+            "batch_size": self.p["batch_size"],
+        }
+
+    def data(self, dataset: str) -> Prepared:
+        if dataset not in self.prepared:
+            data, eval_data = self.files(dataset)
+            size = self.p["eval_size"]
+            prepared = prepare(self.args.model, data, self.p["max_length"], "truncate", size, 0, eval_data=eval_data)
+            self.base = self.base or prepared.model.eval()
+            self.prepared[dataset] = replace(prepared, model=self.base)
+        return self.prepared[dataset]
+
+    def available(self, dataset: str) -> bool:
+        spec = self.args.data.get(dataset, DATASETS[dataset][0])
+        return "{shared}" not in spec or Path(spec.format(shared=self.args.shared)).exists()
+
+    def cell(self, kind: str, settings: dict, compute) -> dict:
+        """The record of a cell: read if it exists, else computed by `compute(path_stem)` and saved."""
+        stem = self.cells / f"{kind}-{key(settings)}"
+        if stem.with_suffix(".json").exists():
+            return json.loads(stem.with_suffix(".json").read_text())
+        print(f"  computing {kind} {settings}", flush=True)
+        record = {"kind": kind, "settings": settings, **compute(stem)}
+        write_json(stem.with_suffix(".json"), record)
+        return record
+
+    def config(self, **fields) -> ILAConfig:
+        return ILAConfig(**ADAPTER, **fields)
+
+    # --- cells -----------------------------------------------------------------------------------------------------
+
+    def stage1(self, dataset: str, steps: int, init: int, order: int) -> dict:
+        settings = {**self.identity(dataset), "steps": steps, "init": init, "order": order, **ADAPTER}
+
+        def compute(stem: Path) -> dict:
+            model, result = self._stage1(dataset, steps, init, order)
+            save_file(
+                {n: p.detach().contiguous() for n, p in model.named_parameters() if ".ila_" in n},
+                stem.with_suffix(".safetensors"),
+            )
+            return {
+                "scores": result.scores,
+                "seconds": result.stage1.seconds,
+                "tokens": result.stage1.tokens,
+                "losses": result.stage1.losses,
+            }
+
+        record = self.cell("stage1", settings, compute)
+        record["weights"] = str(self.cells / f"stage1-{key(settings)}.safetensors")
+        return record
+
+    def _stage1(self, dataset: str, steps: int, init: int, order: int):
+        """Exactly `steps` stage-1 steps (no stability stop), the weights kept on every layer."""
+        fixed = dict(stage1_max_steps=steps, stability_epsilon=1e-12, estimator="update-norm", top_k=1.0)
+        config = self.config(**fixed, keep_stage1_weights=True, seed=init)
+        model = get_peft_model(copy.deepcopy(self.data(dataset).model), config)
+        batches = self.data(dataset).batches(self.p["batch_size"], order)
+        result = identify_important_layers(model, batches, progress=self.args.progress)
+        return model, result
+
+    def weights(self, stage1: dict) -> dict[str, torch.Tensor]:
+        path = Path(stage1["weights"])
+        if not path.exists():  # recomputed: stage 1 is deterministic on one machine
+            s = stage1["settings"]
+            model, _ = self._stage1(s["dataset"], s["steps"], s["init"], s["order"])
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if ".ila_" in n}, path)
+        return load_file(path)
+
+    def score(self, stage1: dict, estimator: str, stage2_seed: int = 0) -> dict:
+        settings = {
+            "stage1": key(stage1["settings"]),
+            "estimator": estimator,
+            "stage2_steps": self.p["stage2"],
+            "stage2_seed": stage2_seed,
+            **ESTIMATORS[estimator],
+        }
+
+        def compute(stem: Path) -> dict:
+            dataset = stage1["settings"]["dataset"]
+            fields = {**ESTIMATORS[estimator], "stage2_steps": self.p["stage2"], "top_k": 0.25}
+            probe = get_peft_model(copy.deepcopy(self.data(dataset).model), self.config(**fields))
+            assert probe.load_state_dict(self.weights(stage1), strict=False).unexpected_keys == []
+            batches = self.data(dataset).batches(self.p["batch_size"], 1000 + stage2_seed)
+            result = identify_important_layers(probe, batches, progress=self.args.progress, train_stage1=False)
+            return {"scores": result.scores, "seconds": result.stage2.seconds, "tokens": result.stage2.tokens}
+
+        return self.cell("score", settings, compute)
+
+    def gradnorm(self, dataset: str, seed: int) -> dict:
+        settings = {**self.identity(dataset), "seed": seed, "steps": self.p["gradnorm"], **ADAPTER}
+
+        def compute(stem: Path) -> dict:
+            probe = get_peft_model(copy.deepcopy(self.data(dataset).model), self.config(seed=seed))
+            torch.manual_seed(seed)
+            batches = self.data(dataset).batches(self.p["batch_size"], seed)
+            start = time.perf_counter()
+            scores = gradnorm_scores(probe, batches, self.p["gradnorm"], ADAPTER["stage1_lr"])
+            top = max(scores.values()) or 1.0
+            return {"scores": {n: v / top for n, v in scores.items()}, "seconds": time.perf_counter() - start}
+
+        return self.cell("gradnorm", settings, compute)
+
+    def reference(self, dataset: str) -> dict:
+        """LoRA on all layers: median seconds per optimizer step, and the optimizer steps of 3 epochs."""
+        settings = {**self.identity(dataset), "machine": machine()["processor"], "timed_steps": self.p["timing"]}
+
+        def compute(stem: Path) -> dict:
+            prepared = replace(self.data(dataset), model=copy.deepcopy(self.data(dataset).model))
+            model = lora_all_layers(prepared, ADAPTER["r"], ADAPTER["lora_alpha"], 0.0, "all-linear")
+            params = [p for p in model.parameters() if p.requires_grad]
+            batches = cycle(prepared.batches(self.p["batch_size"], 0))
+            stats = train_steps(
+                model, batches, torch.optim.AdamW(params, lr=1e-4), self.p["timing"] + 1, progress=False
+            )
+            per_epoch = math.ceil(len(prepared.train) / self.p["batch_size"])
+            return {
+                "step_seconds": statistics.median(stats.step_seconds[1:]),
+                "epoch_steps": per_epoch,
+                "fine_tune_seconds": statistics.median(stats.step_seconds[1:]) * per_epoch * EPOCHS,
+            }
+
+        return self.cell("reference", settings, compute)
+
+
+def expected_random_jaccard(n: int, k: int) -> float:
+    """E[|A & B| / |A | B|] for two independent uniformly random k-subsets of n (hypergeometric overlap)."""
+    total = math.comb(n, k)
+    return sum(math.comb(k, i) * math.comb(n - k, k - i) / total * i / (2 * k - i) for i in range(k + 1))
+
+
+def agreement(a: dict[str, float], b: dict[str, float]) -> dict:
+    """Top-k Jaccard at each fraction and Spearman of two score dicts over their common layers."""
+    names = [n for n in a if n in b]
+    out = {"spearman": spearman([a[n] for n in names], [b[n] for n in names])}
+    for f in FRACTIONS:
+        k = max(1, math.floor(f * len(names) + 0.5))
+        top = [set(sorted(names, key=lambda n, s=s: (-s[n], names.index(n)))[:k]) for s in (a, b)]
+        out[f"jaccard@{f:g}"] = jaccard(*top)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    study = Study(args)
+    datasets = [d for d in args.datasets if study.available(d)]
+    primary = datasets[0]
+    results = {"machine": machine(), "preset": args.preset, "rows": [], "cross": [], "random": {}}
+    reference = study.reference(primary)
+    for steps in args.lengths or study.p["stage1"]:
+        stage1 = {seeds: study.stage1(primary, steps, *seeds) for seeds in SEEDS}
+        scores = {"update-norm": {seeds: cell for seeds, cell in stage1.items()}}
+        for name in ESTIMATORS:
+            scores[name] = {seeds: study.score(cell, name) for seeds, cell in stage1.items()}
+            scores[name]["stage2"] = study.score(stage1[(0, 0)], name, stage2_seed=1)
+        for name, cells in scores.items():
+            row = {
+                "estimator": name,
+                "stage1_steps": steps,
+                "stage2_steps": 0 if name == "update-norm" else study.p["stage2"],
+            }
+            sources = dict(SOURCES, **({"stage2": ((0, 0), "stage2")} if "stage2" in cells else {}))
+            for source, (x, y) in sources.items():
+                row[source] = agreement(cells[x]["scores"], cells[y]["scores"])
+            seconds = stage1[(0, 0)]["seconds"] + (0 if name == "update-norm" else cells[(0, 0)]["seconds"])
+            row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"])
+            results["rows"].append(row)
+    grad = [study.gradnorm(primary, seed) for seed in (0, 1)]
+    results["rows"].append(
+        {
+            "estimator": "gradient norm (fresh adapters)",
+            "stage1_steps": study.p["gradnorm"],
+            "stage2_steps": 0,
+            "seed": agreement(grad[0]["scores"], grad[1]["scores"]),
+            "seconds": grad[0]["seconds"],
+            "cost": grad[0]["seconds"] / reference["fine_tune_seconds"],
+        }
+    )
+    steps = study.p["lengths_for_datasets"]
+    own = {d: study.stage1(d, steps, 0, 0) for d in datasets}
+    for name in ("update-norm", *ESTIMATORS):
+        per = {d: own[d] if name == "update-norm" else study.score(own[d], name) for d in datasets}
+        for a, b in itertools.combinations(datasets, 2):
+            results["cross"].append(
+                {
+                    "estimator": name,
+                    "stage1_steps": steps,
+                    "a": a,
+                    "b": b,
+                    **agreement(per[a]["scores"], per[b]["scores"]),
+                }
+            )
+    n = len(own[primary]["scores"])
+    results["random"] = {
+        f"jaccard@{f:g}": expected_random_jaccard(n, max(1, math.floor(f * n + 0.5))) for f in FRACTIONS
+    }
+    results.update(candidates=n, reference=reference)
+    return results
+
+
+def page(results: dict, args: argparse.Namespace) -> str:
+    """The Markdown page of a study."""
+    ref, rnd = results["reference"], results["random"]
+    lines = [
+        "# Stability of the layer ranking",
+        "",
+        f"Written by `python benchmarks/stability.py --preset {results['preset']}` (`make bench-stability`) from the "
+        f"cells in `{(args.cells / args.preset).relative_to(ROOT) if args.cells.is_relative_to(ROOT) else args.cells}`"
+        f"; {results['candidates']} candidate layers; {results['machine']['cpu_count']} CPU cores, torch "
+        f"{results['machine']['torch']}. Cost is identification's seconds over those of a {EPOCHS}-epoch LoRA-all "
+        f"fine-tune of the same data ({ref['step_seconds']:.2f} s/step x {ref['epoch_steps']} steps/epoch x {EPOCHS}).",
+        "",
+        "Two runs that differ in one source of noise only: `init` (the stage-1 adapter initialisation seed), `order` "
+        "(the data order), `stage2` (the estimator's stage alone, on the same stage-1 adapters). Jaccard of the top-k "
+        f"sets; two random sets overlap {rnd['jaccard@0.25']:.2f} at 25% (5%: {rnd['jaccard@0.05']:.2f}, 10%: "
+        f"{rnd['jaccard@0.1']:.2f}, 50%: {rnd['jaccard@0.5']:.2f}).",
+        "",
+        "| estimator | stage-1 steps | stage-2 steps | cost | J@25% init | J@25% order | J@25% stage2 | Spearman init "
+        "| Spearman order | J@5/10/50% init |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
+        init, order = row.get("init", row.get("seed")), row.get("order", {})
+        stage2 = row.get("stage2", {})
+        cell = lambda d, k: f"{d[k]:.2f}" if k in d else "–"  # noqa: E731
+        small = "/".join(cell(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
+        lines.append(
+            f"| {row['estimator']} | {row['stage1_steps']} | {row['stage2_steps']} | {row['cost']:.3f}x | "
+            f"{cell(init, 'jaccard@0.25')} | {cell(order, 'jaccard@0.25')} | {cell(stage2, 'jaccard@0.25')} | "
+            f"{cell(init, 'spearman')} | {cell(order, 'spearman')} | {small} |"
+        )
+    lines += ["", "The gradient-norm row compares two seeds that differ in both initialisation and data order.", ""]
+    lines += ["## Across datasets, against the seed-to-seed floor", ""]
+    lines += ["| estimator | stage-1 steps | datasets | J@25% | Spearman | J@25% between seeds (same data) |"]
+    lines += ["|---|---:|---|---:|---:|---:|"]
+    for cross in results["cross"]:
+        same = [r for r in results["rows"] if r["estimator"] == cross["estimator"]]
+        same = [r for r in same if r["stage1_steps"] == cross["stage1_steps"] and "init" in r]
+        floor = statistics.mean([same[0]["init"]["jaccard@0.25"], same[0]["order"]["jaccard@0.25"]]) if same else None
+        shown = f"{floor:.2f}" if floor is not None else "–"
+        lines.append(
+            f"| {cross['estimator']} | {cross['stage1_steps']} | {cross['a']} / {cross['b']} | "
+            f"{cross['jaccard@0.25']:.2f} | {cross['spearman']:.2f} | {shown} |"
+        )
+    lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
+    return "\n".join(lines)
+
+
+def frontier(path: Path, results: dict) -> None:
+    """Seed-to-seed top-25% Jaccard (the lower of init and order) against cost, one line per estimator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["estimator"] for r in results["rows"]):
+        rows = sorted((r for r in results["rows"] if r["estimator"] == name), key=lambda r: r["cost"])
+        worst = [min(r[s]["jaccard@0.25"] for s in ("init", "order", "seed") if s in r) for r in rows]
+        ax.plot([r["cost"] for r in rows], worst, marker="o", label=name)
+    ax.axhline(results["random"]["jaccard@0.25"], color="grey", linestyle=":", label="random sets")
+    ax.set_xlabel("identification cost (x a 3-epoch LoRA-all fine-tune)")
+    ax.set_ylabel("top-25% Jaccard between seeds (worst source)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--model", default="smollm2", help="as for peft-ila (default: %(default)s)")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, the first is the primary")
+    parser.add_argument("--data", action="append", default=[], metavar="NAME=FILE", help="replace a dataset's file")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared data folder")
+    parser.add_argument(
+        "--cells",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "stability",
+        help="where cells are kept (one folder per preset)",
+    )
+    parser.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "STABILITY.md", help="page to write")
+    parser.add_argument(
+        "--lengths",
+        type=lambda t: [int(x) for x in t.split(",")],
+        help="stage-1 lengths to run (default: the preset's)",
+    )
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    args = parser.parse_args(argv)
+    args.datasets = [d for d in args.datasets.split(",") if d]
+    args.data = dict(item.split("=", 1) for item in args.data)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(sys.argv[1:] if argv is None else list(argv))
+    _offline_and_quiet()
+    results = run(args)
+    write_json(args.cells / args.preset / "stability.json", results)
+    args.markdown.write_text(page(results, args))
+    frontier(args.cells / args.preset / "frontier.png", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
