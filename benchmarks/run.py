@@ -379,27 +379,37 @@ class Bench:
         return self.out
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--name", help="results file name (default: the preset)")
+def add_inputs(parser: argparse.ArgumentParser, presets: dict) -> None:
+    """The options every benchmark script takes: preset, model, datasets, their files, progress bars."""
+    parser.add_argument("--preset", choices=sorted(presets), default="quick")
     parser.add_argument("--model", default="smollm2", help="as for peft-ila (default: %(default)s)")
-    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, the first is the primary")
     parser.add_argument(
         "--data",
         action="append",
         default=[],
         metavar="NAME=FILE",
-        help="use FILE for dataset NAME, split like alpaca (the smoke test uses tiny files)",
+        help="use FILE for dataset NAME, split like alpaca (the smoke tests use tiny files)",
     )
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared data folder")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="JSON output folder")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="report to write")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def parsed_inputs(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, with --datasets as a list and --data as a dict."""
     args = parser.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.data = dict(item.split("=", 1) for item in args.data)
     return args
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_inputs(parser, PRESETS)
+    parser.add_argument("--name", help="results file name (default: the preset)")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="JSON output folder")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="report to write")
+    return parsed_inputs(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

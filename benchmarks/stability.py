@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks.baselines import gradnorm_scores  # noqa: E402
-from benchmarks.run import DATASETS  # noqa: E402
+from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, identify_important_layers  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.compare import jaccard, spearman  # noqa: E402
@@ -377,11 +377,7 @@ def frontier(path: Path, results: dict) -> None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--model", default="smollm2", help="as for peft-ila (default: %(default)s)")
-    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, the first is the primary")
-    parser.add_argument("--data", action="append", default=[], metavar="NAME=FILE", help="replace a dataset's file")
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared data folder")
+    add_inputs(parser, PRESETS)
     parser.add_argument(
         "--cells",
         type=Path,
@@ -394,11 +390,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=lambda t: [int(x) for x in t.split(",")],
         help="stage-1 lengths to run (default: the preset's)",
     )
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
-    args = parser.parse_args(argv)
-    args.datasets = [d for d in args.datasets.split(",") if d]
-    args.data = dict(item.split("=", 1) for item in args.data)
-    return args
+    return parsed_inputs(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
