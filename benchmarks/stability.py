@@ -271,6 +271,7 @@ def run(args: argparse.Namespace) -> dict:
                 row[source] = agreement(cells[x]["scores"], cells[y]["scores"])
             seconds = stage1[(0, 0)]["seconds"] + (0 if name == "update-norm" else cells[(0, 0)]["seconds"])
             row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"])
+            row["cost_steps"] = (steps + row["stage2_steps"]) / (EPOCHS * reference["epoch_steps"])
             results["rows"].append(row)
     grad = [study.gradnorm(primary, seed) for seed in (0, 1)]
     results["rows"].append(
@@ -281,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
             "seed": agreement(grad[0]["scores"], grad[1]["scores"]),
             "seconds": grad[0]["seconds"],
             "cost": grad[0]["seconds"] / reference["fine_tune_seconds"],
+            "cost_steps": study.p["gradnorm"] / (EPOCHS * reference["epoch_steps"]),
         }
     )
     steps = study.p["lengths_for_datasets"]
@@ -314,17 +316,18 @@ def page(results: dict, args: argparse.Namespace) -> str:
         f"Written by `python benchmarks/stability.py --preset {results['preset']}` (`make bench-stability`) from the "
         f"cells in `{(args.cells / args.preset).relative_to(ROOT) if args.cells.is_relative_to(ROOT) else args.cells}`"
         f"; {results['candidates']} candidate layers; {results['machine']['cpu_count']} CPU cores, torch "
-        f"{results['machine']['torch']}. Cost is identification's seconds over those of a {EPOCHS}-epoch LoRA-all "
-        f"fine-tune of the same data ({ref['step_seconds']:.2f} s/step x {ref['epoch_steps']} steps/epoch x {EPOCHS}).",
+        f"{results['machine']['torch']}. Cost is identification's optimizer steps (stage 1 + stage 2), or its seconds, "
+        f"over those of a {EPOCHS}-epoch LoRA-all fine-tune of the same data ({ref['epoch_steps']} steps/epoch, "
+        f"{ref['step_seconds']:.2f} s/step). Seconds were measured on a shared machine; steps are the steadier unit.",
         "",
         "Two runs that differ in one source of noise only: `init` (the stage-1 adapter initialisation seed), `order` "
         "(the data order), `stage2` (the estimator's stage alone, on the same stage-1 adapters). Jaccard of the top-k "
         f"sets; two random sets overlap {rnd['jaccard@0.25']:.2f} at 25% (5%: {rnd['jaccard@0.05']:.2f}, 10%: "
         f"{rnd['jaccard@0.1']:.2f}, 50%: {rnd['jaccard@0.5']:.2f}).",
         "",
-        "| estimator | stage-1 steps | stage-2 steps | cost | J@25% init | J@25% order | J@25% stage2 | Spearman init "
-        "| Spearman order | J@5/10/50% init |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| estimator | stage-1 steps | stage-2 steps | cost (steps) | cost (seconds) | J@25% init | J@25% order "
+        "| J@25% stage2 | Spearman init | Spearman order | J@5/10/50% init |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
         init, order = row.get("init", row.get("seed")), row.get("order", {})
@@ -332,7 +335,8 @@ def page(results: dict, args: argparse.Namespace) -> str:
         cell = lambda d, k: f"{d[k]:.2f}" if k in d else "–"  # noqa: E731
         small = "/".join(cell(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
         lines.append(
-            f"| {row['estimator']} | {row['stage1_steps']} | {row['stage2_steps']} | {row['cost']:.3f}x | "
+            f"| {row['estimator']} | {row['stage1_steps']} | {row['stage2_steps']} | {row['cost_steps']:.3f}x | "
+            f"{row['cost']:.3f}x | "
             f"{cell(init, 'jaccard@0.25')} | {cell(order, 'jaccard@0.25')} | {cell(stage2, 'jaccard@0.25')} | "
             f"{cell(init, 'spearman')} | {cell(order, 'spearman')} | {small} |"
         )
@@ -362,11 +366,11 @@ def frontier(path: Path, results: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["estimator"] for r in results["rows"]):
-        rows = sorted((r for r in results["rows"] if r["estimator"] == name), key=lambda r: r["cost"])
+        rows = sorted((r for r in results["rows"] if r["estimator"] == name), key=lambda r: r["cost_steps"])
         worst = [min(r[s]["jaccard@0.25"] for s in ("init", "order", "seed") if s in r) for r in rows]
-        ax.plot([r["cost"] for r in rows], worst, marker="o", label=name)
+        ax.plot([r["cost_steps"] for r in rows], worst, marker="o", label=name)
     ax.axhline(results["random"]["jaccard@0.25"], color="grey", linestyle=":", label="random sets")
-    ax.set_xlabel("identification cost (x a 3-epoch LoRA-all fine-tune)")
+    ax.set_xlabel("identification steps / steps of a 3-epoch LoRA-all fine-tune")
     ax.set_ylabel("top-25% Jaccard between seeds (worst source)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)

@@ -113,6 +113,7 @@ def test_result_records_costs_and_curves():
         "scores",
         "ranking",
         "selected",
+        "confidence",
         "provenance",
         "update_norms",
         "stage1",
@@ -225,3 +226,37 @@ def test_scoring_given_adapters_equals_the_estimator_stage_of_a_whole_run():
     given = identify_important_layers(probe, rest, progress=False, train_stage1=False)
     assert given.stage1.steps == 0 and given.stage1.stop_reason == "skipped"
     assert given.scores == whole.scores and given.selected == whole.selected
+
+
+@pytest.mark.parametrize("estimator", ["gates", "first-order"])
+def test_confidence_comes_from_resampling_the_estimators_steps(estimator):
+    settings = dict(r=2, top_k=5, stage1_max_steps=6, stage2_steps=8, gate_lr=0.2, estimator=estimator, seed=1)
+    model = get_peft_model(tiny_llama(), ILAConfig(**settings))
+    result = identify_important_layers(model, lm_batches(5), progress=False)
+    confidence = result.selection.confidence
+    assert set(confidence) == set(llama_candidates()) and all(0 <= c <= 1 for c in confidence.values())
+    assert model.peft_config["default"].layer_confidence == confidence
+    again = identify_important_layers(
+        get_peft_model(tiny_llama(), ILAConfig(**settings)), lm_batches(5), progress=False
+    )
+    assert again.selection.confidence == confidence  # the bootstrap has its own seeded generator
+
+
+def test_replaying_the_gates_stage_on_its_own_gradients_gives_its_gates():
+    from peft_ila.identification.estimators import Gates
+    from peft_ila.identification.importance import Identification
+
+    config = ILAConfig(r=2, top_k=5, stage1_max_steps=4, stage2_steps=6, gate_lr=0.2)
+    recipe = Identification(get_peft_model(tiny_llama(), config))
+    result = recipe.run(lm_batches(4), progress=False)
+    history = recipe.optimizer2.state[recipe.bank.logits]["history"]
+    assert history.shape == (6, 28)
+    replayed = Gates(config).replay(history[None]).sigmoid()[0]
+    gates = [result.scores[name] for name in recipe.candidates]
+    torch.testing.assert_close(replayed.tolist(), gates, atol=1e-5, rtol=0)
+
+
+def test_update_norm_has_no_stage_to_resample_and_no_confidence():
+    config = ILAConfig(r=2, top_k=3, stage1_max_steps=4, estimator="update-norm")
+    result = identify_important_layers(get_peft_model(tiny_llama(), config), lm_batches(3), progress=False)
+    assert result.selection.confidence == {}

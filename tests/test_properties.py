@@ -107,7 +107,8 @@ def test_a_selection_round_trips_through_every_form(data, candidates):
     chosen = data.draw(st.lists(st.sampled_from(candidates), unique=True, min_size=1))
     scored = data.draw(st.lists(st.sampled_from(candidates), unique=True))
     scores = {name: data.draw(st.floats(0, 1)) for name in scored}
-    selection = Selection(tuple(candidates), tuple(chosen), scores)
+    sure = {name: data.draw(st.floats(0, 1)) for name in data.draw(st.lists(st.sampled_from(candidates), unique=True))}
+    selection = Selection(tuple(candidates), tuple(chosen), scores, confidence=sure)
     assert selection.scores == {n: float(torch.tensor(s, dtype=torch.float32)) for n, s in scores.items()}
     tensors = safetensors.torch.load(safetensors.torch.save(selection.to_tensors()))
     from_tensors = Selection.from_tensors(tensors)

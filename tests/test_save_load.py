@@ -16,6 +16,7 @@ from conftest import llama_candidates, lm_batches, tiny_gpt2, tiny_llama
 from peft_ila import ILAConfig, ILALayer, ILALoadError, identify_important_layers
 
 MASK_KEYS = ["base_model.ila_layer_names", "base_model.ila_layer_mask", "base_model.ila_layer_scores"]  # README
+CONFIDENCE_KEY = "base_model.ila_layer_confidence"
 
 
 @pytest.fixture
@@ -42,7 +43,8 @@ def test_mask_and_scores_are_in_the_safetensors(saved):
     assert mask.dtype == torch.bool and scores.dtype == torch.float32
     assert [n for n, m in zip(names, mask.tolist(), strict=True) if m] == [n for n in names if n in result.selected]
     assert scores.tolist() == pytest.approx([result.scores[n] for n in names])
-    weights = [k for k in tensors if k not in MASK_KEYS]
+    assert tensors[CONFIDENCE_KEY].tolist() == [result.selection.confidence[n] for n in names]
+    weights = [k for k in tensors if k not in [*MASK_KEYS, CONFIDENCE_KEY]]
     assert len(weights) == 2 * 5 and all(".ila_A.weight" in k or ".ila_B.weight" in k for k in weights)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ILA" and config["selected_layers"] == result.selected
@@ -162,7 +164,8 @@ def test_candidate_list_mismatch(saved):
     def drop_last_candidate(t):
         names = bytes(t[MASK_KEYS[0]].tolist()).decode().split("\n")[:-1]
         t[MASK_KEYS[0]] = torch.tensor(list("\n".join(names).encode()), dtype=torch.uint8)
-        t[MASK_KEYS[1]], t[MASK_KEYS[2]] = t[MASK_KEYS[1]][:-1], t[MASK_KEYS[2]][:-1]
+        for key in (MASK_KEYS[1], MASK_KEYS[2], CONFIDENCE_KEY):
+            t[key] = t[key][:-1]
 
     edit_tensors(tmp_path / "adapter", drop_last_candidate)
     refuse(tmp_path / "adapter", "covers 27 candidate layers .* this model has 28")

@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from conftest import common, lm_batches, tiny_llama
+from conftest import common, identify, lm_batches, tiny_llama
 from peft_ila import ILAConfig, Selection, identify_important_layers
 from peft_ila.app.cli import main
 from peft_ila.tuner import model_identity
@@ -114,3 +114,15 @@ def test_top_and_within_take_the_best_of_the_ranking(k):
     assert selection.within(("d", "a", "e"), k=2).selected == ("a", "d")
     with pytest.raises(ValueError, match="none of the selected layers"):
         selection.within(("b", "d"))
+
+
+def test_identify_prints_the_confidence_line_and_reports_it(work, tmp_path, capsys):
+    out = tmp_path / "run"
+    identify(work, out)
+    printed = capsys.readouterr().out
+    record = json.loads((out / "importance.json").read_text())
+    certain = sum(record["confidence"][n] >= 0.9 for n in record["selected"])
+    assert f"top-29% set: {certain} of 4 layers certain at 90%" in printed  # 4 of 14 candidates
+    assert "| rank | layer | score (gates) | confidence |" in (out / "report.md").read_text()
+    saved = Selection.from_tensors(load_file(out / "mask.safetensors"))
+    assert saved.confidence == record["confidence"] and len(saved.confidence) == 14

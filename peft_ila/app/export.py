@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..tuner.selection import MASK_KEYS, Selection, layer_of
+from ..tuner.selection import SAVED_KEYS, Selection, layer_of
 from . import UsageError
 from .files import read_json, staged_dir
 
@@ -30,7 +30,7 @@ def export_lora(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> li
         selected = set(Selection.from_tensors(saved).selected)
     except ValueError as exc:
         raise UsageError(f"{weights_file}: {exc}") from None
-    tensors = {k: v for k, v in saved.items() if k not in MASK_KEYS}
+    tensors = {k: v for k, v in saved.items() if k not in SAVED_KEYS}
     modules = sorted({k.removeprefix("base_model.model.").split(".ila_A.")[0] for k in tensors if ".ila_A." in k})
     granularity = config.get("granularity", "module")
     if {layer_of(module, granularity) for module in modules} != selected:

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 
 from ..tuner.selection import layer_of
 
+CERTAIN = 0.9  # a layer whose membership this share of bootstrap resamples agree on is "certain"
+
 
 def grid(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
     """Rows (module types within a block), columns (blocks) and each layer's cell."""
@@ -26,8 +28,11 @@ def grid(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, i
     return kinds, blocks, cell
 
 
-def heatmap(path: Path, scores: dict[str, float], selected: list[str], title: str) -> None:
-    """Module types x blocks, colour = importance score in [0, 1]; selected layers marked with a white dot."""
+def heatmap(
+    path: Path, scores: dict[str, float], selected: list[str], title: str, confidence: dict[str, float] | None = None
+) -> None:
+    """Module types x blocks, colour = importance score in [0, 1]; selected layers marked with a white dot, hollow
+    where their `confidence` is below 0.9."""
     kinds, blocks, cell = grid(list(scores))
     values = [[float("nan")] * len(blocks) for _ in kinds]
     for name, score in scores.items():
@@ -35,12 +40,18 @@ def heatmap(path: Path, scores: dict[str, float], selected: list[str], title: st
         values[r][c] = score
     fig, ax = plt.subplots(figsize=(2.5 + 0.32 * len(blocks), 1.6 + 0.32 * len(kinds)))
     image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    chosen = [cell[n] for n in selected]
-    ax.scatter([c for _, c in chosen], [r for r, _ in chosen], s=18, c="white", edgecolors="black", linewidths=0.6)
+    confidence = confidence or {}
+    for certain in (True, False):
+        chosen = [cell[n] for n in selected if (confidence.get(n, 1.0) >= CERTAIN) == certain]
+        face = "white" if certain else "none"
+        edge = "black" if certain else "white"
+        ax.scatter([c for _, c in chosen], [r for r, _ in chosen], s=18, c=face, edgecolors=edge, linewidths=0.9)
     ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
     ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=7)
     ax.set_xlabel(f"block ({blocks[0].rsplit('.', 1)[0]}.N)" if "." in blocks[0] else "block", fontsize=8)
-    ax.set_title(f"{title}\nwhite dots: the {len(selected)} selected layers", fontsize=9)
+    unsure = sum(confidence.get(n, 1.0) < CERTAIN for n in selected)
+    hollow = f" (hollow: {unsure} below {CERTAIN:.0%} confidence)" if confidence else ""
+    ax.set_title(f"{title}\nwhite dots: the {len(selected)} selected layers{hollow}", fontsize=9)
     fig.colorbar(image, ax=ax, label="importance score", fraction=0.025, pad=0.01)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

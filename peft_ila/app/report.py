@@ -79,7 +79,7 @@ def write_run(out: Path | None, result: ILAResult, config: dict, info: dict, com
     from .plots import heatmap  # matplotlib (the app extra) only where a plot is drawn
 
     title = f"ILA layer importance: {Path(str(info.get('model'))).name} on {Path(str(info.get('data'))).name}"
-    heatmap(out / "heatmap.png", result.scores, result.selected, title)
+    heatmap(out / "heatmap.png", result.scores, result.selected, title, dict(result.selection.confidence))
     (out / "report.md").write_text(markdown(record))
     return record
 
@@ -96,10 +96,12 @@ def markdown(record: dict) -> str:
         "",
         "![heatmap](heatmap.png)",
         "",
-        f"| rank | layer | score ({record['config'].get('estimator', 'gates')}) | update norm ‖ΔW‖ |",
-        "|---:|---|---:|---:|",
+        *([confidence_line(record), ""] if record.get("confidence") else []),
+        f"| rank | layer | score ({record['config'].get('estimator', 'gates')}) | confidence | update norm ‖ΔW‖ |",
+        "|---:|---|---:|---:|---:|",
         *(
-            f"| {i} | `{name}` | {record['scores'][name]:.4f} | {record['update_norms'][name]:.4f} |"
+            f"| {i} | `{name}` | {record['scores'][name]:.4f} | {_percent(record.get('confidence', {}).get(name))} | "
+            f"{record['update_norms'][name]:.4f} |"
             for i, name in enumerate(record["selected"], 1)
         ),
         "",
@@ -117,6 +119,24 @@ def markdown(record: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def confidence_line(record: dict, level: float = 0.9) -> str:
+    """One line on how sure the selection is, e.g. "top-25% set: 48 of 53 layers certain at 90% ..."."""
+    confidence, selected = record.get("confidence") or {}, record["selected"]
+    if not confidence:
+        return f"confidence: not available for the {record['config'].get('estimator')} estimator (it has no steps)"
+    certain = sum(confidence[name] >= level for name in selected)
+    doubtful = sum(confidence[name] < level for name in record["candidates"] if name not in set(selected))
+    share = f"top-{len(selected) / len(record['candidates']):.0%}"
+    return (
+        f"{share} set: {certain} of {len(selected)} layers certain at {level:.0%}; {doubtful} unselected layers "
+        f"below {level:.0%} (bootstrap of the {record['costs']['stage2']['steps']} stage-2 steps)"
+    )
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
 
 
 def run_model(record: dict) -> dict:

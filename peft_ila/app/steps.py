@@ -204,14 +204,19 @@ def command_line(args) -> str:
 
 
 def print_top(record: dict, limit: int = 15) -> None:
+    from .report import confidence_line
+
     s1, s2 = record["costs"]["stage1"], record["costs"]["stage2"]
     estimator = record["config"].get("estimator", "gates")
     print(f"\nTop {len(record['selected'])} of {len(record['candidates'])} layers (score: {estimator}):")
-    print(f"{'rank':>4}  {'score':>6}  layer")
+    confidence = record.get("confidence") or {}
+    print(f"{'rank':>4}  {'score':>6}  {'sure':>4}  layer")
     for i, name in enumerate(record["selected"][:limit], 1):
-        print(f"{i:>4}  {record['scores'][name]:6.3f}  {name}")
+        sure = f"{confidence[name]:4.0%}" if name in confidence else f"{'–':>4}"
+        print(f"{i:>4}  {record['scores'][name]:6.3f}  {sure}  {name}")
     if len(record["selected"]) > limit:
         print(f"      ... {len(record['selected']) - limit} more in report.md")
+    print(confidence_line(record))
     print(
         f"identification cost: stage 1 {s1['steps']} steps, {s1['tokens']} tokens, {s1['seconds']:.0f} s (ended: "
         f"{s1['stop']}); stage 2 {s2['steps']} steps, {s2['tokens']} tokens, {s2['seconds']:.0f} s\n"

@@ -4,6 +4,10 @@ An estimator owns ILA's second stage. It declares its budget (`steps`: optimizer
 optimizer that holds its state (checkpointed, resumed and averaged over ranks by the recipe and the training loop
 like any other), an optional penalty, and turns the gate bank, the optimizer state and the update norms into scores
 in [0, 1] (higher: more important). Add one by subclassing `Estimator` and naming it in `ESTIMATORS`.
+
+Estimators with a stage keep every step's gradient of the gate logits (`state["history"]`, [steps, n_candidates]) and
+can `replay` scores from such a history: resampling the steps (a bootstrap) then tells how sure each layer's place in
+the top k is, without running the stage again (see `membership_confidence`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ class Estimator:
         """One score in [0, 1] per candidate layer, in candidate order. `norms`: ||dW|| after stage 1."""
         raise NotImplementedError
 
+    def replay(self, history: torch.Tensor) -> torch.Tensor | None:
+        """Scores (any monotone form) from per-step gradients `history` [resamples, steps, n], as if the stage had
+        seen those gradients; None when the estimator has no stage to replay."""
+        return None
+
 
 class Gates(Estimator):
     """The paper's stage 2: learn g_i = sigmoid(s_i) from `gate_init` with Adam (`gate_lr`), minimising the task
@@ -58,13 +67,26 @@ class Gates(Estimator):
     desc = "ILA stage 2: gates"
 
     def optimizer(self, bank: GateBank) -> torch.optim.Optimizer:
-        return torch.optim.Adam([bank.logits], lr=self.config.gate_lr)
+        return RecordingAdam([bank.logits], lr=self.config.gate_lr)
 
     def penalty(self, bank: GateBank) -> Callable[[], torch.Tensor]:
         return lambda: self.config.sparsity_weight * bank.gates().mean()
 
     def scores(self, bank: GateBank, optimizer: torch.optim.Optimizer | None, norms: list[float]) -> list[float]:
         return bank.gates().detach().float().cpu().tolist()
+
+    def replay(self, history: torch.Tensor) -> torch.Tensor:
+        """Adam (default betas and eps, as `optimizer` builds it) from `gate_init` over the given gradients: the
+        final logits. Without the feedback of the gates on later gradients: a first-order picture of the noise."""
+        beta1, beta2, eps, lr = 0.9, 0.999, 1e-8, self.config.gate_lr
+        start = math.log(self.config.gate_init / (1 - self.config.gate_init))
+        logits = torch.full(history[:, 0].shape, start, dtype=torch.float64)
+        m, v = torch.zeros_like(logits), torch.zeros_like(logits)
+        for t in range(1, history.shape[1] + 1):
+            g = history[:, t - 1].double()
+            m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+            logits -= lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        return logits
 
 
 class UpdateNorm(Estimator):
@@ -100,10 +122,34 @@ class FirstOrder(Estimator):
         low, high = gain.min(), gain.max()
         return ((gain - low) / (high - low) if high > low else torch.zeros_like(gain)).tolist()
 
+    def replay(self, history: torch.Tensor) -> torch.Tensor:
+        """The mean of -dL/ds over the steps (the score before scaling)."""
+        return -history.double().mean(dim=1)
+
+
+def _record(optimizer: torch.optim.Optimizer) -> None:
+    """Append each parameter's gradient to its `state["history"]` ([steps, numel])."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                state, row = optimizer.state[p], p.grad.detach().reshape(1, -1).float().clone()
+                state["history"] = torch.cat([state["history"], row]) if "history" in state else row
+
+
+class RecordingAdam(torch.optim.Adam):
+    """Adam that also keeps every step's gradient in `state[p]["history"]` (checkpointed with the rest)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        _record(self)
+        return loss
+
 
 class GradientSum(torch.optim.Optimizer):
-    """An optimizer that moves nothing: each step adds the gradients to `state[p]["sum"]` and counts the steps, so a
-    sum over batches is checkpointed and resumed like optimizer state (and is rank-averaged by the training loop)."""
+    """An optimizer that moves nothing: each step adds the gradients to `state[p]["sum"]`, counts the steps and keeps
+    the step's gradient in `state[p]["history"]`, so a sum over batches is checkpointed and resumed like optimizer
+    state (and is rank-averaged by the training loop)."""
 
     def __init__(self, params) -> None:
         super().__init__(params, {})
@@ -115,10 +161,27 @@ class GradientSum(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
+                if "sum" not in state:
                     state["sum"], state["steps"] = torch.zeros_like(p), torch.zeros((), dtype=torch.long)
                 state["sum"].add_(p.grad)
                 state["steps"] += 1
+        _record(self)
+
+
+def membership_confidence(
+    estimator: Estimator, history: torch.Tensor, selected: torch.Tensor, seed: int, resamples: int = 200
+) -> list[float] | None:
+    """For each layer, the fraction of bootstrap resamples of the stage's steps (`history` [steps, n]) in which the
+    estimator's replayed scores put it on the same side of the top k as `selected` (bool [n], k of them True) does;
+    None when the estimator cannot replay. Deterministic for a given `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(history.shape[0], (resamples, history.shape[0]), generator=generator)
+    replayed = estimator.replay(history[picks])
+    if replayed is None:
+        return None
+    k = int(selected.sum())
+    top = torch.zeros_like(replayed, dtype=torch.bool).scatter_(1, replayed.topk(k, dim=1).indices, True)
+    return (top == selected).double().mean(dim=0).tolist()
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {e.name: e for e in (Gates, UpdateNorm, FirstOrder)}

@@ -37,7 +37,7 @@ from .checkpoint import (
     weights_fingerprint,
 )
 from .distributed import agree_on, rank, world_size
-from .estimators import ESTIMATORS
+from .estimators import ESTIMATORS, membership_confidence
 from .training import Batch, StabilityTest, StepStats, cycle, train_steps
 
 
@@ -262,15 +262,25 @@ class Identification:
         order = {name: i for i, name in enumerate(self.candidates)}
         ranking = sorted(self.candidates, key=lambda n: (-scores[n], -norms[n], order[n]))
         ranking, scores = agree_on(ranking, scores, self.k)  # decided on rank 0, checked on every rank
-        selection = Selection(
-            tuple(self.candidates), tuple(ranking[: self.k]), scores, tuple(ranking), self._provenance()
-        )
+        fields = (scores, tuple(ranking), self._provenance(), self._confidence(ranking[: self.k]))
+        selection = Selection(tuple(self.candidates), tuple(ranking[: self.k]), *fields)
         if not self.config.keep_stage1_weights:
             with torch.no_grad():
                 for p, value in self.others.items():
                     p.copy_(value)
         self.tuner.select_layers(selection, adapter_name=self.adapter, keep_weights=self.config.keep_stage1_weights)
         return ILAResult(selection, norms, self.stage1, self.stage2)
+
+    def _confidence(self, selected: list[str]) -> dict[str, float]:
+        """Per layer, the fraction of bootstrap resamples of the estimator's steps that agree on its membership in
+        `selected`; empty when the estimator has no steps to resample."""
+        state = self.optimizer2.state.get(self.bank.logits, {}) if self.optimizer2 is not None else {}
+        if "history" not in state:
+            return {}
+        kept = set(selected)
+        chosen = torch.tensor([name in kept for name in self.candidates])
+        agree = membership_confidence(self.estimator, state["history"].cpu(), chosen, self.config.seed)
+        return {} if agree is None else dict(zip(self.candidates, agree, strict=True))
 
     def _provenance(self) -> dict:
         """Where the selection comes from: estimator, settings, base model, and the batches read (on every rank)."""

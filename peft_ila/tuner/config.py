@@ -45,6 +45,7 @@ def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
 _NOT_RUN_SETTINGS = (
     "selected_layers",
     "layer_scores",
+    "layer_confidence",
     "provenance",
     "base_model_name_or_path",
     "revision",
@@ -172,6 +173,15 @@ class ILAConfig(PeftConfig):
             "help": "Score in [0, 1] of each candidate layer, as found by identification (the learned gate by default)."
         },
     )
+    layer_confidence: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "How sure each layer's membership in the selection is, in [0, 1]: the fraction of bootstrap "
+                "resamples of the estimator's stage that agree (filled by identification)."
+            )
+        },
+    )
     provenance: dict | None = field(
         default=None,
         metadata={
@@ -261,7 +271,8 @@ class ILAConfig(PeftConfig):
             raise bad("seed", "an int")
 
     def _validate_selection(self) -> None:
-        """`selected_layers`, `layer_scores` (kept as float32 values, as the saved tensors hold them), `provenance`."""
+        """`selected_layers`, `layer_scores` and `layer_confidence` (float32 values, as the saved tensors hold them),
+        `provenance`."""
         if self.selected_layers is not None:
             self.selected_layers = check_layer_names(
                 self.selected_layers, f"ILAConfig.selected_layers={self.selected_layers!r}"
@@ -274,6 +285,10 @@ class ILAConfig(PeftConfig):
                     f"ILAConfig.selected_layers names layers without a score in `layer_scores` (e.g. {missing}); "
                     "give a score for every selected layer or leave `layer_scores` None."
                 )
+        if self.layer_confidence is not None:
+            self.layer_confidence = check_scores(
+                self.layer_confidence, f"ILAConfig.layer_confidence={self.layer_confidence!r}"
+            )
         if self.provenance is not None and not isinstance(self.provenance, dict):
             raise self._bad("provenance", "None or a dict")
 

@@ -24,7 +24,7 @@ from ._peft_compat import PREFIX
 from .backward import InputGradRouter
 from .config import ILAConfig, resolve_top_k
 from .layer import GateBank, ILALayer, Linear
-from .selection import MASK_KEYS, ILALoadError, Selection, layer_of
+from .selection import SAVED_KEYS, ILALoadError, Selection, layer_of
 
 
 def _few(names: Iterable[str], n: int = 5) -> str:
@@ -273,7 +273,7 @@ class ILAModel(BaseTuner):
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        return key if key in MASK_KEYS else super()._remove_adapter_name_from_key(key, adapter_name)
+        return key if key in SAVED_KEYS else super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -305,7 +305,7 @@ class ILAModel(BaseTuner):
                 f"adapter_config.json and the mask in the weights file disagree on the {' and the '.join(differences)}"
                 "; the two files come from different runs."
             )
-        weights = {k: v for k, v in state_dict.items() if k not in MASK_KEYS}
+        weights = {k: v for k, v in state_dict.items() if k not in SAVED_KEYS}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, weights)
         own = {k: v for k, v in model.state_dict().items() if f".{PREFIX}" in k and f".{adapter_name}." in k}
         unexpected = sorted(k for k in remapped if f".{PREFIX}" in k and k not in own)
@@ -359,7 +359,7 @@ def _selection_of(config: ILAConfig, candidates: Sequence[str]) -> Selection:
     """The selection a config states over `candidates` (every one in the probe state)."""
     if config.selected_layers is None:
         return Selection.everything(candidates)
-    fields = (config.layer_scores or {}, (), config.provenance or {})
+    fields = (config.layer_scores or {}, (), config.provenance or {}, config.layer_confidence or {})
     return Selection(tuple(candidates), tuple(config.selected_layers), *fields)
 
 

@@ -11,7 +11,9 @@ The tensors cover the ordered list of candidate layers:
 - `base_model.ila_layer_names`: uint8 [n_bytes], the UTF-8 bytes of the candidate names joined by newlines;
 - `base_model.ila_layer_mask`: bool [n_candidates], True where the layer carries an adapter;
 - `base_model.ila_layer_scores`: float32 [n_candidates], the score in [0, 1] (the learned gate by default), NaN where
-  none is known.
+  none is known;
+- `base_model.ila_layer_confidence`: float32 [n_candidates], how sure each layer's membership in the selection is (the
+  fraction of bootstrap resamples that agree), NaN where none is known; absent from files of peft-ila before it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from torch import nn
 NAMES_KEY = "base_model.ila_layer_names"
 MASK_KEY = "base_model.ila_layer_mask"
 SCORES_KEY = "base_model.ila_layer_scores"
-MASK_KEYS = (NAMES_KEY, MASK_KEY, SCORES_KEY)
+CONFIDENCE_KEY = "base_model.ila_layer_confidence"
+MASK_KEYS = (NAMES_KEY, MASK_KEY, SCORES_KEY)  # required
+SAVED_KEYS = (*MASK_KEYS, CONFIDENCE_KEY)  # everything a selection writes into a weights file
 
 
 class ILALoadError(ValueError):
@@ -88,6 +92,8 @@ class Selection:
             unscored layers in candidate order). Identification gives its own (ties broken by ||dW||).
         provenance: where the selection came from: `estimator`, `settings` (the config's run settings),
             `base_model` (see `model_identity`), `data` (a fingerprint of the batches identification read).
+        confidence: layer -> how sure its membership (in or out of `selected`) is, in [0, 1]: the fraction of
+            bootstrap resamples of the estimator's stage that agree; empty when unknown.
     """
 
     candidates: tuple[str, ...]
@@ -95,18 +101,22 @@ class Selection:
     scores: Mapping[str, float] = field(default_factory=dict)
     ranking: tuple[str, ...] = ()
     provenance: Mapping = field(default_factory=dict)
+    confidence: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         candidates = tuple(check_layer_names(self.candidates, "Selection.candidates"))
         selected = tuple(check_layer_names(self.selected, "Selection.selected"))
         scores = check_scores(self.scores, "Selection.scores")
+        confidence = check_scores(self.confidence, "Selection.confidence")
         _require_known(selected, candidates, "selected")
         _require_known(scores, candidates, "scores")
+        _require_known(confidence, candidates, "confidence")
         rest = sorted(set(candidates) - set(selected), key=_by_score(scores, candidates))
         ranking = tuple(self.ranking) or (*selected, *rest)
         if sorted(ranking) != sorted(candidates) or ranking[: len(selected)] != selected:
             raise ValueError("Selection.ranking is invalid: it must order every candidate, the selected ones first.")
         normalised = {"candidates": candidates, "selected": selected, "scores": scores, "ranking": ranking}
+        normalised["confidence"] = confidence
         for name, value in {**normalised, "provenance": dict(self.provenance)}.items():
             object.__setattr__(self, name, value)
 
@@ -119,7 +129,8 @@ class Selection:
         """The best `k` layers of the ranking (a resolved count, see `resolve_top_k`)."""
         if not 1 <= k <= len(self.candidates):
             raise ValueError(f"top({k}): k must be in [1, {len(self.candidates)}].")
-        return Selection(self.candidates, self.ranking[:k], self.scores, self.ranking, self.provenance)
+        confidence = self.confidence if k == len(self.selected) else {}  # it speaks of this top k only
+        return Selection(self.candidates, self.ranking[:k], self.scores, self.ranking, self.provenance, confidence)
 
     def within(self, candidates: Sequence[str], k: int | None = None) -> Selection:
         """This selection on a candidate list (of this model, or another): its selected layers that exist there, or
@@ -131,15 +142,21 @@ class Selection:
             raise ValueError("none of the selected layers is a candidate of this model")
         scores = {name: value for name, value in self.scores.items() if name in here}
         ranking = (*ranked, *(name for name in candidates if name not in known))
-        return Selection(tuple(candidates), kept, scores, ranking, self.provenance)
+        same = tuple(candidates) == self.candidates and set(kept) == set(self.selected)
+        return Selection(tuple(candidates), kept, scores, ranking, self.provenance, self.confidence if same else {})
+
+    def certain(self, level: float = 0.9) -> list[str]:
+        """The selected layers whose confidence is at least `level`."""
+        return [name for name in self.selected if self.confidence.get(name, -1.0) >= level]
 
     # --- the forms a selection is stored in ---------------------------------------------------------------------
 
     def config_fields(self) -> dict:
-        """`ILAConfig` fields: `selected_layers`, `layer_scores` (None when unscored) and `provenance`."""
+        """`ILAConfig` fields: `selected_layers`, `layer_scores`, `layer_confidence` (None when empty), `provenance`."""
         return {
             "selected_layers": list(self.selected),
             "layer_scores": dict(self.scores) or None,
+            "layer_confidence": dict(self.confidence) or None,
             "provenance": dict(self.provenance) or None,
         }
 
@@ -149,7 +166,8 @@ class Selection:
         return {
             NAMES_KEY: torch.tensor(list("\n".join(self.candidates).encode("utf-8")), dtype=torch.uint8),
             MASK_KEY: torch.tensor([name in chosen for name in self.candidates], dtype=torch.bool),
-            SCORES_KEY: torch.tensor([self.scores.get(n, math.nan) for n in self.candidates], dtype=torch.float32),
+            SCORES_KEY: _column(self.scores, self.candidates),
+            CONFIDENCE_KEY: _column(self.confidence, self.candidates),
         }
 
     @classmethod
@@ -173,19 +191,24 @@ class Selection:
                 f"the ILA mask tensors disagree: {len(candidates)} layer names, {mask.numel()} mask entries, "
                 f"{scores.numel()} scores; the file is damaged, save the adapter again."
             )
-        known = {n: s for n, s in zip(candidates, scores.tolist(), strict=True) if not math.isnan(s)}
+        known = _known(candidates, scores)
         adapted = sorted(
             (n for n, keep in zip(candidates, mask.tolist(), strict=True) if keep), key=_by_score(known, candidates)
         )
-        return cls(tuple(candidates), tuple(adapted), known, (), provenance or {})
+        confidence = tensors.get(CONFIDENCE_KEY)
+        if confidence is not None and confidence.numel() != len(candidates):
+            raise ValueError("the ILA confidence tensor does not cover the candidate layers; save the adapter again.")
+        confidence = {} if confidence is None else _known(candidates, confidence.detach().cpu())
+        return cls(tuple(candidates), tuple(adapted), known, (), provenance or {}, confidence)
 
     def to_json(self) -> dict:
-        """Plain JSON: candidates, selected, ranking, scores, provenance."""
+        """Plain JSON: candidates, selected, ranking, scores, confidence, provenance."""
         return {
             "candidates": list(self.candidates),
             "selected": list(self.selected),
             "ranking": list(self.ranking),
             "scores": dict(self.scores),
+            "confidence": dict(self.confidence),
             "provenance": dict(self.provenance),
         }
 
@@ -198,11 +221,12 @@ class Selection:
             record.get("scores") or {},
             tuple(record.get("ranking") or ()),
             record.get("provenance") or {},
+            record.get("confidence") or {},
         )
 
     def differences(self, other: Selection) -> list[str]:
-        """What two forms of one selection disagree on (candidates, selected set, scores; exact, both float32);
-        empty when they agree. Order within `selected` and provenance are not compared."""
+        """What two forms of one selection disagree on (candidates, selected set, scores, confidence; exact, all
+        float32); empty when they agree. Order within `selected` and provenance are not compared."""
         found = []
         if self.candidates != other.candidates:
             found.append(f"candidates ({len(self.candidates)} vs {len(other.candidates)} layers)")
@@ -210,6 +234,8 @@ class Selection:
             found.append(f"selected layers ({_few(sorted(set(self.selected) ^ set(other.selected)), 3)} differ)")
         if dict(self.scores) != dict(other.scores):
             found.append("scores")
+        if dict(self.confidence) != dict(other.confidence):
+            found.append("confidence")
         return found
 
 
@@ -249,6 +275,14 @@ def _base_parameters(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
         if ".ila_" in name or ".modules_to_save." in name:
             continue
         yield name.replace(".base_layer.", ".").replace(".original_module.", "."), p
+
+
+def _column(values: Mapping[str, float], candidates: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([values.get(name, math.nan) for name in candidates], dtype=torch.float32)
+
+
+def _known(candidates: Sequence[str], column: torch.Tensor) -> dict[str, float]:
+    return {n: v for n, v in zip(candidates, column.tolist(), strict=True) if not math.isnan(v)}
 
 
 def _by_score(scores: Mapping[str, float], candidates: Sequence[str]):
