@@ -353,6 +353,8 @@ def page(results: dict, args: argparse.Namespace) -> str:
             f"| {cross['estimator']} | {cross['stage1_steps']} | {cross['a']} / {cross['b']} | "
             f"{cross['jaccard@0.25']:.2f} | {cross['spearman']:.2f} | {shown} |"
         )
+    if not results["cross"]:
+        lines.append("| (no cross-dataset cells in this run: LIMA and Dolly come from ../shared) | | | | | |")
     lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
     return "\n".join(lines)
 
