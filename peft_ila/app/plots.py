@@ -9,9 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ..tuner.selection import layer_of
-
-CERTAIN = 0.9  # a layer whose membership this share of bootstrap resamples agree on is "certain"
+from ..tuner.selection import CERTAIN, layer_of
 
 
 def grid(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:

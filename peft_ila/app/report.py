@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..identification.importance import ILAResult
-from ..tuner.selection import Selection
+from ..tuner.selection import CERTAIN, Selection
 from . import UsageError
 from .files import read_json, write_json
 
@@ -121,13 +121,14 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def confidence_line(record: dict, level: float = 0.9) -> str:
+def confidence_line(record: dict, level: float = CERTAIN) -> str:
     """One line on how sure the selection is, e.g. "top-25% set: 48 of 53 layers certain at 90% ..."."""
     confidence, selected = record.get("confidence") or {}, record["selected"]
     if not confidence:
         return f"confidence: not available for the {record['config'].get('estimator')} estimator (it has no steps)"
     certain = sum(confidence[name] >= level for name in selected)
-    doubtful = sum(confidence[name] < level for name in record["candidates"] if name not in set(selected))
+    chosen = set(selected)
+    doubtful = sum(confidence[name] < level for name in record["candidates"] if name not in chosen)
     share = f"top-{len(selected) / len(record['candidates']):.0%}"
     return (
         f"{share} set: {certain} of {len(selected)} layers certain at {level:.0%}; {doubtful} unselected layers "

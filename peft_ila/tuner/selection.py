@@ -35,6 +35,7 @@ SCORES_KEY = "base_model.ila_layer_scores"
 CONFIDENCE_KEY = "base_model.ila_layer_confidence"
 MASK_KEYS = (NAMES_KEY, MASK_KEY, SCORES_KEY)  # required
 SAVED_KEYS = (*MASK_KEYS, CONFIDENCE_KEY)  # everything a selection writes into a weights file
+CERTAIN = 0.9  # a layer is "certain" when at least this share of the bootstrap resamples agree on its membership
 
 
 class ILALoadError(ValueError):
@@ -145,7 +146,7 @@ class Selection:
         same = tuple(candidates) == self.candidates and set(kept) == set(self.selected)
         return Selection(tuple(candidates), kept, scores, ranking, self.provenance, self.confidence if same else {})
 
-    def certain(self, level: float = 0.9) -> list[str]:
+    def certain(self, level: float = CERTAIN) -> list[str]:
         """The selected layers whose confidence is at least `level`."""
         return [name for name in self.selected if self.confidence.get(name, -1.0) >= level]
 
