@@ -162,7 +162,7 @@ class Selection:
         }
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The three mask tensors (see the module docstring)."""
+        """The mask tensors, confidence included (see the module docstring)."""
         chosen = set(self.selected)
         return {
             NAMES_KEY: torch.tensor(list("\n".join(self.candidates).encode("utf-8")), dtype=torch.uint8),
