@@ -128,6 +128,8 @@ class Study:
         stem = self.cells / f"{kind}-{key(settings)}"
         if stem.with_suffix(".json").exists():
             return json.loads(stem.with_suffix(".json").read_text())
+        if self.args.existing_only:
+            raise Missing(f"{kind}-{key(settings)}")
         print(f"  computing {kind} {settings}", flush=True)
         record = {"kind": kind, "settings": settings, **compute(stem)}
         write_json(stem.with_suffix(".json"), record)
@@ -248,63 +250,81 @@ def agreement(a: dict[str, float], b: dict[str, float]) -> dict:
     return out
 
 
+class Missing(Exception):
+    """A cell that `--existing-only` does not compute."""
+
+
 def run(args: argparse.Namespace) -> dict:
     study = Study(args)
     datasets = [d for d in args.datasets if study.available(d)]
     primary = datasets[0]
-    results = {"machine": machine(), "preset": args.preset, "rows": [], "cross": [], "random": {}}
+    results = {"machine": machine(), "preset": args.preset, "rows": [], "cross": [], "random": {}, "missing": []}
     reference = study.reference(primary)
     for steps in args.lengths or study.p["stage1"]:
-        stage1 = {seeds: study.stage1(primary, steps, *seeds) for seeds in SEEDS}
-        scores = {"update-norm": {seeds: cell for seeds, cell in stage1.items()}}
-        for name in ESTIMATORS:
-            scores[name] = {seeds: study.score(cell, name) for seeds, cell in stage1.items()}
-            scores[name]["stage2"] = study.score(stage1[(0, 0)], name, stage2_seed=1)
-        for name, cells in scores.items():
-            row = {
-                "estimator": name,
-                "stage1_steps": steps,
-                "stage2_steps": 0 if name == "update-norm" else study.p["stage2"],
-            }
-            sources = dict(SOURCES, **({"stage2": ((0, 0), "stage2")} if "stage2" in cells else {}))
-            for source, (x, y) in sources.items():
-                row[source] = agreement(cells[x]["scores"], cells[y]["scores"])
-            seconds = stage1[(0, 0)]["seconds"] + (0 if name == "update-norm" else cells[(0, 0)]["seconds"])
-            row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"])
-            row["cost_steps"] = (steps + row["stage2_steps"]) / (EPOCHS * reference["epoch_steps"])
-            results["rows"].append(row)
-    grad = [study.gradnorm(primary, seed) for seed in (0, 1)]
-    results["rows"].append(
-        {
-            "estimator": "gradient norm (fresh adapters)",
-            "stage1_steps": study.p["gradnorm"],
-            "stage2_steps": 0,
-            "seed": agreement(grad[0]["scores"], grad[1]["scores"]),
-            "seconds": grad[0]["seconds"],
-            "cost": grad[0]["seconds"] / reference["fine_tune_seconds"],
-            "cost_steps": study.p["gradnorm"] / (EPOCHS * reference["epoch_steps"]),
-        }
-    )
-    steps = study.p["lengths_for_datasets"]
-    own = {d: study.stage1(d, steps, 0, 0) for d in datasets}
-    for name in ("update-norm", *ESTIMATORS):
-        per = {d: own[d] if name == "update-norm" else study.score(own[d], name) for d in datasets}
-        for a, b in itertools.combinations(datasets, 2):
-            results["cross"].append(
-                {
-                    "estimator": name,
-                    "stage1_steps": steps,
-                    "a": a,
-                    "b": b,
-                    **agreement(per[a]["scores"], per[b]["scores"]),
-                }
-            )
-    n = len(own[primary]["scores"])
+        for name in ("update-norm", *ESTIMATORS):
+            try:
+                results["rows"].append(seed_row(study, primary, steps, name, reference))
+            except Missing as cell:
+                results["missing"].append(f"{name} at {steps} stage-1 steps ({cell})")
+    try:
+        results["rows"].append(gradnorm_row(study, primary, reference))
+    except Missing as cell:
+        results["missing"].append(f"gradient norm ({cell})")
+    results["cross"] = cross_rows(study, datasets, results["missing"])
+    n = len(study.stage1(primary, study.p["lengths_for_datasets"], 0, 0)["scores"])
     results["random"] = {
         f"jaccard@{f:g}": expected_random_jaccard(n, max(1, math.floor(f * n + 0.5))) for f in FRACTIONS
     }
     results.update(candidates=n, reference=reference)
     return results
+
+
+def seed_row(study: Study, dataset: str, steps: int, name: str, reference: dict) -> dict:
+    """One estimator at one stage-1 length: agreement between runs that differ in one source of noise, and cost."""
+    stage1 = {seeds: study.stage1(dataset, steps, *seeds) for seeds in SEEDS}
+    if name == "update-norm":
+        cells = dict(stage1)
+    else:
+        cells = {seeds: study.score(cell, name) for seeds, cell in stage1.items()}
+        cells["stage2"] = study.score(stage1[(0, 0)], name, stage2_seed=1)
+    row = {"estimator": name, "stage1_steps": steps, "stage2_steps": 0 if name == "update-norm" else study.p["stage2"]}
+    sources = dict(SOURCES, **({"stage2": ((0, 0), "stage2")} if "stage2" in cells else {}))
+    for source, (x, y) in sources.items():
+        row[source] = agreement(cells[x]["scores"], cells[y]["scores"])
+    seconds = stage1[(0, 0)]["seconds"] + (0 if name == "update-norm" else cells[(0, 0)]["seconds"])
+    row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"])
+    row["cost_steps"] = (steps + row["stage2_steps"]) / (EPOCHS * reference["epoch_steps"])
+    return row
+
+
+def gradnorm_row(study: Study, dataset: str, reference: dict) -> dict:
+    grad = [study.gradnorm(dataset, seed) for seed in (0, 1)]
+    return {
+        "estimator": "gradient norm (fresh adapters)",
+        "stage1_steps": study.p["gradnorm"],
+        "stage2_steps": 0,
+        "seed": agreement(grad[0]["scores"], grad[1]["scores"]),
+        "seconds": grad[0]["seconds"],
+        "cost": grad[0]["seconds"] / reference["fine_tune_seconds"],
+        "cost_steps": study.p["gradnorm"] / (EPOCHS * reference["epoch_steps"]),
+    }
+
+
+def cross_rows(study: Study, datasets: list[str], missing: list[str]) -> list[dict]:
+    """Each estimator's agreement between every two datasets (seed 0, the preset's stage-1 length)."""
+    steps, rows = study.p["lengths_for_datasets"], []
+    for name in ("update-norm", *ESTIMATORS):
+        per = {}
+        for d in datasets:
+            try:
+                own = study.stage1(d, steps, 0, 0)
+                per[d] = own if name == "update-norm" else study.score(own, name)
+            except Missing as cell:
+                missing.append(f"{name} on {d} ({cell})")
+        for a, b in itertools.combinations(list(per), 2):
+            agree = agreement(per[a]["scores"], per[b]["scores"])
+            rows.append({"estimator": name, "stage1_steps": steps, "a": a, "b": b, **agree})
+    return rows
 
 
 def page(results: dict, args: argparse.Namespace) -> str:
@@ -355,6 +375,9 @@ def page(results: dict, args: argparse.Namespace) -> str:
         )
     if not results["cross"]:
         lines.append("| (no cross-dataset cells in this run: LIMA and Dolly come from ../shared) | | | | | |")
+    if results["missing"]:
+        lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-stability` continues the grid):", ""]
+        lines += [f"- {entry}" for entry in results["missing"]]
     lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
     return "\n".join(lines)
 
@@ -395,6 +418,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--lengths",
         type=lambda t: [int(x) for x in t.split(",")],
         help="stage-1 lengths to run (default: the preset's)",
+    )
+    parser.add_argument(
+        "--existing-only", action="store_true", help="compute no cell: write the page from the cells there are"
     )
     return parsed_inputs(parser, argv)
 

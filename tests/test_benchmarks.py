@@ -156,6 +156,11 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
     assert stability.main(args)["rows"] == results["rows"]  # every cell read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    dropped = next((tmp_path / "cells" / "quick").glob("score-*.json"))
+    dropped.unlink()
+    partial = stability.main([*args, "--existing-only"])
+    assert not dropped.exists() and len(partial["missing"]) >= 1  # listed, not recomputed
+    assert dropped.stem in (tmp_path / "STABILITY.md").read_text()
 
 
 def test_random_jaccard_expectation_is_exact_on_a_small_case():
