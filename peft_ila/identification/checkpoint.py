@@ -61,16 +61,6 @@ def check_settings(path: Path, saved: dict, current: dict) -> None:
         )
 
 
-def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
-    """SHA-256 over the names, shapes, dtypes and first `sample` values of tensors: tells base models apart (another
-    architecture, or other weights of the same one) without reading all of them."""
-    digest = hashlib.sha256()
-    for name, tensor in named:
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(_bytes(tensor.detach().reshape(-1)[:sample]))
-    return digest.hexdigest()
-
-
 def _bytes(tensor: torch.Tensor) -> bytes:
     return tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 

@@ -24,7 +24,7 @@ from ..tuner._peft_compat import PREFIX
 from ..tuner.config import ILAConfig, resolve_top_k
 from ..tuner.layer import ILALayer
 from ..tuner.model import _ila_tuner
-from ..tuner.selection import ILALoadError, Selection, as_float32, layer_of, model_identity
+from ..tuner.selection import ILALoadError, Selection, as_float32, layer_of, model_identity, weights_fingerprint
 from .checkpoint import (
     DataPosition,
     check_settings,
@@ -34,7 +34,6 @@ from .checkpoint import (
     restore_rng,
     rng_tensors,
     save_checkpoint,
-    weights_fingerprint,
 )
 from .distributed import agree_on, rank, world_size
 from .estimators import ESTIMATORS, membership_confidence

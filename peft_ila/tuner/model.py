@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -24,12 +24,7 @@ from ._peft_compat import PREFIX
 from .backward import InputGradRouter
 from .config import ILAConfig, resolve_top_k
 from .layer import GateBank, ILALayer, Linear
-from .selection import SAVED_KEYS, ILALoadError, Selection, layer_of
-
-
-def _few(names: Iterable[str], n: int = 5) -> str:
-    names = list(names)
-    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+from .selection import SAVED_KEYS, ILALoadError, Selection, _few, layer_of
 
 
 class ILAModel(BaseTuner):
