@@ -49,12 +49,22 @@ from peft_ila.app.data import fingerprint  # noqa: E402
 from peft_ila.app.files import write_json  # noqa: E402
 from peft_ila.app.pipeline import Prepared, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
-from peft_ila.identification.training import cycle, train_steps  # noqa: E402
+from peft_ila.identification.importance import Identification  # noqa: E402
+from peft_ila.identification.training import StepStats, cycle, train_steps  # noqa: E402
+from peft_ila.tuner.selection import as_float32  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PRESETS = {
     "quick": dict(
-        eval_size=8, max_length=64, batch_size=2, stage1=[4], stage2=3, lengths_for_datasets=4, gradnorm=2, timing=2
+        eval_size=8,
+        max_length=64,
+        batch_size=2,
+        stage1=[4, 2],
+        stage2=3,
+        lengths_for_datasets=4,
+        gradnorm=2,
+        timing=2,
+        every=1,
     ),
     "full": dict(
         eval_size=32,
@@ -65,6 +75,7 @@ PRESETS = {
         lengths_for_datasets=128,
         gradnorm=8,
         timing=4,
+        every=8,  # stage-1 cells keep every layer's ||dW|| at every this many steps
     ),
 }
 ADAPTER = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, stage1_lr=1e-3)
@@ -77,6 +88,33 @@ ESTIMATORS = {
 SEEDS = [(0, 0), (1, 0), (0, 1)]  # (adapter initialisation, data order): the reference, init only, order only
 SOURCES = {"init": ((0, 0), (1, 0)), "order": ((0, 0), (0, 1))}
 EPOCHS = 3  # the reference fine-tune a user would otherwise run
+
+
+class Recording(Identification):
+    """A stage-1-only identification run ("update-norm", `keep_stage1_weights`) that also keeps every layer's ||dW||
+    every `every` steps (`trajectory`, [checks][candidates]) and, at each step in `snapshots`, the adapter weights
+    and the cell record a run of that length would have (`taken`)."""
+
+    def __init__(self, model, every: int, snapshots=()) -> None:
+        super().__init__(model)
+        self.every, self.snapshots, self.trajectory, self.taken = every, set(snapshots), [], {}
+
+    def _save(self, stats: StepStats) -> None:
+        super()._save(stats)
+        if stats.steps % self.every == 0:
+            self.trajectory.append(list(self.update_norms().values()))
+        if stats.steps in self.snapshots:
+            self.taken[stats.steps] = ({n: w.clone() for n, w in self.adapter_weights().items()}, self.record(stats))
+
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if ".ila_" in n}
+
+    def record(self, stats: StepStats) -> dict:
+        """The update-norm scores now (as `UpdateNorm` scores them), and the stage's cost and losses so far."""
+        norms = self.update_norms()
+        top = max(norms.values())
+        scores = {n: as_float32(v / top if top > 0 else 0.0) for n, v in norms.items()}
+        return {"scores": scores, "seconds": stats.seconds, "tokens": stats.tokens, "losses": list(stats.losses)}
 
 
 def key(settings: dict) -> str:
@@ -140,41 +178,50 @@ class Study:
 
     # --- cells -----------------------------------------------------------------------------------------------------
 
+    def stage1_settings(self, dataset: str, steps: int, init: int, order: int) -> dict:
+        return {**self.identity(dataset), "steps": steps, "init": init, "order": order, **ADAPTER}
+
     def stage1(self, dataset: str, steps: int, init: int, order: int) -> dict:
-        settings = {**self.identity(dataset), "steps": steps, "init": init, "order": order, **ADAPTER}
+        """A stage-1 cell. Computing it also writes the missing cells of the preset's shorter lengths, which are
+        prefixes of the same run (constant learning rate, same data order), from snapshots taken on the way."""
+        settings = self.stage1_settings(dataset, steps, init, order)
+        shorter = [s for s in self.p["stage1"] if s < steps]
 
         def compute(stem: Path) -> dict:
-            model, result = self._stage1(dataset, steps, init, order)
-            save_file(
-                {n: p.detach().contiguous() for n, p in model.named_parameters() if ".ila_" in n},
-                stem.with_suffix(".safetensors"),
-            )
-            return {
-                "scores": result.scores,
-                "seconds": result.stage1.seconds,
-                "tokens": result.stage1.tokens,
-                "losses": result.stage1.losses,
-            }
+            recipe = self._stage1(dataset, steps, init, order, snapshots=shorter)
+            differences = {}  # a prefix computed before by its own run: how far this run's snapshot is from it
+            for at, (weights, record) in recipe.taken.items():
+                prefix = self.cells / f"stage1-{key(self.stage1_settings(dataset, at, init, order))}"
+                if prefix.with_suffix(".json").exists():
+                    before = json.loads(prefix.with_suffix(".json").read_text())["scores"]
+                    differences[at] = max(abs(before[n] - v) for n, v in record["scores"].items())
+                    continue
+                save_file(weights, prefix.with_suffix(".safetensors"))
+                cell = {"kind": "stage1", "settings": {**settings, "steps": at}, **record, "prefix_of": key(settings)}
+                write_json(prefix.with_suffix(".json"), cell)
+            save_file(recipe.adapter_weights(), stem.with_suffix(".safetensors"))
+            trajectory = {"every": recipe.every, "norms": recipe.trajectory}
+            return {**recipe.record(recipe.stage1), "trajectory": trajectory, "prefix_differences": differences}
 
         record = self.cell("stage1", settings, compute)
         record["weights"] = str(self.cells / f"stage1-{key(settings)}.safetensors")
         return record
 
-    def _stage1(self, dataset: str, steps: int, init: int, order: int):
+    def _stage1(self, dataset: str, steps: int, init: int, order: int, snapshots=()) -> Recording:
         """Exactly `steps` stage-1 steps (no stability stop), the weights kept on every layer."""
         fixed = dict(stage1_max_steps=steps, stability_epsilon=1e-12, estimator="update-norm", top_k=1.0)
         config = self.config(**fixed, keep_stage1_weights=True, seed=init)
         model = get_peft_model(copy.deepcopy(self.data(dataset).model), config)
         batches = self.data(dataset).batches(self.p["batch_size"], order)
-        result = identify_important_layers(model, batches, progress=self.args.progress)
-        return model, result
+        recipe = Recording(model, self.p["every"], snapshots)
+        recipe.run(batches, self.args.progress)
+        return recipe
 
     def weights(self, stage1: dict) -> dict[str, torch.Tensor]:
         path = Path(stage1["weights"])
         if not path.exists():  # recomputed: stage 1 is deterministic on one machine
             s = stage1["settings"]
-            model, _ = self._stage1(s["dataset"], s["steps"], s["init"], s["order"])
-            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if ".ila_" in n}, path)
+            save_file(self._stage1(s["dataset"], s["steps"], s["init"], s["order"]).adapter_weights(), path)
         return load_file(path)
 
     def score(self, stage1: dict, estimator: str, stage2_seed: int = 0) -> dict:
@@ -260,8 +307,8 @@ def run(args: argparse.Namespace) -> dict:
     primary = datasets[0]
     results = {"machine": machine(), "preset": args.preset, "rows": [], "cross": [], "random": {}, "missing": []}
     reference = study.reference(primary)
-    for steps in args.lengths or study.p["stage1"]:
-        for name in ("update-norm", *ESTIMATORS):
+    for steps in sorted(args.lengths or study.p["stage1"], reverse=True):  # the longest run gives the shorter ones
+        for name in [e for e in ("update-norm", *ESTIMATORS) if e in args.estimators]:
             try:
                 results["rows"].append(seed_row(study, primary, steps, name, reference))
             except Missing as cell:
@@ -418,6 +465,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--lengths",
         type=lambda t: [int(x) for x in t.split(",")],
         help="stage-1 lengths to run (default: the preset's)",
+    )
+    parser.add_argument(
+        "--estimators",
+        type=lambda t: t.split(","),
+        default=["update-norm", *ESTIMATORS],
+        help="comma-separated estimators of the seed rows (default: all)",
     )
     parser.add_argument(
         "--existing-only", action="store_true", help="compute no cell: write the page from the cells there are"

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny model and tiny data (no timing is asserted anywhere)."""
 
 import json
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
@@ -150,12 +151,19 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
     assert set(gates) >= {"init", "order", "stage2", "cost"} and 0 <= gates["init"]["jaccard@0.25"] <= 1
     assert {(c["a"], c["b"]) for c in results["cross"]} == {("alpaca", "lima"), ("alpaca", "dolly"), ("lima", "dolly")}
     cells = sorted(p.name for p in (tmp_path / "cells" / "quick").glob("*.json"))
-    assert sum(name.startswith("stage1-") for name in cells) == 5  # 3 seeds on alpaca (one of them shared), lima, dolly
+    # 4 and 2 steps: 3 seeds on alpaca, 1 on lima and dolly; each 2-step cell is the prefix of a 4-step run
+    assert sum(name.startswith("stage1-") for name in cells) == 10
+    short = stability.Study(stability.parse(args)).stage1("alpaca", 2, 1, 0)
+    assert short["prefix_of"] and len(short["losses"]) == 2
+    assert len(stability.Study(stability.parse(args)).stage1("alpaca", 4, 1, 0)["trajectory"]["norms"]) == 4
     page = (tmp_path / "STABILITY.md").read_text()
     assert "| gates | 4 | 3 |" in page and (tmp_path / "cells" / "quick" / "frontier.png").exists()
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
     assert stability.main(args)["rows"] == results["rows"]  # every cell read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    for path in Path(short["weights"]).with_suffix("").parent.glob(Path(short["weights"]).stem + ".*"):
+        path.unlink()  # the 2-step cell again, from its own run: the same scores as the prefix
+    assert stability.Study(stability.parse(args)).stage1("alpaca", 2, 1, 0)["scores"] == short["scores"]
     dropped = next((tmp_path / "cells" / "quick").glob("score-*.json"))
     dropped.unlink()
     partial = stability.main([*args, "--existing-only"])
