@@ -22,6 +22,7 @@ Jaccard of two random sets; overlap across datasets beside the seed-to-seed over
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import hashlib
 import itertools
@@ -51,7 +52,7 @@ from peft_ila.app.pipeline import Prepared, lora_all_layers, prepare  # noqa: E4
 from peft_ila.app.report import machine  # noqa: E402
 from peft_ila.identification.importance import Identification  # noqa: E402
 from peft_ila.identification.training import StepStats, cycle, train_steps  # noqa: E402
-from peft_ila.tuner.selection import as_float32  # noqa: E402
+from peft_ila.tuner.selection import as_float32, layer_of  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PRESETS = {
@@ -85,6 +86,8 @@ ESTIMATORS = {
     "gates from 0.9": dict(estimator="gates", gate_init=0.9),
     "first-order": dict(estimator="first-order"),
 }
+RELATIVE = "update-norm / ||W||"  # ||dW|| over the frozen weight's norm: the size-normalised update norm
+NO_STAGE2 = ("update-norm", RELATIVE)  # computed from the stage-1 weights alone
 SEEDS = [(0, 0), (1, 0), (0, 1)]  # (adapter initialisation, data order): the reference, init only, order only
 SOURCES = {"init": ((0, 0), (1, 0)), "order": ((0, 0), (0, 1))}
 EPOCHS = 3  # the reference fine-tune a user would otherwise run
@@ -244,6 +247,24 @@ class Study:
 
         return self.cell("score", settings, compute)
 
+    def relative(self, stage1: dict) -> dict:
+        """||dW|| / ||W|| of every layer after a stage-1 cell, divided by the largest."""
+        settings = {"stage1": key(stage1["settings"]), "estimator": RELATIVE}
+
+        def compute(stem: Path) -> dict:
+            weights, base = (
+                self.weights(stage1),
+                dict(self.data(stage1["settings"]["dataset"]).model.named_parameters()),
+            )
+            scale, ratios = ADAPTER["lora_alpha"] / ADAPTER["r"], {}
+            for name in stage1["scores"]:
+                a, b = (weights[f"base_model.model.{name}.ila_{m}.default.weight"] for m in "AB")
+                ratios[name] = float((b @ a).norm() * scale / base[f"{name}.weight"].detach().norm())
+            top = max(ratios.values())
+            return {"scores": {n: as_float32(v / top) for n, v in ratios.items()}, "seconds": 0.0}
+
+        return self.cell("relnorm", settings, compute)
+
     def gradnorm(self, dataset: str, seed: int) -> dict:
         settings = {**self.identity(dataset), "seed": seed, "steps": self.p["gradnorm"], **ADAPTER}
 
@@ -286,14 +307,43 @@ def expected_random_jaccard(n: int, k: int) -> float:
     return sum(math.comb(k, i) * math.comb(n - k, k - i) / total * i / (2 * k - i) for i in range(k + 1))
 
 
+def module_type(name: str) -> str:
+    """What a module-granularity candidate is, whichever block it is in: 'q_proj', 'gate_proj', ..."""
+    return name.rsplit(".", 1)[-1]
+
+
+def top_set(scores: dict[str, float], fraction: float) -> list[str]:
+    """The top `fraction` of the layers by score (rounded half up; ties: candidate order)."""
+    names = list(scores)
+    k = max(1, math.floor(fraction * len(names) + 0.5))
+    return sorted(names, key=lambda n: (-scores[n], names.index(n)))[:k]
+
+
+def block_scores(scores: dict[str, float], estimator: str) -> dict[str, float]:
+    """Module scores turned into the ranking the estimator gives at block granularity, exactly (for blocks with
+    equally many modules): ||dW|| of a block is the root of its modules' summed squares; a block gate's gradient is
+    the sum of its modules' gate gradients, and first-order scores are an increasing affine map of those."""
+    out: dict[str, float] = {}
+    for name, value in scores.items():
+        block = layer_of(name, "block")
+        out[block] = out.get(block, 0.0) + (value * value if estimator == "update-norm" else value)
+    return out
+
+
 def agreement(a: dict[str, float], b: dict[str, float]) -> dict:
-    """Top-k Jaccard at each fraction and Spearman of two score dicts over their common layers."""
+    """Top-k Jaccard at each fraction and Spearman of two score dicts over their common layers; with several module
+    types of >= 3 layers each, also the mean over types of the Spearman within a type (the ranking of positions,
+    without what the type alone decides)."""
     names = [n for n in a if n in b]
     out = {"spearman": spearman([a[n] for n in names], [b[n] for n in names])}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(module_type(name), []).append(name)
+    if len(groups) > 1 and min(map(len, groups.values())) >= 3:
+        within = [spearman([a[n] for n in g], [b[n] for n in g]) for g in groups.values()]
+        out["spearman_within_type"] = statistics.mean(within)
     for f in FRACTIONS:
-        k = max(1, math.floor(f * len(names) + 0.5))
-        top = [set(sorted(names, key=lambda n, s=s: (-s[n], names.index(n)))[:k]) for s in (a, b)]
-        out[f"jaccard@{f:g}"] = jaccard(*top)
+        out[f"jaccard@{f:g}"] = jaccard(*(set(top_set({n: s[n] for n in names}, f)) for s in (a, b)))
     return out
 
 
@@ -308,7 +358,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {"machine": machine(), "preset": args.preset, "rows": [], "cross": [], "random": {}, "missing": []}
     reference = study.reference(primary)
     for steps in sorted(args.lengths or study.p["stage1"], reverse=True):  # the longest run gives the shorter ones
-        for name in [e for e in ("update-norm", *ESTIMATORS) if e in args.estimators]:
+        for name in [e for e in (*NO_STAGE2, *ESTIMATORS) if e in args.estimators]:
             try:
                 results["rows"].append(seed_row(study, primary, steps, name, reference))
             except Missing as cell:
@@ -317,13 +367,64 @@ def run(args: argparse.Namespace) -> dict:
         results["rows"].append(gradnorm_row(study, primary, reference))
     except Missing as cell:
         results["missing"].append(f"gradient norm ({cell})")
-    results["cross"] = cross_rows(study, datasets, results["missing"])
-    n = len(study.stage1(primary, study.p["lengths_for_datasets"], 0, 0)["scores"])
+    results["cross"] = cross_rows(
+        study, datasets, [e for e in args.estimators if e in ESTIMATORS or e == "update-norm"], results["missing"]
+    )
+    names = list(study.stage1(primary, study.p["lengths_for_datasets"], 0, 0)["scores"])
+    n, blocks = len(names), len({layer_of(name, "block") for name in names})
     results["random"] = {
-        f"jaccard@{f:g}": expected_random_jaccard(n, max(1, math.floor(f * n + 0.5))) for f in FRACTIONS
+        f"jaccard@{f:g}": expected_random_jaccard(n, len(top_set(dict.fromkeys(names, 0), f))) for f in FRACTIONS
     }
-    results.update(candidates=n, reference=reference)
+    results["random_blocks"] = expected_random_jaccard(blocks, max(1, math.floor(0.25 * blocks + 0.5)))
+    longest = max(args.lengths or study.p["stage1"])
+    try:
+        results["trajectory"] = trajectory({seeds: study.stage1(primary, longest, *seeds) for seeds in SEEDS})
+    except Missing as cell:
+        results["trajectory"] = None
+        results["missing"].append(f"stage-1 trajectories at {longest} steps ({cell})")
+    results.update(candidates=n, blocks=blocks, reference=reference)
     return results
+
+
+MASK_RULES = [(32, 0.8), (32, 0.9), (64, 0.9)]  # (window in steps, top-25% Jaccard with the set a window before)
+
+
+def trajectory(runs: dict[tuple[int, int], dict]) -> dict | None:
+    """Update-norm agreement between seeds at every recorded stage-1 step of the longest runs, and where a stop rule
+    on the mask would have ended each run: at the first check whose top-25% set overlaps the one `window` steps
+    before by at least the rule's Jaccard. None without recorded trajectories."""
+    if any("trajectory" not in run for run in runs.values()):
+        return None
+    names, every = list(runs[(0, 0)]["scores"]), runs[(0, 0)]["trajectory"]["every"]
+    series = {
+        seeds: [dict(zip(names, norms, strict=True)) for norms in run["trajectory"]["norms"]]
+        for seeds, run in runs.items()
+    }
+    points = []
+    for i in range(len(series[(0, 0)])):
+        point = {"step": (i + 1) * every}
+        point.update({source: agreement(series[x][i], series[y][i]) for source, (x, y) in SOURCES.items()})
+        points.append(point)
+    rules = []
+    for window, threshold in MASK_RULES:
+        stops = {seeds: _stop(scores, window // every, threshold) for seeds, scores in series.items()}
+        rule = {
+            "window": window,
+            "jaccard": threshold,
+            "stops": {f"{i}/{o}": (s + 1) * every for (i, o), s in stops.items()},
+        }
+        for source, (x, y) in SOURCES.items():
+            rule[source] = agreement(series[x][stops[x]], series[y][stops[y]])
+        rules.append(rule)
+    return {"every": every, "points": points, "rules": rules}
+
+
+def _stop(scores: list[dict[str, float]], back: int, threshold: float) -> int:
+    """Index of the first check whose top-25% overlaps the one `back` checks before by >= threshold (else the last)."""
+    for i in range(back, len(scores)):
+        if jaccard(set(top_set(scores[i], 0.25)), set(top_set(scores[i - back], 0.25))) >= threshold:
+            return i
+    return len(scores) - 1
 
 
 def seed_row(study: Study, dataset: str, steps: int, name: str, reference: dict) -> dict:
@@ -331,14 +432,20 @@ def seed_row(study: Study, dataset: str, steps: int, name: str, reference: dict)
     stage1 = {seeds: study.stage1(dataset, steps, *seeds) for seeds in SEEDS}
     if name == "update-norm":
         cells = dict(stage1)
+    elif name == RELATIVE:
+        cells = {seeds: study.relative(cell) for seeds, cell in stage1.items()}
     else:
         cells = {seeds: study.score(cell, name) for seeds, cell in stage1.items()}
         cells["stage2"] = study.score(stage1[(0, 0)], name, stage2_seed=1)
-    row = {"estimator": name, "stage1_steps": steps, "stage2_steps": 0 if name == "update-norm" else study.p["stage2"]}
+    row = {"estimator": name, "stage1_steps": steps, "stage2_steps": 0 if name in NO_STAGE2 else study.p["stage2"]}
     sources = dict(SOURCES, **({"stage2": ((0, 0), "stage2")} if "stage2" in cells else {}))
     for source, (x, y) in sources.items():
         row[source] = agreement(cells[x]["scores"], cells[y]["scores"])
-    seconds = stage1[(0, 0)]["seconds"] + (0 if name == "update-norm" else cells[(0, 0)]["seconds"])
+        if name in ("update-norm", "first-order"):
+            blocks = (block_scores(cells[z]["scores"], name) for z in (x, y))
+            row.setdefault("blocks", {})[source] = agreement(*blocks)
+    row["top_types"] = dict(collections.Counter(map(module_type, top_set(cells[(0, 0)]["scores"], 0.25))))
+    seconds = stage1[(0, 0)]["seconds"] + (0 if name in NO_STAGE2 else cells[(0, 0)]["seconds"])
     row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"])
     row["cost_steps"] = (steps + row["stage2_steps"]) / (EPOCHS * reference["epoch_steps"])
     return row
@@ -357,10 +464,10 @@ def gradnorm_row(study: Study, dataset: str, reference: dict) -> dict:
     }
 
 
-def cross_rows(study: Study, datasets: list[str], missing: list[str]) -> list[dict]:
+def cross_rows(study: Study, datasets: list[str], estimators: list[str], missing: list[str]) -> list[dict]:
     """Each estimator's agreement between every two datasets (seed 0, the preset's stage-1 length)."""
     steps, rows = study.p["lengths_for_datasets"], []
-    for name in ("update-norm", *ESTIMATORS):
+    for name in estimators:
         per = {}
         for d in datasets:
             try:
@@ -374,41 +481,128 @@ def cross_rows(study: Study, datasets: list[str], missing: list[str]) -> list[di
     return rows
 
 
+def _f(d: dict, k: str) -> str:
+    return f"{d[k]:.2f}" if k in d else "–"
+
+
 def page(results: dict, args: argparse.Namespace) -> str:
     """The Markdown page of a study."""
     ref, rnd = results["reference"], results["random"]
+    where = (args.cells / args.preset).relative_to(ROOT) if args.cells.is_relative_to(ROOT) else args.cells
     lines = [
         "# Stability of the layer ranking",
         "",
         f"Written by `python benchmarks/stability.py --preset {results['preset']}` (`make bench-stability`) from the "
-        f"cells in `{(args.cells / args.preset).relative_to(ROOT) if args.cells.is_relative_to(ROOT) else args.cells}`"
-        f"; {results['candidates']} candidate layers; {results['machine']['cpu_count']} CPU cores, torch "
-        f"{results['machine']['torch']}. Cost is identification's optimizer steps (stage 1 + stage 2), or its seconds, "
-        f"over those of a {EPOCHS}-epoch LoRA-all fine-tune of the same data ({ref['epoch_steps']} steps/epoch, "
-        f"{ref['step_seconds']:.2f} s/step). Seconds were measured on a shared machine; steps are the steadier unit.",
+        f"cells in `{where}`; {results['candidates']} candidate layers; {results['machine']['cpu_count']} CPU cores, "
+        f"torch {results['machine']['torch']}. Cost is identification's optimizer steps (stage 1 + stage 2), or its "
+        f"seconds, over those of a {EPOCHS}-epoch LoRA-all fine-tune of the same data ({ref['epoch_steps']} "
+        f"steps/epoch, {ref['step_seconds']:.2f} s/step). Seconds were measured on a shared machine; steps are the "
+        "steadier unit.",
         "",
         "Two runs that differ in one source of noise only: `init` (the stage-1 adapter initialisation seed), `order` "
         "(the data order), `stage2` (the estimator's stage alone, on the same stage-1 adapters). Jaccard of the top-k "
         f"sets; two random sets overlap {rnd['jaccard@0.25']:.2f} at 25% (5%: {rnd['jaccard@0.05']:.2f}, 10%: "
-        f"{rnd['jaccard@0.1']:.2f}, 50%: {rnd['jaccard@0.5']:.2f}).",
+        f"{rnd['jaccard@0.1']:.2f}, 50%: {rnd['jaccard@0.5']:.2f}). *Within type*: the mean over module types "
+        "(q_proj, ..., down_proj) of the Spearman correlation inside the type, i.e. how reproducible the ranking of "
+        "positions is once the type is fixed.",
         "",
         "| estimator | stage-1 steps | stage-2 steps | cost (steps) | cost (seconds) | J@25% init | J@25% order "
-        "| J@25% stage2 | Spearman init | Spearman order | J@5/10/50% init |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| J@25% stage2 | Spearman init | Spearman order | within type init | within type order | J@5/10/50% init |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
-        init, order = row.get("init", row.get("seed")), row.get("order", {})
-        stage2 = row.get("stage2", {})
-        cell = lambda d, k: f"{d[k]:.2f}" if k in d else "–"  # noqa: E731
-        small = "/".join(cell(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
+        init, order, stage2 = row.get("init", row.get("seed")), row.get("order", {}), row.get("stage2", {})
+        small = "/".join(_f(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
         lines.append(
             f"| {row['estimator']} | {row['stage1_steps']} | {row['stage2_steps']} | {row['cost_steps']:.3f}x | "
-            f"{row['cost']:.3f}x | "
-            f"{cell(init, 'jaccard@0.25')} | {cell(order, 'jaccard@0.25')} | {cell(stage2, 'jaccard@0.25')} | "
-            f"{cell(init, 'spearman')} | {cell(order, 'spearman')} | {small} |"
+            f"{row['cost']:.3f}x | {_f(init, 'jaccard@0.25')} | {_f(order, 'jaccard@0.25')} | "
+            f"{_f(stage2, 'jaccard@0.25')} | {_f(init, 'spearman')} | {_f(order, 'spearman')} | "
+            f"{_f(init, 'spearman_within_type')} | {_f(order, 'spearman_within_type')} | {small} |"
         )
     lines += ["", "The gradient-norm row compares two seeds that differ in both initialisation and data order.", ""]
-    lines += ["## Across datasets, against the seed-to-seed floor", ""]
+    lines += [*_types(results), *_blocks(results), *_lengths(results), *_cross(results)]
+    if results["missing"]:
+        lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-stability` continues the grid):", ""]
+        lines += [f"- {entry}" for entry in results["missing"]]
+    lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
+    return "\n".join(lines)
+
+
+def _types(results: dict) -> list[str]:
+    """What each estimator's top 25% is made of, by module type (the reference run)."""
+    types = sorted({t for row in results["rows"] for t in row.get("top_types", {})})
+    lines = ["## What the top 25% is made of", "", "Layers of each module type in the top 25% of the reference run "]
+    lines[-1] += "(seeds 0/0). A top set filled by one or two types agrees between runs whatever the positions do."
+    lines += ["", "| estimator | stage-1 steps | " + " | ".join(types) + " |", "|---|---:|" + "---:|" * len(types)]
+    for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
+        if "top_types" in row:
+            counts = " | ".join(str(row["top_types"].get(t, 0)) for t in types)
+            lines.append(f"| {row['estimator']} | {row['stage1_steps']} | {counts} |")
+    return [*lines, ""]
+
+
+def _blocks(results: dict) -> list[str]:
+    """Seed agreement at block granularity (derived exactly from the module scores, see `block_scores`)."""
+    k = max(1, math.floor(0.25 * results["blocks"] + 0.5))
+    lines = ["## Block granularity", ""]
+    lines += [
+        f"One score per transformer block ({results['blocks']} blocks; top 25% = {k} blocks; two random sets overlap "
+        f'{results["random_blocks"]:.2f}), as `granularity="block"` ranks them, derived from the module scores.',
+        "",
+        "| estimator | stage-1 steps | J@25% init | J@25% order | J@25% stage2 | Spearman init | Spearman order |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
+        if "blocks" in row:
+            b = row["blocks"]
+            lines.append(
+                f"| {row['estimator']} | {row['stage1_steps']} | {_f(b['init'], 'jaccard@0.25')} | "
+                f"{_f(b['order'], 'jaccard@0.25')} | {_f(b.get('stage2', {}), 'jaccard@0.25')} | "
+                f"{_f(b['init'], 'spearman')} | {_f(b['order'], 'spearman')} |"
+            )
+    return [*lines, ""]
+
+
+def _lengths(results: dict) -> list[str]:
+    """Update-norm agreement along stage 1, and stop rules on the mask."""
+    run = results.get("trajectory")
+    if not run:
+        return ["## Stage-1 length", "", "(no stage-1 trajectories among the cells yet)", ""]
+    lines = ["## Stage-1 length, and a stop rule on the mask", ""]
+    lines += [
+        f"Update-norm scores recorded every {run['every']} steps along the longest stage-1 runs (a shorter run is a "
+        "prefix of a longer one: constant learning rate, same data order).",
+        "",
+        "| stage-1 steps | J@25% init | J@25% order | Spearman init | Spearman order | within type init "
+        "| within type order |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for point in run["points"]:
+        if point["step"] % 32 == 0 or point["step"] == 16:
+            i, o = point["init"], point["order"]
+            lines.append(
+                f"| {point['step']} | {_f(i, 'jaccard@0.25')} | {_f(o, 'jaccard@0.25')} | {_f(i, 'spearman')} | "
+                f"{_f(o, 'spearman')} | {_f(i, 'spearman_within_type')} | {_f(o, 'spearman_within_type')} |"
+            )
+    lines += [
+        "",
+        "A stop rule on the mask ends stage 1 at the first check whose top-25% set overlaps the set `window` steps "
+        "before by at least `J`; each run stops on its own, and the runs are compared where they stopped.",
+        "",
+        "| window | J | stop steps (init/order 0/0, 1/0, 0/1) | J@25% init | J@25% order | Spearman init |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for rule in run["rules"]:
+        stops = ", ".join(str(v) for v in rule["stops"].values())
+        lines.append(
+            f"| {rule['window']} | {rule['jaccard']} | {stops} | {_f(rule['init'], 'jaccard@0.25')} | "
+            f"{_f(rule['order'], 'jaccard@0.25')} | {_f(rule['init'], 'spearman')} |"
+        )
+    return [*lines, ""]
+
+
+def _cross(results: dict) -> list[str]:
+    lines = ["## Across datasets, against the seed-to-seed floor", ""]
     lines += ["| estimator | stage-1 steps | datasets | J@25% | Spearman | J@25% between seeds (same data) |"]
     lines += ["|---|---:|---|---:|---:|---:|"]
     for cross in results["cross"]:
@@ -422,11 +616,7 @@ def page(results: dict, args: argparse.Namespace) -> str:
         )
     if not results["cross"]:
         lines.append("| (no cross-dataset cells in this run: LIMA and Dolly come from ../shared) | | | | | |")
-    if results["missing"]:
-        lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-stability` continues the grid):", ""]
-        lines += [f"- {entry}" for entry in results["missing"]]
-    lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def frontier(path: Path, results: dict) -> None:
@@ -469,7 +659,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--estimators",
         type=lambda t: t.split(","),
-        default=["update-norm", *ESTIMATORS],
+        default=[*NO_STAGE2, *ESTIMATORS],
         help="comma-separated estimators of the seed rows (default: all)",
     )
     parser.add_argument(

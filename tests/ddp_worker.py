@@ -4,8 +4,9 @@
 
 Each rank identifies on its own shard of the data and fine-tunes a few steps, then writes OUT_DIR/rank<r>.json
 (its selection and a fingerprint of its adapter weights); rank 0 also saves the adapter and the logits it gives on
-fixed inputs (safetensors), for the test to reload and compare. In "function" mode each rank also reports whether an
-interrupted and resumed identification ended as the uninterrupted one (OUT_DIR/resumed<r>.txt).
+fixed inputs (safetensors), for the test to reload and compare. In "function" mode each rank also reports, for
+every estimator, whether an interrupted and resumed identification ended as the uninterrupted one
+(OUT_DIR/resumed<r>.json).
 """
 
 from __future__ import annotations
@@ -25,21 +26,28 @@ from transformers import Trainer, default_data_collator
 from conftest import interrupt_at_forward, lm_batches, lm_dataset, tiny_llama, trainer_args, without_seconds
 from peft_ila import ILACallback, ILAConfig, identify_important_layers
 from peft_ila.identification.distributed import agree_on, rank, world_size
+from peft_ila.identification.estimators import ESTIMATORS
 from peft_ila.identification.training import cycle, train_steps
 
 CONFIG = dict(r=2, top_k=6, stage1_max_steps=12, stability_window=3, stage2_steps=8, gate_lr=0.2, seed=3)
+CONFIG_ESTIMATOR = "gates"
 
 
 def run_function(out: Path) -> tuple[torch.nn.Module, list[str]]:
     accelerator = Accelerator(cpu=True)
-    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG, estimator=CONFIG_ESTIMATOR))
     shard = lm_batches(8, seed=1)[rank() :: world_size()]
     result = identify_important_layers(model, shard, progress=False, accelerator=accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     train_steps(model, cycle(shard), torch.optim.AdamW(params, lr=1e-2), 3, accelerator, progress=False)
-    resumed = interrupted_and_resumed(shard, out / "checkpoint.safetensors")
-    same = without_seconds(resumed) == without_seconds(result)
-    (out / f"resumed{rank()}.txt").write_text("same as uninterrupted" if same else "differs")
+    verdicts = {}
+    for estimator in ESTIMATORS:  # every estimator resumes to its uninterrupted result under two processes
+        whole = result if estimator == CONFIG_ESTIMATOR else identify(shard, estimator)
+        resumed = interrupted_and_resumed(shard, out / f"checkpoint-{estimator}.safetensors", estimator)
+        verdicts[estimator] = (
+            "same as uninterrupted" if without_seconds(resumed) == without_seconds(whole) else "differs"
+        )
+    (out / f"resumed{rank()}.json").write_text(json.dumps(verdicts))
     try:  # a rank that selected other layers is an error on every rank
         agree_on(["a", "b"][:: 1 if rank() == 0 else -1], {}, 1)
         (out / f"mismatch{rank()}.txt").write_text("no error")
@@ -48,20 +56,26 @@ def run_function(out: Path) -> tuple[torch.nn.Module, list[str]]:
     return model, result.selected
 
 
-def interrupted_and_resumed(shard: list, checkpoint: Path):
-    """Identification stopped (on every rank) in stage 1's fifth step, then resumed from its checkpoint."""
-    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
-    hook = interrupt_at_forward(model, 5)
+def identify(shard: list, estimator: str):
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG, estimator=estimator))
+    return identify_important_layers(model, shard, progress=False, accelerator=Accelerator(cpu=True))
+
+
+def interrupted_and_resumed(shard: list, checkpoint: Path, estimator: str):
+    """Identification stopped (on every rank) at the 15th forward pass (stage 2 for an estimator with a stage, else
+    stage 1), then resumed from its checkpoint."""
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG, estimator=estimator))
+    hook = interrupt_at_forward(model, 15 if ESTIMATORS[estimator](model.peft_config["default"]).steps() else 5)
     kwargs = dict(progress=False, accelerator=Accelerator(cpu=True), checkpoint=checkpoint, checkpoint_every=2)
     with contextlib.suppress(KeyboardInterrupt):
         identify_important_layers(model, shard, **kwargs)
     hook.remove()
-    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG, estimator=estimator))
     return identify_important_layers(model, shard, resume=True, **kwargs)
 
 
 def run_callback(out: Path) -> tuple[torch.nn.Module, list[str]]:
-    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG, estimator=CONFIG_ESTIMATOR))
     args = trainer_args(out / "trainer", max_steps=3)
     trainer = Trainer(model, args, train_dataset=lm_dataset(8), data_collator=default_data_collator)
     callback = ILACallback(trainer)

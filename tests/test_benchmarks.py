@@ -146,7 +146,11 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
         args += ["--data", f"{name}={tmp_path / (name + '.json')}"]
     results = stability.main(args)
     estimators = {row["estimator"] for row in results["rows"]}
-    assert estimators == {"update-norm", *stability.ESTIMATORS, "gradient norm (fresh adapters)"}
+    assert estimators == {*stability.NO_STAGE2, *stability.ESTIMATORS, "gradient norm (fresh adapters)"}
+    norms = next(r for r in results["rows"] if r["estimator"] == "update-norm" and r["stage1_steps"] == 4)
+    assert set(norms["blocks"]) == {"init", "order"} and sum(norms["top_types"].values()) >= 1
+    steps = [point["step"] for point in results["trajectory"]["points"]]
+    assert steps == [1, 2, 3, 4] and len(results["trajectory"]["rules"]) == len(stability.MASK_RULES)
     gates = next(r for r in results["rows"] if r["estimator"] == "gates")
     assert set(gates) >= {"init", "order", "stage2", "cost"} and 0 <= gates["init"]["jaccard@0.25"] <= 1
     assert {(c["a"], c["b"]) for c in results["cross"]} == {("alpaca", "lima"), ("alpaca", "dolly"), ("lima", "dolly")}

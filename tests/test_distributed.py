@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import alpaca_rows, tiny_llama, tiny_lm_dir
 from peft_ila.app.cli import main
+from peft_ila.identification.estimators import ESTIMATORS
 
 TESTS = Path(__file__).parent
 
@@ -49,7 +50,8 @@ def test_two_ranks_select_the_same_layers_and_the_adapter_reloads(tmp_path, mode
     reload_reproduces_logits(tmp_path, ranks_agree(tmp_path))
     if mode == "function":  # rank 1 claiming other layers than rank 0 is an error on both ranks
         for r in (0, 1):
-            assert (tmp_path / f"resumed{r}.txt").read_text() == "same as uninterrupted"
+            verdicts = json.loads((tmp_path / f"resumed{r}.json").read_text())
+            assert verdicts == dict.fromkeys(ESTIMATORS, "same as uninterrupted")
             message = (tmp_path / f"mismatch{r}.txt").read_text()
             assert "ILA ranks disagree on the selected layers: rank(s) [1]" in message
 

@@ -39,9 +39,10 @@ def teacher_data(student, planted, n=1024, batch=32, seed=0):
     ]
 
 
-def test_the_first_order_estimator_finds_the_planted_layers_without_training_gates():
-    student = tiny_llama(seed=0)
-    batches = teacher_data(student, PLANTED, seed=0)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_first_order_estimator_finds_the_planted_layers_without_training_gates(seed):
+    student = tiny_llama(seed=seed)
+    batches = teacher_data(student, PLANTED, seed=seed)
     config = ILAConfig(
         r=4,
         top_k=2,
@@ -68,7 +69,8 @@ def test_the_update_norm_estimator_scores_norms_and_has_no_second_stage():
 def test_known_answer_planted_layers_rank_on_top(seed):
     student = tiny_llama(seed=seed)
     batches = teacher_data(student, PLANTED, seed=seed)
-    config = ILAConfig(r=4, top_k=2, stage1_lr=0.01, stage1_max_steps=200, stability_epsilon=1e-3, stage2_steps=100)
+    budget = dict(stage1_lr=0.01, stage1_max_steps=200, stability_epsilon=1e-3, stage2_steps=100)
+    config = ILAConfig(r=4, top_k=2, **budget, estimator="gates")
     model = get_peft_model(student, config)
     result = identify_important_layers(model, batches, progress=False)
     assert set(result.ranking[:2]) == set(PLANTED), result.ranking[:5]
