@@ -51,7 +51,7 @@ from peft_ila.app.files import write_json  # noqa: E402
 from peft_ila.app.pipeline import Prepared, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
 from peft_ila.identification.importance import Identification  # noqa: E402
-from peft_ila.identification.training import StepStats, cycle, train_steps  # noqa: E402
+from peft_ila.identification.training import StabilityTest, StepStats, cycle, train_steps  # noqa: E402
 from peft_ila.tuner.selection import as_float32, layer_of  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
@@ -387,6 +387,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 MASK_RULES = [(32, 0.8), (32, 0.9), (64, 0.9)]  # (window in steps, top-25% Jaccard with the set a window before)
+PAPER_LOSS_RULE = (
+    0.01,
+    20,
+)  # the paper's epsilon-stability on the loss: (epsilon, window), ILAConfig's defaults before
 
 
 def trajectory(runs: dict[tuple[int, int], dict]) -> dict | None:
@@ -416,7 +420,24 @@ def trajectory(runs: dict[tuple[int, int], dict]) -> dict | None:
         for source, (x, y) in SOURCES.items():
             rule[source] = agreement(series[x][stops[x]], series[y][stops[y]])
         rules.append(rule)
-    return {"every": every, "points": points, "rules": rules}
+    stops = {seeds: _loss_stop(run["losses"], *PAPER_LOSS_RULE) for seeds, run in runs.items()}
+    at = {seeds: min(math.ceil(stop / every), len(series[seeds])) - 1 for seeds, stop in stops.items()}
+    rules.append(
+        {
+            "loss_rule": list(PAPER_LOSS_RULE),
+            "stops": {f"{i}/{o}": stop for (i, o), stop in stops.items()},
+            **{source: agreement(series[x][at[x]], series[y][at[y]]) for source, (x, y) in SOURCES.items()},
+        }
+    )
+    quarter = len(series[(0, 0)]) // 4 - 1  # the check at a quarter of the run
+    early = {f"{i}/{o}": jaccard(*(set(top_set(x[j], 0.25)) for j in (quarter, -1))) for (i, o), x in series.items()}
+    return {"every": every, "points": points, "rules": rules, "early": early, "early_step": (quarter + 1) * every}
+
+
+def _loss_stop(losses: list[float], epsilon: float, window: int) -> int:
+    """The step at which the paper's loss test (`StabilityTest`) would have ended stage 1 (else the last step)."""
+    test = StabilityTest(epsilon, window)
+    return next((step for step, loss in enumerate(losses, 1) if test.update(loss)), len(losses))
 
 
 def _stop(scores: list[dict[str, float]], back: int, threshold: float) -> int:
@@ -453,11 +474,14 @@ def seed_row(study: Study, dataset: str, steps: int, name: str, reference: dict)
 
 def gradnorm_row(study: Study, dataset: str, reference: dict) -> dict:
     grad = [study.gradnorm(dataset, seed) for seed in (0, 1)]
+    blocks = [block_scores(g["scores"], "update-norm") for g in grad]  # a block's gradient norm: root of summed squares
     return {
         "estimator": "gradient norm (fresh adapters)",
         "stage1_steps": study.p["gradnorm"],
         "stage2_steps": 0,
         "seed": agreement(grad[0]["scores"], grad[1]["scores"]),
+        "blocks": {"seed": agreement(*blocks)},
+        "top_types": dict(collections.Counter(map(module_type, top_set(grad[0]["scores"], 0.25)))),
         "seconds": grad[0]["seconds"],
         "cost": grad[0]["seconds"] / reference["fine_tune_seconds"],
         "cost_steps": study.p["gradnorm"] / (EPOCHS * reference["epoch_steps"]),
@@ -520,12 +544,106 @@ def page(results: dict, args: argparse.Namespace) -> str:
             f"{_f(init, 'spearman_within_type')} | {_f(order, 'spearman_within_type')} | {small} |"
         )
     lines += ["", "The gradient-norm row compares two seeds that differ in both initialisation and data order.", ""]
+    lines += ["## Findings", "", *findings(results), ""]
     lines += [*_types(results), *_blocks(results), *_lengths(results), *_cross(results)]
     if results["missing"]:
         lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-stability` continues the grid):", ""]
         lines += [f"- {entry}" for entry in results["missing"]]
     lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
     return "\n".join(lines)
+
+
+GOAL = dict(jaccard=0.80, spearman=0.8, cost=0.25)  # issue 13: seed-to-seed top-25% overlap and rank correlation
+
+
+def _row(results: dict, estimator: str, stage1: int, stage2: int | None = None) -> dict | None:
+    rows = [r for r in results["rows"] if r["estimator"] == estimator and r["stage1_steps"] == stage1]
+    return next((r for r in rows if stage2 is None or r["stage2_steps"] == stage2), None)
+
+
+def _worst(row: dict, key: str = "jaccard@0.25") -> float:
+    """The lower of the init and order agreements (or the seed one)."""
+    return min(row[s][key] for s in ("init", "order", "seed") if s in row and key in row[s])
+
+
+def findings(results: dict) -> list[str]:
+    """The study's answers, one numbered line each (the README quotes them), from whatever cells exist."""
+    lines, defaults = [], ILAConfig()
+    default = _row(results, defaults.estimator, defaults.stage1_max_steps, defaults.stage2_steps)
+    if default:
+        met = (
+            _worst(default) >= GOAL["jaccard"]
+            and _worst(default, "spearman") >= GOAL["spearman"]
+            and default["cost_steps"] <= GOAL["cost"]
+        )
+        noise = {s: default[s]["jaccard@0.25"] for s in ("init", "order", "stage2") if s in default}
+        lines.append(
+            f"**Reruns with the defaults** (`{defaults.estimator}`, {defaults.stage1_max_steps} + "
+            f"{defaults.stage2_steps} steps, {default['cost_steps']:.2f}x the steps of a 3-epoch LoRA-all fine-tune) — "
+            f"top-25% Jaccard {default['init']['jaccard@0.25']:.2f} (init) / {default['order']['jaccard@0.25']:.2f} "
+            f"(order), Spearman {default['init']['spearman']:.2f} / {default['order']['spearman']:.2f}: the goal "
+            f"(>= {GOAL['jaccard']:.2f} and >= {GOAL['spearman']} at <= {GOAL['cost']}x) is "
+            f"{'met' if met else 'not met'}. The largest noise source is {min(noise, key=noise.get)} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in noise.items())})."
+        )
+    cheap = [r for r in results["rows"] if r["cost_steps"] <= GOAL["cost"] and "top_types" in r]
+    if cheap:
+        best = max(cheap, key=_worst)
+        typed = [r for r in cheap if "spearman_within_type" in r.get("init", r.get("seed", {}))]
+        two = sum(sorted(best["top_types"].values())[-2:])
+        line = (
+            f"**Most reproducible top 25% within {GOAL['cost']}x** — {best['estimator']} at {best['stage1_steps']} "
+            f"stage-1 steps, Jaccard {_worst(best):.2f} (worse of init and order); {two} of its "
+            f"{sum(best['top_types'].values())} layers are of two module types."
+        )
+        if typed:
+            within = max(typed, key=lambda r: _worst(r, "spearman_within_type"))
+            line += (
+                f" The most reproducible ranking of positions within a module type is {within['estimator']}'s "
+                f"(Spearman {_worst(within, 'spearman_within_type'):.2f})."
+            )
+        lines.append(line)
+    block = default and default.get("blocks")
+    if block:
+        lines.append(
+            f"**Block granularity** (`{defaults.estimator}`) — top-25% Jaccard {block['init']['jaccard@0.25']:.2f} "
+            f"(init) / {block['order']['jaccard@0.25']:.2f} (order) over {results['blocks']} blocks (random sets: "
+            f"{results['random_blocks']:.2f}), Spearman {block['init']['spearman']:.2f} / "
+            f"{block['order']['spearman']:.2f}."
+        )
+    lines += _cross_finding(results, defaults.estimator)
+    run = results.get("trajectory")
+    if run:
+        early = statistics.mean(run["early"].values())
+        verdict = "holds" if early >= 0.8 else "partly holds" if early >= 0.5 else "does not hold"
+        lines.append(
+            f"**Important layers are found early in stage 1** (`update-norm`) — {verdict}: top-25% Jaccard "
+            f"{early:.2f} between step {run['early_step']} and step {run['points'][-1]['step']} of the same run (mean "
+            "over 3 runs). Rule: >= 0.80 holds, >= 0.50 partly."
+        )
+        loss = next(r for r in run["rules"] if "loss_rule" in r)
+        lines.append(
+            f"**The paper's stop rule on the loss** (ε = {loss['loss_rule'][0]}, window {loss['loss_rule'][1]}) — "
+            f"ends the three alpaca runs at steps {', '.join(map(str, loss['stops'].values()))}; where they stop, "
+            f"`update-norm` top-25% Jaccard {loss['init']['jaccard@0.25']:.2f} (init) / "
+            f"{loss['order']['jaccard@0.25']:.2f} (order)."
+        )
+    return [f"{i}. {line}" for i, line in enumerate(lines, 1)]
+
+
+def _cross_finding(results: dict, estimator: str) -> list[str]:
+    crosses = [c for c in results["cross"] if c["estimator"] == estimator]
+    same = _row(results, estimator, crosses[0]["stage1_steps"]) if crosses else None
+    if not same or len(crosses) < 3:
+        return []
+    cross = statistics.mean(c["jaccard@0.25"] for c in crosses)
+    floor = statistics.mean([same["init"]["jaccard@0.25"], same["order"]["jaccard@0.25"]])
+    verdict = "holds" if cross >= 0.8 else "partly holds" if cross >= 0.5 else "does not hold"
+    return [
+        f"**Important layers overlap about 90% across alignment datasets** (`{estimator}`) — {verdict}: mean top-25% "
+        f"Jaccard across alpaca, LIMA and Dolly {cross:.2f}, against {floor:.2f} between two runs on the same data "
+        f"(ratio {cross / floor:.2f}). Rule: >= 0.80 holds, >= 0.50 partly."
+    ]
 
 
 def _types(results: dict) -> list[str]:
@@ -555,10 +673,11 @@ def _blocks(results: dict) -> list[str]:
     for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
         if "blocks" in row:
             b = row["blocks"]
+            init, order = b.get("init", b.get("seed")), b.get("order", {})
             lines.append(
-                f"| {row['estimator']} | {row['stage1_steps']} | {_f(b['init'], 'jaccard@0.25')} | "
-                f"{_f(b['order'], 'jaccard@0.25')} | {_f(b.get('stage2', {}), 'jaccard@0.25')} | "
-                f"{_f(b['init'], 'spearman')} | {_f(b['order'], 'spearman')} |"
+                f"| {row['estimator']} | {row['stage1_steps']} | {_f(init, 'jaccard@0.25')} | "
+                f"{_f(order, 'jaccard@0.25')} | {_f(b.get('stage2', {}), 'jaccard@0.25')} | "
+                f"{_f(init, 'spearman')} | {_f(order, 'spearman')} |"
             )
     return [*lines, ""]
 
@@ -587,15 +706,21 @@ def _lengths(results: dict) -> list[str]:
     lines += [
         "",
         "A stop rule on the mask ends stage 1 at the first check whose top-25% set overlaps the set `window` steps "
-        "before by at least `J`; each run stops on its own, and the runs are compared where they stopped.",
+        "before by at least `J`; each run stops on its own, and the runs are compared where they stopped. The last "
+        "row is the paper's test on the loss (the mean loss of the last 20 steps within ε of the 20 before), "
+        "compared at the first recorded check at or after its stop.",
         "",
         "| window | J | stop steps (init/order 0/0, 1/0, 0/1) | J@25% init | J@25% order | Spearman init |",
         "|---:|---:|---|---:|---:|---:|",
     ]
     for rule in run["rules"]:
         stops = ", ".join(str(v) for v in rule["stops"].values())
+        if "loss_rule" in rule:  # compared at the first recorded check at or after the stop
+            window, threshold = f"loss test: {rule['loss_rule'][1]}", f"ε = {rule['loss_rule'][0]}"
+        else:
+            window, threshold = rule["window"], rule["jaccard"]
         lines.append(
-            f"| {rule['window']} | {rule['jaccard']} | {stops} | {_f(rule['init'], 'jaccard@0.25')} | "
+            f"| {window} | {threshold} | {stops} | {_f(rule['init'], 'jaccard@0.25')} | "
             f"{_f(rule['order'], 'jaccard@0.25')} | {_f(rule['init'], 'spearman')} |"
         )
     return [*lines, ""]

@@ -150,7 +150,9 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
     norms = next(r for r in results["rows"] if r["estimator"] == "update-norm" and r["stage1_steps"] == 4)
     assert set(norms["blocks"]) == {"init", "order"} and sum(norms["top_types"].values()) >= 1
     steps = [point["step"] for point in results["trajectory"]["points"]]
-    assert steps == [1, 2, 3, 4] and len(results["trajectory"]["rules"]) == len(stability.MASK_RULES)
+    assert (
+        steps == [1, 2, 3, 4] and len(results["trajectory"]["rules"]) == len(stability.MASK_RULES) + 1
+    )  # + the loss test
     gates = next(r for r in results["rows"] if r["estimator"] == "gates")
     assert set(gates) >= {"init", "order", "stage2", "cost"} and 0 <= gates["init"]["jaccard@0.25"] <= 1
     assert {(c["a"], c["b"]) for c in results["cross"]} == {("alpaca", "lima"), ("alpaca", "dolly"), ("lima", "dolly")}

@@ -1,9 +1,9 @@
 """The ILA recipe: which layers does alignment need to change?
 
-Stage 1 trains adapters on every candidate layer until the loss is epsilon-stable (or a step cap). Then an importance
-estimator (`estimators.py`; by default the paper's stage 2, which freezes those updates dW_i and learns one gate
-g_i = sigmoid(s_i) per layer, minimising the task loss of W_i + g_i * dW_i plus `sparsity_weight * mean(g)`) scores
-every layer. Layers are ranked by score (ties: larger ||dW_i||); the top-k keep adapters.
+Stage 1 trains adapters on every candidate layer for `stage1_max_steps` steps (or until the loss is epsilon-stable, if
+that test is on). Then an importance estimator (`estimators.py`) scores every layer: by default the first-order
+estimate of how much each frozen update dW_i lowers the loss; or the paper's stage 2, which learns one gate
+g_i = sigmoid(s_i) per layer, minimising the task loss of W_i + g_i * dW_i plus `sparsity_weight * mean(g)`. Layers are ranked by score (ties: larger ||dW_i||); the top-k keep adapters.
 """
 
 from __future__ import annotations
@@ -207,15 +207,17 @@ class Identification:
     def _stage1(self, progress: bool) -> None:
         if self.stage1.stop_reason:
             return
-        test = StabilityTest(self.config.stability_epsilon, self.config.stability_window)
-        test.losses = list(self.stage1.losses)
+        test = None
+        if self.config.stability_epsilon > 0:
+            test = StabilityTest(self.config.stability_epsilon, self.config.stability_window)
+            test.losses = list(self.stage1.losses)
         self.stage1 = train_steps(
             self.model,
             self.stream,
             self.optimizer1,
             self.config.stage1_max_steps,
             accelerator=self.accelerator,
-            should_stop=test.update,
+            should_stop=test.update if test is not None else None,
             on_step=self._save,
             desc="ILA stage 1: adapters",
             progress=progress,
