@@ -1,6 +1,7 @@
 """`peft-ila` on a tiny local model and a tiny alpaca file: every command, its files, and its one-line errors."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -126,6 +127,7 @@ def test_demo_end_to_end(work, capsys):
     assert json.loads((out / "reload.json").read_text())["adapter"] == str((out / "adapter").resolve())  # not staged
     printed = capsys.readouterr().out
     assert "Top 4 of 14 layers" in printed and "held-out loss:" in printed
+    assert re.search(r"top-29% set: \d+ of 4 layers certain at 90%", printed)  # the confidence line
 
 
 def test_plain_format_without_chat_template(tmp_path):
@@ -322,9 +324,8 @@ def test_diverging_identification_names_stage_and_step_and_writes_no_mask(work, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(peft_ila.identification.importance, "train_steps", diverging_gates)
-    code = main(
-        ["identify", *common(work, "--stage1-max-steps", "2", "--checkpoint-every", "1"), "--out", str(tmp_path / "r")]
-    )
+    budget = ["--stage1-max-steps", "2", "--checkpoint-every", "1", "--estimator", "gates"]
+    code = main(["identify", *common(work, *budget), "--out", str(tmp_path / "r")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and "error: ILA stage 2: gates: the loss became nan at step 1" in err[-1], err
     assert [p.name for p in tmp_path.iterdir()] == ["r.checkpoint.safetensors"]  # stage 1's work is kept

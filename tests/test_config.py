@@ -29,7 +29,6 @@ INVALID = [
     ("stage2_steps", 0),
     ("stage2_steps", 1.0),
     ("stage1_lr", 0),
-    ("stability_epsilon", 0),
     ("stability_epsilon", -1e-3),
     ("gate_lr", -0.1),
     ("gate_init", 0),

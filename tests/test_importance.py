@@ -91,6 +91,14 @@ def test_stage1_stops_when_stable_before_its_cap():
     assert result.stage1.losses[-1] < result.stage1.losses[0]
 
 
+@pytest.mark.parametrize(("epsilon", "stop", "steps"), [(1e-3, "stable", 10), (0.0, "max_steps", 30)])
+def test_epsilon_zero_turns_the_loss_test_off(epsilon, stop, steps):
+    # one batch and a vanishing learning rate: the loss is flat, so any test that is on stops at 2 windows
+    config = ILAConfig(r=2, stage1_lr=1e-12, stage1_max_steps=30, stability_window=5, stability_epsilon=epsilon)
+    result = identify_important_layers(get_peft_model(tiny_llama(), config), lm_batches(1), progress=False)
+    assert (result.stage1.stop_reason, result.stage1.steps) == (stop, steps)
+
+
 def test_stage1_hits_its_cap_on_a_noisy_task():
     batches = lm_batches(n_batches=64, batch=1, seq=4)  # fresh random tokens: the loss never settles
     config = ILAConfig(r=2, stage1_max_steps=60, stability_window=5, stability_epsilon=1e-3, stage2_steps=2)
@@ -126,7 +134,9 @@ def test_result_records_costs_and_curves():
 
 def test_ties_are_broken_by_update_norm():
     batches = lm_batches(n_batches=2)
-    config = ILAConfig(r=2, top_k=3, stage1_max_steps=5, stage2_steps=1, gate_lr=1e-12)  # gates barely move
+    config = ILAConfig(
+        r=2, top_k=3, stage1_max_steps=5, stage2_steps=1, estimator="gates", gate_lr=1e-12
+    )  # barely move
     model = get_peft_model(tiny_llama(), config)
     result = identify_important_layers(model, batches, progress=False)
     by_norm = sorted(result.update_norms, key=result.update_norms.get, reverse=True)
@@ -192,7 +202,7 @@ def test_result_does_not_depend_on_the_global_rng_before_identification():
     ("bad_forward", "value", "where"), [(2, "nan", "stage 1: adapters"), (4, "inf", "stage 2: gates")]
 )
 def test_non_finite_loss_names_stage_and_step_and_selects_nothing(bad_forward, value, where):
-    model = get_peft_model(tiny_llama(), ILAConfig(r=2, stage1_max_steps=2, stage2_steps=3))
+    model = get_peft_model(tiny_llama(), ILAConfig(r=2, stage1_max_steps=2, stage2_steps=3, estimator="gates"))
     forwards = []
 
     def poison(module, args, output):
@@ -248,7 +258,7 @@ def test_replaying_the_gates_stage_on_its_own_gradients_gives_its_gates():
     from peft_ila.identification.estimators import Gates
     from peft_ila.identification.importance import Identification
 
-    config = ILAConfig(r=2, top_k=5, stage1_max_steps=4, stage2_steps=6, gate_lr=0.2)
+    config = ILAConfig(r=2, top_k=5, stage1_max_steps=4, stage2_steps=6, estimator="gates", gate_lr=0.2)
     recipe = Identification(get_peft_model(tiny_llama(), config))
     result = recipe.run(lm_batches(4), progress=False)
     history = recipe.optimizer2.state[recipe.bank.logits]["history"]

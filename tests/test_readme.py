@@ -15,6 +15,7 @@ from peft_ila.tuner.selection import MASK_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+STABILITY = "### Stability of the ranking"
 
 
 def code_blocks(language):
@@ -75,8 +76,16 @@ def test_demo_figures_match_the_recorded_run():
 
 
 def test_benchmark_findings_are_quoted_from_results_md():
-    section = README.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    section = README.split("## Benchmarks", 1)[1].split("\n## ", 1)[0].split(STABILITY, 1)[0]
     findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     assert len(findings) == 4 and all(line in results for line in findings), findings
     assert "make bench" in section and (ROOT / "benchmarks" / "results" / "full.json").exists()
+
+
+def test_stability_findings_are_quoted_from_stability_md():
+    section = README.split(STABILITY, 1)[1].split("\n## ", 1)[0]
+    findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
+    page = (ROOT / "benchmarks" / "STABILITY.md").read_text()
+    assert len(findings) >= 5 and all(line in page for line in findings), [f for f in findings if f not in page]
+    assert "make bench-stability" in section

@@ -36,7 +36,7 @@ def test_identification_records_its_provenance_in_the_selection_and_the_config()
     model, result = identified(lm_batches(4))
     provenance = result.selection.provenance
     config = model.peft_config["default"]
-    assert provenance["estimator"] == "gates" and provenance["settings"] == config.run_settings()
+    assert provenance["estimator"] == config.estimator and provenance["settings"] == config.run_settings()
     assert provenance["base_model"] == model_identity(tiny_llama())
     assert provenance["data"]["micro_batches"] == result.stage1.steps + result.stage2.steps == 7
     assert config.provenance == provenance and model.base_model.selection() == result.selection
@@ -123,6 +123,6 @@ def test_identify_prints_the_confidence_line_and_reports_it(work, tmp_path, caps
     record = json.loads((out / "importance.json").read_text())
     certain = sum(record["confidence"][n] >= 0.9 for n in record["selected"])
     assert f"top-29% set: {certain} of 4 layers certain at 90%" in printed  # 4 of 14 candidates
-    assert "| rank | layer | score (gates) | confidence |" in (out / "report.md").read_text()
+    assert "| rank | layer | score (first-order) | confidence |" in (out / "report.md").read_text()  # the default
     saved = Selection.from_tensors(load_file(out / "mask.safetensors"))
     assert saved.confidence == record["confidence"] and len(saved.confidence) == 14

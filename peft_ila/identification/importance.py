@@ -51,7 +51,7 @@ class ILAResult:
 
     @property
     def scores(self) -> dict[str, float]:
-        """Layer -> score in [0, 1] (the learned gate by default)."""
+        """Layer -> score in [0, 1] of the estimator (higher: more important)."""
         return dict(self.selection.scores)
 
     @property

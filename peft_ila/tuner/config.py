@@ -174,7 +174,7 @@ class ILAConfig(PeftConfig):
     layer_scores: dict[str, float] | None = field(
         default=None,
         metadata={
-            "help": "Score in [0, 1] of each candidate layer, as found by identification (the learned gate by default)."
+            "help": "Score in [0, 1] of each candidate layer, as found by identification (by the config's `estimator`)."
         },
     )
     layer_confidence: dict[str, float] | None = field(

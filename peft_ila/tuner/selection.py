@@ -10,7 +10,7 @@ The tensors cover the ordered list of candidate layers:
 
 - `base_model.ila_layer_names`: uint8 [n_bytes], the UTF-8 bytes of the candidate names joined by newlines;
 - `base_model.ila_layer_mask`: bool [n_candidates], True where the layer carries an adapter;
-- `base_model.ila_layer_scores`: float32 [n_candidates], the score in [0, 1] (the learned gate by default), NaN where
+- `base_model.ila_layer_scores`: float32 [n_candidates], the score in [0, 1] of the estimator, NaN where
   none is known;
 - `base_model.ila_layer_confidence`: float32 [n_candidates], how sure each layer's membership in the selection is (the
   fraction of bootstrap resamples that agree), NaN where none is known; absent from files of peft-ila before it.
