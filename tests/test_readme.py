@@ -60,7 +60,9 @@ def test_quickstart_runs_as_written(tmp_path):
 
 def test_demo_figures_match_the_recorded_run():
     demo = json.loads((ROOT / "docs" / "demo" / "demo.json").read_text())
-    costs = json.loads((ROOT / "docs" / "demo" / "importance.json").read_text())["costs"]
+    record = json.loads((ROOT / "docs" / "demo" / "importance.json").read_text())
+    costs = record["costs"]
+    certain = sum(record["confidence"][name] >= 0.9 for name in record["selected"])
     training = json.loads((ROOT / "docs" / "demo" / "training.json").read_text())
     quoted = [
         f"**{demo['seconds']:.0f} s**",
@@ -69,6 +71,7 @@ def test_demo_figures_match_the_recorded_run():
         f"fine-tuning {training['steps']} steps at a median {training['median_step_seconds']:.2f} s/step",
         f"**{demo['held_out_loss_before']:.4f} -> {demo['held_out_loss_after']:.4f}**",
         f"({demo['held_out_loss_after_reload']:.4f} after the reload)",
+        f"top-25% set: {certain} of {len(record['selected'])} layers certain at 90%",
     ]
     flat = " ".join(README.split())
     assert all(q in flat for q in quoted), [q for q in quoted if q not in flat]
