@@ -158,10 +158,11 @@ class Bench:
     # --- identification ------------------------------------------------------------------------------------------
 
     def identify(self, dataset: str, prepared: Prepared, seed: int = 0, length: float | None = None) -> dict:
-        """ILA with the preset budget (stage 1 until stable or its cap); with a `length`, stage 1 runs for exactly
-        that fraction of the cap."""
+        """ILA as the paper runs it (learned gates; stage 1 until epsilon-stable or its cap), with the preset budget
+        and the settings RESULTS.md was written with (not the library's defaults, which the stability study chose);
+        with a `length`, stage 1 runs for exactly that fraction of the cap."""
         cap = max(1, round(self.p["stage1"] * (length or 1.0)))
-        fixed = {"stability_epsilon": 1e-12} if length is not None else {}
+        fixed = {"estimator": "gates", "stability_epsilon": 1e-12 if length is not None else 0.01}
         config = self.config(
             top_k=COMMON["low"],
             stage1_max_steps=cap,
