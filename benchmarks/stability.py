@@ -467,7 +467,8 @@ def seed_row(study: Study, dataset: str, steps: int, name: str, reference: dict)
             row.setdefault("blocks", {})[source] = agreement(*blocks)
     row["top_types"] = dict(collections.Counter(map(module_type, top_set(cells[(0, 0)]["scores"], 0.25))))
     seconds = stage1[(0, 0)]["seconds"] + (0 if name in NO_STAGE2 else cells[(0, 0)]["seconds"])
-    row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"])
+    tokens = stage1[(0, 0)]["tokens"] + (0 if name in NO_STAGE2 else cells[(0, 0)]["tokens"])
+    row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"], tokens=tokens)
     row["cost_steps"] = (steps + row["stage2_steps"]) / (EPOCHS * reference["epoch_steps"])
     return row
 
@@ -530,16 +531,18 @@ def page(results: dict, args: argparse.Namespace) -> str:
         "(q_proj, ..., down_proj) of the Spearman correlation inside the type, i.e. how reproducible the ranking of "
         "positions is once the type is fixed.",
         "",
-        "| estimator | stage-1 steps | stage-2 steps | cost (steps) | cost (seconds) | J@25% init | J@25% order "
-        "| J@25% stage2 | Spearman init | Spearman order | within type init | within type order | J@5/10/50% init |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| estimator | stage-1 steps | stage-2 steps | cost (steps) | cost (seconds) | tokens | J@25% init "
+        "| J@25% order | J@25% stage2 | Spearman init | Spearman order | within type init | within type order "
+        "| J@5/10/50% init |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
         init, order, stage2 = row.get("init", row.get("seed")), row.get("order", {}), row.get("stage2", {})
         small = "/".join(_f(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
+        tokens = f"{row['tokens'] / 1000:.0f}k" if "tokens" in row else "–"
         lines.append(
             f"| {row['estimator']} | {row['stage1_steps']} | {row['stage2_steps']} | {row['cost_steps']:.3f}x | "
-            f"{row['cost']:.3f}x | {_f(init, 'jaccard@0.25')} | {_f(order, 'jaccard@0.25')} | "
+            f"{row['cost']:.3f}x | {tokens} | {_f(init, 'jaccard@0.25')} | {_f(order, 'jaccard@0.25')} | "
             f"{_f(stage2, 'jaccard@0.25')} | {_f(init, 'spearman')} | {_f(order, 'spearman')} | "
             f"{_f(init, 'spearman_within_type')} | {_f(order, 'spearman_within_type')} | {small} |"
         )
