@@ -615,6 +615,7 @@ def findings(results: dict) -> list[str]:
             f"{block['order']['spearman']:.2f}."
         )
     lines += _cross_finding(results, defaults.estimator)
+    lines += _length_finding(results, defaults.estimator)
     run = results.get("trajectory")
     if run:
         early = statistics.mean(run["early"].values())
@@ -632,6 +633,29 @@ def findings(results: dict) -> list[str]:
             f"{loss['order']['jaccard@0.25']:.2f} (order)."
         )
     return [f"{i}. {line}" for i, line in enumerate(lines, 1)]
+
+
+def _length_finding(results: dict, estimator: str) -> list[str]:
+    """Does a longer stage 1 make the ranking more reproducible? The estimator's rows at every length, and the
+    within-type agreement of update norms along the recorded runs."""
+    rows = sorted((r for r in results["rows"] if r["estimator"] == estimator), key=lambda r: r["stage1_steps"])
+    run = results.get("trajectory")
+    if len(rows) < 2 or not run:
+        return []
+    steps = "/".join(str(r["stage1_steps"]) for r in rows)
+    points = {p["step"]: p for p in run["points"]}
+    within = [points[r["stage1_steps"]] for r in rows if r["stage1_steps"] in points]
+    return [
+        f"**A longer stage 1** — `{estimator}` at {steps} stage-1 steps ("
+        + "/".join(f"{r['cost_steps']:.2f}x" for r in rows)
+        + "): top-25% Jaccard "
+        + "/".join(f"{_worst(r):.2f}" for r in rows)
+        + " (worse of init and order), within-type Spearman "
+        + "/".join(f"{_worst(r, 'spearman_within_type'):.2f}" for r in rows)
+        + "; `update-norm` within-type Spearman between seeds at the same steps "
+        + "/".join(f"{min(p['init']['spearman_within_type'], p['order']['spearman_within_type']):.2f}" for p in within)
+        + "."
+    ]
 
 
 def _cross_finding(results: dict, estimator: str) -> list[str]:
