@@ -3,7 +3,8 @@
 Stage 1 trains adapters on every candidate layer for `stage1_max_steps` steps (or until the loss is epsilon-stable, if
 that test is on). Then an importance estimator (`estimators.py`) scores every layer: by default the first-order
 estimate of how much each frozen update dW_i lowers the loss; or the paper's stage 2, which learns one gate
-g_i = sigmoid(s_i) per layer, minimising the task loss of W_i + g_i * dW_i plus `sparsity_weight * mean(g)`. Layers are ranked by score (ties: larger ||dW_i||); the top-k keep adapters.
+g_i = sigmoid(s_i) per layer, minimising the task loss of W_i + g_i * dW_i plus `sparsity_weight * mean(g)`. Layers
+are ranked by score (ties: larger ||dW_i||); the top-k keep adapters.
 """
 
 from __future__ import annotations
