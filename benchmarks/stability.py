@@ -506,6 +506,11 @@ def cross_rows(study: Study, datasets: list[str], estimators: list[str], missing
     return rows
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell (a '|' would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def _f(d: dict, k: str) -> str:
     return f"{d[k]:.2f}" if k in d else "–"
 
@@ -541,7 +546,7 @@ def page(results: dict, args: argparse.Namespace) -> str:
         small = "/".join(_f(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
         tokens = f"{row['tokens'] / 1000:.0f}k" if "tokens" in row else "–"
         lines.append(
-            f"| {row['estimator']} | {row['stage1_steps']} | {row['stage2_steps']} | {row['cost_steps']:.3f}x | "
+            f"| {_cell(row['estimator'])} | {row['stage1_steps']} | {row['stage2_steps']} | {row['cost_steps']:.3f}x | "
             f"{row['cost']:.3f}x | {tokens} | {_f(init, 'jaccard@0.25')} | {_f(order, 'jaccard@0.25')} | "
             f"{_f(stage2, 'jaccard@0.25')} | {_f(init, 'spearman')} | {_f(order, 'spearman')} | "
             f"{_f(init, 'spearman_within_type')} | {_f(order, 'spearman_within_type')} | {small} |"
@@ -682,7 +687,7 @@ def _types(results: dict) -> list[str]:
     for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
         if "top_types" in row:
             counts = " | ".join(str(row["top_types"].get(t, 0)) for t in types)
-            lines.append(f"| {row['estimator']} | {row['stage1_steps']} | {counts} |")
+            lines.append(f"| {_cell(row['estimator'])} | {row['stage1_steps']} | {counts} |")
     return [*lines, ""]
 
 
@@ -702,7 +707,7 @@ def _blocks(results: dict) -> list[str]:
             b = row["blocks"]
             init, order = b.get("init", b.get("seed")), b.get("order", {})
             lines.append(
-                f"| {row['estimator']} | {row['stage1_steps']} | {_f(init, 'jaccard@0.25')} | "
+                f"| {_cell(row['estimator'])} | {row['stage1_steps']} | {_f(init, 'jaccard@0.25')} | "
                 f"{_f(order, 'jaccard@0.25')} | {_f(b.get('stage2', {}), 'jaccard@0.25')} | "
                 f"{_f(init, 'spearman')} | {_f(order, 'spearman')} |"
             )
@@ -763,7 +768,7 @@ def _cross(results: dict) -> list[str]:
         floor = statistics.mean([same[0]["init"]["jaccard@0.25"], same[0]["order"]["jaccard@0.25"]]) if same else None
         shown = f"{floor:.2f}" if floor is not None else "–"
         lines.append(
-            f"| {cross['estimator']} | {cross['stage1_steps']} | {cross['a']} / {cross['b']} | "
+            f"| {_cell(cross['estimator'])} | {cross['stage1_steps']} | {cross['a']} / {cross['b']} | "
             f"{cross['jaccard@0.25']:.2f} | {cross['spearman']:.2f} | {shown} |"
         )
     if not results["cross"]:
