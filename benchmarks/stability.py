@@ -570,8 +570,8 @@ def _row(results: dict, estimator: str, stage1: int, stage2: int | None = None) 
 
 
 def _worst(row: dict, key: str = "jaccard@0.25") -> float:
-    """The lower of the init and order agreements (or the seed one)."""
-    return min(row[s][key] for s in ("init", "order", "seed") if s in row and key in row[s])
+    """The lower of the init and order agreements (or the seed one); NaN when the row has no such measure."""
+    return min((row[s][key] for s in ("init", "order", "seed") if s in row and key in row[s]), default=math.nan)
 
 
 def findings(results: dict) -> list[str]:
@@ -658,7 +658,7 @@ def _length_finding(results: dict, estimator: str) -> list[str]:
         + " (worse of init and order), within-type Spearman "
         + "/".join(f"{_worst(r, 'spearman_within_type'):.2f}" for r in rows)
         + "; `update-norm` within-type Spearman between seeds at the same steps "
-        + "/".join(f"{min(p['init']['spearman_within_type'], p['order']['spearman_within_type']):.2f}" for p in within)
+        + "/".join(f"{_worst(p, 'spearman_within_type'):.2f}" for p in within)
         + "."
     ]
 
