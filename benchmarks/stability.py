@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from benchmarks.baselines import gradnorm_scores  # noqa: E402
+from benchmarks.baselines import gradnorm_scores, top_k  # noqa: E402
 from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, identify_important_layers  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
@@ -113,10 +113,10 @@ class Recording(Identification):
         return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if ".ila_" in n}
 
     def record(self, stats: StepStats) -> dict:
-        """The update-norm scores now (as `UpdateNorm` scores them), and the stage's cost and losses so far."""
+        """The update-norm scores now (this run's `UpdateNorm` estimator's), and the stage's cost and losses so far."""
         norms = self.update_norms()
-        top = max(norms.values())
-        scores = {n: as_float32(v / top if top > 0 else 0.0) for n, v in norms.items()}
+        values = self.estimator.scores(self.bank, None, list(norms.values()))
+        scores = {n: as_float32(v) for n, v in zip(norms, values, strict=True)}
         return {"scores": scores, "seconds": stats.seconds, "tokens": stats.tokens, "losses": list(stats.losses)}
 
 
@@ -314,9 +314,7 @@ def module_type(name: str) -> str:
 
 def top_set(scores: dict[str, float], fraction: float) -> list[str]:
     """The top `fraction` of the layers by score (rounded half up; ties: candidate order)."""
-    names = list(scores)
-    k = max(1, math.floor(fraction * len(names) + 0.5))
-    return sorted(names, key=lambda n: (-scores[n], names.index(n)))[:k]
+    return top_k(scores, max(1, math.floor(fraction * len(scores) + 0.5)))
 
 
 def block_scores(scores: dict[str, float], estimator: str) -> dict[str, float]:
