@@ -13,6 +13,8 @@ completes over several runs:
 - `score-*`: one estimator (with its settings) on one stage-1 cell, with its own stage-2 data order: scores, cost.
 - `gradnorm-*`: the cheap baseline (adapter gradient norms over a few steps from fresh adapters), one seed.
 - `reference-*`: LoRA on all layers, seconds per optimizer step, so costs read as a fraction of a 3-epoch fine-tune.
+- `known-*`: one estimator at one stage-1 length on the planted task of `known_answer.py` (a tiny model whose
+  important layers are known), over several seeds: where the planted layers land in its ranking.
 
 Then `stability.json` and a Markdown page: top-k Jaccard (k = 5, 10, 25, 50% of the candidates) and Spearman between
 two runs that differ in one source of noise only (adapter initialisation, data order, or stage 2 alone), against the
@@ -41,6 +43,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from benchmarks import known_answer  # noqa: E402
 from benchmarks.baselines import gradnorm_scores, top_k  # noqa: E402
 from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, identify_important_layers  # noqa: E402
@@ -66,6 +69,8 @@ PRESETS = {
         gradnorm=2,
         timing=2,
         every=1,
+        known_lengths=[4],
+        known_seeds=2,
     ),
     "full": dict(
         eval_size=32,
@@ -77,6 +82,8 @@ PRESETS = {
         gradnorm=8,
         timing=4,
         every=8,  # stage-1 cells keep every layer's ||dW|| at every this many steps
+        known_lengths=[16, 64, 256],  # stage-1 steps on the planted task (`known_answer.py`)
+        known_seeds=5,
     ),
 }
 ADAPTER = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, stage1_lr=1e-3)
@@ -88,6 +95,7 @@ ESTIMATORS = {
 }
 RELATIVE = "update-norm / ||W||"  # ||dW|| over the frozen weight's norm: the size-normalised update norm
 NO_STAGE2 = ("update-norm", RELATIVE)  # computed from the stage-1 weights alone
+GRADNORM = "gradient norm (fresh adapters)"  # the cheap baseline: adapter gradient norms over its first steps
 SEEDS = [(0, 0), (1, 0), (0, 1)]  # (adapter initialisation, data order): the reference, init only, order only
 SOURCES = {"init": ((0, 0), (1, 0)), "order": ((0, 0), (0, 1))}
 EPOCHS = 3  # the reference fine-tune a user would otherwise run
@@ -279,6 +287,20 @@ class Study:
 
         return self.cell("gradnorm", settings, compute)
 
+    def known(self, name: str, steps: int) -> dict:
+        """Where the planted layers of `known_answer.py` land in the estimator's ranking, for every task seed."""
+        method = {RELATIVE: "relative", GRADNORM: "gradient norm"}.get(name, "ila")
+        fields = {"update-norm": dict(estimator="update-norm")}.get(name, ESTIMATORS.get(name, {}))
+        settings = {"estimator": name, **fields, "stage1_steps": steps, "stage2_steps": self.p["stage2"]}
+        settings.update(seeds=self.p["known_seeds"], task=known_answer.TASK, planted=known_answer.PLANTED)
+
+        def compute(stem: Path) -> dict:
+            seeds = range(self.p["known_seeds"])
+            runs = [known_answer.planted_ranks(method, fields, steps, self.p["stage2"], s) for s in seeds]
+            return {"ranks": [ranks for ranks, _ in runs], "candidates": runs[0][1]}
+
+        return self.cell("known", settings, compute)
+
     def reference(self, dataset: str) -> dict:
         """LoRA on all layers: median seconds per optimizer step, and the optimizer steps of 3 epochs."""
         settings = {**self.identity(dataset), "machine": machine()["processor"], "timed_steps": self.p["timing"]}
@@ -374,6 +396,7 @@ def run(args: argparse.Namespace) -> dict:
         f"jaccard@{f:g}": expected_random_jaccard(n, len(top_set(dict.fromkeys(names, 0), f))) for f in FRACTIONS
     }
     results["random_blocks"] = expected_random_jaccard(blocks, max(1, math.floor(0.25 * blocks + 0.5)))
+    results["known"] = known_rows(study, args.estimators, results["missing"])
     longest = max(args.lengths or study.p["stage1"])
     try:
         results["trajectory"] = trajectory({seeds: study.stage1(primary, longest, *seeds) for seeds in SEEDS})
@@ -471,11 +494,28 @@ def seed_row(study: Study, dataset: str, steps: int, name: str, reference: dict)
     return row
 
 
+def known_rows(study: Study, estimators: list[str], missing: list[str]) -> list[dict]:
+    """Every estimator (and the gradient-norm baseline) on the planted task, at each of the preset's lengths."""
+    runs = [
+        (name, steps) for name in (*NO_STAGE2, *ESTIMATORS) if name in estimators for steps in study.p["known_lengths"]
+    ]
+    rows = []
+    for name, steps in [*runs, (GRADNORM, study.p["gradnorm"])]:
+        try:
+            cell = study.known(name, steps)
+        except Missing as absent:
+            missing.append(f"{name} on the planted task at {steps} stage-1 steps ({absent})")
+            continue
+        summary = known_answer.summary(cell["ranks"], cell["candidates"])
+        rows.append({"estimator": name, "stage1_steps": steps, "ranks": cell["ranks"], **summary})
+    return rows
+
+
 def gradnorm_row(study: Study, dataset: str, reference: dict) -> dict:
     grad = [study.gradnorm(dataset, seed) for seed in (0, 1)]
     blocks = [block_scores(g["scores"], "update-norm") for g in grad]  # a block's gradient norm: root of summed squares
     return {
-        "estimator": "gradient norm (fresh adapters)",
+        "estimator": GRADNORM,
         "stage1_steps": study.p["gradnorm"],
         "stage2_steps": 0,
         "seed": agreement(grad[0]["scores"], grad[1]["scores"]),
@@ -551,7 +591,7 @@ def page(results: dict, args: argparse.Namespace) -> str:
         )
     lines += ["", "The gradient-norm row compares two seeds that differ in both initialisation and data order.", ""]
     lines += ["## Findings", "", *findings(results), ""]
-    lines += [*_types(results), *_blocks(results), *_lengths(results), *_cross(results)]
+    lines += [*_known(results), *_types(results), *_blocks(results), *_lengths(results), *_cross(results)]
     if results["missing"]:
         lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-stability` continues the grid):", ""]
         lines += [f"- {entry}" for entry in results["missing"]]
@@ -609,6 +649,7 @@ def findings(results: dict) -> list[str]:
                 f"(Spearman {_worst(within, 'spearman_within_type'):.2f})."
             )
         lines.append(line)
+    lines += _known_findings(results, default)
     block = default and default.get("blocks")
     if block:
         lines.append(
@@ -636,6 +677,48 @@ def findings(results: dict) -> list[str]:
             f"{loss['order']['jaccard@0.25']:.2f} (order)."
         )
     return [f"{i}. {line}" for i, line in enumerate(lines, 1)]
+
+
+RIGHT = 0.9  # an estimator is right on the planted task when it finds the planted layers in this share of its runs
+
+
+def _known_findings(results: dict, default: dict | None) -> list[str]:
+    """Which estimators find the planted layers, and the most reproducible cheap setting among those that do."""
+    pooled: dict[str, list[dict]] = {}
+    for row in results.get("known", []):
+        pooled.setdefault(row["estimator"], []).append(row)
+    if not pooled:
+        return []
+    share = {name: sum(r["found"] for r in rows) / sum(r["runs"] for r in rows) for name, rows in pooled.items()}
+    counts = [
+        f"{name} {sum(r['found'] for r in rows)}/{sum(r['runs'] for r in rows)} "
+        f"(mean rank {statistics.mean(r['mean_rank'] for r in rows):.1f})"
+        for name, rows in sorted(pooled.items(), key=lambda item: -share[item[0]])
+    ]
+    first = results["known"][0]
+    lines = [
+        "**Reproducible is not the same as right** — on the planted task (a tiny model whose important layers are "
+        f"known; stage-1 lengths pooled) the planted layers are the top {len(first['ranks'][0])} in: "
+        + ", ".join(counts)
+        + f"; a random ranking: mean rank {first['random_mean_rank']:.1f}. Rule: right when found in >= "
+        f"{RIGHT:.0%} of runs."
+    ]
+    right = [r for r in results["rows"] if share.get(r["estimator"], 0) >= RIGHT and r["cost_steps"] <= GOAL["cost"]]
+    if right:
+        best = max(right, key=_worst)
+        where = f"`{best['estimator']}` at {best['stage1_steps']} stage-1 steps (Jaccard {_worst(best):.2f})"
+        verdict = (
+            "the defaults"
+            if best is default
+            else f"not the defaults ({_worst(default):.2f})"
+            if default
+            else "(the defaults have no row yet)"
+        )
+        lines.append(
+            f"**Where the defaults sit** — among the estimators that are right on the planted task, the most "
+            f"reproducible top 25% within {GOAL['cost']}x is {where}: {verdict}."
+        )
+    return lines
 
 
 def _length_finding(results: dict, estimator: str) -> list[str]:
@@ -674,6 +757,33 @@ def _cross_finding(results: dict, estimator: str) -> list[str]:
         f"Jaccard across alpaca, LIMA and Dolly {cross:.2f}, against {floor:.2f} between two runs on the same data "
         f"(ratio {cross / floor:.2f}). Rule: >= 0.80 holds, >= 0.50 partly."
     ]
+
+
+def _known(results: dict) -> list[str]:
+    """Each estimator on the planted task: how often it finds the planted layers, and where they land."""
+    rows = results.get("known", [])
+    if not rows:
+        return []
+    first = rows[0]
+    lines = ["## A known answer", ""]
+    lines += [
+        "A tiny random Llama, trained on sequences sampled from a teacher that differs from it only in "
+        f"{len(first['ranks'][0])} planted layers (`benchmarks/known_answer.py`, the tests' known-answer task), so the "
+        f"layers that need to change are known. Each row: {first['runs']} seeds (student, teacher and identification "
+        f"seed). *Found*: runs whose top {len(first['ranks'][0])} are exactly the planted layers (a random ranking: "
+        f"{first['random_found']:.4f}). *Mean rank* of the planted layers (random: {first['random_mean_rank']:.1f}; "
+        f"best: {statistics.mean(range(1, len(first['ranks'][0]) + 1)):.1f}).",
+        "",
+        "| estimator | stage-1 steps | found | mean rank | ranks per seed |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        ranks = "; ".join(",".join(map(str, r)) for r in row["ranks"])
+        lines.append(
+            f"| {_cell(row['estimator'])} | {row['stage1_steps']} | {row['found']}/{row['runs']} | "
+            f"{row['mean_rank']:.1f} | {ranks} |"
+        )
+    return [*lines, ""]
 
 
 def _types(results: dict) -> list[str]:

@@ -162,8 +162,14 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
     short = stability.Study(stability.parse(args)).stage1("alpaca", 2, 1, 0)
     assert short["prefix_of"] and len(short["losses"]) == 2
     assert len(stability.Study(stability.parse(args)).stage1("alpaca", 4, 1, 0)["trajectory"]["norms"]) == 4
+    known = {(row["estimator"], row["stage1_steps"]): row for row in results["known"]}
+    assert set(known) == {*((name, 4) for name in estimators - {stability.GRADNORM}), (stability.GRADNORM, 2)}
+    assert all(
+        row["runs"] == 2 and len(row["ranks"]) == 2 and 1.5 <= row["mean_rank"] <= 27.5 for row in known.values()
+    )
     page = (tmp_path / "STABILITY.md").read_text()
     assert "| gates | 4 | 3 |" in page and (tmp_path / "cells" / "quick" / "frontier.png").exists()
+    assert "## A known answer" in page and "**Reproducible is not the same as right**" in page
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
     assert stability.main(args)["rows"] == results["rows"]  # every cell read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -1,42 +1,13 @@
 """The ILA algorithm: a planted answer is found; stage 1 stops on stability or on its cap; the result is complete."""
 
-import copy
-
 import pytest
 import torch
 from peft import get_peft_model
 
-from conftest import VOCAB, llama_candidates, lm_batches, tiny_llama
+from benchmarks.known_answer import PLANTED, teacher_data
+from conftest import llama_candidates, lm_batches, tiny_llama
 from peft_ila import ILAConfig, ILALayer, identify_important_layers
 from peft_ila.tuner.selection import as_float32
-
-PLANTED = ["model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
-
-
-def teacher_data(student, planted, n=1024, batch=32, seed=0):
-    """Perturb `planted` layers of a copy of `student` by a rank-2 update as large as the weight itself, and
-    sample training sequences from that teacher: only the planted layers need to change to fit them."""
-    teacher = copy.deepcopy(student)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name in planted:
-            w = teacher.get_submodule(name).weight
-            delta = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
-            w += delta / delta.norm() * w.norm()
-        seq = torch.randint(0, VOCAB, (n, 2), generator=g)
-        for _ in range(14):
-            probs = teacher(input_ids=seq).logits[:, -1].softmax(-1)
-            seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], dim=1)
-    labels = seq.clone()
-    labels[:, :2] = -100  # the prompt is not learned
-    return [
-        {
-            "input_ids": seq[i : i + batch],
-            "attention_mask": torch.ones_like(seq[i : i + batch]),
-            "labels": labels[i : i + batch],
-        }
-        for i in range(0, n, batch)
-    ]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
