@@ -55,7 +55,7 @@ from peft_ila.app.pipeline import Prepared, lora_all_layers, prepare  # noqa: E4
 from peft_ila.app.report import machine  # noqa: E402
 from peft_ila.identification.importance import Identification  # noqa: E402
 from peft_ila.identification.training import StabilityTest, StepStats, cycle, train_steps  # noqa: E402
-from peft_ila.tuner.selection import as_float32, layer_of  # noqa: E402
+from peft_ila.tuner.selection import CERTAIN, as_float32, layer_of  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PRESETS = {
@@ -245,15 +245,29 @@ class Study:
         }
 
         def compute(stem: Path) -> dict:
-            dataset = stage1["settings"]["dataset"]
-            fields = {**ESTIMATORS[estimator], "stage2_steps": self.p["stage2"], "top_k": 0.25}
-            probe = get_peft_model(copy.deepcopy(self.data(dataset).model), self.config(**fields))
-            assert probe.load_state_dict(self.weights(stage1), strict=False).unexpected_keys == []
-            batches = self.data(dataset).batches(self.p["batch_size"], 1000 + stage2_seed)
-            result = identify_important_layers(probe, batches, progress=self.args.progress, train_stage1=False)
+            result = self._estimate(stage1, estimator, stage2_seed)
             return {"scores": result.scores, "seconds": result.stage2.seconds, "tokens": result.stage2.tokens}
 
         return self.cell("score", settings, compute)
+
+    def confidence(self, stage1: dict, estimator: str) -> dict:
+        """The estimator's run of the `score` cell (stage-2 seed 0) again, keeping what it selects (top 25%) and
+        how sure it is of each layer's membership (`Selection.confidence`, the bootstrap over its stage's steps)."""
+        settings = {"stage1": key(stage1["settings"]), "estimator": estimator, "stage2_steps": self.p["stage2"]}
+
+        def compute(stem: Path) -> dict:
+            return self._estimate(stage1, estimator, 0).selection.to_json()
+
+        return self.cell("confidence", {**settings, **ESTIMATORS[estimator]}, compute)
+
+    def _estimate(self, stage1: dict, estimator: str, stage2_seed: int):
+        """The estimator's stage on a stage-1 cell's adapters, with its own stage-2 data order; the `ILAResult`."""
+        dataset = stage1["settings"]["dataset"]
+        fields = {**ESTIMATORS[estimator], "stage2_steps": self.p["stage2"], "top_k": 0.25}
+        probe = get_peft_model(copy.deepcopy(self.data(dataset).model), self.config(**fields))
+        assert probe.load_state_dict(self.weights(stage1), strict=False).unexpected_keys == []
+        batches = self.data(dataset).batches(self.p["batch_size"], 1000 + stage2_seed)
+        return identify_important_layers(probe, batches, progress=self.args.progress, train_stage1=False)
 
     def relative(self, stage1: dict) -> dict:
         """||dW|| / ||W|| of every layer after a stage-1 cell, divided by the largest."""
@@ -397,6 +411,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     results["random_blocks"] = expected_random_jaccard(blocks, max(1, math.floor(0.25 * blocks + 0.5)))
     results["known"] = known_rows(study, args.estimators, results["missing"])
+    results["calibration"] = calibration_rows(study, primary, args.estimators, results["missing"])
     longest = max(args.lengths or study.p["stage1"])
     try:
         results["trajectory"] = trajectory({seeds: study.stage1(primary, longest, *seeds) for seeds in SEEDS})
@@ -492,6 +507,36 @@ def seed_row(study: Study, dataset: str, steps: int, name: str, reference: dict)
     row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"], tokens=tokens)
     row["cost_steps"] = (steps + row["stage2_steps"]) / (EPOCHS * reference["epoch_steps"])
     return row
+
+
+def calibration_rows(study: Study, dataset: str, estimators: list[str], missing: list[str]) -> list[dict]:
+    """Is a run's confidence honest? For each estimator with a stage (at the cross-dataset length): of the layers
+    the reference run marks certain (>= `CERTAIN` of its bootstrap resamples agree on their membership of its top
+    25%), the share whose membership a rerun that differs in one source of noise shares; and of the uncertain ones."""
+    steps, rows = study.p["lengths_for_datasets"], []
+    for name in [e for e in ESTIMATORS if e in estimators]:
+        try:
+            stage1 = {seeds: study.stage1(dataset, steps, *seeds) for seeds in SEEDS}
+            reference = study.confidence(stage1[(0, 0)], name)
+            reruns = {source: study.score(stage1[y], name) for source, (_, y) in SOURCES.items()}
+            reruns["stage2"] = study.score(stage1[(0, 0)], name, stage2_seed=1)
+        except Missing as cell:
+            missing.append(f"{name}'s confidence at {steps} stage-1 steps ({cell})")
+            continue
+        chosen, sure = set(reference["selected"]), reference["confidence"]
+        certain = [n for n in reference["candidates"] if sure[n] >= CERTAIN]
+        unsure = [n for n in reference["candidates"] if sure[n] < CERTAIN]
+        row = {"estimator": name, "stage1_steps": steps, "certain": len(certain), "candidates": len(sure)}
+        row["certain_selected"] = len(chosen.intersection(certain))
+        for source, rerun in reruns.items():
+            top = set(top_set(rerun["scores"], 0.25))
+            kept = {n: (n in top) == (n in chosen) for n in reference["candidates"]}
+            row[source] = {
+                "certain": statistics.mean(kept[n] for n in certain) if certain else math.nan,
+                "uncertain": statistics.mean(kept[n] for n in unsure) if unsure else math.nan,
+            }
+        rows.append(row)
+    return rows
 
 
 def known_rows(study: Study, estimators: list[str], missing: list[str]) -> list[dict]:
@@ -591,7 +636,14 @@ def page(results: dict, args: argparse.Namespace) -> str:
         )
     lines += ["", "The gradient-norm row compares two seeds that differ in both initialisation and data order.", ""]
     lines += ["## Findings", "", *findings(results), ""]
-    lines += [*_known(results), *_types(results), *_blocks(results), *_lengths(results), *_cross(results)]
+    lines += [
+        *_known(results),
+        *_calibration(results),
+        *_types(results),
+        *_blocks(results),
+        *_lengths(results),
+        *_cross(results),
+    ]
     if results["missing"]:
         lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-stability` continues the grid):", ""]
         lines += [f"- {entry}" for entry in results["missing"]]
@@ -650,6 +702,7 @@ def findings(results: dict) -> list[str]:
             )
         lines.append(line)
     lines += _known_findings(results, default)
+    lines += _calibration_finding(results, defaults.estimator)
     block = default and default.get("blocks")
     if block:
         lines.append(
@@ -677,6 +730,25 @@ def findings(results: dict) -> list[str]:
             f"{loss['order']['jaccard@0.25']:.2f} (order)."
         )
     return [f"{i}. {line}" for i, line in enumerate(lines, 1)]
+
+
+def _calibration_finding(results: dict, estimator: str) -> list[str]:
+    row = next((r for r in results.get("calibration", []) if r["estimator"] == estimator), None)
+    if row is None:
+        return []
+    honest = [s for s in ("stage2", "init", "order") if row[s]["certain"] >= CERTAIN]
+    return [
+        f"**Is the confidence honest?** (`{estimator}`, {row['stage1_steps']} stage-1 steps) — the run is certain of "
+        f"{row['certain']} of {row['candidates']} layers' membership; a rerun keeps "
+        + ", ".join(f"{row[s]['certain']:.0%} of them ({s})" for s in ("stage2", "init", "order"))
+        + ", against "
+        + ", ".join(f"{row[s]['uncertain']:.0%}" for s in ("stage2", "init", "order"))
+        + " of the uncertain ones. "
+        + (
+            f"Calibrated (>= {CERTAIN:.0%}) against: {', '.join(honest)}; not against: "
+            f"{', '.join(s for s in ('stage2', 'init', 'order') if s not in honest) or 'none'}."
+        )
+    ]
 
 
 RIGHT = 0.9  # an estimator is right on the planted task when it finds the planted layers in this share of its runs
@@ -782,6 +854,31 @@ def _known(results: dict) -> list[str]:
         lines.append(
             f"| {_cell(row['estimator'])} | {row['stage1_steps']} | {row['found']}/{row['runs']} | "
             f"{row['mean_rank']:.1f} | {ranks} |"
+        )
+    return [*lines, ""]
+
+
+def _calibration(results: dict) -> list[str]:
+    """How often a rerun keeps the membership of the layers a run was (un)certain of."""
+    rows = results.get("calibration", [])
+    if not rows:
+        return []
+    lines = ["## Is the confidence honest?", ""]
+    lines += [
+        "Every run says how sure it is of each layer's membership in its top 25%: the share of bootstrap resamples of "
+        f"its estimator's steps that agree (`layer_confidence`; *certain* at >= {CERTAIN:.0%}). A calibrated "
+        f"confidence means that a rerun keeps at least {CERTAIN:.0%} of the certain layers on their side of the top "
+        "25%. Reference run: seeds 0/0; reruns differing in one source of noise.",
+        "",
+        "| estimator | stage-1 steps | certain (of them selected) | kept, rerun stage2: certain / uncertain "
+        "| kept, rerun init: certain / uncertain | kept, rerun order: certain / uncertain |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for row in rows:
+        kept = " | ".join(f"{row[s]['certain']:.2f} / {row[s]['uncertain']:.2f}" for s in ("stage2", "init", "order"))
+        lines.append(
+            f"| {_cell(row['estimator'])} | {row['stage1_steps']} | {row['certain']} of {row['candidates']} "
+            f"({row['certain_selected']}) | {kept} |"
         )
     return [*lines, ""]
 
