@@ -524,16 +524,18 @@ def calibration_rows(study: Study, dataset: str, estimators: list[str], missing:
             missing.append(f"{name}'s confidence at {steps} stage-1 steps ({cell})")
             continue
         chosen, sure = set(reference["selected"]), reference["confidence"]
-        certain = [n for n in reference["candidates"] if sure[n] >= CERTAIN]
-        unsure = [n for n in reference["candidates"] if sure[n] < CERTAIN]
-        row = {"estimator": name, "stage1_steps": steps, "certain": len(certain), "candidates": len(sure)}
-        row["certain_selected"] = len(chosen.intersection(certain))
+        groups = {
+            "certain": [n for n in reference["candidates"] if sure[n] >= CERTAIN],
+            "uncertain": [n for n in reference["candidates"] if sure[n] < CERTAIN],
+        }
+        groups.update({f"selected {g}": [n for n in names if n in chosen] for g, names in list(groups.items())})
+        row = {"estimator": name, "stage1_steps": steps, "candidates": len(sure), "selected": len(chosen)}
+        row["counts"] = {group: len(names) for group, names in groups.items()}
         for source, rerun in reruns.items():
             top = set(top_set(rerun["scores"], 0.25))
             kept = {n: (n in top) == (n in chosen) for n in reference["candidates"]}
             row[source] = {
-                "certain": statistics.mean(kept[n] for n in certain) if certain else math.nan,
-                "uncertain": statistics.mean(kept[n] for n in unsure) if unsure else math.nan,
+                g: statistics.mean(kept[n] for n in names) if names else math.nan for g, names in groups.items()
             }
         rows.append(row)
     return rows
@@ -736,18 +738,17 @@ def _calibration_finding(results: dict, estimator: str) -> list[str]:
     row = next((r for r in results.get("calibration", []) if r["estimator"] == estimator), None)
     if row is None:
         return []
-    honest = [s for s in ("stage2", "init", "order") if row[s]["certain"] >= CERTAIN]
+    sources = ("stage2", "init", "order")
+    honest = [s for s in sources if row[s]["selected certain"] >= CERTAIN]
     return [
-        f"**Is the confidence honest?** (`{estimator}`, {row['stage1_steps']} stage-1 steps) — the run is certain of "
-        f"{row['certain']} of {row['candidates']} layers' membership; a rerun keeps "
-        + ", ".join(f"{row[s]['certain']:.0%} of them ({s})" for s in ("stage2", "init", "order"))
-        + ", against "
-        + ", ".join(f"{row[s]['uncertain']:.0%}" for s in ("stage2", "init", "order"))
+        f"**Is the confidence honest?** (`{estimator}`, {row['stage1_steps']} stage-1 steps) — the run is certain "
+        f"of {row['counts']['selected certain']} of its {row['selected']} selected layers; a rerun selects "
+        + ", ".join(f"{row[s]['selected certain']:.0%} of them ({s})" for s in sources)
+        + ", and "
+        + ", ".join(f"{row[s]['selected uncertain']:.0%}" for s in sources)
         + " of the uncertain ones. "
-        + (
-            f"Calibrated (>= {CERTAIN:.0%}) against: {', '.join(honest)}; not against: "
-            f"{', '.join(s for s in ('stage2', 'init', 'order') if s not in honest) or 'none'}."
-        )
+        + f"Calibrated (>= {CERTAIN:.0%}) against: {', '.join(honest) or 'none'}; not against: "
+        + f"{', '.join(s for s in sources if s not in honest) or 'none'}."
     ]
 
 
@@ -866,20 +867,27 @@ def _calibration(results: dict) -> list[str]:
     lines = ["## Is the confidence honest?", ""]
     lines += [
         "Every run says how sure it is of each layer's membership in its top 25%: the share of bootstrap resamples of "
-        f"its estimator's steps that agree (`layer_confidence`; *certain* at >= {CERTAIN:.0%}). A calibrated "
-        f"confidence means that a rerun keeps at least {CERTAIN:.0%} of the certain layers on their side of the top "
-        "25%. Reference run: seeds 0/0; reruns differing in one source of noise.",
+        f"its estimator's steps that agree (`layer_confidence`; *certain* at >= {CERTAIN:.0%}; the CLI's line counts "
+        f"the certain layers of the selection). A calibrated confidence means that a rerun keeps at least "
+        f"{CERTAIN:.0%} of the certain layers on their side of the top 25%. Reference run: seeds 0/0; each rerun "
+        "differs from it in one source of noise. Cells: the share of the group's layers that the rerun puts on the "
+        "same side (for the selected ones: that it selects too).",
         "",
-        "| estimator | stage-1 steps | certain (of them selected) | kept, rerun stage2: certain / uncertain "
-        "| kept, rerun init: certain / uncertain | kept, rerun order: certain / uncertain |",
-        "|---|---:|---:|---|---|---|",
+        "| estimator | stage-1 steps | rerun differs in | selected, certain | selected, uncertain | all certain "
+        "| all uncertain |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
+    groups = ("selected certain", "selected uncertain", "certain", "uncertain")
     for row in rows:
-        kept = " | ".join(f"{row[s]['certain']:.2f} / {row[s]['uncertain']:.2f}" for s in ("stage2", "init", "order"))
+        counts = row["counts"]
         lines.append(
-            f"| {_cell(row['estimator'])} | {row['stage1_steps']} | {row['certain']} of {row['candidates']} "
-            f"({row['certain_selected']}) | {kept} |"
+            f"| {_cell(row['estimator'])} | {row['stage1_steps']} | (layers in the group) | "
+            + " | ".join(str(counts[g]) for g in groups)
+            + " |"
         )
+        for source in ("stage2", "init", "order"):
+            cells = " | ".join(f"{row[source][g]:.2f}" if counts[g] else "–" for g in groups)
+            lines.append(f"| | | {source} | {cells} |")
     return [*lines, ""]
 
 

@@ -172,7 +172,10 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
     assert "## A known answer" in page and "**Reproducible is not the same as right**" in page
     calibration = {row["estimator"]: row for row in results["calibration"]}
     assert set(calibration) == set(stability.ESTIMATORS) and "**Is the confidence honest?**" in page
-    assert all(0 <= row["certain"] <= row["candidates"] for row in calibration.values())
+    for row in calibration.values():
+        counts = row["counts"]
+        assert counts["certain"] + counts["uncertain"] == row["candidates"]
+        assert counts["selected certain"] + counts["selected uncertain"] == row["selected"]
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
     assert stability.main(args)["rows"] == results["rows"]  # every cell read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
