@@ -649,6 +649,10 @@ def page(results: dict, args: argparse.Namespace) -> str:
     if results["missing"]:
         lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-stability` continues the grid):", ""]
         lines += [f"- {entry}" for entry in results["missing"]]
+    lines += [
+        "",
+        "Reproducibility against cost, in steps, seconds and tokens (the gradient-norm baseline has no token count):",
+    ]
     lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
     return "\n".join(lines)
 
@@ -755,14 +759,28 @@ def _calibration_finding(results: dict, estimator: str) -> list[str]:
 RIGHT = 0.9  # an estimator is right on the planted task when it finds the planted layers in this share of its runs
 
 
-def _known_findings(results: dict, default: dict | None) -> list[str]:
-    """Which estimators find the planted layers, and the most reproducible cheap setting among those that do."""
+def _pooled_known(results: dict) -> dict[str, list[dict]]:
+    """The planted-task rows of each estimator (all its stage-1 lengths)."""
     pooled: dict[str, list[dict]] = {}
     for row in results.get("known", []):
         pooled.setdefault(row["estimator"], []).append(row)
+    return pooled
+
+
+def _found_share(results: dict) -> dict[str, float]:
+    """Estimator -> the share of its planted-task runs that put the planted layers on top."""
+    return {
+        name: sum(r["found"] for r in rows) / sum(r["runs"] for r in rows)
+        for name, rows in _pooled_known(results).items()
+    }
+
+
+def _known_findings(results: dict, default: dict | None) -> list[str]:
+    """Which estimators find the planted layers, and the most reproducible cheap setting among those that do."""
+    pooled = _pooled_known(results)
     if not pooled:
         return []
-    share = {name: sum(r["found"] for r in rows) / sum(r["runs"] for r in rows) for name, rows in pooled.items()}
+    share = _found_share(results)
     counts = [
         f"{name} {sum(r['found'] for r in rows)}/{sum(r['runs'] for r in rows)} "
         f"(mean rank {statistics.mean(r['mean_rank'] for r in rows):.1f})"
@@ -989,23 +1007,42 @@ def _cross(results: dict) -> list[str]:
     return lines
 
 
+COSTS = {  # row key -> x-axis label of the frontier's panels
+    "cost_steps": "identification steps / steps of a 3-epoch LoRA-all fine-tune",
+    "cost": "identification seconds / seconds of that fine-tune",
+    "tokens": "tokens read by identification",
+}
+
+
 def frontier(path: Path, results: dict) -> None:
-    """Seed-to-seed top-25% Jaccard (the lower of init and order) against cost, one line per estimator."""
+    """Seed-to-seed top-25% Jaccard (the lower of init and order) against each cost, one line per estimator (dashed,
+    hollow: not right on the planted task)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["estimator"] for r in results["rows"]):
-        rows = sorted((r for r in results["rows"] if r["estimator"] == name), key=lambda r: r["cost_steps"])
-        worst = [min(r[s]["jaccard@0.25"] for s in ("init", "order", "seed") if s in r) for r in rows]
-        ax.plot([r["cost_steps"] for r in rows], worst, marker="o", label=name)
-    ax.axhline(results["random"]["jaccard@0.25"], color="grey", linestyle=":", label="random sets")
-    ax.set_xlabel("identification steps / steps of a 3-epoch LoRA-all fine-tune")
-    ax.set_ylabel("top-25% Jaccard between seeds (worst source)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    share = _found_share(results)
+    fig, axes = plt.subplots(1, len(COSTS), figsize=(15, 4), sharey=True)
+    for ax, (cost, label) in zip(axes, COSTS.items(), strict=True):
+        for name in dict.fromkeys(r["estimator"] for r in results["rows"]):
+            rows = [r for r in results["rows"] if r["estimator"] == name and cost in r]
+            rows.sort(key=lambda r: r["stage1_steps"])  # a line joins the stage-1 lengths in order
+            right = share.get(name, 0) >= RIGHT
+            tag = "" if right else " (not right on the planted task)"
+            ax.plot(
+                [r[cost] for r in rows],
+                [_worst(r) for r in rows],
+                marker="o",
+                fillstyle="full" if right else "none",
+                linestyle="-" if right else "--",
+                label=name + tag,
+            )
+        ax.axhline(results["random"]["jaccard@0.25"], color="grey", linestyle=":", label="random sets")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("top-25% Jaccard between seeds (worst source)")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
