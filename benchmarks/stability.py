@@ -304,13 +304,14 @@ class Study:
     def known(self, name: str, steps: int) -> dict:
         """Where the planted layers of `known_answer.py` land in the estimator's ranking, for every task seed."""
         method = {RELATIVE: "relative", GRADNORM: "gradient norm"}.get(name, "ila")
-        fields = {"update-norm": dict(estimator="update-norm")}.get(name, ESTIMATORS.get(name, {}))
+        fields = ESTIMATORS.get(name, {})  # config fields of an estimator with a stage
         settings = {"estimator": name, **fields, "stage1_steps": steps, "stage2_steps": self.p["stage2"]}
         settings.update(seeds=self.p["known_seeds"], task=known_answer.TASK, planted=known_answer.PLANTED)
 
         def compute(stem: Path) -> dict:
             seeds = range(self.p["known_seeds"])
-            runs = [known_answer.planted_ranks(method, fields, steps, self.p["stage2"], s) for s in seeds]
+            run_fields = fields or dict(estimator="update-norm")  # no stage: stage 1's weights are all it needs
+            runs = [known_answer.planted_ranks(method, run_fields, steps, self.p["stage2"], s) for s in seeds]
             return {"ranks": [ranks for ranks, _ in runs], "candidates": runs[0][1]}
 
         return self.cell("known", settings, compute)
@@ -510,9 +511,10 @@ def seed_row(study: Study, dataset: str, steps: int, name: str, reference: dict)
 
 
 def calibration_rows(study: Study, dataset: str, estimators: list[str], missing: list[str]) -> list[dict]:
-    """Is a run's confidence honest? For each estimator with a stage (at the cross-dataset length): of the layers
-    the reference run marks certain (>= `CERTAIN` of its bootstrap resamples agree on their membership of its top
-    25%), the share whose membership a rerun that differs in one source of noise shares; and of the uncertain ones."""
+    """Is a run's confidence honest? For each estimator with a stage (at the cross-dataset length), the reference
+    run's layers in groups: certain (>= `CERTAIN` of its bootstrap resamples agree on their membership of its top
+    25%) or not, all or only the selected ones; per group, the share that a rerun differing in one source of noise
+    puts on the same side of its own top 25%."""
     steps, rows = study.p["lengths_for_datasets"], []
     for name in [e for e in ESTIMATORS if e in estimators]:
         try:
