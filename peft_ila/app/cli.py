@@ -160,6 +160,7 @@ def cmd_eval(args) -> dict:
         info["split_seed"],
         info["format"] == "plain",
         columns=columns,
+        quantize=info.get("quantization"),
     )
     _check_base_model(args, info, prepared.info["base_model"])
     if recorded and prepared.info["held_out_ids"] != info.get("held_out_ids", prepared.info["held_out_ids"]):

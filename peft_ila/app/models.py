@@ -77,12 +77,32 @@ def portable(spec: str) -> str:
     return spec if spec == DEFAULT_MODEL else str(resolve(spec))
 
 
-def load_model(spec: str = DEFAULT_MODEL):
-    """(model, tokenizer) in float32 on the CPU, from local files only."""
+QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes NF4 (QLoRA's) and LLM.int8()
+
+
+def _quantization_config(quantize: str):
+    """transformers' BitsAndBytesConfig for `quantize` (one of QUANTIZATIONS); a clear error without bitsandbytes."""
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(
+            f"--load-in-{quantize} needs the bitsandbytes package that a plain `pip install peft-ila` lacks: "
+            "pip install 'peft-ila[qlora]' (or load the model unquantized: drop the option)."
+        )
+    if quantize == "4bit":  # QLoRA's recipe: NF4 storage, float32 compute (the adapters' dtype)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="float32")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(spec: str = DEFAULT_MODEL, quantize: str | None = None, device: str = "cpu"):
+    """(model, tokenizer) from local files only: in float32 on the CPU, or with `quantize` ("4bit", "8bit") its
+    linear layers stored by bitsandbytes on `device` (float32 elsewhere)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(spec)
     kwargs: dict = {"local_files_only": True}
+    if quantize is not None:
+        kwargs.update(quantization_config=_quantization_config(quantize), device_map={"": str(device)})
     if isinstance(where, Path) and where.suffix == ".gguf":
         _require_gguf(f"--model {spec}")
         where, kwargs["gguf_file"] = where.parent, where.name

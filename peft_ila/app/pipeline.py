@@ -60,18 +60,21 @@ def prepare(
     accelerator: Accelerator | None = None,
     eval_data: str | None = None,
     columns: dict[str, str] | None = None,
+    quantize: str | None = None,
 ) -> Prepared:
     """Load data first (cheap, and where most mistakes are), then the model; tokenize and split.
 
     The held-out set is `eval_size` examples: split off `data_spec` with `seed`, or drawn with `seed` from
     `eval_data` (a separate test file, then all of `data_spec` trains). `columns` maps roles to columns (see
-    `data.column_mapping`). `info` records what resolves from any directory (absolute paths), the SHA-256 of the data
+    `data.column_mapping`). `quantize` ("4bit", "8bit"): the base model's linear layers stored by bitsandbytes
+    (`models.load_model`). `info` records what resolves from any directory (absolute paths), the SHA-256 of the data
     and the base model's identity, and the held-out rows (`held_out_ids`, row numbers in the file they come from)."""
     dataset = read_dataset(data_spec, columns)
     test_set = read_dataset(eval_data, columns) if eval_data else None
-    model, tokenizer = load_model(model_spec)
+    device = accelerator.device if accelerator is not None else "cpu"
+    model, tokenizer = load_model(model_spec, quantize, device)
     base_model = {"model": portable(model_spec), **model_identity(model)}
-    if accelerator is not None:
+    if accelerator is not None and quantize is None:  # a quantized model was loaded onto its device
         model.to(accelerator.device)
     plain = plain or not tokenizer.chat_template
     encoded = _encode_checked(dataset.conversations, data_spec, tokenizer, max_length, overlong, plain)
@@ -86,6 +89,7 @@ def prepare(
         )
     info = {
         "model": base_model["model"],
+        "quantization": quantize,
         "data": dataset.source,
         "data_sha256": dataset.sha256,
         "columns": dataset.columns,

@@ -66,6 +66,7 @@ def prepare_data(args, accelerator):
             accelerator,
             args.eval_data,
             args.columns,
+            args.quantize,
         )
 
 
@@ -187,7 +188,10 @@ def _check_mask_model(args, run: dict, saved, mask: Path, here: list[str], commo
     elif found.get("architecture_sha256", model["architecture_sha256"]) != model["architecture_sha256"]:
         problem = f"{model['model']} has the same layer names but another architecture (other shapes)"
     else:
-        if found.get("weights_sha256", model["weights_sha256"]) != model["weights_sha256"]:
+        stored = {"found": run.get("quantization") or "unquantized", "here": args.quantize or "unquantized"}
+        if stored["found"] != stored["here"]:
+            print(f"note: {where} ({stored['found']}); fine-tuning it {stored['here']}")
+        elif found.get("weights_sha256", model["weights_sha256"]) != model["weights_sha256"]:
             print(f"note: {where}; fine-tuning {model['model']}: same architecture, other weights")
         return
     if not args.allow_other_model:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils.other import transpose
+from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
 from .config import ILAConfig
@@ -42,6 +43,8 @@ class ILALayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
+        # peft's reader and writer of a quantized base weight (bitsandbytes 4/8-bit, ...); None for a float one
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -151,19 +154,20 @@ class Linear(nn.Module, ILALayer):
         return delta.to(dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or given) adapters' updates into the base weight."""
+        """Add the active (or given) adapters' updates into the base weight. A quantized base weight is dequantized,
+        updated and quantized again (as peft does for LoRA), which rounds the merged weight."""
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.ila_A:
                 continue
-            weight = self.get_base_weight()
-            delta = self.get_delta_weight(name).to(weight.dtype)
-            if safe_merge:
-                weight = weight.clone() + delta
-                if not torch.isfinite(weight).all():
-                    raise ValueError(f"Merging ILA adapter '{name}' gives non-finite weights; the adapter is broken.")
+            self._warn_if_rounded("Merging")
+            weight = self.get_base_weight()  # a quantized base: a dequantized copy
+            if safe_merge and self.quantization_backend is None:
+                weight = weight.clone()
+            weight += self.get_delta_weight(name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"Merging ILA adapter '{name}' gives non-finite weights; the adapter is broken.")
+            if safe_merge or self.quantization_backend is not None:
                 self.set_base_weight(weight)
-            else:
-                weight += delta
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -174,8 +178,20 @@ class Linear(nn.Module, ILALayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.ila_A:
+                self._warn_if_rounded("Unmerging")
                 weight = self.get_base_weight()
                 weight -= self.get_delta_weight(name).to(weight.dtype)
+                if self.quantization_backend is not None:
+                    self.set_base_weight(weight)
+
+    def _warn_if_rounded(self, what: str) -> None:
+        if self.quantization_backend is not None:
+            warnings.warn(
+                f"{what} an ILA adapter into a {self.quantization_backend.backend_name} base weight quantizes the "
+                "result again, so outputs change by the rounding; for an exact merge, load the base model unquantized "
+                "and merge there.",
+                stacklevel=3,
+            )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

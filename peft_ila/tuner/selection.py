@@ -242,14 +242,21 @@ class Selection:
 
 def model_identity(model: nn.Module) -> dict:
     """What tells base models apart, the same for a plain model and one wrapped with ILA adapters: the class, a SHA-256
-    of the parameter names and shapes (the architecture) and a sampled SHA-256 of the weights."""
+    of the parameter names and shapes (the architecture; a 4-bit weight counts with its unpacked shape, so a model
+    and its quantized self share it) and a sampled SHA-256 of the weights."""
     named = list(_base_parameters(model))
-    shapes = "".join(f"{name} {tuple(p.shape)}\n" for name, p in named)
+    shapes = "".join(f"{name} {_unpacked_shape(p)}\n" for name, p in named)
     return {
         "class": type(_unwrapped(model)).__name__,
         "architecture_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
         "weights_sha256": weights_fingerprint(named),
     }
+
+
+def _unpacked_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the matrix a parameter holds: a bitsandbytes 4-bit weight keeps it in its `quant_state`."""
+    state = getattr(p, "quant_state", None)
+    return tuple(state.shape if state is not None else p.shape)
 
 
 def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
