@@ -58,6 +58,17 @@ def test_quickstart_runs_as_written(tmp_path):
     assert (tmp_path / "ila-quickstart" / "adapter_model.safetensors").exists()
 
 
+def test_qlora_example_is_in_the_readme_and_runs_as_written(tmp_path):
+    example = ROOT / "examples" / "qlora.py"
+    assert example.read_text() in code_blocks("python")
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, str(example)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(re.search(r"after reload: (\S+)", done.stdout).group(1)) <= 1e-5
+    assert 0 < float(re.search(r"4-bit weights: (\S+)", done.stdout).group(1)) < 1  # rounded, not lost
+    assert "quantizes the result again" in done.stderr
+
+
 def test_demo_figures_match_the_recorded_run():
     demo = json.loads((ROOT / "docs" / "demo" / "demo.json").read_text())
     record = json.loads((ROOT / "docs" / "demo" / "importance.json").read_text())
