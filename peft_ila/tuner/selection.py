@@ -18,6 +18,7 @@ The tensors cover the ordered list of candidate layers:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import re
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -149,6 +151,42 @@ class Selection:
     def certain(self, level: float = CERTAIN) -> list[str]:
         """The selected layers whose confidence is at least `level`."""
         return [name for name in self.selected if self.confidence.get(name, -1.0) >= level]
+
+    def to_peft_config(self, config: PeftConfig) -> PeftConfig:
+        """A copy of another peft method's config (LoRA, DoRA, AdaLoRA, IA³, VeRA, ...) that adapts exactly the
+        selected layers. Its `target_modules` becomes a regular expression of their full names, which peft matches in
+        full: no other module whose name merely ends the same way is adapted. The given `target_modules`, if a list
+        of name suffixes, narrows the selection to those module types; for selected blocks it is required and says
+        which modules of each block to adapt. `ValueError` when nothing would be adapted or the config cannot say it.
+        """
+        where = f"Selection.to_peft_config({type(config).__name__})"
+        if not hasattr(config, "target_modules"):
+            raise ValueError(f"{where}: this method does not target modules by name, so no selection applies to it.")
+        if getattr(config, "layers_to_transform", None) is not None:
+            raise ValueError(f"{where}: the selection says which layers to adapt; leave `layers_to_transform` None.")
+        kinds = config.target_modules
+        if isinstance(kinds, str) and kinds != "all-linear":
+            raise ValueError(
+                f"{where}: target_modules={kinds!r} is a regular expression; pass None, 'all-linear' or a list of "
+                "module name suffixes (e.g. ['q_proj', 'v_proj']) to narrow the selection."
+            )
+        suffixes = None if kinds is None or kinds == "all-linear" else sorted(kinds)
+        blocks = [name for name in self.selected if layer_of(name, "block") == name]
+        of_kind = lambda name: suffixes is None or any(name == s or name.endswith("." + s) for s in suffixes)  # noqa: E731
+        patterns = [re.escape(name) for name in self.selected if name not in blocks and of_kind(name)]
+        if blocks:
+            if suffixes is None:
+                raise ValueError(
+                    f"{where}: the selection is of blocks ({blocks[0]}, ...); name the modules of each block to adapt, "
+                    "e.g. target_modules=['q_proj', 'v_proj', 'down_proj']."
+                )
+            within = "|".join(map(re.escape, suffixes))
+            patterns.append(rf"(?:{'|'.join(map(re.escape, blocks))})\.(?:.*\.)?(?:{within})")
+        if not patterns:
+            raise ValueError(f"{where}: none of the {len(self.selected)} selected layers ends in one of {suffixes}.")
+        adapted = copy.deepcopy(config)
+        adapted.target_modules = "|".join(patterns)
+        return adapted
 
     # --- the forms a selection is stored in ---------------------------------------------------------------------
 
