@@ -10,6 +10,8 @@ from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig
 from . import UsageError
 from .models import QUANTIZATIONS
 
+METHODS = ("ila", "lora", "dora", "adalora", "qlora")  # what `train --method` puts on the selected layers
+
 LAUNCHERS = (
     "\n\nseveral processes (data parallel, one shard of each batch stream per rank; gradients averaged, the same "
     "layers\nselected on every rank, outputs written once by rank 0):\n"
@@ -290,6 +292,14 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
     which.add_argument("--all-layers", action="store_true", help="baseline: plain peft LoRA on every candidate")
     which.add_argument("--layers", type=_modules, help="comma-separated layer names")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="ila",
+        help="what to put on the selected layers (--mask or --layers): ILA's own adapters (ila, the default), or a "
+        "peft method targeting exactly them: lora, dora, adalora (rank ceil(1.5 r) down to r), qlora (lora on a "
+        "4-bit base: implies --load-in-4bit)",
+    )
     p.add_argument(
         "--allow-other-model",
         action="store_true",

@@ -54,6 +54,7 @@ def cmd_identify(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from ..tuner.selection import Selection
     from . import UsageError
     from .files import check_free
     from .pipeline import finetune, lora_all_layers, wrap
@@ -77,20 +78,23 @@ def cmd_train(args) -> None:
         )
     if args.allow_other_model and not args.mask:
         raise UsageError("--allow-other-model applies to a --mask found on another model; drop it.")
+    _check_method(args)
     run = read_run(args.mask) if args.mask else None  # (record, selection)
     ila_config(args)
     accelerator = accelerator_for(args)
     prepared = prepare_data(args, accelerator)
     if run is not None:
-        config, selection = mask_config(args, *run, args.mask, prepared)
-        model = wrap(prepared.model, config)
+        config, chosen, selection = mask_config(args, *run, args.mask, prepared)
+        model = wrap(prepared.model, config if args.method == "ila" else _method_config(args, chosen))
     elif args.all_layers:
         model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
         selection = {"selection": "all layers (plain peft LoRA)", "layers": len(model.base_model.targeted_module_names)}
     elif args.layers:
         config = ila_config(args, selected_layers=args.layers)
-        _check_layers(args, candidates_of(prepared.model, config), prepared.info["model"])
-        model = wrap(prepared.model, config)
+        candidates = candidates_of(prepared.model, config)
+        _check_layers(args, candidates, prepared.info["model"])
+        chosen = Selection(tuple(candidates), tuple(args.layers))
+        model = wrap(prepared.model, config if args.method == "ila" else _method_config(args, chosen))
         selection = {"selection": "--layers", "layers": len(args.layers)}
     else:
         model, _, record = identify_to_run(args, prepared, accelerator, inline, checkpoint)
@@ -100,9 +104,30 @@ def cmd_train(args) -> None:
     report = finetune(
         model, prepared, args.steps, args.lr, args.batch_size, args.seed, args.warmup, accelerator, not args.no_progress
     )
-    save_adapter(args, model, args.out, report, prepared, selection)
+    save_adapter(args, model, args.out, report, prepared, {**selection, "method": args.method})
     print_finetune(report)
     print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
+
+
+def _check_method(args) -> None:
+    """`--method` other than ILA's own needs a selection; qlora loads the base in 4 bits (implied)."""
+    from . import UsageError
+
+    if args.method != "ila" and not (args.mask or args.layers):
+        raise UsageError(
+            f"--method {args.method} puts {args.method} on a selection of layers: pass --mask RUN_DIR (or --layers); "
+            "for every layer, --all-layers is plain LoRA."
+        )
+    if args.method == "qlora":
+        if args.quantize == "8bit":
+            raise UsageError("--method qlora is LoRA on a 4-bit base; drop --load-in-8bit (or use --method lora).")
+        args.quantize = "4bit"
+
+
+def _method_config(args, chosen):
+    from .pipeline import method_config
+
+    return method_config(args.method, chosen, args.r, args.lora_alpha, args.lora_dropout, args.steps)
 
 
 def _check_layers(args, candidates: list[str], model: str) -> None:

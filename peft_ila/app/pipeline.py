@@ -3,6 +3,7 @@ evaluate, generate. Training always goes through `peft_ila.identification.traini
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
 from ..identification.distributed import rank, world_size
 from ..identification.importance import ILAResult, identify_important_layers
 from ..identification.training import StepStats, cycle, evaluate_loss, train_steps
 from ..tuner.config import ILAConfig
-from ..tuner.selection import model_identity
+from ..tuner.selection import Selection, model_identity
 from . import UsageError
 from .args import usage_error
 from .data import Conversation, Encoded, batches, encode, prompt_text, read_dataset, split
@@ -176,6 +177,19 @@ def lora_all_layers(prepared: Prepared, r: int, lora_alpha: float, lora_dropout:
     return wrap(prepared.model, config)
 
 
+def method_config(method: str, selection: Selection, r: int, lora_alpha: float, lora_dropout: float, steps: int):
+    """The peft config of `method` ("lora", "dora", "adalora"; "qlora" is LoRA, on a 4-bit base) on exactly the
+    selected layers. AdaLoRA starts at rank ceil(1.5 r) and ends at an average rank r over `steps` steps (its
+    budget shrinks from 10% to 80% of them)."""
+    shape = dict(task_type="CAUSAL_LM", lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    if method == "adalora":
+        schedule = dict(total_step=steps, tinit=steps // 10, tfinal=steps // 5, deltaT=1)
+        config = AdaLoraConfig(init_r=math.ceil(1.5 * r), target_r=r, **schedule, **shape)
+    else:
+        config = LoraConfig(r=r, use_dora=method == "dora", **shape)
+    return selection.to_peft_config(config)
+
+
 def wrap(model: torch.nn.Module, config: ILAConfig | LoraConfig) -> PeftModel:
     """`get_peft_model`, with what does not fit the model (top-k, target modules, layer names) as a usage error."""
     try:
@@ -215,7 +229,8 @@ def finetune(
     loss_before: float | None = None,
 ) -> FinetuneReport:
     """AdamW with linear warmup and decay on `params` (default: the trainable ones); held-out loss measured before
-    (unless given) and after. `on_step` runs after every step (see `train_steps`)."""
+    (unless given) and after. `on_step` runs after every step (see `train_steps`); an AdaLoRA model's
+    `update_and_allocate` after every optimizer step, as AdaLoRA needs."""
     accelerator = accelerator or Accelerator()
     held_out = prepared.batches(batch_size, seed, held_out=True)
     before = evaluate_loss(model, held_out, accelerator, progress) if loss_before is None else loss_before
@@ -231,6 +246,7 @@ def finetune(
         accelerator=accelerator,
         scheduler=scheduler,
         on_step=on_step,
+        after_step=getattr(model.base_model, "update_and_allocate", None),
         desc="fine-tune",
         progress=progress,
     )

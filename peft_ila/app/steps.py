@@ -135,7 +135,7 @@ def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | N
 
 def mask_config(args, run: dict, saved, mask: Path, prepared):
     """The ILAConfig that applies a run directory's mask (its record `run` and `Selection` `saved`) to the prepared
-    model, and what the adapter records of it.
+    model, that `Selection` of this model's candidates, and what the adapter records of it.
 
     The mask's selection, or with `--top-k` the best k of its ranking. A mask whose candidate layers or
     architecture differ from this model's is refused unless `--allow-other-model` (then its layers that exist here
@@ -173,7 +173,8 @@ def mask_config(args, run: dict, saved, mask: Path, prepared):
             f"the best {len(selection.selected)} of the ranking of mask {mask} (--top-k {args.top_k})",
         )
     config = ila_config(args, **selection.config_fields(), top_k=top_k, **shape)
-    return config, {"selection": how, "mask": str(mask.resolve()), "top_k": top_k, "layers": len(selection.selected)}
+    info = {"selection": how, "mask": str(mask.resolve()), "top_k": top_k, "layers": len(selection.selected)}
+    return config, selection, info
 
 
 def _check_mask_model(args, run: dict, saved, mask: Path, here: list[str], common: list[str], model: dict) -> None:

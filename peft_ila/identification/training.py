@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from peft import PeftModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -88,6 +89,7 @@ def train_steps(
     penalty: Callable[[], torch.Tensor] | None = None,
     should_stop: Callable[[float], bool] | None = None,
     on_step: Callable[[StepStats], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
     desc: str = "train",
     progress: bool = True,
     resume: StepStats | None = None,
@@ -97,10 +99,11 @@ def train_steps(
     Each step minimises the model's own loss (`model(**batch).loss`) plus `penalty()`, over
     `accelerator.gradient_accumulation_steps` micro-batches; `should_stop(mean step loss)` may end the run early and
     `on_step(stats so far)` runs after every step, once its stop reason is decided (e.g. to change which parameters
-    train, or to checkpoint). `resume`: the stats of an interrupted run to continue (steps count on from there).
-    Batches go to the model's device; under several processes each rank passes its own share and gradients are
-    averaged at every step (see the module docstring). Raises `FloatingPointError` naming the step if the loss
-    stops being finite on any rank.
+    train, or to checkpoint); `after_step(steps done before it)` runs right after each optimizer step, while the
+    gradients are still there (AdaLoRA's `update_and_allocate` reads them). `resume`: the stats of an interrupted
+    run to continue (steps count on from there). Batches go to the model's device; under several processes each
+    rank passes its own share and gradients are averaged at every step (see the module docstring). Raises
+    `FloatingPointError` naming the step if the loss stops being finite on any rank.
     """
     accelerator = accelerator or Accelerator()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -128,6 +131,8 @@ def train_steps(
                 optimizer.step()
                 if scheduler is not None and accelerator.sync_gradients and not optimizer.step_was_skipped:
                     scheduler.step()
+                if after_step is not None and accelerator.sync_gradients:
+                    after_step(stats.steps)
                 optimizer.zero_grad(set_to_none=True)
             micro.append(loss)
             micro_tokens += count_tokens(batch)
@@ -183,10 +188,13 @@ def evaluate_loss(
     model: nn.Module, batches: Iterable[Batch], accelerator: Accelerator | None = None, progress: bool = False
 ) -> float:
     """Mean loss per predicted label token over `batches` (the model's own shifted-label loss, token-weighted); under
-    several processes, over the union of every rank's batches."""
+    several processes, over the union of every rank's batches. A `PeftModel` is evaluated through the model it
+    wraps (adapters applied), so a tuner's own additions to the training loss (AdaLoRA's orthogonality penalty) are
+    not counted."""
     accelerator = accelerator or Accelerator()
     was_training = model.training
     model.eval()
+    net = model.get_base_model() if isinstance(model, PeftModel) else model
     total, count = 0.0, 0
     try:
         for batch in tqdm(batches, desc="held-out loss", disable=not progress, leave=False):
@@ -195,7 +203,7 @@ def evaluate_loss(
             if n == 0:
                 continue
             with accelerator.autocast():
-                total += float(model(**batch).loss) * n
+                total += float(net(**batch).loss) * n
             count += n
     finally:
         model.train(was_training)

@@ -1,0 +1,42 @@
+"""`peft-ila train --method`: LoRA, DoRA, AdaLoRA and QLoRA on an ILA mask, saved, reloaded and evaluated."""
+
+import json
+
+import pytest
+
+from conftest import common
+from peft_ila.app.cli import main
+
+PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "adalora": "ADALORA", "qlora": "LORA"}
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_TYPES))
+def test_each_method_trains_exactly_the_masks_layers_and_eval_reproduces_its_loss(work, run, tmp_path, method):
+    out = tmp_path / method
+    assert (
+        main(["train", *common(work, "--steps", "10"), "--mask", str(run), "--method", method, "--out", str(out)]) == 0
+    )
+    config = json.loads((out / "adapter_config.json").read_text())
+    info = json.loads((out / "training.json").read_text())
+    selected = json.loads((run / "importance.json").read_text())["selected"]
+    assert config["peft_type"] == PEFT_TYPES[method] and config.get("use_dora", False) == (method == "dora")
+    assert sorted(config["target_modules"].split("|")) == sorted(name.replace(".", "\\.") for name in selected)
+    assert info["method"] == method and info["quantization"] == ("4bit" if method == "qlora" else None)
+    assert info["loss_after"] < info["loss_before"]
+    if method == "adalora":  # the budget was reallocated: ranks ceil(1.5 r) = 12 down to an average r = 8
+        kept = [sum(mask) for mask in config["rank_pattern"].values()]
+        assert len(kept) == len(selected) and sum(kept) == 8 * len(selected)
+    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "dora"], "--method dora puts dora on a selection of layers: pass --mask RUN_DIR"),
+        (["--method", "qlora", "--load-in-8bit", "--layers", "model.layers.0.mlp.up_proj"], "drop --load-in-8bit"),
+    ],
+)
+def test_methods_without_a_selection_or_with_a_clashing_base_are_refused(work, tmp_path, capsys, extra, message):
+    assert main(["train", *common(work, "--steps", "1"), *extra, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
