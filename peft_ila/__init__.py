@@ -6,7 +6,20 @@ PEFT tuner) and `identification` (finding the important layers); the command lin
 """
 
 from .identification import ILACallback, ILAResult, identify_important_layers
-from .tuner import PEFT_TYPE, GateBank, ILAConfig, ILALayer, ILALoadError, ILAModel, Linear, Selection, resolve_top_k
+from .tuner import (
+    PEFT_TYPE,
+    GateBank,
+    ILAConfig,
+    ILALayer,
+    ILALoadError,
+    ILAModel,
+    Linear,
+    Selection,
+    load_selection,
+    resolve_top_k,
+    save_with_selection,
+    train_only_selected,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,5 +34,8 @@ __all__ = [
     "Linear",
     "Selection",
     "identify_important_layers",
+    "load_selection",
     "resolve_top_k",
+    "save_with_selection",
+    "train_only_selected",
 ]

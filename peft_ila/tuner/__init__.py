@@ -1,11 +1,13 @@
 """The PEFT tuner: `ILAConfig` (config.py), the adapter layer and gate bank (layer.py), `ILAModel` (model.py: which
-modules carry adapters, probe -> selected), `Selection` and its saved forms (selection.py), backward stopping at the
-lowest adapted block (backward.py), and the one module that touches peft internals (_peft_compat.py). Importing this
-package registers the PEFT type "ILA". It imports nothing from `identification` or `app`."""
+modules carry adapters, probe -> selected), `Selection` and its saved forms (selection.py), full fine-tuning of a
+selection (full.py), backward stopping at the lowest adapted block (backward.py), and the one module that touches
+peft internals (_peft_compat.py). Importing this package registers the PEFT type "ILA". It imports nothing from
+`identification` or `app`."""
 
 from ._peft_compat import ILA as PEFT_TYPE
 from ._peft_compat import register
 from .config import ILAConfig, resolve_top_k
+from .full import load_selection, save_with_selection, train_only_selected
 from .layer import GateBank, ILALayer, Linear
 from .model import ILAModel, find_candidates
 from .selection import ILALoadError, Selection, model_identity
@@ -22,6 +24,9 @@ __all__ = [
     "Linear",
     "Selection",
     "find_candidates",
+    "load_selection",
     "model_identity",
     "resolve_top_k",
+    "save_with_selection",
+    "train_only_selected",
 ]

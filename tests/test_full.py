@@ -1,0 +1,59 @@
+"""Full fine-tuning of a selection: exactly the selected weights change, and the checkpoint keeps its mask."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import llama_candidates, lm_batches, tiny_llama
+from peft_ila import Selection, load_selection, save_with_selection, train_only_selected
+
+SELECTED = ("model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj", "model.layers.3.self_attn.q_proj")
+
+
+def train(model, params, steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for batch in lm_batches(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_exactly_the_selected_weights_change_and_the_checkpoint_reloads_with_its_mask(tmp_path):
+    selection = Selection(tuple(llama_candidates()), SELECTED, {name: 1.0 for name in SELECTED})
+    model = tiny_llama()
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    params = train_only_selected(model, selection)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"{n}.weight" for n in sorted(SELECTED)]
+    assert len(params) == len(SELECTED)
+    model.train()
+    train(model, params)
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {f"{name}.weight" for name in SELECTED}  # every other tensor bit-identical
+    save_with_selection(model, selection, tmp_path / "full")
+    assert sorted(p.name for p in (tmp_path / "full").glob("*.safetensors")) == [
+        "ila_mask.safetensors",
+        "model.safetensors",
+    ]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert all(torch.equal(reloaded.state_dict()[name], value) for name, value in after.items())
+    assert load_selection(tmp_path / "full").differences(selection) == []
+
+
+def test_a_selected_block_trains_whole_and_backward_stops_below_the_lowest_selected_layer():
+    model = tiny_llama()
+    blocks = tuple(f"model.layers.{i}" for i in range(4))
+    params = train_only_selected(model, Selection(blocks, ("model.layers.2",)))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith("model.layers.2.")
+    }
+    seen = []
+    model.model.layers[1].register_forward_hook(lambda m, args, out: seen.append(out[0].requires_grad))
+    model(**lm_batches(1)[0]).loss.backward()
+    assert seen == [False] and all(p.grad is not None for p in params)
+
+
+def test_a_selection_from_another_model_is_refused_by_name():
+    other = Selection(("model.layers.9.mlp.up_proj",), ("model.layers.9.mlp.up_proj",))
+    with pytest.raises(ValueError, match=r"no module 'model.layers.9.mlp.up_proj' \(1 of 1 selected layers missing\)"):
+        train_only_selected(tiny_llama(), other)
