@@ -1,10 +1,14 @@
-"""`peft-ila train --method`: LoRA, DoRA, AdaLoRA and QLoRA on an ILA mask, saved, reloaded and evaluated."""
+"""`peft-ila train --method`: LoRA, DoRA, AdaLoRA, QLoRA and full fine-tuning on an ILA mask, saved, reloaded and
+evaluated."""
 
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import common
+from peft_ila import load_selection
 from peft_ila.app.cli import main
 
 PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "adalora": "ADALORA", "qlora": "LORA"}
@@ -35,8 +39,25 @@ def test_each_method_trains_exactly_the_masks_layers_and_eval_reproduces_its_los
     [
         (["--method", "dora"], "--method dora puts dora on a selection of layers: pass --mask RUN_DIR"),
         (["--method", "qlora", "--load-in-8bit", "--layers", "model.layers.0.mlp.up_proj"], "drop --load-in-8bit"),
+        (["--method", "full", "--load-in-4bit", "--layers", "model.layers.0.mlp.up_proj"], "--method full trains"),
     ],
 )
 def test_methods_without_a_selection_or_with_a_clashing_base_are_refused(work, tmp_path, capsys, extra, message):
     assert main(["train", *common(work, "--steps", "1"), *extra, "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_full_fine_tuning_saves_a_model_with_its_mask_that_only_differs_in_the_selected_weights(work, run, tmp_path):
+    out = tmp_path / "full"
+    assert (
+        main(["train", *common(work, "--steps", "3"), "--mask", str(run), "--method", "full", "--out", str(out)]) == 0
+    )
+    tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(work / "lm").state_dict()
+    selected = json.loads((run / "importance.json").read_text())["selected"]
+    assert {n for n in base if not torch.equal(base[n], tuned[n])} == {f"{name}.weight" for name in selected}
+    assert set(load_selection(out).selected) == set(selected)
+    info = json.loads((out / "training.json").read_text())
+    assert info["method"] == "full" and info["trainable_params"] == sum(base[f"{n}.weight"].numel() for n in selected)
+    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])

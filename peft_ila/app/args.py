@@ -10,7 +10,7 @@ from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig
 from . import UsageError
 from .models import QUANTIZATIONS
 
-METHODS = ("ila", "lora", "dora", "adalora", "qlora")  # what `train --method` puts on the selected layers
+METHODS = ("ila", "lora", "dora", "adalora", "qlora", "full")  # what `train --method` does to the selected layers
 
 LAUNCHERS = (
     "\n\nseveral processes (data parallel, one shard of each batch stream per rank; gradients averaged, the same "
@@ -298,7 +298,8 @@ def parser() -> argparse.ArgumentParser:
         default="ila",
         help="what to put on the selected layers (--mask or --layers): ILA's own adapters (ila, the default), or a "
         "peft method targeting exactly them: lora, dora, adalora (rank ceil(1.5 r) down to r), qlora (lora on a "
-        "4-bit base: implies --load-in-4bit)",
+        "4-bit base: implies --load-in-4bit); or full: train the selected weights themselves and save a plain "
+        "transformers checkpoint with the mask (ila_mask.safetensors)",
     )
     p.add_argument(
         "--allow-other-model",

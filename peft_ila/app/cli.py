@@ -57,7 +57,7 @@ def cmd_train(args) -> None:
     from ..tuner.selection import Selection
     from . import UsageError
     from .files import check_free
-    from .pipeline import finetune, lora_all_layers, wrap
+    from .pipeline import finetune, lora_all_layers
     from .report import read_run
 
     inline = args.out.with_name(args.out.name + "-identify")  # where an inline identification writes its run
@@ -83,9 +83,10 @@ def cmd_train(args) -> None:
     ila_config(args)
     accelerator = accelerator_for(args)
     prepared = prepare_data(args, accelerator)
+    params = chosen = None
     if run is not None:
         config, chosen, selection = mask_config(args, *run, args.mask, prepared)
-        model = wrap(prepared.model, config if args.method == "ila" else _method_config(args, chosen))
+        model, params = _put_method(args, prepared.model, config, chosen)
     elif args.all_layers:
         model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
         selection = {"selection": "all layers (plain peft LoRA)", "layers": len(model.base_model.targeted_module_names)}
@@ -94,7 +95,7 @@ def cmd_train(args) -> None:
         candidates = candidates_of(prepared.model, config)
         _check_layers(args, candidates, prepared.info["model"])
         chosen = Selection(tuple(candidates), tuple(args.layers))
-        model = wrap(prepared.model, config if args.method == "ila" else _method_config(args, chosen))
+        model, params = _put_method(args, prepared.model, config, chosen)
         selection = {"selection": "--layers", "layers": len(args.layers)}
     else:
         model, _, record = identify_to_run(args, prepared, accelerator, inline, checkpoint)
@@ -102,11 +103,24 @@ def cmd_train(args) -> None:
         top_k = model.peft_config["default"].top_k
         selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(record["selected"])}
     report = finetune(
-        model, prepared, args.steps, args.lr, args.batch_size, args.seed, args.warmup, accelerator, not args.no_progress
+        model,
+        prepared,
+        args.steps,
+        args.lr,
+        args.batch_size,
+        args.seed,
+        args.warmup,
+        accelerator,
+        not args.no_progress,
+        params,
     )
-    save_adapter(args, model, args.out, report, prepared, {**selection, "method": args.method})
+    full = chosen if args.method == "full" else None
+    save_adapter(args, model, args.out, report, prepared, {**selection, "method": args.method}, full)
     print_finetune(report)
-    print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
+    if full is not None:
+        print(f"model saved to {args.out} (AutoModelForCausalLM.from_pretrained; its mask: peft_ila.load_selection)")
+    else:
+        print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
 
 
 def _check_method(args) -> None:
@@ -118,16 +132,32 @@ def _check_method(args) -> None:
             f"--method {args.method} puts {args.method} on a selection of layers: pass --mask RUN_DIR (or --layers); "
             "for every layer, --all-layers is plain LoRA."
         )
+    if args.method == "full" and args.quantize:
+        raise UsageError(
+            f"--method full trains the selected weights themselves, which a --load-in-{args.quantize} base stores "
+            "quantized; drop the option (or use --method qlora)."
+        )
     if args.method == "qlora":
         if args.quantize == "8bit":
             raise UsageError("--method qlora is LoRA on a 4-bit base; drop --load-in-8bit (or use --method lora).")
         args.quantize = "4bit"
 
 
-def _method_config(args, chosen):
-    from .pipeline import method_config
+def _put_method(args, base, config, chosen):
+    """(model, the parameters to train or None for all trainable ones) for `--method` on the selection `chosen`:
+    ILA's adapters (`config`), another peft method on exactly those layers, or the layers' own weights (full)."""
+    from ..tuner.full import train_only_selected
+    from .args import usage_error
+    from .pipeline import method_config, wrap
 
-    return method_config(args.method, chosen, args.r, args.lora_alpha, args.lora_dropout, args.steps)
+    if args.method == "full":
+        try:
+            return base, train_only_selected(base, chosen)
+        except ValueError as exc:
+            raise usage_error(exc) from None
+    if args.method == "ila":
+        return wrap(base, config), None
+    return wrap(base, method_config(args.method, chosen, args.r, args.lora_alpha, args.lora_dropout, args.steps)), None
 
 
 def _check_layers(args, candidates: list[str], model: str) -> None:
@@ -170,14 +200,17 @@ def cmd_eval(args) -> dict:
     from .pipeline import first_user_turn, generate, prepare
 
     info = read_json(args.adapter / "training.json")
-    if not (args.adapter / "adapter_model.safetensors").is_file():
+    full = info.get("method") == "full"  # a model directory of its own (train --method full), not an adapter
+    if full and args.model:
+        raise UsageError(f"{args.adapter} is a full fine-tune, a model of its own (--method full); drop --model.")
+    if not full and not (args.adapter / "adapter_model.safetensors").is_file():
         raise UsageError(
             f"{args.adapter} has no adapter_model.safetensors; peft-ila loads weights only from safetensors. Save "
             "the adapter again with save_pretrained(dir)."
         )
     source, columns, recorded = _held_out_source(args, info)
     prepared = prepare(
-        args.model or info["model"],
+        str(args.adapter) if full else args.model or info["model"],
         source,
         info["max_length"],
         info.get("overlong", "truncate"),
@@ -187,7 +220,8 @@ def cmd_eval(args) -> dict:
         columns=columns,
         quantize=info.get("quantization"),
     )
-    _check_base_model(args, info, prepared.info["base_model"])
+    if not full:  # a full fine-tune's weights are its own, not its base model's
+        _check_base_model(args, info, prepared.info["base_model"])
     if recorded and prepared.info["held_out_ids"] != info.get("held_out_ids", prepared.info["held_out_ids"]):
         print(
             f"warning: the held-out examples differ from those recorded in {args.adapter}/training.json (another "
@@ -195,7 +229,7 @@ def cmd_eval(args) -> dict:
             file=sys.stderr,
         )
     try:
-        model = PeftModel.from_pretrained(prepared.model, args.adapter)
+        model = prepared.model if full else PeftModel.from_pretrained(prepared.model, args.adapter)
     except ILALoadError as exc:
         raise UsageError(str(exc)) from None
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)

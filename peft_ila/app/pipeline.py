@@ -215,7 +215,7 @@ class FinetuneReport:
 
 
 def finetune(
-    model: PeftModel,
+    model: torch.nn.Module,
     prepared: Prepared,
     steps: int,
     lr: float,
@@ -252,7 +252,7 @@ def finetune(
     )
     memory = peak_memory_mb(start_mb)
     after = evaluate_loss(model, held_out, accelerator, progress)
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     return FinetuneReport(
         loss_before=before,
         loss_after=after,

@@ -228,13 +228,15 @@ def print_top(record: dict, limit: int = 15) -> None:
     )
 
 
-def save_adapter(args, model, out: Path, report, prepared, selection: dict) -> dict:
+def save_adapter(args, model, out: Path, report, prepared, selection: dict, full=None) -> dict:
     """Save the adapter and training.json: what `eval` needs to rebuild the base model and the split (see
     `pipeline.prepare`), how the layers were chosen (`selection`: at least its description and the number of
-    `layers`), and the fine-tune's report."""
+    `layers`), and the fine-tune's report. With `full` (the `Selection` of a full fine-tune), the whole model
+    instead, with its tokenizer and mask: a model directory of its own (`tuner.full.save_with_selection`)."""
     from dataclasses import asdict
 
     from ..identification.distributed import world_size
+    from ..tuner.full import save_with_selection
     from .files import main_process_dir, write_json
 
     settings = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "bf16", "lr", "warmup")}
@@ -242,7 +244,11 @@ def save_adapter(args, model, out: Path, report, prepared, selection: dict) -> d
     record.update({"top_k": None, **selection, **asdict(report)})
     with main_process_dir(out, args.overwrite) as tmp:
         if tmp is not None:
-            model.save_pretrained(tmp)
+            if full is None:
+                model.save_pretrained(tmp)
+            else:
+                save_with_selection(model, full, tmp)
+                prepared.tokenizer.save_pretrained(tmp)
             write_json(tmp / "training.json", record)
     return record
 
