@@ -89,3 +89,18 @@ def test_adalora_on_a_selection_reallocates_its_budget():
     assert {name.split(".lora_E")[0] for name in pattern} == set(SELECTED)
     kept = [sum(mask) for mask in pattern.values()]
     assert sum(kept) == 2 * len(SELECTED) and len(set(kept)) > 1  # half the ranks, not the same in every layer
+
+
+def test_ila_callback_runs_adaloras_budget_steps_in_a_trainer(tmp_path):
+    from transformers import Trainer, default_data_collator
+
+    from conftest import lm_dataset, trainer_args
+    from peft_ila import ILACallback
+
+    model = get_peft_model(tiny_llama(), selection().to_peft_config(METHODS["adalora"]))  # total_step 10
+    trainer = Trainer(model, trainer_args(tmp_path, max_steps=10), train_dataset=lm_dataset(10))
+    trainer.data_collator = default_data_collator
+    trainer.add_callback(ILACallback(trainer))
+    trainer.train()
+    pattern = model.peft_config["default"].rank_pattern  # fixed by update_and_allocate at the last step
+    assert pattern is not None and sum(sum(mask) for mask in pattern.values()) == 2 * len(SELECTED)

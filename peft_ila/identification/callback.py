@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -33,6 +34,10 @@ class ILACallback(TrainerCallback):
     writes it to `<output_dir>/ila_importance.json`. A model already in the selected state is left as it is: to
     resume from a checkpoint taken after selection, call `model.base_model.select_as_saved(checkpoint)` on the fresh
     probe model before `trainer.train(resume_from_checkpoint=checkpoint)`.
+
+    An AdaLoRA model (e.g. built with `Selection.to_peft_config(AdaLoraConfig(...))`) needs its
+    `update_and_allocate(step)` after every optimizer step, which the Trainer does not call: this callback does, and
+    identifies nothing for such a model.
 
     Args:
         trainer: the trainer, to log through its loggers (`report_to`) and use its accelerator; without it the
@@ -62,6 +67,8 @@ class ILACallback(TrainerCallback):
         train_dataloader: Any = None,
         **kwargs: Any,
     ) -> None:
+        if _allocator(model) is not None:  # AdaLoRA on a selection: nothing to identify
+            return
         tuner = _ila_tuner(model)
         adapter = self.adapter_name or tuner._the_active_adapter()
         if tuner.peft_config[adapter].selected_layers is not None:
@@ -97,6 +104,19 @@ class ILACallback(TrainerCallback):
             with written_atomically(Path(args.output_dir) / REPORT_NAME) as tmp:
                 tmp.write_text(json.dumps(self.result.to_dict(), indent=2))
 
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kw,
+    ) -> None:
+        """AdaLoRA's budget step, right after the optimizer's (its gradients are still there)."""
+        allocate = _allocator(model)
+        if allocate is not None:
+            allocate(state.global_step)
+
     def _log(self, args: TrainingArguments, state: TrainerState, result: ILAResult) -> None:
         selection = result.selection
         metrics = {"ila/selected_layers": len(selection.selected), "ila/candidates": len(selection.candidates)}
@@ -111,6 +131,12 @@ class ILACallback(TrainerCallback):
             state.log_history.append({**metrics, "step": state.global_step})
         if state.is_world_process_zero:
             logger.info("ILA selected %d of %d layers: %s", len(selection.selected), len(selection.candidates), metrics)
+
+
+def _allocator(model: nn.Module | None):
+    """An AdaLoRA model's `update_and_allocate`, else None."""
+    tuner = getattr(model, "base_model", None)
+    return getattr(tuner, "update_and_allocate", None) if isinstance(tuner, AdaLoraModel) else None
 
 
 def keep_trainable_only(optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:
