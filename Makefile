@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs bench bench-quick bench-stability test quickstart lint clean
+.PHONY: demo demo-docs bench bench-quick bench-stability bench-methods test quickstart lint clean
 
 # the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -39,6 +39,9 @@ bench-quick: $(BIN)/.app
 # then benchmarks/STABILITY.md; LIMA and Dolly come from ../shared
 bench-stability: $(BIN)/.app
 	$(BIN)/python benchmarks/stability.py --preset full
+
+bench-methods: $(BIN)/.app
+	$(BIN)/python benchmarks/methods.py --preset full
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import hashlib
 import itertools
 import json
 import math
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks import known_answer  # noqa: E402
 from benchmarks.baselines import gradnorm_scores, top_k  # noqa: E402
+from benchmarks.cells import Missing, cell, key  # noqa: E402
 from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, identify_important_layers  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
@@ -128,10 +128,6 @@ class Recording(Identification):
         return {"scores": scores, "seconds": stats.seconds, "tokens": stats.tokens, "losses": list(stats.losses)}
 
 
-def key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
 class Study:
     """The cells of one preset: each computed at most once, read back from `cells` afterwards."""
 
@@ -174,15 +170,7 @@ class Study:
 
     def cell(self, kind: str, settings: dict, compute) -> dict:
         """The record of a cell: read if it exists, else computed by `compute(path_stem)` and saved."""
-        stem = self.cells / f"{kind}-{key(settings)}"
-        if stem.with_suffix(".json").exists():
-            return json.loads(stem.with_suffix(".json").read_text())
-        if self.args.existing_only:
-            raise Missing(f"{kind}-{key(settings)}")
-        print(f"  computing {kind} {settings}", flush=True)
-        record = {"kind": kind, "settings": settings, **compute(stem)}
-        write_json(stem.with_suffix(".json"), record)
-        return record
+        return cell(self.cells, kind, settings, compute, self.args.existing_only)
 
     def config(self, **fields) -> ILAConfig:
         return ILAConfig(**ADAPTER, **fields)
@@ -380,10 +368,6 @@ def agreement(a: dict[str, float], b: dict[str, float]) -> dict:
     for f in FRACTIONS:
         out[f"jaccard@{f:g}"] = jaccard(*(set(top_set({n: s[n] for n in names}, f)) for s in (a, b)))
     return out
-
-
-class Missing(Exception):
-    """A cell that `--existing-only` does not compute."""
 
 
 def run(args: argparse.Namespace) -> dict:

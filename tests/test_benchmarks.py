@@ -194,3 +194,24 @@ def test_random_jaccard_expectation_is_exact_on_a_small_case():
 
     # n=4, k=2: overlap 0 (prob 1/6) -> 0, overlap 1 (4/6) -> 1/3, overlap 2 (1/6) -> 1
     assert abs(expected_random_jaccard(4, 2) - (4 / 6 / 3 + 1 / 6)) < 1e-12
+
+
+def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_path):
+    from benchmarks import methods
+
+    lm = tiny_lm_dir(tmp_path / "lm")
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca_rows(40)))
+    args = ["--preset", "quick", "--model", str(lm), "--data", f"alpaca={tmp_path / 'alpaca.json'}"]
+    args += ["--cells", str(tmp_path / "cells"), "--markdown", str(tmp_path / "METHODS.md")]
+    results = methods.main(args)
+    rows = {(row["method"], row["share"]): row for row in results["rows"]}
+    assert set(rows) == {(m, s) for m in methods.METHODS for s in methods.SHARES} and not results["missing"]
+    layers = {share: rows[("lora", share)]["layers"] for share in methods.SHARES}
+    assert layers == {"all": 14, "ILA top 25%": 4, "ILA top 75%": 11}  # 2 blocks x 7 candidates
+    assert rows[("full", "ILA top 25%")]["trainable_params"] < rows[("full", "all")]["trainable_params"]
+    assert all(row["optimizer_state_bytes"] == 8 * row["trainable_params"] for row in rows.values())
+    page = (tmp_path / "METHODS.md").read_text()
+    assert "| qlora | ILA top 25% (4) |" in page
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
+    assert methods.main([*args, "--existing-only"])["rows"] == results["rows"]  # read back, none recomputed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -1,0 +1,37 @@
+"""Benchmark cells: one JSON record per finished piece of a study, keyed by its settings, computed at most once.
+
+A study too long for one sitting is a grid of cells: each is saved when it finishes and read back afterwards, so a
+rerun computes only what is missing, and `--existing-only` computes nothing and lists what is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from peft_ila.app.files import write_json
+
+
+class Missing(Exception):
+    """A cell that `--existing-only` does not compute."""
+
+
+def key(settings: dict) -> str:
+    """12 hex digits of the SHA-256 of the settings (JSON, sorted keys): a cell's name."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cell(folder: Path, kind: str, settings: dict, compute: Callable[[Path], dict], existing_only: bool) -> dict:
+    """The record of a cell `folder/<kind>-<key>.json`: read if it exists, else `compute(path stem)` and saved
+    (written whole or not at all); `Missing` when absent and `existing_only`."""
+    stem = folder / f"{kind}-{key(settings)}"
+    if stem.with_suffix(".json").exists():
+        return json.loads(stem.with_suffix(".json").read_text())
+    if existing_only:
+        raise Missing(stem.name)
+    print(f"  computing {kind} {settings}", flush=True)
+    record = {"kind": kind, "settings": settings, **compute(stem)}
+    write_json(stem.with_suffix(".json"), record)
+    return record

@@ -1,0 +1,204 @@
+"""The paper's table for other fine-tuning methods: each of LoRA, DoRA, AdaLoRA, QLoRA and full fine-tuning on all
+candidate layers, on ILA's top 25% and on its top 75% (one mask, found once with the library defaults).
+
+    python benchmarks/methods.py --preset full    # `make bench-methods`; resumable: a finished cell is kept
+    python benchmarks/methods.py --preset quick   # smoke-sized, on whatever --model is given
+
+Cells (`benchmarks/results/methods/<preset>/`): `mask-*` (identification on the primary dataset: the selection and
+its cost) and `tune-*` (one method on one share of the layers: held-out loss before and after, median seconds per
+step, peak memory rise, trainable parameters, optimizer-state bytes). Writes `methods.json` and `METHODS.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from peft import get_peft_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from benchmarks.cells import Missing, cell  # noqa: E402
+from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
+from peft_ila import ILAConfig, Selection, identify_important_layers, train_only_selected  # noqa: E402
+from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
+from peft_ila.app.data import fingerprint  # noqa: E402
+from peft_ila.app.files import write_json  # noqa: E402
+from peft_ila.app.pipeline import finetune, method_config, prepare  # noqa: E402
+from peft_ila.app.report import machine  # noqa: E402
+from peft_ila.tuner.config import resolve_top_k  # noqa: E402
+
+PRESETS = {
+    "quick": dict(max_length=64, batch_size=2, eval_size=8, steps=3, stage1=4, stage2=2),
+    "full": dict(max_length=128, batch_size=4, eval_size=32, steps=30, stage1=128, stage2=32),
+}
+METHODS = ("lora", "dora", "adalora", "qlora", "full")
+SHARES = {"all": None, "ILA top 25%": 0.25, "ILA top 75%": 0.75}  # share name -> top-k fraction of the mask
+LR = {"full": 5e-5}  # AdamW learning rate of the method (default 1e-3: adapters)
+ADAPTER = dict(r=8, lora_alpha=16)
+
+
+class Grid:
+    """The cells of one preset on the primary dataset."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.p = args, PRESETS[args.preset]
+        self.folder = args.cells / args.preset
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.dataset = args.datasets[0]
+        self.files = (args.data.get(self.dataset, DATASETS[self.dataset][0]), None)
+        if self.dataset not in args.data:
+            self.files = tuple(s.format(shared=args.shared) if s else s for s in DATASETS[self.dataset])
+
+    def identity(self) -> dict:
+        shape = {k: self.p[k] for k in ("max_length", "batch_size", "eval_size")}
+        return {
+            "dataset": self.dataset,
+            "data_sha256": fingerprint(self.files[0])[1],
+            "model": self.args.model,
+            **shape,
+        }
+
+    def prepared(self, quantize: str | None = None):
+        p = self.p
+        return prepare(
+            self.args.model,
+            self.files[0],
+            p["max_length"],
+            "truncate",
+            p["eval_size"],
+            0,
+            eval_data=self.files[1],
+            quantize=quantize,
+        )
+
+    def mask(self) -> dict:
+        """Identification with the library's defaults (its budget from the preset): the selection and its cost."""
+        settings = {**self.identity(), "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
+
+        def compute(stem: Path) -> dict:
+            prepared = self.prepared()
+            budget = dict(stage1_max_steps=self.p["stage1"], stage2_steps=self.p["stage2"], top_k=0.25)
+            model = get_peft_model(prepared.model, ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget))
+            batches = prepared.batches(self.p["batch_size"], 0)
+            result = identify_important_layers(model, batches, progress=self.args.progress)
+            cost = {"seconds": result.stage1.seconds + result.stage2.seconds, "tokens": result.stage1.tokens}
+            cost["tokens"] += result.stage2.tokens
+            return {"selection": result.selection.to_json(), **cost}
+
+        return cell(self.folder, "mask", settings, compute, self.args.existing_only)
+
+    def tune(self, method: str, share: str, mask: dict) -> dict:
+        """`method` on a share of the layers of `mask`: a fine-tune of the preset's steps, and what it cost."""
+        settings = {**self.identity(), "method": method, "share": share, "steps": self.p["steps"], **ADAPTER}
+        settings.update(mask=mask["settings"], lr=LR.get(method, 1e-3))
+
+        def compute(stem: Path) -> dict:
+            found = Selection.from_json(mask["selection"])
+            k = SHARES[share]
+            chosen = found.top(resolve_top_k(k, len(found.candidates))) if k else Selection.everything(found.candidates)
+            prepared = self.prepared("4bit" if method == "qlora" else None)
+            model, params = prepared.model, None
+            if method == "full":
+                params = train_only_selected(model, chosen)
+            else:
+                model = get_peft_model(
+                    model, method_config(method, chosen, **ADAPTER, lora_dropout=0.0, steps=self.p["steps"])
+                )
+            report = finetune(
+                model,
+                prepared,
+                self.p["steps"],
+                settings["lr"],
+                self.p["batch_size"],
+                0,
+                0.1,
+                progress=self.args.progress,
+                params=params,
+            )
+            # AdamW keeps two float32 tensors (exp_avg, exp_avg_sq) the size of every trainable parameter
+            return {
+                **asdict(report),
+                "layers": len(chosen.selected),
+                "optimizer_state_bytes": 8 * report.trainable_params,
+            }
+
+        return cell(self.folder, "tune", settings, compute, self.args.existing_only)
+
+
+def run(args: argparse.Namespace) -> dict:
+    grid = Grid(args)
+    results = {"machine": machine(), "preset": args.preset, "rows": [], "missing": []}
+    try:
+        mask = grid.mask()
+    except Missing as absent:
+        return {**results, "missing": [f"the mask ({absent})"]}
+    results["identification"] = {"seconds": mask["seconds"], "tokens": mask["tokens"]}
+    for method in args.methods:
+        for share in SHARES:
+            try:
+                tuned = grid.tune(method, share, mask)
+            except Missing as absent:
+                results["missing"].append(f"{method} on {share} ({absent})")
+                continue
+            results["rows"].append(
+                {"method": method, "share": share, **{k: v for k, v in tuned.items() if k != "losses"}}
+            )
+    return results
+
+
+def page(results: dict, args: argparse.Namespace) -> str:
+    p = PRESETS[results["preset"]]
+    lines = [
+        "# Fine-tuning methods on an ILA selection",
+        "",
+        f"Written by `python benchmarks/methods.py --preset {results['preset']}` (`make bench-methods`) from the "
+        f"cells in `benchmarks/results/methods/{results['preset']}`; {results['machine']['cpu_count']} CPU cores, "
+        f"torch {results['machine']['torch']}. Each row: {p['steps']} AdamW steps of batch {p['batch_size']} at "
+        f"max length {p['max_length']}, held-out loss on {p['eval_size']} examples. One mask, found once with the "
+        f"library's defaults ({p['stage1']} + {p['stage2']} steps"
+        + (f", {results['identification']['seconds']:.0f} s)." if "identification" in results else ")."),
+        "Optimizer state: AdamW's two float32 tensors per trainable parameter. Memory: the peak rise of the process's "
+        "resident memory during the fine-tune (CPU).",
+        "",
+        "| method | layers | held-out loss before -> after | s/step | peak memory rise (MB) | trainable params "
+        "| optimizer state (MB) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for row in results["rows"]:
+        loss = f"{row['loss_before']:.4f} -> {row['loss_after']:.4f}"
+        lines.append(
+            f"| {row['method']} | {row['share']} ({row['layers']}) | {loss} "
+            f"| {row['median_step_seconds']:.2f} | {row['memory']['rss_rise_mb']:.0f} | {row['trainable_params']:,} "
+            f"| {row['optimizer_state_bytes'] / 2**20:.1f} |"
+        )
+    if results["missing"]:
+        lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-methods` continues the grid):", ""]
+        lines += [f"- {entry}" for entry in results["missing"]]
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_inputs(parser, PRESETS)
+    parser.add_argument("--cells", type=Path, default=ROOT / "benchmarks" / "results" / "methods")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "METHODS.md", help="page to write")
+    parser.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS), help="comma-separated")
+    parser.add_argument("--existing-only", action="store_true", help="compute no cell: write the page from those there")
+    return parsed_inputs(parser, argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(sys.argv[1:] if argv is None else list(argv))
+    _offline_and_quiet()
+    results = run(args)
+    write_json(args.cells / args.preset / "methods.json", results)
+    args.markdown.write_text(page(results, args))
+    return results
+
+
+if __name__ == "__main__":
+    main()
