@@ -6,6 +6,7 @@ rerun computes only what is missing, and `--existing-only` computes nothing and 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from collections.abc import Callable
@@ -35,3 +36,18 @@ def cell(folder: Path, kind: str, settings: dict, compute: Callable[[Path], dict
     record = {"kind": kind, "settings": settings, **compute(stem)}
     write_json(stem.with_suffix(".json"), record)
     return record
+
+
+def add_cell_options(parser: argparse.ArgumentParser, folder: Path, page: Path) -> None:
+    """The options of a study made of cells: where they are kept, the page to write, and --existing-only."""
+    parser.add_argument("--cells", type=Path, default=folder, help="where cells are kept (one folder per preset)")
+    parser.add_argument("--markdown", type=Path, default=page, help="page to write")
+    parser.add_argument(
+        "--existing-only", action="store_true", help="compute no cell: write the page from the cells there are"
+    )
+
+
+def write_study(args: argparse.Namespace, name: str, results: dict, page: str) -> None:
+    """A study's results as `<cells>/<preset>/<name>.json` and its Markdown page at `args.markdown`."""
+    write_json(args.cells / args.preset / f"{name}.json", results)
+    args.markdown.write_text(page)

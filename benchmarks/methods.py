@@ -21,12 +21,11 @@ from peft import get_peft_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from benchmarks.cells import Missing, cell  # noqa: E402
+from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
 from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, Selection, identify_important_layers, train_only_selected  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.data import fingerprint  # noqa: E402
-from peft_ila.app.files import write_json  # noqa: E402
 from peft_ila.app.pipeline import finetune, method_config, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
 from peft_ila.tuner.config import resolve_top_k  # noqa: E402
@@ -184,10 +183,8 @@ def page(results: dict, args: argparse.Namespace) -> str:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inputs(parser, PRESETS)
-    parser.add_argument("--cells", type=Path, default=ROOT / "benchmarks" / "results" / "methods")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "METHODS.md", help="page to write")
+    add_cell_options(parser, ROOT / "benchmarks" / "results" / "methods", ROOT / "benchmarks" / "METHODS.md")
     parser.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS), help="comma-separated")
-    parser.add_argument("--existing-only", action="store_true", help="compute no cell: write the page from those there")
     return parsed_inputs(parser, argv)
 
 
@@ -195,8 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else list(argv))
     _offline_and_quiet()
     results = run(args)
-    write_json(args.cells / args.preset / "methods.json", results)
-    args.markdown.write_text(page(results, args))
+    write_study(args, "methods", results, page(results, args))
     return results
 
 

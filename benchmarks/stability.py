@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks import known_answer  # noqa: E402
 from benchmarks.baselines import gradnorm_scores, top_k  # noqa: E402
-from benchmarks.cells import Missing, cell, key  # noqa: E402
+from benchmarks.cells import Missing, add_cell_options, cell, key, write_study  # noqa: E402
 from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, identify_important_layers  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
@@ -1037,13 +1037,7 @@ def frontier(path: Path, results: dict) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inputs(parser, PRESETS)
-    parser.add_argument(
-        "--cells",
-        type=Path,
-        default=ROOT / "benchmarks" / "results" / "stability",
-        help="where cells are kept (one folder per preset)",
-    )
-    parser.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "STABILITY.md", help="page to write")
+    add_cell_options(parser, ROOT / "benchmarks" / "results" / "stability", ROOT / "benchmarks" / "STABILITY.md")
     parser.add_argument(
         "--lengths",
         type=lambda t: [int(x) for x in t.split(",")],
@@ -1055,9 +1049,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=[*NO_STAGE2, *ESTIMATORS],
         help="comma-separated estimators of the seed rows (default: all)",
     )
-    parser.add_argument(
-        "--existing-only", action="store_true", help="compute no cell: write the page from the cells there are"
-    )
     return parsed_inputs(parser, argv)
 
 
@@ -1065,8 +1056,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else list(argv))
     _offline_and_quiet()
     results = run(args)
-    write_json(args.cells / args.preset / "stability.json", results)
-    args.markdown.write_text(page(results, args))
+    write_study(args, "stability", results, page(results, args))
     frontier(args.cells / args.preset / "frontier.png", results)
     return results
 

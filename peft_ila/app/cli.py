@@ -57,7 +57,7 @@ def cmd_train(args) -> None:
     from ..tuner.selection import Selection
     from . import UsageError
     from .files import check_free
-    from .pipeline import finetune, lora_all_layers
+    from .pipeline import lora_all_layers
     from .report import read_run
 
     inline = args.out.with_name(args.out.name + "-identify")  # where an inline identification writes its run
@@ -102,18 +102,7 @@ def cmd_train(args) -> None:
         print_top(record)
         top_k = model.peft_config["default"].top_k
         selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(record["selected"])}
-    report = finetune(
-        model,
-        prepared,
-        args.steps,
-        args.lr,
-        args.batch_size,
-        args.seed,
-        args.warmup,
-        accelerator,
-        not args.no_progress,
-        params,
-    )
+    report = _finetune(args, model, prepared, accelerator, params)
     full = chosen if args.method == "full" else None
     save_adapter(args, model, args.out, report, prepared, {**selection, "method": args.method}, full)
     print_finetune(report)
@@ -121,6 +110,15 @@ def cmd_train(args) -> None:
         print(f"model saved to {args.out} (AutoModelForCausalLM.from_pretrained; its mask: peft_ila.load_selection)")
     else:
         print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
+
+
+def _finetune(args, model, prepared, accelerator, params=None):
+    """`pipeline.finetune` with the command's options (`params`: what trains, default the trainable parameters)."""
+    from .pipeline import finetune
+
+    progress = not args.no_progress
+    steps = (args.steps, args.lr, args.batch_size, args.seed, args.warmup)
+    return finetune(model, prepared, *steps, accelerator, progress, params)
 
 
 def _check_method(args) -> None:
@@ -312,7 +310,7 @@ def _check_base_model(args, info: dict, loaded: dict) -> None:
 
 def cmd_demo(args) -> None:
     from .files import check_free, staged_dir, write_json
-    from .pipeline import finetune, first_user_turn, generate
+    from .pipeline import first_user_turn, generate
     from .report import machine
 
     started = time.perf_counter()
@@ -325,17 +323,7 @@ def cmd_demo(args) -> None:
         print_top(record)
         conversation = prepared.held_out_conversations[0]
         before_text = generate(model, prepared.tokenizer, conversation, prepared.plain)
-        report = finetune(
-            model,
-            prepared,
-            args.steps,
-            args.lr,
-            args.batch_size,
-            args.seed,
-            args.warmup,
-            accelerator,
-            not args.no_progress,
-        )
+        report = _finetune(args, model, prepared, accelerator)
         print_finetune(report)
         after_text = generate(model, prepared.tokenizer, conversation, prepared.plain)
         selection = {"selection": "ILA top-k found by this demo", "top_k": model.peft_config["default"].top_k}
