@@ -110,7 +110,7 @@ class ILACallback(TrainerCallback):
         state: TrainerState,
         control: TrainerControl,
         model: nn.Module | None = None,
-        **kw,
+        **kwargs: Any,
     ) -> None:
         """AdaLoRA's budget step, right after the optimizer's (its gradients are still there)."""
         allocate = _allocator(model)
