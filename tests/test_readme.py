@@ -103,3 +103,11 @@ def test_stability_findings_are_quoted_from_stability_md():
     page = (ROOT / "benchmarks" / "STABILITY.md").read_text()
     assert len(findings) >= 5 and all(line in page for line in findings), [f for f in findings if f not in page]
     assert "make bench-stability" in section
+
+
+def test_methods_table_is_quoted_from_methods_md():
+    section = README.split("### Fine-tuning methods on a selection", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    page = (ROOT / "benchmarks" / "METHODS.md").read_text().splitlines()
+    assert len(rows) >= 3 and rows == [line for line in page if line.startswith("|")]
+    assert "make bench-methods" in section
