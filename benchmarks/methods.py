@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
-from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
+from benchmarks.run import add_inputs, data_identity, dataset_files, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, Selection, identify_important_layers, train_only_selected  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
-from peft_ila.app.data import fingerprint  # noqa: E402
 from peft_ila.app.pipeline import finetune, method_config, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
 from peft_ila.tuner.config import resolve_top_k  # noqa: E402
@@ -48,18 +47,10 @@ class Grid:
         self.folder = args.cells / args.preset
         self.folder.mkdir(parents=True, exist_ok=True)
         self.dataset = args.datasets[0]
-        self.files = (args.data.get(self.dataset, DATASETS[self.dataset][0]), None)
-        if self.dataset not in args.data:
-            self.files = tuple(s.format(shared=args.shared) if s else s for s in DATASETS[self.dataset])
-
-    def identity(self) -> dict:
-        shape = {k: self.p[k] for k in ("max_length", "batch_size", "eval_size")}
-        return {
-            "dataset": self.dataset,
-            "data_sha256": fingerprint(self.files[0])[1],
-            "model": self.args.model,
-            **shape,
-        }
+        self.files = dataset_files(args, self.dataset)
+        self.identity = data_identity(
+            args, self.dataset, **{k: self.p[k] for k in ("max_length", "batch_size", "eval_size")}
+        )
 
     def prepared(self, quantize: str | None = None):
         p = self.p
@@ -76,7 +67,7 @@ class Grid:
 
     def mask(self) -> dict:
         """Identification with the library's defaults (its budget from the preset): the selection and its cost."""
-        settings = {**self.identity(), "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
+        settings = {**self.identity, "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
 
         def compute(stem: Path) -> dict:
             prepared = self.prepared()
@@ -92,7 +83,7 @@ class Grid:
 
     def tune(self, method: str, share: str, mask: dict) -> dict:
         """`method` on a share of the layers of `mask`: a fine-tune of the preset's steps, and what it cost."""
-        settings = {**self.identity(), "method": method, "share": share, "steps": self.p["steps"], **ADAPTER}
+        settings = {**self.identity, "method": method, "share": share, "steps": self.p["steps"], **ADAPTER}
         settings.update(mask=mask["settings"], lr=LR.get(method, 1e-3))
 
         def compute(stem: Path) -> dict:

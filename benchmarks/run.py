@@ -32,6 +32,7 @@ from benchmarks.report import write_report  # noqa: E402
 from peft_ila import ILAConfig, ILALayer, resolve_top_k  # noqa: E402
 from peft_ila.app import UsageError  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
+from peft_ila.app.data import fingerprint  # noqa: E402
 from peft_ila.app.files import write_json  # noqa: E402
 from peft_ila.app.pipeline import Prepared, finetune, identify, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
@@ -75,6 +76,19 @@ DATASETS = {  # name -> (training data, separate held-out file or None); {shared
     "dolly": ("{shared}/data/dolly_train_4k.json", "{shared}/data/dolly_test_200.json"),
 }
 PRIMARY, TRANSFER_FROM = "alpaca", "lima"  # the full grid runs on PRIMARY, with masks also transferred from lima
+
+
+def dataset_files(args: argparse.Namespace, name: str) -> tuple[str, str | None]:
+    """Dataset `name`'s training data spec and its held-out file (None: split off the training data), `{shared}`
+    filled in; a `--data NAME=FILE` replaces both."""
+    data, eval_data = DATASETS[name] if name not in args.data else (args.data[name], None)
+    return tuple(s.format(shared=args.shared) if s else s for s in (data, eval_data))
+
+
+def data_identity(args: argparse.Namespace, name: str, **shape) -> dict:
+    """What a benchmark cell depends on besides its own settings: the dataset, its data's SHA-256, the model, and
+    the `shape` of the examples and batches."""
+    return {"dataset": name, "data_sha256": fingerprint(dataset_files(args, name)[0])[1], "model": args.model, **shape}
 
 
 def median_seconds(fn, batches) -> float:
@@ -138,10 +152,7 @@ class Bench:
         return list(itertools.islice(self.batches(prepared), self.p["timing_batches"] + 1))
 
     def load(self, name: str) -> Prepared | None:
-        data, eval_data = DATASETS[name]
-        if name in self.args.data:
-            data, eval_data = self.args.data[name], None
-        data, eval_data = (s.format(shared=self.args.shared) if s else s for s in (data, eval_data))
+        data, eval_data = dataset_files(self.args, name)
         if not (name in self.args.data or "{shared}" not in DATASETS[name][0] or Path(data).exists()):
             print(f"skipping {name}: {data} is absent (../shared holds it beside a developer checkout)")
             return None

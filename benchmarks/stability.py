@@ -45,11 +45,10 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from benchmarks import known_answer  # noqa: E402
 from benchmarks.baselines import gradnorm_scores, top_k  # noqa: E402
 from benchmarks.cells import Missing, add_cell_options, cell, key, write_study  # noqa: E402
-from benchmarks.run import DATASETS, add_inputs, parsed_inputs  # noqa: E402
+from benchmarks.run import DATASETS, add_inputs, data_identity, dataset_files, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, identify_important_layers  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.compare import jaccard, spearman  # noqa: E402
-from peft_ila.app.data import fingerprint  # noqa: E402
 from peft_ila.app.files import write_json  # noqa: E402
 from peft_ila.app.pipeline import Prepared, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
@@ -136,28 +135,20 @@ class Study:
         self.cells: Path = args.cells / args.preset
         self.cells.mkdir(parents=True, exist_ok=True)
         self.prepared: dict[str, Prepared] = {}
+        self.identities: dict[str, dict] = {}
         self.base = None
 
-    def files(self, dataset: str) -> tuple[str, str | None]:
-        """The training data spec and the held-out file (None: split off the training data)."""
-        data, eval_data = self.args.data.get(dataset, DATASETS[dataset][0]), None
-        if dataset not in self.args.data:
-            eval_data = DATASETS[dataset][1]
-        return tuple(s.format(shared=self.args.shared) if s else s for s in (data, eval_data))
-
     def identity(self, dataset: str) -> dict:
-        """What a cell's result depends on besides its own settings: the model, the data's SHA-256, the shape."""
-        return {
-            "dataset": dataset,
-            "data_sha256": fingerprint(self.files(dataset)[0])[1],
-            "model": self.args.model,
-            "max_length": self.p["max_length"],
-            "batch_size": self.p["batch_size"],
-        }
+        """What a cell's result depends on besides its own settings: the model, the data's SHA-256, the shape (once
+        per dataset: hashing the data file is not free)."""
+        if dataset not in self.identities:
+            shape = {k: self.p[k] for k in ("max_length", "batch_size")}
+            self.identities[dataset] = data_identity(self.args, dataset, **shape)
+        return self.identities[dataset]
 
     def data(self, dataset: str) -> Prepared:
         if dataset not in self.prepared:
-            data, eval_data = self.files(dataset)
+            data, eval_data = dataset_files(self.args, dataset)
             size = self.p["eval_size"]
             prepared = prepare(self.args.model, data, self.p["max_length"], "truncate", size, 0, eval_data=eval_data)
             self.base = self.base or prepared.model.eval()
