@@ -12,6 +12,7 @@ step, peak memory rise, trainable parameters, optimizer-state bytes). Writes `me
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,8 @@ from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noq
 from benchmarks.run import add_inputs, data_identity, dataset_files, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, Selection, identify_important_layers, train_only_selected  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
+from peft_ila.app.compare import jaccard  # noqa: E402
+from peft_ila.app.files import peak_memory_mb, reset_peak_memory  # noqa: E402
 from peft_ila.app.pipeline import finetune, method_config, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
 from peft_ila.tuner.config import resolve_top_k  # noqa: E402
@@ -37,6 +40,7 @@ METHODS = ("lora", "dora", "adalora", "qlora", "full")
 SHARES = {"all": None, "ILA top 25%": 0.25, "ILA top 75%": 0.75}  # share name -> top-k fraction of the mask
 LR = {"full": 5e-5}  # AdamW learning rate of the method (default 1e-3: adapters)
 ADAPTER = dict(r=8, lora_alpha=16)
+QUANTIZE = {None: "unquantized", "4bit": "4-bit (NF4)"}  # identification's base -> its name on the page
 
 
 class Grid:
@@ -65,21 +69,41 @@ class Grid:
             quantize=quantize,
         )
 
+    def _identify(self, quantize: str | None) -> dict:
+        """Identification with the library's defaults (its budget from the preset) on the base loaded as `quantize`
+        says: the selection, its seconds and tokens, and the resident memory before and at its peak (MiB)."""
+        prepared = self.prepared(quantize)
+        start_mb = reset_peak_memory()
+        budget = dict(stage1_max_steps=self.p["stage1"], stage2_steps=self.p["stage2"], top_k=0.25)
+        model = get_peft_model(prepared.model, ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget))
+        batches = prepared.batches(self.p["batch_size"], 0)
+        result = identify_important_layers(model, batches, progress=self.args.progress)
+        stages = (result.stage1, result.stage2)
+        return {
+            "selection": result.selection.to_json(),
+            "seconds": sum(s.seconds for s in stages),
+            "tokens": sum(s.tokens for s in stages),
+            "median_step_seconds": statistics.median(result.stage1.step_seconds),
+            "memory": {"start_mb": start_mb, **peak_memory_mb(start_mb)},
+        }
+
+    def _settings(self) -> dict:
+        return {**self.identity, "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
+
     def mask(self) -> dict:
-        """Identification with the library's defaults (its budget from the preset): the selection and its cost."""
-        settings = {**self.identity, "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
+        """The mask every method is put on: identification on the unquantized base (selection and cost)."""
 
         def compute(stem: Path) -> dict:
-            prepared = self.prepared()
-            budget = dict(stage1_max_steps=self.p["stage1"], stage2_steps=self.p["stage2"], top_k=0.25)
-            model = get_peft_model(prepared.model, ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget))
-            batches = prepared.batches(self.p["batch_size"], 0)
-            result = identify_important_layers(model, batches, progress=self.args.progress)
-            cost = {"seconds": result.stage1.seconds + result.stage2.seconds, "tokens": result.stage1.tokens}
-            cost["tokens"] += result.stage2.tokens
-            return {"selection": result.selection.to_json(), **cost}
+            found = self._identify(None)
+            return {k: found[k] for k in ("selection", "seconds", "tokens")}
 
-        return cell(self.folder, "mask", settings, compute, self.args.existing_only)
+        return cell(self.folder, "mask", self._settings(), compute, self.args.existing_only)
+
+    def identification(self, quantize: str | None) -> dict:
+        """Identification again, on the base unquantized or in 4 bits, with its memory: what QLoRA-style
+        identification saves, and whether it finds the same layers."""
+        settings = {**self._settings(), "quantize": quantize}
+        return cell(self.folder, "identify", settings, lambda stem: self._identify(quantize), self.args.existing_only)
 
     def tune(self, method: str, share: str, mask: dict) -> dict:
         """`method` on a share of the layers of `mask`: a fine-tune of the preset's steps, and what it cost."""
@@ -137,6 +161,19 @@ def run(args: argparse.Namespace) -> dict:
             results["rows"].append(
                 {"method": method, "share": share, **{k: v for k, v in tuned.items() if k != "losses"}}
             )
+    mask_top = set(Selection.from_json(mask["selection"]).selected)
+    results["identifications"] = []
+    for quantize in QUANTIZE:
+        try:
+            found = grid.identification(quantize)
+        except Missing as absent:
+            results["missing"].append(f"identification on the {QUANTIZE[quantize]} base ({absent})")
+            continue
+        top = set(Selection.from_json(found["selection"]).selected)
+        results["identifications"].append(
+            {"base": QUANTIZE[quantize], "jaccard_with_mask": jaccard(top, mask_top)}
+            | {k: found[k] for k in ("seconds", "tokens", "median_step_seconds", "memory")}
+        )
     return results
 
 
@@ -165,10 +202,35 @@ def page(results: dict, args: argparse.Namespace) -> str:
             f"| {row['median_step_seconds']:.2f} | {row['memory']['rss_rise_mb']:.0f} | {row['trainable_params']:,} "
             f"| {row['optimizer_state_bytes'] / 2**20:.1f} |"
         )
+    if results.get("identifications"):
+        lines += identification_table(results["identifications"])
     if results["missing"]:
         lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-methods` continues the grid):", ""]
         lines += [f"- {entry}" for entry in results["missing"]]
     return "\n".join(lines) + "\n"
+
+
+def identification_table(rows: list[dict]) -> list[str]:
+    """Identification itself on each base: cost, memory, and agreement of its top 25% with the mask's."""
+    lines = [
+        "",
+        "## Identification on a quantized base",
+        "",
+        "The same identification (same budget, data and seed) on the base loaded unquantized and in 4 bits. Memory: "
+        "resident before identification (the loaded model and data) and its peak during it. Agreement: top-25% "
+        "Jaccard with the mask above (1.0: the same layers).",
+        "",
+        "| base | seconds | s/stage-1 step | resident before (MB) | peak (MB) | rise (MB) "
+        "| top-25% Jaccard with the mask |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        memory = row["memory"]
+        lines.append(
+            f"| {row['base']} | {row['seconds']:.0f} | {row['median_step_seconds']:.2f} | {memory['start_mb']:.0f} "
+            f"| {memory['peak_rss_mb']:.0f} | {memory['rss_rise_mb']:.0f} | {row['jaccard_with_mask']:.2f} |"
+        )
+    return lines
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -210,8 +210,12 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     assert layers == {"all": 14, "ILA top 25%": 4, "ILA top 75%": 11}  # 2 blocks x 7 candidates
     assert rows[("full", "ILA top 25%")]["trainable_params"] < rows[("full", "all")]["trainable_params"]
     assert all(row["optimizer_state_bytes"] == 8 * row["trainable_params"] for row in rows.values())
+    found = {row["base"]: row for row in results["identifications"]}
+    assert set(found) == set(methods.QUANTIZE.values())
+    assert found["unquantized"]["jaccard_with_mask"] == 1.0  # the mask's own identification, repeated
+    assert all(row["memory"]["peak_rss_mb"] >= row["memory"]["start_mb"] > 0 for row in found.values())
     page = (tmp_path / "METHODS.md").read_text()
-    assert "| qlora | ILA top 25% (4) |" in page
+    assert "| qlora | ILA top 25% (4) |" in page and "| 4-bit (NF4) |" in page
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
     assert methods.main([*args, "--existing-only"])["rows"] == results["rows"]  # read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -61,3 +61,20 @@ def test_full_fine_tuning_saves_a_model_with_its_mask_that_only_differs_in_the_s
     assert info["method"] == "full" and info["trainable_params"] == sum(base[f"{n}.weight"].numel() for n in selected)
     assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])
+
+
+def test_full_fine_tuning_can_save_only_the_changed_weights_and_eval_puts_them_back(work, run, tmp_path):
+    out = tmp_path / "changed"
+    args = ["--mask", str(run), "--method", "full", "--changed-only", "--out", str(out)]
+    assert main(["train", *common(work, "--steps", "3"), *args]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ila_changed.safetensors", "ila_mask.safetensors", "training.json"]
+    info = json.loads((out / "training.json").read_text())
+    assert info["changed_only"] is True
+    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])
+
+
+def test_changed_only_is_refused_for_an_adapter_method(work, run, tmp_path, capsys):
+    args = ["--mask", str(run), "--method", "lora", "--changed-only", "--out", str(tmp_path / "x")]
+    assert main(["train", *common(work, "--steps", "1"), *args]) == 2
+    assert "--changed-only saves the weights a full fine-tune changed" in capsys.readouterr().err

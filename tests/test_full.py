@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import llama_candidates, lm_batches, tiny_llama
-from peft_ila import Selection, load_selection, save_with_selection, train_only_selected
+from peft_ila import Selection, load_changed_weights, load_selection, save_with_selection, train_only_selected
 
 SELECTED = ("model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj", "model.layers.3.self_attn.q_proj")
 
@@ -57,3 +57,34 @@ def test_a_selection_from_another_model_is_refused_by_name():
     other = Selection(("model.layers.9.mlp.up_proj",), ("model.layers.9.mlp.up_proj",))
     with pytest.raises(ValueError, match=r"no module 'model.layers.9.mlp.up_proj' \(1 of 1 selected layers missing\)"):
         train_only_selected(tiny_llama(), other)
+
+
+def test_a_changed_only_save_holds_just_the_selected_tensors_and_restores_the_fine_tune_on_its_base(tmp_path):
+    selection = Selection(tuple(llama_candidates()), SELECTED, {name: 1.0 for name in SELECTED})
+    model = tiny_llama()
+    model.train()
+    train(model, train_only_selected(model, selection))
+    save_with_selection(model, selection, tmp_path / "changed", changed_only=True)
+    assert sorted(p.name for p in (tmp_path / "changed").iterdir()) == [
+        "ila_changed.safetensors",
+        "ila_mask.safetensors",
+    ]
+    base = tiny_llama()  # the same seed: the weights the fine-tune started from
+    assert not torch.equal(base.state_dict()[f"{SELECTED[0]}.weight"], model.state_dict()[f"{SELECTED[0]}.weight"])
+    assert load_changed_weights(base, tmp_path / "changed").differences(selection) == []
+    assert all(torch.equal(base.state_dict()[name], value) for name, value in model.state_dict().items())
+
+
+def test_changed_weights_refuse_another_base_and_leave_it_untouched(tmp_path):
+    selection = Selection(tuple(llama_candidates()), SELECTED)
+    model = tiny_llama()
+    save_with_selection(model, selection, tmp_path / "changed", changed_only=True)
+    other = tiny_llama()
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.add_(1.0)  # not a selected layer: another base
+    before = {name: value.clone() for name, value in other.state_dict().items()}
+    with pytest.raises(ValueError, match="trained from other weights than this model's"):
+        load_changed_weights(other, tmp_path / "changed")
+    assert all(torch.equal(before[name], value) for name, value in other.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="was not saved with changed_only=True"):
+        load_changed_weights(other, tmp_path)

@@ -302,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
         "transformers checkpoint with the mask (ila_mask.safetensors)",
     )
     p.add_argument(
+        "--changed-only",
+        action="store_true",
+        help="with --method full: save only the selected layers' tensors (ila_changed.safetensors, with the mask) "
+        "instead of the whole model; eval puts them back into the base model",
+    )
+    p.add_argument(
         "--allow-other-model",
         action="store_true",
         help="apply a --mask found on a model with other candidate layers: the mask's layers that exist here are "

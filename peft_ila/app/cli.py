@@ -104,9 +104,12 @@ def cmd_train(args) -> None:
         selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(record["selected"])}
     report = _finetune(args, model, prepared, accelerator, params)
     full = chosen if args.method == "full" else None
-    save_adapter(args, model, args.out, report, prepared, {**selection, "method": args.method}, full)
+    how = {"method": args.method, **({"changed_only": True} if args.changed_only else {})}
+    save_adapter(args, model, args.out, report, prepared, {**selection, **how}, full)
     print_finetune(report)
-    if full is not None:
+    if full is not None and args.changed_only:
+        print(f"changed weights saved to {args.out} (onto the base: peft_ila.load_changed_weights(model, dir))")
+    elif full is not None:
         print(f"model saved to {args.out} (AutoModelForCausalLM.from_pretrained; its mask: peft_ila.load_selection)")
     else:
         print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
@@ -129,6 +132,11 @@ def _check_method(args) -> None:
         raise UsageError(
             f"--method {args.method} puts {args.method} on a selection of layers: pass --mask RUN_DIR (or --layers); "
             "for every layer, --all-layers is plain LoRA."
+        )
+    if args.changed_only and args.method != "full":
+        raise UsageError(
+            f"--changed-only saves the weights a full fine-tune changed; --method {args.method} saves an adapter, "
+            "which holds only what it trains already: drop --changed-only (or use --method full)."
         )
     if args.method == "full" and args.quantize:
         raise UsageError(
@@ -192,16 +200,18 @@ def cmd_eval(args) -> dict:
     from peft import PeftModel
 
     from ..identification.training import evaluate_loss
+    from ..tuner.full import load_changed_weights
     from ..tuner.selection import ILALoadError
     from . import UsageError
     from .files import read_json, write_json
     from .pipeline import first_user_turn, generate, prepare
 
     info = read_json(args.adapter / "training.json")
-    full = info.get("method") == "full"  # a model directory of its own (train --method full), not an adapter
+    changed_only = bool(info.get("changed_only"))  # the tensors a full fine-tune changed, put back into its base
+    full = info.get("method") == "full" and not changed_only  # a model directory of its own, not an adapter
     if full and args.model:
         raise UsageError(f"{args.adapter} is a full fine-tune, a model of its own (--method full); drop --model.")
-    if not full and not (args.adapter / "adapter_model.safetensors").is_file():
+    if not (full or changed_only) and not (args.adapter / "adapter_model.safetensors").is_file():
         raise UsageError(
             f"{args.adapter} has no adapter_model.safetensors; peft-ila loads weights only from safetensors. Save "
             "the adapter again with save_pretrained(dir)."
@@ -227,8 +237,14 @@ def cmd_eval(args) -> dict:
             file=sys.stderr,
         )
     try:
-        model = prepared.model if full else PeftModel.from_pretrained(prepared.model, args.adapter)
+        if changed_only:
+            load_changed_weights(prepared.model, args.adapter)
+        model = prepared.model if full or changed_only else PeftModel.from_pretrained(prepared.model, args.adapter)
     except ILALoadError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError as exc:  # changed weights of another base
+        if not changed_only:
+            raise
         raise UsageError(str(exc)) from None
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)
     result = {

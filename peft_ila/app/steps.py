@@ -232,7 +232,8 @@ def save_adapter(args, model, out: Path, report, prepared, selection: dict, full
     """Save the adapter and training.json: what `eval` needs to rebuild the base model and the split (see
     `pipeline.prepare`), how the layers were chosen (`selection`: at least its description and the number of
     `layers`), and the fine-tune's report. With `full` (the `Selection` of a full fine-tune), the whole model
-    instead, with its tokenizer and mask: a model directory of its own (`tuner.full.save_with_selection`)."""
+    instead, with its tokenizer and mask: a model directory of its own (`tuner.full.save_with_selection`); with
+    `selection["changed_only"]` too, only the tensors it changed, with the mask."""
     from dataclasses import asdict
 
     from ..identification.distributed import world_size
@@ -246,6 +247,8 @@ def save_adapter(args, model, out: Path, report, prepared, selection: dict, full
         if tmp is not None:
             if full is None:
                 model.save_pretrained(tmp)
+            elif record.get("changed_only"):
+                save_with_selection(model, full, tmp, changed_only=True)
             else:
                 save_with_selection(model, full, tmp)
                 prepared.tokenizer.save_pretrained(tmp)

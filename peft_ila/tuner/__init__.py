@@ -7,7 +7,7 @@ peft internals (_peft_compat.py). Importing this package registers the PEFT type
 from ._peft_compat import ILA as PEFT_TYPE
 from ._peft_compat import register
 from .config import ILAConfig, resolve_top_k
-from .full import load_selection, save_with_selection, train_only_selected
+from .full import load_changed_weights, load_selection, save_with_selection, train_only_selected
 from .layer import GateBank, ILALayer, Linear
 from .model import ILAModel, find_candidates
 from .selection import ILALoadError, Selection, model_identity
@@ -24,6 +24,7 @@ __all__ = [
     "Linear",
     "Selection",
     "find_candidates",
+    "load_changed_weights",
     "load_selection",
     "model_identity",
     "resolve_top_k",
