@@ -133,3 +133,24 @@ def test_the_cli_says_what_to_install_without_bitsandbytes(work, monkeypatch, ca
         main(["train", *common(work, "--steps", "1", "--load-in-8bit"), "--all-layers", "--out", str(work / "x")]) == 2
     )
     assert "--load-in-8bit needs the bitsandbytes package" in capsys.readouterr().err
+
+
+def test_prepare_model_for_kbit_training_keeps_identification_working_and_backward_short(lm_dir):
+    """peft's QLoRA recipe (gradient checkpointing, embeddings hooked to require grad) under ILA's adapters: identify
+    and train as usual, and once only a high layer is selected, backward still stops at its block."""
+    from peft import prepare_model_for_kbit_training
+
+    base = prepare_model_for_kbit_training(quantized(lm_dir, "4bit"))
+    assert base.is_gradient_checkpointing
+    model = get_peft_model(base, ILAConfig(r=2, top_k=3, stage1_max_steps=3, stage2_steps=2))
+    assert len(identify_important_layers(model, batches(), progress=False).selected) == 3
+    high = get_peft_model(
+        prepare_model_for_kbit_training(quantized(lm_dir, "4bit")),
+        ILAConfig(r=2, selected_layers=["model.layers.1.mlp.down_proj"]),
+    )
+    embedded = []
+    high.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(out.requires_grad))
+    high.train()
+    losses = train_steps(high, cycle(batches()), torch.optim.AdamW(high.parameters(), lr=1e-2), 3, progress=False)
+    assert embedded == [False] * 3  # the embedding hook is gone: nothing below block 1 is differentiated
+    assert losses.losses[-1] < losses.losses[0]
