@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
 from benchmarks.run import add_inputs, data_identity, dataset_files, parsed_inputs  # noqa: E402
+from benchmarks.stability import expected_random_jaccard  # noqa: E402
 from peft_ila import ILAConfig, Selection, identify_important_layers, train_only_selected  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.compare import jaccard  # noqa: E402
@@ -38,9 +39,12 @@ PRESETS = {
 }
 METHODS = ("lora", "dora", "adalora", "qlora", "full")
 SHARES = {"all": None, "ILA top 25%": 0.25, "ILA top 75%": 0.75}  # share name -> top-k fraction of the mask
-LR = {"full": 5e-5}  # AdamW learning rate of the method (default 1e-3: adapters)
+# AdamW learning rates of each method (default 1e-3: adapters). AdaLoRA's update starts at E = 0 between small
+# random A and B, so at 30 steps it barely moves at the adapters' rate: it gets a row at 10x as well.
+LR = {"full": (5e-5,), "adalora": (1e-3, 1e-2)}
 ADAPTER = dict(r=8, lora_alpha=16)
 QUANTIZE = {None: "unquantized", "4bit": "4-bit (NF4)"}  # identification's base -> its name on the page
+LEARNS = 0.01  # nats: an all-layers fine-tune that lowers the held-out loss by less is too short to compare shares
 
 
 class Grid:
@@ -105,10 +109,11 @@ class Grid:
         settings = {**self._settings(), "quantize": quantize}
         return cell(self.folder, "identify", settings, lambda stem: self._identify(quantize), self.args.existing_only)
 
-    def tune(self, method: str, share: str, mask: dict) -> dict:
-        """`method` on a share of the layers of `mask`: a fine-tune of the preset's steps, and what it cost."""
+    def tune(self, method: str, lr: float, share: str, mask: dict) -> dict:
+        """`method` at learning rate `lr` on a share of the layers of `mask`: a fine-tune of the preset's steps, and
+        what it cost."""
         settings = {**self.identity, "method": method, "share": share, "steps": self.p["steps"], **ADAPTER}
-        settings.update(mask=mask["settings"], lr=LR.get(method, 1e-3))
+        settings.update(mask=mask["settings"], lr=lr)
 
         def compute(stem: Path) -> dict:
             found = Selection.from_json(mask["selection"])
@@ -151,16 +156,15 @@ def run(args: argparse.Namespace) -> dict:
     except Missing as absent:
         return {**results, "missing": [f"the mask ({absent})"]}
     results["identification"] = {"seconds": mask["seconds"], "tokens": mask["tokens"]}
-    for method in args.methods:
-        for share in SHARES:
-            try:
-                tuned = grid.tune(method, share, mask)
-            except Missing as absent:
-                results["missing"].append(f"{method} on {share} ({absent})")
-                continue
-            results["rows"].append(
-                {"method": method, "share": share, **{k: v for k, v in tuned.items() if k != "losses"}}
-            )
+    results["mask_selection"] = mask["selection"]
+    for method, lr, share in ((m, lr, s) for m in args.methods for lr in LR.get(m, (1e-3,)) for s in SHARES):
+        try:
+            tuned = grid.tune(method, lr, share, mask)
+        except Missing as absent:
+            results["missing"].append(f"{method} at lr {lr:g} on {share} ({absent})")
+            continue
+        row = {"method": method, "lr": lr, "share": share}
+        results["rows"].append(row | {k: v for k, v in tuned.items() if k != "losses"})
     mask_top = set(Selection.from_json(mask["selection"]).selected)
     results["identifications"] = []
     for quantize in QUANTIZE:
@@ -191,23 +195,88 @@ def page(results: dict, args: argparse.Namespace) -> str:
         "Optimizer state: AdamW's two float32 tensors per trainable parameter. Memory: the peak rise of the process's "
         "resident memory during the fine-tune (CPU).",
         "",
-        "| method | layers | held-out loss before -> after | s/step | peak memory rise (MB) | trainable params "
+        "| method | lr | layers | held-out loss before -> after | s/step | peak memory rise (MB) | trainable params "
         "| optimizer state (MB) |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "|---|---:|---|---|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         loss = f"{row['loss_before']:.4f} -> {row['loss_after']:.4f}"
         lines.append(
-            f"| {row['method']} | {row['share']} ({row['layers']}) | {loss} "
+            f"| {row['method']} | {row['lr']:g} | {row['share']} ({row['layers']}) | {loss} "
             f"| {row['median_step_seconds']:.2f} | {row['memory']['rss_rise_mb']:.0f} | {row['trainable_params']:,} "
             f"| {row['optimizer_state_bytes'] / 2**20:.1f} |"
         )
     if results.get("identifications"):
         lines += identification_table(results["identifications"])
+    answers = findings(results)
+    if answers:
+        lines += ["", "## Findings", "", *(f"{i}. {line}" for i, line in enumerate(answers, 1))]
     if results["missing"]:
         lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-methods` continues the grid):", ""]
         lines += [f"- {entry}" for entry in results["missing"]]
     return "\n".join(lines) + "\n"
+
+
+def findings(results: dict) -> list[str]:
+    """The page's answers, one line each (the README quotes them), derived by rule from the cells there are."""
+    rows = {(r["method"], r["lr"], r["share"]): r for r in results["rows"]}
+    runs = list(dict.fromkeys((m, lr) for m, lr, _ in rows))  # grid order
+    gain = lambda row: row["loss_before"] - row["loss_after"]  # noqa: E731
+    judged = [run for run in runs if (*run, "all") in rows and gain(rows[*run, "all"]) >= LEARNS]
+    stalled = [run for run in runs if (*run, "all") in rows and run not in judged]
+    lines = []
+    for share in [s for s in SHARES if SHARES[s]]:
+        parts = []
+        for run in (r for r in judged if (*r, share) in rows):
+            row, every = rows[*run, share], rows[*run, "all"]
+            time = row["median_step_seconds"] / every["median_step_seconds"]
+            memory = row["memory"]["rss_rise_mb"] / every["memory"]["rss_rise_mb"]
+            parts.append(f"{_label(*run)} {gain(row) / gain(every):.0%} at {time:.2f}x, {memory:.2f}x")
+        if parts:
+            lines.append(
+                f"**{share} against all layers** — the share of the all-layers loss gain kept, at that step time and "
+                f"peak memory rise (x all layers): {'; '.join(parts)}."
+            )
+    if stalled:
+        said = ", ".join(f"{_label(*run)} ({gain(rows[*run, 'all']):.4f})" for run in stalled)
+        lines.append(
+            f"**Too short to judge** — on all layers, {said} lowered the held-out loss by less than {LEARNS} in "
+            f"{PRESETS[results['preset']]['steps']} steps; their shares are not compared."
+        )
+    full = {share: rows[run] for run in rows if run[0] == "full" for share in [run[2]]}
+    lora = rows.get(("lora", 1e-3, "all"))
+    if "all" in full and "ILA top 25%" in full and lora:
+        mb = {share: row["optimizer_state_bytes"] / 2**20 for share, row in full.items()}
+        lines.append(
+            f"**Optimizer state of full fine-tuning** — {mb['all']:.0f} MB on all layers, {mb['ILA top 25%']:.0f} MB "
+            f"on ILA's top 25% ({mb['ILA top 25%'] / mb['all']:.2f}x), against "
+            f"{lora['optimizer_state_bytes'] / 2**20:.1f} MB for LoRA on all layers."
+        )
+    lines += _identification_findings(results, lora)
+    return lines
+
+
+def _identification_findings(results: dict, lora: dict | None) -> list[str]:
+    found = {row["base"]: row for row in results.get("identifications", [])}
+    plain, small = found.get(QUANTIZE[None]), found.get(QUANTIZE["4bit"])
+    if not (plain and small and lora):
+        return []
+    candidates = len(Selection.from_json(results["mask_selection"]).candidates)
+    k = resolve_top_k(0.25, candidates)
+    peak = small["memory"]["peak_rss_mb"] / plain["memory"]["peak_rss_mb"]
+    return [
+        f"**Identification on a 4-bit base** — {small['seconds']:.0f} s against {plain['seconds']:.0f} s unquantized "
+        f"({small['seconds'] / plain['seconds']:.2f}x; {plain['seconds'] / lora['median_step_seconds']:.0f} "
+        f"LoRA-all fine-tune steps take as long as the unquantized one), peak resident memory "
+        f"{small['memory']['peak_rss_mb']:.0f} MB against {plain['memory']['peak_rss_mb']:.0f} MB ({peak:.2f}x); "
+        f"its top 25% overlaps the unquantized mask's at Jaccard {small['jaccard_with_mask']:.2f} (two random "
+        f"top-25% sets: {expected_random_jaccard(candidates, k):.2f})."
+    ]
+
+
+def _label(method: str, lr: float) -> str:
+    """A method's name, with its learning rate where it has more than one row."""
+    return method if len(LR.get(method, (1e-3,))) == 1 else f"{method} at lr {lr:g}"
 
 
 def identification_table(rows: list[dict]) -> list[str]:

@@ -204,8 +204,10 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     args = ["--preset", "quick", "--model", str(lm), "--data", f"alpaca={tmp_path / 'alpaca.json'}"]
     args += ["--cells", str(tmp_path / "cells"), "--markdown", str(tmp_path / "METHODS.md")]
     results = methods.main(args)
-    rows = {(row["method"], row["share"]): row for row in results["rows"]}
-    assert set(rows) == {(m, s) for m in methods.METHODS for s in methods.SHARES} and not results["missing"]
+    grid = {(m, lr, s) for m in methods.METHODS for lr in methods.LR.get(m, (1e-3,)) for s in methods.SHARES}
+    assert {(row["method"], row["lr"], row["share"]) for row in results["rows"]} == grid and not results["missing"]
+    assert len(grid) == 3 * (len(methods.METHODS) + 1)  # AdaLoRA at two learning rates
+    rows = {(row["method"], row["share"]): row for row in results["rows"] if row["lr"] != 1e-2}
     layers = {share: rows[("lora", share)]["layers"] for share in methods.SHARES}
     assert layers == {"all": 14, "ILA top 25%": 4, "ILA top 75%": 11}  # 2 blocks x 7 candidates
     assert rows[("full", "ILA top 25%")]["trainable_params"] < rows[("full", "all")]["trainable_params"]
@@ -215,7 +217,7 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     assert found["unquantized"]["jaccard_with_mask"] == 1.0  # the mask's own identification, repeated
     assert all(row["memory"]["peak_rss_mb"] >= row["memory"]["start_mb"] > 0 for row in found.values())
     page = (tmp_path / "METHODS.md").read_text()
-    assert "| qlora | ILA top 25% (4) |" in page and "| 4-bit (NF4) |" in page
+    assert "| qlora | 0.001 | ILA top 25% (4) |" in page and "| 4-bit (NF4) |" in page
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
     assert methods.main([*args, "--existing-only"])["rows"] == results["rows"]  # read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
