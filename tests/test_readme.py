@@ -16,6 +16,7 @@ from peft_ila.tuner.selection import MASK_KEYS
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 STABILITY = "### Stability of the ranking"
+METHODS = "### Fine-tuning methods on a selection"
 
 
 def code_blocks(language):
@@ -98,16 +99,18 @@ def test_benchmark_findings_are_quoted_from_results_md():
 
 
 def test_stability_findings_are_quoted_from_stability_md():
-    section = README.split(STABILITY, 1)[1].split("\n## ", 1)[0]
+    section = README.split(STABILITY, 1)[1].split("\n## ", 1)[0].split(METHODS, 1)[0]
     findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
     page = (ROOT / "benchmarks" / "STABILITY.md").read_text()
     assert len(findings) >= 5 and all(line in page for line in findings), [f for f in findings if f not in page]
     assert "make bench-stability" in section
 
 
-def test_methods_table_is_quoted_from_methods_md():
-    section = README.split("### Fine-tuning methods on a selection", 1)[1].split("\n## ", 1)[0]
+def test_methods_tables_and_findings_are_quoted_from_methods_md():
+    section = README.split(METHODS, 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
-    page = (ROOT / "benchmarks" / "METHODS.md").read_text().splitlines()
-    assert len(rows) >= 3 and rows == [line for line in page if line.startswith("|")]
+    page = (ROOT / "benchmarks" / "METHODS.md").read_text()
+    assert len(rows) >= 3 and rows == [line for line in page.splitlines() if line.startswith("|")]
+    findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
+    assert len(findings) >= 4 and all(line in page for line in findings), [f for f in findings if f not in page]
     assert "make bench-methods" in section
