@@ -215,7 +215,9 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     found = {row["base"]: row for row in results["identifications"]}
     assert set(found) == set(methods.QUANTIZE.values())
     assert found["unquantized"]["jaccard_with_mask"] == 1.0  # the mask's own identification, repeated
-    assert all(row["memory"]["peak_rss_mb"] >= row["memory"]["start_mb"] > 0 for row in found.values())
+    memory = {base: row["memory"] for base, row in found.items()}
+    assert all(m["anonymous_peak_mb"] >= m["anonymous_start_mb"] > 0 for m in memory.values())
+    assert memory["4-bit (NF4)"]["weights_mb"] < memory["unquantized"]["weights_mb"]
     page = (tmp_path / "METHODS.md").read_text()
     assert "| qlora | 0.001 | ILA top 25% (4) |" in page and "| 4-bit (NF4) |" in page
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
