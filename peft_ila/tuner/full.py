@@ -9,6 +9,7 @@ so which layers were tuned, and why, stays known. Or, `changed_only`, just the t
 from __future__ import annotations
 
 import os
+from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ def load_changed_weights(model: nn.Module, directory: str | os.PathLike) -> Sele
     path = Path(directory) / CHANGED_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} was not saved with changed_only=True.")
-    changed = load_file(path)
+    changed, selection = load_file(path), load_selection(directory)
     params = dict(model.named_parameters())
     wrong = [n for n, t in changed.items() if n not in params or params[n].shape != t.shape]
     if wrong:
@@ -85,20 +86,19 @@ def load_changed_weights(model: nn.Module, directory: str | os.PathLike) -> Sele
             "the fine-tune started from."
         )
     with safe_open(path, framework="pt") as saved:
-        expected = saved.metadata()["base_fingerprint"]
+        expected = (saved.metadata() or {}).get("base_fingerprint")
     if _fingerprint_without(model, changed) != expected:
         raise ValueError(
             f"{path} was trained from other weights than this model's (the fingerprint of the parameters it left "
-            "unchanged differs): load the "
-            "base model the fine-tune started from."
+            "unchanged differs): load the base model the fine-tune started from."
         )
     with torch.no_grad():
         for name, tensor in changed.items():
             params[name].copy_(tensor)
-    return load_selection(directory)
+    return selection
 
 
-def _fingerprint_without(model: nn.Module, left_out) -> str:
+def _fingerprint_without(model: nn.Module, left_out: Container[str]) -> str:
     """`weights_fingerprint` of the parameters whose names are not in `left_out`: those a fine-tune kept."""
     return weights_fingerprint((n, p) for n, p in model.named_parameters() if n not in left_out)
 
