@@ -5,8 +5,10 @@ candidate layers, on ILA's top 25% and on its top 75% (one mask, found once with
     python benchmarks/methods.py --preset quick   # smoke-sized, on whatever --model is given
 
 Cells (`benchmarks/results/methods/<preset>/`): `mask-*` (identification on the primary dataset: the selection and
-its cost) and `tune-*` (one method on one share of the layers: held-out loss before and after, median seconds per
-step, peak memory rise, trainable parameters, optimizer-state bytes). Writes `methods.json` and `METHODS.md`.
+its cost), `tune-*` (one method at one learning rate on one share of the layers: held-out loss before and after,
+median seconds per step, peak memory rise, trainable parameters, optimizer-state bytes) and `identify-*` (the
+identification again on the base unquantized or in 4 bits: its weights' bytes, memory, step time and selection).
+Writes `methods.json` and `METHODS.md` (tables and findings).
 """
 
 from __future__ import annotations
