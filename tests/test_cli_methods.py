@@ -78,3 +78,18 @@ def test_changed_only_is_refused_for_an_adapter_method(work, run, tmp_path, caps
     args = ["--mask", str(run), "--method", "lora", "--changed-only", "--out", str(tmp_path / "x")]
     assert main(["train", *common(work, "--steps", "1"), *args]) == 2
     assert "--changed-only saves the weights a full fine-tune changed" in capsys.readouterr().err
+
+
+def test_a_block_mask_puts_another_method_on_the_modules_ila_adapts_in_those_blocks(work, tmp_path):
+    from conftest import identify
+
+    blocks = tmp_path / "blocks"
+    identify(work, blocks, "--granularity", "block", "--top-k", "1")
+    (chosen,) = json.loads((blocks / "importance.json").read_text())["selected"]
+    out = tmp_path / "lora-on-blocks"
+    args = ["--mask", str(blocks), "--method", "lora", "--out", str(out)]
+    assert main(["train", *common(work, "--steps", "2"), *args]) == 0
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"].split("|")
+    linears = [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    linears += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]  # every linear layer of a Llama block
+    assert sorted(targets) == sorted(f"{chosen}.{name}".replace(".", "\\.") for name in linears)

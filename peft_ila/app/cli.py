@@ -163,7 +163,21 @@ def _put_method(args, base, config, chosen):
             raise usage_error(exc) from None
     if args.method == "ila":
         return wrap(base, config), None
+    if config.granularity == "block":  # another method adapts modules: those ILA's adapters sit on in the blocks
+        chosen = _modules_in_blocks(base, config, chosen)
     return wrap(base, method_config(args.method, chosen, args.r, args.lora_alpha, args.lora_dropout, args.steps)), None
+
+
+def _modules_in_blocks(base, config, blocks):
+    """The module-level `Selection` of the candidate modules of `config` (its target modules) inside the blocks
+    `blocks` selects."""
+    from dataclasses import replace
+
+    from ..tuner.selection import Selection, layer_of
+
+    modules = candidates_of(base, replace(config, granularity="module", selected_layers=None))
+    chosen = set(blocks.selected)
+    return Selection(tuple(modules), tuple(m for m in modules if layer_of(m, "block") in chosen))
 
 
 def _check_layers(args, candidates: list[str], model: str) -> None:
