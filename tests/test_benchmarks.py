@@ -223,3 +223,28 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
     assert methods.main([*args, "--existing-only"])["rows"] == results["rows"]  # read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_grid_smoke_run_fills_every_cell_measures_forgetting_and_reuses_its_cells(tmp_path):
+    from benchmarks import grid
+
+    lm = tiny_lm_dir(tmp_path / "lm")
+    for name, n in (("alpaca", 40), ("lima", 30)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(alpaca_rows(n)))
+    args = ["--preset", "quick", "--model", str(lm), "--datasets", "alpaca,lima"]
+    args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
+    args += ["--cells", str(tmp_path / "cells"), "--markdown", str(tmp_path / "GRID.md")]
+    results = grid.main(args)
+    assert not results["missing"]
+    planned = grid.plan(["alpaca", "lima"], grid.PRESETS["quick"]["seeds"])
+    assert len(results["tunes"]) == len(planned) == 2 * len(grid.CORE) * 2 + len(grid.CHEAP)
+    by = {(t["dataset"], t["selector"], t["share"], t["seed"]): t for t in results["tunes"]}
+    assert by["alpaca", "all", 1.0, 0]["layers"] is None and len(by["alpaca", "ila", 0.25, 0]["layers"]) == 4
+    assert by["alpaca", "random", 0.25, 0]["layers"] != by["alpaca", "random", 0.25, 1]["layers"]
+    assert by["alpaca", "ila", 0.25, 0]["loss_after"] != by["alpaca", "ila", 0.25, 1]["loss_after"]  # seeds differ
+    assert set(by["alpaca", "all", 1.0, 0]["others_after"]) == {"lima"}  # forgetting: the other dataset's loss
+    page = (tmp_path / "GRID.md").read_text()
+    assert "| LoRA on all layers | 2 |" in page and "KappaTune 25%" in page
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
+    assert grid.main([*args, "--existing-only"])["tunes"] == results["tunes"]  # read back, none recomputed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
