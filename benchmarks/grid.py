@@ -36,8 +36,15 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks import baselines, knowledge  # noqa: E402
 from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
-from benchmarks.run import add_inputs, data_identity, dataset_files, parsed_inputs  # noqa: E402
-from peft_ila import ILAConfig, Selection, identify_important_layers, resolve_top_k  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    add_inputs,
+    data_identity,
+    dataset_files,
+    default_identification,
+    default_probe,
+    parsed_inputs,
+)
+from peft_ila import ILAConfig, Selection, resolve_top_k  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.pipeline import Prepared, finetune, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
@@ -148,16 +155,9 @@ class Grid:
         settings = {**self.identity(name), "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
 
         def compute(stem: Path) -> dict:
-            budget = dict(stage1_max_steps=self.p["stage1"], stage2_steps=self.p["stage2"], top_k=0.25)
-            model = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget))
+            probe = default_probe(copy.deepcopy(self.base), self.p["stage1"], self.p["stage2"], ADAPTER)
             batches = self.data[name].batches(self.p["batch_size"], 0)
-            result = identify_important_layers(model, batches, progress=self.args.progress)
-            stages = (result.stage1, result.stage2)
-            return {
-                "selection": result.selection.to_json(),
-                "seconds": sum(s.seconds for s in stages),
-                "tokens": sum(s.tokens for s in stages),
-            }
+            return default_identification(probe, batches, self.args.progress)[1]
 
         return cell(self.folder, "mask", settings, compute, self.args.existing_only)
 

@@ -27,9 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
-from benchmarks.run import add_inputs, data_identity, dataset_files, parsed_inputs  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    add_inputs,
+    data_identity,
+    dataset_files,
+    default_identification,
+    default_probe,
+    parsed_inputs,
+)
 from benchmarks.stability import expected_random_jaccard  # noqa: E402
-from peft_ila import ILAConfig, Selection, identify_important_layers, train_only_selected  # noqa: E402
+from peft_ila import Selection, train_only_selected  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.compare import jaccard  # noqa: E402
 from peft_ila.app.files import peak_memory_mb, reset_peak_memory  # noqa: E402
@@ -119,17 +126,13 @@ class Grid:
         prepared = self.prepared(quantize)
         weights_mb = tensor_bytes(prepared.model) / 2**20
         start_mb = reset_peak_memory()
-        budget = dict(stage1_max_steps=self.p["stage1"], stage2_steps=self.p["stage2"], top_k=0.25)
-        model = get_peft_model(prepared.model, ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget))
+        probe = default_probe(prepared.model, self.p["stage1"], self.p["stage2"], ADAPTER)
         batches = prepared.batches(self.p["batch_size"], 0)
         with AnonymousPeak() as anonymous:
-            result = identify_important_layers(model, batches, progress=self.args.progress)
-        stages = (result.stage1, result.stage2)
+            result, mask = default_identification(probe, batches, self.args.progress)
         memory = {"start_mb": start_mb, **peak_memory_mb(start_mb), "weights_mb": weights_mb}
         return {
-            "selection": result.selection.to_json(),
-            "seconds": sum(s.seconds for s in stages),
-            "tokens": sum(s.tokens for s in stages),
+            **mask,
             "median_step_seconds": statistics.median(result.stage1.step_seconds),
             "memory": memory | {"anonymous_start_mb": anonymous.start_mb, "anonymous_peak_mb": anonymous.peak_mb},
         }

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks import baselines  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
-from peft_ila import ILAConfig, ILALayer, resolve_top_k  # noqa: E402
+from peft_ila import ILAConfig, ILALayer, identify_important_layers, resolve_top_k  # noqa: E402
 from peft_ila.app import UsageError  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.data import fingerprint  # noqa: E402
@@ -109,6 +109,26 @@ def flat_costs(result) -> dict:
     for name, stage in (("stage1", result.stage1), ("stage2", result.stage2)):
         out.update({f"{name}_{what}": getattr(stage, what) for what in ("steps", "tokens", "seconds", "losses")})
     return out
+
+
+def default_probe(model: torch.nn.Module, stage1: int, stage2: int, adapter: dict) -> torch.nn.Module:
+    """`model` wrapped for ILA with the library's defaults, `adapter` shape, stage budgets `stage1` + `stage2`
+    steps and top 25%."""
+    budget = dict(stage1_max_steps=stage1, stage2_steps=stage2, top_k=0.25)
+    return get_peft_model(model, ILAConfig(task_type="CAUSAL_LM", **adapter, **budget))
+
+
+def default_identification(probe: torch.nn.Module, batches, progress: bool):
+    """Identification on a `default_probe`: the `ILAResult` and the mask a benchmark cell keeps (`selection` as
+    JSON, `seconds`, `tokens`)."""
+    result = identify_important_layers(probe, batches, progress=progress)
+    stages = (result.stage1, result.stage2)
+    mask = {
+        "selection": result.selection.to_json(),
+        "seconds": sum(s.seconds for s in stages),
+        "tokens": sum(s.tokens for s in stages),
+    }
+    return result, mask
 
 
 def step_costs(model: torch.nn.Module, batches: list) -> dict[str, float]:

@@ -13,8 +13,8 @@ from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..tuner.atomic import written_atomically
 from ..tuner.model import _ila_tuner
-from .atomic import written_atomically
 from .distributed import world_size
 from .importance import ILAResult, identify_important_layers
 

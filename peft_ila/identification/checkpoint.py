@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..tuner.atomic import written_atomically
 from ..tuner.selection import ILALoadError
-from .atomic import written_atomically
 from .distributed import any_rank, gather, rank
 
 FORMAT = "peft-ila identification checkpoint v1"

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import written_atomically
 from .selection import Selection, layer_of, weights_fingerprint
 
 MASK_FILE = "ila_mask.safetensors"
@@ -104,9 +105,8 @@ def _fingerprint_without(model: nn.Module, left_out: Container[str]) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, partial, metadata)
-    os.replace(partial, path)
+    with written_atomically(path) as partial:
+        save_file(tensors, partial, metadata)
 
 
 def load_selection(directory: str | os.PathLike) -> Selection:
