@@ -250,15 +250,14 @@ def cmd_eval(args) -> dict:
             "tokenizer or chat template?); the loss is not comparable to the recorded one.",
             file=sys.stderr,
         )
-    try:
-        if changed_only:
+    if changed_only:
+        try:
             load_changed_weights(prepared.model, args.adapter)
+        except ValueError as exc:  # changed weights of another base
+            raise UsageError(str(exc)) from None
+    try:
         model = prepared.model if full or changed_only else PeftModel.from_pretrained(prepared.model, args.adapter)
     except ILALoadError as exc:
-        raise UsageError(str(exc)) from None
-    except ValueError as exc:  # changed weights of another base
-        if not changed_only:
-            raise
         raise UsageError(str(exc)) from None
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)
     result = {
