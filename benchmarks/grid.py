@@ -9,10 +9,13 @@ of its own dataset, and on the held-out examples of the other datasets: text it 
 that rises is forgetting, and on general-knowledge questions (`knowledge.py`: ARC-Easy), where a share of right
 answers that falls is forgetting too. Cells (`benchmarks/results/grid/<preset>/`):
 - `base-*`: the base model's loss on a dataset's held-out examples; `knowledge-*`: its share of right answers;
-- `mask-*`: ILA's identification on a dataset with the library's defaults (the selection and its cost);
+- `mask-*`: ILA's identification on a dataset with the library's defaults (the selection and its cost), and on the
+  primary dataset with another seed and with a quarter of stage 1 (how reproducible, how early);
+- `cost-*`: the step-cost model of a dataset's batches (`peft_ila.identification.cost`), for cost-aware selection;
 - `tune-*`: one fine-tune (a dataset, a selector of layers, a seed): its losses on every held-out set, the seconds
-  its selection took, step time, memory, trainable parameters.
-Writes `grid.json` and the page `GRID.md`.
+  its selection took, step time, memory, trainable parameters. LoRA on all layers also runs for as long as ILA top
+  25% took, identification included (equal wall time).
+Writes `grid.json` and the page `GRID.md` (`grid_page.py`: the tables and the findings, each with its rule).
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ import copy
 import hashlib
 import math
 import random
-import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ from peft import get_peft_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from benchmarks import baselines, knowledge  # noqa: E402
+from benchmarks import baselines, grid_page, knowledge  # noqa: E402
 from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
 from benchmarks.run import (  # noqa: E402
     add_inputs,
@@ -48,6 +50,7 @@ from peft_ila import ILAConfig, Selection, resolve_top_k  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
 from peft_ila.app.pipeline import Prepared, finetune, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
+from peft_ila.identification.cost import StepCost, measure_step_cost, within_budget  # noqa: E402
 from peft_ila.identification.training import evaluate_loss  # noqa: E402
 from peft_ila.tuner.model import find_candidates  # noqa: E402
 
@@ -63,6 +66,7 @@ PRESETS = {
         gradnorm=2,
         seeds=[0, 1],
         questions=4,
+        budget="memory:0.6",  # deterministic on any model, so the smoke test never depends on timing
     ),
     "full": dict(
         max_length=128,
@@ -75,21 +79,46 @@ PRESETS = {
         gradnorm=8,
         seeds=[0, 1, 2],
         questions=200,
+        budget="time:0.6",  # the issue's goal: 0.6x LoRA-all's step time
     ),
 }
 TRAIN_LIMIT = {"dolly": 1000}  # a fixed subset of a dataset's training examples (drawn with seed 0)
 LR, ADAPTER = 1e-3, dict(r=8, lora_alpha=16)
 VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
+COST = dict(cutoffs=5, repeats=3)  # how the step-cost model is measured (see `measure_step_cost`)
 CORE = [("all", 1.0), ("ila", 0.25), ("ila", 0.75), ("random", 0.25)]  # every dataset, every seed
+PRIMARY = [("ila-budget", 0.25)]  # the primary dataset, every seed
 CHEAP = [("gradient-norm", 0.25), ("kappa", 0.25), ("spectrum", 0.25)]  # the primary dataset, the first seed
+EQUAL_TIME = ("all-time", 1.0)  # the primary dataset, every seed (last: it waits for LoRA-all and ILA's cells)
+BEST_CHEAP = "best-cheap"  # on the other datasets: the cheap selector with the lowest loss on the primary one
 NAMES = {
     "all": "LoRA on all layers",
+    "all-time": "LoRA on all layers, ILA top 25%'s wall time",
     "ila": "ILA top {share:.0%}",
+    "ila-budget": "ILA top {share:.0%} within {budget}",
     "random": "random {share:.0%}",
     "gradient-norm": "adapter gradient norm {share:.0%}",
     "kappa": "KappaTune {share:.0%}",
     "spectrum": "Spectrum-style SNR {share:.0%}",
+    BEST_CHEAP: "the best cheap selector {share:.0%}",
 }
+
+
+@dataclass(frozen=True)
+class Job:
+    """One entry of the plan: a fine-tune (`selector`, a key of NAMES) or an identification (`selector` "mask",
+    with `stage1` steps; None: the preset's)."""
+
+    dataset: str
+    selector: str
+    share: float = 0.25
+    seed: int = 0
+    stage1: int | None = None
+
+    def label(self, budget: str) -> str:
+        if self.selector == "mask":
+            return f"{self.dataset}: ILA's mask, seed {self.seed}, stage 1 of {self.stage1 or 'the preset'} steps"
+        return f"{self.dataset}: {NAMES[self.selector].format(share=self.share, budget=budget)}, seed {self.seed}"
 
 
 class Grid:
@@ -150,26 +179,52 @@ class Grid:
         compute = lambda stem: {"accuracy": self.knowledge(self.base)}  # noqa: E731
         return cell(self.folder, "knowledge", settings, compute, self.args.existing_only)
 
-    def mask(self, name: str) -> dict:
-        """ILA's identification on dataset `name` with the library's defaults (budget from the preset)."""
-        settings = {**self.identity(name), "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
+    def mask(self, name: str, seed: int = 0, stage1: int | None = None) -> dict:
+        """ILA's identification on dataset `name` with the library's defaults, budget from the preset (or `stage1`
+        steps of stage 1); `seed`: the adapters' initialisation and the data order."""
+        stage1 = stage1 or self.p["stage1"]
+        settings = {**self.identity(name), "stage1": stage1, "stage2": self.p["stage2"], **ADAPTER}
+        if seed:  # seed 0's key predates other seeds
+            settings["seed"] = seed
 
         def compute(stem: Path) -> dict:
-            probe = default_probe(copy.deepcopy(self.base), self.p["stage1"], self.p["stage2"], ADAPTER)
-            batches = self.data[name].batches(self.p["batch_size"], 0)
+            probe = default_probe(copy.deepcopy(self.base), stage1, self.p["stage2"], ADAPTER, seed)
+            batches = self.data[name].batches(self.p["batch_size"], seed)
             return default_identification(probe, batches, self.args.progress)[1]
 
         return cell(self.folder, "mask", settings, compute, self.args.existing_only)
+
+    def cost(self, name: str) -> dict:
+        """The step-cost model (`measure_step_cost`) of a probe model on the first training batch of `name`."""
+        settings = {**self.identity(name), **ADAPTER, **COST}
+
+        def compute(stem: Path) -> dict:
+            probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
+            batch = next(iter(self.data[name].batches(self.p["batch_size"], 0)))
+            start = time.perf_counter()
+            cost = measure_step_cost(probe, batch, **COST)
+            return {"cost": cost.to_json(), "seconds": time.perf_counter() - start}
+
+        return cell(self.folder, "cost", settings, compute, self.args.existing_only)
+
+    def equal_time_steps(self, name: str, seed: int) -> int:
+        """LoRA-all's steps in the wall time ILA top 25% took with `seed`, identification included: (mask + fine-tune
+        seconds) / LoRA-all's median step seconds with that seed."""
+        spent = self.mask(name)["seconds"] + self.tune(name, "ila", 0.25, seed)["seconds"]
+        return max(1, round(spent / self.tune(name, "all", 1.0, seed)["median_step_seconds"]))
 
     def tune(self, name: str, selector: str, share: float, seed: int) -> dict:
         """A fine-tune on dataset `name` of the layers `selector` picks (a `share` of the candidates), with `seed`
         (adapter initialisation, data order, a random selector's draw)."""
         others = [other for other in self.data if other != name]
-        settings = {**self.identity(name), "steps": self.steps(name), "lr": LR, **ADAPTER}
+        steps = self.equal_time_steps(name, seed) if selector == "all-time" else self.steps(name)
+        settings = {**self.identity(name), "steps": steps, "lr": LR, **ADAPTER}
         settings.update(selector=selector, share=share, seed=seed, others={o: self.identity(o) for o in others})
         settings["knowledge"] = self.knowledge_identity
-        if selector == "ila":
+        if selector in ("ila", "ila-budget"):
             settings["mask"] = self.mask(name)["settings"]
+        if selector == "ila-budget":
+            settings.update(budget=self.p["budget"], cost=self.cost(name)["settings"])
 
         def compute(stem: Path) -> dict:
             start = time.perf_counter()
@@ -201,10 +256,14 @@ class Grid:
     def select(self, name: str, selector: str, share: float, seed: int) -> list[str] | None:
         """The layers `selector` picks on dataset `name` (None: every candidate)."""
         k = resolve_top_k(share, len(self.candidates))
-        if selector == "all":
+        if selector in ("all", "all-time"):
             return None
         if selector == "ila":
             return list(Selection.from_json(self.mask(name)["selection"]).top(k).selected)
+        if selector == "ila-budget":
+            cost = StepCost.from_json(self.cost(name)["cost"])
+            mask = Selection.from_json(self.mask(name)["selection"])
+            return list(within_budget(mask, cost, self.p["budget"], k).selected)
         if selector == "random":
             return baselines.random_layers(self.candidates, k, seed)
         if selector == "kappa":
@@ -229,115 +288,82 @@ class Grid:
 NO_DROPOUT = dict(lora_dropout=0.0, target_modules=None)
 
 
-def plan(datasets: list[str], seeds: list[int]) -> list[tuple[str, str, float, int]]:
-    """Every tune cell, in the order they are computed: the primary dataset first (its core selectors, then the
-    cheap ones, seed by seed), then the core selectors on the others."""
+def plan(datasets: list[str], seeds: list[int], stage1: int) -> list[Job]:
+    """Every cell the grid needs, in the order they are computed: the primary dataset with the first seed (every
+    selector, then LoRA-all for ILA's wall time), then its other seeds and masks, then the other datasets (the core
+    selectors and the best cheap one), then the primary dataset's equal-time runs with the other seeds."""
     primary, rest = datasets[0], datasets[1:]
-    cells = []
-    for seed in seeds:
-        cells += [(primary, selector, share, seed) for selector, share in CORE]
-        if seed == seeds[0]:
-            cells += [(primary, selector, share, seed) for selector, share in CHEAP]
-    for seed in seeds:
-        cells += [(name, selector, share, seed) for name in rest for selector, share in CORE]
-    return cells
+    first, later = seeds[0], seeds[1:]
+    jobs = [Job(primary, selector, share, first) for selector, share in CORE + PRIMARY + CHEAP]
+    jobs.append(Job(primary, *EQUAL_TIME, first))
+    jobs += [Job(primary, selector, share, seed) for seed in later for selector, share in CORE + PRIMARY]
+    jobs += [Job(primary, "mask", seed=seed) for seed in later[:1]]  # the masks' seed-to-seed overlap
+    jobs.append(Job(primary, "mask", stage1=max(1, stage1 // 4)))  # found early in stage 1?
+    jobs += [Job(name, selector, share, first) for name in rest for selector, share in [*CORE, (BEST_CHEAP, 0.25)]]
+    jobs += [Job(name, selector, share, seed) for seed in later for name in rest for selector, share in CORE]
+    jobs += [Job(primary, *EQUAL_TIME, seed) for seed in later]
+    return jobs
+
+
+def best_cheap(tunes: list[dict], dataset: str, seed: int) -> str:
+    """The cheap selector with the lowest held-out loss on `dataset` with `seed`; `Missing` until all are there."""
+    found = {t["selector"]: t["loss_after"] for t in tunes if t["dataset"] == dataset and t["seed"] == seed}
+    if not all(selector in found for selector, _ in CHEAP):
+        raise Missing(f"it waits for the cheap selectors on {dataset}")
+    return min((selector for selector, _ in CHEAP), key=found.__getitem__)
 
 
 def run(args: argparse.Namespace) -> dict:
     grid = Grid(args)
-    results = {"machine": machine(), "preset": args.preset, "base": {}, "masks": {}, "tunes": [], "missing": []}
+    names, seeds = list(grid.data), grid.p["seeds"]
+    results = {"machine": machine(), "preset": args.preset, "datasets": names, "settings": settings(grid)}
+    results.update(base={}, masks=[], tunes=[], missing=[])
     try:
         results["base_knowledge"] = grid.base_knowledge()["accuracy"]
     except Missing as absent:
         results["missing"].append(f"the base model's general knowledge ({absent})")
-    for name, selector, share, seed in plan(list(grid.data), grid.p["seeds"]):
-        label = f"{name}: {NAMES[selector].format(share=share)}, seed {seed}"
-        try:
-            tuned = grid.tune(name, selector, share, seed)
-        except Missing as absent:
-            results["missing"].append(f"{label} ({absent})")
-            continue
-        keep = {k: v for k, v in tuned.items() if k not in ("settings", "losses")}
-        results["tunes"].append({"dataset": name, "selector": selector, "share": share, "seed": seed, **keep})
-    for name in grid.data:  # computed with the first fine-tune that needs them
+    for name in names:  # first: every fine-tune's forgetting is judged against them
         try:
             results["base"][name] = grid.base_loss(name)["loss"]
-            mask = grid.mask(name)
-            results["masks"][name] = {"seconds": mask["seconds"], "tokens": mask["tokens"]}
         except Missing as absent:
-            results["missing"].append(f"{name}: base loss or mask ({absent})")
+            results["missing"].append(f"{name}: the base model's held-out loss ({absent})")
+    for job in plan(names, seeds, grid.p["stage1"]):
+        try:
+            if job.selector == "mask":
+                results["masks"].append(mask_row(job.dataset, grid.mask(job.dataset, job.seed, job.stage1)))
+                continue
+            selector = best_cheap(results["tunes"], names[0], seeds[0]) if job.selector == BEST_CHEAP else job.selector
+            tuned = grid.tune(job.dataset, selector, job.share, job.seed)
+        except Missing as absent:
+            results["missing"].append(f"{job.label(grid.p['budget'])} ({absent})")
+            continue
+        keep = {k: v for k, v in tuned.items() if k not in ("settings", "losses")}
+        method = NAMES[selector].format(share=job.share, budget=grid.p["budget"])
+        results["tunes"].append({"dataset": job.dataset, "selector": selector, "share": job.share, "method": method})
+        results["tunes"][-1].update(seed=job.seed, **keep)
+    for name in names:  # computed with the first fine-tune that needs it
+        try:
+            results["masks"].append(mask_row(name, grid.mask(name)))
+        except Missing as absent:
+            results["missing"].append(f"{name}: ILA's mask ({absent})")
+    try:
+        results["cost"] = {key: grid.cost(names[0])[key] for key in ("cost", "seconds")}
+    except Missing as absent:
+        results["missing"].append(f"{names[0]}: step-cost model ({absent})")
     return results
 
 
-def summary(results: dict) -> list[dict]:
-    """Per dataset and selector: the mean and spread over seeds of the held-out loss after, the forgetting (the
-    mean rise of the other datasets' held-out losses over the base model's), and the costs."""
-    groups: dict[tuple, list[dict]] = {}
-    for tune in results["tunes"]:
-        groups.setdefault((tune["dataset"], tune["selector"], tune["share"]), []).append(tune)
-    rows = []
-    for (name, selector, share), tunes in groups.items():
-        after = [t["loss_after"] for t in tunes]
-        known = all(t["others_after"] and set(t["others_after"]) <= set(results["base"]) for t in tunes)
-        rises = (
-            [statistics.mean(v - results["base"][o] for o, v in t["others_after"].items()) for t in tunes]
-            if known
-            else []
-        )
-        base_knowledge = results.get("base_knowledge")
-        rows.append(
-            {
-                "dataset": name,
-                "method": NAMES[selector].format(share=share),
-                "seeds": len(tunes),
-                "loss_after": statistics.mean(after),
-                "loss_spread": statistics.stdev(after) if len(after) > 1 else None,
-                "forgetting": statistics.mean(rises) if rises else None,
-                "knowledge": None
-                if base_knowledge is None
-                else statistics.mean(t["knowledge_after"] for t in tunes) - base_knowledge,
-                "step_seconds": statistics.mean(t["median_step_seconds"] for t in tunes),
-                "rss_rise_mb": statistics.mean(t["memory"].get("rss_rise_mb", 0.0) for t in tunes),
-                "trainable_params": tunes[0]["trainable_params"],
-                "steps": tunes[0]["steps"],
-            }
-        )
-    return rows
+def settings(grid: Grid) -> dict:
+    """What the page says of the grid's settings: the preset's, the adapter's, the budget and the cheap selectors."""
+    cheap = [selector for selector, _ in CHEAP]
+    return {**grid.p, "lr": LR, **ADAPTER, "cheap": cheap, "candidates": len(grid.candidates)}
 
 
-def page(results: dict) -> str:
-    p = PRESETS[results["preset"]]
-    lines = [
-        "# The benchmark grid: fine-tunes long enough to judge",
-        "",
-        f"Written by `python benchmarks/grid.py --preset {results['preset']}` from the cells in "
-        f"`benchmarks/results/grid/{results['preset']}`; {results['machine']['cpu_count']} CPU cores, torch "
-        f"{results['machine']['torch']}. Each fine-tune: at least {p['epochs']} epoch(s) and {p['min_steps']} AdamW "
-        f"steps of batch {p['batch_size']} at max length {p['max_length']} (lr {LR:g}, r {ADAPTER['r']}), judged on "
-        f"{p['eval_size']} held-out examples. Loss after: mean over seeds (spread: their standard deviation). "
-        "Forgetting: the mean rise, over the base model, of the loss on the other datasets' held-out examples; "
-        f"knowledge: the change in the share of {p['questions']} ARC-Easy questions answered right (base model: "
-        f"{results.get('base_knowledge', float('nan')):.1%}; see `benchmarks/knowledge.py`).",
-        "",
-        "| dataset | method | seeds | steps | held-out loss after | spread | forgetting | knowledge | s/step "
-        "| memory rise (MB) | trainable params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in summary(results):
-        spread = "" if row["loss_spread"] is None else f"{row['loss_spread']:.4f}"
-        forgetting = "" if row["forgetting"] is None else f"{row['forgetting']:+.4f}"
-        knowledge = "" if row["knowledge"] is None else f"{row['knowledge']:+.1%}"
-        lines.append(
-            f"| {row['dataset']} (base {results['base'].get(row['dataset'], float('nan')):.4f}) | {row['method']} "
-            f"| {row['seeds']} "
-            f"| {row['steps']} | {row['loss_after']:.4f} | {spread} | {forgetting} | {knowledge} "
-            f"| {row['step_seconds']:.2f} "
-            f"| {row['rss_rise_mb']:.0f} | {row['trainable_params']:,} |"
-        )
-    if results["missing"]:
-        lines += ["", f"Not computed yet ({len(results['missing'])}; rerun to continue the grid):", ""]
-        lines += [f"- {entry}" for entry in results["missing"]]
-    return "\n".join(lines) + "\n"
+def mask_row(name: str, record: dict) -> dict:
+    """What the page needs of a mask cell: dataset, seed, stage-1 steps, seconds, tokens, its top 25%."""
+    given = record["settings"]
+    row = {"dataset": name, "seed": given.get("seed", 0), "stage1": given["stage1"]}
+    return {**row, **{key: record[key] for key in ("seconds", "tokens")}, "selected": record["selection"]["selected"]}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -354,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else list(argv))
     _offline_and_quiet()
     results = run(args)
-    write_study(args, "grid", results, page(results))
+    write_study(args, "grid", results, grid_page.page(results))
     return results
 
 

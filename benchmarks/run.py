@@ -111,10 +111,10 @@ def flat_costs(result) -> dict:
     return out
 
 
-def default_probe(model: torch.nn.Module, stage1: int, stage2: int, adapter: dict) -> torch.nn.Module:
+def default_probe(model: torch.nn.Module, stage1: int, stage2: int, adapter: dict, seed: int = 0) -> torch.nn.Module:
     """`model` wrapped for ILA with the library's defaults, `adapter` shape, stage budgets `stage1` + `stage2`
-    steps and top 25%."""
-    budget = dict(stage1_max_steps=stage1, stage2_steps=stage2, top_k=0.25)
+    steps, top 25% and identification `seed`."""
+    budget = dict(stage1_max_steps=stage1, stage2_steps=stage2, top_k=0.25, seed=seed)
     return get_peft_model(model, ILAConfig(task_type="CAUSAL_LM", **adapter, **budget))
 
 

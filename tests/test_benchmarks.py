@@ -226,10 +226,11 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-def test_grid_smoke_run_fills_every_cell_measures_forgetting_and_reuses_its_cells(tmp_path):
+def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_path):
     from benchmarks import grid
+    from peft_ila.identification.cost import StepCost
 
-    lm = tiny_lm_dir(tmp_path / "lm")
+    lm = tiny_lm_dir(tmp_path / "lm", layers=4)
     for name, n in (("alpaca", 40), ("lima", 30)):
         (tmp_path / f"{name}.json").write_text(json.dumps(alpaca_rows(n)))
     args = ["--preset", "quick", "--model", str(lm), "--datasets", "alpaca,lima"]
@@ -238,19 +239,44 @@ def test_grid_smoke_run_fills_every_cell_measures_forgetting_and_reuses_its_cell
     args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz"))]
     results = grid.main(args)
     assert not results["missing"]
-    planned = grid.plan(["alpaca", "lima"], grid.PRESETS["quick"]["seeds"])
-    assert len(results["tunes"]) == len(planned) == 2 * len(grid.CORE) * 2 + len(grid.CHEAP)
+    planned = grid.plan(["alpaca", "lima"], grid.PRESETS["quick"]["seeds"], grid.PRESETS["quick"]["stage1"])
+    tunes = [job for job in planned if job.selector != "mask"]
+    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 3 + 2 * 4 + 1  # core, budget, equal time; cheap
+    assert len(results["masks"]) == 4  # alpaca (seeds 0 and 1, and a quarter of stage 1) and lima
     by = {(t["dataset"], t["selector"], t["share"], t["seed"]): t for t in results["tunes"]}
-    assert by["alpaca", "all", 1.0, 0]["layers"] is None and len(by["alpaca", "ila", 0.25, 0]["layers"]) == 4
+    assert by["alpaca", "all", 1.0, 0]["layers"] is None and len(by["alpaca", "ila", 0.25, 0]["layers"]) == 7
     assert by["alpaca", "random", 0.25, 0]["layers"] != by["alpaca", "random", 0.25, 1]["layers"]
     assert by["alpaca", "ila", 0.25, 0]["loss_after"] != by["alpaca", "ila", 0.25, 1]["loss_after"]  # seeds differ
     assert set(by["alpaca", "all", 1.0, 0]["others_after"]) == {"lima"}  # forgetting: the other dataset's loss
     assert 0 <= by["alpaca", "all", 1.0, 0]["knowledge_after"] <= 1 and 0 <= results["base_knowledge"] <= 1
+    # equal wall time: LoRA-all's steps in the seconds ILA's mask and fine-tune took
+    mask = next(m for m in results["masks"] if (m["dataset"], m["seed"], m["stage1"]) == ("alpaca", 0, 4))
+    spent = mask["seconds"] + by["alpaca", "ila", 0.25, 0]["seconds"]
+    step = by["alpaca", "all", 1.0, 0]["median_step_seconds"]
+    assert by["alpaca", "all-time", 1.0, 0]["steps"] == max(1, round(spent / step))
+    # cost-aware: every selected layer at or above the lowest block the memory budget allows
+    cost = StepCost.from_json(results["cost"]["cost"])
+    lowest = next(low for low in range(len(cost.blocks)) if cost.fraction("memory", low) <= 0.6)
+    budgeted = by["alpaca", "ila-budget", 0.25, 0]["layers"]
+    assert lowest > 0 and all(cost.blocks.index(".".join(n.split(".")[:3])) >= lowest for n in budgeted)
+    cheap = {s: by["alpaca", s, 0.25, 0]["loss_after"] for s, _ in grid.CHEAP}
+    assert [t["selector"] for t in results["tunes"] if t["dataset"] == "lima" and t["selector"] in cheap] == [
+        min(cheap, key=cheap.get)
+    ]
     page = (tmp_path / "GRID.md").read_text()
-    assert "| LoRA on all layers | 2 |" in page and "KappaTune 25%" in page
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
+    assert "| LoRA on all layers | 2 |" in page and "KappaTune 25%" in page and "## The step-cost model" in page
+    assert page.count("**") == 2 * 8 and "not judged yet" not in page and "provisional" not in page
+    cells = tmp_path / "cells" / "quick"
+    stamps = {p: p.stat().st_mtime_ns for p in cells.glob("*-*.json")}
     assert grid.main([*args, "--existing-only"])["tunes"] == results["tunes"]  # read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    gone = next(p for p in stamps if p.name.startswith("tune-"))  # an interrupted grid: one cell missing
+    gone.unlink()
+    missing = grid.main([*args, "--existing-only"])["missing"]
+    assert missing and all(f"({gone.stem})" in entry for entry in missing)  # it, and any cell that waits for it
+    resumed = grid.main(args)
+    assert not resumed["missing"] and gone.exists()
+    assert {p: p.stat().st_mtime_ns for p in stamps if p != gone} == {p: s for p, s in stamps.items() if p != gone}
 
 
 def knowledge_file(path):

@@ -179,6 +179,8 @@ def test_plain_format_without_chat_template(tmp_path):
         ("targets-embeddings", "cannot adapt: model.embed_tokens (Embedding)"),
         ("layers-not-in-model", "are not candidates of /"),
         ("pickled-model", "holds only pickled weights (*.bin); peft-ila loads weights only from safetensors"),
+        ("bad-budget", "--budget time:2 is invalid: it must be 'time:F' or 'memory:F' with F in (0, 1]"),
+        ("budget-with-layers", "--budget chooses layers while identifying them; with --mask, --all-layers or --layers"),
     ],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, case, message):
@@ -224,10 +226,12 @@ def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, cas
             "targets-nothing": ["--target-modules", "nothing_here"],
             "targets-embeddings": ["--target-modules", "embed_tokens"],
             "layers-not-in-model": ["--layers", "model.layers.7.mlp.up_proj"],
+            "bad-budget": ["--budget", "time:2"],
+            "budget-with-layers": ["--layers", "model.layers.1.mlp.up_proj", "--budget", "time:0.5"],
         }
         extra = [*options.get(case, extra), "--eval-size", "1"]
     command = ["train", "--mask", str(tmp_path / "nowhere")] if case == "bad-mask" else ["identify"]
-    command = ["train"] if case == "layers-not-in-model" else command
+    command = ["train"] if case in ("layers-not-in-model", "budget-with-layers") else command
     code = main([*command, "--model", model, "--data", str(data), "--no-progress", *extra, "--out", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and message in err[0], err

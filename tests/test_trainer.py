@@ -189,6 +189,10 @@ def test_gradient_checkpointing_backward_stops_at_the_lowest_adapted_block(reent
     probe.activation_checkpointing_enable({"use_reentrant": reentrant})
     probe_model = get_peft_model(probe, ILAConfig(r=2)).train()
     assert block_outputs_needing_grad(probe_model, probe, lm_batches(1)[0]) == dict.fromkeys(range(4), True)
+    for name, p in probe_model.named_parameters():  # a frozen adapter needs no gradient from below
+        if ".ila_" in name and (".layers.0." in name or ".layers.1." in name):
+            p.requires_grad_(False)
+    assert block_outputs_needing_grad(probe_model, probe, lm_batches(1)[0]) == {0: False, 1: False, 2: True, 3: True}
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig
+from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig, parse_budget
 from . import UsageError
 from .models import QUANTIZATIONS
 
@@ -69,6 +69,7 @@ def _typed(convert, allowed: str):
 _int = _typed(int, "an int")
 _float = _typed(float, "a number")
 _top_k = _typed(lambda text: float(text) if "." in text else int(text), "an int >= 1 or a fraction in (0, 1]")
+_budget = _typed(lambda text: parse_budget(text) and text, "'time:F' or 'memory:F' with F in (0, 1], e.g. time:0.6")
 
 
 def _modules(text: str) -> list[str] | str:
@@ -94,6 +95,7 @@ CONFIG_OPTIONS = {
     ),
     "identification": (
         ("granularity", "--granularity", GRANULARITIES),
+        ("budget", "--budget", _budget),
         ("stage1_max_steps", "--stage1-max-steps", _int),
         ("stage1_lr", "--stage1-lr", _float),
         ("stability_epsilon", "--epsilon", _float),

@@ -76,6 +76,11 @@ def cmd_train(args) -> None:
             "--top-k takes the best layers of a ranking (from identification or a --mask); --layers and "
             "--all-layers have none, drop --top-k."
         )
+    if args.budget is not None and (args.mask or args.all_layers or args.layers):
+        raise UsageError(
+            "--budget chooses layers while identifying them; with --mask, --all-layers or --layers nothing is "
+            "identified: drop --budget, or identify with --budget and pass that run as --mask."
+        )
     if args.allow_other_model and not args.mask:
         raise UsageError("--allow-other-model applies to a --mask found on another model; drop it.")
     _check_method(args)

@@ -222,6 +222,12 @@ def print_top(record: dict, limit: int = 15) -> None:
     if len(record["selected"]) > limit:
         print(f"      ... {len(record['selected']) - limit} more in report.md")
     print(confidence_line(record))
+    budget = (record.get("provenance") or {}).get("budget")
+    if budget:
+        print(
+            f"within --budget {budget['budget']}: layers from {budget['lowest_block']} up, predicted to cost "
+            f"{budget['predicted_fraction']:.2f}x of adapting every layer"
+        )
     print(
         f"identification cost: stage 1 {s1['steps']} steps, {s1['tokens']} tokens, {s1['seconds']:.0f} s (ended: "
         f"{s1['stop']}); stage 2 {s2['steps']} steps, {s2['tokens']} tokens, {s2['seconds']:.0f} s\n"

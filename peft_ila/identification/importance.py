@@ -36,7 +36,8 @@ from .checkpoint import (
     rng_tensors,
     save_checkpoint,
 )
-from .distributed import agree_on, rank, world_size
+from .cost import StepCost, measure_step_cost, within_budget
+from .distributed import agree_on, gather, rank, world_size
 from .estimators import ESTIMATORS, membership_confidence
 from .training import Batch, StabilityTest, StepStats, cycle, train_steps
 
@@ -201,7 +202,8 @@ class Identification:
             self.model.train()
             self._stage1(progress)
             scores = self._estimate(progress)
-        result = self._select(scores)
+            cost = self._measure_cost() if self.config.budget is not None else None
+        result = self._select(scores, cost)
         self.model.train(was_training)
         return result
 
@@ -257,8 +259,16 @@ class Identification:
             squares[layer_of(name, self.config.granularity)] += module.update_norm(self.adapter) ** 2
         return {name: math.sqrt(sq) for name, sq in squares.items()}
 
-    def _select(self, gates: list[float]) -> ILAResult:
-        """Rank by score (ties: larger ||dW||, then candidate order), agree across ranks, keep the top k."""
+    def _measure_cost(self) -> StepCost:
+        """The step-cost model of a cost-aware selection (`cost.py`), measured on the next batch; rank 0's."""
+        batch = next(iter(self.stream), None)
+        if batch is None:
+            raise ValueError("The batches ran out before the step cost could be measured; pass a list or more data.")
+        return gather(measure_step_cost(self.model, batch, self.adapter))[0]
+
+    def _select(self, gates: list[float], cost: StepCost | None = None) -> ILAResult:
+        """Rank by score (ties: larger ||dW||, then candidate order), agree across ranks, keep the top k (within
+        the config's budget under `cost`, when it has one)."""
         norms = self.update_norms()
         scores = {name: as_float32(score) for name, score in zip(self.candidates, gates, strict=True)}
         order = {name: i for i, name in enumerate(self.candidates)}
@@ -266,6 +276,8 @@ class Identification:
         ranking, scores = agree_on(ranking, scores, self.k)  # decided on rank 0, checked on every rank
         fields = (scores, tuple(ranking), self._provenance(), self._confidence(ranking[: self.k]))
         selection = Selection(tuple(self.candidates), tuple(ranking[: self.k]), *fields)
+        if cost is not None:
+            selection = within_budget(selection, cost, self.config.budget, self.k)
         if not self.config.keep_stage1_weights:
             with torch.no_grad():
                 for p, value in self.others.items():

@@ -2,9 +2,9 @@
 
 With gradient checkpointing, transformers (`enable_input_require_grads`) and peft hook the input embeddings so that
 their output requires grad; every backward then runs through all blocks, even those below the lowest adapter. An
-`InputGradRouter` removes those hooks and makes the input of the lowest checkpointed block that holds an adapter
-require grad instead: backward stops there and the blocks below run forward only. That is the selected state's
-saving. transformers checkpoints a block's `forward`, so the block's pre-hook runs outside the checkpoint and
+`InputGradRouter` removes those hooks and makes the input of the lowest checkpointed block that holds a trainable
+adapter require grad instead: backward stops there and the blocks below run forward only. That is the selected
+state's saving. transformers checkpoints a block's `forward`, so the block's pre-hook runs outside the checkpoint and
 reentrant checkpointing still reaches the adapters inside.
 """
 

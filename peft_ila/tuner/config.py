@@ -15,6 +15,7 @@ from ._peft_compat import ILA
 from .selection import ILALoadError, check_layer_names, check_scores
 
 GRANULARITIES = ("module", "block")
+BUDGET_RESOURCES = ("time", "memory")  # what a cost-aware selection can budget (peft_ila.identification.cost)
 ESTIMATOR_NAMES = ("gates", "update-norm", "first-order")  # implemented in peft_ila.identification.estimators
 
 
@@ -39,6 +40,23 @@ def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
             "or a fraction in (0, 1]."
         )
     return top_k
+
+
+def parse_budget(budget: str) -> tuple[str, float]:
+    """A selection budget "time:0.6" or "memory:0.5" as (resource, fraction of adapting every layer's cost).
+
+    Raises `ValueError` naming the accepted form."""
+    resource, _, number = str(budget).partition(":")
+    try:
+        fraction = float(number)
+    except ValueError:
+        fraction = math.nan
+    if resource not in BUDGET_RESOURCES or not 0 < fraction <= 1:
+        raise ValueError(
+            f"budget={budget!r} is invalid: it must be 'time:F' or 'memory:F' with F in (0, 1], the share of the "
+            "step time or of the activation memory of adapting every candidate layer (e.g. 'time:0.6')."
+        )
+    return resource, fraction
 
 
 # what `ILAConfig.run_settings` leaves out: the selection itself, where the adapter came from, and peft's type
@@ -100,6 +118,17 @@ class ILAConfig(PeftConfig):
                 "How many layers keep adapters: an int >= 1, or a fraction in (0, 1] of the candidate layers "
                 "(rounded half up). 0.75 is the paper's 'freeze the least important 25%'. Ignored when "
                 "`selected_layers` is given: those are taken as they are."
+            )
+        },
+    )
+    budget: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Cost-aware selection: 'time:F' or 'memory:F' keeps the `top_k` most important layers whose fine-tune "
+                "is predicted to cost at most F times the step time (or the activation memory) of adapting every "
+                "candidate. Backward stops at the lowest adapted block, so this bounds how low the selection may "
+                "reach; the cost model is measured on the probe model after scoring. None: plain top-k."
             )
         },
     )
@@ -257,6 +286,11 @@ class ILAConfig(PeftConfig):
                 raise bad(name, "True or False")
         if not ((_is_int(self.top_k) and self.top_k >= 1) or (isinstance(self.top_k, float) and 0 < self.top_k <= 1)):
             raise bad("top_k", "an int >= 1 or a fraction in (0, 1]")
+        if self.budget is not None:
+            try:
+                parse_budget(self.budget)
+            except ValueError:
+                raise bad("budget", "None, or 'time:F' or 'memory:F' with F in (0, 1] (e.g. 'time:0.6')") from None
         if self.granularity not in GRANULARITIES:
             raise bad("granularity", "'module' or 'block'")
         for name in ("stage1_max_steps", "stability_window", "stage2_steps"):

@@ -245,7 +245,14 @@ class ILAModel(BaseTuner):
 
     @staticmethod
     def _holds_active_adapter(block: nn.Module) -> bool:
-        return any(isinstance(m, ILALayer) and set(m.active_adapters) & set(m.ila_A) for m in block.modules())
+        """Whether `block` holds an active adapter that trains (a frozen one needs no gradient from below)."""
+        return any(
+            p.requires_grad
+            for m in block.modules()
+            if isinstance(m, ILALayer)
+            for name in set(m.active_adapters) & set(m.ila_A)
+            for p in m.ila_A[name].parameters()
+        )
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         self._input_grads.remove()  # the base model goes back without ILA's hook
