@@ -1,8 +1,10 @@
 """Identification: the ILA recipe that finds the important layers of a probe-state model (importance.py), the one
-training loop every stage and fine-tune goes through (training.py), checkpoints and resume (checkpoint.py, atomic.py),
-several processes (distributed.py) and the Trainer callback (callback.py). It builds on `tuner`, never on `app`."""
+training loop every stage and fine-tune goes through (training.py), checkpoints and resume (checkpoint.py), several
+processes (distributed.py), the Trainer callback (callback.py) and cost-aware selection (cost.py). It builds on
+`tuner`, never on `app`."""
 
 from .callback import ILACallback
+from .cost import StepCost, measure_step_cost, within_budget
 from .importance import ILAResult, identify_important_layers
 
-__all__ = ["ILACallback", "ILAResult", "identify_important_layers"]
+__all__ = ["ILACallback", "ILAResult", "StepCost", "identify_important_layers", "measure_step_cost", "within_budget"]
