@@ -32,8 +32,11 @@ demo-docs: demo
 bench: $(BIN)/.app
 	$(BIN)/python benchmarks/run.py --preset full
 
-bench-quick: $(BIN)/.app
+# smoke-sized, on the real model: the short study, then every path of the grid (cells, resume, equal wall time,
+# forgetting, cost-aware selection) into benchmarks/results/grid/quick/ (its page GRID.md is there too)
+bench-quick: $(BIN)/.knowledge
 	$(BIN)/python benchmarks/run.py --preset quick
+	$(BIN)/python benchmarks/grid.py --preset quick
 
 # the stability study: cells in benchmarks/results/stability/full/ (a finished cell is kept; rerun to continue),
 # then benchmarks/STABILITY.md; LIMA and Dolly come from ../shared

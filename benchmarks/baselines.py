@@ -1,7 +1,8 @@
 """Layer selectors to compare ILA with: each returns k candidate layer names (granularity "module").
 
 Data-free: random, first/last blocks, KappaTune (condition number), Spectrum-style signal-to-noise ratio.
-Data-driven and cheap: adapter gradient norm over a few steps, ||B A|| after ILA's stage 1 (no stage 2).
+Data-driven and cheap: adapter gradient norm over a few steps, the first-order score of a gradient step on each
+layer's own weight (no training), ||B A|| after ILA's stage 1 (no stage 2).
 """
 
 from __future__ import annotations
@@ -103,3 +104,31 @@ def gradnorm_scores(probe: nn.Module, batches, steps: int, lr: float, accelerato
         for hook in hooks:
             hook.remove()
     return sums
+
+
+def first_order_layers(model: nn.Module, candidates: list[str], batches, steps: int, k: int) -> list[str]:
+    """The k layers with the largest `first_order_scores`."""
+    return top_k(first_order_scores(model, candidates, batches, steps), k)
+
+
+def first_order_scores(model: nn.Module, candidates: list[str], batches, steps: int) -> dict[str, float]:
+    """How much one gradient step on each candidate's weight alone lowers the loss, to first order (up to the
+    learning rate): ||mean over `steps` batches of dL/dW||^2. Nothing trains; only the candidates' weights get
+    gradients, and `requires_grad` is put back afterwards."""
+    weights = {name: model.get_submodule(name).weight for name in candidates}
+    states = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in states:
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        model.train()
+        for batch, _ in zip(cycle(batches), range(steps), strict=False):
+            model(**batch).loss.backward()
+        return {name: float((w.grad / steps).pow(2).sum()) for name, w in weights.items()}
+    finally:
+        for p, requires_grad in states:
+            p.requires_grad_(requires_grad)
+            p.grad = None
+        model.train(was_training)

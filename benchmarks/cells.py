@@ -39,15 +39,20 @@ def cell(folder: Path, kind: str, settings: dict, compute: Callable[[Path], dict
 
 
 def add_cell_options(parser: argparse.ArgumentParser, folder: Path, page: Path) -> None:
-    """The options of a study made of cells: where they are kept, the page to write, and --existing-only."""
+    """The options of a study made of cells: where they are kept, the page to write (`page` for the full preset,
+    beside the cells for the others, so a smoke run never overwrites the committed page), and --existing-only."""
     parser.add_argument("--cells", type=Path, default=folder, help="where cells are kept (one folder per preset)")
-    parser.add_argument("--markdown", type=Path, default=page, help="page to write")
+    parser.add_argument(
+        "--markdown", type=Path, help=f"page to write (default: {page.name} for --preset full, else beside the cells)"
+    )
+    parser.set_defaults(full_page=page)
     parser.add_argument(
         "--existing-only", action="store_true", help="compute no cell: write the page from the cells there are"
     )
 
 
 def write_study(args: argparse.Namespace, name: str, results: dict, page: str) -> None:
-    """A study's results as `<cells>/<preset>/<name>.json` and its Markdown page at `args.markdown`."""
+    """A study's results as `<cells>/<preset>/<name>.json` and its Markdown page (see `add_cell_options`)."""
     write_json(args.cells / args.preset / f"{name}.json", results)
-    args.markdown.write_text(page)
+    default = args.full_page if args.preset == "full" else args.cells / args.preset / args.full_page.name
+    (args.markdown or default).write_text(page)

@@ -15,7 +15,8 @@ answers that falls is forgetting too. Cells (`benchmarks/results/grid/<preset>/`
 - `tune-*`: one fine-tune (a dataset, a selector of layers, a seed): its losses on every held-out set, the seconds
   its selection took, step time, memory, trainable parameters. LoRA on all layers also runs for as long as ILA top
   25% took, identification included (equal wall time).
-Writes `grid.json` and the page `GRID.md` (`grid_page.py`: the tables and the findings, each with its rule).
+Writes `grid.json` and the page `GRID.md` (`grid_page.py`: the tables; `grid_findings.py`: the findings, each with
+its rule); a preset other than full writes its page beside its cells.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ VERSION = 1  # part of every cell's key: bump it when what a cell computes chang
 COST = dict(cutoffs=5, repeats=3)  # how the step-cost model is measured (see `measure_step_cost`)
 CORE = [("all", 1.0), ("ila", 0.25), ("ila", 0.75), ("random", 0.25)]  # every dataset, every seed
 PRIMARY = [("ila-budget", 0.25)]  # the primary dataset, every seed
-CHEAP = [("gradient-norm", 0.25), ("kappa", 0.25), ("spectrum", 0.25)]  # the primary dataset, the first seed
+CHEAP = [("gradient-norm", 0.25), ("kappa", 0.25), ("spectrum", 0.25), ("first-order", 0.25)]  # primary, seed 0
 EQUAL_TIME = ("all-time", 1.0)  # the primary dataset, every seed (last: it waits for LoRA-all and ILA's cells)
 BEST_CHEAP = "best-cheap"  # on the other datasets: the cheap selector with the lowest loss on the primary one
 NAMES = {
@@ -100,6 +101,7 @@ NAMES = {
     "gradient-norm": "adapter gradient norm {share:.0%}",
     "kappa": "KappaTune {share:.0%}",
     "spectrum": "Spectrum-style SNR {share:.0%}",
+    "first-order": "first-order score {share:.0%}",
     BEST_CHEAP: "the best cheap selector {share:.0%}",
 }
 
@@ -270,6 +272,9 @@ class Grid:
             return baselines.kappa_layers(self.base, self.candidates, k)
         if selector == "spectrum":
             return baselines.spectrum_layers(self.base, self.candidates, k)
+        if selector == "first-order":
+            batches = self.data[name].batches(self.p["batch_size"], seed)
+            return baselines.first_order_layers(self.base, self.candidates, batches, self.p["gradnorm"], k)
         if selector == "gradient-norm":
             probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
             batches = self.data[name].batches(self.p["batch_size"], seed)

@@ -134,6 +134,20 @@ def test_kappa_and_gradient_norm_selectors_return_k_candidates():
     assert not any(p._post_accumulate_grad_hooks for p in probe.parameters())  # the hooks were removed
 
 
+def test_first_order_score_is_the_squared_norm_of_each_weights_mean_gradient_and_trains_nothing():
+    model, cands, batches = tiny_llama(), llama_candidates(), lm_batches(2)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    scores = baselines.first_order_scores(model, cands, batches, steps=2)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    reference = tiny_llama()
+    sum(reference(**batch).loss for batch in batches).backward()
+    for name in cands:
+        expected = float((reference.get_submodule(name).weight.grad / 2).pow(2).sum())
+        assert scores[name] == pytest.approx(expected, rel=1e-4), name
+    assert baselines.first_order_layers(model, cands, batches, 2, 5) == baselines.top_k(scores, 5)
+
+
 def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cells(tmp_path):
     from benchmarks import stability
 
@@ -241,7 +255,7 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     assert not results["missing"]
     planned = grid.plan(["alpaca", "lima"], grid.PRESETS["quick"]["seeds"], grid.PRESETS["quick"]["stage1"])
     tunes = [job for job in planned if job.selector != "mask"]
-    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 3 + 2 * 4 + 1  # core, budget, equal time; cheap
+    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 4 + 2 * 4 + 1  # core, budget, equal time; cheap
     assert len(results["masks"]) == 4  # alpaca (seeds 0 and 1, and a quarter of stage 1) and lima
     by = {(t["dataset"], t["selector"], t["share"], t["seed"]): t for t in results["tunes"]}
     assert by["alpaca", "all", 1.0, 0]["layers"] is None and len(by["alpaca", "ila", 0.25, 0]["layers"]) == 7
