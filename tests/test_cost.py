@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 
 from conftest import identify, llama_candidates, lm_batches, tiny_llama
 from peft_ila import ILAConfig, Selection, identify_important_layers
-from peft_ila.identification.cost import StepCost, measure_step_cost, within_budget
+from peft_ila.identification.cost import StepCost, _fit, measure_step_cost, within_budget
 
 BLOCKS = tuple(f"model.layers.{i}" for i in range(4))
 PROBE = dict(r=2, top_k=4, stage1_max_steps=4, stage2_steps=3, seed=0)
@@ -118,3 +118,9 @@ def test_identify_on_the_command_line_with_a_budget_records_and_prints_it(work, 
     assert note["budget"] == "memory:0.75" and record["config"]["budget"] == "memory:0.75"
     assert all(int(name.split(".")[2]) >= int(note["lowest_block"].split(".")[2]) for name in record["selected"])
     assert f"within --budget memory:0.75: layers from {note['lowest_block']} up" in capsys.readouterr().out
+
+
+def test_the_cost_fit_keeps_both_parts_of_a_cost_non_negative():
+    assert _fit([3, 2, 1], [4.0, 3.0, 2.0]) == pytest.approx((1.0, 1.0))  # exact: fixed 1, 1 per block
+    assert _fit([3, 2, 1], [1.0, 2.0, 3.0]) == pytest.approx((2.0, 0.0))  # falling with depth: noise, flat
+    assert _fit([4, 2, 1], [0.4, 0.2, 0.05]) == pytest.approx((0.0, 2.05 / 21))  # through the origin

@@ -145,12 +145,13 @@ def _one_pass(model: nn.Module, batch: Batch, params: Sequence[nn.Parameter]) ->
 
 
 def _fit(depths: Sequence[int], values: Sequence[float]) -> tuple[float, float]:
-    """Least-squares (fixed, per block) of values ~ fixed + per_block * depth; per block clamped at >= 0 (a
-    negative slope is measurement noise: then the cost is taken as flat, at the mean)."""
+    """Least-squares (fixed, per block) of values ~ fixed + per_block * depth, both kept >= 0 as costs are: a
+    negative slope (noise) makes the cost flat at the mean, a negative intercept refits through the origin."""
     mean_d, mean_v = statistics.mean(depths), statistics.mean(values)
     spread = sum((d - mean_d) ** 2 for d in depths)
-    slope = sum((d - mean_d) * (v - mean_v) for d, v in zip(depths, values, strict=True)) / spread
-    slope = max(slope, 0.0)
+    slope = max(sum((d - mean_d) * (v - mean_v) for d, v in zip(depths, values, strict=True)) / spread, 0.0)
+    if mean_v - slope * mean_d < 0:
+        return 0.0, sum(d * v for d, v in zip(depths, values, strict=True)) / sum(d * d for d in depths)
     return mean_v - slope * mean_d, slope
 
 

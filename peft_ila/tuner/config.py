@@ -128,7 +128,8 @@ class ILAConfig(PeftConfig):
                 "Cost-aware selection: 'time:F' or 'memory:F' keeps the `top_k` most important layers whose fine-tune "
                 "is predicted to cost at most F times the step time (or the activation memory) of adapting every "
                 "candidate. Backward stops at the lowest adapted block, so this bounds how low the selection may "
-                "reach; the cost model is measured on the probe model after scoring. None: plain top-k."
+                "reach; the cost model is measured on the probe model after scoring. None: plain top-k. Ignored "
+                "when `selected_layers` is given."
             )
         },
     )
