@@ -37,6 +37,7 @@ bench: $(BIN)/.app
 bench-quick: $(BIN)/.knowledge
 	$(BIN)/python benchmarks/run.py --preset quick
 	$(BIN)/python benchmarks/grid.py --preset quick
+	$(BIN)/python benchmarks/grid.py --preset quick --existing-only  # every cell read back, none computed
 
 # the stability study: cells in benchmarks/results/stability/full/ (a finished cell is kept; rerun to continue),
 # then benchmarks/STABILITY.md; LIMA and Dolly come from ../shared

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from benchmarks import baselines, grid_page, knowledge  # noqa: E402
 from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
 from benchmarks.run import (  # noqa: E402
+    absent,
     add_inputs,
     data_identity,
     dataset_files,
@@ -132,6 +133,9 @@ class Grid:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.data: dict[str, Prepared] = {}
         for name in args.datasets:
+            if absent(args, name):
+                print(absent(args, name))
+                continue
             self.data[name] = self._load(name)
         self.base = next(iter(self.data.values())).model.eval()
         self.candidates = find_candidates(self.base, ILAConfig())

@@ -85,6 +85,14 @@ def dataset_files(args: argparse.Namespace, name: str) -> tuple[str, str | None]
     return tuple(s.format(shared=args.shared) if s else s for s in (data, eval_data))
 
 
+def absent(args: argparse.Namespace, name: str) -> str | None:
+    """Why dataset `name` cannot be read here (its file under ../shared is missing), or None when it can."""
+    data = dataset_files(args, name)[0]
+    if name in args.data or "{shared}" not in DATASETS[name][0] or Path(data).exists():
+        return None
+    return f"skipping {name}: {data} is absent (../shared holds it beside a developer checkout)"
+
+
 def data_identity(args: argparse.Namespace, name: str, **shape) -> dict:
     """What a benchmark cell depends on besides its own settings: the dataset, its data's SHA-256, the model, and
     the `shape` of the examples and batches."""
@@ -173,8 +181,8 @@ class Bench:
 
     def load(self, name: str) -> Prepared | None:
         data, eval_data = dataset_files(self.args, name)
-        if not (name in self.args.data or "{shared}" not in DATASETS[name][0] or Path(data).exists()):
-            print(f"skipping {name}: {data} is absent (../shared holds it beside a developer checkout)")
+        if absent(self.args, name):
+            print(absent(self.args, name))
             return None
         prepared = prepare(
             self.args.model, data, self.p["max_length"], "truncate", self.p["eval_size"], 0, eval_data=eval_data

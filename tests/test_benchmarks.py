@@ -104,6 +104,16 @@ def test_missing_shared_data_is_skipped_with_a_message(tmp_path, capsys):
     output = main(args)
     assert "skipping lima" in capsys.readouterr().out
     assert set(output["datasets"]) == {"alpaca"}
+    from benchmarks import grid
+
+    args = ["--preset", "quick", "--model", str(lm), "--data", f"alpaca={tmp_path / 'a.json'}", "--shared", "/nowhere"]
+    args += ["--cells", str(tmp_path / "cells"), "--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz"))]
+    results = grid.main(args)
+    assert "skipping lima" in capsys.readouterr().out and results["datasets"] == ["alpaca"] and not results["missing"]
+    assert (
+        "**Important layers overlap about 90% across alignment datasets**: not judged yet"
+        in (tmp_path / "cells" / "quick" / "GRID.md").read_text()
+    )
 
 
 def test_position_random_and_score_selectors():
