@@ -22,7 +22,7 @@ GOALS = {"step": 0.8, "memory": 0.75, "budget_loss": 0.01}  # the issue's goals 
 
 
 ALL, ALL_TIME, RANDOM = ("all", 1.0), ("all-time", 1.0), ("random", 0.25)
-ILA25, ILA75, BUDGETED = ("ila", 0.25), ("ila", 0.75), ("ila-budget", 0.25)
+ILA25, ILA75 = ("ila", 0.25), ("ila", 0.75)
 Method = tuple[str, float]  # a selector and the share of candidate layers it picks
 
 
@@ -272,21 +272,29 @@ def _knowledge(stats: Stats, method: Method) -> str:
 
 
 def finding_budget(results: dict, stats: Stats) -> dict:
-    budget = results["settings"]["budget"]
+    budget, *others = results["settings"]["budgets"]
     resource, share = parse_budget(budget)
-    cost = {"time": ("median_step_seconds", "step time"), "memory": ("memory", "memory rise")}[resource]
-    claim = f"Cost-aware ILA ({budget}) costs ≤ {share:g}× LoRA-all's {cost[1]} within +1% held-out loss"
-    rule = f"mean {cost[1]} and mean held-out loss against LoRA-all's on the primary dataset, both at once"
-    primary = results["datasets"][0]
-    delta, ratio = stats.delta(primary, BUDGETED, ALL), stats.ratio(primary, BUDGETED, ALL, cost[0])
+    key, what = {"time": ("median_step_seconds", "step time"), "memory": ("memory", "memory rise")}[resource]
+    claim = f"Cost-aware ILA ({budget}) costs ≤ {share:g}× LoRA-all's {what} within +1% held-out loss"
+    rule = f"mean {what} and mean held-out loss against LoRA-all's on the primary dataset, both at once"
+    primary, method = results["datasets"][0], (f"ila@{budget}", 0.25)
+    delta, ratio = stats.delta(primary, method, ALL), stats.ratio(primary, method, ALL, key)
     if delta is None or ratio is None:
         return finding(claim, "not judged yet", f"the cost-aware runs on {primary} are not computed yet", rule)
     relative = delta[0] / statistics.mean(stats.values(primary, ALL))
     met = ratio <= share and relative <= GOALS["budget_loss"]
-    plain = stats.ratio(primary, ILA25, ALL, cost[0])
-    evidence = f"{cost[1]} × {ratio:.2f} (plain top 25%: × {'–' if plain is None else f'{plain:.2f}'}); Δ held-out "
-    evidence += f"loss {show(delta)} ({relative:+.1%}) on {primary}"
+    evidence = f"{what} × {ratio:.2f}, Δ held-out loss {show(delta)} ({relative:+.1%}) on {primary}; the trade-off: "
+    evidence += ", ".join(_trade_off(stats, primary, m, key) for m in [*((f"ila@{b}", 0.25) for b in others), ILA25])
     return finding(claim, "holds" if met else "does not hold", evidence, rule)
+
+
+def _trade_off(stats: Stats, dataset: str, method: Method, key: str) -> str:
+    """A selection's cost ratio and loss change against LoRA-all, as one phrase."""
+    delta, ratio = stats.delta(dataset, method, ALL), stats.ratio(dataset, method, ALL, key)
+    name = "plain top 25%" if method == ILA25 else f"within {method[0][4:]}"
+    if delta is None or ratio is None:
+        return f"{name} not computed yet"
+    return f"{name} × {ratio:.2f}, Δ {show(delta)}"
 
 
 def finding_cheap(results: dict, stats: Stats) -> dict:

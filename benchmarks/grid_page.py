@@ -20,7 +20,7 @@ def selection_seconds(results: dict, dataset: str, selector: str, tunes: list[di
     mask = next((m for m in results["masks"] if (m["dataset"], m["seed"], m["stage1"]) == (dataset, 0, stage1)), None)
     if mask is None:
         return None
-    return mask["seconds"] + (results.get("cost", {}).get("seconds", 0.0) if selector == "ila-budget" else 0.0)
+    return mask["seconds"] + (results.get("cost", {}).get("seconds", 0.0) if selector.startswith("ila@") else 0.0)
 
 
 def table(results: dict) -> list[str]:

@@ -263,9 +263,11 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz"))]
     results = grid.main(args)
     assert not results["missing"]
-    planned = grid.plan(["alpaca", "lima"], grid.PRESETS["quick"]["seeds"], grid.PRESETS["quick"]["stage1"])
+    quick = grid.PRESETS["quick"]
+    planned = grid.plan(["alpaca", "lima"], quick["seeds"], quick["stage1"], quick["budgets"])
     tunes = [job for job in planned if job.selector != "mask"]
-    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 4 + 2 * 4 + 1  # core, budget, equal time; cheap
+    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 1 + 4 + 2 * 4 + 1  # alpaca: 2 seeds x (core, a budget, equal time),
+    # the other budget and the 4 cheap selectors with seed 0; lima: 2 seeds x core, the best cheap selector
     assert len(results["masks"]) == 4  # alpaca (seeds 0 and 1, and a quarter of stage 1) and lima
     by = {(t["dataset"], t["selector"], t["share"], t["seed"]): t for t in results["tunes"]}
     assert by["alpaca", "all", 1.0, 0]["layers"] is None and len(by["alpaca", "ila", 0.25, 0]["layers"]) == 7
@@ -281,7 +283,7 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     # cost-aware: every selected layer at or above the lowest block the memory budget allows
     cost = StepCost.from_json(results["cost"]["cost"])
     lowest = next(low for low in range(len(cost.blocks)) if cost.fraction("memory", low) <= 0.6)
-    budgeted = by["alpaca", "ila-budget", 0.25, 0]["layers"]
+    budgeted = by["alpaca", "ila@memory:0.6", 0.25, 0]["layers"]
     assert lowest > 0 and all(cost.blocks.index(".".join(n.split(".")[:3])) >= lowest for n in budgeted)
     cheap = {s: by["alpaca", s, 0.25, 0]["loss_after"] for s, _ in grid.CHEAP}
     assert [t["selector"] for t in results["tunes"] if t["dataset"] == "lima" and t["selector"] in cheap] == [
