@@ -266,8 +266,9 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     quick = grid.PRESETS["quick"]
     planned = grid.plan(["alpaca", "lima"], quick["seeds"], quick["stage1"], quick["budgets"])
     tunes = [job for job in planned if job.selector != "mask"]
-    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 1 + 4 + 2 * 4 + 1  # alpaca: 2 seeds x (core, a budget, equal time),
-    # the other budget and the 4 cheap selectors with seed 0; lima: 2 seeds x core, the best cheap selector
+    # alpaca: 2 seeds x (core, a budget, equal time), the other budget and 4 cheap selectors with seed 0; lima: 2
+    # seeds x core, and the best cheap selector
+    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 1 + 4 + 2 * 4 + 1
     assert len(results["masks"]) == 4  # alpaca (seeds 0 and 1, and a quarter of stage 1) and lima
     by = {(t["dataset"], t["selector"], t["share"], t["seed"]): t for t in results["tunes"]}
     assert by["alpaca", "all", 1.0, 0]["layers"] is None and len(by["alpaca", "ila", 0.25, 0]["layers"]) == 7
