@@ -251,7 +251,7 @@ class ILAModel(BaseTuner):
             for m in block.modules()
             if isinstance(m, ILALayer)
             for name in set(m.active_adapters) & set(m.ila_A)
-            for p in m.ila_A[name].parameters()
+            for p in (*m.ila_A[name].parameters(), *m.ila_B[name].parameters())
         )
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
