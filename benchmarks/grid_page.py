@@ -104,7 +104,7 @@ def page(results: dict) -> str:
     lines = [
         "# The benchmark grid: fine-tunes long enough to judge",
         "",
-        f"Written by `python benchmarks/grid.py --preset {results['preset']}` from the cells in "
+        f"Written by `python benchmarks/grid.py --preset {results['preset']}` (`make bench`) from the cells in "
         f"`benchmarks/results/grid/{results['preset']}`; {results['machine']['cpu_count']} CPU cores, torch "
         f"{results['machine']['torch']}. Each fine-tune: at least {s['epochs']} epoch(s) and {s['min_steps']} AdamW "
         f"steps of batch {s['batch_size']} at max length {s['max_length']} (lr {s['lr']:g}, r {s['r']}), judged on "

@@ -95,7 +95,7 @@ def test_benchmark_findings_are_quoted_from_results_md():
     findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     assert len(findings) == 4 and all(line in results for line in findings), findings
-    assert "make bench" in section and (ROOT / "benchmarks" / "results" / "full.json").exists()
+    assert "make bench-short" in section and (ROOT / "benchmarks" / "results" / "full.json").exists()
 
 
 def test_stability_findings_are_quoted_from_stability_md():
