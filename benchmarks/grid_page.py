@@ -136,6 +136,6 @@ def page(results: dict) -> str:
     ]
     lines += ["", *cost_section(results)]
     if results["missing"]:
-        lines += [f"Not computed yet ({len(results['missing'])}; rerun to continue the grid):", ""]
+        lines += [f"Not computed yet ({len(results['missing'])}; `make bench` continues the grid):", ""]
         lines += [f"- {entry}" for entry in results["missing"]]
     return "\n".join(lines) + "\n"
