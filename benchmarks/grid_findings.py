@@ -118,9 +118,10 @@ def per_dataset(stats: Stats, datasets: list[str], a: Method, b: Method, what: s
 
 
 def listed(deltas: dict) -> str:
-    return ", ".join(f"{d} {show(delta)}" for d, delta in deltas.items()) or "none computed yet"
+    return ", ".join(f"{d} {show(delta)}" for d, delta in deltas.items()) or WAITING
 
 
+WAITING = "not computed yet, or no noise scale yet (it needs a second seed)"
 NOISE_RULE = f"a difference counts beyond {BEYOND:g} standard errors (see the noise scale above)"
 
 
@@ -217,7 +218,7 @@ def finding_equal_time(results: dict, stats: Stats) -> dict:
     rule = f"LoRA-all runs for the seconds ILA spent identifying plus fine-tuning; {NOISE_RULE}"
     deltas = per_dataset(stats, results["datasets"][:1], ILA25, ALL_TIME)
     if not deltas:
-        return finding(claim, "not judged yet", "the equal-time LoRA-all runs are not computed yet", rule)
+        return finding(claim, "not judged yet", f"the equal-time LoRA-all runs: {WAITING}", rule)
     dataset, delta = next(iter(deltas.items()))
     steps = [t["steps"] for t in stats.groups[(dataset, ALL_TIME)]]
     verdict = {-1: "holds", 0: "a tie within the noise", 1: "does not hold: LoRA-all is better"}[beyond(delta)]
@@ -280,7 +281,7 @@ def finding_budget(results: dict, stats: Stats) -> dict:
     primary, method = results["datasets"][0], (f"ila@{budget}", 0.25)
     delta, ratio = stats.delta(primary, method, ALL), stats.ratio(primary, method, ALL, key)
     if delta is None or ratio is None:
-        return finding(claim, "not judged yet", f"the cost-aware runs on {primary} are not computed yet", rule)
+        return finding(claim, "not judged yet", f"the cost-aware runs on {primary}: {WAITING}", rule)
     relative = delta[0] / statistics.mean(stats.values(primary, ALL))
     met = ratio <= share and relative <= GOALS["budget_loss"]
     evidence = f"{what} × {ratio:.2f}, Δ held-out loss {show(delta)} ({relative:+.1%}) on {primary}; the trade-off: "
@@ -293,7 +294,7 @@ def _trade_off(stats: Stats, dataset: str, method: Method, key: str) -> str:
     delta, ratio = stats.delta(dataset, method, ALL), stats.ratio(dataset, method, ALL, key)
     name = "plain top 25%" if method == ILA25 else f"within {method[0][4:]}"
     if delta is None or ratio is None:
-        return f"{name} not computed yet"
+        return f"{name}: {WAITING}"
     return f"{name} × {ratio:.2f}, Δ {show(delta)}"
 
 
