@@ -37,10 +37,10 @@ bench: $(BIN)/.knowledge
 bench-short: $(BIN)/.app
 	$(BIN)/python benchmarks/run.py --preset full
 
-# smoke-sized, on the real model: the short study, then every path of the grid (cells, resume, equal wall time,
-# forgetting, cost-aware selection) into benchmarks/results/grid/quick/ (its page GRID.md is there too)
+# smoke-sized, on the real model: every path of the grid (cells, resume, equal wall time, forgetting, cost-aware
+# selection) into benchmarks/results/grid/quick/ (its page GRID.md is there too); the short study's smoke run is
+# `python benchmarks/run.py --preset quick`
 bench-quick: $(BIN)/.knowledge
-	$(BIN)/python benchmarks/run.py --preset quick
 	$(BIN)/python benchmarks/grid.py --preset quick
 	$(BIN)/python benchmarks/grid.py --preset quick --existing-only  # every cell read back, none computed
 
