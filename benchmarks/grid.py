@@ -107,8 +107,8 @@ NAMES = {
 
 @dataclass(frozen=True)
 class Job:
-    """One entry of the plan: a fine-tune (`selector`, a key of NAMES) or an identification (`selector` "mask",
-    with `stage1` steps; None: the preset's)."""
+    """One entry of the plan: a fine-tune (`selector`: a key of NAMES, or "ila@BUDGET" for ILA within a budget) or
+    an identification (`selector` "mask", with `stage1` steps; None: the preset's)."""
 
     dataset: str
     selector: str
