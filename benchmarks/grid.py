@@ -138,8 +138,8 @@ class Grid:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.data: dict[str, Prepared] = {}
         for name in args.datasets:
-            if absent(args, name):
-                print(absent(args, name))
+            if why := absent(args, name):
+                print(why)
                 continue
             self.data[name] = self._load(name)
         self.base = next(iter(self.data.values())).model.eval()

@@ -12,7 +12,7 @@ import math
 import statistics
 from itertools import combinations
 
-from benchmarks.report import random_jaccard
+from benchmarks.stability import expected_random_jaccard
 from peft_ila.app.compare import jaccard
 from peft_ila.tuner.config import parse_budget
 
@@ -40,6 +40,11 @@ def forgetting(results: dict, tune: dict) -> float | None:
     if not others or not set(others) <= set(results["base"]):
         return None
     return statistics.mean(value - results["base"][name] for name, value in others.items())
+
+
+def memory_rise(tune: dict) -> float:
+    """MB: a fine-tune's peak resident memory minus that at its start."""
+    return tune["memory"].get("rss_rise_mb", 0.0)
 
 
 def pooled_sd(samples: list[list[float]]) -> float | None:
@@ -76,7 +81,7 @@ class Stats:
 
     def ratio(self, dataset: str, a: Method, b: Method, key: str) -> float | None:
         """mean(a's key) / mean(b's key) for a cost: "median_step_seconds" or "memory"'s rise."""
-        get = lambda t: t["memory"].get("rss_rise_mb", 0.0) if key == "memory" else t[key]  # noqa: E731
+        get = lambda t: memory_rise(t) if key == "memory" else t[key]  # noqa: E731
         ta, tb = self.groups.get((dataset, a)), self.groups.get((dataset, b))
         if not ta or not tb:
             return None
@@ -125,10 +130,15 @@ WAITING = "not computed yet, or no noise scale yet (it needs a second seed)"
 NOISE_RULE = f"a difference counts beyond {BEYOND:g} standard errors (see the noise scale above)"
 
 
+def mask_rows(results: dict, seed: int = 0, stage1: int | None = None) -> dict[str, dict]:
+    """dataset -> its mask row with `seed` and `stage1` steps (default: the preset's)."""
+    stage1 = stage1 or results["settings"]["stage1"]
+    return {m["dataset"]: m for m in results["masks"] if (m["seed"], m["stage1"]) == (seed, stage1)}
+
+
 def masks_of(results: dict, seed: int = 0, stage1: int | None = None) -> dict[str, set[str]]:
     """dataset -> the top 25% of its mask with `seed` and `stage1` steps (default: the preset's)."""
-    stage1 = stage1 or results["settings"]["stage1"]
-    return {m["dataset"]: set(m["selected"]) for m in results["masks"] if (m["seed"], m["stage1"]) == (seed, stage1)}
+    return {name: set(row["selected"]) for name, row in mask_rows(results, seed, stage1).items()}
 
 
 def seed_overlap(results: dict) -> float | None:
@@ -153,7 +163,7 @@ def finding_datasets(results: dict) -> dict:
     k, n = len(next(iter(masks.values()))), results["settings"]["candidates"]
     floor = seed_overlap(results)
     evidence = f"mean {mean:.2f} ({', '.join(f'{p} {j:.2f}' for p, j in pairs.items())}); two seeds on one dataset: "
-    evidence += f"{fmt(floor, 2)}; two random sets: {random_jaccard(k, n):.2f}"
+    evidence += f"{fmt(floor, 2)}; two random sets: {expected_random_jaccard(n, k):.2f}"
     verdict = provisional(overlap_verdict(mean), list(masks), results["datasets"])
     return finding(claim, verdict, evidence, rule)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from benchmarks.grid_findings import ALL, Stats, findings, fmt, forgetting, groups
+from benchmarks.grid_findings import ALL, Stats, findings, fmt, forgetting, groups, mask_rows, memory_rise
 from peft_ila.identification.cost import StepCost
 from peft_ila.tuner.selection import layer_of
 
@@ -16,8 +16,7 @@ def selection_seconds(results: dict, dataset: str, selector: str, tunes: list[di
     what the fine-tune cells measured (0 for LoRA-all and random)."""
     if not selector.startswith("ila"):
         return statistics.mean(t["selection_seconds"] for t in tunes)
-    stage1 = results["settings"]["stage1"]
-    mask = next((m for m in results["masks"] if (m["dataset"], m["seed"], m["stage1"]) == (dataset, 0, stage1)), None)
+    mask = mask_rows(results).get(dataset)
     if mask is None:
         return None
     return mask["seconds"] + (results.get("cost", {}).get("seconds", 0.0) if selector.startswith("ila@") else 0.0)
@@ -34,7 +33,7 @@ def table(results: dict) -> list[str]:
         after = [t["loss_after"] for t in tunes]
         gain = results["base"].get(dataset, math.nan) - statistics.mean(after)
         lost = [forgetting(results, t) for t in tunes]
-        memory = statistics.mean(t["memory"].get("rss_rise_mb", 0.0) for t in tunes)
+        memory = statistics.mean(map(memory_rise, tunes))
         params = statistics.mean(t["trainable_params"] for t in tunes)
         known = base_knowledge is not None
         cells = [

@@ -180,10 +180,10 @@ class Bench:
         return list(itertools.islice(self.batches(prepared), self.p["timing_batches"] + 1))
 
     def load(self, name: str) -> Prepared | None:
-        data, eval_data = dataset_files(self.args, name)
-        if absent(self.args, name):
-            print(absent(self.args, name))
+        if why := absent(self.args, name):
+            print(why)
             return None
+        data, eval_data = dataset_files(self.args, name)
         prepared = prepare(
             self.args.model, data, self.p["max_length"], "truncate", self.p["eval_size"], 0, eval_data=eval_data
         )

@@ -88,6 +88,7 @@ def measure_step_cost(
         )
     lows = sorted({round(i * (len(blocks) - 1) / max(cutoffs - 1, 1)) for i in range(cutoffs)})
     params = list(model.parameters())
+    parameter_storages = {p.untyped_storage().data_ptr() for p in params}
     saved = [(p, p.requires_grad, p.grad) for p in params]
     batch = _to_device(batch, model)
     was_training = model.training
@@ -102,7 +103,7 @@ def measure_step_cost(
                 for index, block in enumerate(blocks):
                     for p in by_block[block]:
                         p.requires_grad_(index >= low)
-                took, memory[low] = _one_pass(model, batch, params)
+                took, memory[low] = _one_pass(model, batch, params, parameter_storages)
                 if round_ > 0:  # the first round warms up
                     seconds[low].append(took)
     finally:
@@ -120,9 +121,11 @@ def measure_step_cost(
     )
 
 
-def _one_pass(model: nn.Module, batch: Batch, params: Sequence[nn.Parameter]) -> tuple[float, float]:
-    """Seconds of one forward + backward, and MB of the distinct non-parameter storages saved for backward."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in params}
+def _one_pass(
+    model: nn.Module, batch: Batch, params: Sequence[nn.Parameter], parameter_storages: set[int]
+) -> tuple[float, float]:
+    """Seconds of one forward + backward, and MB of the distinct storages saved for backward that are not in
+    `parameter_storages` (the parameters' data pointers)."""
     kept: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
