@@ -297,10 +297,15 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     stamps = {p: p.stat().st_mtime_ns for p in cells.glob("*-*.json")}
     assert grid.main([*args, "--existing-only"])["tunes"] == results["tunes"]  # read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    gone = next(p for p in stamps if p.name.startswith("tune-"))  # an interrupted grid: one cell missing
+    # an interrupted grid: one cell missing, ILA top 25% with seed 0 (the equal-time run waits for it)
+    ila = {"dataset": "alpaca", "selector": "ila", "share": 0.25, "seed": 0}.items()
+    tunes_written = [p for p in stamps if p.name.startswith("tune-")]
+    gone = next(p for p in tunes_written if ila <= json.loads(p.read_text())["settings"].items())
     gone.unlink()
     missing = grid.main([*args, "--existing-only"])["missing"]
     assert missing and all(f"({gone.stem})" in entry for entry in missing)  # it, and any cell that waits for it
+    waiting = ["alpaca: ILA top 25%, seed 0", "alpaca: LoRA on all layers, ILA top 25%'s wall time, seed 0"]
+    assert [entry.split(" (")[0] for entry in missing] == waiting
     resumed = grid.main(args)
     assert not resumed["missing"] and gone.exists()
     assert {p: p.stat().st_mtime_ns for p in stamps if p != gone} == {p: s for p, s in stamps.items() if p != gone}
