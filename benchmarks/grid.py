@@ -14,7 +14,10 @@ answers that falls is forgetting too. Cells (`benchmarks/results/grid/<preset>/`
 - `cost-*`: the step-cost model of a dataset's batches (`peft_ila.identification.cost`), for cost-aware selection;
 - `tune-*`: one fine-tune (a dataset, a selector of layers, a seed): its losses on every held-out set, the seconds
   its selection took, step time, memory, trainable parameters. LoRA on all layers also runs for as long as ILA top
-  25% took, identification included (equal wall time).
+  25% took, identification included (equal wall time);
+- `timing-*`: every selection of a dataset's first seed trained side by side in one process, a few steps each in
+  turn: the step time and memory that cost ratios are taken from (fine-tunes hours apart run on a machine whose
+  speed drifts).
 Writes `grid.json` and the page `GRID.md` (`grid_page.py`: the tables; `grid_findings.py`: the findings, each with
 its rule); a preset other than full writes its page beside its cells.
 """
@@ -26,6 +29,7 @@ import copy
 import hashlib
 import math
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -50,10 +54,11 @@ from benchmarks.run import (  # noqa: E402
 )
 from peft_ila import ILAConfig, Selection, resolve_top_k  # noqa: E402
 from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
+from peft_ila.app.files import peak_memory_mb, reset_peak_memory  # noqa: E402
 from peft_ila.app.pipeline import Prepared, finetune, lora_all_layers, prepare  # noqa: E402
 from peft_ila.app.report import machine  # noqa: E402
 from peft_ila.identification.cost import StepCost, measure_step_cost, within_budget  # noqa: E402
-from peft_ila.identification.training import evaluate_loss  # noqa: E402
+from peft_ila.identification.training import cycle, evaluate_loss, train_steps  # noqa: E402
 from peft_ila.tuner.model import find_candidates  # noqa: E402
 
 PRESETS = {
@@ -69,6 +74,7 @@ PRESETS = {
         seeds=[0, 1],
         questions=4,
         budgets=["memory:0.6", "memory:0.8"],  # deterministic on any model: the smoke test never depends on timing
+        timing=(1, 2),
     ),
     "full": dict(
         max_length=128,
@@ -82,8 +88,10 @@ PRESETS = {
         seeds=[0, 1, 2],
         questions=200,
         budgets=["time:0.6", "time:0.8"],  # the first: the issue's goal (0.6x LoRA-all's step time), every seed
+        timing=(3, 6),  # side by side: rounds, and optimizer steps per selection in each (the first one not timed)
     ),
 }
+TIMING = "timing"  # the plan's side-by-side timing job of a dataset (after its first seed's fine-tunes)
 TRAIN_LIMIT = {"dolly": 1000}  # a fixed subset of a dataset's training examples (drawn with seed 0)
 LR, ADAPTER = 1e-3, dict(r=8, lora_alpha=16)
 VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
@@ -107,8 +115,9 @@ NAMES = {
 
 @dataclass(frozen=True)
 class Job:
-    """One entry of the plan: a fine-tune (`selector`: a key of NAMES, or "ila@BUDGET" for ILA within a budget) or
-    an identification (`selector` "mask", with `stage1` steps; None: the preset's)."""
+    """One entry of the plan: a fine-tune (`selector`: a key of NAMES, or "ila@BUDGET" for ILA within a budget), an
+    identification (`selector` "mask", with `stage1` steps; None: the preset's) or the side-by-side timing of the
+    selections fine-tuned with `seed` (`selector` TIMING)."""
 
     dataset: str
     selector: str
@@ -119,6 +128,8 @@ class Job:
     def label(self) -> str:
         if self.selector == "mask":
             return f"{self.dataset}: ILA's mask, seed {self.seed}, stage 1 of {self.stage1 or 'the preset'} steps"
+        if self.selector == TIMING:
+            return f"{self.dataset}: the selections of seed {self.seed} timed side by side"
         return f"{self.dataset}: {method_name(self.selector, self.share)}, seed {self.seed}"
 
 
@@ -264,6 +275,44 @@ class Grid:
 
         return cell(self.folder, "tune", settings, compute, self.args.existing_only)
 
+    def timing(self, name: str, methods: list[tuple[str, float]], seed: int) -> dict:
+        """The layers each of `methods` ((selector, share), fine-tuned on `name` with `seed`) picked, trained side by
+        side: in each of the preset's rounds every selection runs a few AdamW steps in turn, so the machine's drift
+        falls on all alike. Each row: the median step seconds (a run's first step, which allocates the optimizer's
+        state, left out) and the median peak memory rise (MB), the same measures a fine-tune records."""
+        layers = [self.tune(name, selector, share, seed)["layers"] for selector, share in methods]
+        rounds, steps = self.p["timing"]
+        settings = {**self.identity(name), "lr": LR, **ADAPTER, "rounds": rounds, "steps": steps, "seed": seed}
+        settings["selections"] = [[*method, chosen] for method, chosen in zip(methods, layers, strict=True)]
+
+        def compute(stem: Path) -> dict:
+            seconds, rises = [[] for _ in methods], [[] for _ in methods]
+            for _ in range(rounds):
+                for index, chosen in enumerate(layers):
+                    step_seconds, rise = self.train_briefly(name, chosen, steps, seed)
+                    seconds[index] += step_seconds
+                    rises[index].append(rise)
+            rows = [
+                {"selector": selector, "share": share, "method": method_name(selector, share)}
+                for selector, share in methods
+            ]
+            for row, took, rise in zip(rows, seconds, rises, strict=True):
+                row.update(median_step_seconds=statistics.median(took), memory_rise_mb=statistics.median(rise))
+            return {"rows": rows}
+
+        return cell(self.folder, "timing", settings, compute, self.args.existing_only)
+
+    def train_briefly(self, name: str, layers: list[str] | None, steps: int, seed: int) -> tuple[list[float], float]:
+        """Seconds of each of `steps` AdamW steps but the first, on adapters over `layers` (None: all), and the peak
+        resident memory's rise (MB) over the start, measured as `finetune` measures it."""
+        torch.manual_seed(seed)
+        model = self.adapted(name, layers)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+        start = reset_peak_memory()
+        batches = cycle(self.data[name].batches(self.p["batch_size"], seed))
+        stats = train_steps(model, batches, optimizer, steps, progress=False)
+        return stats.step_seconds[1:], peak_memory_mb(start).get("rss_rise_mb", 0.0)
+
     def select(self, name: str, selector: str, share: float, seed: int) -> list[str] | None:
         """The layers `selector` picks on dataset `name` (None: every candidate)."""
         k = resolve_top_k(share, len(self.candidates))
@@ -304,18 +353,21 @@ NO_DROPOUT = dict(lora_dropout=0.0, target_modules=None)
 
 def plan(datasets: list[str], seeds: list[int], stage1: int, budgets: list[str]) -> list[Job]:
     """Every cell the grid needs, in the order they are computed: the primary dataset with the first seed (every
-    selector, ILA within each budget, then LoRA-all for ILA's wall time), then its other seeds (ILA within the first
-    budget) and masks, then the other datasets (the core selectors and the best cheap one), then the primary
+    selector, ILA within each budget, then LoRA-all for ILA's wall time, then all of them timed side by side), then
+    its other seeds (ILA within the first budget) and masks, then the other datasets with the first seed (the core
+    selectors and the best cheap one, timed side by side) and the other seeds (the core selectors), then the primary
     dataset's equal-time runs with the other seeds."""
     primary, rest = datasets[0], datasets[1:]
     first, later = seeds[0], seeds[1:]
     budgeted = [(f"ila@{budget}", 0.25) for budget in budgets]
     jobs = [Job(primary, selector, share, first) for selector, share in CORE + budgeted + CHEAP]
-    jobs.append(Job(primary, *EQUAL_TIME, first))
+    jobs += [Job(primary, *EQUAL_TIME, first), Job(primary, TIMING, seed=first)]
     jobs += [Job(primary, selector, share, seed) for seed in later for selector, share in CORE + budgeted[:1]]
     jobs += [Job(primary, "mask", seed=seed) for seed in later[:1]]  # the masks' seed-to-seed overlap
     jobs.append(Job(primary, "mask", stage1=max(1, stage1 // 4)))  # found early in stage 1?
-    jobs += [Job(name, selector, share, first) for name in rest for selector, share in [*CORE, (BEST_CHEAP, 0.25)]]
+    for name in rest:
+        jobs += [Job(name, selector, share, first) for selector, share in [*CORE, (BEST_CHEAP, 0.25)]]
+        jobs.append(Job(name, TIMING, seed=first))
     jobs += [Job(name, selector, share, seed) for seed in later for name in rest for selector, share in CORE]
     jobs += [Job(primary, *EQUAL_TIME, seed) for seed in later]
     return jobs
@@ -329,11 +381,20 @@ def best_cheap(tunes: list[dict], dataset: str, seed: int) -> str:
     return min((selector for selector, _ in CHEAP), key=found.__getitem__)
 
 
+def timed(jobs: list[Job], job: Job, tunes: list[dict], primary: str) -> list[tuple[str, float]]:
+    """The (selector, share) of every fine-tune in `jobs` on `job`'s dataset and seed that `job` times side by side
+    (LoRA-all's equal-time run: LoRA-all's selection again, left out)."""
+    same = [j for j in jobs if (j.dataset, j.seed) == (job.dataset, job.seed)]
+    picked = [j for j in same if j.selector not in ("mask", TIMING, EQUAL_TIME[0])]
+    resolve = lambda s: best_cheap(tunes, primary, job.seed) if s == BEST_CHEAP else s  # noqa: E731
+    return [(resolve(j.selector), j.share) for j in picked]
+
+
 def run(args: argparse.Namespace) -> dict:
     grid = Grid(args)
     names, seeds = list(grid.data), grid.p["seeds"]
     results = {"machine": machine(), "preset": args.preset, "datasets": names, "settings": settings(grid)}
-    results.update(base={}, masks=[], tunes=[], missing=[])
+    results.update(base={}, masks=[], tunes=[], timing={}, missing=[])
     try:
         results["base_knowledge"] = grid.base_knowledge()["accuracy"]
     except Missing as absent:
@@ -343,8 +404,13 @@ def run(args: argparse.Namespace) -> dict:
             results["base"][name] = grid.base_loss(name)["loss"]
         except Missing as absent:
             results["missing"].append(f"{name}: the base model's held-out loss ({absent})")
-    for job in plan(names, seeds, grid.p["stage1"], grid.p["budgets"]):
+    jobs = plan(names, seeds, grid.p["stage1"], grid.p["budgets"])
+    for job in jobs:
         try:
+            if job.selector == TIMING:
+                methods = timed(jobs, job, results["tunes"], names[0])
+                results["timing"][job.dataset] = grid.timing(job.dataset, methods, job.seed)["rows"]
+                continue
             if job.selector == "mask":
                 results["masks"].append(mask_row(job.dataset, grid.mask(job.dataset, job.seed, job.stage1)))
                 continue

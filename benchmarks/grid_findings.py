@@ -80,12 +80,13 @@ class Stats:
         return statistics.mean(va) - statistics.mean(vb), sigma * math.sqrt(1 / len(va) + 1 / len(vb))
 
     def ratio(self, dataset: str, a: Method, b: Method, key: str) -> float | None:
-        """mean(a's key) / mean(b's key) for a cost: "median_step_seconds" or "memory"'s rise."""
-        get = lambda t: memory_rise(t) if key == "memory" else t[key]  # noqa: E731
-        ta, tb = self.groups.get((dataset, a)), self.groups.get((dataset, b))
-        if not ta or not tb:
+        """a's cost over b's, measured side by side (the dataset's timing cell): `key` "median_step_seconds" or
+        "memory" (the peak memory rise); None until both are timed."""
+        rows = {(row["selector"], row["share"]): row for row in self.results.get("timing", {}).get(dataset, [])}
+        field = "memory_rise_mb" if key == "memory" else key
+        if a not in rows or b not in rows or rows[b][field] <= 0:
             return None
-        return statistics.mean(map(get, ta)) / statistics.mean(map(get, tb))
+        return rows[a][field] / rows[b][field]
 
 
 def beyond(delta: tuple[float, float]) -> int:
@@ -193,19 +194,20 @@ def finding_top25(results: dict, stats: Stats) -> dict:
     deltas, steps = per_dataset(stats, datasets, ILA25, ALL), ratios(stats, datasets, ILA25, "median_step_seconds")
     memory, random = ratios(stats, datasets, ILA25, "memory"), per_dataset(stats, datasets, ILA25, RANDOM)
     quality = "does not hold" if any(beyond(d) > 0 for d in deltas.values()) else "holds"
-    cheap = all(steps[d] <= GOALS["step"] and memory[d] <= GOALS["memory"] for d in steps)
-    verdict = f"quality {quality}, cost {'meets' if cheap else 'misses'} the goals" if deltas else "not judged yet"
+    cheap = all(steps[d] <= GOALS["step"] and memory.get(d, math.inf) <= GOALS["memory"] for d in steps)
+    cost = ("meets" if cheap else "misses") + " the goals" if steps else "not timed yet"
+    verdict = f"quality {quality}, cost {cost}" if deltas else "not judged yet"
     if random:
         verdict += f"; against random 25%: {judge(random.values(), 'better', 'worse', 'within the noise')}"
     evidence = (
-        f"Δ held-out loss vs LoRA-all: {listed(deltas)}; step time × {_ratios(steps)}, memory rise × "
-        f"{_ratios(memory)} of LoRA-all; Δ vs random 25%: {listed(random)}"
+        f"Δ held-out loss vs LoRA-all: {listed(deltas)}; side by side, step time × {_ratios(steps)}, memory rise × "
+        f"{_ratios(memory)} of LoRA-all's; Δ vs random 25%: {listed(random)}"
     )
     return finding(claim, provisional(verdict, list(deltas), datasets), evidence, rule)
 
 
 def _ratios(values: dict[str, float]) -> str:
-    return ", ".join(f"{value:.2f}" for value in values.values()) or "–"
+    return ", ".join(f"{dataset} {value:.2f}" for dataset, value in values.items()) or "–"
 
 
 def finding_early(results: dict) -> dict:
@@ -287,7 +289,7 @@ def finding_budget(results: dict, stats: Stats) -> dict:
     resource, share = parse_budget(budget)
     key, what = {"time": ("median_step_seconds", "step time"), "memory": ("memory", "memory rise")}[resource]
     claim = f"Cost-aware ILA ({budget}) costs ≤ {share:g}× LoRA-all's {what} within +1% held-out loss"
-    rule = f"mean {what} and mean held-out loss against LoRA-all's on the primary dataset, both at once"
+    rule = f"{what} (side by side) and mean held-out loss against LoRA-all's on the primary dataset, both at once"
     primary, method = results["datasets"][0], (f"ila@{budget}", 0.25)
     delta, ratio = stats.delta(primary, method, ALL), stats.ratio(primary, method, ALL, key)
     if delta is None or ratio is None:

@@ -62,7 +62,7 @@ def _seconds(value: float | None) -> str:
 
 
 def cost_section(results: dict) -> list[str]:
-    """The step-cost model, and how well it predicts the measured step times of the primary dataset's runs."""
+    """The step-cost model: its fit and the points it was fitted to."""
     if "cost" not in results:
         return []
     cost, primary = StepCost.from_json(results["cost"]["cost"]), results["datasets"][0]
@@ -79,22 +79,54 @@ def cost_section(results: dict) -> list[str]:
     ]
     for low, seconds, memory in cost.measured:
         lines.append(f"| {cost.blocks[low]} | {seconds:.3f} | {cost.predicted('time', low):.3f} | {memory:.0f} |")
-    lines += [
-        "",
-        "| run on " + primary + " | lowest block | predicted step × | measured step × |",
-        "|---|---|---:|---:|",
-    ]
-    stats = Stats(results)
-    for (dataset, method), tunes in stats.groups.items():
-        layers = tunes[0]["layers"]
-        measured = stats.ratio(dataset, method, ALL, "median_step_seconds")
-        if dataset != primary or not layers or measured is None or len({str(t["layers"]) for t in tunes}) > 1:
-            continue
-        low = min(cost.blocks.index(layer_of(name, "block")) for name in layers)
-        lines.append(
-            f"| {tunes[0]['method']} | {cost.blocks[low]} | {cost.fraction('time', low):.2f} | {measured:.2f} |"
-        )
     return [*lines, ""]
+
+
+def side_by_side(results: dict) -> list[str]:
+    """Each dataset's selections timed in one process (its `timing` cell) against LoRA-all, with the lowest adapted
+    block and the step-cost model's predicted share of LoRA-all's step time."""
+    if not results.get("timing"):
+        return []
+    rounds, steps = results["settings"]["timing"]
+    cost = StepCost.from_json(results["cost"]["cost"]) if "cost" in results else None
+    stats, seed = Stats(results), results["settings"]["seeds"][0]
+    layers = {(t["dataset"], t["selector"], t["share"]): t["layers"] for t in results["tunes"] if t["seed"] == seed}
+    lines = [
+        "## Step time and memory, side by side",
+        "",
+        f"The selections of seed {seed} on each dataset, trained in one process: {rounds} round(s), each running "
+        f"every selection for {steps} AdamW steps in turn (the first not timed), so the machine's drift falls on all "
+        "alike (`timing` cells). s/step: the median; memory rise: the median over rounds of the peak resident memory "
+        "minus that at the start. Every cost ratio in the findings is taken from here. Predicted: the step-cost "
+        "model's share of LoRA-all's step time for the lowest adapted block.",
+        "",
+        "| dataset | method | lowest adapted block | s/step | × LoRA-all | predicted × | memory rise MB | × LoRA-all |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for dataset, rows in results["timing"].items():
+        for row in rows:
+            method = (row["selector"], row["share"])
+            lowest = _lowest_block(cost, layers.get((dataset, *method)))
+            predicted = "" if lowest is None else f"{cost.fraction('time', lowest):.2f}"
+            cells = [
+                dataset,
+                row["method"],
+                "" if lowest is None else cost.blocks[lowest],
+                f"{row['median_step_seconds']:.2f}",
+                fmt(stats.ratio(dataset, method, ALL, "median_step_seconds"), 2),
+                predicted,
+                f"{row['memory_rise_mb']:.0f}",
+                fmt(stats.ratio(dataset, method, ALL, "memory"), 2),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _lowest_block(cost: StepCost | None, layers: list[str] | None) -> int | None:
+    """The index in `cost.blocks` of the lowest block holding one of `layers` (None: every block, so 0)."""
+    if cost is None:
+        return None
+    return 0 if layers is None else min(cost.blocks.index(layer_of(name, "block")) for name in layers)
 
 
 def page(results: dict) -> str:
@@ -110,9 +142,10 @@ def page(results: dict) -> str:
         f"{s['eval_size']} held-out examples. Loss after: mean over seeds (spread: their standard deviation); gain: "
         "the base model's loss minus it. Forgetting: the mean rise, over the base model, of the loss on the other "
         f"datasets' held-out examples; ARC-Easy Δ: the change in the share of {s['questions']} ARC-Easy questions "
-        f"answered right (base model: {base_knowledge:.1%}; `benchmarks/knowledge.py`). Memory rise: peak resident "
-        "memory during the fine-tune minus that at its start. Selection s: what choosing the layers cost (ILA: its "
-        "mask; ILA within a budget: plus the step-cost model).",
+        f"answered right (base model: {base_knowledge:.1%}; `benchmarks/knowledge.py`). s/step and memory rise (peak "
+        "resident memory during the fine-tune minus that at its start): each fine-tune's own, hours apart on a "
+        "shared machine; cost ratios are taken side by side (below). Selection s: what choosing the layers cost "
+        "(ILA: its mask; ILA within a budget: plus the step-cost model).",
         "",
         "Noise scale (pooled standard deviation over seeds of the loss after): "
         + ", ".join(f"{d} {fmt(stats.sigma(d))}" for d in results["datasets"])
@@ -133,7 +166,7 @@ def page(results: dict) -> str:
         f"| {m['dataset']} | {m['seed']} | {m['stage1']} | {m['seconds']:.0f} | {m['tokens']:,} |"
         for m in results["masks"]
     ]
-    lines += ["", *cost_section(results)]
+    lines += ["", *side_by_side(results), *cost_section(results)]
     if results["missing"]:
         lines += [f"Not computed yet ({len(results['missing'])}; `make bench` continues the grid):", ""]
         lines += [f"- {entry}" for entry in results["missing"]]

@@ -265,7 +265,7 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     assert not results["missing"]
     quick = grid.PRESETS["quick"]
     planned = grid.plan(["alpaca", "lima"], quick["seeds"], quick["stage1"], quick["budgets"])
-    tunes = [job for job in planned if job.selector != "mask"]
+    tunes = [job for job in planned if job.selector not in ("mask", grid.TIMING)]
     # alpaca: 2 seeds x (core, a budget, equal time), the other budget and 4 cheap selectors with seed 0; lima: 2
     # seeds x core, and the best cheap selector
     assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 1 + 4 + 2 * 4 + 1
@@ -290,7 +290,14 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     assert [t["selector"] for t in results["tunes"] if t["dataset"] == "lima" and t["selector"] in cheap] == [
         min(cheap, key=cheap.get)
     ]
+    # side by side: every selection of seed 0 timed in one process, LoRA-all's equal-time run aside
+    timed = {name: [(row["selector"], row["share"]) for row in rows] for name, rows in results["timing"].items()}
+    seed0 = [(t["selector"], t["share"]) for t in results["tunes"][:10]]
+    assert len(timed["alpaca"]) == 10 and timed["alpaca"] == seed0
+    assert timed["lima"][:4] == grid.CORE and timed["lima"][4] == (min(cheap, key=cheap.get), 0.25)
+    assert all(row["median_step_seconds"] > 0 for rows in results["timing"].values() for row in rows)
     page = (tmp_path / "GRID.md").read_text()
+    assert "## Step time and memory, side by side" in page and "| lima | random 25% | model.layers." in page
     assert "| LoRA on all layers | 2 |" in page and "KappaTune 25%" in page and "## The step-cost model" in page
     assert page.count("**") == 2 * 8 and "not judged yet" not in page and "provisional" not in page
     cells = tmp_path / "cells" / "quick"
@@ -305,10 +312,39 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     missing = grid.main([*args, "--existing-only"])["missing"]
     assert missing and all(f"({gone.stem})" in entry for entry in missing)  # it, and any cell that waits for it
     waiting = ["alpaca: ILA top 25%, seed 0", "alpaca: LoRA on all layers, ILA top 25%'s wall time, seed 0"]
+    waiting.append("alpaca: the selections of seed 0 timed side by side")
     assert [entry.split(" (")[0] for entry in missing] == waiting
     resumed = grid.main(args)
     assert not resumed["missing"] and gone.exists()
     assert {p: p.stat().st_mtime_ns for p in stamps if p != gone} == {p: s for p, s in stamps.items() if p != gone}
+
+
+def test_grid_findings_take_cost_ratios_from_the_side_by_side_timing_and_judge_quality_against_seed_noise():
+    from benchmarks import grid_findings
+
+    losses = {
+        ("all", 1.0): [1.5, 1.51, 1.52],
+        ("ila", 0.25): [1.505, 1.515, 1.525],
+        ("random", 0.25): [1.6, 1.61, 1.62],
+    }
+    tunes = [
+        {"dataset": "alpaca", "selector": selector, "share": share, "seed": seed, "loss_after": loss}
+        for (selector, share), values in losses.items()
+        for seed, loss in enumerate(values)
+    ]
+    timing = [
+        {"selector": "all", "share": 1.0, "median_step_seconds": 3.0, "memory_rise_mb": 1500.0},
+        {"selector": "ila", "share": 0.25, "median_step_seconds": 2.1, "memory_rise_mb": 1000.0},
+    ]
+    results = {"datasets": ["alpaca"], "tunes": tunes, "base": {"alpaca": 1.7}, "timing": {"alpaca": timing}}
+    top25 = lambda: grid_findings.finding_top25(results, grid_findings.Stats(results))  # noqa: E731
+    # sigma 0.01 (pooled over seeds): ILA +0.005 ± 0.0082 from LoRA-all is noise; -0.095 from random is not
+    assert top25()["verdict"] == "quality holds, cost meets the goals; against random 25%: better"
+    assert "step time × alpaca 0.70, memory rise × alpaca 0.67" in top25()["evidence"]
+    timing[1]["memory_rise_mb"] = 1200.0  # 0.80 of LoRA-all's: above the 0.75 goal
+    assert top25()["verdict"].startswith("quality holds, cost misses the goals")
+    results["timing"] = {}  # the fine-tunes' own step times ran hours apart: no ratio is taken from them
+    assert top25()["verdict"].startswith("quality holds, cost not timed yet")
 
 
 def knowledge_file(path):
