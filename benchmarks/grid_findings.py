@@ -235,6 +235,8 @@ def finding_equal_time(results: dict, stats: Stats) -> dict:
     steps = [t["steps"] for t in stats.groups[(dataset, ALL_TIME)]]
     verdict = {-1: "holds", 0: "a tie within the noise", 1: "does not hold: LoRA-all is better"}[beyond(delta)]
     evidence = f"Δ held-out loss (ILA − LoRA-all given {', '.join(map(str, steps))} steps) on {dataset}: {show(delta)}"
+    evidence += f"; at equal steps: {show(stats.delta(dataset, ILA25, ALL))}; the extra steps changed LoRA-all's own "
+    evidence += f"loss by {show(stats.delta(dataset, ALL_TIME, ALL))}"
     return finding(claim, verdict, evidence, rule)
 
 
