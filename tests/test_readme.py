@@ -15,8 +15,16 @@ from peft_ila.tuner.selection import MASK_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-STABILITY = "### Stability of the ranking"
-METHODS = "### Fine-tuning methods on a selection"
+
+
+def subsection(heading: str) -> str:
+    """The README's text from the line starting with `heading` to the next heading of level 2 or 3."""
+    after = README.split("\n" + heading, 1)[1]
+    return re.split(r"\n#{2,3} ", after, maxsplit=1)[0]
+
+
+def quoted_findings(section: str) -> list[str]:
+    return [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
 
 
 def code_blocks(language):
@@ -90,27 +98,37 @@ def test_demo_figures_match_the_recorded_run():
     assert (ROOT / "docs" / "demo" / "heatmap.png").exists() and "docs/demo/heatmap.png" in README
 
 
-def test_benchmark_findings_are_quoted_from_results_md():
-    section = README.split("## Benchmarks", 1)[1].split("\n## ", 1)[0].split(STABILITY, 1)[0]
-    findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
+def test_grid_noise_scale_and_findings_are_quoted_from_grid_md():
+    section = subsection("### The grid: fine-tunes long enough to judge")
+    page = (ROOT / "benchmarks" / "GRID.md").read_text()
+    findings = quoted_findings(section)
+    assert len(findings) == 8 and all(line in page for line in findings), [f for f in findings if f not in page]
+    noise = [line for line in section.splitlines() if line.startswith("Noise scale (")]
+    assert len(noise) == 1 and noise[0] in page.splitlines()
+    assert "make bench`" in section and (ROOT / "benchmarks" / "results" / "grid" / "full" / "grid.json").exists()
+
+
+def test_short_study_findings_are_quoted_from_results_md():
+    section = subsection("### The first, short study")
+    findings = quoted_findings(section)
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     assert len(findings) == 4 and all(line in results for line in findings), findings
     assert "make bench-short" in section and (ROOT / "benchmarks" / "results" / "full.json").exists()
 
 
 def test_stability_findings_are_quoted_from_stability_md():
-    section = README.split(STABILITY, 1)[1].split("\n## ", 1)[0].split(METHODS, 1)[0]
-    findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
+    section = subsection("### Stability of the ranking")
+    findings = quoted_findings(section)
     page = (ROOT / "benchmarks" / "STABILITY.md").read_text()
     assert len(findings) >= 5 and all(line in page for line in findings), [f for f in findings if f not in page]
     assert "make bench-stability" in section
 
 
 def test_methods_tables_and_findings_are_quoted_from_methods_md():
-    section = README.split(METHODS, 1)[1].split("\n## ", 1)[0]
+    section = subsection("### Fine-tuning methods on a selection")
     rows = [line for line in section.splitlines() if line.startswith("|")]
     page = (ROOT / "benchmarks" / "METHODS.md").read_text()
     assert len(rows) >= 3 and rows == [line for line in page.splitlines() if line.startswith("|")]
-    findings = [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
+    findings = quoted_findings(section)
     assert len(findings) >= 4 and all(line in page for line in findings), [f for f in findings if f not in page]
     assert "make bench-methods" in section
