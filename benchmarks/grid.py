@@ -62,17 +62,17 @@ from peft_ila.identification.training import cycle, evaluate_loss, train_steps  
 from peft_ila.tuner.model import find_candidates  # noqa: E402
 
 PRESETS = {
-    "quick": dict(
-        max_length=64,
+    "quick": dict(  # every path on the real model in minutes: short sequences, few held-out examples and questions
+        max_length=48,  # the shortest that keeps examples of every dataset (SmolLM2's chat template takes ~30 tokens)
         batch_size=2,
-        eval_size=8,
+        eval_size=4,
         min_steps=4,
         epochs=0,
         stage1=4,
         stage2=2,
         gradnorm=2,
         seeds=[0, 1],
-        questions=4,
+        questions=2,
         budgets=["memory:0.6", "memory:0.8"],  # deterministic on any model: the smoke test never depends on timing
         timing=(1, 2),
     ),
