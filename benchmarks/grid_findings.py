@@ -110,11 +110,11 @@ def finding(claim: str, verdict: str, evidence: str, rule: str) -> dict:
 
 
 def provisional(verdict: str, judged: list[str], datasets: list[str]) -> str:
-    """`verdict`, marked provisional while some datasets have no data yet."""
+    """`verdict`, marked provisional while some datasets cannot be judged yet (a cell or their noise scale missing)."""
     missing = [d for d in datasets if d not in judged]
     if not judged:
         return "not judged yet"
-    return verdict if not missing else f"provisional ({', '.join(missing)} not computed yet): {verdict}"
+    return verdict if not missing else f"provisional (not judged yet on {', '.join(missing)}: {GAP}): {verdict}"
 
 
 def per_dataset(stats: Stats, datasets: list[str], a: Method, b: Method, what: str = "loss") -> dict:
@@ -128,6 +128,7 @@ def listed(deltas: dict) -> str:
 
 
 WAITING = "not computed yet, or no noise scale yet (it needs a second seed)"
+GAP = "a cell or the noise scale, which needs a second seed, is missing"
 NOISE_RULE = f"a difference counts beyond {BEYOND:g} standard errors (see the noise scale above)"
 
 
