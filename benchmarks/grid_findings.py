@@ -114,7 +114,7 @@ def provisional(verdict: str, judged: list[str], datasets: list[str]) -> str:
     missing = [d for d in datasets if d not in judged]
     if not judged:
         return "not judged yet"
-    return verdict if not missing else f"provisional (not judged yet on {', '.join(missing)}: {GAP}): {verdict}"
+    return verdict if not missing else f"provisional (not judged yet on {', '.join(missing)}: {WAITING}): {verdict}"
 
 
 def per_dataset(stats: Stats, datasets: list[str], a: Method, b: Method, what: str = "loss") -> dict:
@@ -127,8 +127,7 @@ def listed(deltas: dict) -> str:
     return ", ".join(f"{d} {show(delta)}" for d, delta in deltas.items()) or WAITING
 
 
-WAITING = "not computed yet, or no noise scale yet (it needs a second seed)"
-GAP = "a cell or the noise scale, which needs a second seed, is missing"
+WAITING = "a cell, or the noise scale that a second seed gives, is missing"
 NOISE_RULE = f"a difference counts beyond {BEYOND:g} standard errors (see the noise scale above)"
 
 
