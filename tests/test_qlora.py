@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from conftest import lm_batches, tiny_lm_dir
 from peft_ila import ILAConfig, identify_important_layers
 from peft_ila.identification.training import cycle, train_steps
+from peft_ila.tuner.model import keep_4bit_layers_differentiable
 
 QUANTIZED = {"4bit": dict(load_in_4bit=True), "8bit": dict(load_in_8bit=True)}
 SELECTED = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
@@ -51,7 +52,11 @@ def test_merging_into_a_quantized_base_is_what_peft_does_for_lora(lm_dir, bits):
             config = ILAConfig(r=2, lora_alpha=4, selected_layers=SELECTED)
         else:
             config = LoraConfig(r=2, lora_alpha=4, target_modules=[n.removeprefix("model.") for n in SELECTED])
-        model = get_peft_model(quantized(lm_dir, bits), config)
+        base = quantized(lm_dir, bits)
+        keep_4bit_layers_differentiable(
+            base
+        )  # as ILA and load_model do; bitsandbytes' CPU repacking fails on tiny layers
+        model = get_peft_model(base, config)
         fill_adapters(model, "ila_" if kind == "ila" else "lora_")
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -91,6 +96,21 @@ print(model.peft_config["default"].selected_layers)
     assert eval(done.stdout.strip().splitlines()[-1]) == result.selected
     expected, got = load_file(tmp_path / "x.st")["logits"], load_file(tmp_path / "y.st")["logits"]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_4bit_base_still_passes_gradients_after_an_evaluation(lm_dir):
+    # bitsandbytes repacks 4-bit weights for a no-gradient kernel at the first forward in eval mode without
+    # gradients on a CPU with AVX512-BF16; the lowest adapter must still get its gradient after such an evaluation
+    model = get_peft_model(quantized(lm_dir, "4bit"), ILAConfig(r=2, selected_layers=SELECTED))
+    fill_adapters(model, "ila_")  # B nonzero, so A's gradient is too
+    batch = batches(1)[0]
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    model.train()
+    model(**batch).loss.backward()
+    lowest = [p for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.ila_A" in n]
+    assert len(lowest) == 1 and lowest[0].grad is not None and lowest[0].grad.abs().sum() > 0
 
 
 def test_identification_on_an_8bit_base_selects_and_trains(lm_dir):

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..tuner.model import keep_4bit_layers_differentiable
 from . import UsageError, cache_dir
 
 DEFAULT_MODEL = "smollm2"
@@ -121,6 +122,7 @@ def load_model(spec: str = DEFAULT_MODEL, quantize: str | None = None, device: s
             f"--model {spec}: cannot load it from local files ({str(exc).splitlines()[0]}); pass a model "
             f"directory, a .gguf file, a hub id already in the local cache, or {DEFAULT_MODEL!r}."
         ) from None
+    keep_4bit_layers_differentiable(model)  # any adapter (LoRA, DoRA, ...) trains through a 4-bit base after an eval
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

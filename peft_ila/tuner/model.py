@@ -102,6 +102,7 @@ class ILAModel(BaseTuner):
             if adapter_name in self.ila_gates:
                 del self.ila_gates[adapter_name]
             raise
+        keep_4bit_layers_differentiable(model)
 
     def _create_and_replace(
         self,
@@ -363,6 +364,16 @@ def _selection_of(config: ILAConfig, candidates: Sequence[str]) -> Selection:
         return Selection.everything(candidates)
     fields = (config.layer_scores or {}, (), config.provenance or {}, config.layer_confidence or {})
     return Selection(tuple(candidates), tuple(config.selected_layers), *fields)
+
+
+def keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' repacking of 4-bit weights for CPU inference. On a CPU with AVX512-BF16 its first forward
+    in eval mode without gradients repacks the weights for a kernel that passes no gradient to its input, so after one
+    evaluation every adapter below a 4-bit layer would train on no gradient (and layers narrower than a quantization
+    block fail outright)."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _ila_tuner(model: nn.Module) -> ILAModel:
