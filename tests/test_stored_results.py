@@ -1,5 +1,6 @@
 """Results and files of an earlier version (`tests/fixtures`, written by `tests/fixtures/make_fixtures.py`) still come
-out and load the same: identification bit for bit, an adapter with its logits, a run directory as a mask."""
+out and load the same: identification (its ranking exactly, its numbers to float32 rounding on another CPU), an
+adapter with its logits, a run directory as a mask."""
 
 import json
 from pathlib import Path
@@ -19,11 +20,14 @@ STORED = json.loads((FIXTURES / "identify_tiny.json").read_text())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_identification_gives_the_stored_result_bit_for_bit(case):
+def test_identification_gives_the_stored_result(case):
     assert STORED["settings"][case] == CASES[case]
     got = identify_case(case)
     for key, expected in STORED["results"][case].items():
-        assert got[key] == expected, key  # exact: float values round-trip through JSON
+        if key in ("ranking", "selected"):
+            assert got[key] == expected, key  # exact
+        else:  # float32 sums round differently on CPUs with other vector units (AVX-512): 1e-7 apart, not more
+            assert got[key] == pytest.approx(expected, rel=1e-6, abs=1e-9), key
 
 
 @pytest.fixture(scope="module")
