@@ -53,9 +53,8 @@ def test_merging_into_a_quantized_base_is_what_peft_does_for_lora(lm_dir, bits):
         else:
             config = LoraConfig(r=2, lora_alpha=4, target_modules=[n.removeprefix("model.") for n in SELECTED])
         base = quantized(lm_dir, bits)
-        keep_4bit_layers_differentiable(
-            base
-        )  # as ILA and load_model do; bitsandbytes' CPU repacking fails on tiny layers
+        # as ILA and load_model do: bitsandbytes' repacking for CPU inference fails on layers this small
+        keep_4bit_layers_differentiable(base)
         model = get_peft_model(base, config)
         fill_adapters(model, "ila_" if kind == "ila" else "lora_")
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
