@@ -5,22 +5,25 @@
 PEFT tuner) and `identification` (finding the important layers); the command line and its helpers are in `app`.
 """
 
-from .identification import ILACallback, ILAResult, identify_important_layers
-from .tuner import (
-    PEFT_TYPE,
-    GateBank,
-    ILAConfig,
-    ILALayer,
-    ILALoadError,
-    ILAModel,
-    Linear,
-    Selection,
-    load_changed_weights,
-    load_selection,
-    resolve_top_k,
-    save_with_selection,
-    train_only_selected,
-)
+from ._quiet_imports import without_unused_bitsandbytes_notice
+
+with without_unused_bitsandbytes_notice():  # peft imports bitsandbytes, when installed, on its first import
+    from .identification import ILACallback, ILAResult, identify_important_layers
+    from .tuner import (
+        PEFT_TYPE,
+        GateBank,
+        ILAConfig,
+        ILALayer,
+        ILALoadError,
+        ILAModel,
+        Linear,
+        Selection,
+        load_changed_weights,
+        load_selection,
+        resolve_top_k,
+        save_with_selection,
+        train_only_selected,
+    )
 
 __version__ = "0.1.0"
 __all__ = [

@@ -173,3 +173,40 @@ def test_prepare_model_for_kbit_training_keeps_identification_working_and_backwa
     losses = train_steps(high, cycle(batches()), torch.optim.AdamW(high.parameters(), lr=1e-2), 3, progress=False)
     assert embedded == [False] * 3  # the embedding hook is gone: nothing below block 1 is differentiated
     assert losses.losses[-1] < losses.losses[0]
+
+
+AS_ON_AN_AVX512_BF16_CPU = """
+import importlib.abc, importlib.util, sys
+sys.modules["kernels"] = None  # the optional package absent, as on a machine that lacks it
+
+
+class ReportAvx512Bf16(importlib.abc.MetaPathFinder):
+    # bitsandbytes.functional.has_avx512bf16() says yes, before its CPU backend asks it at import
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: True
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, ReportAvx512Bf16())
+"""
+
+
+@pytest.mark.parametrize("first_import", ["peft_ila.app.cli", "peft_ila", "peft"])
+def test_importing_peft_ila_prints_no_bitsandbytes_notice(first_import):
+    # on a CPU with AVX512-BF16, importing bitsandbytes (which peft does) logs that an optional kernel of a path
+    # peft-ila turns off could not be fetched; that line must not reach a peft-ila user. Imported through peft
+    # first, it does reach stderr: the simulation reproduces it.
+    script = f"{AS_ON_AN_AVX512_BF16_CPU}\nimport {first_import}\nimport peft_ila.app.cli\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("gemm_4bit_forward" in done.stderr) == (first_import == "peft"), done.stderr
