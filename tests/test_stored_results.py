@@ -38,10 +38,11 @@ def near_tie(a: str, b: str, scores: dict[str, float]) -> bool:
 
 def mismatches(got: dict, stored: dict) -> list[str]:
     """What of an identification result `got` differs from `stored` by more than float32 rounding can move it."""
+    moved = {field: deviation(values(got[field]), values(stored[field])) for field in FLOAT_FIELDS}
     found = [
-        f"{field}: {deviation(values(got[field]), values(stored[field])):.3g} of its size (tolerance {TOLERANCE:.3g})"
-        for field in FLOAT_FIELDS
-        if not deviation(values(got[field]), values(stored[field])) <= TOLERANCE
+        f"{field}: {size:.3g} of its size (tolerance {TOLERANCE:.3g})"
+        for field, size in moved.items()
+        if not size <= TOLERANCE
     ]
     scores, place = stored["scores"], {name: i for i, name in enumerate(got["ranking"])}
     if sorted(got["ranking"]) != sorted(stored["ranking"]):
