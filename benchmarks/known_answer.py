@@ -16,31 +16,29 @@ import torch
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.baselines import gradnorm_scores, top_k
+from benchmarks.baselines import gradnorm_scores
+from benchmarks.core.stats import top_k
 from peft_ila import ILAConfig, ILALayer, identify_important_layers
 
 VOCAB = 64
 PLANTED = ["model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
 TASK = dict(r=4, stage1_lr=0.01)  # the adapters of the planted task (its tests and the study's rows)
+STUDENT = dict(  # the student's LlamaConfig
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+)
 
 
-def tiny_llama(
-    seed: int = 0, layers: int = 4, init_range: float = 0.2, hidden: int = 32, vocab: int = VOCAB, **extra
-) -> LlamaForCausalLM:
-    """A random Llama with `layers` blocks of width `hidden` (28 candidate linear layers at the defaults)."""
+def student(seed: int = 0) -> LlamaForCausalLM:
+    """The task's student: a random Llama of `STUDENT` shape (4 blocks of width 32: 28 candidate linear layers)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=init_range,
-        **extra,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**STUDENT)).eval()
 
 
 def teacher_data(student, planted: list[str], n: int = 1024, batch: int = 32, seed: int = 0) -> list[dict]:
@@ -76,10 +74,10 @@ def planted_ranks(method: str, fields: dict, stage1_steps: int, stage2_steps: in
 
     `method`: "ila" (identification with the `ILAConfig` `fields` of an estimator, its own ranking), "relative"
     (||dW|| / ||W|| after stage 1) or "gradient norm" (`baselines.gradnorm_scores` over `stage1_steps` steps)."""
-    student = tiny_llama(seed=seed)
-    batches = teacher_data(student, PLANTED, seed=seed)
+    student_model = student(seed=seed)
+    batches = teacher_data(student_model, PLANTED, seed=seed)
     if method == "gradient norm":
-        probe = get_peft_model(student, ILAConfig(**TASK, seed=seed))
+        probe = get_peft_model(student_model, ILAConfig(**TASK, seed=seed))
         torch.manual_seed(seed)
         scores = gradnorm_scores(probe, batches, stage1_steps, TASK["stage1_lr"])
         ranking = top_k(scores, len(scores))
@@ -87,7 +85,7 @@ def planted_ranks(method: str, fields: dict, stage1_steps: int, stage2_steps: in
         relative = method == "relative"
         budget = dict(stage1_max_steps=stage1_steps, stage2_steps=stage2_steps, seed=seed)
         config = ILAConfig(**TASK, **fields, **budget, top_k=1.0 if relative else 2, keep_stage1_weights=relative)
-        model = get_peft_model(student, config)
+        model = get_peft_model(student_model, config)
         ranking = identify_important_layers(model, batches, progress=False).ranking
         if relative:
             ratios = {

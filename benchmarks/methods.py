@@ -8,7 +8,7 @@ Cells (`benchmarks/results/methods/<preset>/`): `mask-*` (identification on the 
 its cost), `tune-*` (one method at one learning rate on one share of the layers: held-out loss before and after,
 median seconds per step, peak memory rise, trainable parameters, optimizer-state bytes) and `identify-*` (the
 identification again on the base unquantized or in 4 bits: its weights' bytes, memory, step time and selection).
-Writes `methods.json` and `METHODS.md` (tables and findings).
+Writes `methods.json` and `METHODS.md` (tables and findings). The study stands on `benchmarks/core`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,23 +25,14 @@ from peft import get_peft_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from benchmarks.cells import Missing, add_cell_options, cell, write_study  # noqa: E402
-from benchmarks.run import (  # noqa: E402
-    add_inputs,
-    data_identity,
-    dataset_files,
-    default_identification,
-    default_probe,
-    parsed_inputs,
-)
-from benchmarks.stability import expected_random_jaccard  # noqa: E402
-from peft_ila import Selection, train_only_selected  # noqa: E402
-from peft_ila.app.cli import _offline_and_quiet  # noqa: E402
-from peft_ila.app.compare import jaccard  # noqa: E402
+from benchmarks.core.cells import Study  # noqa: E402
+from benchmarks.core.inputs import Inputs  # noqa: E402
+from benchmarks.core.page import Finding, findings_section, missing_section  # noqa: E402
+from benchmarks.core.recipes import AnonymousPeak, default_identification, default_probe  # noqa: E402
+from benchmarks.core.stats import expected_random_jaccard, jaccard  # noqa: E402
+from peft_ila import Selection, resolve_top_k, train_only_selected  # noqa: E402
 from peft_ila.app.files import peak_memory_mb, reset_peak_memory  # noqa: E402
-from peft_ila.app.pipeline import finetune, method_config, prepare  # noqa: E402
-from peft_ila.app.report import machine  # noqa: E402
-from peft_ila.tuner.config import resolve_top_k  # noqa: E402
+from peft_ila.app.pipeline import finetune, method_config  # noqa: E402
 
 PRESETS = {
     "quick": dict(max_length=64, batch_size=2, eval_size=8, steps=3, stage1=4, stage2=2),
@@ -64,66 +54,28 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     return sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())
 
 
-class AnonymousPeak:
-    """The peak of the process's anonymous resident memory (MiB; Linux `RssAnon`, sampled every `every` seconds)
-    while the block runs. Unlike the kernel's peak RSS it leaves out pages of memory-mapped files, such as a
-    safetensors checkpoint that loading or quantizing read, which the OS can drop and reread."""
-
-    def __init__(self, every: float = 0.02) -> None:
-        self.every, self.start_mb, self.peak_mb = every, 0.0, 0.0
-        self._done = threading.Event()
-
-    def __enter__(self) -> AnonymousPeak:
-        self.start_mb = self.peak_mb = _anonymous_mb()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._done.wait(self.every):
-            self.peak_mb = max(self.peak_mb, _anonymous_mb())
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, _anonymous_mb())
-
-
-def _anonymous_mb() -> float:
-    status = Path("/proc/self/status").read_text().splitlines()
-    return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon:"))
-
-
-class Grid:
+class Methods(Study):
     """The cells of one preset on the primary dataset."""
 
+    name, page_name, target, presets = "methods", "METHODS.md", "make bench-methods", PRESETS
+
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.p = args, PRESETS[args.preset]
-        self.folder = args.cells / args.preset
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.dataset = args.datasets[0]
-        self.files = dataset_files(args, self.dataset)
-        self.identity = data_identity(
-            args, self.dataset, **{k: self.p[k] for k in ("max_length", "batch_size", "eval_size")}
-        )
+        super().__init__(args)
+        self.data = Inputs(args, self.p)
+        self.dataset = self.data.primary
 
-    def prepared(self, quantize: str | None = None):
-        p = self.p
-        return prepare(
-            self.args.model,
-            self.files[0],
-            p["max_length"],
-            "truncate",
-            p["eval_size"],
-            0,
-            eval_data=self.files[1],
-            quantize=quantize,
-        )
+    @classmethod
+    def options(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS), help="comma-separated")
 
-    def _identify(self, quantize: str | None) -> dict:
+    def settings(self) -> dict:
+        """What the mask depends on: the data, the identification budget, the adapters' shape."""
+        return {**self.data.identity(self.dataset), "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
+
+    def identify(self, quantize: str | None) -> dict:
         """Identification with the library's defaults (its budget from the preset) on the base loaded as `quantize`
         says: the selection, its seconds and tokens, and the resident memory before and at its peak (MiB)."""
-        prepared = self.prepared(quantize)
+        prepared = self.data.load(self.dataset, quantize)
         weights_mb = tensor_bytes(prepared.model) / 2**20
         start_mb = reset_peak_memory()
         probe = default_probe(prepared.model, self.p["stage1"], self.p["stage2"], ADAPTER)
@@ -137,52 +89,41 @@ class Grid:
             "memory": memory | {"anonymous_start_mb": anonymous.start_mb, "anonymous_peak_mb": anonymous.peak_mb},
         }
 
-    def _settings(self) -> dict:
-        return {**self.identity, "stage1": self.p["stage1"], "stage2": self.p["stage2"], **ADAPTER}
-
     def mask(self) -> dict:
         """The mask every method is put on: identification on the unquantized base (selection and cost)."""
 
         def compute(stem: Path) -> dict:
-            found = self._identify(None)
+            found = self.identify(None)
             return {k: found[k] for k in ("selection", "seconds", "tokens")}
 
-        return cell(self.folder, "mask", self._settings(), compute, self.args.existing_only)
+        return self.cell("mask", self.settings(), compute)
 
     def identification(self, quantize: str | None) -> dict:
         """Identification again, on the base unquantized or in 4 bits, with its memory: what QLoRA-style
         identification saves, and whether it finds the same layers."""
-        settings = {**self._settings(), "quantize": quantize}
-        return cell(self.folder, "identify", settings, lambda stem: self._identify(quantize), self.args.existing_only)
+        settings = {**self.settings(), "quantize": quantize}
+        return self.cell("identify", settings, lambda stem: self.identify(quantize))
 
     def tune(self, method: str, lr: float, share: str, mask: dict) -> dict:
         """`method` at learning rate `lr` on a share of the layers of `mask`: a fine-tune of the preset's steps, and
         what it cost."""
-        settings = {**self.identity, "method": method, "share": share, "steps": self.p["steps"], **ADAPTER}
-        settings.update(mask=mask["settings"], lr=lr)
+        settings = {**self.data.identity(self.dataset), "method": method, "share": share, "steps": self.p["steps"]}
+        settings.update(**ADAPTER, mask=mask["settings"], lr=lr)
 
         def compute(stem: Path) -> dict:
             found = Selection.from_json(mask["selection"])
             k = SHARES[share]
             chosen = found.top(resolve_top_k(k, len(found.candidates))) if k else Selection.everything(found.candidates)
-            prepared = self.prepared("4bit" if method == "qlora" else None)
+            prepared = self.data.load(self.dataset, "4bit" if method == "qlora" else None)
             model, params = prepared.model, None
             if method == "full":
                 params = train_only_selected(model, chosen)
             else:
-                model = get_peft_model(
-                    model, method_config(method, chosen, **ADAPTER, lora_dropout=0.0, steps=self.p["steps"])
-                )
+                config = method_config(method, chosen, **ADAPTER, lora_dropout=0.0, steps=self.p["steps"])
+                model = get_peft_model(model, config)
+            batch_size, steps = self.p["batch_size"], self.p["steps"]
             report = finetune(
-                model,
-                prepared,
-                self.p["steps"],
-                settings["lr"],
-                self.p["batch_size"],
-                0,
-                0.1,
-                progress=self.args.progress,
-                params=params,
+                model, prepared, steps, lr, batch_size, 0, 0.1, progress=self.args.progress, params=params
             )
             # AdamW keeps two float32 tensors (exp_avg, exp_avg_sq) the size of every trainable parameter
             return {
@@ -191,118 +132,130 @@ class Grid:
                 "optimizer_state_bytes": 8 * report.trainable_params,
             }
 
-        return cell(self.folder, "tune", settings, compute, self.args.existing_only)
+        return self.cell("tune", settings, compute)
+
+    def run(self) -> dict:
+        results: dict = {"rows": []}
+        mask = self.collect("the mask", self.mask)
+        if mask is None:
+            return results
+        candidates = len(Selection.from_json(mask["selection"]).candidates)
+        results["identification"] = {"seconds": mask["seconds"], "tokens": mask["tokens"], "candidates": candidates}
+        runs = [(m, lr, s) for m in self.args.methods for lr in LR.get(m, (1e-3,)) for s in SHARES]
+        for method, lr, share in runs:
+            tuned = self.collect(f"{method} at lr {lr:g} on {share}", self.tune, method, lr, share, mask)
+            if tuned is not None:
+                row = {"method": method, "lr": lr, "share": share}
+                results["rows"].append(row | {k: v for k, v in tuned.items() if k != "losses"})
+        mask_top = set(Selection.from_json(mask["selection"]).selected)
+        results["identifications"] = []
+        for quantize, base in QUANTIZE.items():
+            found = self.collect(f"identification on the {base} base", self.identification, quantize)
+            if found is not None:
+                top = set(Selection.from_json(found["selection"]).selected)
+                results["identifications"].append(
+                    {"base": base, "jaccard_with_mask": jaccard(top, mask_top)}
+                    | {k: found[k] for k in ("seconds", "tokens", "median_step_seconds", "memory")}
+                )
+        return results
+
+    def findings(self, results: dict) -> list[Finding]:
+        return findings(results, self.p["steps"])
+
+    def page(self, results: dict) -> str:
+        p = self.p
+        seconds = results.get("identification", {}).get("seconds")
+        lines = [
+            "# Fine-tuning methods on an ILA selection",
+            "",
+            f"Written by `python benchmarks/methods.py --preset {results['preset']}` (`make bench-methods`) from the "
+            f"cells in `benchmarks/results/methods/{results['preset']}`; {results['machine']['cpu_count']} CPU cores, "
+            f"torch {results['machine']['torch']}. Each row: {p['steps']} AdamW steps of batch {p['batch_size']} at "
+            f"max length {p['max_length']}, held-out loss on {p['eval_size']} examples. One mask, found once with the "
+            f"library's defaults ({p['stage1']} + {p['stage2']} steps" + (f", {seconds:.0f} s)." if seconds else ")."),
+            "Optimizer state: AdamW's two float32 tensors per trainable parameter. Memory: the peak rise of the "
+            "process's resident memory during the fine-tune (CPU).",
+            "",
+            "| method | lr | layers | held-out loss before -> after | s/step | peak memory rise (MB) "
+            "| trainable params | optimizer state (MB) |",
+            "|---|---:|---|---|---:|---:|---:|---:|",
+        ]
+        for row in results["rows"]:
+            loss = f"{row['loss_before']:.4f} -> {row['loss_after']:.4f}"
+            lines.append(
+                f"| {row['method']} | {row['lr']:g} | {row['share']} ({row['layers']}) | {loss} "
+                f"| {row['median_step_seconds']:.2f} | {row['memory']['rss_rise_mb']:.0f} "
+                f"| {row['trainable_params']:,} | {row['optimizer_state_bytes'] / 2**20:.1f} |"
+            )
+        if results.get("identifications"):
+            lines += identification_table(results["identifications"])
+        found = [Finding(**f) for f in results.get("findings", [])]
+        lines += ["", *(findings_section(found) if found else []), *missing_section(results["missing"], self.target)]
+        return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def run(args: argparse.Namespace) -> dict:
-    grid = Grid(args)
-    results = {"machine": machine(), "preset": args.preset, "rows": [], "missing": []}
-    try:
-        mask = grid.mask()
-    except Missing as absent:
-        return {**results, "missing": [f"the mask ({absent})"]}
-    candidates = len(Selection.from_json(mask["selection"]).candidates)
-    results["identification"] = {"seconds": mask["seconds"], "tokens": mask["tokens"], "candidates": candidates}
-    for method, lr, share in ((m, lr, s) for m in args.methods for lr in LR.get(m, (1e-3,)) for s in SHARES):
-        try:
-            tuned = grid.tune(method, lr, share, mask)
-        except Missing as absent:
-            results["missing"].append(f"{method} at lr {lr:g} on {share} ({absent})")
-            continue
-        row = {"method": method, "lr": lr, "share": share}
-        results["rows"].append(row | {k: v for k, v in tuned.items() if k != "losses"})
-    mask_top = set(Selection.from_json(mask["selection"]).selected)
-    results["identifications"] = []
-    for quantize in QUANTIZE:
-        try:
-            found = grid.identification(quantize)
-        except Missing as absent:
-            results["missing"].append(f"identification on the {QUANTIZE[quantize]} base ({absent})")
-            continue
-        top = set(Selection.from_json(found["selection"]).selected)
-        results["identifications"].append(
-            {"base": QUANTIZE[quantize], "jaccard_with_mask": jaccard(top, mask_top)}
-            | {k: found[k] for k in ("seconds", "tokens", "median_step_seconds", "memory")}
-        )
-    return results
+def gain(row: dict) -> float:
+    """How much a fine-tune lowered the held-out loss."""
+    return row["loss_before"] - row["loss_after"]
 
 
-def page(results: dict, args: argparse.Namespace) -> str:
-    p = PRESETS[results["preset"]]
-    lines = [
-        "# Fine-tuning methods on an ILA selection",
-        "",
-        f"Written by `python benchmarks/methods.py --preset {results['preset']}` (`make bench-methods`) from the "
-        f"cells in `benchmarks/results/methods/{results['preset']}`; {results['machine']['cpu_count']} CPU cores, "
-        f"torch {results['machine']['torch']}. Each row: {p['steps']} AdamW steps of batch {p['batch_size']} at "
-        f"max length {p['max_length']}, held-out loss on {p['eval_size']} examples. One mask, found once with the "
-        f"library's defaults ({p['stage1']} + {p['stage2']} steps"
-        + (f", {results['identification']['seconds']:.0f} s)." if "identification" in results else ")."),
-        "Optimizer state: AdamW's two float32 tensors per trainable parameter. Memory: the peak rise of the process's "
-        "resident memory during the fine-tune (CPU).",
-        "",
-        "| method | lr | layers | held-out loss before -> after | s/step | peak memory rise (MB) | trainable params "
-        "| optimizer state (MB) |",
-        "|---|---:|---|---|---:|---:|---:|---:|",
-    ]
-    for row in results["rows"]:
-        loss = f"{row['loss_before']:.4f} -> {row['loss_after']:.4f}"
-        lines.append(
-            f"| {row['method']} | {row['lr']:g} | {row['share']} ({row['layers']}) | {loss} "
-            f"| {row['median_step_seconds']:.2f} | {row['memory']['rss_rise_mb']:.0f} | {row['trainable_params']:,} "
-            f"| {row['optimizer_state_bytes'] / 2**20:.1f} |"
-        )
-    if results.get("identifications"):
-        lines += identification_table(results["identifications"])
-    answers = findings(results)
-    if answers:
-        lines += ["", "## Findings", "", *(f"{i}. {line}" for i, line in enumerate(answers, 1))]
-    if results["missing"]:
-        lines += ["", f"Not computed yet ({len(results['missing'])}; `make bench-methods` continues the grid):", ""]
-        lines += [f"- {entry}" for entry in results["missing"]]
-    return "\n".join(lines) + "\n"
-
-
-def findings(results: dict) -> list[str]:
-    """The page's answers, one line each (the README quotes them), derived by rule from the cells there are."""
+def findings(results: dict, steps: int) -> list[Finding]:
+    """The page's answers, derived from the cells there are; these are reports of one seed of a short fine-tune,
+    so most state what was measured and judge nothing."""
     rows = {(r["method"], r["lr"], r["share"]): r for r in results["rows"]}
     runs = list(dict.fromkeys((m, lr) for m, lr, _ in rows))  # grid order
-    gain = lambda row: row["loss_before"] - row["loss_after"]  # noqa: E731
     judged = [run for run in runs if (*run, "all") in rows and gain(rows[*run, "all"]) >= LEARNS]
     stalled = [run for run in runs if (*run, "all") in rows and run not in judged]
-    lines = []
-    for share in [s for s in SHARES if SHARES[s]]:
-        parts = []
-        for run in (r for r in judged if (*r, share) in rows):
-            row, every = rows[*run, share], rows[*run, "all"]
-            time = row["median_step_seconds"] / every["median_step_seconds"]
-            memory = row["memory"]["rss_rise_mb"] / every["memory"]["rss_rise_mb"]
-            parts.append(f"{_label(*run)} {gain(row) / gain(every):.0%} at {time:.2f}x, {memory:.2f}x")
-        if parts:
-            lines.append(
-                f"**{share} against all layers** — the share of the all-layers loss gain kept, at that step time and "
-                f"peak memory rise (x all layers): {'; '.join(parts)}."
-            )
+    out = [share_finding(rows, judged, share) for share in SHARES if SHARES[share]]
+    out = [f for f in out if f is not None]
     if stalled:
-        said = ", ".join(f"{_label(*run)} ({gain(rows[*run, 'all']):.4f})" for run in stalled)
-        lines.append(
-            f"**Too short to judge** — on all layers, {said} lowered the held-out loss by less than {LEARNS} in "
-            f"{PRESETS[results['preset']]['steps']} steps; their shares are not compared."
+        said = ", ".join(f"{label(*run)} ({gain(rows[*run, 'all']):.4f})" for run in stalled)
+        out.append(
+            Finding(
+                f"Every method learns in {steps} steps",
+                f"not {', '.join(label(*run) for run in stalled)}",
+                f"held-out loss lowered on all layers by {said}",
+                f"a method learns when it lowers the held-out loss by at least {LEARNS} on all layers; the shares of "
+                "one that does not are not compared",
+            )
         )
-    full = {share: rows[run] for run in rows if run[0] == "full" for share in [run[2]]}
     lora = rows.get(("lora", 1e-3, "all"))
-    if "all" in full and "ILA top 25%" in full and lora:
-        mb = {share: row["optimizer_state_bytes"] / 2**20 for share, row in full.items()}
-        lines.append(
-            f"**Optimizer state of full fine-tuning** — {mb['all']:.0f} MB on all layers, {mb['ILA top 25%']:.0f} MB "
-            f"on ILA's top 25% ({mb['ILA top 25%'] / mb['all']:.2f}x), against "
-            f"{lora['optimizer_state_bytes'] / 2**20:.1f} MB for LoRA on all layers."
+    out += optimizer_finding(rows, lora) + identification_findings(results, lora)
+    return out
+
+
+def share_finding(rows: dict, judged: list[tuple[str, float]], share: str) -> Finding | None:
+    """How much of the all-layers loss gain each method keeps on `share`, at what step time and memory."""
+    kept = {run: gain(rows[*run, share]) / gain(rows[*run, "all"]) for run in judged if (*run, share) in rows}
+    if not kept:
+        return None
+    parts = []
+    for run in kept:
+        row, every = rows[*run, share], rows[*run, "all"]
+        time = row["median_step_seconds"] / every["median_step_seconds"]
+        memory = row["memory"]["rss_rise_mb"] / every["memory"]["rss_rise_mb"]
+        parts.append(f"{label(*run)} {kept[run]:.0%} at {time:.2f}x, {memory:.2f}x")
+    verdict = f"keeps {min(kept.values()):.0%} to {max(kept.values()):.0%} of the all-layers loss gain"
+    evidence = f"share of the gain kept, at that step time and peak memory rise (x all layers): {'; '.join(parts)}"
+    return Finding(f"{share} against all layers", verdict, evidence)
+
+
+def optimizer_finding(rows: dict, lora: dict | None) -> list[Finding]:
+    full = {run[2]: row for run, row in rows.items() if run[0] == "full"}
+    if not ("all" in full and "ILA top 25%" in full and lora):
+        return []
+    mb = {share: row["optimizer_state_bytes"] / 2**20 for share, row in full.items()}
+    return [
+        Finding(
+            "A selection shrinks full fine-tuning's optimizer state",
+            f"{mb['ILA top 25%'] / mb['all']:.2f}x on ILA's top 25%",
+            f"{mb['all']:.0f} MB on all layers, {mb['ILA top 25%']:.0f} MB on ILA's top 25%, against "
+            f"{lora['optimizer_state_bytes'] / 2**20:.1f} MB for LoRA on all layers",
         )
-    lines += _identification_findings(results, lora)
-    return lines
+    ]
 
 
-def _identification_findings(results: dict, lora: dict | None) -> list[str]:
+def identification_findings(results: dict, lora: dict | None) -> list[Finding]:
     found = {row["base"]: row for row in results.get("identifications", [])}
     plain, small = found.get(QUANTIZE[None]), found.get(QUANTIZE["4bit"])
     if not (plain and small and lora):
@@ -310,22 +263,28 @@ def _identification_findings(results: dict, lora: dict | None) -> list[str]:
     candidates = results["identification"]["candidates"]
     k = resolve_top_k(0.25, candidates)
     weights = {row["base"]: row["memory"]["weights_mb"] for row in (plain, small)}
-    need = {row["base"]: weights[row["base"]] + _own_peak_mb(row) for row in (plain, small)}
+    need = {row["base"]: weights[row["base"]] + own_peak_mb(row) for row in (plain, small)}
     step = small["median_step_seconds"] / plain["median_step_seconds"]
     mask_seconds = results["identification"]["seconds"]
     return [
-        f"**Identification's cost** — the mask took {mask_seconds:.0f} s, as long as "
-        f"{mask_seconds / lora['median_step_seconds']:.0f} steps of LoRA on all layers.",
-        f"**Identification on a 4-bit base** — weights {weights[small['base']]:.0f} MB against "
-        f"{weights[plain['base']]:.0f} MB; weights and identification's own peak {need[small['base']]:.0f} MB "
-        f"against {need[plain['base']]:.0f} MB ({need[small['base']] / need[plain['base']]:.2f}x); "
-        f"{small['median_step_seconds']:.2f} s per stage-1 step against {plain['median_step_seconds']:.2f} s "
-        f"({step:.2f}x); its top 25% overlaps the unquantized mask's at Jaccard {small['jaccard_with_mask']:.2f} "
-        f"(two random top-25% sets: {expected_random_jaccard(candidates, k):.2f}).",
+        Finding(
+            "Identification's cost",
+            f"as long as {mask_seconds / lora['median_step_seconds']:.0f} steps of LoRA on all layers",
+            f"the mask took {mask_seconds:.0f} s",
+        ),
+        Finding(
+            "Identification on a 4-bit base",
+            f"{need[small['base']] / need[plain['base']]:.2f}x the memory, top-25% Jaccard "
+            f"{small['jaccard_with_mask']:.2f} with the unquantized mask",
+            f"weights {weights[small['base']]:.0f} MB against {weights[plain['base']]:.0f} MB; weights and "
+            f"identification's own peak {need[small['base']]:.0f} MB against {need[plain['base']]:.0f} MB; "
+            f"{small['median_step_seconds']:.2f} s per stage-1 step against {plain['median_step_seconds']:.2f} s "
+            f"({step:.2f}x); two random top-25% sets overlap at {expected_random_jaccard(candidates, k):.2f}",
+        ),
     ]
 
 
-def _label(method: str, lr: float) -> str:
+def label(method: str, lr: float) -> str:
     """A method's name, with its learning rate where it has more than one row."""
     return method if len(LR.get(method, (1e-3,))) == 1 else f"{method} at lr {lr:g}"
 
@@ -350,7 +309,7 @@ def identification_table(rows: list[dict]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        memory, own = row["memory"], _own_peak_mb(row)
+        memory, own = row["memory"], own_peak_mb(row)
         lines.append(
             f"| {row['base']} | {row['seconds']:.0f} | {row['median_step_seconds']:.2f} | {memory['weights_mb']:.0f} "
             f"| {own:.0f} | {memory['weights_mb'] + own:.0f} | {memory['peak_rss_mb']:.0f} "
@@ -359,26 +318,10 @@ def identification_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _own_peak_mb(row: dict) -> float:
+def own_peak_mb(row: dict) -> float:
     """What identification itself took above the loaded model: the rise of anonymous memory (MiB)."""
     return row["memory"]["anonymous_peak_mb"] - row["memory"]["anonymous_start_mb"]
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_inputs(parser, PRESETS)
-    add_cell_options(parser, ROOT / "benchmarks" / "results" / "methods", ROOT / "benchmarks" / "METHODS.md")
-    parser.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS), help="comma-separated")
-    return parsed_inputs(parser, argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse(sys.argv[1:] if argv is None else list(argv))
-    _offline_and_quiet()
-    results = run(args)
-    write_study(args, "methods", results, page(results, args))
-    return results
-
-
 if __name__ == "__main__":
-    main()
+    Methods.main()

@@ -13,15 +13,36 @@ import hypothesis
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import peft_ila  # noqa: F401  (registers the ILA PEFT type)
-from benchmarks.known_answer import VOCAB, tiny_llama
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 # property tests: the same examples on every run (CI is reproducible) and no per-example deadline (CI is noisy)
 hypothesis.settings.register_profile("peft-ila", derandomize=True, deadline=None)
 hypothesis.settings.load_profile("peft-ila")
+
+
+VOCAB = 64
+
+
+def tiny_llama(
+    seed: int = 0, layers: int = 4, init_range: float = 0.2, hidden: int = 32, vocab: int = VOCAB, **extra
+) -> LlamaForCausalLM:
+    """A random Llama with `layers` blocks of width `hidden` (28 candidate linear layers at the defaults)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=init_range,
+        **extra,
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

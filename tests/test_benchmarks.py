@@ -8,112 +8,23 @@ import torch
 from peft import get_peft_model
 
 from benchmarks import baselines
-from benchmarks.run import main
+from benchmarks.core.stats import top_k
 from conftest import alpaca_rows, llama_candidates, lm_batches, tiny_llama, tiny_lm_dir
 from peft_ila import ILAConfig
 
-FULL_GRID = {
-    "LoRA on all layers",
-    "ILA top-25%",
-    "ILA top-75%",
-    "ILA top-25%, mask from lima",
-    "ILA top-75%, mask from lima",
-    "random 25%",
-    "first 25% of blocks",
-    "last 25% of blocks",
-    "KappaTune 25% (lowest condition number)",
-    "Spectrum-style SNR 25%",
-    "adapter gradient norm 25%",
-    "||BA|| after stage 1 25% (no stage 2)",
-}
-CORE = {"LoRA on all layers", "ILA top-25%", "ILA top-75%", "random 25%"}
-
-
-def bench_args(tmp_path, lm, *extra) -> list[str]:
-    """Arguments for a quick-preset run on the tiny model, writing into tmp_path."""
-    return [
-        "--preset",
-        "quick",
-        "--model",
-        str(lm),
-        "--results",
-        str(tmp_path / "results"),
-        "--markdown",
-        str(tmp_path / "RESULTS.md"),
-        *extra,
-    ]
-
-
-def test_benchmark_smoke_run_writes_every_method_and_the_report(tmp_path):
-    lm = tiny_lm_dir(tmp_path / "lm")
-    args = bench_args(tmp_path, lm, "--name", "smoke")
-    for name, rows in (("alpaca", 40), ("lima", 30), ("dolly", 30)):
-        rows_ = alpaca_rows(rows)[::-1] if name == "lima" else alpaca_rows(rows)
-        (tmp_path / f"{name}.json").write_text(json.dumps(rows_))
-        args += ["--data", f"{name}={tmp_path / (name + '.json')}"]
-    main(args)
-    output = json.loads((tmp_path / "results" / "smoke.json").read_text())
-    methods = {d: [r["method"] for r in output["records"] if r["dataset"] == d] for d in ("alpaca", "lima", "dolly")}
-    assert {m for m in methods["alpaca"] if not m.startswith("LISA")} == FULL_GRID
-    assert any(m.startswith("LISA-style") for m in methods["alpaca"])
-    assert set(methods["lima"]) == set(methods["dolly"]) == CORE
-    assert all(methods[d].count("random 25%") == 3 for d in methods)
-    for record in output["records"]:
-        first = next(r for r in output["records"] if r["dataset"] == record["dataset"])
-        assert record["tokens"] == first["tokens"]  # the same token budget for every method of a dataset
-        assert record["loss_after"] > 0 and record["trainable_params"] > 0 and "rss_rise_mb" in record["memory"]
-    idents = output["identifications"]
-    assert {(i["dataset"], i["seed"], i["stage1_length"]) for i in idents} >= {
-        ("alpaca", 0, None),
-        ("lima", 0, None),
-        ("dolly", 0, None),
-        ("alpaca", 1, None),
-        ("alpaca", 2, None),
-        ("alpaca", 0, 0.5),
-        ("alpaca", 0, 1.0),
-        ("alpaca", 0, 2.0),
-    }
-    assert set(output["overhead"]) == {
-        "lora_all",
-        "probe_stage1",
-        "probe_stage2",
-        "base",
-        "ila_top25",
-        "ila_top25_merged",
-    }
-    report = (tmp_path / "RESULTS.md").read_text()
-    for section in (
-        "## What holds here",
-        "### alpaca",
-        "### lima",
-        "### dolly",
-        "## Overlap",
-        "### Stability",
-        "## Overhead",
-        output["meta"]["command"],
-    ):
-        assert section in report
-    pngs = sorted(p.name for p in (tmp_path / "results").glob("*.png"))
-    assert "smoke-loss.png" in pngs and "smoke-overlap-datasets.png" in pngs and len(pngs) == 6
-
 
 def test_missing_shared_data_is_skipped_with_a_message(tmp_path, capsys):
-    lm = tiny_lm_dir(tmp_path / "lm")
-    (tmp_path / "a.json").write_text(json.dumps(alpaca_rows(30)))
-    args = bench_args(tmp_path, lm, "--data", f"alpaca={tmp_path / 'a.json'}", "--shared", str(tmp_path / "nowhere"))
-    output = main(args)
-    assert "skipping lima" in capsys.readouterr().out
-    assert set(output["datasets"]) == {"alpaca"}
     from benchmarks import grid
 
+    lm = tiny_lm_dir(tmp_path / "lm")
+    (tmp_path / "a.json").write_text(json.dumps(alpaca_rows(30)))
     args = ["--preset", "quick", "--model", str(lm), "--data", f"alpaca={tmp_path / 'a.json'}", "--shared", "/nowhere"]
     args += ["--cells", str(tmp_path / "cells"), "--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz"))]
-    results = grid.main(args)
+    results = grid.Grid.main(args)
     assert "skipping lima" in capsys.readouterr().out and results["datasets"] == ["alpaca"] and not results["missing"]
-    assert (
-        "**Important layers overlap about 90% across alignment datasets**: not judged yet"
-        in (tmp_path / "cells" / "quick" / "GRID.md").read_text()
-    )
+    assert not any(t["selector"] == grid.TRANSFER for t in results["tunes"])  # no lima mask to carry over
+    assert results["findings"][0]["verdict"] == "not judged yet"  # overlap across datasets, with one dataset
+    assert (tmp_path / "cells" / "quick" / "GRID.md").exists()
 
 
 def test_position_random_and_score_selectors():
@@ -123,7 +34,7 @@ def test_position_random_and_score_selectors():
     assert baselines.edge_blocks(cands, 0.25, last=True) == cands[-7:]
     assert baselines.random_layers(cands, 7, seed=1) == baselines.random_layers(cands, 7, seed=1)
     assert baselines.random_layers(cands, 7, seed=1) != baselines.random_layers(cands, 7, seed=2)
-    assert baselines.top_k({"a": 1.0, "b": 3.0, "c": 3.0, "d": 2.0}, 2) == ["b", "c"]
+    assert top_k({"a": 1.0, "b": 3.0, "c": 3.0, "d": 2.0}, 2) == ["b", "c"]
 
 
 def test_spectrum_snr_prefers_structure_over_noise():
@@ -155,7 +66,7 @@ def test_first_order_score_is_the_squared_norm_of_each_weights_mean_gradient_and
     for name in cands:
         expected = float((reference.get_submodule(name).weight.grad / 2).pow(2).sum())
         assert scores[name] == pytest.approx(expected, rel=1e-4), name
-    assert baselines.first_order_layers(model, cands, batches, 2, 5) == baselines.top_k(scores, 5)
+    assert baselines.first_order_layers(model, cands, batches, 2, 5) == top_k(scores, 5)
 
 
 def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cells(tmp_path):
@@ -169,7 +80,7 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
             json.dumps(alpaca_rows(rows)[::-1] if name == "lima" else alpaca_rows(rows))
         )
         args += ["--data", f"{name}={tmp_path / (name + '.json')}"]
-    results = stability.main(args)
+    results = stability.Stability.main(args)
     estimators = {row["estimator"] for row in results["rows"]}
     assert estimators == {*stability.NO_STAGE2, *stability.ESTIMATORS, "gradient norm (fresh adapters)"}
     norms = next(r for r in results["rows"] if r["estimator"] == "update-norm" and r["stage1_steps"] == 4)
@@ -184,9 +95,11 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
     cells = sorted(p.name for p in (tmp_path / "cells" / "quick").glob("*.json"))
     # 4 and 2 steps: 3 seeds on alpaca, 1 on lima and dolly; each 2-step cell is the prefix of a 4-step run
     assert sum(name.startswith("stage1-") for name in cells) == 10
-    short = stability.Study(stability.parse(args)).stage1("alpaca", 2, 1, 0)
+    short = stability.Stability(stability.Stability.parse(args)).stage1("alpaca", 2, 1, 0)
     assert short["prefix_of"] and len(short["losses"]) == 2
-    assert len(stability.Study(stability.parse(args)).stage1("alpaca", 4, 1, 0)["trajectory"]["norms"]) == 4
+    assert (
+        len(stability.Stability(stability.Stability.parse(args)).stage1("alpaca", 4, 1, 0)["trajectory"]["norms"]) == 4
+    )
     known = {(row["estimator"], row["stage1_steps"]): row for row in results["known"]}
     assert set(known) == {*((name, 4) for name in estimators - {stability.GRADNORM}), (stability.GRADNORM, 2)}
     assert all(
@@ -194,28 +107,30 @@ def test_stability_study_smoke_run_writes_its_cells_and_page_and_reuses_the_cell
     )
     page = (tmp_path / "STABILITY.md").read_text()
     assert "| gates | 4 | 3 |" in page and (tmp_path / "cells" / "quick" / "frontier.png").exists()
-    assert "## A known answer" in page and "**Reproducible is not the same as right**" in page
+    claims = [finding["claim"] for finding in results["findings"]]
+    assert "## A known answer" in page and "Reproducible is not the same as right" in claims
     calibration = {row["estimator"]: row for row in results["calibration"]}
-    assert set(calibration) == set(stability.ESTIMATORS) and "**Is the confidence honest?**" in page
+    assert set(calibration) == set(stability.ESTIMATORS)
+    assert any(claim.startswith("Is the confidence honest?") for claim in claims)
     for row in calibration.values():
         counts = row["counts"]
         assert counts["certain"] + counts["uncertain"] == row["candidates"]
         assert counts["selected certain"] + counts["selected uncertain"] == row["selected"]
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
-    assert stability.main(args)["rows"] == results["rows"]  # every cell read back, none recomputed
+    assert stability.Stability.main(args)["rows"] == results["rows"]  # every cell read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     for path in Path(short["weights"]).with_suffix("").parent.glob(Path(short["weights"]).stem + ".*"):
         path.unlink()  # the 2-step cell again, from its own run: the same scores as the prefix
-    assert stability.Study(stability.parse(args)).stage1("alpaca", 2, 1, 0)["scores"] == short["scores"]
+    assert stability.Stability(stability.Stability.parse(args)).stage1("alpaca", 2, 1, 0)["scores"] == short["scores"]
     dropped = next((tmp_path / "cells" / "quick").glob("score-*.json"))
     dropped.unlink()
-    partial = stability.main([*args, "--existing-only"])
+    partial = stability.Stability.main([*args, "--existing-only"])
     assert not dropped.exists() and len(partial["missing"]) >= 1  # listed, not recomputed
     assert dropped.stem in (tmp_path / "STABILITY.md").read_text()
 
 
 def test_random_jaccard_expectation_is_exact_on_a_small_case():
-    from benchmarks.stability import expected_random_jaccard
+    from benchmarks.core.stats import expected_random_jaccard
 
     # n=4, k=2: overlap 0 (prob 1/6) -> 0, overlap 1 (4/6) -> 1/3, overlap 2 (1/6) -> 1
     assert abs(expected_random_jaccard(4, 2) - (4 / 6 / 3 + 1 / 6)) < 1e-12
@@ -228,7 +143,7 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     (tmp_path / "alpaca.json").write_text(json.dumps(alpaca_rows(40)))
     args = ["--preset", "quick", "--model", str(lm), "--data", f"alpaca={tmp_path / 'alpaca.json'}"]
     args += ["--cells", str(tmp_path / "cells"), "--markdown", str(tmp_path / "METHODS.md")]
-    results = methods.main(args)
+    results = methods.Methods.main(args)
     grid = {(m, lr, s) for m in methods.METHODS for lr in methods.LR.get(m, (1e-3,)) for s in methods.SHARES}
     assert {(row["method"], row["lr"], row["share"]) for row in results["rows"]} == grid and not results["missing"]
     assert len(grid) == 3 * (len(methods.METHODS) + 1)  # AdaLoRA at two learning rates
@@ -246,7 +161,7 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     page = (tmp_path / "METHODS.md").read_text()
     assert "| qlora | 0.001 | ILA top 25% (4) |" in page and "| 4-bit (NF4) |" in page
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells" / "quick").glob("*-*.json")}
-    assert methods.main([*args, "--existing-only"])["rows"] == results["rows"]  # read back, none recomputed
+    assert methods.Methods.main([*args, "--existing-only"])["rows"] == results["rows"]  # read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
@@ -261,14 +176,14 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
     args += ["--cells", str(tmp_path / "cells"), "--markdown", str(tmp_path / "GRID.md")]
     args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz"))]
-    results = grid.main(args)
+    results = grid.Grid.main(args)
     assert not results["missing"]
     quick = grid.PRESETS["quick"]
     planned = grid.plan(["alpaca", "lima"], quick["seeds"], quick["stage1"], quick["budgets"])
     tunes = [job for job in planned if job.selector not in ("mask", grid.TIMING)]
-    # alpaca: 2 seeds x (core, a budget, equal time), the other budget and 4 cheap selectors with seed 0; lima: 2
-    # seeds x core, and the best cheap selector
-    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 1 + 4 + 2 * 4 + 1
+    # alpaca: 2 seeds x (core, a budget, equal time), the other budget, 4 cheap selectors and 3 extra (lima's mask,
+    # first and last blocks) with seed 0; lima: 2 seeds x core, and the best cheap selector
+    assert len(results["tunes"]) == len(tunes) == 2 * (4 + 1 + 1) + 1 + 4 + 3 + 2 * 4 + 1
     assert len(results["masks"]) == 4  # alpaca (seeds 0 and 1, and a quarter of stage 1) and lima
     by = {(t["dataset"], t["selector"], t["share"], t["seed"]): t for t in results["tunes"]}
     assert by["alpaca", "all", 1.0, 0]["layers"] is None and len(by["alpaca", "ila", 0.25, 0]["layers"]) == 7
@@ -299,22 +214,37 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     page = (tmp_path / "GRID.md").read_text()
     assert "## Step time and memory, side by side" in page and "| lima | random 25% | model.layers." in page
     assert "| LoRA on all layers | 2 |" in page and "KappaTune 25%" in page and "## The step-cost model" in page
-    assert page.count("**") == 2 * 8 and "not judged yet" not in page and "provisional" not in page
+    verdicts = [finding["verdict"] for finding in results["findings"]]
+    assert len(verdicts) == 8 and not any("not judged yet" in v or "provisional" in v for v in verdicts)
+    # kept from the retired short study: another dataset's mask, position alone, and ILA's own overhead
+    lima_top = next(m["selected"] for m in results["masks"] if m["dataset"] == "lima")
+    assert set(by["alpaca", grid.TRANSFER, 0.25, 0]["layers"]) == set(lima_top)
+    first, last = by["alpaca", "first-blocks", 0.25, 0]["layers"], by["alpaca", "last-blocks", 0.25, 0]["layers"]
+    assert first == baselines.edge_blocks(llama_candidates(), 0.25, last=False) and first != last
+    assert set(results["overhead"]) == {
+        "lora_all",
+        "probe_stage1",
+        "probe_stage2",
+        "base",
+        "ila_top25",
+        "ila_top25_merged",
+    }
+    assert all(seconds > 0 for seconds in results["overhead"].values()) and "## Overhead of ILA's machinery" in page
     cells = tmp_path / "cells" / "quick"
     stamps = {p: p.stat().st_mtime_ns for p in cells.glob("*-*.json")}
-    assert grid.main([*args, "--existing-only"])["tunes"] == results["tunes"]  # read back, none recomputed
+    assert grid.Grid.main([*args, "--existing-only"])["tunes"] == results["tunes"]  # read back, none recomputed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # an interrupted grid: one cell missing, ILA top 25% with seed 0 (the equal-time run waits for it)
     ila = {"dataset": "alpaca", "selector": "ila", "share": 0.25, "seed": 0}.items()
     tunes_written = [p for p in stamps if p.name.startswith("tune-")]
     gone = next(p for p in tunes_written if ila <= json.loads(p.read_text())["settings"].items())
     gone.unlink()
-    missing = grid.main([*args, "--existing-only"])["missing"]
+    missing = grid.Grid.main([*args, "--existing-only"])["missing"]
     assert missing and all(f"({gone.stem})" in entry for entry in missing)  # it, and any cell that waits for it
     waiting = ["alpaca: ILA top 25%, seed 0", "alpaca: LoRA on all layers, ILA top 25%'s wall time, seed 0"]
     waiting.append("alpaca: the selections of seed 0 timed side by side")
     assert [entry.split(" (")[0] for entry in missing] == waiting
-    resumed = grid.main(args)
+    resumed = grid.Grid.main(args)
     assert not resumed["missing"] and gone.exists()
     assert {p: p.stat().st_mtime_ns for p in stamps if p != gone} == {p: s for p, s in stamps.items() if p != gone}
 
@@ -339,12 +269,12 @@ def test_grid_findings_take_cost_ratios_from_the_side_by_side_timing_and_judge_q
     results = {"datasets": ["alpaca"], "tunes": tunes, "base": {"alpaca": 1.7}, "timing": {"alpaca": timing}}
     top25 = lambda: grid_findings.finding_top25(results, grid_findings.Stats(results))  # noqa: E731
     # sigma 0.01 (pooled over seeds): ILA +0.005 ± 0.0082 from LoRA-all is noise; -0.095 from random is not
-    assert top25()["verdict"] == "quality holds, cost meets the goals; against random 25%: better"
-    assert "step time × alpaca 0.70, memory rise × alpaca 0.67" in top25()["evidence"]
+    assert top25().verdict == "quality holds, cost meets the goals; against random 25%: better"
+    assert "step time × alpaca 0.70, memory rise × alpaca 0.67" in top25().evidence
     timing[1]["memory_rise_mb"] = 1200.0  # 0.80 of LoRA-all's: above the 0.75 goal
-    assert top25()["verdict"].startswith("quality holds, cost misses the goals")
+    assert top25().verdict.startswith("quality holds, cost misses the goals")
     results["timing"] = {}  # the fine-tunes' own step times ran hours apart: no ratio is taken from them
-    assert top25()["verdict"].startswith("quality holds, cost not timed yet")
+    assert top25().verdict.startswith("quality holds, cost not timed yet")
 
 
 def knowledge_file(path):

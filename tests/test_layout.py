@@ -1,33 +1,45 @@
-"""The package's layout holds: the tuner imports neither identification nor the app, identification does not import
-the app, and no module of `peft_ila` takes part in an import cycle (imports inside functions count too)."""
+"""The layout holds: the tuner imports neither identification nor the app, identification does not import the app,
+no module of `peft_ila` or `benchmarks` takes part in an import cycle (imports inside functions count too), the
+benchmarks use only the library's public names and their own core, and the core imports no study."""
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "peft_ila"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE, BENCHMARKS = ROOT / "peft_ila", ROOT / "benchmarks"
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports() -> dict[str, set[str]]:
-    """Every module of peft_ila -> the peft_ila modules it imports, at any depth of its code."""
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        targets = set()
+def imported_names(package: Path) -> dict[str, set[tuple[str, str | None]]]:
+    """Every module of `package` -> what it imports, at any depth of its code: (module, name) for `from module import
+    name` (relative imports resolved), (module, None) for `import module`."""
+    out = {}
+    for path in package.rglob("*.py"):
+        name = module_name(path)
+        here = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-                target = ".".join(filter(None, [base, node.module]))
-                for alias in node.names:  # `from . import x` may name a module
-                    targets.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+                base = here.rsplit(".", node.level - 1)[0] if node.level else ""
+                found.update((".".join(filter(None, [base, node.module])), alias.name) for alias in node.names)
             elif isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-        graph[name] = {t for t in targets if t in modules and t != name}
+                found.update((alias.name, None) for alias in node.names)
+        out[name] = found
+    return out
+
+
+def imports(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Every module of `package` -> the modules of that package it imports."""
+    names = imported_names(package)
+    graph = {}
+    for name, found in names.items():
+        targets = {f"{module}.{alias}" if f"{module}.{alias}" in names else module for module, alias in found if alias}
+        targets |= {module for module, alias in found if alias is None}
+        graph[name] = {t for t in targets if t in names and t != name}  # `from . import x` may name a module
     return graph
 
 
@@ -47,7 +59,12 @@ def test_wings_import_only_inwards():
 
 
 def test_no_import_cycle():
-    graph, done, path = imports(), set(), []
+    for package in (PACKAGE, BENCHMARKS):
+        assert_no_cycle(imports(package))
+
+
+def assert_no_cycle(graph: dict[str, set[str]]) -> None:
+    done, path = set(), []
 
     def visit(module: str) -> None:
         if module in path:
@@ -76,3 +93,28 @@ def test_no_function_of_the_tuner_or_identification_is_longer_than_a_screen():
                 if lines > 60:
                     long.append(f"{path.name}:{node.name} ({lines} lines)")
     assert not long, long
+
+
+def private_imports(found: dict[str, set[tuple[str, str | None]]]) -> list[str]:
+    """`module: what` for every name or module of peft_ila starting with `_` that a module imports."""
+    private = []
+    for module, names in found.items():
+        for source, name in names:
+            parts = [*source.split("."), *([name] if name else [])]
+            if parts[0] == "peft_ila" and any(part.startswith("_") for part in parts):
+                private.append(f"{module}: {'.'.join(parts)}")
+    return sorted(private)
+
+
+def test_benchmarks_use_the_library_s_public_names_and_their_own_core():
+    found = imported_names(BENCHMARKS)
+    assert not private_imports(found), private_imports(found)
+    assert not [m for m, names in found.items() for source, _ in names if source.split(".")[0] in ("tests", "conftest")]
+    graph = imports(BENCHMARKS)
+    core = [module for module in graph if module.startswith("benchmarks.core")]
+    assert core and all(t.startswith("benchmarks.core") for module in core for t in graph[module]), core
+
+
+def test_a_private_name_or_module_of_the_library_is_caught():
+    found = {"benchmarks.x": {("peft_ila.app.cli", "_hidden"), ("peft_ila", "ILAConfig"), ("peft_ila._quiet", None)}}
+    assert private_imports(found) == ["benchmarks.x: peft_ila._quiet", "benchmarks.x: peft_ila.app.cli._hidden"]

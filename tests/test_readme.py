@@ -1,34 +1,48 @@
-"""README stays true: its commands are CI's, its quickstart is the example that runs, its tables match the code."""
+"""README and docs stay true: README's commands are CI's, its examples are the files that run, its measured figures are
+generated from the files that record them, the docs document every config field, and every local link resolves."""
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from peft import PeftConfig
 
+from benchmarks import figures
 from peft_ila import ILAConfig
 from peft_ila.tuner.selection import MASK_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = {path: path.read_text() for path in [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]}
+DOCS |= {path: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
+
+FENCE = re.compile(r"^ *```.*?^ *```[^\n]*$", flags=re.M | re.S)
+REGION = re.compile(r"^<!-- figures: \S+ -->$.*?^<!-- /figures -->$", flags=re.M | re.S)
+# a measured number: a decimal (1.4862), a share (87%), a duration or size (404 s, 3.82 s/step, 625 MB), a ratio
+# (0.75x, × 0.75)
+MEASURED = re.compile(
+    r"\d+\.\d+|\d+\s?%|\b\d+(?:\.\d+)?\s?(?:s|ms|min|h|MB|GB)\b|\d(?:\.\d+)?\s?[x×](?!\w)|×\s?\d",
+)
+# settings, not measurements: the size of a selection (top 25%) and versions (3.11 after Python, 2.13.0, ==0.9.5)
+SETTINGS = re.compile(r"\b(?:top|bottom)[- ]\d+%|\bPython \d+\.\d+|\b\d+\.\d+\.\d+\b|[<>=]=\s?\d+(?:\.\d+)*")
 
 
-def subsection(heading: str) -> str:
-    """The README's text from the line starting with `heading` to the next heading of level 2 or 3."""
-    after = README.split("\n" + heading, 1)[1]
-    return re.split(r"\n#{2,3} ", after, maxsplit=1)[0]
+def code_blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
-def quoted_findings(section: str) -> list[str]:
-    return [line for line in section.splitlines() if re.match(r"\d\. \*\*", line)]
+def doc(name: str) -> str:
+    return (ROOT / "docs" / name).read_text()
 
 
-def code_blocks(language):
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def prose(text: str) -> str:
+    """The text outside code blocks, generated regions and link targets, settings removed: where no measured number
+    may stand."""
+    return SETTINGS.sub("", re.sub(r"\]\([^)\s]*\)", "]", FENCE.sub("", REGION.sub("", text))))
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
@@ -44,10 +58,11 @@ def test_quickstart_block_is_the_example_file():
 
 
 def test_every_config_field_and_mask_key_is_documented():
+    api = doc("api.md")
     own = {f.name for f in dataclasses.fields(ILAConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
-    documented = set(re.findall(r"^\| `(\w+)` \|", README, flags=re.M))
+    documented = set(re.findall(r"^\| `(\w+)` \|", api, flags=re.M))
     assert own <= documented, own - documented
-    assert all(f"| `{key}` |" in README for key in MASK_KEYS)
+    assert all(f"| `{key}` |" in api for key in MASK_KEYS)
 
 
 def test_quickstart_runs_as_written(tmp_path):
@@ -67,9 +82,9 @@ def test_quickstart_runs_as_written(tmp_path):
     assert (tmp_path / "ila-quickstart" / "adapter_model.safetensors").exists()
 
 
-def test_qlora_example_is_in_the_readme_and_runs_as_written(tmp_path):
+def test_qlora_example_is_in_its_page_and_runs_as_written(tmp_path):
     example = ROOT / "examples" / "qlora.py"
-    assert example.read_text() in code_blocks("python")
+    assert example.read_text() in code_blocks("python", doc("qlora.md"))
     env = {**os.environ, "TQDM_DISABLE": "1"}
     done = subprocess.run([sys.executable, str(example)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -78,60 +93,105 @@ def test_qlora_example_is_in_the_readme_and_runs_as_written(tmp_path):
     assert "quantizes the result again" in done.stderr
 
 
-def test_demo_figures_match_the_recorded_run():
-    demo = json.loads((ROOT / "docs" / "demo" / "demo.json").read_text())
-    record = json.loads((ROOT / "docs" / "demo" / "importance.json").read_text())
-    costs = record["costs"]
-    certain = sum(record["confidence"][name] >= 0.9 for name in record["selected"])
-    training = json.loads((ROOT / "docs" / "demo" / "training.json").read_text())
-    quoted = [
-        f"**{demo['seconds']:.0f} s**",
-        f"identification {costs['stage1']['steps']} + {costs['stage2']['steps']} steps in "
-        f"{costs['stage1']['seconds'] + costs['stage2']['seconds']:.0f} s",
-        f"fine-tuning {training['steps']} steps at a median {training['median_step_seconds']:.2f} s/step",
-        f"**{demo['held_out_loss_before']:.4f} -> {demo['held_out_loss_after']:.4f}**",
-        f"({demo['held_out_loss_after_reload']:.4f} after the reload)",
-        f"top-25% set: {certain} of {len(record['selected'])} layers certain at 90%",
-    ]
-    flat = " ".join(README.split())
-    assert all(q in flat for q in quoted), [q for q in quoted if q not in flat]
-    assert (ROOT / "docs" / "demo" / "heatmap.png").exists() and "docs/demo/heatmap.png" in README
+def test_generated_regions_are_up_to_date():
+    assert figures.render(README, ROOT) == README, (
+        f"README's generated regions are stale ({', '.join(figures.stale(README, ROOT))}): run `make figures`"
+    )
 
 
-def test_grid_noise_scale_and_findings_are_quoted_from_grid_md():
-    section = subsection("### The grid: fine-tunes long enough to judge")
-    page = (ROOT / "benchmarks" / "GRID.md").read_text()
-    findings = quoted_findings(section)
-    assert len(findings) == 8 and all(line in page for line in findings), [f for f in findings if f not in page]
-    noise = [line for line in section.splitlines() if line.startswith("Noise scale (")]
-    assert len(noise) == 1 and noise[0] in page.splitlines()
-    assert "make bench`" in section and (ROOT / "benchmarks" / "results" / "grid" / "full" / "grid.json").exists()
-    incomplete = "Not computed yet" in page  # the README says so exactly while the page lists missing cells
-    assert ("The grid is not complete yet" in section) == incomplete
-    assert ("(being computed)" in section.splitlines()[0]) == incomplete
+def test_readme_has_the_demo_and_headline_regions():
+    assert [region.name for region in figures.regions(README)] == ["demo", "headline"]
 
 
-def test_short_study_findings_are_quoted_from_results_md():
-    section = subsection("### The first, short study")
-    findings = quoted_findings(section)
-    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
-    assert len(findings) == 4 and all(line in results for line in findings), findings
-    assert "make bench-short" in section and (ROOT / "benchmarks" / "results" / "full.json").exists()
+def test_readme_is_a_few_screens():
+    lines = README.splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move detail to docs/"
+    long = [line[:60] for line in lines if len(line) > 320]
+    assert not long, long
 
 
-def test_stability_findings_are_quoted_from_stability_md():
-    section = subsection("### Stability of the ranking")
-    findings = quoted_findings(section)
-    page = (ROOT / "benchmarks" / "STABILITY.md").read_text()
-    assert len(findings) >= 5 and all(line in page for line in findings), [f for f in findings if f not in page]
-    assert "make bench-stability" in section
+@pytest.mark.parametrize(
+    "text",
+    ["loss 1.5761 -> 1.4862", "took 404 s", "3.82 s/step", "keeps 87% of the gain", "0.75x the step time", "× 0.57"],
+)
+def test_a_measured_number_is_caught(text):
+    assert MEASURED.search(prose(f"Some prose: {text}."))
 
 
-def test_methods_tables_and_findings_are_quoted_from_methods_md():
-    section = subsection("### Fine-tuning methods on a selection")
-    rows = [line for line in section.splitlines() if line.startswith("|")]
-    page = (ROOT / "benchmarks" / "METHODS.md").read_text()
-    assert len(rows) >= 3 and rows == [line for line in page.splitlines() if line.startswith("|")]
-    findings = quoted_findings(section)
-    assert len(findings) >= 4 and all(line in page for line in findings), [f for f in findings if f not in page]
-    assert "make bench-methods" in section
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Python 3.11 and torch 2.13.0",
+        "`llamafactory==0.9.5`",
+        "ILA's top 25%",
+        "30 blocks x 7 layers",
+        "128 + 32 steps",
+        "[paper](https://arxiv.org/abs/2410.17875)",
+    ],
+)
+def test_a_setting_is_not_caught(text):
+    assert not MEASURED.search(prose(f"Some prose: {text}."))
+
+
+def test_readme_has_no_measured_number_outside_generated_regions():
+    found = [(m[0], line) for line in prose(README).splitlines() for m in MEASURED.finditer(line)]
+    assert not found, f"measured numbers belong in a generated region (benchmarks/figures.py): {found}"
+
+
+def test_render_refuses_an_unknown_or_unclosed_region():
+    with pytest.raises(ValueError, match=r"unknown figures region 'nope'.*REGIONS"):
+        figures.render("text\n<!-- figures: nope -->\n<!-- /figures -->\n", ROOT)
+    with pytest.raises(ValueError, match=r"'demo' opened at line 2 is never closed: add a line '<!-- /figures -->'"):
+        figures.render("text\n<!-- figures: demo -->\nbody\n", ROOT)
+    with pytest.raises(ValueError, match=r"'demo' \(line 1\) is not closed before line 2"):
+        figures.render("<!-- figures: demo -->\n<!-- figures: demo -->\n<!-- /figures -->\n", ROOT)
+    with pytest.raises(ValueError, match="closes no region"):
+        figures.render("text\n<!-- /figures -->\n", ROOT)
+
+
+def test_render_replaces_only_the_region_bodies(monkeypatch):
+    monkeypatch.setitem(figures.REGIONS, "fake", lambda root: "new body")
+    text = "before\n<!-- figures: fake -->\nold body\n<!-- /figures -->\nafter\n"
+    rendered = figures.render(text, ROOT)
+    assert rendered == "before\n<!-- figures: fake -->\n\nnew body\n\n<!-- /figures -->\nafter\n"
+    assert figures.render(rendered, ROOT) == rendered
+    assert figures.stale(text, ROOT) == ["fake"] and figures.stale(rendered, ROOT) == []
+
+
+def test_main_checks_and_rewrites_a_file(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(figures.REGIONS, "fake", lambda root: "new body")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- figures: fake -->\n<!-- /figures -->\n")
+    readme.chmod(0o644)
+    assert figures.main(["--check", "--readme", str(readme)]) == 1
+    assert "stale figures regions: fake; run `make figures`" in capsys.readouterr().out
+    assert figures.main(["--readme", str(readme)]) == 0
+    assert "new body" in readme.read_text() and readme.stat().st_mode & 0o777 == 0o644
+    assert figures.main(["--check", "--readme", str(readme)]) == 0
+    assert [path.name for path in tmp_path.iterdir()] == ["README.md"]  # no temporary file left
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", FENCE.sub("", text), flags=re.M)}
+
+
+def test_every_local_link_resolves():
+    broken = []
+    for path, text in DOCS.items():
+        text = re.sub(r"`[^`\n]*`", "", FENCE.sub("", text))  # links in code are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked.read_text()):
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert len(DOCS) >= 7  # README.md, benchmarks/README.md and the docs/ pages
+    assert not broken, broken

@@ -27,7 +27,7 @@ from .steps import (
 )
 
 
-def _offline_and_quiet() -> None:
+def offline_and_quiet() -> None:
     """Nothing is fetched from a model or data hub (only local files and caches), and the libraries' own progress
     bars stay off so ours (steps, loss, ETA) are readable."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    _offline_and_quiet()
+    offline_and_quiet()
     from . import UsageError
     from .args import MULTI_PROCESS, CommandLineError
 

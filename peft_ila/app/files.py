@@ -79,7 +79,8 @@ def read_json(path: Path) -> dict:
         raise UsageError(f"{path} is not valid JSON ({exc}); it is damaged, write it again.") from None
 
 
-def _status_mb(field: str) -> float | None:
+def status_mb(field: str) -> float | None:
+    """A memory field of the process's Linux status, in MiB (`VmRSS`, `VmHWM`, `RssAnon`, ...); None elsewhere."""
     status = Path("/proc/self/status")
     if not status.exists():
         return None
@@ -97,12 +98,12 @@ def reset_peak_memory() -> float | None:
         Path("/proc/self/clear_refs").write_text("5")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    return _status_mb("VmRSS")
+    return status_mb("VmRSS")
 
 
 def peak_memory_mb(start_mb: float | None = None) -> dict[str, float]:
     """Peak resident MiB since `reset_peak_memory` (and its rise over `start_mb`), and the CUDA peak on a GPU."""
-    rss = _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"peak_rss_mb": round(rss, 1)}
     if start_mb is not None:
         out["rss_rise_mb"] = round(rss - start_mb, 1)

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +116,7 @@ def identify_important_layers(
 class Identification:
     """One identification run of an ILA adapter, with all its state: the adapters and gates (in the model), both
     stages' optimizers and step statistics, the estimator, and the data position. `run` carries it out; every
-    step may be saved to, and a run continued from, one checkpoint file."""
+    step may be saved to, and a run continued from, one checkpoint file, and `on_step(stats)` is called after it."""
 
     def __init__(
         self,
@@ -126,8 +126,10 @@ class Identification:
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
         train_stage1: bool = True,
+        on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         self.model, self.tuner = model, _ila_tuner(model)
+        self.on_step = on_step
         self.train_stage1 = train_stage1
         self.adapter = adapter_name or self.tuner._the_active_adapter()
         self.config: ILAConfig = self.tuner.peft_config[self.adapter]
@@ -221,7 +223,7 @@ class Identification:
             self.config.stage1_max_steps,
             accelerator=self.accelerator,
             should_stop=test.update if test is not None else None,
-            on_step=self._save,
+            on_step=self._after_step,
             desc="ILA stage 1: adapters",
             progress=progress,
             resume=self.stage1,
@@ -241,7 +243,7 @@ class Identification:
                     steps,
                     accelerator=self.accelerator,
                     penalty=self.estimator.penalty(bank),
-                    on_step=self._save,
+                    on_step=self._after_step,
                     desc=self.estimator.desc,
                     progress=progress,
                     resume=self.stage2,
@@ -311,6 +313,13 @@ class Identification:
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"optimizer1": self.optimizer1, **({"optimizer2": self.optimizer2} if self.optimizer2 else {})}
+
+    def _after_step(self, stats: StepStats) -> None:
+        """After every optimizer step of either stage (`stats`: that stage's so far): the checkpoint, then the caller's
+        `on_step` hook, which may read the run's state (`update_norms()`, the model's adapters) but not change it."""
+        self._save(stats)
+        if self.on_step is not None:
+            self.on_step(stats)
 
     def _save(self, stats: StepStats) -> None:
         """Checkpoint every `checkpoint_every` optimizer steps and at the end of each stage (rank 0 writes)."""

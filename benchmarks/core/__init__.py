@@ -1,0 +1,12 @@
+"""The benchmark core every study stands on.
+
+- `inputs`: the command-line inputs (preset, model, datasets), each dataset prepared once over one base model, and
+  the identity of the data a cell depends on;
+- `cells`: cells (one JSON record per finished piece of a study, keyed by its settings, computed at most once) and
+  `Study`, the base class that collects the cells `--existing-only` leaves missing;
+- `recipes`: what several studies compute the same way: ILA's mask with the library's defaults, a fine-tune with
+  `finetune`, brief side-by-side training for step time and memory;
+- `stats`: overlaps, rank correlation, their random expectation, top-k through `resolve_top_k`, the pooled noise
+  scale and the verdict rules;
+- `page`: `Finding` (claim, verdict, evidence, rule) and the Markdown every page is made of.
+"""

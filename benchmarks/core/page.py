@@ -1,0 +1,49 @@
+"""What every study's page is made of: findings (claim, verdict, evidence, rule), tables, and the list of cells not
+computed yet."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One question a study answers: the `claim` tested, the `verdict` its `rule` gives on the `evidence` (the
+    measured figures). An empty rule is left out (a finding that reports without judging)."""
+
+    claim: str
+    verdict: str
+    evidence: str
+    rule: str = ""
+
+    def line(self) -> str:
+        """The finding as one Markdown line (without its number)."""
+        rule = f" Rule: {self.rule}." if self.rule else ""
+        return f"**{self.claim}**: {self.verdict}. Measured: {self.evidence}.{rule}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def findings_section(findings: list[Finding]) -> list[str]:
+    """The page's numbered findings, under their heading."""
+    return ["## Findings", "", *(f"{number}. {f.line()}" for number, f in enumerate(findings, 1)), ""]
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    """A Markdown table; `align` has one character per column, `l` (default) or `r`."""
+    marks = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def cell_text(text: str) -> str:
+    """Text for a Markdown table cell (a '|' would end the cell)."""
+    return text.replace("|", "\\|")
+
+
+def missing_section(missing: list[str], target: str) -> list[str]:
+    """The cells a page could not read, and the make target that computes them."""
+    if not missing:
+        return []
+    return [f"Not computed yet ({len(missing)}; `{target}` continues the grid):", "", *(f"- {m}" for m in missing)]
