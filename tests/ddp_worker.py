@@ -99,4 +99,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # as the CLI does: a live gloo group can abort the process at exit
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

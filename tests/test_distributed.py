@@ -85,3 +85,16 @@ def test_help_of_the_training_commands_shows_the_launchers(command, capsys):
     help_text = capsys.readouterr().out
     assert f"torchrun --nproc_per_node 2 -m peft_ila.app.cli {command}" in help_text
     assert f"accelerate launch --num_processes 2 -m peft_ila.app.cli {command}" in help_text
+
+
+def test_a_command_ends_the_process_group_it_ran_in(tmp_path):
+    """A live gloo group can abort the process at interpreter exit (SIGABRT, seen once under torchrun on a loaded
+    machine): the CLI destroys it when a command ends, however it ends."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert main(["eval", str(tmp_path / "no-adapter")]) == 2  # a usage error
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -476,7 +476,17 @@ def _main(argv: list[str] | None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Destroy the process group of a multi-process launch before the interpreter exits: left alive, gloo's threads
+    can abort the process while it shuts down ("terminate called without an active exception", exit status -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _interrupt(signum: int, frame) -> None:
