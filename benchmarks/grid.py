@@ -1,8 +1,8 @@
 """The benchmark at a fine-tune length that means something (issue 15): a grid of cells, dataset x selector x seed,
 each saved when it finishes, so the grid completes over several sittings and a rerun of a finished grid is instant.
 
-    python benchmarks/grid.py --preset full    # resumable: a finished cell is kept, a missing one computed
-    python benchmarks/grid.py --preset quick   # smoke-sized, on whatever --model and --data are given
+    python -m benchmarks.grid --preset full    # resumable: a finished cell is kept, a missing one computed
+    python -m benchmarks.grid --preset quick   # smoke-sized, on whatever --model and --data are given
 
 Every fine-tune runs at least one epoch and `min_steps` optimizer steps, is judged on `eval_size` held-out examples
 of its own dataset, and on the held-out examples of the other datasets: text it was not aligned on, where a loss
@@ -32,7 +32,6 @@ import copy
 import hashlib
 import math
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,20 +39,17 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from benchmarks import baselines, grid_findings, grid_page, knowledge  # noqa: E402
-from benchmarks.core.cells import Missing, Study  # noqa: E402
-from benchmarks.core.inputs import Inputs  # noqa: E402
-from benchmarks.core.page import Finding  # noqa: E402
-from benchmarks.core.recipes import default_identification, default_probe, train_briefly  # noqa: E402
-from benchmarks.grid_findings import early_stage1  # noqa: E402
-from peft_ila import ILAConfig, Selection, resolve_top_k  # noqa: E402
-from peft_ila.app.pipeline import finetune, lora_all_layers  # noqa: E402
-from peft_ila.identification.cost import StepCost, measure_step_cost, within_budget  # noqa: E402
-from peft_ila.identification.training import evaluate_loss  # noqa: E402
-from peft_ila.tuner.model import find_candidates  # noqa: E402
+from benchmarks import baselines, grid_findings, grid_page, knowledge
+from benchmarks.core.cells import Missing, Study
+from benchmarks.core.inputs import Inputs
+from benchmarks.core.page import Finding
+from benchmarks.core.recipes import default_identification, default_probe, train_briefly
+from benchmarks.grid_findings import early_stage1
+from peft_ila import ILAConfig, Selection, resolve_top_k
+from peft_ila.app.pipeline import finetune, lora_all_layers
+from peft_ila.identification.cost import StepCost, measure_step_cost, within_budget
+from peft_ila.identification.training import evaluate_loss
+from peft_ila.tuner.model import find_candidates
 
 PRESETS = {
     "quick": dict(  # every path on the real model in minutes: short sequences, few held-out examples and questions

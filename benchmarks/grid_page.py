@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from benchmarks.core.page import Finding, findings_section, missing_section
+from benchmarks.core.page import Finding, findings_section, missing_section, table
 from benchmarks.grid_findings import ALL, Stats, fmt, forgetting, groups, mask_rows, memory_rise
 from peft_ila.identification.cost import StepCost
 from peft_ila.tuner.selection import layer_of
@@ -23,12 +23,13 @@ def selection_seconds(results: dict, dataset: str, selector: str, tunes: list[di
     return mask["seconds"] + (results.get("cost", {}).get("seconds", 0.0) if selector.startswith("ila@") else 0.0)
 
 
-def table(results: dict) -> list[str]:
-    lines = [
-        "| dataset | method | seeds | steps | held-out loss after | spread | gain | forgetting | ARC-Easy Δ | s/step "
-        "| memory rise MB | trainable params | gain per M params | gain per GB | selection s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+TUNES = ["dataset", "method", "seeds", "steps", "held-out loss after", "spread", "gain", "forgetting", "ARC-Easy Δ"]
+TUNES += ["s/step", "memory rise MB", "trainable params", "gain per M params", "gain per GB", "selection s"]
+
+
+def tunes_table(results: dict) -> list[str]:
+    """One row per dataset and method: the mean over its seeds."""
+    rows = []
     base_knowledge = results.get("base_knowledge")
     for (dataset, (selector, _)), tunes in groups(results).items():
         after = [t["loss_after"] for t in tunes]
@@ -54,8 +55,8 @@ def table(results: dict) -> list[str]:
             f"{gain / memory * 1024:.4f}" if memory > 0 else "",
             _seconds(selection_seconds(results, dataset, selector, tunes)),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return table(TUNES, rows, "llrrrrrrrrrrrrr")
 
 
 def _seconds(value: float | None) -> str:
@@ -75,12 +76,13 @@ def cost_section(results: dict) -> list[str]:
         f"Fit: {cost.seconds[0]:.3f} s + {cost.seconds[1]:.4f} s per block; {cost.memory_mb[0]:.0f} MB + "
         f"{cost.memory_mb[1]:.1f} MB per block of activations kept for backward.",
         "",
-        "| lowest adapted block | measured s | predicted s | activation MB |",
-        "|---|---:|---:|---:|",
     ]
-    for low, seconds, memory in cost.measured:
-        lines.append(f"| {cost.blocks[low]} | {seconds:.3f} | {cost.predicted('time', low):.3f} | {memory:.0f} |")
-    return [*lines, ""]
+    rows = [
+        [cost.blocks[low], f"{seconds:.3f}", f"{cost.predicted('time', low):.3f}", f"{memory:.0f}"]
+        for low, seconds, memory in cost.measured
+    ]
+    header = ["lowest adapted block", "measured s", "predicted s", "activation MB"]
+    return [*lines, *table(header, rows, "lrrr"), ""]
 
 
 def side_by_side(results: dict) -> list[str]:
@@ -101,11 +103,11 @@ def side_by_side(results: dict) -> list[str]:
         "minus that at the start. Every cost ratio in the findings is taken from here. Predicted: the step-cost "
         "model's share of LoRA-all's step time for the lowest adapted block.",
         "",
-        "| dataset | method | lowest adapted block | s/step | × LoRA-all | predicted × | memory rise MB | × LoRA-all |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for dataset, rows in results["timing"].items():
-        for row in rows:
+    header = ["dataset", "method", "lowest adapted block", "s/step", "× LoRA-all", "predicted ×", "memory rise MB"]
+    out = []
+    for dataset, timed in results["timing"].items():
+        for row in timed:
             method = (row["selector"], row["share"])
             lowest = _lowest_block(cost, layers.get((dataset, *method)))
             predicted = "" if lowest is None else f"{cost.fraction('time', lowest):.2f}"
@@ -119,8 +121,8 @@ def side_by_side(results: dict) -> list[str]:
                 f"{row['memory_rise_mb']:.0f}",
                 fmt(stats.ratio(dataset, method, ALL, "memory"), 2),
             ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
+            out.append(cells)
+    return [*lines, *table([*header, "× LoRA-all"], out, "lllrrrrr"), ""]
 
 
 def _lowest_block(cost: StepCost | None, layers: list[str] | None) -> int | None:
@@ -136,7 +138,7 @@ def page(results: dict) -> str:
     lines = [
         "# The benchmark grid: fine-tunes long enough to judge",
         "",
-        f"Written by `python benchmarks/grid.py --preset {results['preset']}` (`make bench`) from the cells in "
+        f"Written by `python -m benchmarks.grid --preset {results['preset']}` (`make bench`) from the cells in "
         f"`benchmarks/results/grid/{results['preset']}`; {results['machine']['cpu_count']} CPU cores, torch "
         f"{results['machine']['torch']}. Each fine-tune: at least {s['epochs']} epoch(s) and {s['min_steps']} AdamW "
         f"steps of batch {s['batch_size']} at max length {s['max_length']} (lr {s['lr']:g}, r {s['r']}), judged on "
@@ -154,15 +156,15 @@ def page(results: dict) -> str:
         + ", ".join(f"{d} {loss:.4f}" for d, loss in results["base"].items())
         + ".",
         "",
-        *table(results),
+        *tunes_table(results),
         "",
         *findings_section([Finding(**f) for f in results["findings"]]),
     ]
-    lines += ["## Masks", "", "| dataset | seed | stage-1 steps | seconds | tokens |", "|---|---:|---:|---:|---:|"]
-    lines += [
-        f"| {m['dataset']} | {m['seed']} | {m['stage1']} | {m['seconds']:.0f} | {m['tokens']:,} |"
+    masks = [
+        [m["dataset"], str(m["seed"]), str(m["stage1"]), f"{m['seconds']:.0f}", f"{m['tokens']:,}"]
         for m in results["masks"]
     ]
+    lines += ["## Masks", "", *table(["dataset", "seed", "stage-1 steps", "seconds", "tokens"], masks, "lrrrr")]
     lines += ["", *side_by_side(results), *cost_section(results), *overhead_section(results)]
     lines += missing_section(results["missing"], "make bench")
     return "\n".join(lines) + "\n"
@@ -187,10 +189,9 @@ def overhead_section(results: dict) -> list[str]:
         f"Median seconds per batch on {results['datasets'][0]}'s first batches, measured side by side in one process "
         "(`overhead` cell).",
         "",
-        "| comparison | seconds | reference seconds | ratio |",
-        "|---|---:|---:|---:|",
     ]
+    rows = []
     for what, measured, reference in OVERHEAD:
         a, b = seconds[measured], seconds[reference]
-        lines.append(f"| {what} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
-    return [*lines, ""]
+        rows.append([what, f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}"])
+    return [*lines, *table(["comparison", "seconds", "reference seconds", "ratio"], rows, "lrrr"), ""]

@@ -1,7 +1,7 @@
 """How reproducible is the layer ranking, where does its noise come from, and what does it cost?
 
-    python benchmarks/stability.py --preset full    # `make bench-stability`; resumable: a finished cell is kept
-    python benchmarks/stability.py --preset quick   # smoke-sized
+    python -m benchmarks.stability --preset full    # `make bench-stability`; resumable: a finished cell is kept
+    python -m benchmarks.stability --preset quick   # smoke-sized
 
 The study is a grid of cells, each saved as JSON in `--cells` when it finishes and skipped when present, so it
 completes over several runs:
@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,22 +39,19 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from benchmarks import known_answer, stability_page  # noqa: E402
-from benchmarks.baselines import gradnorm_scores  # noqa: E402
-from benchmarks.core.cells import Study, key  # noqa: E402
-from benchmarks.core.inputs import Inputs  # noqa: E402
-from benchmarks.core.page import Finding  # noqa: E402
-from benchmarks.core.stats import expected_random_jaccard, jaccard, spearman, top_count, top_set  # noqa: E402
-from peft_ila import ILAConfig, identify_important_layers  # noqa: E402
-from peft_ila.app.files import write_json  # noqa: E402
-from peft_ila.app.pipeline import lora_all_layers  # noqa: E402
-from peft_ila.app.report import machine  # noqa: E402
-from peft_ila.identification.importance import Identification  # noqa: E402
-from peft_ila.identification.training import StabilityTest, StepStats, cycle, train_steps  # noqa: E402
-from peft_ila.tuner.selection import CERTAIN, as_float32, layer_of  # noqa: E402
+from benchmarks import known_answer, stability_page
+from benchmarks.baselines import gradnorm_scores
+from benchmarks.core.cells import Study, key
+from benchmarks.core.inputs import ROOT, Inputs
+from benchmarks.core.page import Finding
+from benchmarks.core.stats import expected_random_jaccard, jaccard, spearman, top_count, top_set
+from peft_ila import ILAConfig, identify_important_layers
+from peft_ila.app.files import write_json
+from peft_ila.app.pipeline import lora_all_layers
+from peft_ila.app.report import machine
+from peft_ila.identification.importance import Identification
+from peft_ila.identification.training import StabilityTest, StepStats, cycle, train_steps
+from peft_ila.tuner.selection import CERTAIN, as_float32, layer_of
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PRESETS = {
@@ -86,7 +82,7 @@ PRESETS = {
         known_seeds=5,
     ),
 }
-ADAPTER = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, stage1_lr=1e-3)
+PROBE = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, stage1_lr=1e-3)  # the identification probe's config
 # name -> ILAConfig fields of the estimator's stage (update-norm comes free with every stage-1 cell)
 ESTIMATORS = {
     "gates": dict(estimator="gates"),
@@ -204,12 +200,12 @@ class Stability(Study):
         return stability_page.page(results, where)
 
     def config(self, **fields) -> ILAConfig:
-        return ILAConfig(**ADAPTER, **fields)
+        return ILAConfig(**PROBE, **fields)
 
     # --- cells -----------------------------------------------------------------------------------------------------
 
     def stage1_settings(self, dataset: str, steps: int, init: int, order: int) -> dict:
-        return {**self.identity(dataset), "steps": steps, "init": init, "order": order, **ADAPTER}
+        return {**self.identity(dataset), "steps": steps, "init": init, "order": order, **PROBE}
 
     def stage1(self, dataset: str, steps: int, init: int, order: int) -> dict:
         """A stage-1 cell. Computing it also writes the missing cells of the preset's shorter lengths, which are
@@ -297,7 +293,7 @@ class Stability(Study):
                 self.weights(stage1),
                 dict(self.data[stage1["settings"]["dataset"]].model.named_parameters()),
             )
-            scale, ratios = ADAPTER["lora_alpha"] / ADAPTER["r"], {}
+            scale, ratios = PROBE["lora_alpha"] / PROBE["r"], {}
             for name in stage1["scores"]:
                 a, b = (weights[f"base_model.model.{name}.ila_{m}.default.weight"] for m in "AB")
                 ratios[name] = float((b @ a).norm() * scale / base[f"{name}.weight"].detach().norm())
@@ -307,14 +303,14 @@ class Stability(Study):
         return self.cell("relnorm", settings, compute)
 
     def gradnorm(self, dataset: str, seed: int) -> dict:
-        settings = {**self.identity(dataset), "seed": seed, "steps": self.p["gradnorm"], **ADAPTER}
+        settings = {**self.identity(dataset), "seed": seed, "steps": self.p["gradnorm"], **PROBE}
 
         def compute(stem: Path) -> dict:
             probe = get_peft_model(copy.deepcopy(self.data[dataset].model), self.config(seed=seed))
             torch.manual_seed(seed)
             batches = self.data.batches(dataset, seed)
             start = time.perf_counter()
-            scores = gradnorm_scores(probe, batches, self.p["gradnorm"], ADAPTER["stage1_lr"])
+            scores = gradnorm_scores(probe, batches, self.p["gradnorm"], PROBE["stage1_lr"])
             top = max(scores.values()) or 1.0
             return {"scores": {n: v / top for n, v in scores.items()}, "seconds": time.perf_counter() - start}
 
@@ -341,7 +337,7 @@ class Stability(Study):
 
         def compute(stem: Path) -> dict:
             prepared = replace(self.data[dataset], model=copy.deepcopy(self.data[dataset].model))
-            model = lora_all_layers(prepared, ADAPTER["r"], ADAPTER["lora_alpha"], 0.0, "all-linear")
+            model = lora_all_layers(prepared, PROBE["r"], PROBE["lora_alpha"], 0.0, "all-linear")
             params = [p for p in model.parameters() if p.requires_grad]
             batches = cycle(prepared.batches(self.p["batch_size"], 0))
             stats = train_steps(
