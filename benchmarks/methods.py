@@ -1,8 +1,8 @@
 """The paper's table for other fine-tuning methods: each of LoRA, DoRA, AdaLoRA, QLoRA and full fine-tuning on all
 candidate layers, on ILA's top 25% and on its top 75% (one mask, found once with the library defaults).
 
-    python benchmarks/methods.py --preset full    # `make bench-methods`; resumable: a finished cell is kept
-    python benchmarks/methods.py --preset quick   # smoke-sized, on whatever --model is given
+    python -m benchmarks.methods --preset full    # `make bench-methods`; resumable: a finished cell is kept
+    python -m benchmarks.methods --preset quick   # smoke-sized, on whatever --model is given
 
 Cells (`benchmarks/results/methods/<preset>/`): `mask-*` (identification on the primary dataset: the selection and
 its cost), `tune-*` (one method at one learning rate on one share of the layers: held-out loss before and after,
@@ -15,24 +15,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from benchmarks.core.cells import Study  # noqa: E402
-from benchmarks.core.inputs import Inputs  # noqa: E402
-from benchmarks.core.page import Finding, findings_section, missing_section  # noqa: E402
-from benchmarks.core.recipes import AnonymousPeak, default_identification, default_probe  # noqa: E402
-from benchmarks.core.stats import expected_random_jaccard, jaccard  # noqa: E402
-from peft_ila import Selection, resolve_top_k, train_only_selected  # noqa: E402
-from peft_ila.app.files import peak_memory_mb, reset_peak_memory  # noqa: E402
-from peft_ila.app.pipeline import finetune, method_config  # noqa: E402
+from benchmarks.core.cells import Study
+from benchmarks.core.inputs import Inputs
+from benchmarks.core.page import Finding, findings_section, missing_section, table
+from benchmarks.core.recipes import AnonymousPeak, default_identification, default_probe
+from benchmarks.core.stats import expected_random_jaccard, jaccard
+from peft_ila import Selection, resolve_top_k, train_only_selected
+from peft_ila.app.files import peak_memory_mb, reset_peak_memory
+from peft_ila.app.pipeline import finetune, method_config
 
 PRESETS = {
     "quick": dict(max_length=64, batch_size=2, eval_size=8, steps=3, stage1=4, stage2=2),
@@ -42,7 +38,8 @@ METHODS = ("lora", "dora", "adalora", "qlora", "full")
 SHARES = {"all": None, "ILA top 25%": 0.25, "ILA top 75%": 0.75}  # share name -> top-k fraction of the mask
 # AdamW learning rates of each method (default 1e-3: adapters). AdaLoRA's update starts at E = 0 between small
 # random A and B, so at 30 steps it barely moves at the adapters' rate: it gets a row at 10x as well.
-LR = {"full": (5e-5,), "adalora": (1e-3, 1e-2)}
+ADAPTER_LR = 1e-3  # every adapter method's learning rate
+LEARNING_RATES = {"full": (5e-5,), "adalora": (ADAPTER_LR, 1e-2)}  # the exceptions: method -> its rates
 ADAPTER = dict(r=8, lora_alpha=16)
 QUANTIZE = {None: "unquantized", "4bit": "4-bit (NF4)"}  # identification's base -> its name on the page
 LEARNS = 0.01  # nats: an all-layers fine-tune that lowers the held-out loss by less is too short to compare shares
@@ -141,7 +138,7 @@ class Methods(Study):
             return results
         candidates = len(Selection.from_json(mask["selection"]).candidates)
         results["identification"] = {"seconds": mask["seconds"], "tokens": mask["tokens"], "candidates": candidates}
-        runs = [(m, lr, s) for m in self.args.methods for lr in LR.get(m, (1e-3,)) for s in SHARES]
+        runs = [(m, lr, s) for m in self.args.methods for lr in rates(m) for s in SHARES]
         for method, lr, share in runs:
             tuned = self.collect(f"{method} at lr {lr:g} on {share}", self.tune, method, lr, share, mask)
             if tuned is not None:
@@ -168,7 +165,7 @@ class Methods(Study):
         lines = [
             "# Fine-tuning methods on an ILA selection",
             "",
-            f"Written by `python benchmarks/methods.py --preset {results['preset']}` (`make bench-methods`) from the "
+            f"Written by `python -m benchmarks.methods --preset {results['preset']}` (`make bench-methods`) from the "
             f"cells in `benchmarks/results/methods/{results['preset']}`; {results['machine']['cpu_count']} CPU cores, "
             f"torch {results['machine']['torch']}. Each row: {p['steps']} AdamW steps of batch {p['batch_size']} at "
             f"max length {p['max_length']}, held-out loss on {p['eval_size']} examples. One mask, found once with the "
@@ -176,17 +173,8 @@ class Methods(Study):
             "Optimizer state: AdamW's two float32 tensors per trainable parameter. Memory: the peak rise of the "
             "process's resident memory during the fine-tune (CPU).",
             "",
-            "| method | lr | layers | held-out loss before -> after | s/step | peak memory rise (MB) "
-            "| trainable params | optimizer state (MB) |",
-            "|---|---:|---|---|---:|---:|---:|---:|",
+            *tune_table(results["rows"]),
         ]
-        for row in results["rows"]:
-            loss = f"{row['loss_before']:.4f} -> {row['loss_after']:.4f}"
-            lines.append(
-                f"| {row['method']} | {row['lr']:g} | {row['share']} ({row['layers']}) | {loss} "
-                f"| {row['median_step_seconds']:.2f} | {row['memory']['rss_rise_mb']:.0f} "
-                f"| {row['trainable_params']:,} | {row['optimizer_state_bytes'] / 2**20:.1f} |"
-            )
         if results.get("identifications"):
             lines += identification_table(results["identifications"])
         found = [Finding(**f) for f in results.get("findings", [])]
@@ -219,7 +207,7 @@ def findings(results: dict, steps: int) -> list[Finding]:
                 "one that does not are not compared",
             )
         )
-    lora = rows.get(("lora", 1e-3, "all"))
+    lora = rows.get(("lora", ADAPTER_LR, "all"))
     out += optimizer_finding(rows, lora) + identification_findings(results, lora)
     return out
 
@@ -284,9 +272,34 @@ def identification_findings(results: dict, lora: dict | None) -> list[Finding]:
     ]
 
 
+def rates(method: str) -> tuple[float, ...]:
+    """The AdamW learning rates `method` runs at (one row each)."""
+    return LEARNING_RATES.get(method, (ADAPTER_LR,))
+
+
 def label(method: str, lr: float) -> str:
     """A method's name, with its learning rate where it has more than one row."""
-    return method if len(LR.get(method, (1e-3,))) == 1 else f"{method} at lr {lr:g}"
+    return method if len(rates(method)) == 1 else f"{method} at lr {lr:g}"
+
+
+def tune_table(rows: list[dict]) -> list[str]:
+    """Each fine-tune: its held-out loss before and after, its speed and what it holds in memory."""
+    header = ["method", "lr", "layers", "held-out loss before -> after", "s/step", "peak memory rise (MB)"]
+    header += ["trainable params", "optimizer state (MB)"]
+    body = [
+        [
+            row["method"],
+            f"{row['lr']:g}",
+            f"{row['share']} ({row['layers']})",
+            f"{row['loss_before']:.4f} -> {row['loss_after']:.4f}",
+            f"{row['median_step_seconds']:.2f}",
+            f"{row['memory']['rss_rise_mb']:.0f}",
+            f"{row['trainable_params']:,}",
+            f"{row['optimizer_state_bytes'] / 2**20:.1f}",
+        ]
+        for row in rows
+    ]
+    return table(header, body, "lrllrrrr")
 
 
 def identification_table(rows: list[dict]) -> list[str]:
@@ -304,18 +317,25 @@ def identification_table(rows: list[dict]) -> list[str]:
         "mask above (1.0: the same layers). Seconds are wall time on a shared machine; the median seconds per "
         "stage-1 step is the fairer comparison.",
         "",
-        "| base | seconds | s/stage-1 step | weights (MB) | own peak (MB) | weights + own peak (MB) | peak RSS (MB) "
-        "| top-25% Jaccard with the mask |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    body = []
     for row in rows:
         memory, own = row["memory"], own_peak_mb(row)
-        lines.append(
-            f"| {row['base']} | {row['seconds']:.0f} | {row['median_step_seconds']:.2f} | {memory['weights_mb']:.0f} "
-            f"| {own:.0f} | {memory['weights_mb'] + own:.0f} | {memory['peak_rss_mb']:.0f} "
-            f"| {row['jaccard_with_mask']:.2f} |"
+        body.append(
+            [
+                row["base"],
+                f"{row['seconds']:.0f}",
+                f"{row['median_step_seconds']:.2f}",
+                f"{memory['weights_mb']:.0f}",
+                f"{own:.0f}",
+                f"{memory['weights_mb'] + own:.0f}",
+                f"{memory['peak_rss_mb']:.0f}",
+                f"{row['jaccard_with_mask']:.2f}",
+            ]
         )
-    return lines
+    header = ["base", "seconds", "s/stage-1 step", "weights (MB)", "own peak (MB)", "weights + own peak (MB)"]
+    header += ["peak RSS (MB)", "top-25% Jaccard with the mask"]
+    return [*lines, *table(header, body, "lrrrrrrr")]
 
 
 def own_peak_mb(row: dict) -> float:

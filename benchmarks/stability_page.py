@@ -7,7 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
-from benchmarks.core.page import Finding, cell_text, findings_section, missing_section
+from benchmarks.core.page import Finding, cell_text, findings_section, missing_section, table
 from benchmarks.core.stats import OVERLAP_RULE, overlap_verdict, top_count
 from peft_ila import ILAConfig
 from peft_ila.tuner.selection import CERTAIN
@@ -23,7 +23,7 @@ def page(results: dict, where: Path) -> str:
     lines = [
         "# Stability of the layer ranking",
         "",
-        f"Written by `python benchmarks/stability.py --preset {results['preset']}` (`make bench-stability`) from the "
+        f"Written by `python -m benchmarks.stability --preset {results['preset']}` (`make bench-stability`) from the "
         f"cells in `{where}`; {results['candidates']} candidate layers; {results['machine']['cpu_count']} CPU cores, "
         f"torch {results['machine']['torch']}. Cost is identification's optimizer steps (stage 1 + stage 2), or its "
         f"seconds, over those of a {results['epochs']}-epoch LoRA-all fine-tune of the same data ({ref['epoch_steps']} "
@@ -37,22 +37,8 @@ def page(results: dict, where: Path) -> str:
         "(q_proj, ..., down_proj) of the Spearman correlation inside the type, i.e. how reproducible the ranking of "
         "positions is once the type is fixed.",
         "",
-        "| estimator | stage-1 steps | stage-2 steps | cost (steps) | cost (seconds) | tokens | J@25% init "
-        "| J@25% order | J@25% stage2 | Spearman init | Spearman order | within type init | within type order "
-        "| J@5/10/50% init |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
-        init, order, stage2 = row.get("init", row.get("seed")), row.get("order", {}), row.get("stage2", {})
-        small = "/".join(_f(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
-        tokens = f"{row['tokens'] / 1000:.0f}k" if "tokens" in row else "–"
-        lines.append(
-            f"| {cell_text(row['estimator'])} | {row['stage1_steps']} | {row['stage2_steps']} | "
-            f"{row['cost_steps']:.3f}x | {row['cost']:.3f}x | {tokens} | {_f(init, 'jaccard@0.25')} | "
-            f"{_f(order, 'jaccard@0.25')} | "
-            f"{_f(stage2, 'jaccard@0.25')} | {_f(init, 'spearman')} | {_f(order, 'spearman')} | "
-            f"{_f(init, 'spearman_within_type')} | {_f(order, 'spearman_within_type')} | {small} |"
-        )
+    lines += _summary(results)
     lines += ["", "The gradient-norm row compares two seeds that differ in both initialisation and data order.", ""]
     lines += findings_section([Finding(**f) for f in results["findings"]])
     lines += [
@@ -71,6 +57,37 @@ def page(results: dict, where: Path) -> str:
     ]
     lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
     return "\n".join(lines)
+
+
+def _summary(results: dict) -> list[str]:
+    """The main table: each estimator's cost and its agreement between runs that differ in one source of noise."""
+    header = ["estimator", "stage-1 steps", "stage-2 steps", "cost (steps)", "cost (seconds)", "tokens"]
+    header += ["J@25% init", "J@25% order", "J@25% stage2", "Spearman init", "Spearman order"]
+    header += ["within type init", "within type order", "J@5/10/50% init"]
+    rows = []
+    for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
+        init, order, stage2 = row.get("init", row.get("seed")), row.get("order", {}), row.get("stage2", {})
+        small = "/".join(_f(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
+        tokens = f"{row['tokens'] / 1000:.0f}k" if "tokens" in row else "–"
+        rows.append(
+            [
+                cell_text(row["estimator"]),
+                str(row["stage1_steps"]),
+                str(row["stage2_steps"]),
+                f"{row['cost_steps']:.3f}x",
+                f"{row['cost']:.3f}x",
+                tokens,
+                _f(init, "jaccard@0.25"),
+                _f(order, "jaccard@0.25"),
+                _f(stage2, "jaccard@0.25"),
+                _f(init, "spearman"),
+                _f(order, "spearman"),
+                _f(init, "spearman_within_type"),
+                _f(order, "spearman_within_type"),
+                small,
+            ]
+        )
+    return table(header, rows, "l" + "r" * 12 + "l")
 
 
 GOAL = dict(jaccard=0.80, spearman=0.8, cost=0.25)  # issue 13: seed-to-seed top-25% overlap and rank correlation
@@ -312,16 +329,19 @@ def _known(results: dict) -> list[str]:
         f"{first['random_found']:.4f}). *Mean rank* of the planted layers (random: {first['random_mean_rank']:.1f}; "
         f"best: {statistics.mean(range(1, len(first['ranks'][0]) + 1)):.1f}).",
         "",
-        "| estimator | stage-1 steps | found | mean rank | ranks per seed |",
-        "|---|---:|---:|---:|---|",
     ]
-    for row in rows:
-        ranks = "; ".join(",".join(map(str, r)) for r in row["ranks"])
-        lines.append(
-            f"| {cell_text(row['estimator'])} | {row['stage1_steps']} | {row['found']}/{row['runs']} | "
-            f"{row['mean_rank']:.1f} | {ranks} |"
-        )
-    return [*lines, ""]
+    body = [
+        [
+            cell_text(row["estimator"]),
+            str(row["stage1_steps"]),
+            f"{row['found']}/{row['runs']}",
+            f"{row['mean_rank']:.1f}",
+            "; ".join(",".join(map(str, r)) for r in row["ranks"]),
+        ]
+        for row in rows
+    ]
+    header = ["estimator", "stage-1 steps", "found", "mean rank", "ranks per seed"]
+    return [*lines, *table(header, body, "lrrrl"), ""]
 
 
 def _calibration(results: dict) -> list[str]:
@@ -338,21 +358,18 @@ def _calibration(results: dict) -> list[str]:
         "differs from it in one source of noise. Cells: the share of the group's layers that the rerun puts on the "
         "same side (for the selected ones: that it selects too).",
         "",
-        "| estimator | stage-1 steps | rerun differs in | selected, certain | selected, uncertain | all certain "
-        "| all uncertain |",
-        "|---|---:|---|---:|---:|---:|---:|",
     ]
     groups = ("selected certain", "selected uncertain", "certain", "uncertain")
+    body = []
     for row in rows:
         counts = row["counts"]
-        lines.append(
-            f"| {cell_text(row['estimator'])} | {row['stage1_steps']} | (layers in the group) | "
-            + " | ".join(str(counts[g]) for g in groups)
-            + " |"
-        )
+        counted = [str(counts[g]) for g in groups]
+        body.append([cell_text(row["estimator"]), str(row["stage1_steps"]), "(layers in the group)", *counted])
         for source in ("stage2", "init", "order"):
-            cells = " | ".join(f"{row[source][g]:.2f}" if counts[g] else "–" for g in groups)
-            lines.append(f"| | | {source} | {cells} |")
+            body.append(["", "", source, *(f"{row[source][g]:.2f}" if counts[g] else "–" for g in groups)])
+    header = ["estimator", "stage-1 steps", "rerun differs in", "selected, certain", "selected, uncertain"]
+    header += ["all certain", "all uncertain"]
+    lines += table(header, body, "lrlrrrr")
     return [*lines, ""]
 
 
@@ -361,12 +378,12 @@ def _types(results: dict) -> list[str]:
     types = sorted({t for row in results["rows"] for t in row.get("top_types", {})})
     lines = ["## What the top 25% is made of", "", "Layers of each module type in the top 25% of the reference run "]
     lines[-1] += "(seeds 0/0). A top set filled by one or two types agrees between runs whatever the positions do."
-    lines += ["", "| estimator | stage-1 steps | " + " | ".join(types) + " |", "|---|---:|" + "---:|" * len(types)]
-    for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
-        if "top_types" in row:
-            counts = " | ".join(str(row["top_types"].get(t, 0)) for t in types)
-            lines.append(f"| {cell_text(row['estimator'])} | {row['stage1_steps']} | {counts} |")
-    return [*lines, ""]
+    body = [
+        [cell_text(row["estimator"]), str(row["stage1_steps"]), *(str(row["top_types"].get(t, 0)) for t in types)]
+        for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"]))
+        if "top_types" in row
+    ]
+    return [*lines, "", *table(["estimator", "stage-1 steps", *types], body, "lr" + "r" * len(types)), ""]
 
 
 def _blocks(results: dict) -> list[str]:
@@ -377,19 +394,26 @@ def _blocks(results: dict) -> list[str]:
         f"One score per transformer block ({results['blocks']} blocks; top 25% = {k} blocks; two random sets overlap "
         f'{results["random_blocks"]:.2f}), as `granularity="block"` ranks them, derived from the module scores.',
         "",
-        "| estimator | stage-1 steps | J@25% init | J@25% order | J@25% stage2 | Spearman init | Spearman order |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    body = []
     for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
         if "blocks" in row:
             b = row["blocks"]
             init, order = b.get("init", b.get("seed")), b.get("order", {})
-            lines.append(
-                f"| {cell_text(row['estimator'])} | {row['stage1_steps']} | {_f(init, 'jaccard@0.25')} | "
-                f"{_f(order, 'jaccard@0.25')} | {_f(b.get('stage2', {}), 'jaccard@0.25')} | "
-                f"{_f(init, 'spearman')} | {_f(order, 'spearman')} |"
+            body.append(
+                [
+                    cell_text(row["estimator"]),
+                    str(row["stage1_steps"]),
+                    _f(init, "jaccard@0.25"),
+                    _f(order, "jaccard@0.25"),
+                    _f(b.get("stage2", {}), "jaccard@0.25"),
+                    _f(init, "spearman"),
+                    _f(order, "spearman"),
+                ]
             )
-    return [*lines, ""]
+    header = ["estimator", "stage-1 steps", "J@25% init", "J@25% order", "J@25% stage2"]
+    header += ["Spearman init", "Spearman order"]
+    return [*lines, *table(header, body, "lrrrrrr"), ""]
 
 
 def _lengths(results: dict) -> list[str]:
@@ -402,17 +426,23 @@ def _lengths(results: dict) -> list[str]:
         f"Update-norm scores recorded every {run['every']} steps along the longest stage-1 runs (a shorter run is a "
         "prefix of a longer one: constant learning rate, same data order).",
         "",
-        "| stage-1 steps | J@25% init | J@25% order | Spearman init | Spearman order | within type init "
-        "| within type order |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for point in run["points"]:
-        if point["step"] % 32 == 0 or point["step"] == 16:
-            i, o = point["init"], point["order"]
-            lines.append(
-                f"| {point['step']} | {_f(i, 'jaccard@0.25')} | {_f(o, 'jaccard@0.25')} | {_f(i, 'spearman')} | "
-                f"{_f(o, 'spearman')} | {_f(i, 'spearman_within_type')} | {_f(o, 'spearman_within_type')} |"
-            )
+    header = ["stage-1 steps", "J@25% init", "J@25% order", "Spearman init", "Spearman order"]
+    header += ["within type init", "within type order"]
+    points = [p for p in run["points"] if p["step"] % 32 == 0 or p["step"] == 16]
+    body = [
+        [
+            str(p["step"]),
+            _f(p["init"], "jaccard@0.25"),
+            _f(p["order"], "jaccard@0.25"),
+            _f(p["init"], "spearman"),
+            _f(p["order"], "spearman"),
+            _f(p["init"], "spearman_within_type"),
+            _f(p["order"], "spearman_within_type"),
+        ]
+        for p in points
+    ]
+    lines += table(header, body, "rrrrrrr")
     lines += [
         "",
         "A stop rule on the mask ends stage 1 at the first check whose top-25% set overlaps the set `window` steps "
@@ -420,38 +450,50 @@ def _lengths(results: dict) -> list[str]:
         "row is the paper's test on the loss (the mean loss of the last 20 steps within ε of the 20 before), "
         "compared at the first recorded check at or after its stop.",
         "",
-        "| window | J | stop steps (init/order 0/0, 1/0, 0/1) | J@25% init | J@25% order | Spearman init |",
-        "|---:|---:|---|---:|---:|---:|",
     ]
+    body = []
     for rule in run["rules"]:
         stops = ", ".join(str(v) for v in rule["stops"].values())
         if "loss_rule" in rule:  # compared at the first recorded check at or after the stop
             window, threshold = f"loss test: {rule['loss_rule'][1]}", f"ε = {rule['loss_rule'][0]}"
         else:
-            window, threshold = rule["window"], rule["jaccard"]
-        lines.append(
-            f"| {window} | {threshold} | {stops} | {_f(rule['init'], 'jaccard@0.25')} | "
-            f"{_f(rule['order'], 'jaccard@0.25')} | {_f(rule['init'], 'spearman')} |"
+            window, threshold = str(rule["window"]), str(rule["jaccard"])
+        body.append(
+            [
+                window,
+                threshold,
+                stops,
+                _f(rule["init"], "jaccard@0.25"),
+                _f(rule["order"], "jaccard@0.25"),
+                _f(rule["init"], "spearman"),
+            ]
         )
-    return [*lines, ""]
+    header = ["window", "J", "stop steps (init/order 0/0, 1/0, 0/1)", "J@25% init", "J@25% order", "Spearman init"]
+    return [*lines, *table(header, body, "rrlrrr"), ""]
 
 
 def _cross(results: dict) -> list[str]:
     lines = ["## Across datasets, against the seed-to-seed floor", ""]
-    lines += ["| estimator | stage-1 steps | datasets | J@25% | Spearman | J@25% between seeds (same data) |"]
-    lines += ["|---|---:|---|---:|---:|---:|"]
+    body = []
     for cross in results["cross"]:
         same = [r for r in results["rows"] if r["estimator"] == cross["estimator"]]
         same = [r for r in same if r["stage1_steps"] == cross["stage1_steps"] and "init" in r]
         floor = statistics.mean([same[0]["init"]["jaccard@0.25"], same[0]["order"]["jaccard@0.25"]]) if same else None
         shown = f"{floor:.2f}" if floor is not None else "–"
-        lines.append(
-            f"| {cell_text(cross['estimator'])} | {cross['stage1_steps']} | {cross['a']} / {cross['b']} | "
-            f"{cross['jaccard@0.25']:.2f} | {cross['spearman']:.2f} | {shown} |"
+        body.append(
+            [
+                cell_text(cross["estimator"]),
+                str(cross["stage1_steps"]),
+                f"{cross['a']} / {cross['b']}",
+                f"{cross['jaccard@0.25']:.2f}",
+                f"{cross['spearman']:.2f}",
+                shown,
+            ]
         )
+    header = ["estimator", "stage-1 steps", "datasets", "J@25%", "Spearman", "J@25% between seeds (same data)"]
     if not results["cross"]:
-        lines.append("| (no cross-dataset cells in this run: LIMA and Dolly come from ../shared) | | | | | |")
-    return lines
+        body = [["(no cross-dataset cells in this run: LIMA and Dolly come from ../shared)", "", "", "", "", ""]]
+    return lines + table(header, body, "lrlrrr")
 
 
 COSTS = {  # row key -> x-axis label of the frontier's panels

@@ -144,7 +144,7 @@ def test_methods_benchmark_smoke_run_fills_its_grid_and_reuses_its_cells(tmp_pat
     args = ["--preset", "quick", "--model", str(lm), "--data", f"alpaca={tmp_path / 'alpaca.json'}"]
     args += ["--cells", str(tmp_path / "cells"), "--markdown", str(tmp_path / "METHODS.md")]
     results = methods.Methods.main(args)
-    grid = {(m, lr, s) for m in methods.METHODS for lr in methods.LR.get(m, (1e-3,)) for s in methods.SHARES}
+    grid = {(m, lr, s) for m in methods.METHODS for lr in methods.rates(m) for s in methods.SHARES}
     assert {(row["method"], row["lr"], row["share"]) for row in results["rows"]} == grid and not results["missing"]
     assert len(grid) == 3 * (len(methods.METHODS) + 1)  # AdaLoRA at two learning rates
     rows = {(row["method"], row["share"]): row for row in results["rows"] if row["lr"] != 1e-2}
