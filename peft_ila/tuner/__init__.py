@@ -1,6 +1,7 @@
 """The PEFT tuner: `ILAConfig` (config.py), the adapter layer and gate bank (layer.py), `ILAModel` (model.py: which
 modules carry adapters, probe -> selected), `Selection` and its saved forms (selection.py), full fine-tuning of a
-selection (full.py), backward stopping at the lowest adapted block (backward.py), and the one module that touches
+selection (full.py), sampled layerwise training (layerwise.py), backward stopping at the lowest adapted block
+(backward.py), and the one module that touches
 peft internals (_peft_compat.py). Importing this package registers the PEFT type "ILA". It imports nothing from
 `identification` or `app`."""
 
@@ -9,6 +10,7 @@ from ._peft_compat import register
 from .config import ILAConfig, resolve_top_k
 from .full import load_changed_weights, load_selection, save_with_selection, train_only_selected
 from .layer import GateBank, ILALayer, Linear
+from .layerwise import LayerSampler, LayerwiseConfig, block_groups, block_importance
 from .model import ILAModel, find_candidates
 from .selection import ILALoadError, Selection, model_identity
 
@@ -21,8 +23,12 @@ __all__ = [
     "ILALayer",
     "ILALoadError",
     "ILAModel",
+    "LayerSampler",
+    "LayerwiseConfig",
     "Linear",
     "Selection",
+    "block_groups",
+    "block_importance",
     "find_candidates",
     "load_changed_weights",
     "load_selection",

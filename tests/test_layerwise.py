@@ -1,0 +1,98 @@
+"""Sampled layerwise training: reproducible draws, only the active set changes, a resume mid-interval is exact."""
+
+import collections
+import copy
+
+import pytest
+import torch
+
+from conftest import llama_candidates, lm_batches, tiny_llama
+from peft_ila.tuner.layerwise import LayerSampler, LayerwiseConfig, block_groups, block_importance
+
+BLOCKS = [f"model.layers.{i}" for i in range(4)]
+
+
+def sampler(model, **fields) -> LayerSampler:
+    importance = fields.pop("importance", None)
+    return LayerSampler(block_groups(model, llama_candidates()), LayerwiseConfig(**fields), importance)
+
+
+def train(model, layerwise: LayerSampler, steps: range, optimizer=None):
+    """AdamW steps `steps` (weight decay on) over the sampler's parameters; the optimizer, for a later resume."""
+    optimizer = optimizer or torch.optim.AdamW(layerwise.parameters(), lr=1e-2, weight_decay=0.1)
+    batches = lm_batches(4)
+    model.train()
+    for step in steps:
+        layerwise.at_step(step, optimizer)
+        model(**batches[step % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def test_draws_are_reproducible_from_the_seed_and_cover_every_group():
+    first, again, other = (sampler(tiny_llama(), active=1, seed=s) for s in (0, 0, 1))
+    draws = [first.draw(i) for i in range(40)]
+    assert draws == [again.draw(i) for i in range(40)] and draws != [other.draw(i) for i in range(40)]
+    assert {block for draw in draws for block in draw} == set(BLOCKS)
+    assert all(len(draw) == 1 for draw in draws) and len(sampler(tiny_llama(), active=0.5).draw(0)) == 2
+
+
+def test_importance_weights_the_draws_and_a_uniform_share_keeps_every_group_possible():
+    importance = {"model.layers.0": 0.0, "model.layers.1": 1.0, "model.layers.2": 3.0, "model.layers.3": 0.0}
+    weighted = sampler(tiny_llama(), active=1, importance_weight=1.0, importance=importance)
+    counts = collections.Counter(weighted.draw(i)[0] for i in range(400))
+    assert (
+        set(counts) == {"model.layers.1", "model.layers.2"} and counts["model.layers.2"] > 2 * counts["model.layers.1"]
+    )
+    mixed = sampler(tiny_llama(), active=1, importance_weight=0.5, importance=importance)
+    assert mixed.probabilities["model.layers.0"] == pytest.approx(0.125) and sum(mixed.probabilities.values()) == 1
+    assert block_importance({"model.layers.1.mlp.up_proj": 0.25, "model.layers.1.mlp.down_proj": 0.5}) == {
+        "model.layers.1": 0.75
+    }
+    with pytest.raises(ValueError, match="needs an importance for every group"):
+        sampler(tiny_llama(), importance_weight=0.5)
+
+
+def test_in_an_interval_only_the_active_groups_change_and_leaving_groups_lose_their_optimizer_state():
+    model = tiny_llama()
+    layerwise = sampler(model, active=1, interval=3)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = train(model, layerwise, range(3))
+    after = model.state_dict()
+    active = {p for name in layerwise.active for p in layerwise.groups[name]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    changed = {n for n, t in after.items() if not torch.equal(t, before[n])}
+    assert changed == {names[id(p)] for p in active}  # every other tensor, weight decay included, bit-identical
+    assert set(optimizer.state) == active
+    drawn = next(i for i in range(1, 40) if layerwise.draw(i) != layerwise.active)
+    train(model, layerwise, range(3 * drawn, 3 * drawn + 1), optimizer)
+    assert set(optimizer.state) == {p for name in layerwise.active for p in layerwise.groups[name]}
+
+
+def test_a_run_resumed_mid_interval_ends_with_the_uninterrupted_run_s_weights():
+    whole = tiny_llama()
+    train(whole, sampler(whole, active=2, interval=3), range(8))
+    first = tiny_llama()
+    optimizer = train(first, sampler(first, active=2, interval=3), range(4))
+    saved = copy.deepcopy(first.state_dict()), copy.deepcopy(optimizer.state_dict())
+    resumed = tiny_llama(seed=5)  # another initialisation: everything comes from the saved state
+    resumed.load_state_dict(saved[0])
+    layerwise = sampler(resumed, active=2, interval=3)
+    again = torch.optim.AdamW(layerwise.parameters(), lr=1e-2, weight_decay=0.1)
+    again.load_state_dict(saved[1])
+    train(resumed, layerwise, range(4, 8), again)
+    assert all(
+        torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
+
+
+def test_bad_settings_are_refused_with_the_fix():
+    for fields, message in (
+        (dict(active=0), "give a count >= 1 or a fraction"),
+        (dict(interval=0), "whole number of steps >= 1"),
+        (dict(importance_weight=1.5), r"a value in \[0, 1\]"),
+        (dict(temperature=0.0), "a value > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            LayerwiseConfig(**fields)
