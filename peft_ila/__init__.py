@@ -8,7 +8,7 @@ PEFT tuner) and `identification` (finding the important layers); the command lin
 from ._quiet_imports import without_unused_bitsandbytes_notice
 
 with without_unused_bitsandbytes_notice():  # peft imports bitsandbytes, when installed, on its first import
-    from .identification import ILACallback, ILAResult, identify_important_layers
+    from .identification import ILACallback, ILAResult, LayerwiseCallback, identify_important_layers
     from .tuner import (
         PEFT_TYPE,
         GateBank,
@@ -38,6 +38,7 @@ __all__ = [
     "ILAModel",
     "ILAResult",
     "LayerSampler",
+    "LayerwiseCallback",
     "LayerwiseConfig",
     "Linear",
     "Selection",

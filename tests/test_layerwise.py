@@ -5,8 +5,10 @@ import copy
 
 import pytest
 import torch
+from transformers import Trainer, default_data_collator
 
-from conftest import llama_candidates, lm_batches, tiny_llama
+from conftest import llama_candidates, lm_batches, lm_dataset, tiny_llama, trainer_args
+from peft_ila import LayerwiseCallback
 from peft_ila.tuner.layerwise import LayerSampler, LayerwiseConfig, block_groups, block_importance
 
 BLOCKS = [f"model.layers.{i}" for i in range(4)]
@@ -96,3 +98,36 @@ def test_bad_settings_are_refused_with_the_fix():
     ):
         with pytest.raises(ValueError, match=message):
             LayerwiseConfig(**fields)
+
+
+def trainer_run(out, max_steps: int, resume_from=None, prepare: bool = True):
+    """A Trainer fine-tune of a tiny Llama's block weights, 1 of 4 blocks active, re-drawn every 3 steps."""
+    model = tiny_llama()
+    layerwise = sampler(model, active=1, interval=3)
+    if prepare:
+        layerwise.train_only_groups(model)
+    else:  # a model frozen before the groups were made trainable: the trainer's optimizer gets none of them
+        model.requires_grad_(False)
+    args = trainer_args(out, max_steps=max_steps, save_strategy="steps", save_steps=2, weight_decay=0.1)
+    trainer = Trainer(model, args, train_dataset=lm_dataset(), data_collator=default_data_collator)
+    trainer.add_callback(LayerwiseCallback(layerwise))
+    trainer.train(resume_from_checkpoint=resume_from)
+    return model, layerwise
+
+
+def test_the_trainer_callback_trains_the_active_set_only_and_resumes_mid_interval_exactly(tmp_path):
+    before = tiny_llama().state_dict()
+    model, layerwise = trainer_run(tmp_path / "short", 3)
+    changed = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert changed == {names[id(p)] for name in layerwise.active for p in layerwise.groups[name]}
+    whole, _ = trainer_run(tmp_path / "out", 6)
+    resumed, _ = trainer_run(tmp_path / "out", 6, tmp_path / "out" / "checkpoint-4")  # step 4: mid-interval
+    assert all(
+        torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
+
+
+def test_the_trainer_callback_refuses_an_optimizer_without_the_groups(tmp_path):
+    with pytest.raises(ValueError, match=r"call sampler.train_only_groups\(model\) before creating the Trainer"):
+        trainer_run(tmp_path, 2, prepare=False)

@@ -1,4 +1,5 @@
-"""`ILACallback`: ILA inside `transformers.Trainer` and TRL's `SFTTrainer`, in one process or under DDP."""
+"""Trainer callbacks: `ILACallback` (ILA inside `transformers.Trainer` and TRL's `SFTTrainer`, in one process or
+under DDP) and `LayerwiseCallback` (sampled layerwise training, `tuner.layerwise`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..tuner.atomic import written_atomically
+from ..tuner.layerwise import LayerSampler
 from ..tuner.model import _ila_tuner
 from .distributed import world_size
 from .importance import ILAResult, identify_important_layers
@@ -131,6 +133,53 @@ class ILACallback(TrainerCallback):
             state.log_history.append({**metrics, "step": state.global_step})
         if state.is_world_process_zero:
             logger.info("ILA selected %d of %d layers: %s", len(selection.selected), len(selection.candidates), metrics)
+
+
+class LayerwiseCallback(TrainerCallback):
+    """Sampled layerwise training inside `transformers.Trainer`: before each optimizer step, `sampler.at_step`
+    (every `interval` steps a new active set; only it trains; the optimizer state of groups that leave is dropped).
+    A resumed run draws from its restored `global_step`, so it continues as the uninterrupted one.
+
+    The trainer's optimizer is built before training starts, from the parameters that require gradients then: call
+    `sampler.train_only_groups(model)` before creating the trainer.
+
+    Example:
+        ```py
+        >>> sampler = LayerSampler(block_groups(model, candidates), LayerwiseConfig(active=2, interval=10))
+        >>> sampler.train_only_groups(model)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[LayerwiseCallback(sampler)])
+        ```
+    """
+
+    def __init__(self, sampler: LayerSampler) -> None:
+        self.sampler = sampler
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        held = {id(p) for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
+        missing = [p for p in self.sampler.parameters() if id(p) not in held]
+        if optimizer is not None and missing:
+            raise ValueError(
+                f"The trainer's optimizer holds {len(held)} parameters but not {len(missing)} of the layerwise "
+                "groups', so those could never train: call sampler.train_only_groups(model) before creating the "
+                "Trainer (it builds its optimizer from the parameters that require gradients then)."
+            )
+
+    def on_step_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.sampler.at_step(state.global_step, optimizer)
 
 
 def _allocator(model: nn.Module | None):

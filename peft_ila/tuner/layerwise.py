@@ -120,6 +120,13 @@ class LayerSampler:
         self.interval, self.active = interval, active
         return True
 
+    def train_only_groups(self, model: nn.Module) -> None:
+        """Freeze every parameter of `model` outside the groups and let every group's parameters train, so that an
+        optimizer built next (e.g. by `transformers.Trainer`) holds them all; `at_step` then narrows the set."""
+        mine = {id(p) for p in self.parameters()}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in mine)
+
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter of every group (what the optimizer is built over: those outside the active set have no
         gradient and are skipped)."""
