@@ -1,12 +1,13 @@
 """One rank of the multi-process tests (launched by torchrun from tests/test_distributed.py).
 
-    torchrun --nproc_per_node 2 tests/ddp_worker.py {function|callback} OUT_DIR
+    torchrun --nproc_per_node 2 tests/ddp_worker.py {function|callback|layerwise} OUT_DIR
 
 Each rank identifies on its own shard of the data and fine-tunes a few steps, then writes OUT_DIR/rank<r>.json
 (its selection and a fingerprint of its adapter weights); rank 0 also saves the adapter and the logits it gives on
 fixed inputs (safetensors), for the test to reload and compare. In "function" mode each rank also reports, for
 every estimator, whether an interrupted and resumed identification ended as the uninterrupted one
-(OUT_DIR/resumed<r>.json).
+(OUT_DIR/resumed<r>.json). In "layerwise" mode each rank fine-tunes a tiny Llama's block weights under the Trainer
+with `LayerwiseCallback` and writes its draws and a fingerprint of every weight.
 """
 
 from __future__ import annotations
@@ -23,11 +24,20 @@ from safetensors.torch import save_file
 from transformers import Trainer, default_data_collator
 
 # tests/ is this script's directory, so on sys.path
-from conftest import interrupt_at_forward, lm_batches, lm_dataset, tiny_llama, trainer_args, without_seconds
-from peft_ila import ILACallback, ILAConfig, identify_important_layers
+from conftest import (
+    interrupt_at_forward,
+    llama_candidates,
+    lm_batches,
+    lm_dataset,
+    tiny_llama,
+    trainer_args,
+    without_seconds,
+)
+from peft_ila import ILACallback, ILAConfig, LayerSampler, LayerwiseCallback, LayerwiseConfig, identify_important_layers
 from peft_ila.identification.distributed import agree_on, rank, world_size
 from peft_ila.identification.estimators import ESTIMATORS
 from peft_ila.identification.training import cycle, train_steps
+from peft_ila.tuner.layerwise import block_groups
 
 CONFIG = dict(r=2, top_k=6, stage1_max_steps=12, stability_window=3, stage2_steps=8, gate_lr=0.2, seed=3)
 CONFIG_ESTIMATOR = "gates"
@@ -84,8 +94,24 @@ def run_callback(out: Path) -> tuple[torch.nn.Module, list[str]]:
     return model, callback.result.selected
 
 
+def run_layerwise(out: Path) -> None:
+    """Block weights trained under DDP by the Trainer, 1 of 4 blocks at a time, re-drawn every 2 of 4 steps."""
+    model = tiny_llama()
+    sampler = LayerSampler(block_groups(model, llama_candidates()), LayerwiseConfig(active=1, interval=2))
+    sampler.train_only_groups(model)
+    args = trainer_args(out / "trainer", max_steps=4)
+    trainer = Trainer(model, args, train_dataset=lm_dataset(8), data_collator=default_data_collator)
+    trainer.add_callback(LayerwiseCallback(sampler))
+    trainer.train()
+    weights = {n: [float(p.detach().sum()), float(p.detach().abs().sum())] for n, p in model.named_parameters()}
+    draws = [sampler.draw(i) for i in range(2)]
+    (out / f"rank{rank()}.json").write_text(json.dumps({"draws": draws, "weights": weights}))
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "layerwise":
+        return run_layerwise(out)
     model, selected = (run_function if mode == "function" else run_callback)(out)
     weights = {n: p.detach() for n, p in model.named_parameters() if "ila_" in n}
     fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in weights.items()}

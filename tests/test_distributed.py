@@ -56,6 +56,16 @@ def test_two_ranks_select_the_same_layers_and_the_adapter_reloads(tmp_path, mode
             assert "ILA ranks disagree on the selected layers: rank(s) [1]" in message
 
 
+def test_two_ranks_train_the_same_layerwise_draws_to_the_same_weights(tmp_path):
+    torchrun(str(TESTS / "ddp_worker.py"), "layerwise", str(tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["draws"] == rank1["draws"] and rank0["weights"] == rank1["weights"]
+    start = {n: [float(p.sum()), float(p.abs().sum())] for n, p in tiny_llama().named_parameters()}
+    drawn = {block for draw in rank0["draws"] for block in draw}
+    changed = {n.rsplit(".", 3)[0] for n, w in rank0["weights"].items() if w != start[n]}
+    assert changed == drawn  # what no draw activated, every rank left as it was
+
+
 def test_cli_identify_and_train_under_torchrun(tmp_path):
     tiny_lm_dir(tmp_path / "lm")
     (tmp_path / "data.json").write_text(json.dumps(alpaca_rows(40)))

@@ -1,6 +1,7 @@
 """Sampled layerwise training: reproducible draws, only the active set changes, a resume mid-interval is exact."""
 
 import collections
+import types
 import copy
 
 import pytest
@@ -131,3 +132,14 @@ def test_the_trainer_callback_trains_the_active_set_only_and_resumes_mid_interva
 def test_the_trainer_callback_refuses_an_optimizer_without_the_groups(tmp_path):
     with pytest.raises(ValueError, match=r"call sampler.train_only_groups\(model\) before creating the Trainer"):
         trainer_run(tmp_path, 2, prepare=False)
+
+
+def test_the_trainer_callback_under_ddp_refuses_to_skip_unused_parameters(monkeypatch):
+    from peft_ila.identification import callback
+
+    monkeypatch.setattr(callback, "world_size", lambda: 2)
+    model = tiny_llama()
+    layerwise = sampler(model, active=1)
+    args = types.SimpleNamespace(ddp_find_unused_parameters=False)
+    with pytest.raises(ValueError, match="needs TrainingArguments\\(ddp_find_unused_parameters=None or True\\)"):
+        LayerwiseCallback(layerwise).on_train_begin(args, None, None, optimizer=None)

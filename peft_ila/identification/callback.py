@@ -162,6 +162,11 @@ class LayerwiseCallback(TrainerCallback):
         optimizer: torch.optim.Optimizer | None = None,
         **kwargs: Any,
     ) -> None:
+        if world_size() > 1 and args.ddp_find_unused_parameters is False:
+            raise ValueError(
+                "LayerwiseCallback under DDP needs TrainingArguments(ddp_find_unused_parameters=None or True): the "
+                "groups outside the active set get no gradient, and DDP must not wait for them."
+            )
         held = {id(p) for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
         missing = [p for p in self.sampler.parameters() if id(p) not in held]
         if optimizer is not None and missing:
