@@ -1,8 +1,8 @@
 """Sampled layerwise training: reproducible draws, only the active set changes, a resume mid-interval is exact."""
 
 import collections
-import types
 import copy
+import types
 
 import pytest
 import torch
