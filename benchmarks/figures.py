@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding, cell_text
+from peft_ila.tuner.atomic import written_atomically
 from peft_ila.tuner.selection import CERTAIN
 
 OPEN = re.compile(r"<!-- figures: (\S+) -->")
@@ -156,19 +155,6 @@ def headline(root: Path) -> str:
 REGIONS: dict[str, Callable[[Path], str]] = {"demo": demo, "headline": headline}
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write `path` whole or not at all, keeping its permissions: a temporary file beside it, then os.replace."""
-    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.chmod(name, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 naming the stale regions")
@@ -181,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if old else 0
     new = render(text, ROOT)
     if new != text:
-        write_atomically(args.readme, new)
+        with written_atomically(args.readme) as tmp:  # whole or not at all
+            tmp.write_text(new)
     print(f"{args.readme}: {'regions rewritten' if new != text else 'up to date'}")
     return 0
 

@@ -271,3 +271,23 @@ def test_compare_labels_default_to_the_shortest_distinct_path(work, run, tmp_pat
     assert labels[1] == "b/run" and labels[0].endswith("/run") and labels[0] != labels[1]
     assert main(["compare", str(run), str(twin), "--label", "one", "--out", str(tmp_path / "d")]) == 2
     assert "--label given 1 time(s) for 2 runs" in one_line_error(capsys)
+
+
+def test_a_json_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from peft_ila.app.files import write_json
+
+    path = tmp_path / "cell.json"
+    write_json(path, {"loss": 1.5})
+    real = Path.write_text
+
+    def dies_halfway(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2])
+        raise KeyboardInterrupt  # the process is stopped mid-write
+
+    monkeypatch.setattr(Path, "write_text", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"loss": 2.5, "steps": 200})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"loss": 1.5} and [p.name for p in tmp_path.iterdir()] == ["cell.json"]

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +20,7 @@ from benchmarks.core.page import Finding
 from peft_ila.app.cli import offline_and_quiet
 from peft_ila.app.files import write_json
 from peft_ila.app.report import machine
+from peft_ila.tuner.atomic import written_atomically
 
 T = TypeVar("T")
 
@@ -46,11 +48,11 @@ def cell(folder: Path, kind: str, settings: dict, compute: Callable[[Path], dict
     return record
 
 
-class Study:
+class Study(ABC):
     """A study: its cells in `<--cells>/<preset>/`, the ones it could not read listed in `missing`, a results
     dict, its findings and a Markdown page. A subclass names itself (`name`, `page_name`, `target`: the make target
-    that runs it), gives its `presets`, and implements `run` (the results), `findings` and `page`; `options` adds its
-    own arguments."""
+    that runs it), gives its `presets`, and implements `options` (its own arguments), `run` (the results),
+    `findings` and `page`."""
 
     name: str
     page_name: str
@@ -76,19 +78,22 @@ class Study:
             self.missing.append(f"{what} ({absent})")
             return None
 
+    @abstractmethod
     def run(self) -> dict:
-        raise NotImplementedError
+        """The study's results from its cells (computing those missing unless `--existing-only`)."""
 
+    @abstractmethod
     def findings(self, results: dict) -> list[Finding]:
-        raise NotImplementedError
+        """What the results answer, each judged by its rule."""
 
+    @abstractmethod
     def page(self, results: dict) -> str:
         """The page, from the results and their findings (`results["findings"]`, as JSON)."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def options(cls, parser: argparse.ArgumentParser) -> None:
-        """The study's own command-line options (none by default)."""
+        """The study's own command-line options."""
 
     @classmethod
     def parse(cls, argv: list[str]) -> argparse.Namespace:
@@ -127,5 +132,6 @@ class Study:
         results = {"machine": machine(), "preset": args.preset, **study.run(), "missing": study.missing}
         results["findings"] = [finding.to_json() for finding in study.findings(results)]
         write_json(study.folder / f"{cls.name}.json", results)
-        study.page_path().write_text(study.page(results))
+        with written_atomically(study.page_path()) as tmp:
+            tmp.write_text(study.page(results))
         return results

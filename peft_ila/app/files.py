@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..identification.distributed import rank
+from ..tuner.atomic import written_atomically
 from . import UsageError
 
 
@@ -66,7 +67,9 @@ def main_process_dir(out: Path, overwrite: bool = False) -> Iterator[Path | None
 
 
 def write_json(path: Path, data: object) -> None:
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    """`data` as indented JSON in `path`, written whole or not at all."""
+    with written_atomically(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict:
