@@ -143,3 +143,22 @@ def test_the_trainer_callback_under_ddp_refuses_to_skip_unused_parameters(monkey
     args = types.SimpleNamespace(ddp_find_unused_parameters=False)
     with pytest.raises(ValueError, match="needs TrainingArguments\\(ddp_find_unused_parameters=None or True\\)"):
         LayerwiseCallback(layerwise).on_train_begin(args, None, None, optimizer=None)
+
+
+def test_the_library_s_fine_tune_trains_a_sampler_s_active_sets_only(tmp_path):
+    import json
+
+    from conftest import alpaca_rows, tiny_lm_dir
+    from peft_ila.app.pipeline import finetune, prepare
+
+    (tmp_path / "data.json").write_text(json.dumps(alpaca_rows(24)))
+    prepared = prepare(str(tiny_lm_dir(tmp_path / "lm", layers=4)), str(tmp_path / "data.json"), 64, eval_size=4)
+    model = prepared.model
+    before = copy.deepcopy(model.state_dict())
+    layerwise = sampler(model, active=1, interval=2)
+    report = finetune(model, prepared, 4, 1e-2, 2, 0, progress=False, sampler=layerwise)
+    drawn = {block for i in range(2) for block in layerwise.draw(i)}
+    changed = {n.rsplit(".", 3)[0] for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
+    assert changed == drawn and report.steps == 4
+    one_block = sum(p.numel() for p in layerwise.groups["model.layers.0"])
+    assert report.trainable_params == one_block  # parameters trained at once, not all the groups'

@@ -18,6 +18,7 @@ from ..identification.distributed import rank, world_size
 from ..identification.importance import ILAResult, identify_important_layers
 from ..identification.training import StepStats, cycle, evaluate_loss, train_steps
 from ..tuner.config import ILAConfig
+from ..tuner.layerwise import LayerSampler
 from ..tuner.selection import Selection, model_identity
 from . import UsageError
 from .args import usage_error
@@ -227,15 +228,23 @@ def finetune(
     params: list[torch.nn.Parameter] | None = None,
     on_step: Callable[[StepStats], None] | None = None,
     loss_before: float | None = None,
+    sampler: LayerSampler | None = None,
 ) -> FinetuneReport:
-    """AdamW with linear warmup and decay on `params` (default: the trainable ones); held-out loss measured before
-    (unless given) and after. `on_step` runs after every step (see `train_steps`); an AdaLoRA model's
-    `update_and_allocate` after every optimizer step, as AdaLoRA needs."""
+    """AdamW with linear warmup and decay on `params` (default: the trainable ones, or a `sampler`'s groups); held-out
+    loss measured before (unless given) and after. `on_step` runs after every step (see `train_steps`); an AdaLoRA
+    model's `update_and_allocate` after every optimizer step, as AdaLoRA needs. With a `sampler` (sampled layerwise
+    training) only its active set trains, re-drawn before every step; `trainable_params` is then the largest number
+    of parameters trained at once."""
     accelerator = accelerator or Accelerator()
     held_out = prepared.batches(batch_size, seed, held_out=True)
     before = evaluate_loss(model, held_out, accelerator, progress) if loss_before is None else loss_before
-    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = sampler.parameters() if sampler else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    at_once = [0]  # parameters training at once, at most
+    if sampler is not None:
+        sampler.train_only_groups(model)  # nothing outside the groups computes gradients
+        on_step = _with_sampler(sampler, optimizer, on_step, at_once)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
     start_mb = reset_peak_memory()
     stats = train_steps(
@@ -252,7 +261,8 @@ def finetune(
     )
     memory = peak_memory_mb(start_mb)
     after = evaluate_loss(model, held_out, accelerator, progress)
-    trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    trainable = at_once[0] if sampler is not None else sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
     return FinetuneReport(
         loss_before=before,
         loss_after=after,
@@ -265,6 +275,26 @@ def finetune(
         memory=memory,
         losses=stats.losses,
     )
+
+
+def _with_sampler(
+    sampler: LayerSampler, optimizer: torch.optim.Optimizer, on_step: Callable | None, at_once: list[int]
+) -> Callable[[StepStats], None]:
+    """Draw the first active set now and the next one after every step (before the next step's forward pass), then
+    call `on_step`; `at_once[0]` keeps the most parameters active together."""
+
+    def draw(steps: int) -> None:
+        sampler.at_step(steps, optimizer)
+        active = sum(p.numel() for p in sampler.parameters() if p.requires_grad)
+        at_once[0] = max(at_once[0], active)
+
+    def after(stats: StepStats) -> None:
+        draw(stats.steps)
+        if on_step is not None:
+            on_step(stats)
+
+    draw(0)
+    return after
 
 
 def first_user_turn(conversation: Conversation) -> str:
