@@ -162,3 +162,43 @@ def test_the_library_s_fine_tune_trains_a_sampler_s_active_sets_only(tmp_path):
     assert changed == drawn and report.steps == 4
     one_block = sum(p.numel() for p in layerwise.groups["model.layers.0"])
     assert report.trainable_params == one_block  # parameters trained at once, not all the groups'
+
+
+@pytest.mark.parametrize("method", ["full", "ila"])
+def test_train_layerwise_on_a_mask_trains_drawn_blocks_only_and_the_result_reloads(work, run, tmp_path, method):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import common
+    from peft_ila.app.cli import main
+
+    out = tmp_path / method
+    layerwise = ["--layerwise", "1", "--layerwise-interval", "2", "--layerwise-importance", "0.5"]
+    args = ["train", *common(work, "--steps", "4"), "--mask", str(run), "--top-k", "1.0", "--method", method]
+    assert main([*args, *layerwise, "--out", str(out)]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["layerwise"] == {
+        "active": 1,
+        "interval": 2,
+        "importance_weight": 0.5,
+        "temperature": 1.0,
+        "seed": 0,
+        "blocks": 2,  # the tiny model's two blocks, every candidate of each
+    }
+    if method == "full":  # a plain checkpoint: only weights of the blocks drawn changed
+        tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        base = AutoModelForCausalLM.from_pretrained(work / "lm").state_dict()
+        changed = {n.rsplit(".", 3)[0] for n in base if not torch.equal(base[n], tuned[n])}
+        assert changed and changed <= {"model.layers.0", "model.layers.1"}
+    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])
+
+
+def test_train_layerwise_refuses_importance_without_a_mask(work, tmp_path, capsys):
+    from conftest import common
+    from peft_ila.app.cli import main
+
+    args = ["train", *common(work, "--steps", "1"), "--all-layers", "--layerwise", "1", "--layerwise-importance", "1"]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
+    assert "--layerwise-importance weighs the draws by a mask's scores: pass --mask RUN_DIR" in capsys.readouterr().err

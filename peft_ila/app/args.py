@@ -309,6 +309,29 @@ def parser() -> argparse.ArgumentParser:
         help="with --method full: save only the selected layers' tensors (ila_changed.safetensors, with the mask) "
         "instead of the whole model; eval puts them back into the base model",
     )
+    g = p.add_argument_group("sampled layerwise training (LISA-style; see docs/cli.md)")
+    g.add_argument(
+        "--layerwise",
+        type=_top_k,
+        metavar="N",
+        help="train only N of the trained layers' transformer blocks at a time (an int, or a fraction of them), a new "
+        "draw every --layerwise-interval steps; the rest stay frozen, with no optimizer state",
+    )
+    g.add_argument("--layerwise-interval", type=_int, default=10, help="steps between draws (default: %(default)s)")
+    g.add_argument(
+        "--layerwise-importance",
+        type=_float,
+        default=0.0,
+        metavar="W",
+        help="draw blocks with probability (1 - W) / blocks + W x their share of the --mask's scores (0: uniform, "
+        "LISA; default: %(default)s)",
+    )
+    g.add_argument(
+        "--layerwise-temperature",
+        type=_float,
+        default=1.0,
+        help="scores are raised to 1 / T before sharing out (default: %(default)s)",
+    )
     p.add_argument(
         "--allow-other-model",
         action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -107,9 +108,12 @@ def cmd_train(args) -> None:
         print_top(record)
         top_k = model.peft_config["default"].top_k
         selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(record["selected"])}
-    report = _finetune(args, model, prepared, accelerator, params)
+    sampler = _layerwise(args, model, run)
+    report = _finetune(args, model, prepared, accelerator, params, sampler)
     full = chosen if args.method == "full" else None
     how = {"method": args.method, **({"changed_only": True} if args.changed_only else {})}
+    if sampler is not None:
+        how["layerwise"] = {**dataclasses.asdict(sampler.config), "blocks": len(sampler.groups)}
     save_adapter(args, model, args.out, report, prepared, {**selection, **how}, full)
     print_finetune(report)
     if full is not None and args.changed_only:
@@ -120,13 +124,41 @@ def cmd_train(args) -> None:
         print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
 
 
-def _finetune(args, model, prepared, accelerator, params=None):
-    """`pipeline.finetune` with the command's options (`params`: what trains, default the trainable parameters)."""
+def _finetune(args, model, prepared, accelerator, params=None, sampler=None):
+    """`pipeline.finetune` with the command's options (`params`: what trains, default the trainable parameters;
+    `sampler`: sampled layerwise training)."""
     from .pipeline import finetune
 
     progress = not args.no_progress
     steps = (args.steps, args.lr, args.batch_size, args.seed, args.warmup)
-    return finetune(model, prepared, *steps, accelerator, progress, params)
+    return finetune(model, prepared, *steps, accelerator, progress, params, sampler=sampler)
+
+
+def _layerwise(args, model, run):
+    """The `LayerSampler` of `--layerwise` over the blocks of what trains in `model` (None without the option);
+    `--layerwise-importance` weighs the draws by the `--mask` run's scores."""
+    from ..tuner.layerwise import LayerSampler, LayerwiseConfig, block_importance, trainable_blocks
+    from . import UsageError
+    from .args import usage_error
+
+    if args.layerwise is None:
+        return None
+    if args.method == "adalora":
+        raise UsageError("--layerwise cannot drive AdaLoRA, whose rank budget steps every adapter: use another method.")
+    if args.layerwise_importance > 0 and run is None:
+        raise UsageError("--layerwise-importance weighs the draws by a mask's scores: pass --mask RUN_DIR.")
+    try:
+        config = LayerwiseConfig(
+            args.layerwise, args.layerwise_interval, args.layerwise_importance, args.layerwise_temperature, args.seed
+        )
+        groups = trainable_blocks(model)
+        importance = None
+        if run is not None:
+            scores = block_importance(run[0]["scores"])
+            importance = {name: scores.get(name, 0.0) for name in groups}
+        return LayerSampler(groups, config, importance)
+    except ValueError as exc:
+        raise usage_error(exc) from None
 
 
 def _check_method(args) -> None:

@@ -61,6 +61,17 @@ def block_groups(model: nn.Module, names: Iterable[str]) -> dict[str, list[nn.Pa
     return groups
 
 
+def trainable_blocks(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Every parameter of `model` that requires gradients, grouped by transformer block in model order (a PEFT
+    wrapper's prefix left out, so the names match a selection's): the groups of layerwise training of whatever
+    trains, full weights or adapters."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault(layer_of(name.removeprefix("base_model.model."), "block"), []).append(param)
+    return groups
+
+
 def block_importance(scores: dict[str, float]) -> dict[str, float]:
     """Layer scores (e.g. `ILAResult.scores`) summed per transformer block."""
     out: dict[str, float] = {}
