@@ -44,7 +44,7 @@ from benchmarks.core.cells import Missing, Study
 from benchmarks.core.inputs import Inputs
 from benchmarks.core.page import Finding
 from benchmarks.core.recipes import default_identification, default_probe, train_briefly
-from benchmarks.grid_findings import early_stage1
+from benchmarks.grid_findings import TRANSFER, TRANSFER_FROM, early_stage1
 from peft_ila import ILAConfig, Selection, resolve_top_k
 from peft_ila.app.pipeline import finetune, lora_all_layers
 from peft_ila.identification.cost import StepCost, measure_step_cost, within_budget
@@ -90,7 +90,6 @@ CORE = [("all", 1.0), ("ila", 0.25), ("ila", 0.75), ("random", 0.25)]  # every d
 CHEAP = [("gradient-norm", 0.25), ("kappa", 0.25), ("spectrum", 0.25), ("first-order", 0.25)]  # primary, seed 0
 EQUAL_TIME = ("all-time", 1.0)  # the primary dataset, every seed (last: it waits for LoRA-all and ILA's cells)
 BEST_CHEAP = "best-cheap"  # on the other datasets: the cheap selector with the lowest loss on the primary one
-TRANSFER, TRANSFER_FROM = "ila-transfer", "lima"  # ILA's top 25% on the primary dataset, from lima's mask
 EXTRA = [(TRANSFER, 0.25), ("first-blocks", 0.25), ("last-blocks", 0.25)]  # primary, seed 0: not timed side by side
 OVERHEAD_BATCHES = 4  # timed batches (after one warm-up) of the overhead cell
 NAMES = {

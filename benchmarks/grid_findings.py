@@ -31,6 +31,7 @@ GOALS = {"step": 0.8, "memory": 0.75, "budget_loss": 0.01}  # the issue's goals 
 
 
 ALL, ALL_TIME, RANDOM = ("all", 1.0), ("all-time", 1.0), ("random", 0.25)
+TRANSFER, TRANSFER_FROM = "ila-transfer", "lima"  # ILA's top 25% on the primary dataset, from lima's mask
 ILA25, ILA75 = ("ila", 0.25), ("ila", 0.75)
 Method = tuple[str, float]  # a selector and the share of candidate layers it picks
 

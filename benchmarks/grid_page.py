@@ -7,17 +7,27 @@ import math
 import statistics
 
 from benchmarks.core.page import Finding, findings_section, missing_section, table
-from benchmarks.grid_findings import ALL, Stats, fmt, forgetting, groups, mask_rows, memory_rise
+from benchmarks.grid_findings import (
+    ALL,
+    TRANSFER,
+    TRANSFER_FROM,
+    Stats,
+    fmt,
+    forgetting,
+    groups,
+    mask_rows,
+    memory_rise,
+)
 from peft_ila.identification.cost import StepCost
 from peft_ila.tuner.selection import layer_of
 
 
 def selection_seconds(results: dict, dataset: str, selector: str, tunes: list[dict]) -> float | None:
-    """What choosing the layers cost: the mask's seconds for ILA (plus the cost model's when budgeted), else
-    what the fine-tune cells measured (0 for LoRA-all and random)."""
+    """What choosing the layers cost: the mask's seconds for ILA (plus the cost model's when budgeted; another
+    dataset's mask: that one's), else what the fine-tune cells measured (0 for LoRA-all and random)."""
     if not selector.startswith("ila"):
         return statistics.mean(t["selection_seconds"] for t in tunes)
-    mask = mask_rows(results).get(dataset)
+    mask = mask_rows(results).get(TRANSFER_FROM if selector == TRANSFER else dataset)
     if mask is None:
         return None
     return mask["seconds"] + (results.get("cost", {}).get("seconds", 0.0) if selector.startswith("ila@") else 0.0)
