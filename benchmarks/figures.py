@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.core.inputs import ROOT
-from benchmarks.core.page import Finding, cell_text
+from benchmarks.core.page import Finding, cell_text, table
 from peft_ila.tuner.atomic import written_atomically
 from peft_ila.tuner.selection import CERTAIN
 
@@ -140,11 +140,12 @@ def headline(root: Path) -> str:
         (findings(root, "stability")[:1], "benchmarks/STABILITY.md"),
         (findings(root, "methods")[:1], "benchmarks/METHODS.md"),
     ]
-    lines = ["| question | answer | evidence | page |", "|---|---|---|---|"]
+    rows = []
     for found, page in studies:
         for finding in found:
             cells = [cell_text(text) for text in (finding.claim, finding.verdict, _short(finding.evidence))]
-            lines.append(f"| {' | '.join(cells)} | [{Path(page).name}]({page}) |")
+            rows.append([*cells, f"[{Path(page).name}]({page})"])
+    lines = table(["question", "answer", "evidence", "page"], rows)
     note = (
         "Evidence: the first figures of each finding (Δ: a difference in held-out loss, ± its standard error from the "
         "seed-to-seed spread); the page has all of it and the rule behind each answer."
