@@ -154,14 +154,10 @@ class LayerwiseCallback(TrainerCallback):
     def __init__(self, sampler: LayerSampler) -> None:
         self.sampler = sampler
 
-    def on_train_begin(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        optimizer: torch.optim.Optimizer | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """Refuse, with the fix, what would leave groups untrainable: DDP waiting for every gradient, an optimizer
+        built without the groups."""
+        optimizer = kw.get("optimizer")
         if world_size() > 1 and args.ddp_find_unused_parameters is False:
             raise ValueError(
                 "LayerwiseCallback under DDP needs TrainingArguments(ddp_find_unused_parameters=None or True): the "
@@ -176,15 +172,9 @@ class LayerwiseCallback(TrainerCallback):
                 "Trainer (it builds its optimizer from the parameters that require gradients then)."
             )
 
-    def on_step_begin(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        optimizer: torch.optim.Optimizer | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self.sampler.at_step(state.global_step, optimizer)
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """The active set of the step about to run (`global_step`: the optimizer steps done)."""
+        self.sampler.at_step(state.global_step, kw.get("optimizer"))
 
 
 def _allocator(model: nn.Module | None):
