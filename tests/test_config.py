@@ -129,7 +129,7 @@ def test_command_line_options_of_config_fields_carry_the_fields_help():
     identify = parser()._subparsers._group_actions[0].choices["identify"]
     helps = {action.dest: action.help for action in identify._actions}
     options = [field for group in CONFIG_OPTIONS.values() for field, _, _ in group]
-    assert len(options) == 14 and {"gate_init", "budget"} <= set(options)
+    assert len(options) == 15 and {"gate_init", "budget", "keep_stage1_weights"} <= set(options)
     for field in options:
         first_words = ILAConfig.__dataclass_fields__[field].metadata["help"].split("`")[0]
         assert helps[field].startswith(first_words.replace("%", "%%")), field

@@ -202,3 +202,32 @@ def test_train_layerwise_refuses_importance_without_a_mask(work, tmp_path, capsy
     args = ["train", *common(work, "--steps", "1"), "--all-layers", "--layerwise", "1", "--layerwise-importance", "1"]
     assert main([*args, "--out", str(tmp_path / "x")]) == 2
     assert "--layerwise-importance weighs the draws by a mask's scores: pass --mask RUN_DIR" in capsys.readouterr().err
+
+
+def test_train_can_start_its_fine_tune_from_the_inline_identification_s_adapters(work, tmp_path, capsys):
+    import json
+
+    from conftest import common
+    from peft_ila.app.cli import main
+
+    budget = ["--steps", "2", "--stage1-max-steps", "6", "--stage2-steps", "3"]
+    losses = {}
+    for kept in (False, True):
+        out = tmp_path / f"kept-{kept}"
+        flag = ["--keep-stage1-weights"] if kept else []
+        assert main(["train", *common(work, *budget, *flag), "--out", str(out)]) == 0
+        losses[kept] = json.loads((out / "training.json").read_text())["loss_before"]
+    # reset adapters (B = 0) give the base model's held-out loss before the fine-tune; kept ones have changed it
+    assert losses[False] != losses[True] and (tmp_path / "kept-True-identify" / "importance.json").exists()
+    assert (
+        main(
+            [
+                "train",
+                *common(work, "--steps", "1", "--all-layers", "--keep-stage1-weights"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "nothing is identified: drop it" in capsys.readouterr().err

@@ -105,6 +105,7 @@ CONFIG_OPTIONS = {
         ("gate_lr", "--gate-lr", _float),
         ("gate_init", "--gate-init", _float),
         ("sparsity_weight", "--sparsity-weight", _float),
+        ("keep_stage1_weights", "--keep-stage1-weights", bool),
     ),
 }
 # the ILAConfig field behind each option, so that a config error names the flag the user typed
@@ -122,9 +123,12 @@ def _config_option(group, field: str, flag: str, kind, defaults: dict) -> None:
     of other fields written as their options."""
     spec = ILAConfig.__dataclass_fields__[field]
     text = re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), spec.metadata["help"])
-    typed = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
     default = defaults.get(field, spec.default)
     help = text.replace("%", "%%") + " (default: %(default)s)"
+    if kind is bool:  # a switch
+        group.add_argument(flag, dest=field, action="store_true", default=default, help=help)
+        return
+    typed = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
     metavar = None if "choices" in typed else flag.lstrip("-").upper().replace("-", "_")
     group.add_argument(flag, dest=field, default=default, metavar=metavar, help=help, **typed)
 

@@ -43,8 +43,14 @@ def offline_and_quiet() -> None:
 
 
 def cmd_identify(args) -> None:
+    from . import UsageError
     from .files import check_free
 
+    if args.keep_stage1_weights:
+        raise UsageError(
+            "--keep-stage1-weights makes identification the start of a fine-tune; a run directory keeps no "
+            "weights: use it with `peft-ila train` (identifying inline), or drop it."
+        )
     check_free(args.out, args.overwrite)
     checkpoint = checkpoint_path(args, args.out)
     ila_config(args)
@@ -81,6 +87,11 @@ def cmd_train(args) -> None:
         raise UsageError(
             "--budget chooses layers while identifying them; with --mask, --all-layers or --layers nothing is "
             "identified: drop --budget, or identify with --budget and pass that run as --mask."
+        )
+    if args.keep_stage1_weights and (args.mask or args.all_layers or args.layers):
+        raise UsageError(
+            "--keep-stage1-weights continues from the adapters an inline identification trained; with --mask, "
+            "--all-layers or --layers nothing is identified: drop it, or leave those out to identify inline."
         )
     if args.allow_other_model and not args.mask:
         raise UsageError("--allow-other-model applies to a --mask found on another model; drop it.")
