@@ -187,8 +187,7 @@ class Identification:
         if self.checkpoint is not None:  # note what a resumed run must share
             self.settings = self._settings()
             if resume:
-                saved = load_checkpoint(self.checkpoint)
-                check_settings(Path(self.checkpoint), saved[1]["settings"], self.settings)
+                saved = self._load_checkpoint()
         elif resume:
             raise ValueError("resume=True needs the `checkpoint` file of the interrupted run.")
         was_training = self.model.training
@@ -350,6 +349,22 @@ class Identification:
             "processes": world_size(),
             **({} if self.train_stage1 else {"train_stage1": False}),
         }
+
+    def _load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The checkpoint to resume from, the same on every rank: all wait until each has reached this point (so the
+        rank that writes checkpoints has finished its last one, even when the interrupted run stopped in this same
+        process group), and a rank that read another step of the run is an error on every rank."""
+        gather(None)
+        saved = load_checkpoint(self.checkpoint)
+        check_settings(Path(self.checkpoint), saved[1]["settings"], self.settings)
+        record = saved[1]
+        steps = gather((record["stage1"]["steps"], record["stage2"]["steps"]))
+        if len(set(steps)) > 1:
+            raise RuntimeError(
+                f"ILA ranks read different checkpoints from {self.checkpoint} (stage 1 and 2 steps per rank: {steps}): "
+                "every rank must see the same file; resume from a shared file system."
+            )
+        return saved
 
     def _restore(self, saved: tuple[dict[str, torch.Tensor], dict]) -> None:
         """Put a checkpoint's weights, optimizer states, step statistics, data position and RNG state back."""
