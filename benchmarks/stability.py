@@ -104,7 +104,6 @@ class Recording:
 
     def __init__(self, model, every: int, snapshots=()) -> None:
         self.every, self.snapshots, self.trajectory, self.taken = every, set(snapshots), [], {}
-        self.model = model
         self.identification = Identification(model, on_step=self.observe)
 
     def observe(self, stats: StepStats) -> None:
@@ -121,7 +120,8 @@ class Recording:
         return self.identification.stage1
 
     def adapter_weights(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if ".ila_" in n}
+        model = self.identification.model
+        return {n: p.detach().contiguous() for n, p in model.named_parameters() if ".ila_" in n}
 
     def record(self, stats: StepStats) -> dict:
         """The update-norm scores now (this run's `UpdateNorm` estimator's), and the stage's cost and losses so far."""

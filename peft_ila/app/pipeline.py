@@ -241,10 +241,9 @@ def finetune(
     if params is None:
         params = sampler.parameters() if sampler else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    at_once = [0]  # parameters training at once, at most
     if sampler is not None:
         sampler.train_only_groups(model)  # nothing outside the groups computes gradients
-        on_step = _with_sampler(sampler, optimizer, on_step, at_once)
+        on_step = _with_sampler(sampler, optimizer, on_step)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
     start_mb = reset_peak_memory()
     stats = train_steps(
@@ -261,7 +260,7 @@ def finetune(
     )
     memory = peak_memory_mb(start_mb)
     after = evaluate_loss(model, held_out, accelerator, progress)
-    trainable = at_once[0] if sampler is not None else sum(p.numel() for p in params)
+    trainable = sampler.most_active if sampler is not None else sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     return FinetuneReport(
         loss_before=before,
@@ -278,22 +277,17 @@ def finetune(
 
 
 def _with_sampler(
-    sampler: LayerSampler, optimizer: torch.optim.Optimizer, on_step: Callable | None, at_once: list[int]
+    sampler: LayerSampler, optimizer: torch.optim.Optimizer, on_step: Callable | None
 ) -> Callable[[StepStats], None]:
     """Draw the first active set now and the next one after every step (before the next step's forward pass), then
-    call `on_step`; `at_once[0]` keeps the most parameters active together."""
-
-    def draw(steps: int) -> None:
-        sampler.at_step(steps, optimizer)
-        active = sum(p.numel() for p in sampler.parameters() if p.requires_grad)
-        at_once[0] = max(at_once[0], active)
+    call `on_step`."""
 
     def after(stats: StepStats) -> None:
-        draw(stats.steps)
+        sampler.at_step(stats.steps, optimizer)
         if on_step is not None:
             on_step(stats)
 
-    draw(0)
+    sampler.at_step(0, optimizer)
     return after
 
 

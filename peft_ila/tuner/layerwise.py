@@ -103,6 +103,7 @@ class LayerSampler:
         self.probabilities = draw_probabilities(list(groups), config, importance)
         self.interval: int | None = None  # the interval the active set was drawn for
         self.active: list[str] = []
+        self.most_active = 0  # the most parameters active at once so far
 
     def draw(self, interval: int) -> list[str]:
         """The groups active during interval `interval` (steps interval * config.interval onwards), in group order:
@@ -129,6 +130,7 @@ class LayerSampler:
             for param in leaving:
                 optimizer.state.pop(param, None)
         self.interval, self.active = interval, active
+        self.most_active = max(self.most_active, sum(p.numel() for name in active for p in self.groups[name]))
         return True
 
     def train_only_groups(self, model: nn.Module) -> None:
