@@ -450,7 +450,7 @@ def _stop(scores: list[dict[str, float]], back: int, threshold: float) -> int:
 
 def seed_row(study: Stability, dataset: str, steps: int, name: str, reference: dict) -> dict:
     """One estimator at one stage-1 length: agreement between runs that differ in one source of noise, and cost."""
-    stage1 = {seeds: study.stage1(dataset, steps, *seeds) for seeds in SEEDS}
+    stage1 = study.runs(dataset, steps)
     if name == "update-norm":
         cells = dict(stage1)
     elif name == RELATIVE:
@@ -504,7 +504,7 @@ def calibration_rows(study: Stability, dataset: str, estimators: list[str]) -> l
 
 def reruns_of(study: Stability, dataset: str, steps: int, name: str) -> tuple[dict, dict[str, dict]]:
     """The reference run's confidence cell, and the score cells of the reruns that differ from it in one source."""
-    stage1 = {seeds: study.stage1(dataset, steps, *seeds) for seeds in SEEDS}
+    stage1 = study.runs(dataset, steps)
     reruns = {source: study.score(stage1[y], name) for source, (_, y) in SOURCES.items()}
     reruns["stage2"] = study.score(stage1[(0, 0)], name, stage2_seed=1)
     return study.confidence(stage1[(0, 0)], name), reruns
