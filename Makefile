@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs bench bench-quick bench-stability bench-methods figures test quickstart lint clean
+.PHONY: demo demo-docs bench bench-quick bench-modes bench-stability bench-methods figures test quickstart lint clean
 
 # the library and its tests
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -37,10 +37,16 @@ bench: $(BIN)/.knowledge  # the grid: benchmarks/GRID.md
 	$(BIN)/python -m benchmarks.grid --preset full $(BENCH_ARGS)
 
 # smoke-sized, on the real model: every path of the grid (cells, resume, equal wall time, forgetting, cost-aware
-# selection, overhead) into benchmarks/results/grid/quick/ (its page GRID.md is there too)
+# selection, overhead) and of the modes study (every training mode, the sweep, equal wall time, the long regime) into
+# benchmarks/results/<study>/quick/ (their pages are there too)
 bench-quick: $(BIN)/.knowledge
 	$(BIN)/python -m benchmarks.grid --preset quick
+	$(BIN)/python -m benchmarks.modes --preset quick
 	$(BIN)/python -m benchmarks.grid --preset quick --existing-only  # every cell read back, none computed
+	$(BIN)/python -m benchmarks.modes --preset quick --existing-only
+
+bench-modes: $(BIN)/.knowledge  # the training modes against LoRA-all (issue 30): benchmarks/MODES.md
+	$(BIN)/python -m benchmarks.modes --preset full $(BENCH_ARGS)
 
 bench-stability: $(BIN)/.app  # the stability study: benchmarks/STABILITY.md
 	$(BIN)/python -m benchmarks.stability --preset full $(BENCH_ARGS)

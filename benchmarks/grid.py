@@ -236,28 +236,33 @@ class Grid(Study):
             layers = self.select(name, selector, share, seed)
             selection_seconds = time.perf_counter() - start
             torch.manual_seed(seed)  # the adapters' initialisation
-            model = self.adapted(name, layers)
-            loss_before = self.base_loss(name)["loss"]
-            report = finetune(
-                model,
-                self.data[name],
-                steps,
-                LR,
-                self.p["batch_size"],
-                seed,
-                progress=self.args.progress,
-                loss_before=loss_before,
-            )
-            return {
-                **{k: v for k, v in asdict(report).items() if k != "losses"},
-                "losses": report.losses,
-                "layers": layers,
-                "selection_seconds": selection_seconds,
-                "others_after": {other: self.held_out_loss(model, other) for other in others},
-                "knowledge_after": self.knowledge(model),
-            }
+            judged = self.judged(name, self.adapted(name, layers), steps, LR, seed)
+            return {**judged, "layers": layers, "selection_seconds": selection_seconds}
 
         return self.cell("tune", settings, compute)
+
+    def judged(self, name: str, model: torch.nn.Module, steps: int, lr: float, seed: int, **how) -> dict:
+        """`model` fine-tuned on dataset `name` (`finetune`: `steps` steps at `lr`, data order `seed`, and `how`,
+        e.g. a layerwise `sampler`) and judged: what the fine-tune reports, its held-out loss on the other datasets
+        and its share of right answers to the general-knowledge questions."""
+        report = finetune(
+            model,
+            self.data[name],
+            steps,
+            lr,
+            self.p["batch_size"],
+            seed,
+            progress=self.args.progress,
+            loss_before=self.base_loss(name)["loss"],
+            **how,
+        )
+        others = [other for other in self.data.names if other != name]
+        return {
+            **{k: v for k, v in asdict(report).items() if k != "losses"},
+            "losses": report.losses,
+            "others_after": {other: self.held_out_loss(model, other) for other in others},
+            "knowledge_after": self.knowledge(model),
+        }
 
     def timing(self, name: str, methods: list[tuple[str, float]], seed: int) -> dict:
         """The layers each of `methods` ((selector, share), fine-tuned on `name` with `seed`) picked, trained side by

@@ -22,8 +22,10 @@ with without_unused_bitsandbytes_notice():  # peft imports bitsandbytes, when in
         Selection,
         load_changed_weights,
         load_selection,
+        lora_parameter_count,
         resolve_top_k,
         save_with_selection,
+        top_within_parameters,
         train_only_selected,
     )
 
@@ -45,7 +47,9 @@ __all__ = [
     "identify_important_layers",
     "load_changed_weights",
     "load_selection",
+    "lora_parameter_count",
     "resolve_top_k",
     "save_with_selection",
+    "top_within_parameters",
     "train_only_selected",
 ]

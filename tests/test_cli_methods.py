@@ -63,6 +63,25 @@ def test_full_fine_tuning_saves_a_model_with_its_mask_that_only_differs_in_the_s
     assert json.loads((tmp_path / "eval.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])
 
 
+def test_full_fine_tuning_within_lora_params_keeps_the_best_layers_that_fit_and_records_them(work, run, tmp_path):
+    out = tmp_path / "sized"
+    args = ["--mask", str(run), "--top-k", "1.0", "--method", "full", "--within-lora-params", "--out", str(out)]
+    assert main(["train", *common(work, "--steps", "2"), *args]) == 0
+    base = AutoModelForCausalLM.from_pretrained(work / "lm")
+    ranking = json.loads((run / "importance.json").read_text())["ranking"]
+    budget = sum(8 * (base.get_submodule(n).in_features + base.get_submodule(n).out_features) for n in ranking)
+    kept = load_selection(out).selected
+    sizes = {n: base.get_submodule(n).weight.numel() for n in ranking}
+    assert sum(sizes[n] for n in kept) <= budget < sum(sizes.values()) and kept[0] == ranking[0]
+    assert all(sum(sizes[k] for k in kept) + sizes[n] > budget for n in ranking if n not in kept)  # nothing else fits
+    info = json.loads((out / "training.json").read_text())
+    assert info["within_lora_params"] is True and info["layers"] == len(kept)
+    tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert {n for n, t in base.state_dict().items() if not torch.equal(t, tuned[n])} == {f"{n}.weight" for n in kept}
+    bad = ["--mask", str(run), "--method", "lora", "--within-lora-params", "--out", str(tmp_path / "x")]
+    assert main(["train", *common(work, "--steps", "1"), *bad]) == 2
+
+
 def test_full_fine_tuning_can_save_only_the_changed_weights_and_eval_puts_them_back(work, run, tmp_path):
     out = tmp_path / "changed"
     args = ["--mask", str(run), "--method", "full", "--changed-only", "--out", str(out)]

@@ -5,7 +5,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import llama_candidates, lm_batches, tiny_llama
-from peft_ila import Selection, load_changed_weights, load_selection, save_with_selection, train_only_selected
+from peft_ila import (
+    Selection,
+    load_changed_weights,
+    load_selection,
+    save_with_selection,
+    top_within_parameters,
+    train_only_selected,
+)
 
 SELECTED = ("model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj", "model.layers.3.self_attn.q_proj")
 
@@ -88,3 +95,17 @@ def test_changed_weights_refuse_another_base_and_leave_it_untouched(tmp_path):
     assert all(torch.equal(before[name], value) for name, value in other.state_dict().items())
     with pytest.raises(FileNotFoundError, match="was not saved with changed_only=True"):
         load_changed_weights(other, tmp_path)
+
+
+def test_the_top_layers_within_a_parameter_budget_skip_one_too_large_for_what_is_left():
+    model, candidates = tiny_llama(), llama_candidates()
+    q, gate, k = "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "model.layers.2.self_attn.k_proj"
+    ranked = (q, gate, k, *(name for name in candidates if name not in (q, gate, k)))
+    selection = Selection(tuple(candidates), (q,), ranking=ranked)
+    size = {name: model.get_submodule(name).weight.numel() for name in (q, gate, k)}
+    assert size[gate] > size[k]
+    chosen = top_within_parameters(model, selection, size[q] + size[k])
+    assert chosen.selected == (q, k) and chosen.candidates == selection.candidates
+    assert top_within_parameters(model, selection, size[q] + size[gate]).selected[:2] == (q, gate)
+    with pytest.raises(ValueError, match="no layer fits in 10 parameters"):
+        top_within_parameters(model, selection, 10)

@@ -231,3 +231,26 @@ def test_train_can_start_its_fine_tune_from_the_inline_identification_s_adapters
         == 2
     )
     assert "nothing is identified: drop it" in capsys.readouterr().err
+
+
+def test_a_fine_tune_that_skips_batches_goes_on_where_the_data_order_left_off(tmp_path):
+    import json
+
+    from conftest import alpaca_rows, tiny_lm_dir
+    from peft_ila.app.pipeline import finetune, prepare
+
+    (tmp_path / "data.json").write_text(json.dumps(alpaca_rows(24)))
+    prepared = prepare(str(tiny_lm_dir(tmp_path / "lm")), str(tmp_path / "data.json"), 64, eval_size=4)
+    seen = []
+
+    def record(module, args, kwargs):
+        if module.training:
+            seen.append(kwargs["input_ids"].clone())
+
+    prepared.model.register_forward_pre_hook(record, with_kwargs=True)
+    for p in prepared.model.parameters():
+        p.requires_grad_(False)
+    prepared.model.lm_head.weight.requires_grad_(True)
+    finetune(prepared.model, prepared, 2, 1e-3, 2, 0, progress=False, skip=3)
+    order = [batch["input_ids"] for batch in prepared.batches(2, 0)]
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, order[3:5], strict=True))

@@ -8,7 +8,7 @@ import threading
 import torch
 from peft import get_peft_model
 
-from peft_ila import ILAConfig, ILAResult, identify_important_layers
+from peft_ila import ILAConfig, ILAResult, LayerSampler, identify_important_layers
 from peft_ila.app.files import peak_memory_mb, reset_peak_memory, status_mb
 from peft_ila.identification.training import cycle, train_steps
 
@@ -33,13 +33,27 @@ def default_identification(probe: torch.nn.Module, batches, progress: bool) -> t
     return result, mask
 
 
-def train_briefly(model: torch.nn.Module, batches, steps: int, lr: float) -> tuple[list[float], float]:
-    """`steps` AdamW steps on `model`'s trainable parameters: the seconds of each step but the first (which
-    allocates the optimizer's state), and the peak resident memory's rise (MB) over the start, measured as
-    `finetune` measures it."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+def train_briefly(
+    model: torch.nn.Module,
+    batches,
+    steps: int,
+    lr: float,
+    params: list[torch.nn.Parameter] | None = None,
+    sampler: LayerSampler | None = None,
+) -> tuple[list[float], float]:
+    """`steps` AdamW steps on `params` (default: `model`'s trainable parameters, or a layerwise `sampler`'s groups,
+    its active set drawn as `finetune` draws it): the seconds of each step but the first (which allocates the
+    optimizer's state), and the peak resident memory's rise (MB) over the start, measured as `finetune` measures
+    it."""
+    if params is None:
+        params = sampler.parameters() if sampler else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    on_step = None
+    if sampler is not None:
+        sampler.train_only_groups(model)
+        on_step = sampler.hook(optimizer)
     start = reset_peak_memory()
-    stats = train_steps(model, cycle(batches), optimizer, steps, progress=False)
+    stats = train_steps(model, cycle(batches), optimizer, steps, on_step=on_step, progress=False)
     return stats.step_seconds[1:], peak_memory_mb(start).get("rss_rise_mb", 0.0)
 
 

@@ -313,6 +313,12 @@ def parser() -> argparse.ArgumentParser:
         help="with --method full: save only the selected layers' tensors (ila_changed.safetensors, with the mask) "
         "instead of the whole model; eval puts them back into the base model",
     )
+    p.add_argument(
+        "--within-lora-params",
+        action="store_true",
+        help="with --method full: the best layers of the mask's ranking whose weights hold at most as many parameters "
+        "as LoRA of rank --r on every candidate trains (so gradients and AdamW moments take no more memory)",
+    )
     g = p.add_argument_group("sampled layerwise training (LISA-style; see docs/cli.md)")
     g.add_argument(
         "--layerwise",

@@ -101,9 +101,10 @@ def cmd_train(args) -> None:
     accelerator = accelerator_for(args)
     prepared = prepare_data(args, accelerator)
     params = chosen = None
+    skip = 0  # micro-batches already trained on (by a stage 1 whose weights are kept)
     if run is not None:
         config, chosen, selection = mask_config(args, *run, args.mask, prepared)
-        model, params = _put_method(args, prepared.model, config, chosen)
+        model, params, chosen = _put_method(args, prepared.model, config, chosen)
     elif args.all_layers:
         model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
         selection = {"selection": "all layers (plain peft LoRA)", "layers": len(model.base_model.targeted_module_names)}
@@ -112,15 +113,19 @@ def cmd_train(args) -> None:
         candidates = candidates_of(prepared.model, config)
         _check_layers(args, candidates, prepared.info["model"])
         chosen = Selection(tuple(candidates), tuple(args.layers))
-        model, params = _put_method(args, prepared.model, config, chosen)
+        model, params, chosen = _put_method(args, prepared.model, config, chosen)
         selection = {"selection": "--layers", "layers": len(args.layers)}
     else:
         model, _, record = identify_to_run(args, prepared, accelerator, inline, checkpoint)
         print_top(record)
         top_k = model.peft_config["default"].top_k
         selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(record["selected"])}
+        if args.keep_stage1_weights:  # the fine-tune goes on with the data after stage 1's
+            skip = record["stage1"]["steps"] * args.grad_accum
+    if args.within_lora_params:  # the layers a full fine-tune sized to LoRA-all's parameters kept
+        selection.update(layers=len(chosen.selected), within_lora_params=True)
     sampler = _layerwise(args, model, run)
-    report = _finetune(args, model, prepared, accelerator, params, sampler)
+    report = _finetune(args, model, prepared, accelerator, params, sampler, skip)
     full = chosen if args.method == "full" else None
     how = {"method": args.method, **({"changed_only": True} if args.changed_only else {})}
     if sampler is not None:
@@ -135,14 +140,14 @@ def cmd_train(args) -> None:
         print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
 
 
-def _finetune(args, model, prepared, accelerator, params=None, sampler=None):
+def _finetune(args, model, prepared, accelerator, params=None, sampler=None, skip=0):
     """`pipeline.finetune` with the command's options (`params`: what trains, default the trainable parameters;
-    `sampler`: sampled layerwise training)."""
+    `sampler`: sampled layerwise training; `skip`: micro-batches of the data order already trained on)."""
     from .pipeline import finetune
 
     progress = not args.no_progress
     steps = (args.steps, args.lr, args.batch_size, args.seed, args.warmup)
-    return finetune(model, prepared, *steps, accelerator, progress, params, sampler=sampler)
+    return finetune(model, prepared, *steps, accelerator, progress, params, sampler=sampler, skip=skip)
 
 
 def _layerwise(args, model, run):
@@ -181,6 +186,11 @@ def _check_method(args) -> None:
             f"--method {args.method} puts {args.method} on a selection of layers: pass --mask RUN_DIR (or --layers); "
             "for every layer, --all-layers is plain LoRA."
         )
+    if args.within_lora_params and args.method != "full":
+        raise UsageError(
+            f"--within-lora-params sizes a full fine-tune of the selection; --method {args.method} trains adapters: "
+            "drop it (or use --method full)."
+        )
     if args.changed_only and args.method != "full":
         raise UsageError(
             f"--changed-only saves the weights a full fine-tune changed; --method {args.method} saves an adapter, "
@@ -198,22 +208,28 @@ def _check_method(args) -> None:
 
 
 def _put_method(args, base, config, chosen):
-    """(model, the parameters to train or None for all trainable ones) for `--method` on the selection `chosen`:
-    ILA's adapters (`config`), another peft method on exactly those layers, or the layers' own weights (full)."""
-    from ..tuner.full import train_only_selected
+    """(model, the parameters to train or None for all trainable ones, the layers they are on) for `--method` on the
+    selection `chosen`: ILA's adapters (`config`), another peft method on exactly those layers, or the layers' own
+    weights (full; with --within-lora-params the best of `chosen`'s ranking that fit LoRA-all's parameter count)."""
+    from ..tuner.full import lora_parameter_count, top_within_parameters, train_only_selected
     from .args import usage_error
     from .pipeline import method_config, wrap
 
     if args.method == "full":
         try:
-            return base, train_only_selected(base, chosen)
+            if args.within_lora_params:
+                budget = lora_parameter_count(base, chosen.candidates, args.r)
+                chosen = top_within_parameters(base, chosen, budget)
+                print(f"--within-lora-params: the best {len(chosen.selected)} layers within {budget:,} parameters")
+            return base, train_only_selected(base, chosen), chosen
         except ValueError as exc:
             raise usage_error(exc) from None
     if args.method == "ila":
-        return wrap(base, config), None
+        return wrap(base, config), None, chosen
     if config.granularity == "block":  # another method adapts modules: those ILA's adapters sit on in the blocks
         chosen = _modules_in_blocks(base, config, chosen)
-    return wrap(base, method_config(args.method, chosen, args.r, args.lora_alpha, args.lora_dropout, args.steps)), None
+    config = method_config(args.method, chosen, args.r, args.lora_alpha, args.lora_dropout, args.steps)
+    return wrap(base, config), None, chosen
 
 
 def _modules_in_blocks(base, config, blocks):

@@ -3,6 +3,7 @@ evaluate, generate. Training always goes through `peft_ila.identification.traini
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable
@@ -229,12 +230,14 @@ def finetune(
     on_step: Callable[[StepStats], None] | None = None,
     loss_before: float | None = None,
     sampler: LayerSampler | None = None,
+    skip: int = 0,
 ) -> FinetuneReport:
     """AdamW with linear warmup and decay on `params` (default: the trainable ones, or a `sampler`'s groups); held-out
     loss measured before (unless given) and after. `on_step` runs after every step (see `train_steps`); an AdaLoRA
     model's `update_and_allocate` after every optimizer step, as AdaLoRA needs. With a `sampler` (sampled layerwise
     training) only its active set trains, re-drawn before every step; `trainable_params` is then the largest number
-    of parameters trained at once."""
+    of parameters trained at once. `skip`: micro-batches at the head of the data order already trained on (by the
+    stage 1 of an identification whose weights are kept), so that the fine-tune goes on where it stopped."""
     accelerator = accelerator or Accelerator()
     held_out = prepared.batches(batch_size, seed, held_out=True)
     before = evaluate_loss(model, held_out, accelerator, progress) if loss_before is None else loss_before
@@ -243,12 +246,12 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if sampler is not None:
         sampler.train_only_groups(model)  # nothing outside the groups computes gradients
-        on_step = _with_sampler(sampler, optimizer, on_step)
+        on_step = sampler.hook(optimizer, then=on_step)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
     start_mb = reset_peak_memory()
     stats = train_steps(
         model,
-        cycle(prepared.batches(batch_size, seed)),
+        itertools.islice(cycle(prepared.batches(batch_size, seed)), skip, None),
         optimizer,
         steps,
         accelerator=accelerator,
@@ -274,21 +277,6 @@ def finetune(
         memory=memory,
         losses=stats.losses,
     )
-
-
-def _with_sampler(
-    sampler: LayerSampler, optimizer: torch.optim.Optimizer, on_step: Callable | None
-) -> Callable[[StepStats], None]:
-    """Draw the first active set now and the next one after every step (before the next step's forward pass), then
-    call `on_step`."""
-
-    def after(stats: StepStats) -> None:
-        sampler.at_step(stats.steps, optimizer)
-        if on_step is not None:
-            on_step(stats)
-
-    sampler.at_step(0, optimizer)
-    return after
 
 
 def first_user_turn(conversation: Conversation) -> str:

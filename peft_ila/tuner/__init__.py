@@ -8,7 +8,14 @@ peft internals (_peft_compat.py). Importing this package registers the PEFT type
 from ._peft_compat import ILA as PEFT_TYPE
 from ._peft_compat import register
 from .config import ILAConfig, resolve_top_k
-from .full import load_changed_weights, load_selection, save_with_selection, train_only_selected
+from .full import (
+    load_changed_weights,
+    load_selection,
+    lora_parameter_count,
+    save_with_selection,
+    top_within_parameters,
+    train_only_selected,
+)
 from .layer import GateBank, ILALayer, Linear
 from .layerwise import LayerSampler, LayerwiseConfig, block_groups, block_importance
 from .model import ILAModel, find_candidates
@@ -32,8 +39,10 @@ __all__ = [
     "find_candidates",
     "load_changed_weights",
     "load_selection",
+    "lora_parameter_count",
     "model_identity",
     "resolve_top_k",
     "save_with_selection",
+    "top_within_parameters",
     "train_only_selected",
 ]

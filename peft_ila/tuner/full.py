@@ -9,7 +9,7 @@ so which layers were tuned, and why, stays known. Or, `changed_only`, just the t
 from __future__ import annotations
 
 import os
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from pathlib import Path
 
 import torch
@@ -41,6 +41,29 @@ def selected_parameters(model: nn.Module, selection: Selection) -> dict[str, nn.
         if owner in chosen or layer_of(owner, "block") in chosen:
             owned[name] = p
     return owned
+
+
+def lora_parameter_count(model: nn.Module, names: Iterable[str], r: int) -> int:
+    """The parameters LoRA of rank `r` trains on the linear modules `names`: r x (in + out features) each."""
+    return sum(r * (model.get_submodule(n).in_features + model.get_submodule(n).out_features) for n in names)
+
+
+def top_within_parameters(model: nn.Module, selection: Selection, max_params: int) -> Selection:
+    """The most important layers (in `selection.ranking` order) whose own weights together hold at most
+    `max_params` parameters, a layer too large for what is left skipped: full fine-tuning sized to a budget, e.g.
+    the trainable parameters of LoRA on every layer, whose gradients and AdamW moments it then matches. The rest
+    of the ranking follows by score. `ValueError` when not even one layer fits."""
+    sizes = {name: sum(p.numel() for p in model.get_submodule(name).parameters()) for name in selection.ranking}
+    chosen, used = [], 0
+    for name in selection.ranking:
+        if used + sizes[name] <= max_params:
+            chosen.append(name)
+            used += sizes[name]
+    if not chosen:
+        raise ValueError(
+            f"no layer fits in {max_params} parameters (the smallest holds {min(sizes.values())}): raise the budget."
+        )
+    return Selection(selection.candidates, tuple(chosen), selection.scores, provenance=selection.provenance)
 
 
 def train_only_selected(model: nn.Module, selection: Selection) -> list[nn.Parameter]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +132,18 @@ class LayerSampler:
         self.interval, self.active = interval, active
         self.most_active = max(self.most_active, sum(p.numel() for name in active for p in self.groups[name]))
         return True
+
+    def hook(self, optimizer: torch.optim.Optimizer, then: Callable[..., None] | None = None) -> Callable[..., None]:
+        """Draw the first active set now and return a `train_steps` `on_step` hook that draws the next one after
+        every step (before the next step's forward pass), then calls `then(stats)` if given."""
+
+        def after(stats) -> None:
+            self.at_step(stats.steps, optimizer)
+            if then is not None:
+                then(stats)
+
+        self.at_step(0, optimizer)
+        return after
 
     def train_only_groups(self, model: nn.Module) -> None:
         """Freeze every parameter of `model` outside the groups and let every group's parameters train, so that an

@@ -1,0 +1,285 @@
+"""Issue 30: is there a way of using ILA's importance that beats LoRA on all layers at no more memory and no more
+wall time? Training modes against LoRA-all and the grid's ILA rows, on the grid's data, model and judges.
+
+    python -m benchmarks.modes --preset full    # resumable: a finished cell is kept, a missing one computed
+    python -m benchmarks.modes --preset quick   # smoke-sized
+
+The modes (`MODES`): LoRA on all layers and ILA's top 25% / 75% (the grid's cells, read from the grid's folder when
+the settings are the grid's); LISA (full weights of a few blocks, drawn uniformly every few steps); the same drawn
+by ILA's block importance; identification inside the fine-tune (stage 1 is the fine-tune's first steps, its top
+75% go on with their stage-1 weights); full fine-tuning of ILA's top layers within LoRA-all's trainable parameters.
+
+Fairness: each family's learning rate (`RATES`) is the best of one sweep on the primary dataset with the first seed,
+then fixed. Wall time and memory come from one side-by-side timing cell (every mode's steps, and identification's
+two stages, a few steps each in turn, in one process), in units of a LoRA-all step: identification counts whenever a
+mode needs one. Cells (`benchmarks/results/modes/<preset>/`): `tune-*` (a mode, dataset, seed, learning rate and
+step count) and `timing-*`; the grid's cells are read (or computed) in the grid's folder. Writes `modes.json` and
+`MODES.md` (`modes_report.py`: findings and page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from benchmarks import grid as grid_study
+from benchmarks import modes_report
+from benchmarks.core.cells import Missing, Study
+from benchmarks.core.inputs import ROOT
+from benchmarks.core.page import Finding
+from benchmarks.core.recipes import train_briefly
+from benchmarks.grid import ADAPTER, Grid
+from benchmarks.modes_report import MODES
+from peft_ila import (
+    ILAConfig,
+    LayerSampler,
+    LayerwiseConfig,
+    Selection,
+    identify_important_layers,
+    lora_parameter_count,
+    top_within_parameters,
+    train_only_selected,
+)
+from peft_ila.tuner.layerwise import block_groups, block_importance
+
+NEW = ["lisa", "ila-sampled", "ila-inside", "ila-full"]  # the issue's modes; the others are the grid's rows
+ON_GRID = {"all": ("all", 1.0), "ila-25": ("ila", 0.25), "ila-75": ("ila", 0.75)}  # mode -> the grid's selector
+SWEPT = {"lora": "all", "sampled": "lisa", "full": "ila-full"}  # the mode each family's learning rate is swept on
+# ila-sampled's draws (LayerwiseConfig): probability ∝ block importance ** 2. On alpaca's mask a block is then drawn
+# 0.3x to 4.5x as often as uniformly; with weight 0.5 and temperature 1 (0.8x to 1.6x) 18 of the first 23 draws
+# were LISA's own, too close to tell the two apart
+IMPORTANCE = dict(importance_weight=1.0, temperature=0.5)
+INSIDE_TOP = 0.75  # ila-inside: the share of layers that go on after identification
+PROBE = ("probe-stage1", "probe-stage2")  # identification's stages, rows of the timing cell
+VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
+
+PRESETS = {
+    "quick": dict(
+        rates={"lora": (1e-3, 3e-3), "sampled": (1e-4, 3e-4), "full": (1e-4,)},
+        seeds=[0, 1],
+        other_seeds=[0],
+        long_seeds=[0],
+        long_epochs=2,
+        layerwise=dict(active=2, interval=2),
+        timing=(1, 3),
+    ),
+    "full": dict(
+        rates={"lora": (3e-4, 1e-3, 3e-3), "sampled": (1e-4, 3e-4, 1e-3), "full": (3e-5, 1e-4, 3e-4)},
+        seeds=[0, 1, 2],  # the primary dataset: every mode
+        other_seeds=[0, 1],  # the other datasets: the best two new modes and the grid's rows
+        long_seeds=[0, 1],  # the long regime on the primary dataset: LoRA-all, ILA top 75% and the best new mode
+        long_epochs=3,
+        layerwise=dict(active=2, interval=10),  # LISA's: 2 blocks, re-drawn every 10 steps
+        timing=(3, 8),  # side by side: rounds, and optimizer steps per mode in each (the first one not timed)
+    ),
+}
+
+
+class Modes(Study):
+    """The modes' cells; the grid (its data, base model, judges and cells) underneath."""
+
+    name, page_name, target, presets = "modes", "MODES.md", "make bench-modes", PRESETS
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        grid_args = copy.copy(args)
+        grid_args.cells = args.grid_cells
+        self.grid = Grid(grid_args)
+        self.data, self.base = self.grid.data, self.grid.base
+        self.rates: dict[str, float] = {}
+
+    @classmethod
+    def options(cls, parser: argparse.ArgumentParser) -> None:
+        Grid.options(parser)
+        folder = ROOT / "benchmarks" / "results" / "grid"
+        parser.add_argument("--grid-cells", type=Path, default=folder, help="the grid's cells (one folder per preset)")
+
+    # --- what a mode trains --------------------------------------------------------------------------------------
+
+    def mask(self, name: str) -> Selection:
+        """ILA's selection on dataset `name` (the grid's mask cell: library defaults, seed 0)."""
+        return Selection.from_json(self.grid.mask(name)["selection"])
+
+    def layerwise(self, name: str, mode: str, seed: int, interval: int | None = None) -> LayerwiseConfig:
+        """The sampled modes' draws: the preset's (or every `interval` steps), by importance for ila-sampled."""
+        drawn = IMPORTANCE if mode == "ila-sampled" else {}
+        config = LayerwiseConfig(**self.p["layerwise"], **drawn, seed=seed)
+        return replace(config, interval=interval) if interval else config
+
+    def prepared(self, name: str, mode: str, seed: int, interval: int | None = None) -> tuple[torch.nn.Module, dict]:
+        """A fresh model for `mode` (not ila-inside) and what `finetune` needs beside it (`sampler` or `params`)."""
+        torch.manual_seed(seed)  # adapters' initialisation
+        if mode in ON_GRID:
+            selector, share = ON_GRID[mode]
+            return self.grid.adapted(name, self.grid.select(name, selector, share, seed)), {}
+        model = copy.deepcopy(self.base)
+        if mode == "ila-full":
+            budget = lora_parameter_count(model, self.grid.candidates, ADAPTER["r"])  # LoRA-all's trainable ones
+            chosen = top_within_parameters(model, self.mask(name), budget)
+            return model, {"params": train_only_selected(model, chosen)}
+        groups = block_groups(model, self.grid.candidates)
+        importance = block_importance(self.mask(name).scores) if mode == "ila-sampled" else None
+        return model, {"sampler": LayerSampler(groups, self.layerwise(name, mode, seed, interval), importance)}
+
+    def inside(self, name: str, seed: int, lr: float, steps: int) -> dict:
+        """ila-inside: identification on the fine-tune's own data order, stage 1 at the fine-tune's learning rate
+        with its weights kept, then the top `INSIDE_TOP` go on for the rest of `steps` where stage 1 stopped."""
+        budget = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"], stage1_lr=lr)
+        config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget, top_k=INSIDE_TOP, seed=seed)
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(self.base), replace(config, keep_stage1_weights=True))
+        result = identify_important_layers(model, self.data.batches(name, seed), progress=self.args.progress)
+        stage1 = result.stage1.steps
+        judged = self.grid.judged(name, model, steps - stage1, lr, seed, skip=stage1)
+        return {**judged, "stage1_steps": stage1, "stage2_steps": result.stage2.steps, "steps": steps}
+
+    # --- cells ---------------------------------------------------------------------------------------------------
+
+    def tune(self, name: str, mode: str, seed: int, lr: float, steps: int | None = None) -> dict:
+        """`mode` fine-tuned on dataset `name` with `seed` at `lr` for `steps` optimizer steps (default: the grid's
+        one epoch), identification's stage 1 included for ila-inside; the grid's cell when the grid ran it."""
+        steps = steps or self.grid.steps(name)
+        if mode in ON_GRID and lr == grid_study.LR and steps == self.grid.steps(name):
+            return self.grid.tune(name, *ON_GRID[mode], seed)
+        others = [other for other in self.data.names if other != name]
+        settings = {**self.grid.identity(name), "mode": mode, "lr": lr, "steps": steps, "seed": seed, **ADAPTER}
+        settings.update(others={o: self.grid.identity(o) for o in others}, knowledge=self.grid.knowledge_identity)
+        settings.update(self.mode_settings(name, mode), modes_version=VERSION)
+
+        def compute(stem: Path) -> dict:
+            if mode == "ila-inside":
+                return self.inside(name, seed, lr, steps)
+            model, how = self.prepared(name, mode, seed)
+            judged = self.grid.judged(name, model, steps, lr, seed, **how)
+            if mode == "ila-full":
+                judged["layers"] = [n for n in self.grid.candidates if model.get_submodule(n).weight.requires_grad]
+            return judged
+
+        return self.cell("tune", settings, compute)
+
+    def mode_settings(self, name: str, mode: str) -> dict:
+        """What a mode's cell depends on beyond the fine-tune's settings."""
+        out: dict = {}
+        if MODES[mode].identification == "separate":
+            out["mask"] = self.grid.mask(name)["settings"]
+        if mode in ("lisa", "ila-sampled"):
+            out["layerwise"] = {**self.p["layerwise"], **(IMPORTANCE if mode == "ila-sampled" else {})}
+        if mode == "ila-inside":
+            out.update(stage1=self.grid.p["stage1"], stage2=self.grid.p["stage2"], inside_top=INSIDE_TOP)
+        return out
+
+    def timing(self, name: str) -> dict:
+        """Every mode, and identification's two stages, trained side by side on `name`: in each of the preset's
+        rounds each runs a few AdamW steps in turn. A sampled mode draws anew at every step (another seed each
+        round), so its mean covers many draws. Each row: mean step seconds (a run's first step left out) and the
+        largest peak memory rise of its rounds (MB)."""
+        rounds, steps = self.p["timing"]
+        rows = [*MODES, *PROBE]
+        settings = {**self.grid.identity(name), **ADAPTER, "rounds": rounds, "steps": steps, "rows": rows}
+        settings.update(mask=self.grid.mask(name)["settings"], layerwise=self.p["layerwise"], modes_version=VERSION)
+
+        def compute(stem: Path) -> dict:
+            seconds: dict[str, list[float]] = {row: [] for row in rows}
+            rises: dict[str, list[float]] = {row: [] for row in rows}
+            for round_ in range(rounds):
+                for row in rows:
+                    took, rise = self.timed(name, row, round_, steps)
+                    seconds[row] += took
+                    rises[row].append(rise)
+            return {r: {"step_seconds": statistics.mean(seconds[r]), "memory_rise_mb": max(rises[r])} for r in rows}
+
+        return self.cell("timing", settings, compute)
+
+    def timed(self, name: str, row: str, round_: int, steps: int) -> tuple[list[float], float]:
+        """`steps` steps of a timing row (see `timing`): its step seconds but the first, and its memory rise."""
+        batches = self.data.batches(name, 0)
+        if row in PROBE:
+            probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
+            if row == "probe-stage1":
+                return train_briefly(probe, batches, steps, grid_study.LR)
+            with probe.base_model.gate_stage():
+                return train_briefly(probe, batches, steps, probe.peft_config["default"].gate_lr)
+        if row == "ila-inside":  # after identification it trains as ILA's top 75% with kept weights does
+            row = "ila-75"
+        model, how = self.prepared(name, row, round_, interval=1)
+        return train_briefly(model, batches, steps, grid_study.LR, **how)
+
+    # --- the study -----------------------------------------------------------------------------------------------
+
+    def rate(self, mode: str) -> float:
+        """The learning rate of `mode`'s family (`Missing` until its sweep is in)."""
+        family = MODES[mode].family
+        if family not in self.rates:
+            raise Missing(f"it waits for the {family} family's learning-rate sweep")
+        return self.rates[family]
+
+    def run(self) -> dict:
+        primary = self.data.primary
+        results = modes_report.empty(self.p, self.grid, primary)
+        timing = self.collect(f"{primary}: every mode timed side by side", self.timing, primary)
+        if timing is not None:
+            results["timing"] = {k: v for k, v in timing.items() if k not in ("kind", "settings")}
+        for family, rates in self.p["rates"].items():
+            found = [self.collect(f"sweep {family} lr {r:g}", self.sweep, results, family, r) for r in rates]
+            if None not in found:
+                self.rates[family] = min(found, key=lambda row: row["loss_after"])["lr"]
+        results["rates"] = dict(self.rates)
+        for seed in self.p["seeds"]:
+            for mode in MODES:
+                self.collect(f"{primary}: {mode}, seed {seed}", self.add, results, primary, mode, seed, "epoch")
+        for seed in self.p["seeds"]:
+            for mode in NEW:
+                what = f"{primary}: {mode} at LoRA-all's wall time, seed {seed}"
+                self.collect(what, self.add_equal_time, results, mode, seed)
+        best = self.collect("the best two new modes", modes_report.best_new, results, primary, NEW, 2)
+        for name in self.data.names[1:]:  # the grid's rows with every seed, the best two new modes with fewer
+            runs = [(mode, seed) for seed in self.p["seeds"] for mode in ON_GRID]
+            runs += [(mode, seed) for seed in self.p["other_seeds"] for mode in best or []]
+            for mode, seed in runs:
+                self.collect(f"{name}: {mode}, seed {seed}", self.add, results, name, mode, seed, "epoch")
+        for seed in self.p["long_seeds"]:
+            for mode in ["all", "ila-75", *(best or [])[:1]]:
+                what = f"{primary}: {mode}, {self.p['long_epochs']} epochs, seed {seed}"
+                self.collect(what, self.add, results, primary, mode, seed, "long")
+        return results
+
+    def sweep(self, results: dict, family: str, lr: float) -> dict:
+        """The sweep cell of `family` at `lr` (its swept mode, primary dataset, first seed), added to the results."""
+        primary, first = self.data.primary, self.p["seeds"][0]
+        row = modes_report.row(self.tune(primary, SWEPT[family], first, lr), primary, SWEPT[family], first, "epoch")
+        results["sweep"].append({**row, "family": family})
+        return row
+
+    def add(self, results: dict, name: str, mode: str, seed: int, regime: str) -> None:
+        """A fine-tune of `mode` at its family's rate in `regime` ("epoch": the grid's; "long": `long_epochs`)."""
+        steps = self.grid.steps(name) * (self.p["long_epochs"] if regime == "long" else 1)
+        record = self.tune(name, mode, seed, self.rate(mode), steps)
+        results["tunes"].append(modes_report.row(record, name, mode, seed, regime))
+
+    def add_equal_time(self, results: dict, mode: str, seed: int) -> None:
+        """`mode` on the primary dataset given LoRA-all's wall time for one epoch, identification included."""
+        primary = self.data.primary
+        if "timing" not in results:
+            raise Missing("it waits for the timing cell")
+        steps = modes_report.equal_time_steps(results["timing"], mode, self.grid.steps(primary), self.grid.p)
+        if steps < 1:
+            results["no_time_left"] = sorted({*results["no_time_left"], mode})
+            return
+        record = self.tune(primary, mode, seed, self.rate(mode), steps)
+        results["tunes"].append(modes_report.row(record, primary, mode, seed, "equal-time"))
+
+    def findings(self, results: dict) -> list[Finding]:
+        return modes_report.findings(results)
+
+    def page(self, results: dict) -> str:
+        return modes_report.page(results)
+
+
+if __name__ == "__main__":
+    Modes.main()

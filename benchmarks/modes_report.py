@@ -1,0 +1,333 @@
+"""The modes study's arithmetic, findings and page (`modes.py` computes the cells).
+
+Costs are in units of LoRA-all's step, from the side-by-side timing cell: a mode's wall time is its steps times its
+step-time ratio, plus identification's stage-1 and stage-2 steps times theirs when it needs one; its memory is the
+largest peak memory rise of what it runs (identification's stages included) over LoRA-all's. Noise: on each
+dataset, the pooled seed-to-seed standard deviation of the held-out loss over every mode run with several seeds in
+one regime; a difference counts beyond 2 standard errors (`benchmarks/core/stats.py`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from benchmarks.core.cells import Missing
+from benchmarks.core.page import Finding, findings_section, missing_section, table
+from benchmarks.core.stats import NOISE_RULE, beyond, difference, judge, pooled_sd, show
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A training mode: the `family` whose learning rate it takes, what the page calls it (`short`) and what it
+    trains (`text`), and how it finds its layers (`identification`: "none", "separate" (the grid's mask, its cost
+    added) or "inside" the fine-tune)."""
+
+    family: str
+    short: str
+    text: str
+    identification: str
+
+
+MODES = {
+    "all": Mode("lora", "LoRA-all", "LoRA on all layers", "none"),
+    "ila-25": Mode("lora", "ILA top 25%", "LoRA on ILA's top 25%", "separate"),
+    "ila-75": Mode("lora", "ILA top 75%", "LoRA on ILA's top 75%", "separate"),
+    "lisa": Mode("sampled", "LISA (uniform)", "LISA: full weights of sampled blocks, drawn uniformly", "none"),
+    "ila-sampled": Mode(
+        "sampled", "ILA-sampled", "full weights of sampled blocks, drawn by ILA's block importance", "separate"
+    ),
+    "ila-inside": Mode("lora", "ILA inside", "identification inside the fine-tune, its top 75% go on", "inside"),
+    "ila-full": Mode(
+        "full", "ILA full", "full weights of ILA's top layers within LoRA-all's trainable parameters", "separate"
+    ),
+}
+REGIMES = {"epoch": "one epoch", "equal-time": "LoRA-all's wall time", "long": "the long regime"}
+IMPORTANCE = ["ila-25", "ila-75", "ila-sampled", "ila-inside", "ila-full"]  # the modes that use ILA's scores
+
+
+def empty(preset: dict, grid, primary: str) -> dict:
+    """The results before any cell is read: settings, and empty lists."""
+    settings = {**preset, "grid": {k: grid.p[k] for k in ("batch_size", "max_length", "eval_size", "stage1", "stage2")}}
+    settings["steps"] = {name: grid.steps(name) for name in grid.data.names}
+    return {"datasets": grid.data.names, "primary": primary, "settings": settings, "sweep": [], "tunes": [],
+            "no_time_left": [], "base": grid_bases(grid)}  # fmt: skip
+
+
+def grid_bases(grid) -> dict:
+    """The base model's held-out loss on each dataset and its share of right answers (the grid's cells)."""
+    try:
+        bases = {name: grid.base_loss(name)["loss"] for name in grid.data.names}
+        return {**bases, "knowledge": grid.base_knowledge()["accuracy"]}
+    except Missing:
+        return {}
+
+
+def row(record: dict, name: str, mode: str, seed: int, regime: str) -> dict:
+    """What the page needs of a fine-tune cell."""
+    keep = ("loss_before", "loss_after", "others_after", "knowledge_after", "trainable_params", "seconds")
+    out = {"dataset": name, "mode": mode, "seed": seed, "regime": regime, "lr": record["settings"]["lr"]}
+    out["steps"] = record["settings"]["steps"]
+    out["stage1_steps"] = record.get("stage1_steps")
+    return {**out, **{k: record[k] for k in keep}, "memory_rise_mb": record["memory"].get("rss_rise_mb", 0.0)}
+
+
+def ratio(timing: dict, what: str) -> float:
+    """`what`'s step seconds over LoRA-all's (side by side)."""
+    return timing[what]["step_seconds"] / timing["all"]["step_seconds"]
+
+
+def identification_cost(timing: dict, grid: dict, stage1: int | None = None) -> float:
+    """Identification's wall time in LoRA-all steps: `stage1` (default: the grid's) + the grid's stage-2 steps."""
+    return (stage1 or grid["stage1"]) * ratio(timing, "probe-stage1") + grid["stage2"] * ratio(timing, "probe-stage2")
+
+
+def wall(timing: dict, mode: str, steps: int, grid: dict) -> float:
+    """`mode`'s wall time for `steps` optimizer steps (stage 1's included for ila-inside), in LoRA-all steps."""
+    how = MODES[mode].identification
+    if how == "inside":
+        return identification_cost(timing, grid) + (steps - grid["stage1"]) * ratio(timing, "ila-75")
+    return steps * ratio(timing, mode) + (identification_cost(timing, grid) if how == "separate" else 0.0)
+
+
+def memory(timing: dict, mode: str) -> float:
+    """The largest peak memory rise of what `mode` runs, over LoRA-all's (side by side)."""
+    how = MODES[mode].identification
+    rows = ["ila-75" if how == "inside" else mode] + (["probe-stage1", "probe-stage2"] if how != "none" else [])
+    return max(timing[r]["memory_rise_mb"] for r in rows) / timing["all"]["memory_rise_mb"]
+
+
+def equal_time_steps(timing: dict, mode: str, lora_steps: int, grid: dict) -> int:
+    """The optimizer steps `mode` takes in LoRA-all's wall time for `lora_steps` (< 1: identification alone takes
+    longer)."""
+    how = MODES[mode].identification
+    spare = lora_steps - (identification_cost(timing, grid) if how != "none" else 0.0)
+    if how == "inside":
+        return grid["stage1"] + round(spare / ratio(timing, "ila-75"))
+    return round(spare / ratio(timing, mode))
+
+
+def best_new(results: dict, dataset: str, modes: list[str], count: int) -> list[str]:
+    """The `count` new modes with the lowest mean held-out loss on `dataset` at one epoch, every seed in."""
+    seeds = len(results["settings"]["seeds"])
+    losses = {m: losses_of(results, dataset, m, "epoch") for m in modes}
+    if any(len(v) < seeds for v in losses.values()):
+        raise Missing("it waits for every new mode's seeds on the primary dataset")
+    return sorted(modes, key=lambda m: statistics.mean(losses[m]))[:count]
+
+
+def losses_of(results: dict, dataset: str, mode: str, regime: str, what: str = "loss") -> list[float]:
+    """Held-out loss after (or `what` "forgetting": the other datasets' mean rise over the base model, or
+    "knowledge": the share of right answers) of `mode`'s runs."""
+    runs = [t for t in results["tunes"] if (t["dataset"], t["mode"], t["regime"]) == (dataset, mode, regime)]
+    if what == "loss":
+        return [t["loss_after"] for t in runs]
+    if what == "knowledge":
+        return [t["knowledge_after"] for t in runs]
+    base = results["base"]
+    return [statistics.mean(v - base[o] for o, v in t["others_after"].items()) for t in runs if base]
+
+
+def sigma(results: dict, dataset: str, what: str = "loss") -> float | None:
+    """The pooled seed-to-seed spread of `what` on `dataset` over every (mode, regime) with several seeds."""
+    pairs = {(t["mode"], t["regime"]) for t in results["tunes"] if t["dataset"] == dataset}
+    return pooled_sd([losses_of(results, dataset, m, r, what) for m, r in sorted(pairs)])
+
+
+def delta(results: dict, dataset: str, a: str, b: str, regime: str = "epoch", b_regime: str = "epoch", what="loss"):
+    """mean(a) - mean(b) of `what` on `dataset` and its standard error (None while a side or the noise is missing)."""
+    return difference(
+        losses_of(results, dataset, a, regime, what),
+        losses_of(results, dataset, b, b_regime, what),
+        sigma(results, dataset, what),
+    )
+
+
+def costs(results: dict, mode: str) -> tuple[float, float] | None:
+    """`mode`'s (wall time, memory) over LoRA-all's at the grid's one epoch on the primary dataset."""
+    timing = results.get("timing")
+    if timing is None:
+        return None
+    steps = results["settings"]["steps"][results["primary"]]
+    grid = results["settings"]["grid"]
+    return wall(timing, mode, steps, grid) / steps, memory(timing, mode)
+
+
+def per_dataset(results: dict, a: str, b: str = "all", regime: str = "epoch", b_regime: str = "epoch") -> dict:
+    found = {d: delta(results, d, a, b, regime, b_regime) for d in results["datasets"]}
+    return {d: v for d, v in found.items() if v is not None}
+
+
+def listed(deltas: dict) -> str:
+    return ", ".join(f"{d} {show(v)}" for d, v in deltas.items()) or "not measured yet"
+
+
+def cost_text(results: dict, mode: str) -> str:
+    found = costs(results, mode)
+    return "cost not measured yet" if found is None else f"wall time {found[0]:.2f}x, memory {found[1]:.2f}x LoRA-all"
+
+
+# --- findings ------------------------------------------------------------------------------------------------------
+
+
+def findings(results: dict) -> list[Finding]:
+    out = [finding_rates(results)]
+    out += [finding_mode(results, mode) for mode in ("lisa", "ila-sampled", "ila-inside", "ila-full")]
+    out += [finding_goal(results), finding_importance(results), finding_forgetting(results)]
+    out += [finding_equal_time(results), finding_long(results)]
+    return out
+
+
+def finding_rates(results: dict) -> Finding:
+    sweep = ", ".join(
+        f"{r['family']} ({MODES[r['mode']].short}) lr {r['lr']:g}: {r['loss_after']:.4f}" for r in results["sweep"]
+    )
+    chosen = ", ".join(f"{family} {lr:g}" for family, lr in results["rates"].items()) or "none yet"
+    return Finding("Each family's learning rate (one sweep, primary dataset, first seed)", chosen, sweep or "nothing")
+
+
+def finding_mode(results: dict, mode: str) -> Finding:
+    deltas = per_dataset(results, mode)
+    verdict = judge(deltas.values(), "beats LoRA-all", "worse than LoRA-all", "within the noise of LoRA-all")
+    evidence = f"Δ held-out loss vs LoRA-all at equal steps: {listed(deltas)}; {cost_text(results, mode)}"
+    return Finding(
+        f"{MODES[mode].short} against LoRA-all", verdict if deltas else "not judged yet", evidence, NOISE_RULE
+    )
+
+
+def finding_goal(results: dict) -> Finding:
+    """The issue's goal: a mode using ILA's importance beats LoRA-all on every dataset within its memory and time."""
+    met, closest = [], None
+    for mode in IMPORTANCE:
+        deltas = per_dataset(results, mode)
+        found = costs(results, mode)
+        if len(deltas) < len(results["datasets"]) or found is None:
+            continue
+        worst = max(v / e for v, e in deltas.values())  # in standard errors; < -2 on every dataset to meet the goal
+        if all(beyond(d) < 0 for d in deltas.values()) and max(found) <= 1.0:
+            met.append(mode)
+        if closest is None or worst < closest[1]:
+            closest = (mode, worst, found)
+    claim = "A mode using ILA's importance beats LoRA-all on every dataset at ≤ 1.0x its memory and wall time"
+    if met:
+        return Finding(claim, f"met by {', '.join(MODES[m].short for m in met)}", "see the table", NOISE_RULE)
+    if closest is None:
+        return Finding(claim, "not judged yet", "no mode using importance has run on every dataset", NOISE_RULE)
+    mode, worst, (time, mem) = closest
+    evidence = f"closest: {MODES[mode].short}, its worst dataset {worst:+.1f} standard errors"
+    evidence += f", {time:.2f}x wall time, {mem:.2f}x memory"
+    return Finding(claim, "not met", evidence, NOISE_RULE)
+
+
+def finding_importance(results: dict) -> Finding:
+    deltas = per_dataset(results, "ila-sampled", "lisa")
+    verdict = judge(deltas.values(), "importance helps", "importance hurts", "no difference")
+    evidence = f"ILA-sampled − LISA (uniform): {listed(deltas)}"
+    return Finding("Drawing blocks by ILA's importance beats drawing them uniformly", verdict, evidence, NOISE_RULE)
+
+
+def finding_forgetting(results: dict) -> Finding:
+    parts = []
+    for mode in ("lisa", "ila-sampled", "ila-inside", "ila-full"):
+        found = {d: delta(results, d, mode, "all", what="forgetting") for d in results["datasets"]}
+        found = {d: v for d, v in found.items() if v is not None}
+        if found:
+            parts.append(f"{MODES[mode].short}: {listed(found)}")
+    evidence = "other datasets' held-out loss rise, Δ vs LoRA-all: " + ("; ".join(parts) or "not measured yet")
+    signs = [
+        beyond(v)
+        for mode in ("lisa", "ila-sampled", "ila-inside", "ila-full")
+        for d in results["datasets"]
+        if (v := delta(results, d, mode, "all", what="forgetting")) is not None
+    ]
+    verdict = "not judged yet" if not signs else ("some mode forgets more" if 1 in signs else "none forgets more")
+    return Finding("The new modes forget no more than LoRA-all", verdict, evidence, NOISE_RULE)
+
+
+def finding_equal_time(results: dict) -> Finding:
+    primary = results["primary"]
+    parts = [
+        f"{MODES[mode].short} {show(delta(results, primary, mode, 'all', 'equal-time'))}"
+        for mode in ("lisa", "ila-sampled", "ila-inside", "ila-full")
+    ]
+    parts += [f"{MODES[m].short}: identification alone takes longer" for m in results["no_time_left"]]
+    found = [delta(results, primary, m, "all", "equal-time") for m in ("lisa", "ila-sampled", "ila-inside", "ila-full")]
+    found = [d for d in found if d is not None]
+    verdict = judge(found, "every mode beats LoRA-all", "some mode is worse", "within the noise") if found else ""
+    return Finding(
+        f"Given LoRA-all's wall time on {primary}", verdict or "not judged yet", "; ".join(parts), NOISE_RULE
+    )
+
+
+def finding_long(results: dict) -> Finding:
+    primary = results["primary"]
+    modes = sorted({t["mode"] for t in results["tunes"] if t["regime"] == "long"} - {"all"})
+    deltas = {MODES[m].short: delta(results, primary, m, "all", "long", "long") for m in modes}
+    evidence = ", ".join(f"{m} {show(v)}" for m, v in deltas.items()) or "not measured yet"
+    epochs = results["settings"]["long_epochs"]
+    found = [v for v in deltas.values() if v is not None]
+    verdict = judge(found, "freezing helps", "freezing hurts", "within the noise") if found else "not judged yet"
+    return Finding(f"At {epochs} epochs on {primary}, against LoRA-all", verdict, evidence, NOISE_RULE)
+
+
+# --- page ----------------------------------------------------------------------------------------------------------
+
+
+def page(results: dict) -> str:
+    s = results["settings"]
+    lines = [
+        "# Training modes against LoRA on all layers (issue 30)",
+        "",
+        "Written by `python -m benchmarks.modes --preset full` (`make bench-modes`) from the cells in "
+        "`benchmarks/results/modes/full/` and the grid's. SmolLM2-135M, the grid's data and judges "
+        f"(batch {s['grid']['batch_size']}, max length {s['grid']['max_length']}, {s['grid']['eval_size']} held-out "
+        f"examples); one epoch = {', '.join(f'{d} {n}' for d, n in s['steps'].items())} steps.",
+        "",
+        *table(["mode", "family", "what it trains"], [[MODES[m].short, MODES[m].family, MODES[m].text] for m in MODES]),
+        "",
+        f"Sampled modes: {s['layerwise']['active']} blocks active, re-drawn every {s['layerwise']['interval']} steps; "
+        "a block that leaves loses its optimizer state.",
+        "",
+        *findings_section([Finding(**f) for f in results["findings"]]),
+        *timing_section(results),
+        *loss_section(results),
+        *missing_section(results["missing"], "make bench-modes"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def timing_section(results: dict) -> list[str]:
+    if "timing" not in results:
+        return []
+    rows = []
+    for mode in MODES:
+        time, mem = costs(results, mode)
+        step = ratio(results["timing"], "ila-75" if mode == "ila-inside" else mode)
+        rows.append([MODES[mode].short, f"{step:.2f}", f"{time:.2f}", f"{mem:.2f}"])
+    head = ["mode", "step time x LoRA-all", "wall time of one epoch, identification included", "memory rise"]
+    return ["## Cost, side by side", "", *table(head, rows, "lrrr"), ""]
+
+
+def loss_section(results: dict) -> list[str]:
+    out = ["## Held-out loss", ""]
+    for regime, text in REGIMES.items():
+        rows = []
+        for dataset in results["datasets"]:
+            for mode in MODES:
+                losses = losses_of(results, dataset, mode, regime)
+                if not losses:
+                    continue
+                against = delta(results, dataset, mode, "all", regime, "epoch" if regime == "equal-time" else regime)
+                know = losses_of(results, dataset, mode, regime, "knowledge")
+                forget = losses_of(results, dataset, mode, regime, "forgetting")
+                shown = show(against) if mode != "all" or regime == "equal-time" else ""
+                rise = f"{statistics.mean(forget):+.4f}" if forget else ""
+                loss = f"{statistics.mean(losses):.4f}"
+                rows.append(
+                    [dataset, MODES[mode].short, str(len(losses)), loss, shown, rise, f"{statistics.mean(know):.3f}"]
+                )
+        if rows:
+            head = ["dataset", "mode", "seeds", "loss after", "Δ vs LoRA-all", "other datasets' rise", "ARC-Easy"]
+            out += [f"### {text}", "", *table(head, rows, "llrrrrr"), ""]
+    noise = ", ".join(f"{d} {v:.4f}" for d in results["datasets"] if (v := sigma(results, d)) is not None)
+    return [*out, f"Noise scale (pooled seed-to-seed SD): {noise or 'not yet'}.", ""]
