@@ -35,7 +35,7 @@ from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding
 from benchmarks.core.recipes import train_briefly
 from benchmarks.grid import ADAPTER, Grid
-from benchmarks.modes_report import MODES
+from benchmarks.modes_report import MODES, NEW
 from peft_ila import (
     ILAConfig,
     LayerSampler,
@@ -48,7 +48,6 @@ from peft_ila import (
 )
 from peft_ila.tuner.layerwise import block_groups, block_importance
 
-NEW = ["lisa", "ila-sampled", "ila-inside", "ila-full"]  # the issue's modes; the others are the grid's rows
 ON_GRID = {"all": ("all", 1.0), "ila-25": ("ila", 0.25), "ila-75": ("ila", 0.75)}  # mode -> the grid's selector
 SWEPT = {"lora": "all", "sampled": "lisa", "full": "ila-full"}  # the mode each family's learning rate is swept on
 # ila-sampled's draws (LayerwiseConfig): probability ∝ block importance ** 2. On alpaca's mask a block is then drawn
@@ -57,22 +56,39 @@ SWEPT = {"lora": "all", "sampled": "lisa", "full": "ila-full"}  # the mode each 
 IMPORTANCE = dict(importance_weight=1.0, temperature=0.5)
 INSIDE_TOP = 0.75  # ila-inside: the share of layers that go on after identification
 PROBE = ("probe-stage1", "probe-stage2")  # identification's stages, rows of the timing cell
+# the timing cell's mode rows (part of its key): a mode added later is timed as the row it trains like (Mode.timed_as)
+TIMED = ("all", "ila-25", "ila-75", "lisa", "ila-sampled", "ila-inside", "ila-full")
 VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
 
 PRESETS = {
+    "smoke": dict(  # the test suite's, on a tiny model: every path once (no noise scale: one seed)
+        grid="quick",
+        rates={"lora": (1e-3,), "sampled": (1e-4,), "full": (1e-4,)},
+        seeds=[0],
+        other_seeds=[0],
+        equal_time_seeds=[0],
+        long_seeds=[0],
+        long_epochs=2,
+        layerwise=dict(active=1, interval=2),
+        timing=(1, 2),
+    ),
     "quick": dict(
+        grid="quick",
         rates={"lora": (1e-3, 3e-3), "sampled": (1e-4, 3e-4), "full": (1e-4,)},
         seeds=[0, 1],
         other_seeds=[0],
+        equal_time_seeds=[0],
         long_seeds=[0],
         long_epochs=2,
         layerwise=dict(active=2, interval=2),
         timing=(1, 3),
     ),
     "full": dict(
+        grid="full",
         rates={"lora": (3e-4, 1e-3, 3e-3), "sampled": (1e-4, 3e-4, 1e-3), "full": (3e-5, 1e-4, 3e-4)},
         seeds=[0, 1, 2],  # the primary dataset: every mode
         other_seeds=[0, 1],  # the other datasets: the best two new modes and the grid's rows
+        equal_time_seeds=[0, 1, 2],  # the primary dataset, every new mode given LoRA-all's wall time
         long_seeds=[0, 1],  # the long regime on the primary dataset: LoRA-all, ILA top 75% and the best new mode
         long_epochs=3,
         layerwise=dict(active=2, interval=10),  # LISA's: 2 blocks, re-drawn every 10 steps
@@ -89,7 +105,7 @@ class Modes(Study):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         grid_args = copy.copy(args)
-        grid_args.cells = args.grid_cells
+        grid_args.cells, grid_args.preset = args.grid_cells, self.p["grid"]
         self.grid = Grid(grid_args)
         self.data, self.base = self.grid.data, self.grid.base
         self.rates: dict[str, float] = {}
@@ -107,8 +123,8 @@ class Modes(Study):
         return Selection.from_json(self.grid.mask(name)["selection"])
 
     def layerwise(self, name: str, mode: str, seed: int, interval: int | None = None) -> LayerwiseConfig:
-        """The sampled modes' draws: the preset's (or every `interval` steps), by importance for ila-sampled."""
-        drawn = IMPORTANCE if mode == "ila-sampled" else {}
+        """The sampled modes' draws: the preset's (or every `interval` steps), uniform for LISA, else by importance."""
+        drawn = IMPORTANCE if mode != "lisa" else {}
         config = LayerwiseConfig(**self.p["layerwise"], **drawn, seed=seed)
         return replace(config, interval=interval) if interval else config
 
@@ -127,16 +143,24 @@ class Modes(Study):
         importance = block_importance(self.mask(name).scores) if mode == "ila-sampled" else None
         return model, {"sampler": LayerSampler(groups, self.layerwise(name, mode, seed, interval), importance)}
 
-    def inside(self, name: str, seed: int, lr: float, steps: int) -> dict:
-        """ila-inside: identification on the fine-tune's own data order, stage 1 at the fine-tune's learning rate
-        with its weights kept, then the top `INSIDE_TOP` go on for the rest of `steps` where stage 1 stopped."""
-        budget = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"], stage1_lr=lr)
-        config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget, top_k=INSIDE_TOP, seed=seed)
+    def inside(self, name: str, mode: str, seed: int, lr: float, steps: int) -> dict:
+        """Identification on the fine-tune's own data order, stage 1 at the LoRA family's learning rate with its
+        weights kept; then, for the rest of `steps` where stage 1 stopped, at `lr`: ila-inside's top `INSIDE_TOP`
+        go on, or (ila-inside-sampled) every adapter is merged and blocks drawn by the scores train full weights."""
+        sampled = mode == "ila-inside-sampled"
+        budget = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"])
+        top = 1.0 if sampled else INSIDE_TOP
+        config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget, top_k=top, seed=seed, keep_stage1_weights=True)
         torch.manual_seed(seed)
-        model = get_peft_model(copy.deepcopy(self.base), replace(config, keep_stage1_weights=True))
+        model = get_peft_model(copy.deepcopy(self.base), replace(config, stage1_lr=self.rate("all")))
         result = identify_important_layers(model, self.data.batches(name, seed), progress=self.args.progress)
-        stage1 = result.stage1.steps
-        judged = self.grid.judged(name, model, steps - stage1, lr, seed, skip=stage1)
+        stage1, how = result.stage1.steps, {}
+        if sampled:
+            model = model.merge_and_unload()
+            groups = block_groups(model, self.grid.candidates)
+            config = self.layerwise(name, "ila-sampled", seed)
+            how["sampler"] = LayerSampler(groups, config, block_importance(result.scores))
+        judged = self.grid.judged(name, model, steps - stage1, lr, seed, skip=stage1, **how)
         return {**judged, "stage1_steps": stage1, "stage2_steps": result.stage2.steps, "steps": steps}
 
     # --- cells ---------------------------------------------------------------------------------------------------
@@ -153,8 +177,8 @@ class Modes(Study):
         settings.update(self.mode_settings(name, mode), modes_version=VERSION)
 
         def compute(stem: Path) -> dict:
-            if mode == "ila-inside":
-                return self.inside(name, seed, lr, steps)
+            if MODES[mode].identification == "inside":
+                return self.inside(name, mode, seed, lr, steps)
             model, how = self.prepared(name, mode, seed)
             judged = self.grid.judged(name, model, steps, lr, seed, **how)
             if mode == "ila-full":
@@ -168,10 +192,12 @@ class Modes(Study):
         out: dict = {}
         if MODES[mode].identification == "separate":
             out["mask"] = self.grid.mask(name)["settings"]
-        if mode in ("lisa", "ila-sampled"):
-            out["layerwise"] = {**self.p["layerwise"], **(IMPORTANCE if mode == "ila-sampled" else {})}
+        if MODES[mode].family == "sampled":
+            out["layerwise"] = {**self.p["layerwise"], **(IMPORTANCE if mode != "lisa" else {})}
         if mode == "ila-inside":
             out.update(stage1=self.grid.p["stage1"], stage2=self.grid.p["stage2"], inside_top=INSIDE_TOP)
+        if mode == "ila-inside-sampled":
+            out.update(stage1=self.grid.p["stage1"], stage2=self.grid.p["stage2"], stage1_lr=self.rate("all"))
         return out
 
     def timing(self, name: str) -> dict:
@@ -180,7 +206,7 @@ class Modes(Study):
         round), so its mean covers many draws. Each row: mean step seconds (a run's first step left out) and the
         largest peak memory rise of its rounds (MB)."""
         rounds, steps = self.p["timing"]
-        rows = [*MODES, *PROBE]
+        rows = [*TIMED, *PROBE]
         settings = {**self.grid.identity(name), **ADAPTER, "rounds": rounds, "steps": steps, "rows": rows}
         settings.update(mask=self.grid.mask(name)["settings"], layerwise=self.p["layerwise"], modes_version=VERSION)
 
@@ -205,8 +231,7 @@ class Modes(Study):
                 return train_briefly(probe, batches, steps, grid_study.LR)
             with probe.base_model.gate_stage():
                 return train_briefly(probe, batches, steps, probe.peft_config["default"].gate_lr)
-        if row == "ila-inside":  # after identification it trains as ILA's top 75% with kept weights does
-            row = "ila-75"
+        row = MODES[row].timed_as or row  # after identification ila-inside trains as ILA's top 75% does
         model, how = self.prepared(name, row, round_, interval=1)
         return train_briefly(model, batches, steps, grid_study.LR, **how)
 
@@ -233,7 +258,7 @@ class Modes(Study):
         for seed in self.p["seeds"]:
             for mode in MODES:
                 self.collect(f"{primary}: {mode}, seed {seed}", self.add, results, primary, mode, seed, "epoch")
-        for seed in self.p["seeds"]:
+        for seed in self.p["equal_time_seeds"]:
             for mode in NEW:
                 what = f"{primary}: {mode} at LoRA-all's wall time, seed {seed}"
                 self.collect(what, self.add_equal_time, results, mode, seed)

@@ -20,13 +20,14 @@ from benchmarks.core.stats import NOISE_RULE, beyond, difference, judge, pooled_
 @dataclass(frozen=True)
 class Mode:
     """A training mode: the `family` whose learning rate it takes, what the page calls it (`short`) and what it
-    trains (`text`), and how it finds its layers (`identification`: "none", "separate" (the grid's mask, its cost
-    added) or "inside" the fine-tune)."""
+    trains (`text`), how it finds its layers (`identification`: "none", "separate" (the grid's mask, its cost
+    added) or "inside" the fine-tune), and the timing row whose steps it takes (`timed_as`; default its own)."""
 
     family: str
     short: str
     text: str
     identification: str
+    timed_as: str = ""
 
 
 MODES = {
@@ -37,13 +38,23 @@ MODES = {
     "ila-sampled": Mode(
         "sampled", "ILA-sampled", "full weights of sampled blocks, drawn by ILA's block importance", "separate"
     ),
-    "ila-inside": Mode("lora", "ILA inside", "identification inside the fine-tune, its top 75% go on", "inside"),
+    "ila-inside": Mode(
+        "lora", "ILA inside", "identification inside the fine-tune, its top 75% go on", "inside", "ila-75"
+    ),
+    "ila-inside-sampled": Mode(
+        "sampled",
+        "ILA inside, sampled",
+        "identification inside the fine-tune (its LoRA merged), then full weights of blocks drawn by its importance",
+        "inside",
+        "ila-sampled",
+    ),
     "ila-full": Mode(
         "full", "ILA full", "full weights of ILA's top layers within LoRA-all's trainable parameters", "separate"
     ),
 }
 REGIMES = {"epoch": "one epoch", "equal-time": "LoRA-all's wall time", "long": "the long regime"}
-IMPORTANCE = ["ila-25", "ila-75", "ila-sampled", "ila-inside", "ila-full"]  # the modes that use ILA's scores
+NEW = ["lisa", "ila-sampled", "ila-inside", "ila-inside-sampled", "ila-full"]  # the issue's; the rest are the grid's
+IMPORTANCE = [mode for mode in MODES if mode.startswith("ila")]  # the modes that use ILA's scores
 
 
 def empty(preset: dict, grid, primary: str) -> dict:
@@ -73,8 +84,9 @@ def row(record: dict, name: str, mode: str, seed: int, regime: str) -> dict:
 
 
 def ratio(timing: dict, what: str) -> float:
-    """`what`'s step seconds over LoRA-all's (side by side)."""
-    return timing[what]["step_seconds"] / timing["all"]["step_seconds"]
+    """The step seconds of `what` (a timing row, or a mode: the row it is timed as) over LoRA-all's (side by side)."""
+    row = (MODES[what].timed_as or what) if what in MODES else what
+    return timing[row]["step_seconds"] / timing["all"]["step_seconds"]
 
 
 def identification_cost(timing: dict, grid: dict, stage1: int | None = None) -> float:
@@ -86,14 +98,14 @@ def wall(timing: dict, mode: str, steps: int, grid: dict) -> float:
     """`mode`'s wall time for `steps` optimizer steps (stage 1's included for ila-inside), in LoRA-all steps."""
     how = MODES[mode].identification
     if how == "inside":
-        return identification_cost(timing, grid) + (steps - grid["stage1"]) * ratio(timing, "ila-75")
+        return identification_cost(timing, grid) + (steps - grid["stage1"]) * ratio(timing, mode)
     return steps * ratio(timing, mode) + (identification_cost(timing, grid) if how == "separate" else 0.0)
 
 
 def memory(timing: dict, mode: str) -> float:
     """The largest peak memory rise of what `mode` runs, over LoRA-all's (side by side)."""
     how = MODES[mode].identification
-    rows = ["ila-75" if how == "inside" else mode] + (["probe-stage1", "probe-stage2"] if how != "none" else [])
+    rows = [MODES[mode].timed_as or mode] + (["probe-stage1", "probe-stage2"] if how != "none" else [])
     return max(timing[r]["memory_rise_mb"] for r in rows) / timing["all"]["memory_rise_mb"]
 
 
@@ -103,7 +115,7 @@ def equal_time_steps(timing: dict, mode: str, lora_steps: int, grid: dict) -> in
     how = MODES[mode].identification
     spare = lora_steps - (identification_cost(timing, grid) if how != "none" else 0.0)
     if how == "inside":
-        return grid["stage1"] + round(spare / ratio(timing, "ila-75"))
+        return grid["stage1"] + round(spare / ratio(timing, mode))
     return round(spare / ratio(timing, mode))
 
 
@@ -125,7 +137,9 @@ def losses_of(results: dict, dataset: str, mode: str, regime: str, what: str = "
     if what == "knowledge":
         return [t["knowledge_after"] for t in runs]
     base = results["base"]
-    return [statistics.mean(v - base[o] for o, v in t["others_after"].items()) for t in runs if base]
+    return [
+        statistics.mean(v - base[o] for o, v in t["others_after"].items()) for t in runs if base and t["others_after"]
+    ]
 
 
 def sigma(results: dict, dataset: str, what: str = "loss") -> float | None:
@@ -172,7 +186,7 @@ def cost_text(results: dict, mode: str) -> str:
 
 def findings(results: dict) -> list[Finding]:
     out = [finding_rates(results)]
-    out += [finding_mode(results, mode) for mode in ("lisa", "ila-sampled", "ila-inside", "ila-full")]
+    out += [finding_mode(results, mode) for mode in NEW]
     out += [finding_goal(results), finding_importance(results), finding_forgetting(results)]
     out += [finding_equal_time(results), finding_long(results)]
     return out
@@ -228,7 +242,7 @@ def finding_importance(results: dict) -> Finding:
 
 def finding_forgetting(results: dict) -> Finding:
     parts = []
-    for mode in ("lisa", "ila-sampled", "ila-inside", "ila-full"):
+    for mode in NEW:
         found = {d: delta(results, d, mode, "all", what="forgetting") for d in results["datasets"]}
         found = {d: v for d, v in found.items() if v is not None}
         if found:
@@ -236,7 +250,7 @@ def finding_forgetting(results: dict) -> Finding:
     evidence = "other datasets' held-out loss rise, Δ vs LoRA-all: " + ("; ".join(parts) or "not measured yet")
     signs = [
         beyond(v)
-        for mode in ("lisa", "ila-sampled", "ila-inside", "ila-full")
+        for mode in NEW
         for d in results["datasets"]
         if (v := delta(results, d, mode, "all", what="forgetting")) is not None
     ]
@@ -246,12 +260,9 @@ def finding_forgetting(results: dict) -> Finding:
 
 def finding_equal_time(results: dict) -> Finding:
     primary = results["primary"]
-    parts = [
-        f"{MODES[mode].short} {show(delta(results, primary, mode, 'all', 'equal-time'))}"
-        for mode in ("lisa", "ila-sampled", "ila-inside", "ila-full")
-    ]
+    parts = [f"{MODES[mode].short} {show(delta(results, primary, mode, 'all', 'equal-time'))}" for mode in NEW]
     parts += [f"{MODES[m].short}: identification alone takes longer" for m in results["no_time_left"]]
-    found = [delta(results, primary, m, "all", "equal-time") for m in ("lisa", "ila-sampled", "ila-inside", "ila-full")]
+    found = [delta(results, primary, m, "all", "equal-time") for m in NEW]
     found = [d for d in found if d is not None]
     verdict = judge(found, "every mode beats LoRA-all", "some mode is worse", "within the noise") if found else ""
     return Finding(
@@ -302,7 +313,7 @@ def timing_section(results: dict) -> list[str]:
     rows = []
     for mode in MODES:
         time, mem = costs(results, mode)
-        step = ratio(results["timing"], "ila-75" if mode == "ila-inside" else mode)
+        step = ratio(results["timing"], mode)
         rows.append([MODES[mode].short, f"{step:.2f}", f"{time:.2f}", f"{mem:.2f}"])
     head = ["mode", "step time x LoRA-all", "wall time of one epoch, identification included", "memory rise"]
     return ["## Cost, side by side", "", *table(head, rows, "lrrr"), ""]

@@ -315,15 +315,17 @@ def test_the_modes_study_runs_every_mode_and_reads_the_grid_s_cells(tmp_path):
 
     lm = tiny_lm_dir(tmp_path / "lm", layers=4)
     (tmp_path / "a.json").write_text(json.dumps(alpaca_rows(30)))
-    args = ["--preset", "quick", "--model", str(lm), "--data", f"alpaca={tmp_path / 'a.json'}", "--shared", "/nowhere"]
+    args = ["--preset", "smoke", "--model", str(lm), "--data", f"alpaca={tmp_path / 'a.json'}", "--shared", "/nowhere"]
     args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz")), "--grid-cells", str(tmp_path / "grid")]
     results = modes.Modes.main([*args, "--cells", str(tmp_path / "cells")])
-    assert not results["missing"] and set(results["rates"]) == {"lora", "sampled", "full"}
+    assert not results["missing"] and results["rates"] == {"lora": 1e-3, "sampled": 1e-4, "full": 1e-4}
     ran = {(t["mode"], t["regime"]) for t in results["tunes"]}
     assert {(mode, "epoch") for mode in modes.MODES} <= ran and ("all", "long") in ran
-    assert set(results["timing"]) == {*modes.MODES, *modes.PROBE}
+    assert {(mode, "equal-time") for mode in modes.NEW} <= ran | {(m, "equal-time") for m in results["no_time_left"]}
+    assert set(results["timing"]) == {*modes.TIMED, *modes.PROBE}
     inside = next(t for t in results["tunes"] if t["mode"] == "ila-inside" and t["regime"] == "epoch")
     assert inside["stage1_steps"] == 4  # the quick preset's stage 1, counted in the fine-tune's steps
     assert list((tmp_path / "grid" / "quick").glob("tune-*.json"))  # LoRA-all and ILA's rows are the grid's cells
+    assert len(results["findings"]) == 11 and (tmp_path / "cells" / "smoke" / "MODES.md").exists()
     again = modes.Modes.main([*args, "--cells", str(tmp_path / "cells"), "--existing-only"])
-    assert again["tunes"] == results["tunes"] and (tmp_path / "cells" / "quick" / "MODES.md").exists()
+    assert again["tunes"] == results["tunes"]
