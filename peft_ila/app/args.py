@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig, parse_budget
 from . import UsageError
-from .models import QUANTIZATIONS
+from .models import DEVICES, DTYPES, QUANTIZATIONS
 
 METHODS = ("ila", "lora", "dora", "adalora", "qlora", "full")  # what `train --method` does to the selected layers
 
@@ -147,6 +147,29 @@ def usage_error(exc: ValueError) -> UsageError:
     return UsageError(re.sub(pattern, flag, str(exc).splitlines()[0]))
 
 
+def _add_loading(g, dtype_default: str | None) -> None:
+    """--dtype, --device and --gradient-checkpointing: how the base model is loaded and run."""
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=dtype_default,
+        help="the base model's weights: auto (as the checkpoint stores them), bfloat16, float16 or float32; adapters "
+        "and gates train in float32 whatever it is "
+        + ("(default: %(default)s)" if dtype_default else "(default: as the fine-tune recorded)"),
+    )
+    g.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto (a GPU when there is one; under torchrun each process its own), cpu, or cuda (default: %(default)s)",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in backward instead of keeping them (less memory, about a third more time)",
+    )
+
+
 def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument(
@@ -166,6 +189,7 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
             + ("; NF4, float32 compute" if bits == "4bit" else "; LLM.int8()")
             + "); needs pip install 'peft-ila[qlora]'",
         )
+    _add_loading(g, dtype_default="auto")
     g.add_argument(
         "--data",
         default="alpaca_en_demo",
@@ -390,6 +414,8 @@ def parser() -> argparse.ArgumentParser:
         "warning, and the split is drawn from it again)",
     )
     g.add_argument("--eval-data", help="draw the held-out examples from this file instead (a warning says so)")
+    _add_loading(g, dtype_default=None)
+    p.set_defaults(bf16=False, grad_accum=1)  # no training: the accelerator only places the model
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -20,6 +20,7 @@ from .steps import (
     checkpoint_path,
     identify_to_run,
     ila_config,
+    loading_of,
     mask_config,
     prepare_data,
     print_finetune,
@@ -295,6 +296,7 @@ def cmd_eval(args) -> dict:
             "the adapter again with save_pretrained(dir)."
         )
     source, columns, recorded = _held_out_source(args, info)
+    accelerator = accelerator_for(args)
     prepared = prepare(
         str(args.adapter) if full else args.model or info["model"],
         source,
@@ -303,8 +305,10 @@ def cmd_eval(args) -> dict:
         info["held_out_examples"],
         info["split_seed"],
         info["format"] == "plain",
+        accelerator=accelerator,
         columns=columns,
         quantize=info.get("quantization"),
+        loading=loading_of(args, info.get("loading")),
     )
     if not full:  # a full fine-tune's weights are its own, not its base model's
         _check_base_model(args, info, prepared.info["base_model"])

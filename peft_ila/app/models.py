@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..tuner.model import keep_4bit_layers_differentiable
@@ -79,6 +80,32 @@ def portable(spec: str) -> str:
 
 
 QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes NF4 (QLoRA's) and LLM.int8()
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype: the base weights' ("auto": as the checkpoint stores)
+DEVICES = ("auto", "cpu", "cuda")  # --device ("auto": a GPU when there is one)
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How the base model is loaded: its weights' `dtype` (one of DTYPES; adapters and gates stay float32), and
+    whether it recomputes activations in backward (`gradient_checkpointing`, non-reentrant: less memory, more
+    time). The device is the accelerator's."""
+
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+
+    def apply(self, model) -> dict:
+        """Turn on gradient checkpointing if asked; what the run files record of how `model` was loaded."""
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        first = next(model.parameters())
+        loaded = str(first.dtype).removeprefix("torch.")
+        return {
+            "dtype": loaded,
+            "asked_dtype": self.dtype,
+            "device": str(first.device),
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }
 
 
 def _quantization_config(quantize: str):
@@ -95,13 +122,17 @@ def _quantization_config(quantize: str):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_model(spec: str = DEFAULT_MODEL, quantize: str | None = None, device: str = "cpu"):
-    """(model, tokenizer) from local files only: in float32 on the CPU, or with `quantize` ("4bit", "8bit") its
-    linear layers stored by bitsandbytes on `device` (float32 elsewhere)."""
+def load_model(spec: str = DEFAULT_MODEL, quantize: str | None = None, device: str = "cpu", dtype: str = "auto"):
+    """(model, tokenizer) from local files only: weights in `dtype` (one of DTYPES; "auto": as stored) on the CPU,
+    or with `quantize` ("4bit", "8bit") its linear layers stored by bitsandbytes on `device`."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(spec)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}.")
     kwargs: dict = {"local_files_only": True}
+    model_kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if quantize is not None:
         kwargs.update(quantization_config=_quantization_config(quantize), device_map={"": str(device)})
     if isinstance(where, Path) and where.suffix == ".gguf":
@@ -115,7 +146,7 @@ def load_model(spec: str = DEFAULT_MODEL, quantize: str | None = None, device: s
                 "Convert it once with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)`."
             )
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except OSError as exc:
         raise UsageError(

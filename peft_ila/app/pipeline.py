@@ -25,7 +25,7 @@ from . import UsageError
 from .args import usage_error
 from .data import Conversation, Encoded, batches, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
-from .models import load_model, portable
+from .models import Loading, load_model, portable
 
 
 @dataclass
@@ -64,21 +64,26 @@ def prepare(
     eval_data: str | None = None,
     columns: dict[str, str] | None = None,
     quantize: str | None = None,
+    loading: Loading | None = None,
 ) -> Prepared:
     """Load data first (cheap, and where most mistakes are), then the model; tokenize and split.
 
     The held-out set is `eval_size` examples: split off `data_spec` with `seed`, or drawn with `seed` from
     `eval_data` (a separate test file, then all of `data_spec` trains). `columns` maps roles to columns (see
     `data.column_mapping`). `quantize` ("4bit", "8bit"): the base model's linear layers stored by bitsandbytes
-    (`models.load_model`). `info` records what resolves from any directory (absolute paths), the SHA-256 of the data
-    and the base model's identity, and the held-out rows (`held_out_ids`, row numbers in the file they come from)."""
+    (`models.load_model`); `loading`: the base weights' dtype and gradient checkpointing (default: as stored,
+    none). `info` records what resolves from any directory (absolute paths), how the model was loaded, the SHA-256
+    of the data and the base model's identity, and the held-out rows (`held_out_ids`, row numbers in the file they
+    come from)."""
     dataset = read_dataset(data_spec, columns)
     test_set = read_dataset(eval_data, columns) if eval_data else None
     device = accelerator.device if accelerator is not None else "cpu"
-    model, tokenizer = load_model(model_spec, quantize, device)
+    loading = loading or Loading()
+    model, tokenizer = load_model(model_spec, quantize, device, loading.dtype)
     base_model = {"model": portable(model_spec), **model_identity(model)}
     if accelerator is not None and quantize is None:  # a quantized model was loaded onto its device
         model.to(accelerator.device)
+    loaded = loading.apply(model)
     plain = plain or not tokenizer.chat_template
     encoded = _encode_checked(dataset.conversations, data_spec, tokenizer, max_length, overlong, plain)
     if test_set is None:
@@ -93,6 +98,7 @@ def prepare(
     info = {
         "model": base_model["model"],
         "quantization": quantize,
+        "loading": loaded,
         "data": dataset.source,
         "data_sha256": dataset.sha256,
         "columns": dataset.columns,

@@ -9,12 +9,17 @@ from pathlib import Path
 
 
 def accelerator_for(args):
-    """Precision and accumulation; under torchrun/accelerate launch also the process group (gloo without a GPU)."""
+    """Device, precision and accumulation; under torchrun/accelerate launch also the process group (gloo without a
+    GPU)."""
     import torch
     from accelerate import Accelerator
 
+    from . import UsageError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU here; drop the option (or --device cpu).")
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=args.device == "cpu" or not torch.cuda.is_available(),
         mixed_precision="bf16" if args.bf16 else "no",
         gradient_accumulation_steps=args.grad_accum,
     )
@@ -67,7 +72,17 @@ def prepare_data(args, accelerator):
             args.eval_data,
             args.columns,
             args.quantize,
+            loading_of(args),
         )
+
+
+def loading_of(args, recorded: dict | None = None):
+    """How the command loads the base model: its --dtype (for `eval`, by default the dtype the fine-tune `recorded`)
+    and --gradient-checkpointing."""
+    from .models import Loading
+
+    dtype = args.dtype or (recorded or {}).get("asked_dtype", "float32")  # before --dtype, every load was float32
+    return Loading(dtype, args.gradient_checkpointing)
 
 
 def checkpoint_path(args, out: Path) -> Path | None:
