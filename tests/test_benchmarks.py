@@ -329,3 +329,26 @@ def test_the_modes_study_runs_every_mode_and_reads_the_grid_s_cells(tmp_path):
     assert len(results["findings"]) == 11 and (tmp_path / "cells" / "smoke" / "MODES.md").exists()
     again = modes.Modes.main([*args, "--cells", str(tmp_path / "cells"), "--existing-only"])
     assert again["tunes"] == results["tunes"]
+
+
+def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path):
+    from benchmarks import gpu
+
+    args = ["--shapes", "tiny", "--device", "cpu", "--batch", "2", "--length", "16", "--rounds", "1", "--steps", "2"]
+    results = gpu.main([*args, "--out", str(tmp_path)])
+    (shape,) = results["shapes"]
+    assert {(r["method"], r["checkpointing"]) for r in shape["rows"]} == {
+        (m, c) for m in gpu.METHODS for c in (False, True)
+    }
+    assert all(r["step_seconds"] > 0 and r["peak_mb"] is None for r in shape["rows"])  # no CUDA memory on a CPU
+    assert shape["budget"]["stage1"] == 128 and "tiny" in (tmp_path / "GPU.md").read_text()
+    assert json.loads((tmp_path / "gpu.json").read_text())["shapes"][0]["shape"] == "tiny"
+
+
+def test_a_ranking_carries_over_to_another_depth_by_relative_position():
+    from benchmarks.gpu import carried_ranking
+
+    source = ["model.layers.29.mlp.down_proj", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    ranking = carried_ranking(source, blocks=4)
+    assert ranking[:2] == ["model.layers.3.mlp.down_proj", "model.layers.0.self_attn.q_proj"]  # 1 -> 0 again: kept once
+    assert len(ranking) == len(set(ranking)) == 4 * 7
