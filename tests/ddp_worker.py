@@ -1,13 +1,14 @@
 """One rank of the multi-process tests (launched by torchrun from tests/test_distributed.py).
 
-    torchrun --nproc_per_node 2 tests/ddp_worker.py {function|callback|layerwise} OUT_DIR
+    torchrun --nproc_per_node 2 tests/ddp_worker.py {function|callback|layerwise|fsdp} OUT_DIR
 
 Each rank identifies on its own shard of the data and fine-tunes a few steps, then writes OUT_DIR/rank<r>.json
 (its selection and a fingerprint of its adapter weights); rank 0 also saves the adapter and the logits it gives on
 fixed inputs (safetensors), for the test to reload and compare. In "function" mode each rank also reports, for
 every estimator, whether an interrupted and resumed identification ended as the uninterrupted one
 (OUT_DIR/resumed<r>.json). In "layerwise" mode each rank fine-tunes a tiny Llama's block weights under the Trainer
-with `LayerwiseCallback` and writes its draws and a fingerprint of every weight.
+with `LayerwiseCallback` and writes its draws and a fingerprint of every weight. In "fsdp" mode a probe sharded by
+FSDP2 is refused, and the path the refusal names (identify unsharded, shard plain LoRA on the selection) is run.
 """
 
 from __future__ import annotations
@@ -108,10 +109,55 @@ def run_layerwise(out: Path) -> None:
     (out / f"rank{rank()}.json").write_text(json.dumps({"draws": draws, "weights": weights}))
 
 
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 as a user applies it: every decoder block, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.base_model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def run_fsdp(out: Path) -> None:
+    """ILA refuses a sharded probe with the working path, and that path works: identify unsharded, then plain peft
+    LoRA on the selection, sharded by FSDP2, fine-tuned through the library's loop and saved from a full state
+    dict."""
+    from peft import LoraConfig
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    accelerator = Accelerator(cpu=True)  # starts the gloo group
+    data = lm_batches(8, seed=1)[rank() :: world_size()]
+    probe = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    shard(probe)
+    try:
+        identify_important_layers(probe, data, progress=False, accelerator=accelerator)
+        refused = "no error"
+    except ValueError as exc:
+        refused = str(exc)
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    result = identify_important_layers(model, data, progress=False, accelerator=accelerator)
+    lora = get_peft_model(tiny_llama(), result.selection.to_peft_config(LoraConfig(r=2, lora_alpha=4)))
+    shard(lora)
+    params = [p for p in lora.parameters() if p.requires_grad]
+    train_steps(lora, cycle(data), torch.optim.AdamW(params, lr=1e-2), 3, accelerator, progress=False)
+    state = get_model_state_dict(lora, options=StateDictOptions(full_state_dict=True))  # whole, on every rank
+    ids = torch.arange(20).reshape(2, 10) % 64
+    with torch.no_grad():
+        logits = lora.eval()(input_ids=ids).logits
+    if rank() == 0:
+        lora.save_pretrained(out / "adapter", state_dict=state)
+        save_file({"input_ids": ids, "logits": logits.contiguous()}, out / "logits.safetensors")
+    fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in state.items() if "lora_" in n}
+    record = {"refused": refused, "selected": result.selected, "weights": fingerprint}
+    (out / f"rank{rank()}.json").write_text(json.dumps(record))
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "layerwise":
         return run_layerwise(out)
+    if mode == "fsdp":
+        return run_fsdp(out)
     model, selected = (run_function if mode == "function" else run_callback)(out)
     weights = {n: p.detach() for n, p in model.named_parameters() if "ila_" in n}
     fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in weights.items()}

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 T = TypeVar("T")
 
@@ -29,13 +30,16 @@ def rank() -> int:
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Replace each parameter's gradient by its mean over ranks, in one all-reduce per dtype.
 
-    A parameter without a gradient counts as a zero gradient, so every rank reduces buffers of the same size.
+    A parameter without a gradient counts as a zero gradient, so every rank reduces buffers of the same size. A
+    parameter sharded by FSDP2 (`fully_shard`, a DTensor) is left alone: FSDP already reduced its gradient.
     """
     n = world_size()
     if n == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p in params:
+        if is_sharded(p):
+            continue
         by_dtype.setdefault(p.dtype, []).append(p)
     for group in by_dtype.values():
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
@@ -45,6 +49,11 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
         for p in group:
             p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (a parameter sharded by FSDP2's `fully_shard`, or by tensor parallelism)."""
+    return isinstance(tensor, DTensor)
 
 
 def sum_over_ranks(*values: float) -> tuple[float, ...]:

@@ -37,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .cost import StepCost, measure_step_cost, within_budget
-from .distributed import agree_on, gather, rank, world_size
+from .distributed import agree_on, gather, is_sharded, rank, world_size
 from .estimators import ESTIMATORS, membership_confidence
 from .training import Batch, StabilityTest, StepStats, cycle, train_steps
 
@@ -70,6 +70,20 @@ class ILAResult:
         """Plain JSON: the selection's fields, `update_norms`, and the stages as nested dicts."""
         stages = {"stage1": dataclasses.asdict(self.stage1), "stage2": dataclasses.asdict(self.stage2)}
         return {**self.selection.to_json(), "update_norms": self.update_norms, **stages}
+
+
+SHARDED = (
+    "ILA cannot identify on a model sharded by FSDP2 (fully_shard) yet: selection removes the adapters of the layers "
+    "it drops, which FSDP's parameter groups hold. Identify on an unsharded model instead (one process or DDP; a "
+    "base loaded in 4 bits fits where the full one does not), then fine-tune the selection under FSDP as plain peft "
+    "LoRA: get_peft_model(base, result.selection.to_peft_config(LoraConfig(...))), then fully_shard (docs/ddp.md)."
+)
+
+
+def refuse_sharded(model: nn.Module) -> None:
+    """`ValueError` with the working path (`SHARDED`) if any parameter of `model` is sharded (a DTensor)."""
+    if any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(SHARDED)
 
 
 def identify_important_layers(
@@ -108,7 +122,9 @@ def identify_important_layers(
     drawn from `config.seed` (so the result depends only on model, data and config), and only adapter (and
     `modules_to_save`) weights train in it; stage 2 trains only the gates. Unless `keep_stage1_weights`, adapters and
     `modules_to_save` are reset before returning, so the fine-tune that follows starts from the base model.
+    A model sharded by FSDP2 (`fully_shard`) is refused with the path that works (see `refuse_sharded`).
     """
+    refuse_sharded(model)
     recipe = Identification(model, adapter_name, accelerator, checkpoint, checkpoint_every, train_stage1)
     return recipe.run(batches, progress, resume)
 
