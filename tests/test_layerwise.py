@@ -244,7 +244,7 @@ def test_a_fine_tune_that_skips_batches_goes_on_where_the_data_order_left_off(tm
     seen = []
 
     def record(module, args, kwargs):
-        if module.training:
+        if torch.is_grad_enabled():  # a training step's forward (held-out losses are taken without autograd)
             seen.append(kwargs["input_ids"].clone())
 
     prepared.model.register_forward_pre_hook(record, with_kwargs=True)
@@ -254,3 +254,26 @@ def test_a_fine_tune_that_skips_batches_goes_on_where_the_data_order_left_off(tm
     finetune(prepared.model, prepared, 2, 1e-3, 2, 0, progress=False, skip=3)
     order = [batch["input_ids"] for batch in prepared.batches(2, 0)]
     assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, order[3:5], strict=True))
+
+
+def test_train_hands_the_inline_identification_s_scores_to_the_layerwise_draws(work, tmp_path):
+    """Identification inside the fine-tune, then its adapters drawn by its own scores: the draws follow the scores
+    the run directory stored, and the result reloads."""
+    import json
+
+    from conftest import common
+    from peft_ila.app.cli import main
+    from peft_ila.tuner.layerwise import draw_probabilities
+
+    out = tmp_path / "inside"
+    budget = ["--steps", "3", "--stage1-max-steps", "4", "--stage2-steps", "2", "--top-k", "1.0"]
+    layerwise = ["--keep-stage1-weights", "--layerwise", "1", "--layerwise-interval", "1", "--layerwise-importance", "1"]
+    assert main(["train", *common(work, *budget, *layerwise), "--out", str(out)]) == 0
+    scores = json.loads((tmp_path / "inside-identify" / "importance.json").read_text())["scores"]
+    importance = block_importance(scores)
+    expected = draw_probabilities(sorted(importance), LayerwiseConfig(importance_weight=1.0), importance)
+    assert len(set(expected.values())) == 2  # the two blocks' scores differ: the draws are not uniform
+    info = json.loads((out / "training.json").read_text())
+    assert info["layerwise"]["importance_weight"] == 1.0 and info["layerwise"]["blocks"] == 2
+    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["held_out_loss"] == pytest.approx(info["loss_after"])

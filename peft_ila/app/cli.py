@@ -103,6 +103,7 @@ def cmd_train(args) -> None:
     prepared = prepare_data(args, accelerator)
     params = chosen = None
     skip = 0  # micro-batches already trained on (by a stage 1 whose weights are kept)
+    scored = run[0] if run is not None else None  # the record whose layer scores --layerwise-importance reads
     if run is not None:
         config, chosen, selection = mask_config(args, *run, args.mask, prepared)
         model, params, chosen = _put_method(args, prepared.model, config, chosen)
@@ -117,15 +118,15 @@ def cmd_train(args) -> None:
         model, params, chosen = _put_method(args, prepared.model, config, chosen)
         selection = {"selection": "--layers", "layers": len(args.layers)}
     else:
-        model, _, record = identify_to_run(args, prepared, accelerator, inline, checkpoint)
-        print_top(record)
+        model, _, scored = identify_to_run(args, prepared, accelerator, inline, checkpoint)
+        print_top(scored)
         top_k = model.peft_config["default"].top_k
-        selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(record["selected"])}
+        selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(scored["selected"])}
         if args.keep_stage1_weights:  # the fine-tune goes on with the data after stage 1's
-            skip = record["stage1"]["steps"] * args.grad_accum
+            skip = scored["costs"]["stage1"]["steps"] * args.grad_accum
     if args.within_lora_params:  # the layers a full fine-tune sized to LoRA-all's parameters kept
         selection.update(layers=len(chosen.selected), within_lora_params=True)
-    sampler = _layerwise(args, model, run)
+    sampler = _layerwise(args, model, scored)
     report = _finetune(args, model, prepared, accelerator, params, sampler, skip)
     full = chosen if args.method == "full" else None
     how = {"method": args.method, **({"changed_only": True} if args.changed_only else {})}
@@ -151,9 +152,10 @@ def _finetune(args, model, prepared, accelerator, params=None, sampler=None, ski
     return finetune(model, prepared, *steps, accelerator, progress, params, sampler=sampler, skip=skip)
 
 
-def _layerwise(args, model, run):
+def _layerwise(args, model, scored: dict | None):
     """The `LayerSampler` of `--layerwise` over the blocks of what trains in `model` (None without the option);
-    `--layerwise-importance` weighs the draws by the `--mask` run's scores."""
+    `--layerwise-importance` weighs the draws by the layer scores of `scored` (the `--mask` run's record, or the
+    inline identification's)."""
     from ..tuner.layerwise import LayerSampler, LayerwiseConfig, block_importance, trainable_blocks
     from . import UsageError
     from .args import usage_error
@@ -162,16 +164,18 @@ def _layerwise(args, model, run):
         return None
     if args.method == "adalora":
         raise UsageError("--layerwise cannot drive AdaLoRA, whose rank budget steps every adapter: use another method.")
-    if args.layerwise_importance > 0 and run is None:
-        raise UsageError("--layerwise-importance weighs the draws by a mask's scores: pass --mask RUN_DIR.")
+    if args.layerwise_importance > 0 and scored is None:
+        raise UsageError(
+            "--layerwise-importance weighs the draws by a mask's scores: pass --mask RUN_DIR (or identify inline)."
+        )
     try:
         config = LayerwiseConfig(
             args.layerwise, args.layerwise_interval, args.layerwise_importance, args.layerwise_temperature, args.seed
         )
         groups = trainable_blocks(model)
         importance = None
-        if run is not None:
-            scores = block_importance(run[0]["scores"])
+        if scored is not None:
+            scores = block_importance(scored["scores"])
             importance = {name: scores.get(name, 0.0) for name in groups}
         return LayerSampler(groups, config, importance)
     except ValueError as exc:
