@@ -267,7 +267,8 @@ def test_train_hands_the_inline_identification_s_scores_to_the_layerwise_draws(w
 
     out = tmp_path / "inside"
     budget = ["--steps", "3", "--stage1-max-steps", "4", "--stage2-steps", "2", "--top-k", "1.0"]
-    layerwise = ["--keep-stage1-weights", "--layerwise", "1", "--layerwise-interval", "1", "--layerwise-importance", "1"]
+    layerwise = ["--keep-stage1-weights", "--layerwise", "1", "--layerwise-interval", "1"]
+    layerwise += ["--layerwise-importance", "1"]
     assert main(["train", *common(work, *budget, *layerwise), "--out", str(out)]) == 0
     scores = json.loads((tmp_path / "inside-identify" / "importance.json").read_text())["scores"]
     importance = block_importance(scores)
