@@ -8,7 +8,7 @@ fixed inputs (safetensors), for the test to reload and compare. In "function" mo
 every estimator, whether an interrupted and resumed identification ended as the uninterrupted one
 (OUT_DIR/resumed<r>.json). In "layerwise" mode each rank fine-tunes a tiny Llama's block weights under the Trainer
 with `LayerwiseCallback` and writes its draws and a fingerprint of every weight. In "fsdp" mode a probe sharded by
-FSDP2 is refused, and the path the refusal names (identify unsharded, shard plain LoRA on the selection) is run.
+FSDP2 identifies as the unsharded run does (every estimator), then fine-tunes and saves from a full state dict.
 """
 
 from __future__ import annotations
@@ -119,36 +119,37 @@ def shard(model: torch.nn.Module) -> None:
 
 
 def run_fsdp(out: Path) -> None:
-    """ILA refuses a sharded probe with the working path, and that path works: identify unsharded, then plain peft
-    LoRA on the selection, sharded by FSDP2, fine-tuned through the library's loop and saved from a full state
-    dict."""
-    from peft import LoraConfig
+    """Identification on a probe sharded by FSDP2 against the unsharded (DDP-style) run on the same data, for every
+    estimator; then the sharded model, left in the selected state, fine-tunes and is saved from a full state dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     accelerator = Accelerator(cpu=True)  # starts the gloo group
     data = lm_batches(8, seed=1)[rank() :: world_size()]
-    probe = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
-    shard(probe)
+    runs = {}
+    for estimator in sorted(ESTIMATORS, key=lambda name: name == CONFIG_ESTIMATOR):  # CONFIG_ESTIMATOR's last
+        probe = get_peft_model(tiny_llama(), ILAConfig(**CONFIG, estimator=estimator))
+        shard(probe)
+        sharded = identify_important_layers(probe, data, progress=False, accelerator=accelerator)
+        plain = identify(data, estimator)
+        runs[estimator] = {"selected": [plain.selected, sharded.selected], "scores": [plain.scores, sharded.scores]}
     try:
-        identify_important_layers(probe, data, progress=False, accelerator=accelerator)
+        again = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+        shard(again)
+        identify_important_layers(again, data, progress=False, checkpoint=out / "checkpoint.safetensors")
         refused = "no error"
     except ValueError as exc:
         refused = str(exc)
-    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
-    result = identify_important_layers(model, data, progress=False, accelerator=accelerator)
-    lora = get_peft_model(tiny_llama(), result.selection.to_peft_config(LoraConfig(r=2, lora_alpha=4)))
-    shard(lora)
-    params = [p for p in lora.parameters() if p.requires_grad]
-    train_steps(lora, cycle(data), torch.optim.AdamW(params, lr=1e-2), 3, accelerator, progress=False)
-    state = get_model_state_dict(lora, options=StateDictOptions(full_state_dict=True))  # whole, on every rank
+    params = [p for p in probe.parameters() if p.requires_grad]
+    train_steps(probe, cycle(data), torch.optim.AdamW(params, lr=1e-2), 3, accelerator, progress=False)
+    state = get_model_state_dict(probe, options=StateDictOptions(full_state_dict=True))  # whole, on every rank
     ids = torch.arange(20).reshape(2, 10) % 64
     with torch.no_grad():
-        logits = lora.eval()(input_ids=ids).logits
+        logits = probe.eval()(input_ids=ids).logits
     if rank() == 0:
-        lora.save_pretrained(out / "adapter", state_dict=state)
+        probe.save_pretrained(out / "adapter", state_dict=state)
         save_file({"input_ids": ids, "logits": logits.contiguous()}, out / "logits.safetensors")
-    fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in state.items() if "lora_" in n}
-    record = {"refused": refused, "selected": result.selected, "weights": fingerprint}
+    fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in state.items() if "ila_" in n}
+    record = {"runs": runs, "refused": refused, "weights": fingerprint, "selected": sharded.selected}
     (out / f"rank{rank()}.json").write_text(json.dumps(record))
 
 

@@ -56,19 +56,21 @@ def test_two_ranks_select_the_same_layers_and_the_adapter_reloads(tmp_path, mode
             assert "ILA ranks disagree on the selected layers: rank(s) [1]" in message
 
 
-def test_a_sharded_probe_is_refused_and_the_path_it_names_trains_and_reloads(tmp_path):
-    """FSDP2 on two gloo processes: identification refuses a probe sharded with fully_shard (one clear line, not an
-    error from inside torch); LoRA on the unsharded run's selection, sharded, trains the same weights on both ranks
-    and its saved adapter gives the sharded model's logits in one process."""
+def test_fsdp2_identifies_as_ddp_does_and_the_sharded_model_trains_saves_and_reloads(tmp_path):
+    """FSDP2 (fully_shard on every block, then the root) on two gloo processes: for every estimator the selection is
+    the unsharded run's and the scores equal it to float32 rounding (FSDP's reduce-scatter and ILA's all-reduce
+    sum the same gradients in another order); the sharded model then trains the same weights on both ranks, and its
+    adapter, saved from a full state dict, gives the sharded model's logits in one process."""
     torchrun(str(TESTS / "ddp_worker.py"), "fsdp", str(tmp_path))
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert rank0["refused"].startswith("ILA cannot identify on a model sharded by FSDP2 (fully_shard) yet")
-    assert rank0 == rank1 and rank0["weights"] and len(rank0["selected"]) == 6
-    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
-    saved = load_file(tmp_path / "logits.safetensors")
-    with torch.no_grad():
-        logits = model(input_ids=saved["input_ids"]).logits
-    assert torch.allclose(logits, saved["logits"], atol=1e-5)
+    assert rank0 == rank1 and rank0["weights"]
+    assert set(rank0["runs"]) == set(ESTIMATORS)
+    for estimator, run in rank0["runs"].items():
+        (plain, sharded), (plain_scores, sharded_scores) = run["selected"], run["scores"]
+        assert sharded == plain and len(sharded) == 6, estimator
+        assert sharded_scores == pytest.approx(plain_scores, abs=1e-5), estimator
+    assert rank0["refused"].startswith("checkpoints of an identification on a model sharded by FSDP2")
+    reload_reproduces_logits(tmp_path, rank0["selected"])
 
 
 def test_two_ranks_train_the_same_layerwise_draws_to_the_same_weights(tmp_path):

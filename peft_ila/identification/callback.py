@@ -79,9 +79,10 @@ class ILACallback(TrainerCallback):
         sharded += [n for n in ("fsdp", "deepspeed") if getattr(self.trainer, f"is_{n}_enabled", False)]
         if sharded:
             raise ValueError(
-                f"ILACallback supports one process and DDP, not {sharded[0]}: identification rewrites which modules "
-                "carry adapters after the trainer has sharded them. Identify first (one process or DDP), then train "
-                "LoraConfig(target_modules=result.selected) under FSDP/DeepSpeed."
+                f"ILACallback supports one process and DDP, not {sharded[0]} yet (the Trainer's FSDP path runs only on "
+                "a GPU and is not tested). Identify first: identify_important_layers works on a model sharded with "
+                "FSDP2's fully_shard under torchrun (docs/ddp.md), or in one process or DDP; then train the selected "
+                "model (or LoraConfig(target_modules=result.selected)) under FSDP/DeepSpeed."
             )
         if world_size() > 1 and args.ddp_find_unused_parameters is False:
             raise ValueError(

@@ -12,7 +12,8 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+
+from ..tuner.sharding import is_sharded
 
 T = TypeVar("T")
 
@@ -49,11 +50,6 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
         for p in group:
             p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is a DTensor (a parameter sharded by FSDP2's `fully_shard`, or by tensor parallelism)."""
-    return isinstance(tensor, DTensor)
 
 
 def sum_over_ranks(*values: float) -> tuple[float, ...]:

@@ -20,6 +20,7 @@ import torch
 
 from ..tuner.config import ILAConfig
 from ..tuner.layer import GateBank
+from ..tuner.sharding import full
 
 
 class Estimator:
@@ -73,7 +74,7 @@ class Gates(Estimator):
         return lambda: self.config.sparsity_weight * bank.gates().mean()
 
     def scores(self, bank: GateBank, optimizer: torch.optim.Optimizer | None, norms: list[float]) -> list[float]:
-        return bank.gates().detach().float().cpu().tolist()
+        return full(bank.gates().detach()).float().cpu().tolist()
 
     def replay(self, history: torch.Tensor) -> torch.Tensor:
         """Adam (default betas and eps, as `optimizer` builds it) from `gate_init` over the given gradients: the
@@ -118,7 +119,7 @@ class FirstOrder(Estimator):
     def scores(self, bank: GateBank, optimizer: torch.optim.Optimizer | None, norms: list[float]) -> list[float]:
         state = optimizer.state[bank.logits]
         slope = self.config.gate_init * (1 - self.config.gate_init)  # dg/ds of the sigmoid there
-        gain = (-state["sum"] / state["steps"] / slope).double()  # -dL/dg per layer
+        gain = (-full(state["sum"]) / state["steps"] / slope).double()  # -dL/dg per layer
         low, high = gain.min(), gain.max()
         return ((gain - low) / (high - low) if high > low else torch.zeros_like(gain)).tolist()
 
@@ -132,7 +133,7 @@ def _record(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is not None:
-                state, row = optimizer.state[p], p.grad.detach().reshape(1, -1).float().clone()
+                state, row = optimizer.state[p], full(p.grad.detach()).reshape(1, -1).float().clone()
                 state["history"] = torch.cat([state["history"], row]) if "history" in state else row
 
 

@@ -26,6 +26,7 @@ from ..tuner.config import ILAConfig, resolve_top_k
 from ..tuner.layer import ILALayer
 from ..tuner.model import _ila_tuner
 from ..tuner.selection import ILALoadError, Selection, as_float32, layer_of, model_identity, weights_fingerprint
+from ..tuner.sharding import is_sharded
 from .checkpoint import (
     DataPosition,
     check_settings,
@@ -37,7 +38,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .cost import StepCost, measure_step_cost, within_budget
-from .distributed import agree_on, gather, is_sharded, rank, world_size
+from .distributed import agree_on, gather, rank, world_size
 from .estimators import ESTIMATORS, membership_confidence
 from .training import Batch, StabilityTest, StepStats, cycle, train_steps
 
@@ -72,18 +73,10 @@ class ILAResult:
         return {**self.selection.to_json(), "update_norms": self.update_norms, **stages}
 
 
-SHARDED = (
-    "ILA cannot identify on a model sharded by FSDP2 (fully_shard) yet: selection removes the adapters of the layers "
-    "it drops, which FSDP's parameter groups hold. Identify on an unsharded model instead (one process or DDP; a "
-    "base loaded in 4 bits fits where the full one does not), then fine-tune the selection under FSDP as plain peft "
-    "LoRA: get_peft_model(base, result.selection.to_peft_config(LoraConfig(...))), then fully_shard (docs/ddp.md)."
+SHARDED_CHECKPOINT = (
+    "checkpoints of an identification on a model sharded by FSDP2 are not supported yet: pass checkpoint=None (the "
+    "CLI: --checkpoint-every 0), or identify unsharded (one process or DDP) to checkpoint and resume."
 )
-
-
-def refuse_sharded(model: nn.Module) -> None:
-    """`ValueError` with the working path (`SHARDED`) if any parameter of `model` is sharded (a DTensor)."""
-    if any(is_sharded(p) for p in model.parameters()):
-        raise ValueError(SHARDED)
 
 
 def identify_important_layers(
@@ -122,9 +115,14 @@ def identify_important_layers(
     drawn from `config.seed` (so the result depends only on model, data and config), and only adapter (and
     `modules_to_save`) weights train in it; stage 2 trains only the gates. Unless `keep_stage1_weights`, adapters and
     `modules_to_save` are reset before returning, so the fine-tune that follows starts from the base model.
-    A model sharded by FSDP2 (`fully_shard`) is refused with the path that works (see `refuse_sharded`).
+    On a model sharded by FSDP2 (`fully_shard`, every block then the root) the same holds: FSDP averages the
+    gradients, adapters are initialised on whole tensors, norms and scores read gathered ones, so every rank ends
+    with the selection (and the scores) of the unsharded run; the sharded model stays trainable (its parameter groups
+    keep the dropped adapters' shards, which no longer compute). Save it from a full state dict (docs/ddp.md).
+    Checkpoints are not supported there yet.
     """
-    refuse_sharded(model)
+    if checkpoint is not None and any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(SHARDED_CHECKPOINT)
     recipe = Identification(model, adapter_name, accelerator, checkpoint, checkpoint_every, train_stage1)
     return recipe.run(batches, progress, resume)
 

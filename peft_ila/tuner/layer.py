@@ -13,6 +13,7 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
 from .config import ILAConfig
+from .sharding import full, init_
 
 
 class GateBank(nn.Module):
@@ -84,13 +85,13 @@ class ILALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_adapter_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        """A Kaiming-uniform; B zero (the update starts at 0) or, with init_weights=False, random too."""
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.ila_A[adapter_name].weight, a=math.sqrt(5))
-            if init_weights:
-                nn.init.zeros_(self.ila_B[adapter_name].weight)
-            else:
-                nn.init.normal_(self.ila_B[adapter_name].weight, std=0.1)
+        """A Kaiming-uniform; B zero (the update starts at 0) or, with init_weights=False, random too (drawn whole
+        when sharded: the same values as unsharded)."""
+        init_(self.ila_A[adapter_name].weight, lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)))
+        if init_weights:
+            init_(self.ila_B[adapter_name].weight, nn.init.zeros_)
+        else:
+            init_(self.ila_B[adapter_name].weight, lambda w: nn.init.normal_(w, std=0.1))
 
     def gate(self, adapter_name: str) -> torch.Tensor | None:
         """The adapter's gate (0-dim tensor) in the probe state while gates are learned, else None (= 1)."""
@@ -116,7 +117,7 @@ class ILALayer(BaseTunerLayer):
     def update_norm(self, adapter_name: str) -> float:
         """Frobenius norm of the adapter's update ||B @ A|| * scaling."""
         with torch.no_grad():
-            delta = self.ila_B[adapter_name].weight.float() @ self.ila_A[adapter_name].weight.float()
+            delta = full(self.ila_B[adapter_name].weight).float() @ full(self.ila_A[adapter_name].weight).float()
             return float(delta.norm()) * self.scaling[adapter_name]
 
 

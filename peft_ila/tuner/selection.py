@@ -31,6 +31,8 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .sharding import full
+
 NAMES_KEY = "base_model.ila_layer_names"
 MASK_KEY = "base_model.ila_layer_mask"
 SCORES_KEY = "base_model.ila_layer_scores"
@@ -303,7 +305,7 @@ def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]], sample: int =
     digest = hashlib.sha256()
     for name, tensor in named:
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        raw = tensor.detach().reshape(-1)[:sample].cpu().contiguous()
+        raw = full(tensor.detach()).reshape(-1)[:sample].cpu().contiguous()  # sharded: gathered (every rank)
         digest.update(raw.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
