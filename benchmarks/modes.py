@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +56,7 @@ SWEPT = {"lora": "all", "sampled": "lisa", "full": "ila-full"}  # the mode each 
 # were LISA's own, too close to tell the two apart
 IMPORTANCE = dict(importance_weight=1.0, temperature=0.5)
 INSIDE_TOP = 0.75  # ila-inside: the share of layers that go on after identification
+EXTEND = 2  # a sweep won at an end is extended past it this many times at most
 PROBE = ("probe-stage1", "probe-stage2")  # identification's stages, rows of the timing cell
 # the timing cell's mode rows (part of its key): a mode added later is timed as the row it trains like (Mode.timed_as)
 TIMED = ("all", "ila-25", "ila-75", "lisa", "ila-sampled", "ila-inside", "ila-full")
@@ -95,6 +97,14 @@ PRESETS = {
         timing=(3, 8),  # side by side: rounds, and optimizer steps per mode in each (the first one not timed)
     ),
 }
+
+
+def ladder_step(rate: float, up: bool) -> float:
+    """The next learning rate of the 1-3-10 ladder above (or below) `rate` (1e-3 -> 3e-3 -> 1e-2)."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    mantissa = rate / 10**exponent
+    factor = (3 if mantissa < 2 else 10) if up else (0.3 if mantissa < 2 else 1)
+    return float(f"{factor * 10**exponent:.3g}")
 
 
 class Modes(Study):
@@ -251,9 +261,9 @@ class Modes(Study):
         if timing is not None:
             results["timing"] = {k: v for k, v in timing.items() if k not in ("kind", "settings")}
         for family, rates in self.p["rates"].items():
-            found = [self.collect(f"sweep {family} lr {r:g}", self.sweep, results, family, r) for r in rates]
-            if None not in found:
-                self.rates[family] = min(found, key=lambda row: row["loss_after"])["lr"]
+            best = self.collect(f"the {family} family's sweep", self.bracketed, results, family, list(rates))
+            if best is not None:
+                self.rates[family] = best
         results["rates"] = dict(self.rates)
         for seed in self.p["seeds"]:
             for mode in MODES:
@@ -273,6 +283,19 @@ class Modes(Study):
                 what = f"{primary}: {mode}, {self.p['long_epochs']} epochs, seed {seed}"
                 self.collect(what, self.add, results, primary, mode, seed, "long")
         return results
+
+    def bracketed(self, results: dict, family: str, rates: list[float]) -> float:
+        """The best learning rate of `family`: its sweep over `rates`, extended along the 1-3-10 ladder past whichever
+        end wins, up to `EXTEND` times, so that the rate chosen is one the sweep brackets (`Missing` until computed)."""
+        rows = {rate: self.sweep(results, family, rate) for rate in rates}
+        for _ in range(EXTEND):
+            best = min(rows, key=lambda rate: rows[rate]["loss_after"])
+            lowest, highest = min(rows), max(rows)
+            if len(rows) < 2 or best not in (lowest, highest):
+                break
+            rate = ladder_step(best, up=best == highest)
+            rows[rate] = self.sweep(results, family, rate)
+        return min(rows, key=lambda rate: rows[rate]["loss_after"])
 
     def sweep(self, results: dict, family: str, lr: float) -> dict:
         """The sweep cell of `family` at `lr` (its swept mode, primary dataset, first seed), added to the results."""

@@ -197,7 +197,8 @@ def finding_rates(results: dict) -> Finding:
         f"{r['family']} ({MODES[r['mode']].short}) lr {r['lr']:g}: {r['loss_after']:.4f}" for r in results["sweep"]
     )
     chosen = ", ".join(f"{family} {lr:g}" for family, lr in results["rates"].items()) or "none yet"
-    return Finding("Each family's learning rate (one sweep, primary dataset, first seed)", chosen, sweep or "nothing")
+    claim = "Each family's learning rate (one sweep on the primary dataset, first seed, extended past an end that wins)"
+    return Finding(claim, chosen, sweep or "nothing")
 
 
 def finding_mode(results: dict, mode: str) -> Finding:

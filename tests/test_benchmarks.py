@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny model and tiny data (no timing is asserted anywhere)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,28 @@ def test_a_ranking_carries_over_to_another_depth_by_relative_position():
     ranking = carried_ranking(source, blocks=4)
     assert ranking[:2] == ["model.layers.3.mlp.down_proj", "model.layers.0.self_attn.q_proj"]  # 1 -> 0 again: kept once
     assert len(ranking) == len(set(ranking)) == 4 * 7
+
+
+def test_a_learning_rate_sweep_won_at_an_end_is_extended_past_it():
+    import types
+
+    from benchmarks.modes import EXTEND, Modes
+
+    def study(best: float):  # a sweep whose loss is lowest at `best` (log-distance from it)
+        losses = lambda lr: abs(math.log(lr / best))  # noqa: E731
+        tried = []
+
+        def sweep(results, family, lr):
+            tried.append(lr)
+            return {"lr": lr, "loss_after": losses(lr)}
+
+        return types.SimpleNamespace(sweep=sweep), tried
+
+    inside, tried = study(3e-4)
+    assert Modes.bracketed(inside, {}, "sampled", [1e-4, 3e-4, 1e-3]) == 3e-4 and tried == [1e-4, 3e-4, 1e-3]
+    above, tried = study(3e-3)
+    assert Modes.bracketed(above, {}, "sampled", [1e-4, 3e-4, 1e-3]) == 3e-3 and tried[3:] == [3e-3, 1e-2]
+    far, tried = study(1.0)  # at most EXTEND steps past the end
+    assert Modes.bracketed(far, {}, "sampled", [1e-4, 3e-4, 1e-3]) == 1e-2 and len(tried) == 3 + EXTEND
+    below, tried = study(1e-6)
+    assert Modes.bracketed(below, {}, "full", [3e-5, 1e-4]) == 3e-6 and tried[2:] == [1e-5, 3e-6]
