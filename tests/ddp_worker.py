@@ -8,7 +8,8 @@ fixed inputs (safetensors), for the test to reload and compare. In "function" mo
 every estimator, whether an interrupted and resumed identification ended as the uninterrupted one
 (OUT_DIR/resumed<r>.json). In "layerwise" mode each rank fine-tunes a tiny Llama's block weights under the Trainer
 with `LayerwiseCallback` and writes its draws and a fingerprint of every weight. In "fsdp" mode a probe sharded by
-FSDP2 identifies as the unsharded run does (every estimator), then fine-tunes and saves from a full state dict.
+FSDP2 identifies as the unsharded run does (every estimator), then fine-tunes and saves from a full state dict; and
+`ILACallback` identifies on a sharded probe as under the Trainer's FSDP2.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from peft import get_peft_model
 from safetensors.torch import save_file
-from transformers import Trainer, default_data_collator
+from transformers import Trainer, TrainerControl, TrainerState, default_data_collator
 
 # tests/ is this script's directory, so on sys.path
 from conftest import (
@@ -118,6 +119,23 @@ def shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def identify_in_callback(data: list, out: Path) -> dict:
+    """`ILACallback.on_train_begin` called as the Trainer calls it under accelerate's FSDP2 (which needs a GPU): on a
+    sharded probe, with the optimizer the trainer built on its shards. What it selected, and whether that optimizer
+    now holds exactly the parameters that still train."""
+    probe = get_peft_model(tiny_llama(), ILAConfig(**CONFIG, estimator=CONFIG_ESTIMATOR))
+    shard(probe)
+    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-2)
+    callback = ILACallback()
+    args, state = trainer_args(out / "callback", max_steps=3), TrainerState()
+    callback.on_train_begin(args, state, TrainerControl(), model=probe, optimizer=optimizer, train_dataloader=data)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in probe.parameters() if p.requires_grad}
+    result = callback.result
+    record = {"estimator": CONFIG_ESTIMATOR, "selected": result.selected, "scores": result.scores}
+    return {**record, "optimizer_holds_what_trains": held == trainable}
+
+
 def run_fsdp(out: Path) -> None:
     """Identification on a probe sharded by FSDP2 against the unsharded (DDP-style) run on the same data, for every
     estimator; then the sharded model, left in the selected state, fine-tunes and is saved from a full state dict."""
@@ -150,6 +168,7 @@ def run_fsdp(out: Path) -> None:
         save_file({"input_ids": ids, "logits": logits.contiguous()}, out / "logits.safetensors")
     fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in state.items() if "ila_" in n}
     record = {"runs": runs, "refused": refused, "weights": fingerprint, "selected": sharded.selected}
+    record["callback"] = identify_in_callback(data, out)
     (out / f"rank{rank()}.json").write_text(json.dumps(record))
 
 

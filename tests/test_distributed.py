@@ -60,7 +60,8 @@ def test_fsdp2_identifies_as_ddp_does_and_the_sharded_model_trains_saves_and_rel
     """FSDP2 (fully_shard on every block, then the root) on two gloo processes: for every estimator the selection is
     the unsharded run's and the scores equal it to float32 rounding (FSDP's reduce-scatter and ILA's all-reduce
     sum the same gradients in another order); the sharded model then trains the same weights on both ranks, and its
-    adapter, saved from a full state dict, gives the sharded model's logits in one process."""
+    adapter, saved from a full state dict, gives the sharded model's logits in one process. `ILACallback`, called as
+    the Trainer's FSDP2 path calls it, selects the same layers and leaves the optimizer only what still trains."""
     torchrun(str(TESTS / "ddp_worker.py"), "fsdp", str(tmp_path))
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1 and rank0["weights"]
@@ -70,6 +71,10 @@ def test_fsdp2_identifies_as_ddp_does_and_the_sharded_model_trains_saves_and_rel
         assert sharded == plain and len(sharded) == 6, estimator
         assert sharded_scores == pytest.approx(plain_scores, abs=1e-5), estimator
     assert rank0["refused"].startswith("checkpoints of an identification on a model sharded by FSDP2")
+    callback = rank0["callback"]
+    (plain, _), (plain_scores, _) = rank0["runs"][callback["estimator"]].values()
+    assert callback["optimizer_holds_what_trains"] and set(callback["selected"]) == set(plain)
+    assert callback["scores"] == pytest.approx(plain_scores, abs=1e-5)
     reload_reproduces_logits(tmp_path, rank0["selected"])
 
 

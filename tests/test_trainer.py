@@ -216,9 +216,24 @@ def test_bf16_autocast_and_checkpointing_in_both_states(bf16):
     assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
 
 
-def test_sharded_trainers_are_refused_before_identification(tmp_path):
+@pytest.mark.parametrize(
+    ("trainer", "refusal"),
+    [
+        (types.SimpleNamespace(is_deepspeed_enabled=True), "cannot identify under DeepSpeed.*deepspeed_zero3.py"),
+        (
+            types.SimpleNamespace(
+                accelerator=types.SimpleNamespace(
+                    state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=1))
+                )
+            ),
+            "works under FSDP2, not FSDP1.*fsdp_version",
+        ),
+    ],
+    ids=["deepspeed", "fsdp1"],
+)
+def test_setups_ila_cannot_serve_are_refused_in_one_line_before_identification(tmp_path, trainer, refusal):
     model = get_peft_model(tiny_llama(), ILAConfig(**PROBE))
-    sharded = types.SimpleNamespace(is_fsdp_enabled=True)
-    with pytest.raises(ValueError, match="ILACallback supports one process and DDP, not fsdp"):
-        ILACallback(sharded).on_train_begin(trainer_args(tmp_path / "out"), None, None, model=model)
+    with pytest.raises(ValueError, match=refusal) as raised:
+        ILACallback(trainer).on_train_begin(trainer_args(tmp_path / "out"), None, None, model=model)
+    assert "\n" not in str(raised.value)
     assert model.peft_config["default"].selected_layers is None

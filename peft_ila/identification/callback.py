@@ -1,5 +1,5 @@
-"""Trainer callbacks: `ILACallback` (ILA inside `transformers.Trainer` and TRL's `SFTTrainer`, in one process or
-under DDP) and `LayerwiseCallback` (sampled layerwise training, `tuner.layerwise`)."""
+"""Trainer callbacks: `ILACallback` (ILA inside `transformers.Trainer` and TRL's `SFTTrainer`, in one process,
+under DDP or FSDP2) and `LayerwiseCallback` (sampled layerwise training, `tuner.layerwise`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import torch
 from accelerate import Accelerator
 from peft.tuners.adalora import AdaLoraModel
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..tuner.atomic import written_atomically
 from ..tuner.layerwise import LayerSampler
 from ..tuner.model import _ila_tuner
+from ..tuner.sharding import is_sharded
 from .distributed import world_size
 from .importance import ILAResult, identify_important_layers
 
@@ -36,6 +38,10 @@ class ILACallback(TrainerCallback):
     writes it to `<output_dir>/ila_importance.json`. A model already in the selected state is left as it is: to
     resume from a checkpoint taken after selection, call `model.base_model.select_as_saved(checkpoint)` on the fresh
     probe model before `trainer.train(resume_from_checkpoint=checkpoint)`.
+
+    Under FSDP2 (accelerate's `fsdp_version: 2`, or a model sharded with `fully_shard`) identification runs on the
+    sharded probe as under `torchrun` (docs/ddp.md); the selected model keeps training in the same shards. FSDP1 and
+    DeepSpeed are refused before anything runs, with the way that works (`unservable`).
 
     An AdaLoRA model (e.g. built with `Selection.to_peft_config(AdaLoraConfig(...))`) needs its
     `update_and_allocate(step)` after every optimizer step, which the Trainer does not call: this callback does, and
@@ -75,16 +81,11 @@ class ILACallback(TrainerCallback):
         adapter = self.adapter_name or tuner._the_active_adapter()
         if tuner.peft_config[adapter].selected_layers is not None:
             return
-        sharded = [name for name in ("fsdp", "deepspeed") if getattr(args, name, None)]
-        sharded += [n for n in ("fsdp", "deepspeed") if getattr(self.trainer, f"is_{n}_enabled", False)]
-        if sharded:
-            raise ValueError(
-                f"ILACallback supports one process and DDP, not {sharded[0]} yet (the Trainer's FSDP path runs only on "
-                "a GPU and is not tested). Identify first: identify_important_layers works on a model sharded with "
-                "FSDP2's fully_shard under torchrun (docs/ddp.md), or in one process or DDP; then train the selected "
-                "model (or LoraConfig(target_modules=result.selected)) under FSDP/DeepSpeed."
-            )
-        if world_size() > 1 and args.ddp_find_unused_parameters is False:
+        refusal = unservable(self.trainer, model)
+        if refusal:
+            raise ValueError(refusal)
+        sharded = any(is_sharded(p) for p in model.parameters())
+        if world_size() > 1 and not sharded and args.ddp_find_unused_parameters is False:
             raise ValueError(
                 "ILACallback under DDP needs TrainingArguments(ddp_find_unused_parameters=None or True): after "
                 "identification the unselected layers lose their adapters and DDP must not wait for their gradients. "
@@ -100,7 +101,7 @@ class ILACallback(TrainerCallback):
         finally:  # the trainer divides its loss by this: give it back its own value
             accelerator.gradient_accumulation_steps = accumulation
         keep_trainable_only(optimizer, model)
-        if world_size() > 1:
+        if world_size() > 1 and not sharded:
             _settle_ddp(probe, model)
         self._log(args, state, self.result)
         if args.should_save and args.output_dir:
@@ -176,6 +177,28 @@ class LayerwiseCallback(TrainerCallback):
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """The active set of the step about to run (`global_step`: the optimizer steps done)."""
         self.sampler.at_step(state.global_step, kw.get("optimizer"))
+
+
+def unservable(trainer: Any, model: nn.Module) -> str | None:
+    """Why ILA cannot identify inside this trainer's setup (one line, with the way that works), else None: under
+    DeepSpeed (any ZeRO stage: the engine holds the gradients and partitions, ILA's stages cannot train or read them)
+    and under FSDP1 (flat parameters hide the adapter matrices). One process, DDP and FSDP2 are served."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return (
+            "ILACallback cannot identify under DeepSpeed: its engine owns the gradients and (ZeRO-3) the weights, "
+            "which ILA's two stages must train and read. Identify first in one process (identify_important_layers "
+            "or `peft-ila identify`, on a 4-bit base if the model is large), then train "
+            "Selection.to_peft_config(LoraConfig(...)) under DeepSpeed without this callback "
+            "(examples/deepspeed_zero3.py)."
+        )
+    fsdp1 = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    if fsdp1 or getattr(plugin, "fsdp_version", 2) != 2:
+        return (
+            "ILACallback works under FSDP2, not FSDP1, whose flat parameters hide the adapter matrices ILA scores: "
+            "set TrainingArguments(fsdp_config={'fsdp_version': 2, ...}) or `fsdp_version: 2` in accelerate's config."
+        )
+    return None
 
 
 def _allocator(model: nn.Module | None):
