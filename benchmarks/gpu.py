@@ -12,7 +12,9 @@ them (stage-1 steps x a stage-1 step + stage-2 steps x a stage-2 step, labelled 
 
 ILA's selections here are not found on these random weights (they would mean nothing): the ranking of ILA's mask
 on alpaca for SmolLM2-135M (the grid's cell) is carried over by relative depth, which is what step time and memory
-depend on. Writes `gpu.json` and `GPU.md` to --out after every shape, so a run cut short keeps what it measured.
+depend on. Last, `benchmarks.gpu_trainer` runs `Trainer` + `ILACallback` under accelerate's FSDP2 on
+--trainer-shape, in a process of its own. Writes `gpu.json` and `GPU.md` to --out after every step, so a run cut
+short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -224,7 +229,27 @@ def page(results: dict) -> str:
             f"{budget['seconds']:.0f} s, {budget['lora_all_steps']:.0f} LoRA-all steps.",
             "",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *trainer_section(results.get("trainer"))]) + "\n"
+
+
+def trainer_section(record: dict | None) -> list[str]:
+    """The Trainer + ILACallback run under FSDP2, in a few lines."""
+    if record is None:
+        return []
+    head = [f"## Trainer + ILACallback under FSDP2 ({record['shape']}, one process)", ""]
+    if "error" in record:
+        return [*head, "It failed:", "", "```", record["error"], "```", ""]
+    losses = ", ".join(f"{loss:.3f}" for loss in record["fine_tune_losses"])
+    return [
+        *head,
+        f"Parameters sharded by FSDP2: {'yes' if record['fsdp2'] else 'no (the Trainer ran without FSDP)'}. "
+        f"Identification on the sharded probe: {record['stage1_steps']} + {record['stage2_steps']} steps, "
+        f"{record['selected']} of {record['candidates']} layers selected; fine-tune losses {losses}; saved "
+        f"{', '.join(record['saved'])}; reloaded on a fresh base, the largest logit difference is "
+        f"{record['reload_max_abs_logit_difference']:.3g} (the adapter moves logits by up to "
+        f"{record['adapter_max_abs_logit_effect']:.3g}).",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -236,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="steps per method per round (the first not timed)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
+    parser.add_argument("--trainer-shape", default="llama-3.2-1b", help="Trainer + ILACallback under FSDP2 on it")
     args = parser.parse_args(argv)
     source = json.loads(SOURCE_MASK.read_text())["selection"]["ranking"]
     results = {"machine": machine(), **{k: getattr(args, k) for k in ("batch", "length", "rounds", "steps")}}
@@ -243,11 +269,31 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.shapes.split(","):
         results["shapes"].append(measure(name, args, source))
-        write_json(args.out / "gpu.json", results)
-        with written_atomically(args.out / "GPU.md") as tmp:
-            tmp.write_text(page(results))
+        written(results, args.out)
         print(f"{name}: measured", flush=True)
+    results["trainer"] = trainer_under_fsdp2(args.trainer_shape, args.device, args.out / "trainer")
+    written(results, args.out)
     return results
+
+
+def written(results: dict, out: Path) -> None:
+    """`gpu.json` and `GPU.md` in `out`, each replaced whole."""
+    write_json(out / "gpu.json", results)
+    with written_atomically(out / "GPU.md") as tmp:
+        tmp.write_text(page(results))
+
+
+def trainer_under_fsdp2(shape: str, device: str, out: Path) -> dict:
+    """`benchmarks.gpu_trainer` in its own process (torchrun, one rank: accelerate's FSDP2 needs a process group, and
+    this process's accelerator state must not leak into it); its record, or the error's last lines."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    command += ["-m", "benchmarks.gpu_trainer", "--shape", shape, "--device", device, "--out", str(out)]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    if done.returncode != 0:
+        return {"shape": shape, "error": done.stderr[-3000:]}
+    return json.loads((out / "trainer.json").read_text())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One rank of the multi-process tests (launched by torchrun from tests/test_distributed.py).
 
-    torchrun --nproc_per_node 2 tests/ddp_worker.py {function|callback|layerwise|fsdp} OUT_DIR
+    torchrun --nproc_per_node 2 tests/ddp_worker.py {function|callback|layerwise|fsdp|deepspeed} OUT_DIR
 
 Each rank identifies on its own shard of the data and fine-tunes a few steps, then writes OUT_DIR/rank<r>.json
 (its selection and a fingerprint of its adapter weights); rank 0 also saves the adapter and the logits it gives on
@@ -9,7 +9,8 @@ every estimator, whether an interrupted and resumed identification ended as the 
 (OUT_DIR/resumed<r>.json). In "layerwise" mode each rank fine-tunes a tiny Llama's block weights under the Trainer
 with `LayerwiseCallback` and writes its draws and a fingerprint of every weight. In "fsdp" mode a probe sharded by
 FSDP2 identifies as the unsharded run does (every estimator), then fine-tunes and saves from a full state dict; and
-`ILACallback` identifies on a sharded probe as under the Trainer's FSDP2.
+`ILACallback` identifies on a sharded probe as under the Trainer's FSDP2. In "deepspeed" mode (one process: on CPU
+accelerate runs DeepSpeed per process) the callback in a Trainer under ZeRO-3 says why it cannot identify there.
 """
 
 from __future__ import annotations
@@ -110,13 +111,29 @@ def run_layerwise(out: Path) -> None:
     (out / f"rank{rank()}.json").write_text(json.dumps({"draws": draws, "weights": weights}))
 
 
-def shard(model: torch.nn.Module) -> None:
-    """FSDP2 as a user applies it: every decoder block, then the root."""
+def shard(model: torch.nn.Module, **options) -> None:
+    """FSDP2 as a user applies it: every decoder block, then the root (`options`: `fully_shard`'s)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.base_model.model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+
+
+def in_mixed_precision(data: list, accelerator: Accelerator) -> dict:
+    """Identification and 2 fine-tune steps on a probe sharded with bf16 compute (a `MixedPrecisionPolicy`, as
+    accelerate's FSDP2 under bf16): the gates start training in stage 2 and the selection freezes the rest, so FSDP
+    must cast each stage's reduced gradients back to float32. What it selected, and whether the steps moved it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    probe = get_peft_model(tiny_llama(), ILAConfig(**CONFIG, estimator=CONFIG_ESTIMATOR))
+    shard(probe, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    result = identify_important_layers(probe, data, progress=False, accelerator=accelerator)
+    params = [p for p in probe.parameters() if p.requires_grad]
+    before = [p.detach().full_tensor().clone() for p in params]
+    train_steps(probe, cycle(data), torch.optim.AdamW(params, lr=1e-2), 2, accelerator, progress=False)
+    moved = all(not torch.equal(b, p.detach().full_tensor()) for b, p in zip(before, params, strict=True))
+    return {"selected": result.selected, "moved": moved, "dtypes": sorted({str(p.dtype) for p in params})}
 
 
 def identify_in_callback(data: list, out: Path) -> dict:
@@ -169,7 +186,23 @@ def run_fsdp(out: Path) -> None:
     fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in state.items() if "ila_" in n}
     record = {"runs": runs, "refused": refused, "weights": fingerprint, "selected": sharded.selected}
     record["callback"] = identify_in_callback(data, out)
+    record["mixed_precision"] = in_mixed_precision(data, accelerator)
     (out / f"rank{rank()}.json").write_text(json.dumps(record))
+
+
+def run_deepspeed(out: Path) -> None:
+    """`ILACallback` on a probe inside a Trainer under DeepSpeed ZeRO-3: what it says."""
+    model = get_peft_model(tiny_llama(), ILAConfig(**CONFIG))
+    zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
+    args = trainer_args(out / "trainer", use_cpu=False, deepspeed=zero3)
+    trainer = Trainer(model, args, train_dataset=lm_dataset(8), data_collator=default_data_collator)
+    trainer.add_callback(ILACallback(trainer))
+    try:
+        trainer.train()
+        refused = "no error"
+    except ValueError as exc:
+        refused = str(exc)
+    (out / f"rank{rank()}.json").write_text(json.dumps({"refused": refused, "deepspeed": trainer.is_deepspeed_enabled}))
 
 
 def main() -> None:
@@ -178,6 +211,8 @@ def main() -> None:
         return run_layerwise(out)
     if mode == "fsdp":
         return run_fsdp(out)
+    if mode == "deepspeed":
+        return run_deepspeed(out)
     model, selected = (run_function if mode == "function" else run_callback)(out)
     weights = {n: p.detach() for n, p in model.named_parameters() if "ila_" in n}
     fingerprint = {n: [float(w.sum()), float(w.abs().sum())] for n, w in weights.items()}

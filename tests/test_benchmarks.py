@@ -336,7 +336,7 @@ def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path
     from benchmarks import gpu
 
     args = ["--shapes", "tiny", "--device", "cpu", "--batch", "2", "--length", "16", "--rounds", "1", "--steps", "2"]
-    results = gpu.main([*args, "--out", str(tmp_path)])
+    results = gpu.main([*args, "--trainer-shape", "tiny", "--out", str(tmp_path)])
     (shape,) = results["shapes"]
     assert {(r["method"], r["checkpointing"]) for r in shape["rows"]} == {
         (m, c) for m in gpu.METHODS for c in (False, True)
@@ -344,6 +344,11 @@ def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path
     assert all(r["step_seconds"] > 0 and r["peak_mb"] is None for r in shape["rows"])  # no CUDA memory on a CPU
     assert shape["budget"]["stage1"] == 128 and "tiny" in (tmp_path / "GPU.md").read_text()
     assert json.loads((tmp_path / "gpu.json").read_text())["shapes"][0]["shape"] == "tiny"
+    trainer = results["trainer"]  # on a CPU the Trainer ignores FSDP: the path runs, unsharded, and says so
+    assert not trainer["fsdp2"] and trainer["selected"] == 7 and trainer["candidates"] == 28, trainer.get("error")
+    assert len(trainer["fine_tune_losses"]) == 4 and "adapter_model.safetensors" in trainer["saved"]
+    assert trainer["reload_max_abs_logit_difference"] < 1e-4 < trainer["adapter_max_abs_logit_effect"]  # float32
+    assert "the Trainer ran without FSDP" in (tmp_path / "GPU.md").read_text()
 
 
 def test_a_ranking_carries_over_to_another_depth_by_relative_position():

@@ -20,8 +20,8 @@ from peft_ila.identification.estimators import ESTIMATORS
 TESTS = Path(__file__).parent
 
 
-def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+def torchrun(*args: str, cwd: Path | None = None, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *args]
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(TESTS.parent)}
     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -61,7 +61,8 @@ def test_fsdp2_identifies_as_ddp_does_and_the_sharded_model_trains_saves_and_rel
     the unsharded run's and the scores equal it to float32 rounding (FSDP's reduce-scatter and ILA's all-reduce
     sum the same gradients in another order); the sharded model then trains the same weights on both ranks, and its
     adapter, saved from a full state dict, gives the sharded model's logits in one process. `ILACallback`, called as
-    the Trainer's FSDP2 path calls it, selects the same layers and leaves the optimizer only what still trains."""
+    the Trainer's FSDP2 path calls it, selects the same layers and leaves the optimizer only what still trains. Under
+    a bf16 MixedPrecisionPolicy (accelerate's FSDP2 with bf16) identification and the fine-tune run through."""
     torchrun(str(TESTS / "ddp_worker.py"), "fsdp", str(tmp_path))
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1 and rank0["weights"]
@@ -75,7 +76,16 @@ def test_fsdp2_identifies_as_ddp_does_and_the_sharded_model_trains_saves_and_rel
     (plain, _), (plain_scores, _) = rank0["runs"][callback["estimator"]].values()
     assert callback["optimizer_holds_what_trains"] and set(callback["selected"]) == set(plain)
     assert callback["scores"] == pytest.approx(plain_scores, abs=1e-5)
+    mixed = rank0["mixed_precision"]  # bf16 compute: another selection may win, but all of it trains, in float32
+    assert len(mixed["selected"]) == 6 and mixed["moved"] and mixed["dtypes"] == ["torch.float32"]
     reload_reproduces_logits(tmp_path, rank0["selected"])
+
+
+def test_ila_callback_in_a_deepspeed_zero3_trainer_refuses_in_one_line_with_the_two_step_path(tmp_path):
+    torchrun(str(TESTS / "ddp_worker.py"), "deepspeed", str(tmp_path), processes=1)
+    record = json.loads((tmp_path / "rank0.json").read_text())
+    assert record["deepspeed"] and record["refused"].startswith("ILACallback cannot identify under DeepSpeed")
+    assert "examples/deepspeed_zero3.py" in record["refused"] and "\n" not in record["refused"]
 
 
 def test_two_ranks_train_the_same_layerwise_draws_to_the_same_weights(tmp_path):

@@ -2,6 +2,7 @@
 generated from the files that record them, the docs document every config field, and every local link resolves."""
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from peft import PeftConfig
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForCausalLM
 
 from benchmarks import figures
 from peft_ila import ILAConfig
@@ -91,6 +93,26 @@ def test_qlora_example_is_in_its_page_and_runs_as_written(tmp_path):
     assert float(re.search(r"after reload: (\S+)", done.stdout).group(1)) <= 1e-5
     assert 0 < float(re.search(r"4-bit weights: (\S+)", done.stdout).group(1)) < 1  # rounded, not lost
     assert "quantizes the result again" in done.stderr
+
+
+def test_deepspeed_example_is_in_its_page_and_both_steps_run_as_written(tmp_path):
+    """Step 1 in one process on a 4-bit base; step 2 under torchrun with ZeRO-3 (DeepSpeed's CPU backend, one
+    process); the adapter it saved reloads with LoRA on exactly the selected layers, trained (B left zero otherwise)."""
+    example = ROOT / "examples" / "deepspeed_zero3.py"
+    assert example.read_text() in code_blocks("python", doc("deepspeed.md"))
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    for command in ([sys.executable, str(example), "identify"], [*launch, str(example), "train"]):
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    selected = json.loads((tmp_path / "ila-selection.json").read_text())["selected"]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+    model = PeftModel.from_pretrained(base, tmp_path / "lora-on-selection")
+    adapted = {name for name, module in model.base_model.model.named_modules() if hasattr(module, "lora_B")}
+    assert adapted == set(selected) and len(selected) == 4
+    assert all(
+        module.lora_B["default"].weight.abs().sum() > 0 for module in model.modules() if hasattr(module, "lora_B")
+    )
 
 
 def test_generated_regions_are_up_to_date():

@@ -19,7 +19,6 @@ from ..tuner.atomic import written_atomically
 from ..tuner.layerwise import LayerSampler
 from ..tuner.model import _ila_tuner
 from ..tuner.sharding import is_sharded
-from .distributed import world_size
 from .importance import ILAResult, identify_important_layers
 
 logger = logging.getLogger(__name__)
@@ -84,8 +83,8 @@ class ILACallback(TrainerCallback):
         refusal = unservable(self.trainer, model)
         if refusal:
             raise ValueError(refusal)
-        sharded = any(is_sharded(p) for p in model.parameters())
-        if world_size() > 1 and not sharded and args.ddp_find_unused_parameters is False:
+        ddp = _maybe_under_ddp(model)
+        if ddp and args.ddp_find_unused_parameters is False:
             raise ValueError(
                 "ILACallback under DDP needs TrainingArguments(ddp_find_unused_parameters=None or True): after "
                 "identification the unselected layers lose their adapters and DDP must not wait for their gradients. "
@@ -101,7 +100,7 @@ class ILACallback(TrainerCallback):
         finally:  # the trainer divides its loss by this: give it back its own value
             accelerator.gradient_accumulation_steps = accumulation
         keep_trainable_only(optimizer, model)
-        if world_size() > 1 and not sharded:
+        if ddp:
             _settle_ddp(probe, model)
         self._log(args, state, self.result)
         if args.should_save and args.output_dir:
@@ -160,7 +159,7 @@ class LayerwiseCallback(TrainerCallback):
         """Refuse, with the fix, what would leave groups untrainable: DDP waiting for every gradient, an optimizer
         built without the groups."""
         optimizer = kw.get("optimizer")
-        if world_size() > 1 and args.ddp_find_unused_parameters is False:
+        if _maybe_under_ddp(kw.get("model")) and args.ddp_find_unused_parameters is False:
             raise ValueError(
                 "LayerwiseCallback under DDP needs TrainingArguments(ddp_find_unused_parameters=None or True): the "
                 "groups outside the active set get no gradient, and DDP must not wait for them."
@@ -199,6 +198,13 @@ def unservable(trainer: Any, model: nn.Module) -> str | None:
             "set TrainingArguments(fsdp_config={'fsdp_version': 2, ...}) or `fsdp_version: 2` in accelerate's config."
         )
     return None
+
+
+def _maybe_under_ddp(model: nn.Module | None) -> bool:
+    """Whether the trainer may have wrapped `model` in DDP: a process group is running (of one process too, as under
+    `torchrun --nproc_per_node 1`) and its parameters are not sharded by FSDP2."""
+    running = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return running and not any(is_sharded(p) for p in (model.parameters() if model is not None else ()))
 
 
 def _allocator(model: nn.Module | None):

@@ -26,7 +26,7 @@ from ..tuner.config import ILAConfig, resolve_top_k
 from ..tuner.layer import ILALayer
 from ..tuner.model import _ila_tuner
 from ..tuner.selection import ILALoadError, Selection, as_float32, layer_of, model_identity, weights_fingerprint
-from ..tuner.sharding import is_sharded
+from ..tuner.sharding import is_sharded, reread_trainable
 from .checkpoint import (
     DataPosition,
     check_settings,
@@ -246,6 +246,7 @@ class Identification:
         """The estimator's stage (if it has one and it is not done), then its scores in candidate order."""
         steps = self.estimator.steps()
         with self.tuner.gate_stage(self.adapter) as bank:
+            reread_trainable(self.model)
             if steps and not self.stage2.steps:
                 self.estimator.start(bank)
             if steps and not self.stage2.stop_reason:
@@ -265,7 +266,9 @@ class Identification:
                 raise ValueError(
                     "The batches ran out before stage 2; pass a list or a DataLoader (they are cycled) or more data."
                 )
-            return self.estimator.scores(bank, self.optimizer2, list(self.update_norms().values()))
+            scores = self.estimator.scores(bank, self.optimizer2, list(self.update_norms().values()))
+        reread_trainable(self.model)
+        return scores
 
     def update_norms(self) -> dict[str, float]:
         """||dW|| of every candidate layer (root of the sum of squares over its modules)."""
@@ -298,6 +301,7 @@ class Identification:
                 for p, value in self.others.items():
                     p.copy_(value)
         self.tuner.select_layers(selection, adapter_name=self.adapter, keep_weights=self.config.keep_stage1_weights)
+        reread_trainable(self.model)
         return ILAResult(selection, norms, self.stage1, self.stage2)
 
     def _confidence(self, selected: list[str]) -> dict[str, float]:
