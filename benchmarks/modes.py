@@ -7,7 +7,9 @@ wall time? Training modes against LoRA-all and the grid's ILA rows, on the grid'
 The modes (`MODES`): LoRA on all layers and ILA's top 25% / 75% (the grid's cells, read from the grid's folder when
 the settings are the grid's); LISA (full weights of a few blocks, drawn uniformly every few steps); the same drawn
 by ILA's block importance; identification inside the fine-tune (stage 1 is the fine-tune's first steps, its top
-75% go on with their stage-1 weights); full fine-tuning of ILA's top layers within LoRA-all's trainable parameters.
+75% go on with their stage-1 weights), scored by ILA's estimator or, with no stage 2 at all, by stage 1's update
+norms (LoRA-drop's idea); the same with every adapter merged and blocks drawn by its scores training full weights;
+full fine-tuning of ILA's top layers within LoRA-all's trainable parameters.
 
 Fairness: each family's learning rate (`RATES`) is the best of one sweep on the primary dataset with the first seed,
 then fixed. Wall time and memory come from one side-by-side timing cell (every mode's steps, and identification's
@@ -55,7 +57,7 @@ SWEPT = {"lora": "all", "sampled": "lisa", "full": "ila-full"}  # the mode each 
 # 0.3x to 4.5x as often as uniformly; with weight 0.5 and temperature 1 (0.8x to 1.6x) 18 of the first 23 draws
 # were LISA's own, too close to tell the two apart
 IMPORTANCE = dict(importance_weight=1.0, temperature=0.5)
-INSIDE_TOP = 0.75  # ila-inside: the share of layers that go on after identification
+INSIDE_TOP = 0.75  # ila-inside(-norm): the share of layers that go on after identification
 EXTEND = 2  # a sweep won at an end is extended past it this many times at most
 PROBE = ("probe-stage1", "probe-stage2")  # identification's stages, rows of the timing cell
 # the timing cell's mode rows (part of its key): a mode added later is timed as the row it trains like (Mode.timed_as)
@@ -159,8 +161,9 @@ class Modes(Study):
         go on, or (ila-inside-sampled) every adapter is merged and blocks drawn by the scores train full weights."""
         sampled = mode == "ila-inside-sampled"
         budget = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"])
-        top = 1.0 if sampled else INSIDE_TOP
-        config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget, top_k=top, seed=seed, keep_stage1_weights=True)
+        top, estimator = 1.0 if sampled else INSIDE_TOP, MODES[mode].estimator
+        config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget, top_k=top, seed=seed, estimator=estimator)
+        config = replace(config, keep_stage1_weights=True)
         torch.manual_seed(seed)
         model = get_peft_model(copy.deepcopy(self.base), replace(config, stage1_lr=self.rate("all")))
         result = identify_important_layers(model, self.data.batches(name, seed), progress=self.args.progress)
@@ -206,6 +209,8 @@ class Modes(Study):
             out["layerwise"] = {**self.p["layerwise"], **(IMPORTANCE if mode != "lisa" else {})}
         if mode == "ila-inside":
             out.update(stage1=self.grid.p["stage1"], stage2=self.grid.p["stage2"], inside_top=INSIDE_TOP)
+        if mode == "ila-inside-norm":
+            out.update(stage1=self.grid.p["stage1"], estimator=MODES[mode].estimator, inside_top=INSIDE_TOP)
         if mode == "ila-inside-sampled":
             out.update(stage1=self.grid.p["stage1"], stage2=self.grid.p["stage2"], stage1_lr=self.rate("all"))
         return out

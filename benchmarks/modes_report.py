@@ -21,13 +21,15 @@ from benchmarks.core.stats import NOISE_RULE, beyond, difference, judge, pooled_
 class Mode:
     """A training mode: the `family` whose learning rate it takes, what the page calls it (`short`) and what it
     trains (`text`), how it finds its layers (`identification`: "none", "separate" (the grid's mask, its cost
-    added) or "inside" the fine-tune), and the timing row whose steps it takes (`timed_as`; default its own)."""
+    added) or "inside" the fine-tune), the timing row whose steps it takes (`timed_as`; default its own) and the
+    estimator its identification scores with."""
 
     family: str
     short: str
     text: str
     identification: str
     timed_as: str = ""
+    estimator: str = "first-order"  # how its identification scores ("update-norm": no stage 2 of its own)
 
 
 MODES = {
@@ -41,6 +43,14 @@ MODES = {
     "ila-inside": Mode(
         "lora", "ILA inside", "identification inside the fine-tune, its top 75% go on", "inside", "ila-75"
     ),
+    "ila-inside-norm": Mode(
+        "lora",
+        "ILA inside, norms",
+        "identification inside the fine-tune scored by stage 1's update norms (no stage 2), its top 75% go on",
+        "inside",
+        "ila-75",
+        "update-norm",
+    ),
     "ila-inside-sampled": Mode(
         "sampled",
         "ILA inside, sampled",
@@ -53,7 +63,7 @@ MODES = {
     ),
 }
 REGIMES = {"epoch": "one epoch", "equal-time": "LoRA-all's wall time", "long": "the long regime"}
-NEW = ["lisa", "ila-sampled", "ila-inside", "ila-inside-sampled", "ila-full"]  # the issue's; the rest are the grid's
+NEW = ["lisa", "ila-sampled", "ila-inside", "ila-inside-norm", "ila-inside-sampled", "ila-full"]  # not the grid's
 IMPORTANCE = [mode for mode in MODES if mode.startswith("ila")]  # the modes that use ILA's scores
 
 
@@ -79,7 +89,7 @@ def row(record: dict, name: str, mode: str, seed: int, regime: str) -> dict:
     keep = ("loss_before", "loss_after", "others_after", "knowledge_after", "trainable_params", "seconds")
     out = {"dataset": name, "mode": mode, "seed": seed, "regime": regime, "lr": record["settings"]["lr"]}
     out["steps"] = record["settings"]["steps"]
-    out["stage1_steps"] = record.get("stage1_steps")
+    out.update(stage1_steps=record.get("stage1_steps"), stage2_steps=record.get("stage2_steps"))
     return {**out, **{k: record[k] for k in keep}, "memory_rise_mb": record["memory"].get("rss_rise_mb", 0.0)}
 
 
@@ -89,23 +99,26 @@ def ratio(timing: dict, what: str) -> float:
     return timing[row]["step_seconds"] / timing["all"]["step_seconds"]
 
 
-def identification_cost(timing: dict, grid: dict, stage1: int | None = None) -> float:
-    """Identification's wall time in LoRA-all steps: `stage1` (default: the grid's) + the grid's stage-2 steps."""
-    return (stage1 or grid["stage1"]) * ratio(timing, "probe-stage1") + grid["stage2"] * ratio(timing, "probe-stage2")
+def identification_cost(timing: dict, grid: dict, mode: str) -> float:
+    """`mode`'s identification's wall time in LoRA-all steps: the grid's stage-1 steps, and its stage-2 steps unless
+    the mode's estimator has no stage 2."""
+    stage2 = grid["stage2"] if MODES[mode].estimator != "update-norm" else 0
+    return grid["stage1"] * ratio(timing, "probe-stage1") + stage2 * ratio(timing, "probe-stage2")
 
 
 def wall(timing: dict, mode: str, steps: int, grid: dict) -> float:
     """`mode`'s wall time for `steps` optimizer steps (stage 1's included for ila-inside), in LoRA-all steps."""
     how = MODES[mode].identification
     if how == "inside":
-        return identification_cost(timing, grid) + (steps - grid["stage1"]) * ratio(timing, mode)
-    return steps * ratio(timing, mode) + (identification_cost(timing, grid) if how == "separate" else 0.0)
+        return identification_cost(timing, grid, mode) + (steps - grid["stage1"]) * ratio(timing, mode)
+    return steps * ratio(timing, mode) + (identification_cost(timing, grid, mode) if how == "separate" else 0.0)
 
 
 def memory(timing: dict, mode: str) -> float:
     """The largest peak memory rise of what `mode` runs, over LoRA-all's (side by side)."""
     how = MODES[mode].identification
-    rows = [MODES[mode].timed_as or mode] + (["probe-stage1", "probe-stage2"] if how != "none" else [])
+    probe = ["probe-stage1"] + (["probe-stage2"] if MODES[mode].estimator != "update-norm" else [])
+    rows = [MODES[mode].timed_as or mode] + (probe if how != "none" else [])
     return max(timing[r]["memory_rise_mb"] for r in rows) / timing["all"]["memory_rise_mb"]
 
 
@@ -113,7 +126,7 @@ def equal_time_steps(timing: dict, mode: str, lora_steps: int, grid: dict) -> in
     """The optimizer steps `mode` takes in LoRA-all's wall time for `lora_steps` (< 1: identification alone takes
     longer)."""
     how = MODES[mode].identification
-    spare = lora_steps - (identification_cost(timing, grid) if how != "none" else 0.0)
+    spare = lora_steps - (identification_cost(timing, grid, mode) if how != "none" else 0.0)
     if how == "inside":
         return grid["stage1"] + round(spare / ratio(timing, mode))
     return round(spare / ratio(timing, mode))

@@ -326,10 +326,26 @@ def test_the_modes_study_runs_every_mode_and_reads_the_grid_s_cells(tmp_path):
     assert set(results["timing"]) == {*modes.TIMED, *modes.PROBE}
     inside = next(t for t in results["tunes"] if t["mode"] == "ila-inside" and t["regime"] == "epoch")
     assert inside["stage1_steps"] == 4  # the quick preset's stage 1, counted in the fine-tune's steps
+    norms = next(t for t in results["tunes"] if t["mode"] == "ila-inside-norm" and t["regime"] == "epoch")
+    assert (norms["stage1_steps"], norms["stage2_steps"]) == (4, 0)  # scored by update norms: no stage 2
     assert list((tmp_path / "grid" / "quick").glob("tune-*.json"))  # LoRA-all and ILA's rows are the grid's cells
-    assert len(results["findings"]) == 11 and (tmp_path / "cells" / "smoke" / "MODES.md").exists()
+    assert len(results["findings"]) == 12 and (tmp_path / "cells" / "smoke" / "MODES.md").exists()
     again = modes.Modes.main([*args, "--cells", str(tmp_path / "cells"), "--existing-only"])
     assert again["tunes"] == results["tunes"]
+
+
+def test_a_mode_s_wall_time_counts_the_identification_stages_it_runs():
+    from benchmarks.modes_report import equal_time_steps, memory, wall
+
+    rows = {"all": 1.0, "ila-75": 0.9, "ila-sampled": 0.5, "probe-stage1": 1.0, "probe-stage2": 0.8}
+    timing = {row: {"step_seconds": 2 * r, "memory_rise_mb": 100 * r} for row, r in rows.items()}
+    timing["probe-stage2"]["memory_rise_mb"] = 120.0  # above LoRA-all's
+    grid = {"stage1": 10, "stage2": 5}
+    assert wall(timing, "ila-inside", 30, grid) == pytest.approx(10 + 5 * 0.8 + 20 * 0.9)
+    assert wall(timing, "ila-inside-norm", 30, grid) == pytest.approx(10 + 20 * 0.9)  # no stage 2
+    assert wall(timing, "ila-sampled", 30, grid) == pytest.approx(30 * 0.5 + 10 + 5 * 0.8)  # separate: added
+    assert memory(timing, "ila-inside") == 1.2 and memory(timing, "ila-inside-norm") == 1.0
+    assert equal_time_steps(timing, "ila-inside-norm", 28, grid) == 10 + round(18 / 0.9)
 
 
 def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path):
