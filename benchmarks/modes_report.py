@@ -31,6 +31,11 @@ class Mode:
     timed_as: str = ""
     estimator: str = "first-order"  # how its identification scores ("update-norm": no stage 2 of its own)
 
+    @property
+    def runs_stage2(self) -> bool:
+        """Whether its identification has a second stage (every estimator but the update norms has one)."""
+        return self.estimator != "update-norm"
+
 
 MODES = {
     "all": Mode("lora", "LoRA-all", "LoRA on all layers", "none"),
@@ -102,7 +107,7 @@ def ratio(timing: dict, what: str) -> float:
 def identification_cost(timing: dict, grid: dict, mode: str) -> float:
     """`mode`'s identification's wall time in LoRA-all steps: the grid's stage-1 steps, and its stage-2 steps unless
     the mode's estimator has no stage 2."""
-    stage2 = grid["stage2"] if MODES[mode].estimator != "update-norm" else 0
+    stage2 = grid["stage2"] if MODES[mode].runs_stage2 else 0
     return grid["stage1"] * ratio(timing, "probe-stage1") + stage2 * ratio(timing, "probe-stage2")
 
 
@@ -117,7 +122,7 @@ def wall(timing: dict, mode: str, steps: int, grid: dict) -> float:
 def memory(timing: dict, mode: str) -> float:
     """The largest peak memory rise of what `mode` runs, over LoRA-all's (side by side)."""
     how = MODES[mode].identification
-    probe = ["probe-stage1"] + (["probe-stage2"] if MODES[mode].estimator != "update-norm" else [])
+    probe = ["probe-stage1"] + (["probe-stage2"] if MODES[mode].runs_stage2 else [])
     rows = [MODES[mode].timed_as or mode] + (probe if how != "none" else [])
     return max(timing[r]["memory_rise_mb"] for r in rows) / timing["all"]["memory_rise_mb"]
 
