@@ -16,6 +16,7 @@ accelerate runs DeepSpeed per process) the callback in a Trainer under ZeRO-3 sa
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import sys
 from pathlib import Path
@@ -225,9 +226,23 @@ def main() -> None:
         save_file({"input_ids": ids, "logits": logits}, out / "logits.safetensors")
 
 
+def end_process_group(finished: bool) -> None:
+    """Tear gloo down while the interpreter is whole, as the CLI does: a live group, or one destroyed while FSDP's
+    objects (models, meshes, finished collectives) wait in reference cycles for the interpreter's last collection, can
+    abort the process at exit ("terminate called without an active exception"). After a clean run the ranks first
+    meet, so that neither closes its connections while the other still reads from them."""
+    gc.collect()
+    if not torch.distributed.is_initialized():
+        return
+    if finished:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
+    finished = False
     try:
         main()
-    finally:  # as the CLI does: a live gloo group can abort the process at exit
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        finished = True
+    finally:
+        end_process_group(finished)

@@ -22,9 +22,10 @@ TESTS = Path(__file__).parent
 
 def torchrun(*args: str, cwd: Path | None = None, processes: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *args]
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(TESTS.parent)}
+    # PYTHONFAULTHANDLER: a rank that aborts prints its Python stack
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(TESTS.parent), "PYTHONFAULTHANDLER": "1"}
     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stderr[-8000:]
     return done
 
 
