@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding, cell_text, table
+from benchmarks.modes_report import NEW
 from peft_ila.tuner.atomic import written_atomically
 from peft_ila.tuner.selection import CERTAIN
 
@@ -109,12 +110,16 @@ def demo(root: Path) -> str:
         share = len(selected) / len(record["candidates"])
         sure = f" (`top-{share:.0%} set: {certain} of {len(selected)} layers certain at {CERTAIN:.0%}`)"
     identification = f"{stage1['steps']} + {stage2['steps']} steps in {stage1['seconds'] + stage2['seconds']:.0f} s"
+    if "loss_after_identification" in run:  # identification was the fine-tune's start (its stage-1 weights kept)
+        identification += f" (held-out loss {run['loss_after_identification']:.4f} after it)"
     before, after, reload = (run[f"held_out_loss_{key}"] for key in ("before", "after", "after_reload"))
+    layers = f"the top {len(selected)} of {len(record['candidates'])} layers"
     return _wrap(
         f"On a {machine['cpu_count']}-core machine {where} the recorded run (`docs/demo/`, written by "
         f"`make demo-docs`) took **{run['seconds']:.0f} s** for the demo itself: identification {identification}"
-        f"{sure}, fine-tuning {training['steps']} steps at a median {training['median_step_seconds']:.2f} s/step, "
-        f"held-out loss **{before:.4f} -> {after:.4f}** ({reload:.4f} after the reload)."
+        f"{sure}, fine-tuning {training['steps']} steps on {layers} at a median "
+        f"{training['median_step_seconds']:.2f} s/step, held-out loss **{before:.4f} -> {after:.4f}** ({reload:.4f} "
+        "after the reload)."
     )
 
 
@@ -135,10 +140,11 @@ def findings(root: Path, study: str) -> list[Finding]:
 
 def headline(root: Path) -> str:
     """One table of the studies' answers, each row linked to the page that holds its figures and rule."""
-    studies = [  # every grid finding; the first of the stability and the methods study
+    studies = [  # every grid finding; the first of the stability and the methods study; the modes study's goals
         (findings(root, "grid"), "benchmarks/GRID.md"),
         (findings(root, "stability")[:1], "benchmarks/STABILITY.md"),
         (findings(root, "methods")[:1], "benchmarks/METHODS.md"),
+        (findings(root, "modes")[1 + len(NEW) :], "benchmarks/MODES.md"),  # after the rates and one per new mode
     ]
     rows = []
     for found, page in studies:

@@ -125,9 +125,26 @@ def test_demo_end_to_end(work, capsys):
     assert summary["held_out_loss_after_reload"] == pytest.approx(summary["held_out_loss_after"], abs=1e-5)
     assert summary["generation_after_reload"] == summary["generation_after"]
     assert json.loads((out / "reload.json").read_text())["adapter"] == str((out / "adapter").resolve())  # not staged
+    # identification inside the fine-tune, scored by update norms: its top 75% go on from stage 1's weights, and
+    # "before" is the base model's loss, measured before stage 1 changed the model
+    assert summary["loss_after_identification"] != summary["held_out_loss_before"]
     printed = capsys.readouterr().out
-    assert "Top 4 of 14 layers" in printed and "held-out loss:" in printed
+    assert "Top 11 of 14 layers (score: update-norm)" in printed and "held-out loss:" in printed
+    assert "identification's 4 steps on every layer, then 3 on the top 11 layers" in printed
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["estimator"] == "update-norm" and config["keep_stage1_weights"] is True
+
+
+def test_demo_with_the_paper_s_top_k_and_a_confidence(work, capsys):
+    """The demo's mode is a default, not a fixture: the first-order estimator on the top 25%, adapters afresh."""
+    out = work / "demo-first-order"
+    budget = ["--stage1-max-steps", "4", "--stage2-steps", "2", "--steps", "2", "--top-k", "4"]
+    options = [*budget, "--estimator", "first-order", "--no-keep-stage1-weights"]
+    assert main(["demo", *common(work, *options), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
     assert re.search(r"top-29% set: \d+ of 4 layers certain at 90%", printed)  # the confidence line
+    assert "after fine-tuning the top 4 layers" in printed
+    assert "loss_after_identification" not in json.loads((out / "demo.json").read_text())
 
 
 def test_plain_format_without_chat_template(tmp_path):

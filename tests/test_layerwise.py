@@ -209,14 +209,18 @@ def test_train_can_start_its_fine_tune_from_the_inline_identification_s_adapters
     from peft_ila.app.cli import main
 
     budget = ["--steps", "2", "--stage1-max-steps", "6", "--stage2-steps", "3"]
-    losses = {}
-    for kept in (False, True):
+    runs = {}
+    for kept in (False, True):  # kept: train's default when it identifies
         out = tmp_path / f"kept-{kept}"
-        flag = ["--keep-stage1-weights"] if kept else []
+        flag = [] if kept else ["--no-keep-stage1-weights"]
         assert main(["train", *common(work, *budget, *flag), "--out", str(out)]) == 0
-        losses[kept] = json.loads((out / "training.json").read_text())["loss_before"]
-    # reset adapters (B = 0) give the base model's held-out loss before the fine-tune; kept ones have changed it
-    assert losses[False] != losses[True] and (tmp_path / "kept-True-identify" / "importance.json").exists()
+        runs[kept] = json.loads((out / "training.json").read_text())
+    # both start from the base model's held-out loss (reset adapters, B = 0, leave it; a kept run measures it before
+    # identifying), and only the kept one reaches the fine-tune changed by stage 1
+    assert runs[False]["loss_before"] == pytest.approx(runs[True]["loss_before"], rel=1e-6)
+    assert runs[True]["loss_after_identification"] != runs[True]["loss_before"]
+    assert "loss_after_identification" not in runs[False]
+    assert (tmp_path / "kept-True-identify" / "importance.json").exists()
     assert (
         main(
             [

@@ -23,7 +23,8 @@ EXAMPLES = {
     "identify": "peft-ila identify --out runs/alpaca --top-k 0.25 --stage1-max-steps 60 --stage2-steps 30\n"
     "  peft-ila identify --out runs/alpaca --top-k 0.25 --stage1-max-steps 60 --stage2-steps 30 --resume   "
     "(after an interruption)",
-    "train": "peft-ila train --mask runs/alpaca --out adapters/alpaca-top25 --steps 100\n"
+    "train": "peft-ila train --out adapters/alpaca --steps 100   (identifies inside the fine-tune; the top 75% go on)\n"
+    "  peft-ila train --mask runs/alpaca --out adapters/alpaca-top25 --steps 100\n"
     "  peft-ila train --mask runs/alpaca --top-k 10 --out adapters/alpaca-best10 --steps 100   (the mask's best 10)\n"
     "  peft-ila train --data mine.json --columns instruction=ask,output=reply --mask runs/alpaca --out adapters/mine\n"
     "  peft-ila train --all-layers --out adapters/alpaca-all --steps 100\n"
@@ -35,7 +36,13 @@ EXAMPLES = {
     "  peft-ila eval adapters/alpaca-top25 --data /new/place/alpaca.json   (the data file moved)",
     "demo": "peft-ila demo --out ila-demo",
 }
-DEMO = {"max_length": 128, "eval_size": 32, "stage1_max_steps": 30, "stage2_steps": 20, "steps": 30, "lr": 1e-3}
+# `train` when it identifies inline, and `demo`: identification inside the fine-tune, scored by stage 1's update norms,
+# its top 75% going on with their stage-1 weights: the mode benchmarks/MODES.md found level with LoRA on all layers at
+# no more wall time ("ILA inside, norms"; nothing it measured beat LoRA-all)
+INSIDE = {"estimator": "update-norm", "top_k": 0.75, "keep_stage1_weights": True}
+TRAIN = {"estimator": INSIDE["estimator"], "keep_stage1_weights": None}  # None: kept when identifying inline
+DEMO = {"max_length": 128, "eval_size": 32, "stage1_max_steps": 30, "stage2_steps": 20, "steps": 30, **INSIDE}
+LR = 1e-3  # the fine-tune's AdamW rate: the best of the modes study's sweep for LoRA (benchmarks/MODES.md)
 
 
 class CommandLineError(Exception):
@@ -124,9 +131,10 @@ def _config_option(group, field: str, flag: str, kind, defaults: dict) -> None:
     spec = ILAConfig.__dataclass_fields__[field]
     text = re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), spec.metadata["help"])
     default = defaults.get(field, spec.default)
-    help = text.replace("%", "%%") + " (default: %(default)s)"
-    if kind is bool:  # a switch
-        group.add_argument(flag, dest=field, action="store_true", default=default, help=help)
+    shown = "on when identifying inline" if kind is bool and default is None else "%(default)s"  # train's keeping
+    help = text.replace("%", "%%") + f" (default: {shown})"
+    if kind is bool:  # a switch, --no-... turning it off
+        group.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=default, help=help)
         return
     typed = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
     metavar = None if "choices" in typed else flag.lstrip("-").upper().replace("-", "_")
@@ -245,13 +253,15 @@ def _add_shape(p: argparse.ArgumentParser, d: dict) -> None:
     )
 
 
-def _add_ila(p: argparse.ArgumentParser, d: dict) -> None:
+def _add_ila(p: argparse.ArgumentParser, d: dict, top_k: str) -> None:
+    """Identification's options, their defaults from ILAConfig unless `d` overrides them; `top_k`: what --top-k's
+    help gives as its default."""
     g = p.add_argument_group("identification")
     g.add_argument(
         "--top-k",
         type=_top_k,
-        help="layers kept: an int, or a fraction of the candidate layers (default: 0.25); with --mask, the best "
-        "of the mask's ranking (default: the layers the mask selected)",
+        default=d.get("top_k"),
+        help=f"layers kept: an int, or a fraction of the candidate layers (default: {top_k})",
     )
     for option in CONFIG_OPTIONS["identification"]:
         _config_option(g, *option, d)
@@ -278,7 +288,13 @@ def _add_checkpoints(p: argparse.ArgumentParser) -> None:
 def _add_tune(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--steps", type=_int, default=d.get("steps", 100), help="optimizer steps (default: %(default)s)")
-    g.add_argument("--lr", type=_float, default=d.get("lr", 2e-4), help="AdamW learning rate (default: %(default)s)")
+    g.add_argument(
+        "--lr",
+        type=_float,
+        default=d.get("lr", LR),
+        help="AdamW learning rate (default: %(default)s, the best for LoRA of benchmarks/MODES.md's sweep on "
+        "SmolLM2-135M; larger models usually want less)",
+    )
     g.add_argument("--warmup", type=_float, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
 
 
@@ -308,7 +324,7 @@ def parser() -> argparse.ArgumentParser:
         "identify",
         "Run ILA stages 1 and 2 and write a run directory: importance.json, mask.safetensors, heatmap.png, report.md.",
     )
-    _add_data(p, {}), _add_shape(p, {}), _add_ila(p, {}), _add_checkpoints(p)
+    _add_data(p, {}), _add_shape(p, {}), _add_ila(p, {}, str(ILAConfig.top_k)), _add_checkpoints(p)
     _add_out(p, "run directory to write")
 
     p = command(
@@ -317,7 +333,8 @@ def parser() -> argparse.ArgumentParser:
         "plain peft LoRA), on --layers, or on layers found inline; save a PEFT adapter and report held-out "
         "loss before/after, step time, peak memory and trainable parameters.",
     )
-    _add_data(p, {}), _add_shape(p, {}), _add_ila(p, {}), _add_checkpoints(p), _add_tune(p, {})
+    inline = f"{INSIDE['top_k']} when identifying inline; with --mask, the layers the mask selected, or its best k"
+    _add_data(p, {}), _add_shape(p, {}), _add_ila(p, TRAIN, inline), _add_checkpoints(p), _add_tune(p, {})
     which = p.add_mutually_exclusive_group()
     which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
     which.add_argument("--all-layers", action="store_true", help="baseline: plain peft LoRA on every candidate")
@@ -425,7 +442,7 @@ def parser() -> argparse.ArgumentParser:
         "table, fine-tune the top-k, save, reload in a fresh process, and show held-out loss and a generation "
         "before and after.",
     )
-    _add_data(p, DEMO), _add_shape(p, DEMO), _add_ila(p, DEMO), _add_tune(p, DEMO)
+    _add_data(p, DEMO), _add_shape(p, DEMO), _add_ila(p, DEMO, str(DEMO["top_k"])), _add_tune(p, DEMO)
     p.set_defaults(checkpoint_every=0, resume=False)  # minutes long, and its outputs appear only at the end
     _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
     return root

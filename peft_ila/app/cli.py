@@ -13,7 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .args import parser
+from .args import INSIDE, parser
 from .steps import (
     accelerator_for,
     candidates_of,
@@ -69,9 +69,14 @@ def cmd_train(args) -> None:
     from .report import read_run
 
     inline = args.out.with_name(args.out.name + "-identify")  # where an inline identification writes its run
+    identifying = not (args.mask or args.all_layers or args.layers)
+    if args.keep_stage1_weights is None:  # identification inside the fine-tune (args.INSIDE) when there is one
+        args.keep_stage1_weights = identifying
+    if identifying and args.top_k is None:
+        args.top_k = INSIDE["top_k"]
     check_free(args.out, args.overwrite)
     checkpoint = None
-    if not (args.mask or args.all_layers or args.layers):
+    if identifying:
         check_free(inline, args.overwrite)
         checkpoint = checkpoint_path(args, inline)
     elif args.resume:
@@ -101,7 +106,7 @@ def cmd_train(args) -> None:
     ila_config(args)
     accelerator = accelerator_for(args)
     prepared = prepare_data(args, accelerator)
-    params = chosen = None
+    params = chosen = base = None  # base: the base model's held-out loss, when identification starts the fine-tune
     skip = 0  # micro-batches already trained on (by a stage 1 whose weights are kept)
     scored = run[0] if run is not None else None  # the record whose layer scores --layerwise-importance reads
     if run is not None:
@@ -118,12 +123,12 @@ def cmd_train(args) -> None:
         model, params, chosen = _put_method(args, prepared.model, config, chosen)
         selection = {"selection": "--layers", "layers": len(args.layers)}
     else:
+        base = _base_loss(args, prepared, accelerator)
         model, _, scored = identify_to_run(args, prepared, accelerator, inline, checkpoint)
         print_top(scored)
         top_k = model.peft_config["default"].top_k
         selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(scored["selected"])}
-        if args.keep_stage1_weights:  # the fine-tune goes on with the data after stage 1's
-            skip = scored["costs"]["stage1"]["steps"] * args.grad_accum
+        skip = _stage1_batches(args, scored)
     if args.within_lora_params:  # the layers a full fine-tune sized to LoRA-all's parameters kept
         selection.update(layers=len(chosen.selected), within_lora_params=True)
     sampler = _layerwise(args, model, scored)
@@ -132,6 +137,7 @@ def cmd_train(args) -> None:
     how = {"method": args.method, **({"changed_only": True} if args.changed_only else {})}
     if sampler is not None:
         how["layerwise"] = {**dataclasses.asdict(sampler.config), "blocks": len(sampler.groups)}
+    report = _from_base(report, base, how)
     save_adapter(args, model, args.out, report, prepared, {**selection, **how}, full)
     print_finetune(report)
     if full is not None and args.changed_only:
@@ -140,6 +146,40 @@ def cmd_train(args) -> None:
         print(f"model saved to {args.out} (AutoModelForCausalLM.from_pretrained; its mask: peft_ila.load_selection)")
     else:
         print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
+
+
+def _base_loss(args, prepared, accelerator) -> float | None:
+    """The base model's held-out loss, measured before an identification whose stage-1 weights the fine-tune keeps
+    (`--keep-stage1-weights`) changes the model; None otherwise (the fine-tune measures its own "before")."""
+    from ..identification.training import evaluate_loss
+
+    if not args.keep_stage1_weights:
+        return None
+    held_out = prepared.batches(args.batch_size, args.seed, held_out=True)
+    return evaluate_loss(prepared.model, held_out, accelerator, not args.no_progress)
+
+
+def _from_base(report, base: float | None, record: dict):
+    """`report`, its "before" the base model's loss when the fine-tune began with identification (`base`); the loss
+    the model had after identification goes into `record` (`loss_after_identification`)."""
+    if base is None:
+        return report
+    record["loss_after_identification"] = report.loss_before
+    return dataclasses.replace(report, loss_before=base)
+
+
+def _trained(args, record: dict) -> str:
+    """What the fine-tune after an inline identification (`record`) trained, in words."""
+    layers = f"the top {len(record['selected'])} layers"
+    if not args.keep_stage1_weights:
+        return f"fine-tuning {layers};"
+    return f"identification's {record['costs']['stage1']['steps']} steps on every layer, then {args.steps} on {layers};"
+
+
+def _stage1_batches(args, record: dict) -> int:
+    """Micro-batches of the data order an inline identification's stage 1 trained on, when the fine-tune goes on from
+    its weights (`--keep-stage1-weights`) and so with the data after them; else 0 (the fine-tune starts afresh)."""
+    return record["costs"]["stage1"]["steps"] * args.grad_accum if args.keep_stage1_weights else 0
 
 
 def _finetune(args, model, prepared, accelerator, params=None, sampler=None, skip=0):
@@ -420,15 +460,18 @@ def cmd_demo(args) -> None:
     accelerator = accelerator_for(args)
     with staged_dir(args.out, args.overwrite) as tmp:
         prepared = prepare_data(args, accelerator)
+        conversation = prepared.held_out_conversations[0]
+        before_text = generate(prepared.model, prepared.tokenizer, conversation, prepared.plain)
+        base = _base_loss(args, prepared, accelerator)
         model, _, record = identify_to_run(args, prepared, accelerator, tmp / "identify", shown=args.out / "identify")
         print_top(record)
-        conversation = prepared.held_out_conversations[0]
-        before_text = generate(model, prepared.tokenizer, conversation, prepared.plain)
-        report = _finetune(args, model, prepared, accelerator)
+        report = _finetune(args, model, prepared, accelerator, skip=_stage1_batches(args, record))
+        selection = {"selection": "ILA top-k found by this demo", "top_k": model.peft_config["default"].top_k}
+        selection.update(layers=len(record["selected"]))
+        report = _from_base(report, base, selection)
         print_finetune(report)
         after_text = generate(model, prepared.tokenizer, conversation, prepared.plain)
-        selection = {"selection": "ILA top-k found by this demo", "top_k": model.peft_config["default"].top_k}
-        save_adapter(args, model, tmp / "adapter", report, prepared, {**selection, "layers": len(record["selected"])})
+        save_adapter(args, model, tmp / "adapter", report, prepared, selection)
         print("reloading the saved adapter in a fresh process ...")
         reload = [
             sys.executable,
@@ -448,6 +491,7 @@ def cmd_demo(args) -> None:
         write_json(tmp / "reload.json", reloaded)
         summary = {
             "held_out_loss_before": report.loss_before,
+            **{k: v for k, v in selection.items() if k == "loss_after_identification"},
             "held_out_loss_after": report.loss_after,
             "held_out_loss_after_reload": reloaded["held_out_loss"],
             "prompt": first_user_turn(conversation),
@@ -461,8 +505,8 @@ def cmd_demo(args) -> None:
     print(
         textwrap.dedent(f"""
         ==== peft-ila demo ({summary["seconds"]:.0f} s) ====
-        held-out loss: {report.loss_before:.4f} before -> {report.loss_after:.4f} after fine-tuning the top
-        {len(record["selected"])} layers; {reloaded["held_out_loss"]:.4f} after reloading in a fresh process
+        held-out loss: {report.loss_before:.4f} before -> {report.loss_after:.4f} after {_trained(args, record)}
+        {reloaded["held_out_loss"]:.4f} after reloading in a fresh process
         prompt: {summary["prompt"]!r}
         before: {before_text!r}
         after:  {after_text!r}
