@@ -110,7 +110,7 @@ def demo(root: Path) -> str:
         share = len(selected) / len(record["candidates"])
         sure = f" (`top-{share:.0%} set: {certain} of {len(selected)} layers certain at {CERTAIN:.0%}`)"
     identification = f"{stage1['steps']} + {stage2['steps']} steps in {stage1['seconds'] + stage2['seconds']:.0f} s"
-    if "loss_after_identification" in run:  # identification was the fine-tune's start (its stage-1 weights kept)
+    if run.get("loss_after_identification") is not None:  # identification began the fine-tune (weights kept)
         identification += f" (held-out loss {run['loss_after_identification']:.4f} after it)"
     before, after, reload = (run[f"held_out_loss_{key}"] for key in ("before", "after", "after_reload"))
     layers = f"the top {len(selected)} of {len(record['candidates'])} layers"

@@ -491,7 +491,7 @@ def cmd_demo(args) -> None:
         write_json(tmp / "reload.json", reloaded)
         summary = {
             "held_out_loss_before": report.loss_before,
-            **{k: v for k, v in selection.items() if k == "loss_after_identification"},
+            "loss_after_identification": selection.get("loss_after_identification"),  # None: adapters afresh
             "held_out_loss_after": report.loss_after,
             "held_out_loss_after_reload": reloaded["held_out_loss"],
             "prompt": first_user_turn(conversation),
