@@ -40,6 +40,7 @@ def test_each_method_trains_exactly_the_masks_layers_and_eval_reproduces_its_los
         (["--method", "dora"], "--method dora puts dora on a selection of layers: pass --mask RUN_DIR"),
         (["--method", "qlora", "--load-in-8bit", "--layers", "model.layers.0.mlp.up_proj"], "drop --load-in-8bit"),
         (["--method", "full", "--load-in-4bit", "--layers", "model.layers.0.mlp.up_proj"], "--method full trains"),
+        (["--method", "full", "--all-layers", "--within-lora-params"], "pass --mask RUN_DIR (--layers and --all-"),
     ],
 )
 def test_methods_without_a_selection_or_with_a_clashing_base_are_refused(work, tmp_path, capsys, extra, message):

@@ -162,8 +162,8 @@ def test_the_library_s_fine_tune_trains_a_sampler_s_active_sets_only(tmp_path):
     assert report.trainable_params == one_block  # parameters trained at once, not all the groups'
 
 
-@pytest.mark.parametrize("method", ["full", "ila"])
-def test_train_layerwise_on_a_mask_trains_drawn_blocks_only_and_the_result_reloads(work, run, tmp_path, method):
+@pytest.mark.parametrize(("method", "where"), [("full", "mask"), ("ila", "mask"), ("full", "all-layers")])
+def test_train_layerwise_trains_drawn_blocks_only_and_the_result_reloads(work, run, tmp_path, method, where):
     import json
 
     from transformers import AutoModelForCausalLM
@@ -172,14 +172,16 @@ def test_train_layerwise_on_a_mask_trains_drawn_blocks_only_and_the_result_reloa
     from peft_ila.app.cli import main
 
     out = tmp_path / method
-    layerwise = ["--layerwise", "1", "--layerwise-interval", "2", "--layerwise-importance", "0.5"]
-    args = ["train", *common(work, "--steps", "4"), "--mask", str(run), "--top-k", "1.0", "--method", method]
+    weight = 0.5 if where == "mask" else 0.0  # every candidate, drawn uniformly: LISA, no identification needed
+    layerwise = ["--layerwise", "1", "--layerwise-interval", "2", "--layerwise-importance", str(weight)]
+    layers = ["--mask", str(run), "--top-k", "1.0"] if where == "mask" else ["--all-layers"]
+    args = ["train", *common(work, "--steps", "4"), *layers, "--method", method]
     assert main([*args, *layerwise, "--out", str(out)]) == 0
     info = json.loads((out / "training.json").read_text())
     assert info["layerwise"] == {
         "active": 1,
         "interval": 2,
-        "importance_weight": 0.5,
+        "importance_weight": weight,
         "temperature": 1.0,
         "seed": 0,
         "blocks": 2,  # the tiny model's two blocks, every candidate of each

@@ -329,15 +329,19 @@ def parser() -> argparse.ArgumentParser:
 
     p = command(
         "train",
-        "Fine-tune adapters on a mask (--mask RUN_DIR), on every candidate layer (--all-layers, "
-        "plain peft LoRA), on --layers, or on layers found inline; save a PEFT adapter and report held-out "
+        "Fine-tune adapters on a mask (--mask RUN_DIR), on every candidate layer (--all-layers), on --layers, "
+        "or on layers found inline; save a PEFT adapter and report held-out "
         "loss before/after, step time, peak memory and trainable parameters.",
     )
     inline = f"{INSIDE['top_k']} when identifying inline; with --mask, the layers the mask selected, or its best k"
     _add_data(p, {}), _add_shape(p, {}), _add_ila(p, TRAIN, inline), _add_checkpoints(p), _add_tune(p, {})
     which = p.add_mutually_exclusive_group()
     which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
-    which.add_argument("--all-layers", action="store_true", help="baseline: plain peft LoRA on every candidate")
+    which.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="every candidate: plain peft LoRA (the baseline), or --method's (--method full --layerwise 2: LISA)",
+    )
     which.add_argument("--layers", type=_modules, help="comma-separated layer names")
     p.add_argument(
         "--method",

@@ -62,7 +62,6 @@ def cmd_identify(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from ..tuner.selection import Selection
     from . import UsageError
     from .files import check_free
     from .pipeline import lora_all_layers
@@ -112,16 +111,14 @@ def cmd_train(args) -> None:
     if run is not None:
         config, chosen, selection = mask_config(args, *run, args.mask, prepared)
         model, params, chosen = _put_method(args, prepared.model, config, chosen)
-    elif args.all_layers:
+    elif args.all_layers and args.method == "ila":
         model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
         selection = {"selection": "all layers (plain peft LoRA)", "layers": len(model.base_model.targeted_module_names)}
-    elif args.layers:
-        config = ila_config(args, selected_layers=args.layers)
-        candidates = candidates_of(prepared.model, config)
-        _check_layers(args, candidates, prepared.info["model"])
-        chosen = Selection(tuple(candidates), tuple(args.layers))
+    elif args.all_layers or args.layers:
+        chosen = _listed(args, prepared.model, prepared.info["model"])
+        config = ila_config(args, selected_layers=list(chosen.selected))
         model, params, chosen = _put_method(args, prepared.model, config, chosen)
-        selection = {"selection": "--layers", "layers": len(args.layers)}
+        selection = {"selection": "--all-layers" if args.all_layers else "--layers", "layers": len(chosen.selected)}
     else:
         base = _base_loss(args, prepared, accelerator)
         model, _, scored = identify_to_run(args, prepared, accelerator, inline, checkpoint)
@@ -226,15 +223,20 @@ def _check_method(args) -> None:
     """`--method` other than ILA's own needs a selection; qlora loads the base in 4 bits (implied)."""
     from . import UsageError
 
-    if args.method != "ila" and not (args.mask or args.layers):
+    if args.method != "ila" and not (args.mask or args.layers or args.all_layers):
         raise UsageError(
-            f"--method {args.method} puts {args.method} on a selection of layers: pass --mask RUN_DIR (or --layers); "
-            "for every layer, --all-layers is plain LoRA."
+            f"--method {args.method} puts {args.method} on a selection of layers: pass --mask RUN_DIR, --layers, or "
+            "--all-layers for every candidate."
         )
     if args.within_lora_params and args.method != "full":
         raise UsageError(
             f"--within-lora-params sizes a full fine-tune of the selection; --method {args.method} trains adapters: "
             "drop it (or use --method full)."
+        )
+    if args.within_lora_params and not args.mask:
+        raise UsageError(
+            "--within-lora-params keeps the best layers of a mask's ranking that fit LoRA-all's parameters: pass "
+            "--mask RUN_DIR (--layers and --all-layers rank nothing)."
         )
     if args.changed_only and args.method != "full":
         raise UsageError(
@@ -287,6 +289,16 @@ def _modules_in_blocks(base, config, blocks):
     modules = candidates_of(base, replace(config, granularity="module", selected_layers=None))
     chosen = set(blocks.selected)
     return Selection(tuple(modules), tuple(m for m in modules if layer_of(m, "block") in chosen))
+
+
+def _listed(args, base, model: str):
+    """The `Selection` of `--layers` (checked against `base`'s candidates), or of every candidate (`--all-layers`)."""
+    from ..tuner.selection import Selection
+
+    candidates = candidates_of(base, ila_config(args))
+    if not args.all_layers:
+        _check_layers(args, candidates, model)
+    return Selection(tuple(candidates), tuple(candidates if args.all_layers else args.layers))
 
 
 def _check_layers(args, candidates: list[str], model: str) -> None:
