@@ -124,7 +124,12 @@ def memory(timing: dict, mode: str) -> float:
     how = MODES[mode].identification
     probe = ["probe-stage1"] + (["probe-stage2"] if MODES[mode].runs_stage2 else [])
     rows = [MODES[mode].timed_as or mode] + (probe if how != "none" else [])
-    return max(timing[r]["memory_rise_mb"] for r in rows) / timing["all"]["memory_rise_mb"]
+    return max(memory_ratio(timing, r) for r in rows)
+
+
+def memory_ratio(timing: dict, row: str) -> float:
+    """A timing row's peak memory rise over LoRA-all's."""
+    return timing[row]["memory_rise_mb"] / timing["all"]["memory_rise_mb"]
 
 
 def equal_time_steps(timing: dict, mode: str, lora_steps: int, grid: dict) -> int:
@@ -229,30 +234,42 @@ def finding_mode(results: dict, mode: str) -> Finding:
 
 
 def finding_goal(results: dict) -> Finding:
-    """The issue's goal: a mode using ILA's importance beats LoRA-all on every dataset within its memory and time."""
-    met, closest = [], None
+    """The issue's goal: a mode using ILA's importance beats LoRA-all on every dataset within its memory and time.
+    Short of it, the evidence names the closest mode within that cost and, when another, the closest at any cost
+    (closeness: the worst dataset's difference in standard errors, < -2 on every dataset to meet the goal)."""
+    met, closest = [], {}
     for mode in IMPORTANCE:
         deltas = per_dataset(results, mode)
-        found = costs(results, mode)
-        if len(deltas) < len(results["datasets"]) or found is None:
+        found = costs(results, mode) if len(deltas) == len(results["datasets"]) else None
+        if found is None:
             continue
-        worst = max(v / e for v, e in deltas.values())  # in standard errors; < -2 on every dataset to meet the goal
-        if all(beyond(d) < 0 for d in deltas.values()) and max(found) <= 1.0:
+        worst = max(v / e for v, e in deltas.values())
+        within = max(found) <= 1.0
+        if all(beyond(d) < 0 for d in deltas.values()) and within:
             met.append(mode)
-        if closest is None or worst < closest[1]:
-            closest = (mode, worst, found)
+        for bound in ["within the cost"] * within + ["at any cost"]:
+            if bound not in closest or worst < closest[bound][1]:
+                closest[bound] = (mode, worst, found)
     claim = "A mode using ILA's importance beats LoRA-all on every dataset at ≤ 1.0x its memory and wall time"
     if met:
         return Finding(claim, f"met by {', '.join(MODES[m].short for m in met)}", "see the table", NOISE_RULE)
-    if closest is None:
+    if not closest:
         return Finding(claim, "not judged yet", "no mode using importance has run on every dataset", NOISE_RULE)
-    mode, worst, (time, mem) = closest
-    evidence = f"closest: {MODES[mode].short}, its worst dataset {worst:+.1f} standard errors"
-    evidence += f", {time:.2f}x wall time, {mem:.2f}x memory"
+    within, anywhere = closest.get("within the cost"), closest["at any cost"]
+    evidence = f"closest within the cost: {closeness(within)}" if within else "none within the cost"
+    if within is None or within[0] != anywhere[0]:
+        evidence += f"; closest at any cost: {closeness(anywhere)}"
     unmeasured = [MODES[m].short for m in IMPORTANCE if len(per_dataset(results, m)) < len(results["datasets"])]
     if unmeasured:  # the plan runs the best two new modes on every dataset, the others on the primary one only
         evidence += f"; not on every dataset: {', '.join(unmeasured)}"
     return Finding(claim, "not met so far" if results["missing"] else "not met", evidence, NOISE_RULE)
+
+
+def closeness(found: tuple[str, float, tuple[float, float]]) -> str:
+    """A mode's closeness to the goal (`finding_goal`): its worst dataset in standard errors, and its costs."""
+    mode, worst, (time, mem) = found
+    spent = f"{time:.2f}x wall time, {mem:.3f}x memory"
+    return f"{MODES[mode].short}, its worst dataset {worst:+.1f} standard errors, {spent}"
 
 
 def finding_importance(results: dict) -> Finding:
@@ -264,21 +281,26 @@ def finding_importance(results: dict) -> Finding:
 
 
 def finding_forgetting(results: dict) -> Finding:
-    parts = []
+    """Each new mode against LoRA-all on the other datasets' held-out loss rise (higher: forgets more) and on
+    ARC-Easy (lower: forgets more), dataset by dataset; the verdict names the modes that forget more."""
+    parts, more = [], []
     for mode in NEW:
-        found = {d: delta(results, d, mode, "all", what="forgetting") for d in results["datasets"]}
-        found = {d: v for d, v in found.items() if v is not None}
-        if found:
-            parts.append(f"{MODES[mode].short}: {listed(found)}")
-    evidence = "other datasets' held-out loss rise, Δ vs LoRA-all: " + ("; ".join(parts) or "not measured yet")
-    signs = [
-        beyond(v)
-        for mode in NEW
-        for d in results["datasets"]
-        if (v := delta(results, d, mode, "all", what="forgetting")) is not None
-    ]
-    verdict = "not judged yet" if not signs else ("some mode forgets more" if 1 in signs else "none forgets more")
-    return Finding("The new modes forget no more than LoRA-all", verdict, evidence, NOISE_RULE)
+        rise = forgetting_deltas(results, mode, "forgetting")
+        arc = forgetting_deltas(results, mode, "knowledge")
+        if not rise and not arc:
+            continue
+        parts.append(f"{MODES[mode].short}: rise {listed(rise)}; ARC-Easy {listed(arc)}")
+        if any(beyond(v) > 0 for v in rise.values()) or any(beyond(v) < 0 for v in arc.values()):
+            more.append(MODES[mode].short)
+    verdict = "not judged yet" if not parts else (f"more: {', '.join(more)}" if more else "none forgets more")
+    evidence = "Δ vs LoRA-all of the other datasets' held-out loss rise and of ARC-Easy accuracy: "
+    return Finding("The new modes forget no more than LoRA-all", verdict, evidence + ("; ".join(parts)), NOISE_RULE)
+
+
+def forgetting_deltas(results: dict, mode: str, what: str) -> dict:
+    """`mode` − LoRA-all of `what` ("forgetting" or "knowledge", see `losses_of`) per dataset, where measured."""
+    found = {d: delta(results, d, mode, "all", what=what) for d in results["datasets"]}
+    return {d: v for d, v in found.items() if v is not None}
 
 
 def finding_equal_time(results: dict) -> Finding:
@@ -344,7 +366,8 @@ def timing_section(results: dict) -> list[str]:
     note = (
         "Measured side by side in one process (the timing cell), each x LoRA-all's. After identification the inside "
         "modes train as ILA top 75% and ILA-sampled do; identification costs its stage-1 and stage-2 steps at the "
-        "probe state's step time, and its memory counts in the rise."
+        "probe state's step time, and its memory counts in the rise: its stage 1 (LoRA on every layer in ILA's "
+        f"wrapper) peaks at {memory_ratio(results['timing'], 'probe-stage1'):.3f}x LoRA-all's."
     )
     return ["## Cost, side by side", "", note, "", *table(head, rows, "lrrr"), ""]
 

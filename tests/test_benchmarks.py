@@ -348,6 +348,31 @@ def test_a_mode_s_wall_time_counts_the_identification_stages_it_runs():
     assert equal_time_steps(timing, "ila-inside-norm", 28, grid) == 10 + round(18 / 0.9)
 
 
+def test_the_goal_needs_every_dataset_within_the_cost_and_forgetting_counts_arc_easy():
+    from benchmarks.modes_report import finding_forgetting, finding_goal
+
+    def run(mode: str, dataset: str, seed: int, loss: float, arc: float) -> dict:
+        others = {"a": 2.0, "b": 2.0}
+        others.pop(dataset)
+        cell = {"dataset": dataset, "mode": mode, "seed": seed, "regime": "epoch", "loss_after": loss + seed / 100}
+        return {**cell, "others_after": others, "knowledge_after": arc + seed / 50}
+
+    tunes = [run("all", d, s, 1.0, 0.5) for d in "ab" for s in (0, 1)]
+    tunes += [run("ila-inside-norm", d, s, 0.9, 0.5) for d in "ab" for s in (0, 1)]  # beats by 14 standard errors
+    tunes += [run("lisa", "a", s, 1.0, 0.3) for s in (0, 1)]  # as good, and 14 standard errors worse on ARC-Easy
+    rows = {"all": 1.0, "ila-75": 0.9, "lisa": 0.7, "probe-stage1": 1.0, "probe-stage2": 1.0}
+    timing = {row: {"step_seconds": r, "memory_rise_mb": 1000 * r} for row, r in rows.items()}
+    settings = {"steps": {"a": 100}, "grid": {"stage1": 10, "stage2": 5}}
+    results = {"datasets": ["a", "b"], "primary": "a", "settings": settings, "tunes": tunes, "timing": timing}
+    results.update(base={"a": 2.0, "b": 2.0, "knowledge": 0.5}, missing=[])
+    assert finding_goal(results).verdict == "met by ILA inside, norms"  # 0.91x wall time, 1.0x memory
+    timing["probe-stage1"]["memory_rise_mb"] = 1007.0  # identification peaks 0.7% above LoRA-all: over the bound
+    goal = finding_goal(results)
+    assert goal.verdict == "not met" and goal.evidence.startswith("none within the cost; closest at any cost: ILA ins")
+    assert "1.007x memory" in goal.evidence
+    assert finding_forgetting(results).verdict == "more: LISA (uniform)"
+
+
 def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path):
     from benchmarks import gpu
 
