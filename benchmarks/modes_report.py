@@ -316,14 +316,24 @@ def finding_equal_time(results: dict) -> Finding:
 
 
 def finding_long(results: dict) -> Finding:
-    primary = results["primary"]
+    """The long regime on the primary dataset: each mode against LoRA-all after as many epochs, the verdict grouping
+    the modes by the rule; LoRA-all's loss after one epoch beside it, to show whether the long run overfits."""
+    primary, epochs = results["primary"], results["settings"]["long_epochs"]
     modes = sorted({t["mode"] for t in results["tunes"] if t["regime"] == "long"} - {"all"})
-    deltas = {MODES[m].short: delta(results, primary, m, "all", "long", "long") for m in modes}
-    evidence = ", ".join(f"{m} {show(v)}" for m, v in deltas.items()) or "not measured yet"
-    epochs = results["settings"]["long_epochs"]
-    found = [v for v in deltas.values() if v is not None]
-    verdict = judge(found, "freezing helps", "freezing hurts", "within the noise") if found else "not judged yet"
-    return Finding(f"At {epochs} epochs on {primary}, against LoRA-all", verdict, evidence, NOISE_RULE)
+    deltas = {m: v for m in modes if (v := delta(results, primary, m, "all", "long", "long")) is not None}
+    claim = f"At {epochs} epochs on {primary}, against LoRA-all"
+    if not deltas:
+        return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
+    groups = {"better": [], "level": [], "worse": []}
+    for mode, found in deltas.items():
+        groups[("level", "worse", "better")[beyond(found)]].append(MODES[mode].short)
+    verdict = "; ".join(f"{how}: {', '.join(names)}" for how, names in groups.items() if names)
+    evidence = ", ".join(f"{MODES[m].short} {show(v)}" for m, v in deltas.items())
+    losses = {regime: losses_of(results, primary, "all", regime) for regime in ("long", "epoch")}
+    if all(losses.values()):
+        evidence += f"; LoRA-all's held-out loss {statistics.mean(losses['long']):.4f}"
+        evidence += f" after {epochs} epochs, {statistics.mean(losses['epoch']):.4f} after one"
+    return Finding(claim, verdict, evidence, NOISE_RULE)
 
 
 # --- page ----------------------------------------------------------------------------------------------------------

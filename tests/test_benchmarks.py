@@ -373,6 +373,21 @@ def test_the_goal_needs_every_dataset_within_the_cost_and_forgetting_counts_arc_
     assert finding_forgetting(results).verdict == "more: LISA (uniform)"
 
 
+def test_the_long_regime_groups_the_modes_by_the_rule_and_shows_whether_it_overfits():
+    from benchmarks.modes_report import finding_long
+
+    def run(mode: str, regime: str, seed: int, loss: float) -> dict:
+        return {"dataset": "a", "mode": mode, "seed": seed, "regime": regime, "loss_after": loss + seed / 100}
+
+    tunes = [run("all", "epoch", s, 1.0) for s in (0, 1)] + [run("all", "long", s, 1.2) for s in (0, 1)]
+    tunes += [run("ila-75", "long", s, 1.1) for s in (0, 1)]  # 14 standard errors below LoRA-all's 3 epochs
+    tunes += [run("ila-inside", "long", s, 1.205) for s in (0, 1)]  # within 1 standard error
+    results = {"datasets": ["a"], "primary": "a", "settings": {"long_epochs": 3}, "tunes": tunes}
+    found = finding_long(results)
+    assert found.verdict == "better: ILA top 75%; level: ILA inside"
+    assert found.evidence.endswith("LoRA-all's held-out loss 1.2050 after 3 epochs, 1.0050 after one")
+
+
 def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path):
     from benchmarks import gpu
 
