@@ -165,9 +165,11 @@ def losses_of(results: dict, dataset: str, mode: str, regime: str, what: str = "
     ]
 
 
-def sigma(results: dict, dataset: str, what: str = "loss") -> float | None:
-    """The pooled seed-to-seed spread of `what` on `dataset` over every (mode, regime) with several seeds."""
+def sigma(results: dict, dataset: str, what: str = "loss", regime: str | None = None) -> float | None:
+    """The pooled seed-to-seed spread of `what` on `dataset` over every (mode, regime) with several seeds (or only
+    `regime`'s)."""
     pairs = {(t["mode"], t["regime"]) for t in results["tunes"] if t["dataset"] == dataset}
+    pairs = {(m, r) for m, r in pairs if regime in (None, r)}
     return pooled_sd([losses_of(results, dataset, m, r, what) for m, r in sorted(pairs)])
 
 
@@ -407,6 +409,12 @@ def loss_section(results: dict) -> list[str]:
 
 
 def noise_line(results: dict) -> str:
-    """The noise scale of each dataset, as the findings judge by it."""
+    """The noise scale of each dataset, as the findings judge by it, and on the primary dataset each regime's own
+    (once two regimes have several seeds: whether one scale fits them all)."""
     noise = ", ".join(f"{d} {v:.4f}" for d in results["datasets"] if (v := sigma(results, d)) is not None)
-    return f"Noise scale (pooled seed-to-seed SD of the held-out loss, over every regime): {noise or 'not yet'}."
+    line = f"Noise scale (pooled seed-to-seed SD of the held-out loss, over every regime): {noise or 'not yet'}."
+    alone = {r: v for r in REGIMES if (v := sigma(results, results["primary"], regime=r)) is not None}
+    if len(alone) > 1:
+        each = ", ".join(f"{REGIMES[r]} {v:.4f}" for r, v in alone.items())
+        line += f" On {results['primary']}, each regime's own: {each}."
+    return line

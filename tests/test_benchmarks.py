@@ -373,8 +373,8 @@ def test_the_goal_needs_every_dataset_within_the_cost_and_forgetting_counts_arc_
     assert finding_forgetting(results).verdict == "more: LISA (uniform)"
 
 
-def test_the_long_regime_groups_the_modes_by_the_rule_and_shows_whether_it_overfits():
-    from benchmarks.modes_report import finding_long
+def test_the_long_regime_is_judged_per_mode_and_shows_its_overfitting_and_its_own_noise():
+    from benchmarks.modes_report import finding_long, noise_line
 
     def run(mode: str, regime: str, seed: int, loss: float) -> dict:
         return {"dataset": "a", "mode": mode, "seed": seed, "regime": regime, "loss_after": loss + seed / 100}
@@ -386,6 +386,7 @@ def test_the_long_regime_groups_the_modes_by_the_rule_and_shows_whether_it_overf
     found = finding_long(results)
     assert found.verdict == "better: ILA top 75%; level: ILA inside"
     assert found.evidence.endswith("LoRA-all's held-out loss 1.2050 after 3 epochs, 1.0050 after one")
+    assert noise_line(results).endswith("On a, each regime's own: one epoch 0.0071, the long regime 0.0071.")
 
 
 def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path):
