@@ -192,8 +192,9 @@ def costs(results: dict, mode: str) -> tuple[float, float] | None:
     return wall(timing, mode, steps, grid) / steps, memory(timing, mode)
 
 
-def per_dataset(results: dict, a: str, b: str = "all", regime: str = "epoch", b_regime: str = "epoch") -> dict:
-    found = {d: delta(results, d, a, b, regime, b_regime) for d in results["datasets"]}
+def per_dataset(results: dict, a: str, b: str = "all", regime: str = "epoch", b_regime: str = "epoch", what="loss"):
+    """`delta` of `what` on each dataset where both sides and the noise are measured."""
+    found = {d: delta(results, d, a, b, regime, b_regime, what) for d in results["datasets"]}
     return {d: v for d, v in found.items() if v is not None}
 
 
@@ -287,8 +288,8 @@ def finding_forgetting(results: dict) -> Finding:
     ARC-Easy (lower: forgets more), dataset by dataset; the verdict names the modes that forget more."""
     parts, more = [], []
     for mode in NEW:
-        rise = forgetting_deltas(results, mode, "forgetting")
-        arc = forgetting_deltas(results, mode, "knowledge")
+        rise = per_dataset(results, mode, what="forgetting")
+        arc = per_dataset(results, mode, what="knowledge")
         if not rise and not arc:
             continue
         parts.append(f"{MODES[mode].short}: rise {listed(rise)}; ARC-Easy {listed(arc)}")
@@ -297,12 +298,6 @@ def finding_forgetting(results: dict) -> Finding:
     verdict = "not judged yet" if not parts else (f"more: {', '.join(more)}" if more else "none forgets more")
     evidence = "Δ vs LoRA-all of the other datasets' held-out loss rise and of ARC-Easy accuracy: "
     return Finding("The new modes forget no more than LoRA-all", verdict, evidence + ("; ".join(parts)), NOISE_RULE)
-
-
-def forgetting_deltas(results: dict, mode: str, what: str) -> dict:
-    """`mode` − LoRA-all of `what` ("forgetting" or "knowledge", see `losses_of`) per dataset, where measured."""
-    found = {d: delta(results, d, mode, "all", what=what) for d in results["datasets"]}
-    return {d: v for d, v in found.items() if v is not None}
 
 
 def finding_equal_time(results: dict) -> Finding:
