@@ -279,15 +279,30 @@ class Modes(Study):
             runs += [(mode, seed) for seed in self.p["other_seeds"] for mode in best or []]
             for mode, seed in runs:
                 self.collect(f"{name}: {mode}, seed {seed}", self.add, results, name, mode, seed, "epoch")
-        for seed in self.p["long_seeds"]:
-            for mode in ["all", "ila-75", *(best or [])]:  # both: the best by loss may not be within the wall time
-                what = f"{primary}: {mode}, {self.p['long_epochs']} epochs, seed {seed}"
-                self.collect(what, self.add, results, primary, mode, seed, "long")
-        for seed in self.p["equal_time_seeds"]:  # last: the minimum that decides (above) comes first
-            for mode in NEW:
-                what = f"{primary}: {mode} at LoRA-all's wall time, seed {seed}"
-                self.collect(what, self.add_equal_time, results, mode, seed)
+        # the minimum that decides first (LoRA-all, ILA top 75% and the best new mode, 3 epochs, every seed), then
+        # every new mode at equal wall time with one seed, then the rest: the second best at 3 epochs (the best by
+        # loss may not be within the wall time), every new mode at equal wall time with the other seeds
+        first, *later = self.p["equal_time_seeds"]
+        self.long(results, ["all", "ila-75", *(best or [])[:1]])
+        self.equal_time(results, [first])
+        self.long(results, (best or [])[1:])
+        self.equal_time(results, later)
         return results
+
+    def long(self, results: dict, modes: list[str]) -> None:
+        """`modes` in the long regime on the primary dataset, every long seed."""
+        primary, epochs = self.data.primary, self.p["long_epochs"]
+        for seed in self.p["long_seeds"]:
+            for mode in modes:
+                what = f"{primary}: {mode}, {epochs} epochs, seed {seed}"
+                self.collect(what, self.add, results, primary, mode, seed, "long")
+
+    def equal_time(self, results: dict, seeds: list[int]) -> None:
+        """Every new mode given LoRA-all's wall time on the primary dataset, for each of `seeds`."""
+        for seed in seeds:
+            for mode in NEW:
+                what = f"{self.data.primary}: {mode} at LoRA-all's wall time, seed {seed}"
+                self.collect(what, self.add_equal_time, results, mode, seed)
 
     def bracketed(self, results: dict, family: str, rates: list[float]) -> float:
         """The best learning rate of `family`: its sweep over `rates`, extended along the 1-3-10 ladder past whichever
