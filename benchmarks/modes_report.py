@@ -127,6 +127,24 @@ def memory(timing: dict, mode: str) -> float:
     return max(memory_ratio(timing, r) for r in rows)
 
 
+TIMING_KEYS = ("step_seconds", "memory_rise_mb")
+
+
+def repeats(timing: dict) -> list[tuple[str, str]]:
+    """Pairs of timing rows that measured the same training: a mode timed on its own row whose `timed_as` is
+    another row of the cell."""
+    return [(m, MODES[m].timed_as) for m in timing if m in MODES and MODES[m].timed_as in timing]
+
+
+def repeat_note(timing: dict, mode: str, twin: str) -> str:
+    """How far apart two timing rows that measured the same training came out: the measurement's own spread."""
+    step, mem = (abs(timing[mode][key] / timing[twin][key] - 1) for key in TIMING_KEYS)
+    return (
+        f" The same training timed twice, as {MODES[mode].short}'s row and {MODES[twin].short}'s, differs by "
+        f"{100 * step:.1f}% in step time and {100 * mem:.1f}% in memory: the measurement's own spread."
+    )
+
+
 def memory_ratio(timing: dict, row: str) -> float:
     """A timing row's peak memory rise over LoRA-all's."""
     return timing[row]["memory_rise_mb"] / timing["all"]["memory_rise_mb"]
@@ -375,7 +393,7 @@ def timing_section(results: dict) -> list[str]:
         "modes train as ILA top 75% and ILA-sampled do; identification costs its stage-1 and stage-2 steps at the "
         "probe state's step time, and its memory counts in the rise: its stage 1 (LoRA on every layer in ILA's "
         f"wrapper) peaks at {memory_ratio(results['timing'], 'probe-stage1'):.3f}x LoRA-all's."
-    )
+    ) + "".join(repeat_note(results["timing"], mode, twin) for mode, twin in repeats(results["timing"]))
     return ["## Cost, side by side", "", note, "", *table(head, rows, "lrrr"), ""]
 
 

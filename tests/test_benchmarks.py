@@ -335,7 +335,7 @@ def test_the_modes_study_runs_every_mode_and_reads_the_grid_s_cells(tmp_path):
 
 
 def test_a_mode_s_wall_time_counts_the_identification_stages_it_runs():
-    from benchmarks.modes_report import equal_time_steps, memory, wall
+    from benchmarks.modes_report import equal_time_steps, memory, repeat_note, repeats, wall
 
     rows = {"all": 1.0, "ila-75": 0.9, "ila-sampled": 0.5, "probe-stage1": 1.0, "probe-stage2": 0.8}
     timing = {row: {"step_seconds": 2 * r, "memory_rise_mb": 100 * r} for row, r in rows.items()}
@@ -346,6 +346,10 @@ def test_a_mode_s_wall_time_counts_the_identification_stages_it_runs():
     assert wall(timing, "ila-sampled", 30, grid) == pytest.approx(30 * 0.5 + 10 + 5 * 0.8)  # separate: added
     assert memory(timing, "ila-inside") == 1.2 and memory(timing, "ila-inside-norm") == 1.0
     assert equal_time_steps(timing, "ila-inside-norm", 28, grid) == 10 + round(18 / 0.9)
+    timing["ila-inside"] = {"step_seconds": 1.8 * 1.02, "memory_rise_mb": 90.0 * 0.99}  # ILA top 75%'s, timed again
+    assert repeats(timing) == [("ila-inside", "ila-75")]
+    note = repeat_note(timing, "ila-inside", "ila-75")
+    assert "twice, as ILA inside's row and ILA top 75%'s, differs by 2.0% in step time and 1.0% in memory" in note
 
 
 def test_the_goal_needs_every_dataset_within_the_cost_and_forgetting_counts_arc_easy():
