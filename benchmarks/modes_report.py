@@ -10,6 +10,7 @@ one regime; a difference counts beyond 2 standard errors (`benchmarks/core/stats
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from benchmarks.core.cells import Missing
@@ -183,12 +184,19 @@ def losses_of(results: dict, dataset: str, mode: str, regime: str, what: str = "
     ]
 
 
-def sigma(results: dict, dataset: str, what: str = "loss", regime: str | None = None) -> float | None:
+def sigma(results: dict, dataset: str, what: str = "loss", regimes: Iterable[str] | None = None) -> float | None:
     """The pooled seed-to-seed spread of `what` on `dataset` over every (mode, regime) with several seeds (or only
-    `regime`'s)."""
+    those of `regimes`)."""
     pairs = {(t["mode"], t["regime"]) for t in results["tunes"] if t["dataset"] == dataset}
-    pairs = {(m, r) for m, r in pairs if regime in (None, r)}
+    pairs = {(m, r) for m, r in pairs if regimes is None or r in regimes}
     return pooled_sd([losses_of(results, dataset, m, r, what) for m, r in sorted(pairs)])
+
+
+def judging_sigma(results: dict, dataset: str, what: str, regimes: Iterable[str]) -> float | None:
+    """The noise a comparison of `regimes` is judged by: the larger of the pooled spread over every regime and that of
+    the regimes compared (a regime that overfits may spread more than the rest)."""
+    found = [v for v in (sigma(results, dataset, what), sigma(results, dataset, what, set(regimes))) if v is not None]
+    return max(found, default=None)
 
 
 def delta(results: dict, dataset: str, a: str, b: str, regime: str = "epoch", b_regime: str = "epoch", what="loss"):
@@ -196,7 +204,7 @@ def delta(results: dict, dataset: str, a: str, b: str, regime: str = "epoch", b_
     return difference(
         losses_of(results, dataset, a, regime, what),
         losses_of(results, dataset, b, b_regime, what),
-        sigma(results, dataset, what),
+        judging_sigma(results, dataset, what, {regime, b_regime}),
     )
 
 
@@ -426,8 +434,8 @@ def noise_line(results: dict) -> str:
     (once two regimes have several seeds: whether one scale fits them all)."""
     noise = ", ".join(f"{d} {v:.4f}" for d in results["datasets"] if (v := sigma(results, d)) is not None)
     line = f"Noise scale (pooled seed-to-seed SD of the held-out loss, over every regime): {noise or 'not yet'}."
-    alone = {r: v for r in REGIMES if (v := sigma(results, results["primary"], regime=r)) is not None}
+    alone = {r: v for r in REGIMES if (v := sigma(results, results["primary"], regimes={r})) is not None}
     if len(alone) > 1:
         each = ", ".join(f"{REGIMES[r]} {v:.4f}" for r, v in alone.items())
         line += f" On {results['primary']}, each regime's own: {each}."
-    return line
+    return line + " A comparison is judged by the larger of the pooled scale and the spread of the regimes it compares."

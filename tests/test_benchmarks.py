@@ -390,7 +390,12 @@ def test_the_long_regime_is_judged_per_mode_and_shows_its_overfitting_and_its_ow
     found = finding_long(results)
     assert found.verdict == "better: ILA top 75%; level: ILA inside"
     assert found.evidence.endswith("LoRA-all's held-out loss 1.2050 after 3 epochs, 1.0050 after one")
-    assert noise_line(results).endswith("On a, each regime's own: one epoch 0.0071, the long regime 0.0071.")
+    assert "On a, each regime's own: one epoch 0.0071, the long regime 0.0071." in noise_line(results)
+    quiet = [{**t, "loss_after": 1.0 + t["seed"] / 1000, "mode": m} for t in tunes[:2] for m in ("all", "ila-25")]
+    loud = [run("all", "long", s, 1.2) for s in (0, 1)] + [run("ila-75", "long", s, 1.188) for s in (0, 1)]
+    results["tunes"] = quiet + loud  # pooled over both regimes 0.0050: -0.012 is 2.4 of its standard errors
+    found = finding_long(results)  # judged by the long regime's own 0.0071: 1.7 standard errors
+    assert found.verdict == "level: ILA top 75%" and found.evidence.startswith("ILA top 75% -0.0120 ± 0.0071")
 
 
 def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path):
