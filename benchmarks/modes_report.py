@@ -340,18 +340,29 @@ def finding_equal_time(results: dict) -> Finding:
 
 def finding_long(results: dict) -> Finding:
     """The long regime on the primary dataset: each mode against LoRA-all after as many epochs, the verdict grouping
-    the modes by the rule; LoRA-all's loss after one epoch beside it, to show whether the long run overfits."""
+    the modes by the rule, by held-out loss and by the other datasets' loss rise (forgetting); LoRA-all's loss after
+    one epoch beside it, to show whether the long run overfits."""
     primary, epochs = results["primary"], results["settings"]["long_epochs"]
     modes = sorted({t["mode"] for t in results["tunes"] if t["regime"] == "long"} - {"all"})
-    deltas = {m: v for m in modes if (v := delta(results, primary, m, "all", "long", "long")) is not None}
+    deltas, rises = (
+        {m: delta(results, primary, m, "all", "long", "long", what) for m in modes} for what in ("loss", "forgetting")
+    )
+    deltas = {m: v for m, v in deltas.items() if v is not None}
     claim = f"At {epochs} epochs on {primary}, against LoRA-all"
     if not deltas:
         return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
-    groups = {"better": [], "level": [], "worse": []}
+    groups = {"better": [], "level": [], "worse": [], "forgets less": [], "forgets more": []}
     for mode, found in deltas.items():
         groups[("level", "worse", "better")[beyond(found)]].append(MODES[mode].short)
+    for mode, found in rises.items():
+        if found is not None and beyond(found):
+            groups["forgets more" if beyond(found) > 0 else "forgets less"].append(MODES[mode].short)
     verdict = "; ".join(f"{how}: {', '.join(names)}" for how, names in groups.items() if names)
     evidence = ", ".join(f"{MODES[m].short} {show(v)}" for m, v in deltas.items())
+    if found_rises := {m: v for m, v in rises.items() if v is not None}:
+        evidence += "; the other datasets' loss rise: " + ", ".join(
+            f"{MODES[m].short} {show(v)}" for m, v in found_rises.items()
+        )
     losses = {regime: losses_of(results, primary, "all", regime) for regime in ("long", "epoch")}
     if all(losses.values()):
         evidence += f"; LoRA-all's held-out loss {statistics.mean(losses['long']):.4f}"

@@ -380,15 +380,17 @@ def test_the_goal_needs_every_dataset_within_the_cost_and_forgetting_counts_arc_
 def test_the_long_regime_is_judged_per_mode_and_shows_its_overfitting_and_its_own_noise():
     from benchmarks.modes_report import finding_long, noise_line
 
-    def run(mode: str, regime: str, seed: int, loss: float) -> dict:
-        return {"dataset": "a", "mode": mode, "seed": seed, "regime": regime, "loss_after": loss + seed / 100}
+    def run(mode: str, regime: str, seed: int, loss: float, rise: float = 0.2) -> dict:
+        cell = {"dataset": "a", "mode": mode, "seed": seed, "regime": regime, "loss_after": loss + seed / 100}
+        return {**cell, "others_after": {"b": 2.0 + rise + seed / 100}}  # the other dataset's loss, base 2.0
 
     tunes = [run("all", "epoch", s, 1.0) for s in (0, 1)] + [run("all", "long", s, 1.2) for s in (0, 1)]
-    tunes += [run("ila-75", "long", s, 1.1) for s in (0, 1)]  # 14 standard errors below LoRA-all's 3 epochs
+    tunes += [run("ila-75", "long", s, 1.1, rise=0.1) for s in (0, 1)]  # 14 standard errors below, on both
     tunes += [run("ila-inside", "long", s, 1.205) for s in (0, 1)]  # within 1 standard error
-    results = {"datasets": ["a"], "primary": "a", "settings": {"long_epochs": 3}, "tunes": tunes}
+    results = {"datasets": ["a"], "primary": "a", "settings": {"long_epochs": 3}, "tunes": tunes, "base": {"b": 2.0}}
     found = finding_long(results)
-    assert found.verdict == "better: ILA top 75%; level: ILA inside"
+    assert found.verdict == "better: ILA top 75%; level: ILA inside; forgets less: ILA top 75%"
+    assert "the other datasets' loss rise: ILA top 75% -0.1000 ± 0.0071, ILA inside +0.0000 ± 0.0071" in found.evidence
     assert found.evidence.endswith("LoRA-all's held-out loss 1.2050 after 3 epochs, 1.0050 after one")
     assert "On a, each regime's own: one epoch 0.0071, the long regime 0.0071." in noise_line(results)
     quiet = [{**t, "loss_after": 1.0 + t["seed"] / 1000, "mode": m} for t in tunes[:2] for m in ("all", "ila-25")]
