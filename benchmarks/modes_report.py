@@ -347,7 +347,7 @@ def finding_long(results: dict) -> Finding:
     deltas, rises = (
         {m: delta(results, primary, m, "all", "long", "long", what) for m in modes} for what in ("loss", "forgetting")
     )
-    deltas = {m: v for m, v in deltas.items() if v is not None}
+    deltas, rises = ({m: v for m, v in found.items() if v is not None} for found in (deltas, rises))
     claim = f"At {epochs} epochs on {primary}, against LoRA-all"
     if not deltas:
         return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
@@ -355,13 +355,13 @@ def finding_long(results: dict) -> Finding:
     for mode, found in deltas.items():
         groups[("level", "worse", "better")[beyond(found)]].append(MODES[mode].short)
     for mode, found in rises.items():
-        if found is not None and beyond(found):
-            groups["forgets more" if beyond(found) > 0 else "forgets less"].append(MODES[mode].short)
+        if sign := beyond(found):
+            groups["forgets more" if sign > 0 else "forgets less"].append(MODES[mode].short)
     verdict = "; ".join(f"{how}: {', '.join(names)}" for how, names in groups.items() if names)
     evidence = ", ".join(f"{MODES[m].short} {show(v)}" for m, v in deltas.items())
-    if found_rises := {m: v for m, v in rises.items() if v is not None}:
+    if rises:
         evidence += "; the other datasets' loss rise: " + ", ".join(
-            f"{MODES[m].short} {show(v)}" for m, v in found_rises.items()
+            f"{MODES[m].short} {show(v)}" for m, v in rises.items()
         )
     losses = {regime: losses_of(results, primary, "all", regime) for regime in ("long", "epoch")}
     if all(losses.values()):
