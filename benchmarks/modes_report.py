@@ -344,10 +344,12 @@ def finding_long(results: dict) -> Finding:
     one epoch beside it, to show whether the long run overfits."""
     primary, epochs = results["primary"], results["settings"]["long_epochs"]
     modes = sorted({t["mode"] for t in results["tunes"] if t["regime"] == "long"} - {"all"})
-    deltas, rises = (
-        {m: delta(results, primary, m, "all", "long", "long", what) for m in modes} for what in ("loss", "forgetting")
-    )
-    deltas, rises = ({m: v for m, v in found.items() if v is not None} for found in (deltas, rises))
+
+    def measured(what: str) -> dict[str, tuple[float, float]]:
+        found = {m: delta(results, primary, m, "all", "long", "long", what) for m in modes}
+        return {m: v for m, v in found.items() if v is not None}
+
+    deltas, rises = measured("loss"), measured("forgetting")
     claim = f"At {epochs} epochs on {primary}, against LoRA-all"
     if not deltas:
         return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
