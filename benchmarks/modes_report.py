@@ -345,8 +345,8 @@ def finding_long(results: dict) -> Finding:
     primary, epochs = results["primary"], results["settings"]["long_epochs"]
     modes = sorted({t["mode"] for t in results["tunes"] if t["regime"] == "long"} - {"all"})
 
-    def measured(what: str) -> dict[str, tuple[float, float]]:
-        found = {m: delta(results, primary, m, "all", "long", "long", what) for m in modes}
+    def measured(what: str) -> dict[str, tuple[float, float]]:  # by the mode's name on the page
+        found = {MODES[m].short: delta(results, primary, m, "all", "long", "long", what) for m in modes}
         return {m: v for m, v in found.items() if v is not None}
 
     deltas, rises = measured("loss"), measured("forgetting")
@@ -354,17 +354,13 @@ def finding_long(results: dict) -> Finding:
     if not deltas:
         return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
     groups = {"better": [], "level": [], "worse": [], "forgets less": [], "forgets more": []}
-    for mode, found in deltas.items():
-        groups[("level", "worse", "better")[beyond(found)]].append(MODES[mode].short)
-    for mode, found in rises.items():
+    for name, found in deltas.items():
+        groups[("level", "worse", "better")[beyond(found)]].append(name)
+    for name, found in rises.items():
         if sign := beyond(found):
-            groups["forgets more" if sign > 0 else "forgets less"].append(MODES[mode].short)
+            groups["forgets more" if sign > 0 else "forgets less"].append(name)
     verdict = "; ".join(f"{how}: {', '.join(names)}" for how, names in groups.items() if names)
-    evidence = ", ".join(f"{MODES[m].short} {show(v)}" for m, v in deltas.items())
-    if rises:
-        evidence += "; the other datasets' loss rise: " + ", ".join(
-            f"{MODES[m].short} {show(v)}" for m, v in rises.items()
-        )
+    evidence = listed(deltas) + (f"; the other datasets' loss rise: {listed(rises)}" if rises else "")
     losses = {regime: losses_of(results, primary, "all", regime) for regime in ("long", "epoch")}
     if all(losses.values()):
         evidence += f"; LoRA-all's held-out loss {statistics.mean(losses['long']):.4f}"
@@ -443,8 +439,8 @@ def loss_section(results: dict) -> list[str]:
 
 
 def noise_line(results: dict) -> str:
-    """The noise scale of each dataset, as the findings judge by it, and on the primary dataset each regime's own
-    (once two regimes have several seeds: whether one scale fits them all)."""
+    """The pooled noise scale of each dataset, on the primary dataset each regime's own (once two regimes have several
+    seeds: whether one scale fits them all), and the rule that judges by them (`judging_sigma`)."""
     noise = ", ".join(f"{d} {v:.4f}" for d in results["datasets"] if (v := sigma(results, d)) is not None)
     line = f"Noise scale (pooled seed-to-seed SD of the held-out loss, over every regime): {noise or 'not yet'}."
     alone = {r: v for r in REGIMES if (v := sigma(results, results["primary"], regimes={r})) is not None}
