@@ -327,15 +327,20 @@ def finding_forgetting(results: dict) -> Finding:
 
 
 def finding_equal_time(results: dict) -> Finding:
+    """Each new mode given LoRA-all's wall time for one epoch on the primary dataset (identification included)
+    against LoRA-all's epoch, grouped by the rule; the evidence gives the steps each mode took in that time."""
     primary = results["primary"]
-    parts = [f"{MODES[mode].short} {show(delta(results, primary, mode, 'all', 'equal-time'))}" for mode in NEW]
+    deltas = against_all(results, NEW, "equal-time", "epoch")
+    rises = against_all(results, NEW, "equal-time", "epoch", "forgetting")
+    steps = {MODES[t["mode"]].short: t["steps"] for t in results["tunes"] if t["regime"] == "equal-time"}
+    parts = [f"{name} {show(found)} in {steps[name]} steps" for name, found in deltas.items()]
     parts += [f"{MODES[m].short}: identification alone takes longer" for m in results["no_time_left"]]
-    found = [delta(results, primary, m, "all", "equal-time") for m in NEW]
-    found = [d for d in found if d is not None]
-    verdict = judge(found, "every mode beats LoRA-all", "some mode is worse", "within the noise") if found else ""
-    return Finding(
-        f"Given LoRA-all's wall time on {primary}", verdict or "not judged yet", "; ".join(parts), NOISE_RULE
-    )
+    evidence = f"in LoRA-all's time for {results['settings']['steps'][primary]} steps: " + ", ".join(parts)
+    evidence += f"; the other datasets' loss rise: {listed(rises)}" if rises else ""
+    claim = f"Given LoRA-all's wall time on {primary}"
+    if not parts:
+        return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
+    return Finding(claim, by_verdict(deltas, rises) or "not judged yet", evidence, NOISE_RULE)
 
 
 def finding_long(results: dict) -> Finding:
@@ -344,28 +349,37 @@ def finding_long(results: dict) -> Finding:
     one epoch beside it, to show whether the long run overfits."""
     primary, epochs = results["primary"], results["settings"]["long_epochs"]
     modes = sorted({t["mode"] for t in results["tunes"] if t["regime"] == "long"} - {"all"})
-
-    def measured(what: str) -> dict[str, tuple[float, float]]:  # by the mode's name on the page
-        found = {MODES[m].short: delta(results, primary, m, "all", "long", "long", what) for m in modes}
-        return {m: v for m, v in found.items() if v is not None}
-
-    deltas, rises = measured("loss"), measured("forgetting")
+    deltas = against_all(results, modes, "long", "long")
+    rises = against_all(results, modes, "long", "long", "forgetting")
     claim = f"At {epochs} epochs on {primary}, against LoRA-all"
     if not deltas:
         return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
+    evidence = listed(deltas) + (f"; the other datasets' loss rise: {listed(rises)}" if rises else "")
+    losses = {regime: losses_of(results, primary, "all", regime) for regime in ("long", "epoch")}
+    if all(losses.values()):
+        evidence += f"; LoRA-all's held-out loss {statistics.mean(losses['long']):.4f}"
+        evidence += f" after {epochs} epochs, {statistics.mean(losses['epoch']):.4f} after one"
+    return Finding(claim, by_verdict(deltas, rises), evidence, NOISE_RULE)
+
+
+def against_all(results: dict, modes: Iterable[str], regime: str, all_regime: str, what: str = "loss") -> dict:
+    """`delta` of each of `modes` in `regime` against LoRA-all in `all_regime` on the primary dataset, keyed by the
+    mode's name on the page (the measured ones only)."""
+    primary = results["primary"]
+    found = {MODES[m].short: delta(results, primary, m, "all", regime, all_regime, what) for m in modes}
+    return {name: v for name, v in found.items() if v is not None}
+
+
+def by_verdict(deltas: dict[str, tuple], rises: dict[str, tuple]) -> str:
+    """The modes grouped by the rule: better, level or worse than LoRA-all by `deltas` (held-out loss), and those
+    that forget less or more by `rises` (the other datasets' loss rise); empty when nothing is measured."""
     groups = {"better": [], "level": [], "worse": [], "forgets less": [], "forgets more": []}
     for name, found in deltas.items():
         groups[("level", "worse", "better")[beyond(found)]].append(name)
     for name, found in rises.items():
         if sign := beyond(found):
             groups["forgets more" if sign > 0 else "forgets less"].append(name)
-    verdict = "; ".join(f"{how}: {', '.join(names)}" for how, names in groups.items() if names)
-    evidence = listed(deltas) + (f"; the other datasets' loss rise: {listed(rises)}" if rises else "")
-    losses = {regime: losses_of(results, primary, "all", regime) for regime in ("long", "epoch")}
-    if all(losses.values()):
-        evidence += f"; LoRA-all's held-out loss {statistics.mean(losses['long']):.4f}"
-        evidence += f" after {epochs} epochs, {statistics.mean(losses['epoch']):.4f} after one"
-    return Finding(claim, verdict, evidence, NOISE_RULE)
+    return "; ".join(f"{how}: {', '.join(names)}" for how, names in groups.items() if names)
 
 
 # --- page ----------------------------------------------------------------------------------------------------------
