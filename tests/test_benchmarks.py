@@ -405,7 +405,7 @@ def test_equal_wall_time_groups_the_modes_by_the_rule_and_gives_the_steps_each_t
 
     def run(mode: str, regime: str, seed: int, loss: float, steps: int) -> dict:
         cell = {"dataset": "a", "mode": mode, "seed": seed, "regime": regime, "loss_after": loss + seed / 100}
-        return {**cell, "steps": steps, "others_after": {"b": 2.0}}
+        return {**cell, "steps": steps, "others_after": {"b": 2.0 + (mode == "lisa") / 10 + seed / 100}}
 
     tunes = [run("all", "epoch", s, 1.0, 100) for s in (0, 1, 2)]  # seed-to-seed SD 0.01
     tunes += [run("lisa", "equal-time", 0, 1.1, 150), run("ila-inside-norm", "equal-time", 0, 1.005, 104)]
@@ -415,6 +415,7 @@ def test_equal_wall_time_groups_the_modes_by_the_rule_and_gives_the_steps_each_t
     assert found.verdict == "level: ILA inside, norms; worse: LISA (uniform)"  # 7.8 and -0.4 standard errors
     assert found.evidence.startswith("in LoRA-all's time for 100 steps: LISA (uniform) +0.0900 ± 0.0115 in 150 steps")
     assert "norms -0.0050 ± 0.0115 in 104 steps, ILA full: identification alone takes longer" in found.evidence
+    assert "rise: LISA (uniform) +0.0900 ± 0.0115" in found.evidence  # forgets more, said in the evidence only
 
 
 def test_the_gpu_benchmark_runs_every_method_on_a_tiny_shape_on_the_cpu(tmp_path):
