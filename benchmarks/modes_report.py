@@ -336,11 +336,11 @@ def finding_equal_time(results: dict) -> Finding:
     steps = {MODES[t["mode"]].short: t["steps"] for t in results["tunes"] if t["regime"] == "equal-time"}
     parts = [f"{name} {show(found)} in {steps[name]} steps" for name, found in deltas.items()]
     parts += [f"{MODES[m].short}: identification alone takes longer" for m in results["no_time_left"]]
-    evidence = f"in LoRA-all's time for {results['settings']['steps'][primary]} steps: " + ", ".join(parts)
-    evidence += f"; the other datasets' loss rise: {listed(rises)}" if rises else ""
     claim = f"Given LoRA-all's wall time on {primary}"
     if not parts:
         return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
+    evidence = f"in LoRA-all's time for {results['settings']['steps'][primary]} steps: " + ", ".join(parts)
+    evidence += f"; the other datasets' loss rise: {listed(rises)}" if rises else ""
     return Finding(claim, by_verdict(deltas, {}) or "not judged yet", evidence, NOISE_RULE)
 
 
