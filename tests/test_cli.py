@@ -191,7 +191,6 @@ def test_plain_format_without_chat_template(tmp_path):
         ("stale-checkpoint", "holds the state of an interrupted identification; pass --resume"),
         ("top-k-zero", "--top-k 0 is invalid: it must be an int >= 1"),
         ("top-k-too-many", "--top-k 500 but the model has 14 candidate layers; use an int in [1, 14]"),
-        ("top-k-rounds-to-zero", "of 14 candidate layers rounds to 0 layers"),
         ("targets-nothing", "matches no module of the model. Linear modules that exist: model.layers.0"),
         ("targets-embeddings", "cannot adapt: model.embed_tokens (Embedding)"),
         ("layers-not-in-model", "are not candidates of /"),
@@ -239,7 +238,6 @@ def test_bad_input_gives_one_line_and_writes_nothing(work, tmp_path, capsys, cas
         options = {
             "top-k-zero": ["--top-k", "0"],
             "top-k-too-many": ["--top-k", "500"],
-            "top-k-rounds-to-zero": ["--top-k", "0.01"],
             "targets-nothing": ["--target-modules", "nothing_here"],
             "targets-embeddings": ["--target-modules", "embed_tokens"],
             "layers-not-in-model": ["--layers", "model.layers.7.mlp.up_proj"],

@@ -75,6 +75,8 @@ def test_defaults_are_valid_and_typed():
         (28, 28, 28),
         (0.5, 1, 1),
         (0.02, 28, 1),
+        (0.01, 28, 1),  # a fraction keeps at least one layer
+        (0.25, 1, 1),
     ],
 )
 def test_resolve_top_k(top_k, n, k):
@@ -82,7 +84,7 @@ def test_resolve_top_k(top_k, n, k):
 
 
 @pytest.mark.parametrize(
-    ("top_k", "n", "message"), [(0.01, 28, "rounds to 0"), (29, 28, r"\[1, 28\]"), (3, 0, "no candidate")]
+    ("top_k", "n", "message"), [(29, 28, r"\[1, 28\]"), (0, 28, r"\[1, 28\]"), (3, 0, "no candidate")]
 )
 def test_resolve_top_k_errors(top_k, n, message):
     with pytest.raises(ValueError, match=message):

@@ -53,13 +53,9 @@ def test_config_accepts_exactly_its_documented_domain(field, value):
 
 
 @given(n=st.integers(1, 1000), fraction=st.floats(0, 1, exclude_min=True))
-def test_fraction_top_k_is_the_nearest_count_or_refused(n, fraction):
-    if fraction * n < 0.5:
-        with pytest.raises(ValueError, match="rounds to 0 layers"):
-            resolve_top_k(fraction, n)
-        return
+def test_fraction_top_k_is_the_nearest_count_and_at_least_one(n, fraction):
     k = resolve_top_k(fraction, n)
-    assert 1 <= k <= n and abs(k - fraction * n) <= 0.5 + 1e-9
+    assert 1 <= k <= n and abs(k - max(fraction * n, 1)) <= 0.5 + 1e-9
 
 
 @given(n=st.integers(1, 1000), top_k=st.integers(-5, 1005))

@@ -194,13 +194,25 @@ def test_weights_for_unselected_layers(saved):
     refuse(tmp_path / "adapter", "adapter weights the selection does not explain")
 
 
-def test_pickle_only_adapter_is_refused(saved):
+def test_pickle_save_is_refused_before_anything_is_written(saved):
     tmp_path, model, _ = saved
-    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
-    assert not (tmp_path / "pickled" / "adapter_model.safetensors").exists()
-    refuse(tmp_path / "pickled", "safetensors")
+    with pytest.raises(ValueError, match="ILA adapters are saved only as safetensors"):
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "pickled").exists()
+    with pytest.raises(ValueError, match="ILA adapters are saved only as safetensors"):
+        model.save_pretrained(tmp_path / "pickled", False, ["default"])  # positionally too
+
+
+def test_pickle_only_adapter_is_refused(saved):
+    """A directory another tool wrote with adapter_model.bin only (peft-ila never writes one)."""
+    tmp_path, model, _ = saved
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
+    torch.save(load_file(tmp_path / "adapter" / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    refuse(pickled, "safetensors")
     with pytest.raises(ILALoadError, match="only from safetensors"):
-        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "pickled")
+        AutoPeftModelForCausalLM.from_pretrained(pickled)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])

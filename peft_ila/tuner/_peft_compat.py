@@ -9,14 +9,21 @@ fails here with a message that says so, instead of failing later in an obscure p
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import warnings
 
 import peft
 from packaging.version import Version
+from peft.tuners.lora.model import _adapter_names_pre_forward_hook as adapter_names_pre_forward_hook  # noqa: F401
+from peft.tuners.lora.model import _get_encoder as get_encoder  # noqa: F401
 
 TESTED_PEFT = (Version("0.21.0"), Version("0.22.0"))  # [low, high)
 PEFT_TYPE_NAME = "ILA"
 PREFIX = "ila_"
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+# PEFT's own words for a merge that gives non-finite weights (LoRA's), so code that matches them catches ILA's too
+NAN_MERGE_MESSAGE = "NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
 
 
 def _fail(what: str) -> ImportError:
@@ -70,6 +77,60 @@ def register(config_cls: type, model_cls: type) -> None:
         PEFT_TYPE_TO_PREFIX_MAPPING[ILA] = PREFIX
         return
     register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
+    _refuse_pickle_saves()
+    _refuse_mixed_models()
+
+
+def _refuse_pickle_saves() -> None:
+    """`PeftModel.save_pretrained(..., safe_serialization=False)` refuses, before writing anything, when an adapter it
+    would save is ILA's: peft-ila loads weights only from safetensors, so a pickle it wrote could not be loaded back.
+    peft has no hook before the directory and model card are written, so its method is wrapped (once)."""
+    from peft import PeftModel
+
+    original = PeftModel.save_pretrained
+    if getattr(original, "_refuses_ila_pickles", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_pretrained(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        names = bound.arguments["selected_adapters"] or list(self.peft_config)
+        if not bound.arguments["safe_serialization"] and any(
+            self.peft_config[n].peft_type == ILA for n in names if n in self.peft_config
+        ):
+            raise ValueError(
+                "ILA adapters are saved only as safetensors (peft-ila never loads a pickle); call "
+                "save_pretrained without safe_serialization=False."
+            )
+        return original(self, *args, **kwargs)
+
+    save_pretrained._refuses_ila_pickles = True
+    PeftModel.save_pretrained = save_pretrained
+
+
+def _refuse_mixed_models() -> None:
+    """`get_peft_model(..., mixed=True)` and `PeftMixedModel.add_adapter` refuse an ILA config with the alternatives
+    (peft's own refusal names no way out). peft checks compatibility in one module-level function, wrapped here."""
+    from peft import mixed_model
+
+    original = mixed_model._check_config_compatible
+    if getattr(original, "_refuses_ila", False):
+        return
+
+    @functools.wraps(original)
+    def check_config_compatible(peft_config) -> None:
+        if getattr(peft_config, "peft_type", None) == ILA:
+            raise ValueError(
+                "PeftMixedModel cannot hold ILA adapters (peft mixes only its own adapter types); to combine an ILA "
+                "adapter with LoRA-family ones, export it as LoRA (`peft-ila export-lora ADAPTER OUT`) and mix that, "
+                "or keep several ILA adapters in one PeftModel (add_adapter, set_adapter, add_weighted_adapter)."
+            )
+        original(peft_config)
+
+    check_config_compatible._refuses_ila = True
+    mixed_model._check_config_compatible = check_config_compatible
 
 
 if not TESTED_PEFT[0] <= Version(peft.__version__) < TESTED_PEFT[1]:

@@ -15,25 +15,21 @@ from ._peft_compat import ILA
 from .selection import ILALoadError, check_layer_names, check_scores
 
 GRANULARITIES = ("module", "block")
+BIASES = ("none", "all", "ila_only")  # LoRA's choices, with ILA's prefix (peft's BaseTuner reads `bias`)
 BUDGET_RESOURCES = ("time", "memory")  # what a cost-aware selection can budget (peft_ila.identification.cost)
 ESTIMATOR_NAMES = ("gates", "update-norm", "first-order")  # implemented in peft_ila.identification.estimators
 
 
 def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
-    """Number of layers kept: an int is taken as is, a fraction f of n candidates means round(f * n), halves up.
+    """Number of layers kept: an int is taken as is, a fraction f of n candidates means round(f * n), halves up,
+    and at least 1 (a fraction never selects nothing: 0.25 of a single candidate keeps it).
 
-    Raises `ValueError` when the result is not in [1, n_candidates].
+    Raises `ValueError` when an int is not in [1, n_candidates].
     """
     if n_candidates < 1:
         raise ValueError("ILA found no candidate layers; check `target_modules`.")
     if isinstance(top_k, float):
-        k = math.floor(top_k * n_candidates + 0.5)
-        if k < 1:
-            raise ValueError(
-                f"`top_k`={top_k} of {n_candidates} candidate layers rounds to 0 layers; use a fraction of at "
-                f"least {0.5 / n_candidates:.4g} or an int >= 1."
-            )
-        return k
+        return max(1, math.floor(top_k * n_candidates + 0.5))
     if not 1 <= top_k <= n_candidates:
         raise ValueError(
             f"`top_k`={top_k} but the model has {n_candidates} candidate layers; use an int in [1, {n_candidates}] "
@@ -97,6 +93,15 @@ class ILAConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names, suffixes or a regex of modules never to adapt."}
     )
+    bias: Literal["none", "all", "ila_only"] = field(
+        default="none",
+        metadata={
+            "help": (
+                "Biases that train and are saved with the adapter, as LoRA's `bias`: 'none', 'all' (every bias of "
+                "the model) or 'ila_only' (the biases of the layers that carry adapters). Merging keeps them."
+            )
+        },
+    )
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules besides the adapters to train fully and save, e.g. a classifier head ['score']."},
@@ -116,7 +121,7 @@ class ILAConfig(PeftConfig):
         metadata={
             "help": (
                 "How many layers keep adapters: an int >= 1, or a fraction in (0, 1] of the candidate layers "
-                "(rounded half up). 0.75 is the paper's 'freeze the least important 25%'. Ignored when "
+                "(rounded half up, at least 1). 0.75 is the paper's 'freeze the least important 25%'. Ignored when "
                 "`selected_layers` is given: those are taken as they are."
             )
         },
@@ -292,6 +297,8 @@ class ILAConfig(PeftConfig):
                 parse_budget(self.budget)
             except ValueError:
                 raise bad("budget", "None, or 'time:F' or 'memory:F' with F in (0, 1] (e.g. 'time:0.6')") from None
+        if self.bias not in BIASES:
+            raise bad("bias", " or ".join(repr(b) for b in BIASES))
         if self.granularity not in GRANULARITIES:
             raise bad("granularity", "'module' or 'block'")
         for name in ("stage1_max_steps", "stability_window", "stage2_steps"):

@@ -12,6 +12,7 @@ from peft.utils.other import transpose
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
+from ._peft_compat import BASE_ADAPTER, NAN_MERGE_MESSAGE
 from .config import ILAConfig
 from .sharding import full, init_
 
@@ -19,12 +20,15 @@ from .sharding import full, init_
 class GateBank(nn.Module):
     """One logit s_i per candidate layer; gate g_i = sigmoid(s_i) in [0, 1].
 
-    While `active` is False (stage 1, or a bank never trained) every gate reads as exactly 1.
+    While `active` is False (stage 1, or a bank never trained) every gate reads as exactly 1. The logits are the
+    estimator's transient state, not adapter weights: a float32 buffer that is neither saved nor a parameter, so
+    PEFT's rules for adapter parameters (dtype autocast, requires_grad, saving) apply to the adapters alone. Only
+    [`ILAModel.gate_stage`] makes them require a gradient, for the estimator's optimizer.
     """
 
     def __init__(self, n_layers: int) -> None:
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(n_layers), requires_grad=False)
+        self.register_buffer("logits", torch.zeros(n_layers), persistent=False)
         self.active = False
 
     def gate(self, index: int) -> torch.Tensor | None:
@@ -166,7 +170,7 @@ class Linear(nn.Module, ILALayer):
                 weight = weight.clone()
             weight += self.get_delta_weight(name).to(weight.dtype)
             if safe_merge and not torch.isfinite(weight).all():
-                raise ValueError(f"Merging ILA adapter '{name}' gives non-finite weights; the adapter is broken.")
+                raise ValueError(NAN_MERGE_MESSAGE.format(adapter=name))
             if safe_merge or self.quantization_backend is not None:
                 self.set_base_weight(weight)
             self.merged_adapters.append(name)
@@ -194,7 +198,13 @@ class Linear(nn.Module, ILALayer):
                 stacklevel=3,
             )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """The base layer's output plus every active adapter's update; with `adapter_names` (one name per row of `x`,
+        `"__base__"` for none: PEFT's mixed-adapter batches) each row gets its own adapter's update instead."""
+        if adapter_names is not None:
+            self._check_mixed_batch(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -202,15 +212,40 @@ class Linear(nn.Module, ILALayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
-        result_dtype = result.dtype
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, result, adapter_names)
         for name in self.active_adapters:
-            if name not in self.ila_A:
+            if name in self.ila_A:
+                result = result + self._update(name, x).to(result.dtype)
+        return result
+
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter `name`'s update of input `x` [..., in] -> [..., out]: B A dropout(x) * scaling (* its gate)."""
+        ila_A, ila_B = self.ila_A[name], self.ila_B[name]
+        h = ila_B(ila_A(self.ila_dropout[name](self._cast_input_dtype(x, ila_A.weight.dtype))))
+        gate = self.gate(name)
+        return h * (self.scaling[name] if gate is None else self.scaling[name] * gate)
+
+    def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
+        if len(adapter_names) != len(x):
+            raise ValueError(
+                f"ILA: `adapter_names` names {len(adapter_names)} adapters for a batch of {len(x)} rows; give one "
+                f"adapter name (or '{BASE_ADAPTER}') per row."
+            )
+        if self.merged:
+            raise ValueError(
+                "ILA: cannot pass `adapter_names` while adapters are merged; call `unmerge_adapter()` first."
+            )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """`result` [batch, ..., out] with each row's own adapter update added (none for `"__base__"`, or for an
+        adapter this layer does not carry: that adapter leaves the layer as the base model's)."""
+        result = result.clone()
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE_ADAPTER or name not in self.ila_A:
                 continue
-            ila_A, ila_B = self.ila_A[name], self.ila_B[name]
-            h = ila_B(ila_A(self.ila_dropout[name](self._cast_input_dtype(x, ila_A.weight.dtype))))
-            gate = self.gate(name)
-            scale = self.scaling[name] if gate is None else self.scaling[name] * gate
-            result = result + (h * scale).to(result_dtype)
+            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            result[rows] += self._update(name, x[rows]).to(result.dtype)
         return result
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:

@@ -6,6 +6,8 @@ import copy
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -17,14 +19,16 @@ from peft.tuners.tuners_utils import (
 )
 from peft.utils import _get_submodules
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._peft_compat import PREFIX
+from ._peft_compat import BASE_ADAPTER, PREFIX, adapter_names_pre_forward_hook, get_encoder
 from .backward import InputGradRouter
 from .config import ILAConfig, resolve_top_k
 from .layer import GateBank, ILALayer, Linear
 from .selection import SAVED_KEYS, ILALoadError, Selection, _few, layer_of
+from .weighted import combine_into, combined_rank
 
 
 class ILAModel(BaseTuner):
@@ -46,7 +50,10 @@ class ILAModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = ILALayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}  # no defaults: None means "all-linear"
-    uses_shared_state: bool = True
+    # The gate bank of the probe state lives here, but each gated layer holds its bank too, so the layers that
+    # `inject_adapter_in_model` (and transformers' add_adapter/load_adapter) leave behind work on their own; only
+    # identification needs this object, and it says so (`_ila_tuner`).
+    uses_shared_state: bool = False
 
     # --- what to wrap -----------------------------------------------------------------------------------------
 
@@ -181,6 +188,8 @@ class ILAModel(BaseTuner):
         del self.ila_gates[adapter_name]
         for field_name, value in selected.config_fields().items():
             setattr(config, field_name, value)
+        if config.bias == "ila_only" and not config.inference_mode:  # unwrapped layers' biases stop training
+            self._mark_only_adapters_as_trainable(self.model)
         self.set_adapter(self.active_adapter, inference_mode=config.inference_mode)
 
     def select_as_saved(self, directory: str | os.PathLike, adapter_name: str | None = None) -> bool:
@@ -230,6 +239,68 @@ class ILAModel(BaseTuner):
             del self.ila_gates[adapter_name]
         self._unwrap_empty_layers()
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add adapter `adapter_name`, the weighted combination of ILA `adapters`, as LoRA's `add_weighted_adapter`
+        (same arguments and combination types; see `weighted.py`). It carries adapters on the union of their
+        selections (a probe adapter counts as every candidate), unscored, and is not made active."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"ILA: an adapter named '{adapter_name}' exists already; choose another adapter_name.")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown or not adapters or len(weights) != len(adapters):
+            raise ValueError(
+                f"ILA: add_weighted_adapter needs existing adapters ({', '.join(self.peft_config)}) and one weight "
+                f"each; got adapters {adapters} (unknown: {unknown}) and {len(weights)} weights."
+            )
+        candidates = self.ila_candidates[adapters[0]]
+        if any(self.ila_candidates[a] != candidates for a in adapters):
+            raise ValueError(
+                "ILA: add_weighted_adapter combines adapters over the same candidate layers; these come from other "
+                "target_modules or granularity."
+            )
+        shared = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        if any(sum(a in getattr(m, "modules_to_save", {}) for a in adapters) > 1 for m in shared):
+            raise ValueError("ILA: cannot combine adapters that each train the same module in modules_to_save.")
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        rank = combined_rank(combination_type, [self.peft_config[a].r for a in adapters], svd_rank)
+        union = {layer for a in adapters for layer in self.selection(a).selected}
+        self.peft_config[adapter_name] = replace(
+            self.peft_config[adapters[0]],
+            r=rank,
+            lora_alpha=rank,
+            lora_dropout=0.0,
+            selected_layers=[layer for layer in candidates if layer in union],
+            layer_scores=None,
+            layer_confidence=None,
+            provenance=None,
+        )
+        self.inject_adapter(self.model, adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, ILALayer) and adapter_name in module.ila_A:
+                combine_into(
+                    module,
+                    adapter_name,
+                    adapters,
+                    weights,
+                    combination_type,
+                    density=density,
+                    majority_sign_method=majority_sign_method,
+                    svd_clamp=svd_clamp,
+                    svd_full_matrices=svd_full_matrices,
+                    svd_driver=svd_driver,
+                )
+
     def _the_active_adapter(self) -> str:
         if len(self.active_adapters) != 1:
             raise ValueError(f"Several adapters are active ({self.active_adapters}); pass `adapter_name`.")
@@ -239,10 +310,42 @@ class ILAModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Entered by `PeftModel` around every forward (and generate) while an adapter is enabled."""
+        """Entered by `PeftModel` around every forward (and generate) while an adapter is enabled: routes input
+        gradients to the lowest adapted block, and for PEFT's mixed-adapter batches (`adapter_names`, one name per
+        row) hands the names to every ILA layer and modules_to_save wrapper for the call."""
+        adapter_names = kwargs.get("adapter_names")
         if self.training and torch.is_grad_enabled():
             self._input_grads.route(self.model, self._holds_active_adapter)
-        yield
+        handles = [] if adapter_names is None else self._hand_out_adapter_names(adapter_names, kwargs.get("num_beams"))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hand_out_adapter_names(self, adapter_names: list[str], num_beams: int | None) -> list[Any]:
+        """Check a mixed-adapter batch's names and register the pre-forward hooks that pass them on (each name
+        repeated `num_beams` times under beam search, except in an encoder, which sees each row once)."""
+        if self.training:
+            raise ValueError("ILA: cannot pass `adapter_names` in training mode; call model.eval() first.")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"ILA: `adapter_names` must be a list of adapter names, got {type(adapter_names)}.")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"ILA: `adapter_names` names adapters this model does not have: {', '.join(unknown)} (it has "
+                f"{', '.join(self.peft_config)}; '{BASE_ADAPTER}' means none)."
+            )
+        per_row = list(adapter_names)
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        handles = []
+        for modules, names in ((self.model.modules(), adapter_names), (_modules_of(get_encoder(self.model)), per_row)):
+            hook = partial(adapter_names_pre_forward_hook, adapter_names=names)
+            for module in modules:
+                if isinstance(module, (ILALayer, AuxiliaryTrainingWrapper)):
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
 
     @staticmethod
     def _holds_active_adapter(block: nn.Module) -> bool:
@@ -271,7 +374,7 @@ class ILAModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        to_return.update(_selection_of(config, _ila_tuner(model).ila_candidates[adapter_name]).to_tensors())
+        to_return.update(_selection_of(config, _candidates_of(model, config, adapter_name)).to_tensors())
         return to_return
 
     @classmethod
@@ -289,7 +392,7 @@ class ILAModel(BaseTuner):
             saved = Selection.from_tensors(state_dict)
         except ValueError as exc:
             raise fail(str(exc)) from None
-        candidates = _ila_tuner(model).ila_candidates[adapter_name]
+        candidates = _candidates_of(model, config, adapter_name)
         if list(saved.candidates) != candidates:
             raise fail(
                 f"the saved mask covers {len(saved.candidates)} candidate layers ({_few(saved.candidates, 3)}) but "
@@ -308,7 +411,8 @@ class ILAModel(BaseTuner):
                 f"adapter_config.json and the mask in the weights file disagree on the {' and the '.join(differences)}"
                 "; the two files come from different runs."
             )
-        weights = {k: v for k, v in state_dict.items() if k not in SAVED_KEYS}
+        # files of peft-ila before the gate logits became unsaved state held them under this key; nothing reads them
+        weights = {k: v for k, v in state_dict.items() if k not in SAVED_KEYS and k != "base_model.ila_gates.logits"}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, weights)
         own = {k: v for k, v in model.state_dict().items() if f".{PREFIX}" in k and f".{adapter_name}." in k}
         unexpected = sorted(k for k in remapped if f".{PREFIX}" in k and k not in own)
@@ -376,11 +480,30 @@ def keep_4bit_layers_differentiable(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _find_tuner(model: nn.Module) -> ILAModel | None:
+    """The `ILAModel` of a PeftModel (or the tuner itself), None for a model that only holds ILA layers."""
+    return next((m for m in (model, getattr(model, "base_model", None)) if isinstance(m, ILAModel)), None)
+
+
 def _ila_tuner(model: nn.Module) -> ILAModel:
-    for candidate in (model, getattr(model, "base_model", None)):
-        if isinstance(candidate, ILAModel):
-            return candidate
-    raise TypeError("ILA adapters can only be saved and loaded through a PeftModel built with an ILAConfig.")
+    tuner = _find_tuner(model)
+    if tuner is None:
+        raise TypeError(
+            "ILA's identification and selection need the PeftModel that get_peft_model(model, ILAConfig(...)) "
+            "builds; inject_adapter_in_model and transformers' add_adapter/load_adapter leave only the adapter layers."
+        )
+    return tuner
+
+
+def _modules_of(module: nn.Module | None) -> Iterator[nn.Module]:
+    return iter(()) if module is None else module.modules()
+
+
+def _candidates_of(model: nn.Module, config: ILAConfig, adapter_name: str) -> list[str]:
+    """The adapter's candidate layers: the tuner's record under a PeftModel; recomputed from the model when
+    `inject_adapter_in_model` (transformers' add_adapter / load_adapter) left only the adapter layers."""
+    tuner = _find_tuner(model)
+    return tuner.ila_candidates[adapter_name] if tuner is not None else find_candidates(model, config)
 
 
 def _device_of(model: nn.Module) -> torch.device:
