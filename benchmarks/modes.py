@@ -246,8 +246,8 @@ class Modes(Study):
             probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
             if row == "probe-stage1":
                 return train_briefly(probe, batches, steps, grid_study.LR)
-            with probe.base_model.gate_stage():
-                return train_briefly(probe, batches, steps, probe.peft_config["default"].gate_lr)
+            with probe.base_model.gate_stage() as bank:  # the gate logits train (a buffer, not a parameter)
+                return train_briefly(probe, batches, steps, probe.peft_config["default"].gate_lr, [bank.logits])
         row = MODES[row].timed_as or row  # after identification ila-inside trains as ILA's top 75% does
         model, how = self.prepared(name, row, round_, interval=1)
         return train_briefly(model, batches, steps, grid_study.LR, **how)

@@ -205,7 +205,7 @@ def test_pickle_save_is_refused_before_anything_is_written(saved):
 
 def test_pickle_only_adapter_is_refused(saved):
     """A directory another tool wrote with adapter_model.bin only (peft-ila never writes one)."""
-    tmp_path, model, _ = saved
+    tmp_path, *_ = saved
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())

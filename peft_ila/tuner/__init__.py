@@ -1,5 +1,6 @@
 """The PEFT tuner: `ILAConfig` (config.py), the adapter layer and gate bank (layer.py), `ILAModel` (model.py: which
-modules carry adapters, probe -> selected), `Selection` and its saved forms (selection.py), full fine-tuning of a
+modules carry adapters, probe -> selected, mixed-adapter batches), `add_weighted_adapter`'s combinations (weighted.py),
+`Selection` and its saved forms (selection.py), full fine-tuning of a
 selection (full.py), sampled layerwise training (layerwise.py), backward stopping at the lowest adapted block
 (backward.py), and the one module that touches
 peft internals (_peft_compat.py). Importing this package registers the PEFT type "ILA". It imports nothing from

@@ -279,7 +279,7 @@ class ILAModel(BaseTuner):
             self.peft_config[adapters[0]],
             r=rank,
             lora_alpha=rank,
-            lora_dropout=0.0,
+            init_weights=True,  # overwritten below; drawn as LoRA draws its combined adapter
             selected_layers=[layer for layer in candidates if layer in union],
             layer_scores=None,
             layer_confidence=None,
