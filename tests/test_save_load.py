@@ -100,6 +100,15 @@ def test_load_twice_under_other_names_and_probe_state_round_trip(saved, inputs, 
     torch.testing.assert_close(reloaded(**inputs).logits, probe(**inputs).logits)
 
 
+def test_probe_file_of_an_earlier_version_with_gate_logits_loads(tmp_path, inputs):
+    """peft-ila once saved a probe adapter's gate logits (now unsaved state) under this key; such files still load."""
+    probe = get_peft_model(tiny_llama(), ILAConfig(r=2, init_weights=False))
+    probe.save_pretrained(tmp_path)
+    edit_tensors(tmp_path, lambda t: t.update({"base_model.ila_gates.logits": torch.zeros(28)}))
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(reloaded(**inputs).logits, probe(**inputs).logits)
+
+
 def edit_config(adapter_dir, **changes):
     path = adapter_dir / "adapter_config.json"
     data = json.loads(path.read_text())

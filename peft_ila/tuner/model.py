@@ -255,6 +255,33 @@ class ILAModel(BaseTuner):
         """Add adapter `adapter_name`, the weighted combination of ILA `adapters`, as LoRA's `add_weighted_adapter`
         (same arguments and combination types; see `weighted.py`). It carries adapters on the union of their
         selections (a probe adapter counts as every candidate), unscored, and is not made active."""
+        combination_type = "linear" if len(adapters) == 1 else combination_type  # as LoRA: one adapter, scaled
+        config = self._weighted_config(adapters, weights, adapter_name, combination_type, svd_rank)
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        for module in self.model.modules():
+            if isinstance(module, ILALayer) and adapter_name in module.ila_A:
+                combine_into(
+                    module,
+                    adapter_name,
+                    adapters,
+                    weights,
+                    combination_type,
+                    density=density,
+                    majority_sign_method=majority_sign_method,
+                    svd_clamp=svd_clamp,
+                    svd_full_matrices=svd_full_matrices,
+                    svd_driver=svd_driver,
+                )
+
+    def _weighted_config(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, svd_rank: int | None
+    ) -> ILAConfig:
+        """The config of a weighted combination of `adapters`, or `ValueError` naming what does not fit."""
         if adapter_name in self.peft_config:
             raise ValueError(f"ILA: an adapter named '{adapter_name}' exists already; choose another adapter_name.")
         unknown = [a for a in adapters if a not in self.peft_config]
@@ -272,34 +299,18 @@ class ILAModel(BaseTuner):
         shared = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
         if any(sum(a in getattr(m, "modules_to_save", {}) for a in adapters) > 1 for m in shared):
             raise ValueError("ILA: cannot combine adapters that each train the same module in modules_to_save.")
-        combination_type = "linear" if len(adapters) == 1 else combination_type
         rank = combined_rank(combination_type, [self.peft_config[a].r for a in adapters], svd_rank)
         union = {layer for a in adapters for layer in self.selection(a).selected}
-        self.peft_config[adapter_name] = replace(
+        return replace(
             self.peft_config[adapters[0]],
             r=rank,
             lora_alpha=rank,
-            init_weights=True,  # overwritten below; drawn as LoRA draws its combined adapter
+            init_weights=True,  # overwritten by the combination; drawn as LoRA draws its combined adapter
             selected_layers=[layer for layer in candidates if layer in union],
             layer_scores=None,
             layer_confidence=None,
             provenance=None,
         )
-        self.inject_adapter(self.model, adapter_name)
-        for module in self.model.modules():
-            if isinstance(module, ILALayer) and adapter_name in module.ila_A:
-                combine_into(
-                    module,
-                    adapter_name,
-                    adapters,
-                    weights,
-                    combination_type,
-                    density=density,
-                    majority_sign_method=majority_sign_method,
-                    svd_clamp=svd_clamp,
-                    svd_full_matrices=svd_full_matrices,
-                    svd_driver=svd_driver,
-                )
 
     def _the_active_adapter(self) -> str:
         if len(self.active_adapters) != 1:
