@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import VOCAB, TinyMLP, llama_candidates, lm_batches, tiny_gpt2, tiny_llama
 from peft_ila import ILAConfig, ILALayer, identify_important_layers
+from peft_ila.app.export import export_lora
 
 PREFIX = "ila_"
 NAN_MESSAGE = "NaNs detected in the merged weights. The adapter default seems to be broken"  # peft's, for LoRA
@@ -358,6 +359,10 @@ def test_bias_trains_saves_loads_and_exports_as_lora_s(row, state, bias, tmp_pat
     expected = output(model.eval(), row.inputs())
     model.save_pretrained(tmp_path / "ila")
     torch.testing.assert_close(output(PeftModel.from_pretrained(row.build(), tmp_path / "ila"), row.inputs()), expected)
+    export_lora(tmp_path / "ila", tmp_path / "lora")
+    as_lora = PeftModel.from_pretrained(row.build(), tmp_path / "lora")
+    assert as_lora.peft_config["default"].bias == bias.replace("ila_", "lora_")
+    torch.testing.assert_close(output(as_lora, row.inputs()), expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(output(model.merge_and_unload(), row.inputs()), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="ILAModel supports only 1 adapter with bias"):
         get_peft_model(row.build(), ila_config(row, state, bias=bias)).add_adapter(
@@ -425,7 +430,7 @@ def test_default_config_builds_on_a_single_target():
     assert identify_important_layers(model, batches, progress=False).selected == ["lin0"]
 
 
-def test_gate_logits_are_unsaved_state_not_a_parameter(tmp_path):
+def test_gate_logits_are_unsaved_state_not_a_parameter():
     model = get_peft_model(tiny_llama(), ILAConfig(r=2))
     bank = model.base_model.ila_gates["default"]
     assert "logits" not in dict(bank.named_parameters()) and "logits" not in bank.state_dict()
