@@ -3,7 +3,9 @@
 PEFT registers tuners with `peft.utils.register_peft_method`, which only accepts names that its `PeftType` enum
 already lists. We add one member, `PeftType.ILA`, to that enum and then go through the public registration call.
 The enum surgery is checked against the peft versions we test; if peft's internals move, importing `peft_ila`
-fails here with a message that says so, instead of failing later in an obscure place.
+fails here with a message that says so, instead of failing later in an obscure place. Where peft has no hook, two of
+its functions are wrapped, acting on ILA configs only (`save_pretrained` refusing pickles, `PeftMixedModel`'s
+compatibility check naming the alternatives), and LoRA's private helpers for mixed-adapter batches are re-exported.
 """
 
 from __future__ import annotations
