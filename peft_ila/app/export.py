@@ -46,7 +46,7 @@ def export_lora(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> li
         lora_dropout=config["lora_dropout"],
         target_modules=modules,
         modules_to_save=config.get("modules_to_save"),
-        bias={"ila_only": "lora_only"}.get(config.get("bias", "none"), config.get("bias", "none")),
+        bias=config.get("bias", "none").replace("ila_only", "lora_only"),
         base_model_name_or_path=config.get("base_model_name_or_path"),
         revision=config.get("revision"),
     )

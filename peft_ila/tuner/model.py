@@ -347,11 +347,14 @@ class ILAModel(BaseTuner):
                 f"ILA: `adapter_names` names adapters this model does not have: {', '.join(unknown)} (it has "
                 f"{', '.join(self.peft_config)}; '{BASE_ADAPTER}' means none)."
             )
-        per_row = list(adapter_names)
-        if isinstance(num_beams, int) and num_beams > 1:
-            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        targets = [(self.model.modules(), list(adapter_names))]
+        if isinstance(num_beams, int) and num_beams > 1:  # the encoder's hooks, registered after, keep one per row
+            targets = [
+                (self.model.modules(), [n for n in adapter_names for _ in range(num_beams)]),
+                (_modules_of(get_encoder(self.model)), list(adapter_names)),
+            ]
         handles = []
-        for modules, names in ((self.model.modules(), adapter_names), (_modules_of(get_encoder(self.model)), per_row)):
+        for modules, names in targets:
             hook = partial(adapter_names_pre_forward_hook, adapter_names=names)
             for module in modules:
                 if isinstance(module, (ILALayer, AuxiliaryTrainingWrapper)):
