@@ -24,7 +24,8 @@ from peft_ila.tuner.selection import Selection
 
 
 def test_identify_writes_a_complete_run_directory(run, tmp_path):
-    assert sorted(p.name for p in run.iterdir()) == ["heatmap.png", "importance.json", "mask.safetensors", "report.md"]
+    names = ["heatmap.png", "importance.json", "mask.safetensors", "report.md"]
+    assert sorted(p.name for p in run.iterdir()) == [".peft-ila.json", *names]  # the manifest: what peft-ila wrote
     (tmp_path / "plain").mkdir()
     assert run.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not left private by its temporary name
     record = json.loads((run / "importance.json").read_text())
@@ -121,7 +122,13 @@ def test_demo_end_to_end(work, capsys):
     out = work / "demo"
     args = ["demo", *common(work, "--stage1-max-steps", "4", "--stage2-steps", "2", "--steps", "3"), "--out", str(out)]
     assert main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "demo.json", "identify", "reload.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".peft-ila.json",
+        "adapter",
+        "demo.json",
+        "identify",
+        "reload.json",
+    ]
     summary = json.loads((out / "demo.json").read_text())
     assert summary["held_out_loss_after_reload"] == pytest.approx(summary["held_out_loss_after"], abs=1e-5)
     assert summary["generation_after_reload"] == summary["generation_after"]
@@ -182,7 +189,7 @@ def test_plain_format_without_chat_template(tmp_path):
         ("not-a-data-file", "is not a .json, .jsonl or .parquet file"),
         ("missing-model", "no such file or directory"),
         ("all-too-long", "2 dropped as longer than --max-length 8"),
-        ("out-exists", "already exists; pass --overwrite"),
+        ("out-exists", "already exists (an empty directory); pass --overwrite"),
         ("bad-mask", "is not a directory"),
         ("uncached-model", "cannot load it from local files"),
         ("uncached-dataset", "nor a dataset in the local datasets cache"),
@@ -321,7 +328,7 @@ def test_interrupted_or_crashed_train_leaves_no_adapter_directory(work, tmp_path
     else:
         with pytest.raises(RuntimeError, match="stopped by the test"):
             main([*args, str(tmp_path / "a")])
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["a.checkpoint.safetensors"]  # the progress, no adapter directory
 
 
 def test_damaged_mask_file_is_refused_naming_it(work, run, tmp_path, capsys):

@@ -87,7 +87,8 @@ def test_full_fine_tuning_can_save_only_the_changed_weights_and_eval_puts_them_b
     out = tmp_path / "changed"
     args = ["--mask", str(run), "--method", "full", "--changed-only", "--out", str(out)]
     assert main(["train", *common(work, "--steps", "3"), *args]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["ila_changed.safetensors", "ila_mask.safetensors", "training.json"]
+    names = ["ila_changed.safetensors", "ila_mask.safetensors", "training.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".peft-ila.json", *names]
     info = json.loads((out / "training.json").read_text())
     assert info["changed_only"] is True
     assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0

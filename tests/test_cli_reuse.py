@@ -244,7 +244,7 @@ def test_every_option_has_help_with_its_default(capsys):
         main(["identify", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--granularity {module,block} 'module': each adapted weight matrix is a layer" in text
-    assert "held-out examples (default: 64)" in text
+    assert "held-out examples (default: a tenth of the examples, at most 64)" in text
 
 
 def test_outputs_have_the_permissions_of_plain_files(work, run, tmp_path):

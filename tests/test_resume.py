@@ -58,7 +58,7 @@ def test_resume_refuses_other_settings_base_weights_data_and_no_checkpoint(tmp_p
         identify(checkpoint, resume=True, base_seed=1)  # the same architecture with other weights
     with pytest.raises(ILALoadError, match="The data differ from those of the run that wrote"):
         identify(checkpoint, resume=True, data_seed=1)
-    with pytest.raises(ILALoadError, match=r"No identification checkpoint at .*nowhere"):
+    with pytest.raises(ILALoadError, match=r"No checkpoint at .*nowhere"):
         identify(tmp_path / "nowhere.safetensors", resume=True)
     with pytest.raises(ValueError, match="resume=True needs the `checkpoint` file"):
         identify(resume=True)

@@ -73,8 +73,29 @@ def _typed(convert, allowed: str):
     return parse
 
 
+def _at_least(convert, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True):
+    """`convert`, then refuse (ValueError) a value outside [low, high] (an open end excluded)."""
+
+    def check(text: str):
+        value = convert(text)
+        if (
+            value < low
+            or (low_open and value == low)
+            or (high is not None and (value > high or (high_open and value == high)))
+        ):
+            raise ValueError(text)
+        return value
+
+    return check
+
+
 _int = _typed(int, "an int")
 _float = _typed(float, "a number")
+_positive = _typed(_at_least(int, 1), "an int >= 1")
+_natural = _typed(_at_least(int, 0), "an int >= 0")
+_rate = _typed(_at_least(float, 0, low_open=True), "a number > 0")
+_share = _typed(_at_least(float, 0, 1), "a number in [0, 1)")
+_weight = _typed(_at_least(float, 0, 1, high_open=False), "a number in [0, 1]")
 _top_k = _typed(lambda text: float(text) if "." in text else int(text), "an int >= 1 or a fraction in (0, 1]")
 _budget = _typed(lambda text: parse_budget(text) and text, "'time:F' or 'memory:F' with F in (0, 1], e.g. time:0.6")
 
@@ -214,7 +235,10 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
         "column names, printed and recorded)",
     )
     g.add_argument(
-        "--max-length", type=_int, default=d.get("max_length", 256), help="tokens per example (default: %(default)s)"
+        "--max-length",
+        type=_positive,
+        default=d.get("max_length", 256),
+        help="tokens per example (default: %(default)s)",
     )
     g.add_argument(
         "--overlong",
@@ -223,7 +247,12 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
         help="what to do with longer examples (default: %(default)s)",
     )
     g.add_argument(
-        "--eval-size", type=_int, default=d.get("eval_size", 64), help="held-out examples (default: %(default)s)"
+        "--eval-size",
+        type=_positive,
+        default=d.get("eval_size"),
+        help="held-out examples (default: "
+        + (f"{d['eval_size']}" if "eval_size" in d else "a tenth of the examples, at most 64")
+        + ")",
     )
     g.add_argument(
         "--eval-data", help="a separate test file to draw the held-out examples from (default: split them off --data)"
@@ -235,8 +264,8 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
         help="format as '### Instruction: ... ### Response: ...' instead of the chat template (used anyway "
         "when the tokenizer has none)",
     )
-    g.add_argument("--batch-size", type=_int, default=4, help="examples per micro-batch (default: %(default)s)")
-    g.add_argument("--grad-accum", type=_int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--batch-size", type=_positive, default=4, help="examples per micro-batch (default: %(default)s)")
+    g.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per optimizer step (default: 1)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (through accelerate)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -267,35 +296,43 @@ def _add_ila(p: argparse.ArgumentParser, d: dict, top_k: str) -> None:
         _config_option(g, *option, d)
 
 
-def _add_checkpoints(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("checkpoints (identification)")
+def _add_checkpoints(p: argparse.ArgumentParser, fine_tune: bool = False) -> None:
+    g = p.add_argument_group("checkpoints")
+    where = (
+        "the fine-tune's state to OUT.checkpoint.safetensors and an inline identification's to "
+        "OUT-identify.checkpoint.safetensors"
+        if fine_tune
+        else "identification's state to OUT.checkpoint.safetensors"
+    )
     g.add_argument(
         "--checkpoint-every",
-        type=_int,
+        type=_natural,
         default=10,
         metavar="N",
-        help="save identification's state to OUT.checkpoint.safetensors every N steps, 0: never (default: "
-        "%(default)s); it is removed once the run directory is written",
+        help=f"save {where} every N steps, 0: never (default: %(default)s); removed once the output is written",
     )
+    what = "an interrupted fine-tune, or identification," if fine_tune else "an interrupted identification"
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted identification from its checkpoint (same command otherwise): the selection "
-        "is that of an uninterrupted run",
+        help=f"continue {what} from its checkpoint (same command otherwise): the result is that of an "
+        "uninterrupted run",
     )
 
 
 def _add_tune(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--steps", type=_int, default=d.get("steps", 100), help="optimizer steps (default: %(default)s)")
+    g.add_argument(
+        "--steps", type=_positive, default=d.get("steps", 100), help="optimizer steps (default: %(default)s)"
+    )
     g.add_argument(
         "--lr",
-        type=_float,
+        type=_rate,
         default=d.get("lr", LR),
         help="AdamW learning rate (default: %(default)s, the best for LoRA of benchmarks/MODES.md's sweep on "
         "SmolLM2-135M; larger models usually want less)",
     )
-    g.add_argument("--warmup", type=_float, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
+    g.add_argument("--warmup", type=_share, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
 
 
 def _add_out(p: argparse.ArgumentParser, help: str, **kwargs) -> None:
@@ -334,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
         "loss before/after, step time, peak memory and trainable parameters.",
     )
     inline = f"{INSIDE['top_k']} when identifying inline; with --mask, the layers the mask selected, or its best k"
-    _add_data(p, {}), _add_shape(p, {}), _add_ila(p, TRAIN, inline), _add_checkpoints(p), _add_tune(p, {})
+    _add_data(p, {}), _add_shape(p, {}), _add_ila(p, TRAIN, inline), _add_checkpoints(p, True), _add_tune(p, {})
     which = p.add_mutually_exclusive_group()
     which.add_argument("--mask", type=Path, help="run directory of `peft-ila identify`")
     which.add_argument(
@@ -372,10 +409,12 @@ def parser() -> argparse.ArgumentParser:
         help="train only N of the trained layers' transformer blocks at a time (an int, or a fraction of them), a new "
         "draw every --layerwise-interval steps; the rest stay frozen, with no optimizer state",
     )
-    g.add_argument("--layerwise-interval", type=_int, default=10, help="steps between draws (default: %(default)s)")
+    g.add_argument(
+        "--layerwise-interval", type=_positive, default=10, help="steps between draws (default: %(default)s)"
+    )
     g.add_argument(
         "--layerwise-importance",
-        type=_float,
+        type=_weight,
         default=0.0,
         metavar="W",
         help="draw blocks with probability (1 - W) / blocks + W x their share of the --mask's scores (0: uniform, "
@@ -383,7 +422,7 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--layerwise-temperature",
-        type=_float,
+        type=_rate,
         default=1.0,
         help="scores are raised to 1 / T before sharing out (default: %(default)s)",
     )

@@ -18,6 +18,7 @@ from .steps import (
     accelerator_for,
     candidates_of,
     checkpoint_path,
+    finetune_checkpoint,
     identify_to_run,
     ila_config,
     loading_of,
@@ -62,6 +63,8 @@ def cmd_identify(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from ..identification.checkpoint import checkpoint_record
+    from ..identification.distributed import rank
     from . import UsageError
     from .files import check_free
     from .pipeline import lora_all_layers
@@ -74,15 +77,12 @@ def cmd_train(args) -> None:
     if identifying and args.top_k is None:
         args.top_k = INSIDE["top_k"]
     check_free(args.out, args.overwrite)
-    checkpoint = None
-    if identifying:
+    saved = finetune_checkpoint(args, identifying)  # the fine-tune's checkpoint, or None
+    resumed = saved is not None and saved.resume  # the fine-tune goes on (after an inline identification, if any)
+    checkpoint = None  # the inline identification's
+    if identifying and not resumed:
         check_free(inline, args.overwrite)
         checkpoint = checkpoint_path(args, inline)
-    elif args.resume:
-        raise UsageError(
-            "--resume continues an interrupted identification; with --mask, --all-layers or --layers "
-            "there is none, drop --resume."
-        )
     if args.top_k is not None and (args.all_layers or args.layers):
         raise UsageError(
             "--top-k takes the best layers of a ranking (from identification or a --mask); --layers and "
@@ -119,6 +119,12 @@ def cmd_train(args) -> None:
         config = ila_config(args, selected_layers=list(chosen.selected))
         model, params, chosen = _put_method(args, prepared.model, config, chosen)
         selection = {"selection": "--all-layers" if args.all_layers else "--layers", "layers": len(chosen.selected)}
+    elif resumed:  # the inline identification is done: its run directory rebuilds the model the fine-tune went on
+        base = checkpoint_record(saved.path)["notes"].get("base_loss")
+        model, scored = _identified(args, prepared, inline)
+        top_k = model.peft_config["default"].top_k
+        selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(scored["selected"])}
+        skip = _stage1_batches(args, scored)
     else:
         base = _base_loss(args, prepared, accelerator)
         model, _, scored = identify_to_run(args, prepared, accelerator, inline, checkpoint)
@@ -129,13 +135,17 @@ def cmd_train(args) -> None:
     if args.within_lora_params:  # the layers a full fine-tune sized to LoRA-all's parameters kept
         selection.update(layers=len(chosen.selected), within_lora_params=True)
     sampler = _layerwise(args, model, scored)
-    report = _finetune(args, model, prepared, accelerator, params, sampler, skip)
+    if saved is not None and base is not None:  # what a resumed fine-tune needs from before the identification
+        saved = dataclasses.replace(saved, notes={"base_loss": base})
+    report = _finetune(args, model, prepared, accelerator, params, sampler, skip, saved)
     full = chosen if args.method == "full" else None
     how = {"method": args.method, **({"changed_only": True} if args.changed_only else {})}
     if sampler is not None:
         how["layerwise"] = {**dataclasses.asdict(sampler.config), "blocks": len(sampler.groups)}
     report = _from_base(report, base, how)
     save_adapter(args, model, args.out, report, prepared, {**selection, **how}, full)
+    if saved is not None and rank() == 0:
+        saved.path.unlink(missing_ok=True)
     print_finetune(report)
     if full is not None and args.changed_only:
         print(f"changed weights saved to {args.out} (onto the base: peft_ila.load_changed_weights(model, dir))")
@@ -179,14 +189,45 @@ def _stage1_batches(args, record: dict) -> int:
     return record["costs"]["stage1"]["steps"] * args.grad_accum if args.keep_stage1_weights else 0
 
 
-def _finetune(args, model, prepared, accelerator, params=None, sampler=None, skip=0):
+def _finetune(args, model, prepared, accelerator, params=None, sampler=None, skip=0, checkpoint=None):
     """`pipeline.finetune` with the command's options (`params`: what trains, default the trainable parameters;
-    `sampler`: sampled layerwise training; `skip`: micro-batches of the data order already trained on)."""
+    `sampler`: sampled layerwise training; `skip`: micro-batches of the data order already trained on; `checkpoint`:
+    a `FinetuneCheckpoint`, whose file is named on an interruption)."""
+    from ..identification.checkpoint import checkpoint_record
+    from ..identification.distributed import rank
+    from ..tuner.selection import ILALoadError
+    from . import UsageError
     from .pipeline import finetune
 
     progress = not args.no_progress
     steps = (args.steps, args.lr, args.batch_size, args.seed, args.warmup)
-    return finetune(model, prepared, *steps, accelerator, progress, params, sampler=sampler, skip=skip)
+    try:
+        return finetune(
+            model, prepared, *steps, accelerator, progress, params, sampler=sampler, skip=skip, checkpoint=checkpoint
+        )
+    except ILALoadError as exc:  # the checkpoint to resume does not fit this command
+        raise UsageError(str(exc)) from None
+    except BaseException:
+        if checkpoint is not None and rank() == 0 and checkpoint_record(checkpoint.path) is not None:
+            done = checkpoint_record(checkpoint.path)["stats"]["steps"]
+            print(
+                f"peft-ila: the fine-tune's progress ({done} of {args.steps} steps) is saved in {checkpoint.path}; run "
+                "the same command with --resume to continue it.",
+                file=sys.stderr,
+            )
+        raise
+
+
+def _identified(args, prepared, inline: Path):
+    """(model, record) of an inline identification already written to `inline`: the selected layers' adapters on
+    the prepared model, as the identification left them (their weights come from the fine-tune's checkpoint)."""
+    from .pipeline import wrap
+    from .report import read_run
+
+    record, selection = read_run(inline)
+    shape = {key: record["config"][key] for key in ("target_modules", "granularity", "top_k")}
+    print(f"run directory {inline} (written before the interruption): {len(selection.selected)} layers selected")
+    return wrap(prepared.model, ila_config(args, **selection.config_fields(), **shape)), record
 
 
 def _layerwise(args, model, scored: dict | None):
@@ -470,7 +511,7 @@ def cmd_demo(args) -> None:
     check_free(args.out, args.overwrite)
     ila_config(args)
     accelerator = accelerator_for(args)
-    with staged_dir(args.out, args.overwrite) as tmp:
+    with staged_dir(args.out, args.overwrite, "a demo directory") as tmp:
         prepared = prepare_data(args, accelerator)
         conversation = prepared.held_out_conversations[0]
         before_text = generate(prepared.model, prepared.tokenizer, conversation, prepared.plain)

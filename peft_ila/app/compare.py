@@ -100,7 +100,7 @@ def compare(runs: list[Path], out: Path, overwrite: bool = False, labels: list[s
                 "same_model": same_model,
             }
         )
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, "a compare directory") as tmp:
         write_json(
             tmp / "compare.json", {"runs": [str(r) for r in runs], "labels": labels, "jaccard": matrix, "pairs": pairs}
         )

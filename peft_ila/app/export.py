@@ -50,7 +50,7 @@ def export_lora(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> li
         base_model_name_or_path=config.get("base_model_name_or_path"),
         revision=config.get("revision"),
     )
-    with staged_dir(Path(out_dir), overwrite) as tmp:
+    with staged_dir(Path(out_dir), overwrite, "a LoRA adapter written by export-lora") as tmp:
         lora.save_pretrained(tmp)
         save_file(renamed, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return modules

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fnmatch
 import gc
 import json
 import os
@@ -20,17 +21,106 @@ from ..identification.distributed import rank
 from ..tuner.atomic import written_atomically
 from . import UsageError
 
+MANIFEST = ".peft-ila.json"  # in every output directory: what peft-ila wrote there, so --overwrite replaces only that
+# Outputs written before the manifest, recognised by the file each kind always has and the names it may hold
+LEGACY = {
+    "importance.json": ("an identify run", ("importance.json", "mask.safetensors", "heatmap.png", "report.md")),
+    "compare.json": ("a compare directory", ("compare.json", "compare.png")),
+    "demo.json": ("a demo directory", ("demo.json", "reload.json", "identify", "adapter")),
+    "training.json": (
+        "an adapter or model written by train",
+        (
+            "training.json",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "README.md",
+            "ila_*.safetensors",
+            "config.json",
+            "generation_config.json",
+            "model*.safetensors",
+            "model.safetensors.index.json",
+            "tokenizer*",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "vocab.json",
+            "merges.txt",
+            "added_tokens.json",
+        ),
+    ),
+}
+
 
 def check_free(out: Path, overwrite: bool) -> None:
-    """Refuse early (before any work) to replace an existing output directory unless asked to."""
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite or choose another output path.")
+    """Refuse early (before any work) an output path that exists, unless `overwrite` and it is an output peft-ila
+    wrote (or an empty directory): a file, a folder with anything peft-ila did not write there, and the working
+    directory are never replaced."""
+    out = Path(out)
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise UsageError(f"--out {out} is the working directory or holds it; choose a new directory to write.")
+    if not (out.exists() or out.is_symlink()):
+        return
+    kind = written_by_peft_ila(out)
+    if not overwrite:
+        raise UsageError(
+            f"{out} already exists ({kind}); pass --overwrite to replace it, or choose another output path."
+        )
+
+
+def written_by_peft_ila(out: Path) -> str:
+    """What `out` is (e.g. "an identify run"), if peft-ila wrote all of it; else a `UsageError` saying why it may not
+    be replaced (a file, a link, a folder holding what peft-ila did not write, named)."""
+    if out.is_symlink() or not out.is_dir():
+        what = "a symbolic link" if out.is_symlink() else "a file"
+        raise UsageError(f"{out} is {what}, not an output of peft-ila; choose another output path (it is left alone).")
+    entries = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    if not entries:
+        return "an empty directory"
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            written = json.loads(manifest.read_text())
+            kind, known = written["kind"], set(written["entries"])
+        except (ValueError, KeyError, TypeError):
+            kind, known = None, set()
+        foreign = [name for name in entries if name not in known and name != MANIFEST]
+    else:
+        kind, foreign = _legacy_kind(out, entries)
+    if kind is None or foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else "no peft-ila output"
+        raise UsageError(
+            f"{out} exists and holds what peft-ila did not write there ({shown}); it replaces only its own outputs: "
+            "choose another output path (the folder is left alone)."
+        )
+    return kind
+
+
+def _legacy_kind(out: Path, entries: list[str]) -> tuple[str | None, list[str]]:
+    """(kind, entries that do not belong to it) of an output written before the manifest, recognised by `LEGACY`;
+    (None, entries) when it is none of them."""
+    for signature, (kind, names) in LEGACY.items():
+        if not (out / signature).is_file():
+            continue
+        nested = {"identify": "importance.json", "adapter": "training.json"}  # a demo directory's two outputs
+        foreign = []
+        for entry in entries:
+            top, _, rest = entry.partition("/")
+            if not any(fnmatch.fnmatch(top, pattern) for pattern in names):
+                foreign.append(entry)
+            elif rest and top in nested:
+                inner = LEGACY[nested[top]][1]
+                if "/" in rest or not any(fnmatch.fnmatch(rest, pattern) for pattern in inner):
+                    foreign.append(entry)
+            elif rest:
+                foreign.append(entry)
+        return kind, foreign
+    return None, entries
 
 
 @contextmanager
-def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(out: Path, overwrite: bool = False, kind: str = "an output of peft-ila") -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out`; on success it replaces `out`, on any error it is removed,
-    so `out` is never left half-written (Ctrl-C included)."""
+    so `out` is never left half-written (Ctrl-C included). Its `MANIFEST` records `kind` and what was written, so
+    that a later --overwrite may replace it; an existing `out` is checked again (`check_free`) before it goes."""
     out = Path(out)
     check_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -39,10 +129,13 @@ def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     os.umask(umask)
     try:
         yield tmp
+        entries = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*"))
+        (tmp / MANIFEST).write_text(json.dumps({"written_by": "peft-ila", "kind": kind, "entries": entries}) + "\n")
         # mkdtemp makes the directory private and some writers (safetensors) their files: give the output the
         # permissions of a plain mkdir and open()
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        check_free(out, overwrite)  # the folder may have changed while the job ran
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -56,13 +149,13 @@ def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def main_process_dir(out: Path, overwrite: bool = False) -> Iterator[Path | None]:
+def main_process_dir(out: Path, overwrite: bool = False, kind: str = "an output of peft-ila") -> Iterator[Path | None]:
     """`staged_dir` on the main process (rank 0); None on the other ranks of a multi-process launch, which write
     nothing."""
     if rank() > 0:
         yield None
         return
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, kind) as tmp:
         yield tmp
 
 

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
+from ..identification.checkpoint import DataPosition
 from ..identification.distributed import rank, world_size
 from ..identification.importance import ILAResult, identify_important_layers
 from ..identification.training import StepStats, cycle, evaluate_loss, train_steps
@@ -23,6 +24,7 @@ from ..tuner.layerwise import LayerSampler
 from ..tuner.selection import Selection, model_identity
 from . import UsageError
 from .args import usage_error
+from .checkpoints import FinetuneCheckpoint, FinetuneState
 from .data import Conversation, Encoded, batches, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
 from .models import Loading, load_model, portable
@@ -57,7 +59,7 @@ def prepare(
     data_spec: str,
     max_length: int = 256,
     overlong: str = "truncate",
-    eval_size: int = 64,
+    eval_size: int | None = None,
     seed: int = 0,
     plain: bool = False,
     accelerator: Accelerator | None = None,
@@ -68,13 +70,13 @@ def prepare(
 ) -> Prepared:
     """Load data first (cheap, and where most mistakes are), then the model; tokenize and split.
 
-    The held-out set is `eval_size` examples: split off `data_spec` with `seed`, or drawn with `seed` from
-    `eval_data` (a separate test file, then all of `data_spec` trains). `columns` maps roles to columns (see
-    `data.column_mapping`). `quantize` ("4bit", "8bit"): the base model's linear layers stored by bitsandbytes
-    (`models.load_model`); `loading`: the base weights' dtype and gradient checkpointing (default: as stored,
-    none). `info` records what resolves from any directory (absolute paths), how the model was loaded, the SHA-256
-    of the data and the base model's identity, and the held-out rows (`held_out_ids`, row numbers in the file they
-    come from)."""
+    The held-out set is `eval_size` examples (default `default_eval_size`): split off `data_spec` with `seed`, or
+    drawn with `seed` from `eval_data` (a separate test file, then all of `data_spec` trains). `columns` maps roles
+    to columns (see `data.column_mapping`). `quantize` ("4bit", "8bit"): the base model's linear layers stored by
+    bitsandbytes (`models.load_model`); `loading`: the base weights' dtype and gradient checkpointing (default: as
+    stored, none). `info` records what resolves from any directory (absolute paths), how the model was loaded, the
+    SHA-256 of the data and the base model's identity, and the held-out rows (`held_out_ids`, row numbers in the
+    file they come from)."""
     dataset = read_dataset(data_spec, columns)
     test_set = read_dataset(eval_data, columns) if eval_data else None
     device = accelerator.device if accelerator is not None else "cpu"
@@ -86,11 +88,14 @@ def prepare(
     loaded = loading.apply(model)
     plain = plain or not tokenizer.chat_template
     encoded = _encode_checked(dataset.conversations, data_spec, tokenizer, max_length, overlong, plain)
+    if test_set is not None:
+        test = _encode_checked(test_set.conversations, eval_data, tokenizer, max_length, overlong, plain)
+    if eval_size is None:
+        eval_size = default_eval_size(len((encoded if test_set is None else test).examples))
     if test_set is None:
         train, held_out = split(list(range(len(encoded.examples))), eval_size, seed)
         test, test_set = encoded, dataset
     else:
-        test = _encode_checked(test_set.conversations, eval_data, tokenizer, max_length, overlong, plain)
         train, (_, held_out) = (
             list(range(len(encoded.examples))),
             split(list(range(len(test.examples))), eval_size, seed),
@@ -134,6 +139,11 @@ def prepare(
         held_out_conversations=[test_set.conversations[test.sources[i]] for i in held_out],
         plain=plain,
     )
+
+
+def default_eval_size(examples: int) -> int:
+    """Held-out examples when none are asked for: a tenth of the `examples`, at least 1, at most 64."""
+    return min(64, max(1, examples // 10))
 
 
 def _encode_checked(conversations, spec: str, tokenizer, max_length: int, overlong: str, plain: bool) -> Encoded:
@@ -237,36 +247,59 @@ def finetune(
     loss_before: float | None = None,
     sampler: LayerSampler | None = None,
     skip: int = 0,
+    checkpoint: FinetuneCheckpoint | None = None,
 ) -> FinetuneReport:
     """AdamW with linear warmup and decay on `params` (default: the trainable ones, or a `sampler`'s groups); held-out
     loss measured before (unless given) and after. `on_step` runs after every step (see `train_steps`); an AdaLoRA
     model's `update_and_allocate` after every optimizer step, as AdaLoRA needs. With a `sampler` (sampled layerwise
     training) only its active set trains, re-drawn before every step; `trainable_params` is then the largest number
     of parameters trained at once. `skip`: micro-batches at the head of the data order already trained on (by the
-    stage 1 of an identification whose weights are kept), so that the fine-tune goes on where it stopped."""
+    stage 1 of an identification whose weights are kept), so that the fine-tune goes on where it stopped. With a
+    `checkpoint`, the state is saved before the first step and every `checkpoint.every` steps, and with
+    `checkpoint.resume` the run goes on from the saved state (see `checkpoints.FinetuneState`)."""
     accelerator = accelerator or Accelerator()
     held_out = prepared.batches(batch_size, seed, held_out=True)
-    before = evaluate_loss(model, held_out, accelerator, progress) if loss_before is None else loss_before
     if params is None:
         params = sampler.parameters() if sampler else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if sampler is not None:
         sampler.train_only_groups(model)  # nothing outside the groups computes gradients
-        on_step = sampler.hook(optimizer, then=on_step)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
+    stream = DataPosition(itertools.islice(cycle(prepared.batches(batch_size, seed)), skip, None))
+    settings = {"steps": steps, "lr": lr, "warmup": warmup, "seed": seed, "skip": skip, "processes": world_size()}
+    settings.update(accumulation=accelerator.gradient_accumulation_steps, precision=str(accelerator.mixed_precision))
+    state = None
+    if checkpoint is not None:
+        if hasattr(model.base_model, "update_and_allocate"):
+            raise ValueError("AdaLoRA's rank allocation is not checkpointed: fine-tune it with checkpoint=None.")
+        state = FinetuneState(checkpoint, model, params, optimizer, scheduler, stream, settings, sampler)
+    on_step = _each(state.save_if_due if state is not None else None, on_step)
+    if sampler is not None:
+        on_step = sampler.hook(optimizer, then=on_step)
+    stats = None
+    if state is not None and checkpoint.resume:
+        stats = state.restore()
+        loss_before = state.loss_before if loss_before is None else loss_before
+    elif state is not None:
+        state.save(StepStats())  # what the fine-tune starts from (an inline identification's weights, say)
+    before = evaluate_loss(model, held_out, accelerator, progress) if loss_before is None else loss_before
+    if state is not None:
+        state.loss_before = before
     start_mb = reset_peak_memory()
-    stats = train_steps(
-        model,
-        itertools.islice(cycle(prepared.batches(batch_size, seed)), skip, None),
-        optimizer,
-        steps,
-        accelerator=accelerator,
-        scheduler=scheduler,
-        on_step=on_step,
-        after_step=getattr(model.base_model, "update_and_allocate", None),
-        desc="fine-tune",
-        progress=progress,
-    )
+    if stats is None or not stats.stop_reason:  # an interrupted run may have finished its steps already
+        stats = train_steps(
+            model,
+            iter(stream),
+            optimizer,
+            steps,
+            accelerator=accelerator,
+            scheduler=scheduler,
+            on_step=on_step,
+            after_step=getattr(model.base_model, "update_and_allocate", None),
+            desc="fine-tune",
+            progress=progress,
+            resume=stats,
+        )
     memory = peak_memory_mb(start_mb)
     after = evaluate_loss(model, held_out, accelerator, progress)
     trainable = sampler.most_active if sampler is not None else sum(p.numel() for p in params)
@@ -283,6 +316,19 @@ def finetune(
         memory=memory,
         losses=stats.losses,
     )
+
+
+def _each(*hooks: Callable[[StepStats], None] | None) -> Callable[[StepStats], None] | None:
+    """One `on_step` hook calling each of `hooks` (None ones left out) in order; None if there are none."""
+    given = [hook for hook in hooks if hook is not None]
+    if not given:
+        return None
+
+    def run(stats: StepStats) -> None:
+        for hook in given:
+            hook(stats)
+
+    return run
 
 
 def first_user_turn(conversation: Conversation) -> str:

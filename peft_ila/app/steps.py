@@ -87,7 +87,6 @@ def loading_of(args, recorded: dict | None = None):
 
 def checkpoint_path(args, out: Path) -> Path | None:
     """Where identification checkpoints to (None: it does not); checked before any work, like the output path."""
-    from ..identification.distributed import rank
     from . import UsageError
 
     path = out.with_name(out.name + ".checkpoint.safetensors")
@@ -95,15 +94,51 @@ def checkpoint_path(args, out: Path) -> Path | None:
         raise UsageError("--resume needs checkpoints; drop --checkpoint-every 0.")
     if args.resume and not path.is_file():
         raise UsageError(f"--resume: {path} does not exist, there is nothing to resume; run without --resume.")
-    if path.is_file() and not args.resume:
-        if not args.overwrite:
-            raise UsageError(
-                f"{path} holds the state of an interrupted identification; pass --resume to continue it, or "
-                "--overwrite to start over."
-            )
-        if rank() == 0:
-            path.unlink()
+    _clear_stale(args, path, "identification")
     return path if args.checkpoint_every else None
+
+
+def finetune_checkpoint(args, identifying: bool):
+    """The fine-tune's `FinetuneCheckpoint` at OUT.checkpoint.safetensors, resumed with --resume when that file is
+    there (else --resume is the inline identification's, when `identifying`); None with --checkpoint-every 0 and for
+    AdaLoRA, whose rank allocation it cannot hold. Checked before any work, like the output path."""
+    from . import UsageError
+    from .checkpoints import FinetuneCheckpoint
+
+    path = args.out.with_name(args.out.name + ".checkpoint.safetensors")
+    inline = args.out.with_name(args.out.name + "-identify.checkpoint.safetensors")
+    if args.resume and not args.checkpoint_every:
+        raise UsageError("--resume needs checkpoints; drop --checkpoint-every 0.")
+    if args.resume and not path.is_file() and not (identifying and inline.is_file()):
+        also = f" nor {inline}" if identifying else ""
+        raise UsageError(f"--resume: neither {path}{also} exists, there is nothing to resume; run without --resume.")
+    _clear_stale(args, path, "fine-tune")
+    if not args.checkpoint_every:
+        return None
+    if args.method == "adalora":
+        print("note: --method adalora fine-tunes without checkpoints (its rank allocation is not saved in one)")
+        return None
+    return FinetuneCheckpoint(path, args.checkpoint_every, resume=args.resume and path.is_file())
+
+
+def _clear_stale(args, path: Path, what: str) -> None:
+    """Refuse to start over while `path` holds an interrupted `what`'s state, unless --overwrite (then it is
+    removed, if peft-ila wrote it); with --resume it is kept."""
+    from ..identification.checkpoint import checkpoint_record
+    from ..identification.distributed import rank
+    from . import UsageError
+
+    if args.resume or not path.is_file():
+        return
+    if not args.overwrite:
+        raise UsageError(
+            f"{path} holds the state of an interrupted {what}; pass --resume to continue it, or --overwrite to start "
+            "over."
+        )
+    if checkpoint_record(path) is None:
+        raise UsageError(f"{path} is not a checkpoint peft-ila wrote; move it away or choose another --out.")
+    if rank() == 0:
+        path.unlink()
 
 
 def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | None = None, shown: Path | None = None):
@@ -118,7 +153,7 @@ def identify_to_run(args, prepared, accelerator, out: Path, checkpoint: Path | N
 
     config = ila_config(args)
     try:
-        with main_process_dir(out, args.overwrite) as tmp:
+        with main_process_dir(out, args.overwrite, "an identify run") as tmp:
             model, result = identify(
                 prepared,
                 config,
@@ -264,7 +299,8 @@ def save_adapter(args, model, out: Path, report, prepared, selection: dict, full
     settings = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "bf16", "lr", "warmup")}
     record = {"command": command_line(args), **prepared.info, **settings, "processes": world_size()}
     record.update({"top_k": None, **selection, **asdict(report)})
-    with main_process_dir(out, args.overwrite) as tmp:
+    kind = "an adapter written by train" if full is None else "a model written by train --method full"
+    with main_process_dir(out, args.overwrite, kind) as tmp:
         if tmp is not None:
             if full is None:
                 model.save_pretrained(tmp)

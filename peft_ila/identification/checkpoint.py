@@ -1,4 +1,4 @@
-"""Checkpoints of an identification run, so that an interrupted run continues where it stopped.
+"""Checkpoints of an identification run or a fine-tune, so that an interrupted run continues where it stopped.
 
 One safetensors file holds a run's state: its tensors (trainable weights by name, gate logits, optimizer state,
 random-number-generator states) and, in the file's metadata, a JSON record (stage, step statistics, data
@@ -23,20 +23,33 @@ from ..tuner.selection import ILALoadError
 from .distributed import any_rank, gather, rank
 
 FORMAT = "peft-ila identification checkpoint v1"
+FINETUNE_FORMAT = "peft-ila fine-tune checkpoint v1"
 
 
-def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], record: dict) -> None:
-    """Write `tensors` and the JSON-able `record` to `path` atomically."""
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], record: dict, kind: str = FORMAT) -> None:
+    """Write `tensors` and the JSON-able `record` to `path` atomically, as a checkpoint of format `kind`."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     with written_atomically(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt", "ila": json.dumps({"format": FORMAT, **record})})
+        save_file(tensors, tmp, metadata={"format": "pt", "ila": json.dumps({"format": kind, **record})})
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and record of a checkpoint; `ILALoadError` naming the file if it is missing or damaged."""
+def checkpoint_record(path: str | os.PathLike) -> dict | None:
+    """The JSON record of a peft-ila checkpoint (its "format" included), read without its tensors; None if `path`
+    is not one (missing, unreadable, or another file)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            record = json.loads((f.metadata() or {}).get("ila", "{}"))
+    except Exception:
+        return None
+    return record if str(record.get("format", "")).startswith("peft-ila ") else None
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str = FORMAT) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and record of a checkpoint of format `kind`; `ILALoadError` naming the file if it is missing,
+    damaged or of another kind."""
     path = Path(path)
     if not path.is_file():
-        raise ILALoadError(f"No identification checkpoint at {path}; start without resuming.")
+        raise ILALoadError(f"No checkpoint at {path}; start without resuming.")
     try:
         with safe_open(path, framework="pt") as f:
             record = json.loads((f.metadata() or {}).get("ila", "{}"))
@@ -45,8 +58,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ILALoadError(
             f"{path} cannot be read ({str(exc).splitlines()[0]}); it is damaged, start without resuming."
         ) from None
-    if record.get("format") != FORMAT:
-        raise ILALoadError(f"{path} is not a {FORMAT} (it says {record.get('format')!r}); start without resuming.")
+    if record.get("format") != kind:
+        raise ILALoadError(f"{path} is not a {kind} (it says {record.get('format')!r}); start without resuming.")
     return tensors, record
 
 
