@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import stop_at_step
 
 import peft_ila.app.pipeline
 from conftest import common
 from peft_ila.app.cli import main
-from test_cli import stop_at_step
 
 TINY_INLINE = ("--stage1-max-steps", "4", "--stage2-steps", "2", "--lora-dropout", "0.1", "--checkpoint-every", "2")
 
@@ -27,7 +27,8 @@ def same_adapter(a, b) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:  # the mask's confidence is NaN for layers without one
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, equal_nan=True, msg=key)
-    assert (a / "adapter_config.json").read_text() == (b / "adapter_config.json").read_text()
+    ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (a, b))
+    assert set(ca.pop("target_modules")) == set(cb.pop("target_modules")) and ca == cb  # peft writes a set unordered
     ta, tb = (json.loads((d / "training.json").read_text()) for d in (a, b))
     for key in ("loss_before", "loss_after", "losses", "steps", "tokens", "loss_after_identification"):
         assert ta.get(key) == tb.get(key), key
@@ -82,3 +83,80 @@ def test_resuming_a_fine_tune_with_other_settings_is_refused_naming_them(work, t
     assert main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 2
     assert "there is nothing to resume" in one_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.checkpoint.safetensors"]
+
+
+def users_folder(path):
+    """A folder of the user's own, with a file peft-ila never wrote."""
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    return path
+
+
+@pytest.mark.parametrize("command", ["identify", "train", "compare", "export-lora", "demo"])
+def test_overwrite_never_replaces_a_folder_peft_ila_did_not_write(work, run, tmp_path, capsys, command):
+    out = users_folder(tmp_path / "d")
+    args = {
+        "identify": ["identify", *common(work), "--out", str(out)],
+        "train": ["train", *common(work), "--layers", "model.layers.0.mlp.up_proj", "--out", str(out)],
+        "compare": ["compare", str(run), str(run), "--out", str(out)],
+        "export-lora": ["export-lora", str(tmp_path / "no-adapter"), str(out)],
+        "demo": ["demo", *common(work), "--out", str(out)],
+    }[command]
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, *extra]) == 2
+        err = one_line(capsys)
+        assert f"{out} exists and holds what peft-ila did not write there (notes.txt)" in err, err
+        assert "--overwrite" not in err  # no advice that would lose the file
+        assert (out / "notes.txt").read_text() == "mine" and [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no staging or old copy left beside it
+
+
+def test_overwrite_never_replaces_a_file_or_the_working_directory(run, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("mine")
+    assert main(["compare", str(run), str(run), "--out", str(tmp_path / "afile"), "--overwrite"]) == 2
+    assert "afile is a file, not an output of peft-ila" in one_line(capsys)
+    assert (tmp_path / "afile").read_text() == "mine"
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path.parent)):
+        assert main(["compare", str(run), str(run), "--out", out, "--overwrite"]) == 2
+        assert "is the working directory or holds it" in one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no `..old-*` folder
+
+
+def test_overwrite_replaces_peft_ila_outputs_but_not_what_the_user_added_to_them(run, tmp_path, capsys):
+    out = tmp_path / "c"
+    compare = ["compare", str(run), str(run), "--out", str(out)]
+    assert main(compare) == 0
+    assert main(compare) == 2
+    assert "already exists (a compare directory); pass --overwrite to replace it" in one_line(capsys)
+    (out / "compare.json").write_text("{}")  # a file peft-ila wrote, changed: still its output
+    assert main([*compare, "--overwrite"]) == 0
+    assert json.loads((out / "compare.json").read_text())["labels"]
+    (out / "plots").mkdir()
+    (out / "plots" / "mine.png").write_text("mine")
+    capsys.readouterr()
+    assert main([*compare, "--overwrite"]) == 2
+    assert "holds what peft-ila did not write there (plots, plots/mine.png)" in one_line(capsys)
+    assert (out / "plots" / "mine.png").read_text() == "mine"
+
+
+def test_outputs_written_before_the_manifest_are_recognised(run, tmp_path, capsys):
+    import shutil
+
+    old = shutil.copytree(run, tmp_path / "old")
+    (old / ".peft-ila.json").unlink()  # as an older peft-ila wrote it
+    compare = ["compare", str(run), str(run), "--out", str(old)]
+    assert main(compare) == 2
+    assert "already exists (an identify run); pass --overwrite" in one_line(capsys)
+    (old / "notes.txt").write_text("mine")
+    assert main([*compare, "--overwrite"]) == 2
+    assert "holds what peft-ila did not write there (notes.txt)" in one_line(capsys)
+    (old / "notes.txt").unlink()
+    assert main([*compare, "--overwrite"]) == 0
+    assert sorted(p.name for p in old.iterdir()) == [".peft-ila.json", "compare.json", "compare.png"]
+
+
+def test_compare_needs_two_runs(run, tmp_path, capsys):
+    assert main(["compare", str(run), "--out", str(tmp_path / "c")]) == 2
+    assert "compare needs at least two run directories to compare, 1 given" in one_line(capsys)
+    assert list(tmp_path.iterdir()) == []

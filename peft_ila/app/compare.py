@@ -64,6 +64,8 @@ def _same_model(a: dict, b: dict) -> bool:
 def compare(runs: list[Path], out: Path, overwrite: bool = False, labels: list[str] | None = None) -> str:
     """Write compare.json and compare.png into `out`; return a printable table. Runs on other models or candidate
     sets are compared on their common candidate layers only, with a note saying so."""
+    if len(runs) < 2:
+        raise UsageError(f"compare needs at least two run directories to compare, {len(runs)} given; pass another.")
     if labels is not None and len(labels) != len(runs):
         raise UsageError(f"--label given {len(labels)} time(s) for {len(runs)} runs; give one per run, in order.")
     records, selections = zip(*(read_run(run) for run in runs), strict=True)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from ..tuner.selection import SAVED_KEYS, Selection, layer_of
 from . import UsageError
-from .files import read_json, staged_dir
+from .files import check_free, read_json, staged_dir
 
 
 def export_lora(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> list[str]:
@@ -19,6 +19,7 @@ def export_lora(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> li
     from peft import LoraConfig
 
     adapter_dir = Path(adapter_dir)
+    check_free(Path(out_dir), overwrite)
     config = read_json(adapter_dir / "adapter_config.json")
     if config.get("peft_type") != "ILA":
         raise UsageError(f"{adapter_dir} holds a {config.get('peft_type')} adapter, not an ILA one.")

@@ -26,7 +26,9 @@ FORMAT = "peft-ila identification checkpoint v1"
 FINETUNE_FORMAT = "peft-ila fine-tune checkpoint v1"
 
 
-def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], record: dict, kind: str = FORMAT) -> None:
+def save_checkpoint(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], record: dict, kind: str = FORMAT
+) -> None:
     """Write `tensors` and the JSON-able `record` to `path` atomically, as a checkpoint of format `kind`."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     with written_atomically(path) as tmp:
