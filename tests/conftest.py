@@ -194,6 +194,49 @@ def tiny_lm_dir(path, chat_template: bool = True, seed: int = 0, layers: int = 2
     return path
 
 
+def tiny_gguf(path, seed: int = 0, layers: int = 2, hidden: int = 32):
+    """A tiny random Llama with a byte tokenizer and ChatML template as a float32 .gguf file (what --model FILE.gguf
+    expects), written with the gguf package."""
+    import gguf
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    rng = np.random.default_rng(seed)
+    tokens = [*sorted(pre_tokenizers.ByteLevel.alphabet()), "<|im_end|>", "<|endoftext|>", "<|im_start|>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(2 * hidden)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 3) + [3] * 3)  # normal bytes, then control tokens
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_eos_token_id(len(tokens) - 3)
+    writer.add_pad_token_id(len(tokens) - 2)
+    writer.add_chat_template(CHATML)
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden // 2, hidden), "attn_v": (hidden // 2, hidden)}
+    shapes.update(attn_output=(hidden, hidden), ffn_gate=(2 * hidden, hidden), ffn_up=(2 * hidden, hidden))
+    shapes.update(ffn_down=(hidden, 2 * hidden))
+    tensors = {"token_embd": (len(tokens), hidden), "output": (len(tokens), hidden)}
+    tensors.update({f"blk.{i}.{name}": shape for i in range(layers) for name, shape in shapes.items()})
+    for name, shape in tensors.items():
+        writer.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    for name in ["output_norm", *(f"blk.{i}.{norm}" for i in range(layers) for norm in ("attn_norm", "ffn_norm"))]:
+        writer.add_tensor(f"{name}.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def alpaca_rows(n: int = 40) -> list[dict]:
     words = ["red", "blue", "green", "small", "large", "fast", "slow", "warm"]
     return [

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_cli import stop_at_step
 
 import peft_ila.app.pipeline
-from conftest import common
+from conftest import common, identify, tiny_gguf, tiny_lm_dir
 from peft_ila.app.cli import main
 
 TINY_INLINE = ("--stage1-max-steps", "4", "--stage2-steps", "2", "--lora-dropout", "0.1", "--checkpoint-every", "2")
@@ -160,3 +160,52 @@ def test_compare_needs_two_runs(run, tmp_path, capsys):
     assert main(["compare", str(run), "--out", str(tmp_path / "c")]) == 2
     assert "compare needs at least two run directories to compare, 1 given" in one_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gguf_model_is_dequantised_once_and_its_adapter_loads_with_auto_peft(work, tmp_path, monkeypatch, capsys):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("PEFT_ILA_CACHE", str(tmp_path / "cache"))
+    gguf = tiny_gguf(tmp_path / "tiny.gguf")
+    args = ["train", *common(work, "--steps", "2"), "--model", str(gguf), "--layers", "model.layers.0.mlp.up_proj"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.count("Dequantising tiny.gguf") == 1  # the second command reads the cached copy
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cached = config["base_model_name_or_path"]
+    assert cached.startswith(str(tmp_path / "cache" / "models" / "tiny-"))
+    assert json.loads((tmp_path / "a" / "training.json").read_text())["model"] == str(gguf)
+    ids = torch.arange(10)[None]
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a")  # finds its base from the adapter alone
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)  # the way docs/cli.md gives
+    given = PeftModel.from_pretrained(base, tmp_path / "a")
+    torch.testing.assert_close(auto(ids).logits, given(ids).logits)
+
+
+def test_a_truncated_gguf_or_a_folder_without_a_model_is_one_line(work, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PEFT_ILA_CACHE", str(tmp_path / "cache"))
+    whole = tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[: len(whole) // 2])
+    users_folder(tmp_path / "notes")
+    for model, message in [
+        ("cut.gguf", "cut.gguf: cannot read it as a GGUF model ("),
+        ("notes", "notes: cannot load it from local files ("),
+    ]:
+        args = ["train", *common(work), "--model", str(tmp_path / model), "--all-layers", "--out", str(tmp_path / "o")]
+        assert main(args) == 2
+        assert message in one_line(capsys)
+    assert not (tmp_path / "o").exists() and not list((tmp_path / "cache" / "models").glob("cut*"))
+
+
+def test_the_same_model_loaded_in_bfloat16_is_the_same_model(work, run, tmp_path, capsys):
+    identify(work, tmp_path / "bf16", "--dtype", "bfloat16")
+    capsys.readouterr()
+    assert main(["compare", str(run), str(tmp_path / "bf16"), "--out", str(tmp_path / "c")]) == 0
+    assert "different models" not in capsys.readouterr().out
+    args = ["train", *common(work, "--steps", "1", "--dtype", "bfloat16"), "--mask", str(run), "--out"]
+    assert main([*args, str(tmp_path / "a")]) == 0
+    assert "other weights" not in capsys.readouterr().out
+    other = tiny_lm_dir(tmp_path / "other", seed=1)  # the same architecture, other weights: still told apart
+    assert main([*args, str(tmp_path / "b"), "--model", str(other)]) == 0
+    assert "same architecture, other weights" in capsys.readouterr().out

@@ -487,10 +487,11 @@ def _held_out_source(args, info: dict) -> tuple[str, dict | None, bool]:
 def _check_base_model(args, info: dict, loaded: dict) -> None:
     """The base model's weights must be those the adapter was trained on: refused if they changed under the
     recorded name, a warning if another model was given with --model."""
+    from ..tuner.selection import same_weights
     from . import UsageError
 
     recorded = info.get("base_model")
-    if recorded is None or recorded["weights_sha256"] == loaded["weights_sha256"]:
+    if recorded is None or same_weights(recorded, loaded) is not False:
         return
     other = f"{loaded['model']} (weights {loaded['weights_sha256'][:12]})"
     was = f"{recorded['model']} (weights {recorded['weights_sha256'][:12]})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from itertools import combinations
 from pathlib import Path
 
+from ..tuner.selection import same_weights
 from . import UsageError
 from .files import staged_dir, write_json
 from .plots import overlap_matrix
@@ -56,9 +57,8 @@ def default_labels(runs: list[Path]) -> list[str]:
 
 
 def _same_model(a: dict, b: dict) -> bool:
-    if "weights_sha256" in a and "weights_sha256" in b:
-        return a["weights_sha256"] == b["weights_sha256"]
-    return a["model"] == b["model"]
+    same = same_weights(a, b)
+    return a["model"] == b["model"] if same is None else same
 
 
 def compare(runs: list[Path], out: Path, overwrite: bool = False, labels: list[str] | None = None) -> str:

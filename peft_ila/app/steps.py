@@ -229,6 +229,7 @@ def mask_config(args, run: dict, saved, mask: Path, prepared):
 
 def _check_mask_model(args, run: dict, saved, mask: Path, here: list[str], common: list[str], model: dict) -> None:
     """Refuse a mask found on another model (other candidates or architecture) unless --allow-other-model."""
+    from ..tuner.selection import same_weights
     from . import UsageError
     from .report import run_model
 
@@ -242,7 +243,7 @@ def _check_mask_model(args, run: dict, saved, mask: Path, here: list[str], commo
         stored = {"found": run.get("quantization") or "unquantized", "here": args.quantize or "unquantized"}
         if stored["found"] != stored["here"]:
             print(f"note: {where} ({stored['found']}); fine-tuning it {stored['here']}")
-        elif found.get("weights_sha256", model["weights_sha256"]) != model["weights_sha256"]:
+        elif same_weights(found, model) is False:
             print(f"note: {where}; fine-tuning {model['model']}: same architecture, other weights")
         return
     if not args.allow_other_model:

@@ -283,14 +283,26 @@ class Selection:
 def model_identity(model: nn.Module) -> dict:
     """What tells base models apart, the same for a plain model and one wrapped with ILA adapters: the class, a SHA-256
     of the parameter names and shapes (the architecture; a 4-bit weight counts with its unpacked shape, so a model
-    and its quantized self share it) and a sampled SHA-256 of the weights."""
+    and its quantized self share it), a sampled SHA-256 of the weights as loaded (`weights_sha256`) and one of their
+    values rounded to bfloat16 (`values_sha256`: the same for a checkpoint loaded in float32 or bfloat16, or a
+    bfloat16 one in float16). Compare two with `same_weights`."""
     named = list(_base_parameters(model))
     shapes = "".join(f"{name} {_unpacked_shape(p)}\n" for name, p in named)
     return {
         "class": type(_unwrapped(model)).__name__,
         "architecture_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
         "weights_sha256": weights_fingerprint(named),
+        "values_sha256": weights_fingerprint(named, as_bfloat16=True),
     }
+
+
+def same_weights(a: dict, b: dict) -> bool | None:
+    """Whether two `model_identity` records are of the same weights, whatever dtype each was loaded in (by their
+    `values_sha256`; records written before it by the exact `weights_sha256`); None if either has no fingerprint."""
+    for key in ("values_sha256", "weights_sha256"):
+        if key in a and key in b:
+            return a[key] == b[key]
+    return None
 
 
 def _unpacked_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -299,14 +311,19 @@ def _unpacked_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(state.shape if state is not None else p.shape)
 
 
-def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
+def weights_fingerprint(
+    named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024, as_bfloat16: bool = False
+) -> str:
     """SHA-256 over the names, shapes, dtypes and first `sample` values of tensors: tells base models apart (another
-    architecture, or other weights of the same one) without reading all of them."""
+    architecture, or other weights of the same one) without reading all of them. `as_bfloat16`: the values rounded
+    to bfloat16 and the dtypes left out, so that a model loaded in float32 and in bfloat16 give the same."""
     digest = hashlib.sha256()
     for name, tensor in named:
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        raw = full(tensor.detach()).reshape(-1)[:sample].cpu().contiguous()  # sharded: gathered (every rank)
-        digest.update(raw.view(torch.uint8).numpy().tobytes())
+        digest.update(f"{name}{tuple(tensor.shape)}{'' if as_bfloat16 else tensor.dtype}".encode())
+        raw = full(tensor.detach()).reshape(-1)[:sample].cpu()  # sharded: gathered (every rank)
+        if as_bfloat16 and raw.is_floating_point():
+            raw = raw.to(torch.bfloat16)
+        digest.update(raw.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
