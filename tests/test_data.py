@@ -175,3 +175,130 @@ def test_read_dataset_records_source_fingerprint_and_row_ids(tmp_path):
     assert dataset.sha256 == hashlib.sha256((tmp_path / "x.json").read_bytes()).hexdigest()
     with pytest.raises(UsageError, match=r"is a directory; pass a \.json"):
         read_dataset(str(tmp_path))
+
+
+# The data reader's coverage, as docs/cli.md's table gives it: each layout's row and the conversation it becomes
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+LAYOUTS = {
+    "alpaca": ({"instruction": "Add.", "input": "2+2", "output": "4"}, [("user", "Add.\n\n2+2"), ("assistant", "4")]),
+    "ShareGPT": (SHAREGPT, [("user", "hi"), ("assistant", "hello")]),
+    "ShareGPT with tool turns": (
+        {
+            "conversations": [
+                {"from": "human", "value": "Weather in Paris?"},
+                {"from": "function_call", "value": CALL},
+                {"from": "observation", "value": '{"temp": 21}'},
+                {"from": "gpt", "value": "21 degrees."},
+            ],
+            "tools": "[]",
+        },
+        [("user", "Weather in Paris?"), ("assistant", CALL), ("tool", '{"temp": 21}'), ("assistant", "21 degrees.")],
+    ),
+    "OpenAI messages with tool calls": (
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": CALL}]},
+                {"role": "tool", "content": '{"temp": 21}'},
+                {"role": "assistant", "content": "21 degrees."},
+            ]
+        },
+        [
+            ("user", "Weather in Paris?"),
+            ("assistant", json.dumps([{"type": "function", "function": CALL}])),
+            ("tool", '{"temp": 21}'),
+            ("assistant", "21 degrees."),
+        ],
+    ),
+    "Gemma's model role, bot": (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "model", "content": "hello"}]},
+        [("user", "hi"), ("assistant", "hello")],
+    ),
+    "ShareGPT preference rows": (
+        {
+            "conversations": [{"from": "human", "value": "hi"}],
+            "chosen": {"from": "gpt", "value": "hello"},
+            "rejected": {"from": "gpt", "value": "go away"},
+        },
+        [("user", "hi"), ("assistant", "hello")],
+    ),
+    "alpaca preference rows": (
+        {"instruction": "Greet.", "input": "", "chosen": "hello", "rejected": "go away"},
+        [("user", "Greet."), ("assistant", "hello")],
+    ),
+    "TRL preference rows": (
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "assistant", "content": "go away"}],
+        },
+        [("user", "hi"), ("assistant", "hello")],
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_of_the_coverage_table_becomes_its_conversation(tmp_path, layout):
+    row, expected = LAYOUTS[layout]
+    dataset = read_dataset(write(tmp_path / "d.json", [row], "json"))
+    assert dataset.conversations == [[{"role": role, "content": text} for role, text in expected]]
+    assert dataset.dropped == {} and dataset.describe() == "1 rows -> 1 conversations (none dropped)"
+
+
+def test_the_coverage_table_is_in_the_cli_docs():
+    from pathlib import Path
+
+    docs = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    rows = [line.split("|")[1].strip() for line in docs.splitlines() if line.startswith("| ") and "->" in line]
+    assert set(rows) >= {*LAYOUTS, "plain text", "other roles"}, rows
+
+
+def test_rows_with_unknown_roles_are_counted_and_named(tmp_path):
+    rows = [SHAREGPT, {"conversations": [{"from": "critic", "value": "no"}, {"from": "gpt", "value": "ok"}]}]
+    rows += [{"conversations": [{"from": "human", "value": "hi"}]}]
+    dataset = read_dataset(write(tmp_path / "d.json", rows, "json"))
+    assert len(dataset.conversations) == 1 and dataset.row_ids == [0]
+    assert dataset.describe() == (
+        "3 rows -> 1 conversations (2 dropped: 1 with role 'critic', 1 without an assistant answer)"
+    )
+    with pytest.raises(UsageError, match=r"none of its 1 rows .* \(1 dropped: 1 with role 'critic'\); known roles: "):
+        read_dataset(write(tmp_path / "e.json", rows[1:2], "json"))
+
+
+def test_plain_text_rows_are_refused_naming_what_is_missing(tmp_path):
+    with pytest.raises(UsageError, match=r"a `text` column is plain text, with no answer to learn"):
+        read_dataset(write(tmp_path / "t.json", [{"text": "Once upon a time."}], "json"))
+
+
+def test_preference_rows_take_the_chosen_answer_when_mapped_by_hand(tmp_path):
+    row = LAYOUTS["ShareGPT preference rows"][0]
+    dataset = read_dataset(
+        write(tmp_path / "d.json", [row], "json"), {"conversations": "conversations", "output": "chosen"}
+    )
+    assert dataset.columns == {"conversations": "conversations", "output": "chosen"}
+    assert dataset.conversations[0][-1] == {"role": "assistant", "content": "hello"}
+    assert column_mapping(list(row)) == {"conversations": "conversations", "output": "chosen"}  # detected alike
+
+
+def test_tool_turns_go_through_the_chat_template_and_are_not_trained_on():
+    tokenizer = byte_tokenizer()
+    conversation = [{"role": r, "content": t} for r, t in LAYOUTS["ShareGPT with tool turns"][1]]
+    ((ids, labels),) = encode([conversation], tokenizer, max_length=1000).examples
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
+    answered = tokenizer.decode([t for t in labels if t != -100])
+    assert answered == f"{CALL}<|im_end|>\n21 degrees.<|im_end|>\n"  # the call and the answer, not the tool's output
+    plain = "".join(text for text, _ in segments(conversation, tokenizer, plain=True))
+    assert '### Observation:\n{"temp": 21}\n\n### Response:\n21 degrees.' in plain
+
+
+def test_a_chat_template_that_refuses_a_role_drops_the_row_and_says_why():
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    conversation = [{"role": r, "content": t} for r, t in LAYOUTS["ShareGPT with tool turns"][1]]
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    encoded = encode([conversation, plain], tokenizer, max_length=1000)
+    assert len(encoded.examples) == 1 and encoded.sources == [1]
+    assert encoded.refused == {"refused by the chat template (no tool role)": 1}

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from . import UsageError, cache_dir
 ALPACA_DEMO = "alpaca_en_demo"
 ALPACA_DEMO_SOURCE = "llamafactory==0.9.5"  # its PyPI sdist ships data/alpaca_en_demo.json (999 pairs)
 PLAIN_FORMAT = "### Instruction:\n{user}\n\n### Response:\n"  # used when the tokenizer has no chat template
+PLAIN_TOOL_FORMAT = "### Observation:\n{tool}\n\n### Response:\n"  # a tool's answer, in that format
 Conversation = list[dict[str, str]]
 
 
@@ -64,6 +66,20 @@ class Dataset:
     source: str  # `alpaca_en_demo`, a dataset name in the local cache, or the absolute path of a file
     sha256: str  # of the file's bytes; of the rows as canonical JSON for a dataset from the cache
     columns: dict[str, str]  # role -> column, as used
+    rows: int = 0  # rows read
+    dropped: dict[str, int] = field(default_factory=dict)  # rows skipped, by reason
+
+    def describe(self) -> str:
+        """E.g. "300 rows -> 147 conversations (153 dropped: 150 with role 'x', 3 without an assistant answer)"."""
+        return f"{self.rows} rows -> {len(self.conversations)} conversations ({dropped_text(self.dropped)})"
+
+
+def dropped_text(dropped: dict[str, int]) -> str:
+    """E.g. "none dropped", or "153 dropped: 150 with role 'x', 3 without an assistant answer" (most first)."""
+    if not dropped:
+        return "none dropped"
+    reasons = sorted(dropped.items(), key=lambda item: -item[1])
+    return f"{sum(dropped.values())} dropped: " + ", ".join(f"{n} {reason}" for reason, n in reasons)
 
 
 def _data_file(spec: str) -> Path | None:
@@ -127,6 +143,33 @@ def _rows(spec: str) -> tuple[list[dict], str, str]:
         raise UsageError(f"cannot read {path} as {builder}: {str(exc).splitlines()[0]}") from None
 
 
+ROLES = ("system", "user", "assistant", "tool")  # a conversation's roles; "tool": a tool's answer (not trained on)
+ROLE_NAMES = {  # what datasets call them: ShareGPT's `from`, chat `role`s (Gemma's "model"), tool turns
+    **{name: "user" for name in ("user", "human")},
+    **{name: "assistant" for name in ("assistant", "gpt", "model", "bot", "chatgpt", "function_call")},
+    **{name: "tool" for name in ("tool", "observation", "function", "ipython")},
+    "system": "system",
+}
+
+
+def _turn(turn, role: str) -> dict:
+    """One message from a turn: {"role", "content"} or ShareGPT's {"from", "value"} (its role given by name, see
+    ROLE_NAMES; an unknown name is kept, to be reported), or a bare string said by `role`. An assistant turn holding
+    only OpenAI `tool_calls` says them as JSON."""
+    if isinstance(turn, str):
+        return {"role": role, "content": turn}
+    name = turn.get("role", turn.get("from"))
+    content = turn.get("content", turn.get("value"))
+    if content is None and turn.get("tool_calls"):
+        content = json.dumps(turn["tool_calls"], ensure_ascii=False)
+    return {"role": ROLE_NAMES.get(name, name), "content": content}
+
+
+def _turns(value, role: str) -> Conversation:
+    """The messages of a column's value: a list of turns, one turn, or a string said by `role`."""
+    return [_turn(t, role) for t in value] if isinstance(value, list) else [_turn(value, role)]
+
+
 def _from_alpaca(row: dict, columns: dict[str, str]) -> Conversation:
     def get(role: str):
         return row.get(columns[role]) if role in columns else None
@@ -134,35 +177,41 @@ def _from_alpaca(row: dict, columns: dict[str, str]) -> Conversation:
     messages = [{"role": "system", "content": get("system")}] if get("system") else []
     for user, assistant in get("history") or []:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    prompt = get("instruction") + (f"\n\n{get('input')}" if get("input") else "")
-    return [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": get("output")}]
+    instruction = get("instruction")
+    if isinstance(instruction, str):
+        messages.append({"role": "user", "content": instruction + (f"\n\n{get('input')}" if get("input") else "")})
+    else:  # a preference row's prompt as messages (TRL's conversational format)
+        messages += _turns(instruction, "user")
+    return messages + _turns(get("output"), "assistant")
 
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+def _from_turns(row: dict, columns: dict[str, str]) -> Conversation:
+    """Chat `messages` or ShareGPT `conversations`, then the `output` column's answer if mapped (a preference row's
+    `chosen`)."""
+    chat = next(role for role in CHAT_ROLES if role in columns)
+    messages = _turns(row[columns[chat]], "user")
+    return messages + (_turns(row[columns["output"]], "assistant") if "output" in columns else [])
 
 
-def _from_sharegpt(row: dict, columns: dict[str, str]) -> Conversation:
-    turns = row[columns["conversations"]]
-    return [{"role": _SHAREGPT_ROLES.get(t.get("from"), "?"), "content": t.get("value")} for t in turns]
-
-
-def _from_chat(row: dict, columns: dict[str, str]) -> Conversation:
-    return [{"role": m.get("role"), "content": m.get("content")} for m in row[columns["messages"]]]
-
-
-def _usable(conversation: Conversation) -> bool:
-    return all(
-        m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str) for m in conversation
-    ) and any(m["role"] == "assistant" and m["content"].strip() for m in conversation)
+def _problem(conversation: Conversation) -> str | None:
+    """Why a conversation cannot train (a reason for the data line), or None."""
+    unknown = sorted({str(m["role"]) for m in conversation if m["role"] not in ROLES})
+    if unknown:
+        return f"with role {', '.join(repr(r) for r in unknown)}"
+    if not all(isinstance(m["content"], str) for m in conversation):
+        return "with a turn that is not text"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in conversation):
+        return "without an assistant answer"
+    return None
 
 
 ALPACA_ROLES = ("instruction", "input", "output", "system", "history")
 CHAT_ROLES = ("messages", "conversations")
 ROLE_ALIASES = {"prompt": "instruction", "query": "input", "response": "output"}  # LLaMA-Factory's names
-DETECTED = {  # the column names each alpaca role is recognised by, its own name first
+DETECTED = {  # the column names each alpaca role is recognised by, its own name first (`chosen`: preference rows)
     "instruction": ("instruction", "prompt", "question"),
     "input": ("input", "context"),
-    "output": ("output", "response", "answer", "completion"),
+    "output": ("output", "response", "answer", "completion", "chosen"),
     "system": ("system",),
     "history": ("history",),
 }
@@ -181,8 +230,8 @@ def column_mapping(columns: list[str], given: dict[str, str] | None = None) -> d
         if column not in columns:
             raise UsageError(f"--columns {role}={column}: the data has no column {column!r}; its columns: {columns}.")
     chat = [role for role in CHAT_ROLES if role in given]
-    if chat:
-        return {chat[0]: given[chat[0]]}
+    if chat:  # with an `output` given too, that column's answer follows the turns
+        return {chat[0]: given[chat[0]], **({"output": given["output"]} if "output" in given else {})}
     mapping, ambiguous = {}, {}
     for role in ALPACA_ROLES:
         taken = set(given.values()) | set(mapping.values())
@@ -196,14 +245,19 @@ def column_mapping(columns: list[str], given: dict[str, str] | None = None) -> d
     if {"instruction", "output"} <= mapping.keys():
         return mapping
     for role in CHAT_ROLES:
-        if role in columns and not given:
-            return {role: role}
+        if role in columns and not given:  # preference rows: the turns, then the chosen answer
+            return {role: role, **({"output": "chosen"} if "chosen" in columns else {})}
     needed = [role for role in ("instruction", "output") if role not in mapping]
     if any(role in ambiguous for role in needed):
         role = next(role for role in needed if role in ambiguous)
         raise UsageError(
             f"--data has columns {ambiguous[role]} that could each be the {role}; say which with --columns "
             f"{role}=COLUMN."
+        )
+    if "text" in columns and not given:
+        raise UsageError(
+            f"--data has columns {columns}: a `text` column is plain text, with no answer to learn; the loss counts "
+            "answers only. Use alpaca, chat `messages` or ShareGPT `conversations` rows, or map yours with --columns."
         )
     raise UsageError(
         f"--data has columns {columns}: not a known layout (no column for {' or '.join(needed)}). Map yours with "
@@ -214,25 +268,33 @@ def column_mapping(columns: list[str], given: dict[str, str] | None = None) -> d
 
 def read_dataset(spec: str, columns: dict[str, str] | None = None) -> Dataset:
     """Conversations from alpaca-like rows (`instruction`/`input`/`output`[/`history`/`system`], or the columns that
-    `columns` or their names say hold these), chat (`messages`) or ShareGPT (`conversations`) rows; rows that do not
-    make a conversation with an assistant answer are skipped."""
+    `columns` or their names say hold these), chat (`messages`) or ShareGPT (`conversations`) rows, tool turns
+    included, and preference rows (their `chosen` answer); rows that do not make a conversation with an assistant
+    answer are skipped and counted by reason (`Dataset.dropped`)."""
     rows, source, sha256 = _rows(spec)
     if not rows:
         raise UsageError(f"--data {spec} has no rows; pass a file with at least one example.")
     mapping = column_mapping(list(rows[0]), columns)
-    convert = _from_chat if "messages" in mapping else _from_sharegpt if "conversations" in mapping else _from_alpaca
-    conversations, row_ids = [], []
+    convert = _from_turns if any(role in mapping for role in CHAT_ROLES) else _from_alpaca
+    conversations, row_ids, dropped = [], [], Counter()
     for index, row in enumerate(rows):
         try:
             conversation = convert(row, mapping)
+            problem = _problem(conversation)
         except (KeyError, TypeError, ValueError, AttributeError):
-            continue
-        if _usable(conversation):
+            problem = "not in the layout of the first row"
+        if problem is None:
             conversations.append(conversation)
             row_ids.append(index)
+        else:
+            dropped[problem] += 1
+    dataset = Dataset(conversations, row_ids, source, sha256, mapping, len(rows), dict(dropped))
     if not conversations:
-        raise UsageError(f"--data {spec}: none of its {len(rows)} rows holds a usable conversation with an answer.")
-    return Dataset(conversations, row_ids, source, sha256, mapping)
+        raise UsageError(
+            f"--data {spec}: none of its {len(rows)} rows holds a usable conversation ({dropped_text(dropped)}); "
+            f"known roles: {', '.join(ROLE_NAMES)}. Map the columns with --columns ROLE=COLUMN."
+        )
+    return dataset
 
 
 def load_conversations(spec: str, columns: dict[str, str] | None = None) -> list[Conversation]:
@@ -252,6 +314,8 @@ def segments(conversation: Conversation, tokenizer, plain: bool = False) -> list
         for m in conversation:
             if m["role"] == "user":
                 prompt += PLAIN_FORMAT.format(user=m["content"])
+            elif m["role"] == "tool":
+                prompt += PLAIN_TOOL_FORMAT.format(tool=m["content"])
             elif m["role"] == "assistant":
                 pieces += [(prompt, False), (m["content"] + (tokenizer.eos_token or "") + "\n\n", True)]
                 prompt = ""
@@ -281,28 +345,42 @@ class Encoded:
     examples: list[tuple[list[int], list[int]]] = field(default_factory=list)
     sources: list[int] = field(default_factory=list)  # conversation index of each example
     truncated: int = 0
-    dropped: int = 0
+    dropped: int = 0  # longer than the maximum length (see `encode`)
+    prompt_too_long: int = 0  # of those, how many had no answer token within it
+    refused: dict[str, int] = field(default_factory=dict)  # conversations the chat template cannot render, by error
 
 
 def encode(
     conversations: list[Conversation], tokenizer, max_length: int, overlong: str = "truncate", plain: bool = False
 ) -> Encoded:
-    """Tokenize; examples longer than `max_length` are truncated (kept if a response token survives) or dropped."""
+    """Tokenize; examples longer than `max_length` are truncated (kept if a response token survives) or dropped.
+    A conversation the chat template refuses (a role it has no place for, say) is dropped and counted."""
     out = Encoded()
+    refused = Counter()
     for index, conversation in enumerate(conversations):
         ids, labels = [], []
-        for text, is_response in segments(conversation, tokenizer, plain):
+        try:
+            pieces = segments(conversation, tokenizer, plain)
+        except UsageError:
+            raise
+        except Exception as exc:  # jinja's TemplateError, or what a template raises itself
+            refused[f"refused by the chat template ({str(exc).splitlines()[0]})"] += 1
+            continue
+        for text, is_response in pieces:
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if is_response else [-100] * len(piece)
         if len(ids) > max_length:
-            if overlong == "drop" or all(t == -100 for t in labels[:max_length]):
+            unanswered = all(t == -100 for t in labels[:max_length])
+            if overlong == "drop" or unanswered:
                 out.dropped += 1
+                out.prompt_too_long += unanswered
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
             out.truncated += 1
         out.examples.append((ids, labels))
         out.sources.append(index)
+    out.refused = dict(refused)
     return out
 
 

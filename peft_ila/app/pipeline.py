@@ -25,7 +25,7 @@ from ..tuner.selection import Selection, model_identity
 from . import UsageError
 from .args import usage_error
 from .checkpoints import FinetuneCheckpoint, FinetuneState
-from .data import Conversation, Encoded, batches, encode, prompt_text, read_dataset, split
+from .data import Conversation, Encoded, batches, dropped_text, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
 from .models import Loading, load_model, portable
 
@@ -111,7 +111,10 @@ def prepare(
         "eval_data_sha256": test_set.sha256 if eval_data else None,
         "eval_columns": test_set.columns if eval_data else None,
         "format": "plain" if plain else "chat template",
+        "rows": dataset.rows,
+        "rows_dropped": dataset.dropped,
         "conversations": len(dataset.conversations),
+        "template_refused": encoded.refused,
         "examples": len(encoded.examples),
         "truncated": encoded.truncated,
         "dropped": encoded.dropped,
@@ -123,9 +126,10 @@ def prepare(
         "held_out_ids": [test_set.row_ids[test.sources[i]] for i in held_out],
         "base_model": base_model,
     }
+    refused = f"; {dropped_text(encoded.refused)}" if encoded.refused else ""
     print(
-        f"data {data_spec}: {len(dataset.conversations)} conversations -> {len(encoded.examples)} examples "
-        f"({encoded.truncated} truncated, {encoded.dropped} dropped at max length {max_length}); "
+        f"data {data_spec}: {dataset.describe()} -> {len(encoded.examples)} examples "
+        f"({encoded.truncated} truncated, {encoded.dropped} dropped at max length {max_length}{refused}); "
         f"{len(train)} train, {len(held_out)} held out{f' from {eval_data}' if eval_data else ''} (seed {seed}); "
         f"format: {info['format']}\ncolumns: {', '.join(f'{k}={v}' for k, v in dataset.columns.items())}"
         + ("" if columns else " (detected; set them with --columns ROLE=COLUMN,...)")
@@ -147,13 +151,25 @@ def default_eval_size(examples: int) -> int:
 
 
 def _encode_checked(conversations, spec: str, tokenizer, max_length: int, overlong: str, plain: bool) -> Encoded:
+    """`encode`, refusing with what went wrong and what helps when fewer than 2 examples are left."""
     encoded = encode(conversations, tokenizer, max_length, overlong, plain)
-    if len(encoded.examples) < 2:
-        raise UsageError(
-            f"--data {spec}: {len(conversations)} conversations, {encoded.dropped} dropped as longer than "
-            f"--max-length {max_length}, {len(encoded.examples)} left; raise --max-length or use --overlong truncate."
-        )
-    return encoded
+    if len(encoded.examples) >= 2:
+        return encoded
+    lost = []
+    if encoded.dropped:
+        advice = "raise --max-length"
+        if overlong == "drop" and encoded.dropped > encoded.prompt_too_long:
+            advice += " or use --overlong truncate"
+        elif encoded.prompt_too_long:
+            advice += ": their prompts alone are longer, truncating cannot keep an answer"
+        lost.append(f"{encoded.dropped} dropped as longer than --max-length {max_length} ({advice})")
+    if encoded.refused:
+        lost.append(dropped_text(encoded.refused))
+    why = f"; {'; '.join(lost)}" if lost else ""
+    raise UsageError(
+        f"--data {spec}: {len(conversations)} conversations, {len(encoded.examples)} examples left{why}. At least 2 "
+        "are needed (one to train on, one held out)" + ("" if lost else ": add examples") + "."
+    )
 
 
 def identify(
