@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_cli import stop_at_step
 
 import peft_ila.app.pipeline
-from conftest import common, identify, tiny_gguf, tiny_lm_dir
+from conftest import alpaca_rows, common, identify, tiny_gguf, tiny_lm_dir
 from peft_ila.app.cli import main
 
 TINY_INLINE = ("--stage1-max-steps", "4", "--stage2-steps", "2", "--lora-dropout", "0.1", "--checkpoint-every", "2")
@@ -209,3 +209,59 @@ def test_the_same_model_loaded_in_bfloat16_is_the_same_model(work, run, tmp_path
     other = tiny_lm_dir(tmp_path / "other", seed=1)  # the same architecture, other weights: still told apart
     assert main([*args, str(tmp_path / "b"), "--model", str(other)]) == 0
     assert "same architecture, other weights" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "must"),
+    [
+        ("--lr", "-0.001", "a number > 0"),
+        ("--batch-size", "0", "an int >= 1"),
+        ("--steps", "0", "an int >= 1"),
+        ("--grad-accum", "0", "an int >= 1"),
+        ("--eval-size", "0", "an int >= 1"),
+        ("--max-length", "0", "an int >= 1"),
+        ("--warmup", "1.5", "a number in [0, 1)"),
+        ("--checkpoint-every", "-1", "an int >= 0"),
+        ("--layerwise-importance", "2", "a number in [0, 1]"),
+    ],
+)
+def test_a_bad_number_is_one_line_before_any_model_loads(work, tmp_path, capsys, monkeypatch, option, value, must):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(peft_ila.app.pipeline, "load_model", no_loading)
+    args = ["train", *common(work), "--all-layers", option, value, "--out", str(tmp_path / "a")]
+    assert main(args) == 2
+    assert f"{option} {value} is invalid: it must be {must}" in one_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_little_data_gets_the_advice_that_fits(work, tmp_path, capsys):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(alpaca_rows(1)))
+    long_prompt = tmp_path / "long.json"
+    long_prompt.write_text(json.dumps([{"instruction": "x" * 200, "output": "y"}] * 3))
+    base = ["identify", "--model", str(work / "lm"), "--no-progress", "--out", str(tmp_path / "o")]
+    assert main([*base, "--data", str(one)]) == 2
+    err = one_line(capsys)
+    assert (
+        "1 conversations, 1 examples left. At least 2 are needed (one to train on, one held out): add examples" in err
+    )
+    assert "max-length" not in err
+    assert main([*base, "--data", str(long_prompt), "--max-length", "64"]) == 2
+    err = one_line(capsys)
+    assert "3 dropped as longer than --max-length 64 (raise --max-length: their prompts alone are longer" in err
+    assert "--overlong truncate" not in err  # already the setting
+
+
+def test_a_directory_of_the_wrong_command_is_named(work, run, tmp_path, capsys):
+    adapter = tmp_path / "a"
+    assert (
+        main(["train", *common(work, "--steps", "1"), "--layers", "model.layers.0.mlp.up_proj", "--out", str(adapter)])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["train", *common(work), "--mask", str(adapter), "--out", str(tmp_path / "b")]) == 2
+    assert f"{adapter} is an adapter written by train, not a run directory of `peft-ila identify`" in one_line(capsys)
+    assert main(["eval", str(run)]) == 2
+    assert f"{run} is an identify run, not an adapter written by `peft-ila train` or `demo`" in one_line(capsys)

@@ -382,7 +382,7 @@ def cmd_eval(args) -> dict:
     from .files import read_json, write_json
     from .pipeline import first_user_turn, generate, prepare
 
-    info = read_json(args.adapter / "training.json")
+    info = read_json(args.adapter / "training.json", "an adapter written by `peft-ila train` or `demo`")
     changed_only = bool(info.get("changed_only"))  # the tensors a full fine-tune changed, put back into its base
     full = info.get("method") == "full" and not changed_only  # a model directory of its own, not an adapter
     if full and args.model:

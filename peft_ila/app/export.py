@@ -20,7 +20,7 @@ def export_lora(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> li
 
     adapter_dir = Path(adapter_dir)
     check_free(Path(out_dir), overwrite)
-    config = read_json(adapter_dir / "adapter_config.json")
+    config = read_json(adapter_dir / "adapter_config.json", "an ILA adapter directory (written by `peft-ila train`)")
     if config.get("peft_type") != "ILA":
         raise UsageError(f"{adapter_dir} holds a {config.get('peft_type')} adapter, not an ILA one.")
     weights_file = adapter_dir / "adapter_model.safetensors"

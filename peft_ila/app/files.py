@@ -165,10 +165,23 @@ def write_json(path: Path, data: object) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def read_json(path: Path) -> dict:
+def output_kind(directory: Path) -> str | None:
+    """What peft-ila output `directory` is ("an identify run", ...), by its manifest or, for an older output, the file
+    its kind always has; None if it is none."""
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text())["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return next((kind for name, (kind, _) in LEGACY.items() if (Path(directory) / name).is_file()), None)
+
+
+def read_json(path: Path, wanted: str = "a directory written by peft-ila") -> dict:
+    """The JSON file `path` of an output directory; a missing one is a usage error saying what its directory is and
+    what was `wanted` there instead (e.g. "a run directory of `peft-ila identify`")."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path} does not exist; pass a directory written by peft-ila.")
+        kind = output_kind(path.parent) if path.parent.is_dir() else None
+        found = f"{path.parent} is {kind}, not {wanted}" if kind else f"pass {wanted}"
+        raise UsageError(f"{path} does not exist: {found}.")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -151,7 +151,11 @@ def read_run(run: Path) -> tuple[dict, Selection]:
     run = Path(run)
     if not run.is_dir():
         raise UsageError(f"{run} is not a directory; pass a run directory written by `peft-ila identify`.")
-    record = read_json(run / IMPORTANCE)
+    inline = run.with_name(run.name + "-identify")  # where `train` wrote the run of an inline identification
+    wanted = "a run directory of `peft-ila identify`" + (
+        f" (its inline identification's is {inline})" if inline.is_dir() else ""
+    )
+    record = read_json(run / IMPORTANCE, wanted)
     if not (run / MASK).is_file():
         raise UsageError(f"{run / MASK} is missing; the run directory is incomplete, run identify again.")
     try:
