@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from benchmarks.core.page import table
 from peft_ila import ILAConfig, LayerSampler, LayerwiseConfig, resolve_top_k
 from peft_ila.app.files import write_json
+from peft_ila.app.models import enable_activation_checkpointing
 from peft_ila.app.report import machine
 from peft_ila.tuner.atomic import written_atomically
 from peft_ila.tuner.layerwise import block_groups
@@ -160,7 +161,7 @@ def measure(name: str, args: argparse.Namespace, ranking_source: list[str]) -> d
     rows = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
         took: dict[str, list[float]] = {m: [] for m in METHODS}
         peaks: dict[str, list[float]] = {m: [] for m in METHODS}
         for _ in range(args.rounds):

@@ -11,9 +11,11 @@ backend, where accelerate gives every process the whole dataset and the role of 
 `--nproc_per_node 1`.
 """
 
-import json
+import json  # noqa: I001  (peft_ila before peft: it keeps peft's import quiet)
 import sys
 from pathlib import Path
+
+from peft_ila import ILAConfig, Selection, identify_important_layers
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -26,8 +28,6 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
-
-from peft_ila import ILAConfig, Selection, identify_important_layers
 
 MODEL, SELECTION, OUT = Path("tiny-llama"), Path("ila-selection.json"), Path("lora-on-selection")
 ZERO3 = {

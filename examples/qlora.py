@@ -1,9 +1,9 @@
+import peft_ila  # noqa: F401, I001  (first: registers the PEFT type "ILA" and keeps peft's import quiet)
+from peft_ila import ILAConfig, identify_important_layers
+
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
-import peft_ila  # noqa: F401  (registers the PEFT type "ILA")
-from peft_ila import ILAConfig, identify_important_layers
 
 torch.manual_seed(0)  # a tiny random Llama, saved as a model directory, stands in for yours
 shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

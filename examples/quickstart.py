@@ -1,9 +1,9 @@
+import peft_ila  # noqa: F401, I001  (first: registers the PEFT type "ILA" and keeps peft's import quiet)
+from peft_ila import ILAConfig, identify_important_layers
+
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-
-import peft_ila  # noqa: F401  (registers the PEFT type "ILA")
-from peft_ila import ILAConfig, identify_important_layers
 
 
 def make_base():  # a tiny random Llama stands in for your model

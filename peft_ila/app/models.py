@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._quiet_imports import without_deepspeed_cpu_notice
 from ..tuner.model import keep_4bit_layers_differentiable
 from . import UsageError, cache_dir
 
@@ -61,7 +62,8 @@ def _dequantised(gguf: Path, target: Path, what: str) -> Path:
     model.generation_config = gguf_model.generation_config
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    with without_deepspeed_cpu_notice():  # transformers' save imports DeepSpeed, when installed, through accelerate
+        model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     os.replace(partial, target)
     return target
@@ -124,7 +126,7 @@ class Loading:
     def apply(self, model) -> dict:
         """Turn on gradient checkpointing if asked; what the run files record of how `model` was loaded."""
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
             model.config.use_cache = False
         first = next(model.parameters())
         loaded = str(first.dtype).removeprefix("torch.")
@@ -134,6 +136,17 @@ class Loading:
             "device": str(first.device),
             "gradient_checkpointing": self.gradient_checkpointing,
         }
+
+
+def enable_activation_checkpointing(model, **kwargs) -> None:
+    """Turn on activation (gradient) checkpointing with `kwargs` for torch's `checkpoint`: through
+    `activation_checkpointing_enable` where this transformers has it (its deprecated alias warns), else
+    `gradient_checkpointing_enable`."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _quantization_config(quantize: str):
