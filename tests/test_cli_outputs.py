@@ -2,6 +2,9 @@
 continues to the adapter an uninterrupted one writes."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from safetensors.torch import load_file
 from test_cli import stop_at_step
 
 import peft_ila.app.pipeline
+import peft_ila.identification.importance
 from conftest import alpaca_rows, common, identify, tiny_gguf, tiny_lm_dir
 from peft_ila.app.cli import main
 
@@ -265,3 +269,37 @@ def test_a_directory_of_the_wrong_command_is_named(work, run, tmp_path, capsys):
     assert f"{adapter} is an adapter written by train, not a run directory of `peft-ila identify`" in one_line(capsys)
     assert main(["eval", str(run)]) == 2
     assert f"{run} is an identify run, not an adapter written by `peft-ila train` or `demo`" in one_line(capsys)
+
+
+def test_checkpoints_have_the_permissions_of_plain_files(work, tmp_path, monkeypatch):
+    (tmp_path / "plain").write_text("")
+    args = ["identify", *common(work, "--stage1-max-steps", "4", "--checkpoint-every", "2"), "--out"]
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, peft_ila.identification.importance, 3)
+        assert main([*args, str(tmp_path / "r")]) == 130
+    checkpoint = tmp_path / "r.checkpoint.safetensors"
+    assert checkpoint.stat().st_mode == (tmp_path / "plain").stat().st_mode  # 0644 under the usual umask
+
+
+def test_activation_checkpointing_warns_nothing(work):
+    import warnings
+
+    from peft_ila.app.models import Loading, load_model
+
+    model, _ = load_model(str(work / "lm"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' gradient_checkpointing_enable is a deprecated alias
+        Loading(gradient_checkpointing=True).apply(model)
+    assert model.model.gradient_checkpointing  # turned on all the same
+
+
+def test_a_command_on_a_new_gguf_prints_no_warning(work, tmp_path):
+    """In a fresh process (DeepSpeed and bitsandbytes installed, as the test extra has them): only our own lines."""
+    gguf = tiny_gguf(tmp_path / "tiny.gguf")
+    args = [*common(work, "--steps", "1"), "--model", str(gguf), "--layers", "model.layers.0.mlp.up_proj"]
+    env = {**os.environ, "PEFT_ILA_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "peft_ila.app.cli", "train", *args, "--out", str(tmp_path / "a")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    noise = [line for line in done.stderr.splitlines() if line.strip() and "Converting and de-quantizing" not in line]
+    assert noise == [], noise

@@ -217,3 +217,10 @@ def test_every_local_link_resolves():
                 broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
     assert len(DOCS) >= 7  # README.md, benchmarks/README.md and the docs/ pages
     assert not broken, broken
+
+
+def test_make_demo_installs_what_the_demo_needs_and_no_test_extra():
+    makefile = (ROOT / "Makefile").read_text()
+    rule = re.search(r"^\$\(BIN\)/\.app: (.*)\n((?:\t.*\n)+)", makefile, re.M)
+    assert rule and ".installed" not in rule.group(1) and "test" not in rule.group(2), rule
+    assert re.search(r"^demo: \$\(BIN\)/\.app$", makefile, re.M)
