@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,59 @@ def test_make_demo_installs_what_the_demo_needs_and_no_test_extra():
     rule = re.search(r"^\$\(BIN\)/\.app: (.*)\n((?:\t.*\n)+)", makefile, re.M)
     assert rule and ".installed" not in rule.group(1) and "test" not in rule.group(2), rule
     assert re.search(r"^demo: \$\(BIN\)/\.app$", makefile, re.M)
+
+
+@pytest.mark.parametrize(
+    ("example", "printed"),
+    [
+        ("trainer", r"fine-tune steps: 20"),
+        ("trainer_resume", r"resumed at step 8, ended at step 12; the same adapter as uninterrupted: True"),
+        ("trainer_layerwise", r"2 of 4 blocks at a time"),
+    ],
+)
+def test_trainer_examples_are_in_their_page_and_run_as_written(tmp_path, example, printed):
+    script = ROOT / "examples" / f"{example}.py"
+    assert script.read_text() in code_blocks("python", doc("trainer.md"))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(printed, done.stdout), done.stdout[-2000:]
+
+
+def test_every_python_block_in_the_docs_is_a_tested_example():
+    examples = {path.read_text() for path in (ROOT / "examples").glob("*.py")}
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        fences = [line for line in page.read_text().splitlines() if line.lstrip().startswith("```")]
+        assert set(fences[0::2]) <= {"```python", "```bash"}, f"{page.name}: a block neither python nor bash: {fences}"
+        for block in code_blocks("python", page.read_text()):
+            assert block in examples, f"{page.name}: a python block that is not a file of examples/ (run by a test)"
+
+
+def test_every_command_in_the_docs_parses():
+    """Each `peft-ila ...` line of a bash block (docs/ and README) is a command line the parser accepts as written."""
+    from peft_ila.app.args import parser
+
+    pages = [README, *(page.read_text() for page in sorted((ROOT / "docs").glob("*.md")))]
+    lines = [
+        line.split("  #")[0].strip()
+        for page in pages
+        for block in code_blocks("bash", page)
+        for line in block.splitlines()
+    ]
+    commands = [line.split("peft_ila.app.cli ", 1)[-1] if "peft_ila.app.cli " in line else line for line in lines]
+    commands = [
+        line.removeprefix("peft-ila ") for line in commands if "peft-ila " in line or "peft_ila.app.cli " in line
+    ]
+    assert len(commands) >= 15, commands
+    for command in commands:
+        parser().parse_args(shlex.split(command))  # a CommandLineError names what is wrong
+
+
+def test_fsdp2_example_is_in_its_page_and_runs_on_two_processes(tmp_path):
+    example = ROOT / "examples" / "fsdp2.py"
+    assert example.read_text() in code_blocks("python", doc("ddp.md"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example)]
+    done = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 ranks selected 7 layers" in done.stdout
+    assert PeftConfig.from_pretrained(tmp_path / "ila-fsdp2").selected_layers  # a normal, selected adapter
