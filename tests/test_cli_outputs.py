@@ -303,3 +303,25 @@ def test_a_command_on_a_new_gguf_prints_no_warning(work, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     noise = [line for line in done.stderr.splitlines() if line.strip() and "Converting and de-quantizing" not in line]
     assert noise == [], noise
+
+
+def test_smaller_things_a_new_user_reads(work, tmp_path, capsys):
+    from peft_ila import ILAConfig
+
+    # --eval-size defaults to a tenth of the examples (at most 64): 4 of these 40
+    base = ["train", "--model", str(work / "lm"), "--data", str(work / "data.json"), "--no-progress"]
+    plain = ["--max-length", "96", "--steps", "1", "--all-layers", "--out", str(tmp_path / "all")]
+    assert main([*base, *plain]) == 0
+    out = capsys.readouterr().out
+    assert "36 train, 4 held out" in out
+    assert "(plain peft LoRA: PeftModel.from_pretrained, no peft-ila needed)" in out and "import peft_ila" not in out
+    # eval gives the recorded before and after beside what it measures now
+    assert main(["eval", str(tmp_path / "all"), "--no-progress", "--json", str(tmp_path / "e.json")]) == 0
+    info = json.loads((tmp_path / "all" / "training.json").read_text())
+    shown = f"(recorded when trained: {info['loss_before']:.4f} for the base model -> {info['loss_after']:.4f})"
+    assert shown in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["recorded"]["loss_before"] == info["loss_before"]
+    # the description names the estimator identification uses by default
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"default {ILAConfig.estimator})" in " ".join(capsys.readouterr().out.split())

@@ -343,8 +343,9 @@ def _add_out(p: argparse.ArgumentParser, help: str, **kwargs) -> None:
 def parser() -> argparse.ArgumentParser:
     root = Parser(
         prog="peft-ila",
-        description="ILA: find the layers supervised alignment needs (two-stage gate learning on LoRA updates), "
-        "fine-tune only those, ship a PEFT adapter. Works offline: models and data come from local files and caches.",
+        description="ILA: find the layers supervised alignment needs (stage 1 trains LoRA-style adapters on every "
+        f"layer, stage 2 scores their updates: --estimator, default {ILAConfig.estimator}), fine-tune only those, ship "
+        "a PEFT adapter. Works offline: models and data come from local files and caches.",
     )
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -151,6 +151,8 @@ def cmd_train(args) -> None:
         print(f"changed weights saved to {args.out} (onto the base: peft_ila.load_changed_weights(model, dir))")
     elif full is not None:
         print(f"model saved to {args.out} (AutoModelForCausalLM.from_pretrained; its mask: peft_ila.load_selection)")
+    elif args.all_layers and args.method == "ila":
+        print(f"adapter saved to {args.out} (plain peft LoRA: PeftModel.from_pretrained, no peft-ila needed)")
     else:
         print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
 
@@ -431,7 +433,13 @@ def cmd_eval(args) -> dict:
         "prompt": first_user_turn(prepared.held_out_conversations[0]),
         "generation": generate(model, prepared.tokenizer, prepared.held_out_conversations[0], prepared.plain),
     }
-    print(f"held-out loss of {args.adapter}: {result['held_out_loss']:.4f}")
+    before, after = info.get("loss_before"), info.get("loss_after")
+    if recorded and before is not None and after is not None:  # the same held-out examples as at training
+        result["recorded"] = {"loss_before": before, "loss_after": after}
+        then = f" (recorded when trained: {before:.4f} for the base model -> {after:.4f})"
+    else:
+        then = ""
+    print(f"held-out loss of {args.adapter}: {result['held_out_loss']:.4f}{then}")
     print(f"generation: {result['generation']!r}")
     if args.json:
         write_json(args.json, result)

@@ -133,6 +133,7 @@ def prepare(
         f"{len(train)} train, {len(held_out)} held out{f' from {eval_data}' if eval_data else ''} (seed {seed}); "
         f"format: {info['format']}\ncolumns: {', '.join(f'{k}={v}' for k, v in dataset.columns.items())}"
         + ("" if columns else " (detected; set them with --columns ROLE=COLUMN,...)")
+        + ("; preference rows: the chosen answer is trained on" if dataset.columns.get("output") == "chosen" else "")
     )
     return Prepared(
         model=model,
