@@ -63,9 +63,7 @@ def cmd_identify(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from ..identification.checkpoint import checkpoint_record
     from ..identification.distributed import rank
-    from . import UsageError
     from .files import check_free
     from .pipeline import lora_all_layers
     from .report import read_run
@@ -78,28 +76,11 @@ def cmd_train(args) -> None:
         args.top_k = INSIDE["top_k"]
     check_free(args.out, args.overwrite)
     saved = finetune_checkpoint(args, identifying)  # the fine-tune's checkpoint, or None
-    resumed = saved is not None and saved.resume  # the fine-tune goes on (after an inline identification, if any)
-    checkpoint = None  # the inline identification's
-    if identifying and not resumed:
+    checkpoint = None  # the inline identification's, unless the fine-tune after it resumes
+    if identifying and not (saved is not None and saved.resume):
         check_free(inline, args.overwrite)
         checkpoint = checkpoint_path(args, inline)
-    if args.top_k is not None and (args.all_layers or args.layers):
-        raise UsageError(
-            "--top-k takes the best layers of a ranking (from identification or a --mask); --layers and "
-            "--all-layers have none, drop --top-k."
-        )
-    if args.budget is not None and (args.mask or args.all_layers or args.layers):
-        raise UsageError(
-            "--budget chooses layers while identifying them; with --mask, --all-layers or --layers nothing is "
-            "identified: drop --budget, or identify with --budget and pass that run as --mask."
-        )
-    if args.keep_stage1_weights and (args.mask or args.all_layers or args.layers):
-        raise UsageError(
-            "--keep-stage1-weights continues from the adapters an inline identification trained; with --mask, "
-            "--all-layers or --layers nothing is identified: drop it, or leave those out to identify inline."
-        )
-    if args.allow_other_model and not args.mask:
-        raise UsageError("--allow-other-model applies to a --mask found on another model; drop it.")
+    _check_selection_options(args)
     _check_method(args)
     run = read_run(args.mask) if args.mask else None  # (record, selection)
     ila_config(args)
@@ -119,16 +100,8 @@ def cmd_train(args) -> None:
         config = ila_config(args, selected_layers=list(chosen.selected))
         model, params, chosen = _put_method(args, prepared.model, config, chosen)
         selection = {"selection": "--all-layers" if args.all_layers else "--layers", "layers": len(chosen.selected)}
-    elif resumed:  # the inline identification is done: its run directory rebuilds the model the fine-tune went on
-        base = checkpoint_record(saved.path)["notes"].get("base_loss")
-        model, scored = _identified(args, prepared, inline)
-        top_k = model.peft_config["default"].top_k
-        selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(scored["selected"])}
-        skip = _stage1_batches(args, scored)
     else:
-        base = _base_loss(args, prepared, accelerator)
-        model, _, scored = identify_to_run(args, prepared, accelerator, inline, checkpoint)
-        print_top(scored)
+        model, scored, base = _identify_inline(args, prepared, accelerator, inline, checkpoint, saved)
         top_k = model.peft_config["default"].top_k
         selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(scored["selected"])}
         skip = _stage1_batches(args, scored)
@@ -155,6 +128,44 @@ def cmd_train(args) -> None:
         print(f"adapter saved to {args.out} (plain peft LoRA: PeftModel.from_pretrained, no peft-ila needed)")
     else:
         print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
+
+
+def _check_selection_options(args) -> None:
+    """Refuse the options that need a way of choosing layers the command does not take."""
+    from . import UsageError
+
+    if args.top_k is not None and (args.all_layers or args.layers):
+        raise UsageError(
+            "--top-k takes the best layers of a ranking (from identification or a --mask); --layers and "
+            "--all-layers have none, drop --top-k."
+        )
+    if args.budget is not None and (args.mask or args.all_layers or args.layers):
+        raise UsageError(
+            "--budget chooses layers while identifying them; with --mask, --all-layers or --layers nothing is "
+            "identified: drop --budget, or identify with --budget and pass that run as --mask."
+        )
+    if args.keep_stage1_weights and (args.mask or args.all_layers or args.layers):
+        raise UsageError(
+            "--keep-stage1-weights continues from the adapters an inline identification trained; with --mask, "
+            "--all-layers or --layers nothing is identified: drop it, or leave those out to identify inline."
+        )
+    if args.allow_other_model and not args.mask:
+        raise UsageError("--allow-other-model applies to a --mask found on another model; drop it.")
+
+
+def _identify_inline(args, prepared, accelerator, inline: Path, checkpoint: Path | None, saved):
+    """(model, run record, the base model's held-out loss or None) of identification inside `train`: run into
+    `inline` (checkpointing to `checkpoint`), or, when the fine-tune after it resumes (`saved`), rebuilt from the run
+    directory it wrote, the base loss read back from the fine-tune's checkpoint."""
+    from ..identification.checkpoint import checkpoint_record
+
+    if saved is not None and saved.resume:
+        model, record = _identified(args, prepared, inline)
+        return model, record, checkpoint_record(saved.path)["notes"].get("base_loss")
+    base = _base_loss(args, prepared, accelerator)
+    model, _, record = identify_to_run(args, prepared, accelerator, inline, checkpoint)
+    print_top(record)
+    return model, record, base
 
 
 def _base_loss(args, prepared, accelerator) -> float | None:
