@@ -275,7 +275,7 @@ def test_preference_rows_take_the_chosen_answer_when_mapped_by_hand(tmp_path):
     dataset = read_dataset(
         write(tmp_path / "d.json", [row], "json"), {"conversations": "conversations", "output": "chosen"}
     )
-    assert dataset.columns == {"conversations": "conversations", "output": "chosen"}
+    assert dataset.columns == {"conversations": "conversations", "output": "chosen"} and dataset.unused == ["rejected"]
     assert dataset.conversations[0][-1] == {"role": "assistant", "content": "hello"}
     assert column_mapping(list(row)) == {"conversations": "conversations", "output": "chosen"}  # detected alike
 

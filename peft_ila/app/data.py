@@ -68,6 +68,7 @@ class Dataset:
     columns: dict[str, str]  # role -> column, as used
     rows: int = 0  # rows read
     dropped: dict[str, int] = field(default_factory=dict)  # rows skipped, by reason
+    unused: list[str] = field(default_factory=list)  # columns of the first row no role reads (`rejected`, `tools`)
 
     def describe(self) -> str:
         """E.g. "300 rows -> 147 conversations (153 dropped: 150 with role 'x', 3 without an assistant answer)"."""
@@ -288,7 +289,8 @@ def read_dataset(spec: str, columns: dict[str, str] | None = None) -> Dataset:
             row_ids.append(index)
         else:
             dropped[problem] += 1
-    dataset = Dataset(conversations, row_ids, source, sha256, mapping, len(rows), dict(dropped))
+    unused = [column for column in rows[0] if column not in mapping.values()]
+    dataset = Dataset(conversations, row_ids, source, sha256, mapping, len(rows), dict(dropped), unused)
     if not conversations:
         raise UsageError(
             f"--data {spec}: none of its {len(rows)} rows holds a usable conversation ({dropped_text(dropped)}); "

@@ -134,6 +134,7 @@ def prepare(
         f"format: {info['format']}\ncolumns: {', '.join(f'{k}={v}' for k, v in dataset.columns.items())}"
         + ("" if columns else " (detected; set them with --columns ROLE=COLUMN,...)")
         + ("; preference rows: the chosen answer is trained on" if dataset.columns.get("output") == "chosen" else "")
+        + (f"; not read: {', '.join(dataset.unused)}" if dataset.unused else "")
     )
     return Prepared(
         model=model,
