@@ -325,3 +325,19 @@ def test_smaller_things_a_new_user_reads(work, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert f"default {ILAConfig.estimator})" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_file_added_while_the_job_ran_is_kept_and_so_is_the_result(tmp_path):
+    from peft_ila.app import UsageError
+    from peft_ila.app.files import staged_dir
+
+    out = tmp_path / "o"
+    with staged_dir(out) as tmp:
+        (tmp / "a.json").write_text("1")
+    refused = r"holds what peft-ila did not write there \(notes.txt\).* The result is in "
+    with pytest.raises(UsageError, match=refused), staged_dir(out, overwrite=True) as tmp:
+        (tmp / "a.json").write_text("2")
+        (out / "notes.txt").write_text("mine")  # the user, meanwhile
+    assert (out / "notes.txt").read_text() == "mine" and (out / "a.json").read_text() == "1"
+    (kept,) = tmp_path.glob("o.new-*")
+    assert (kept / "a.json").read_text() == "2"

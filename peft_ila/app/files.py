@@ -6,12 +6,13 @@ import contextlib
 import ctypes
 import fnmatch
 import gc
+import itertools
 import json
 import os
 import resource
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,52 +69,49 @@ def check_free(out: Path, overwrite: bool) -> None:
 
 def written_by_peft_ila(out: Path) -> str:
     """What `out` is (e.g. "an identify run"), if peft-ila wrote all of it; else a `UsageError` saying why it may not
-    be replaced (a file, a link, a folder holding what peft-ila did not write, named)."""
+    be replaced (a file, a link, a folder holding what peft-ila did not write, named). Stops reading a large folder at
+    its first few foreign entries."""
     if out.is_symlink() or not out.is_dir():
         what = "a symbolic link" if out.is_symlink() else "a file"
         raise UsageError(f"{out} is {what}, not an output of peft-ila; choose another output path (it is left alone).")
-    entries = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-    if not entries:
+    if next(out.iterdir(), None) is None:
         return "an empty directory"
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        try:
-            written = json.loads(manifest.read_text())
-            kind, known = written["kind"], set(written["entries"])
-        except (ValueError, KeyError, TypeError):
-            kind, known = None, set()
-        foreign = [name for name in entries if name not in known and name != MANIFEST]
-    else:
+    entries = (p.relative_to(out).as_posix() for p in out.rglob("*"))
+    try:
+        written = json.loads((out / MANIFEST).read_text())
+        kind, known = written["kind"], set(written["entries"]) | {MANIFEST}
+        foreign = (name for name in entries if name not in known)
+    except (OSError, ValueError, KeyError, TypeError):  # no manifest (an older output), or a damaged one
         kind, foreign = _legacy_kind(out, entries)
-    if kind is None or foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else "no peft-ila output"
+    shown = sorted(itertools.islice(foreign, 4))
+    if kind is None or shown:
+        listed = ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "") if shown else "no peft-ila output"
         raise UsageError(
-            f"{out} exists and holds what peft-ila did not write there ({shown}); it replaces only its own outputs: "
+            f"{out} exists and holds what peft-ila did not write there ({listed}); it replaces only its own outputs: "
             "choose another output path (the folder is left alone)."
         )
     return kind
 
 
-def _legacy_kind(out: Path, entries: list[str]) -> tuple[str | None, list[str]]:
-    """(kind, entries that do not belong to it) of an output written before the manifest, recognised by `LEGACY`;
-    (None, entries) when it is none of them."""
-    for signature, (kind, names) in LEGACY.items():
-        if not (out / signature).is_file():
-            continue
-        nested = {"identify": "importance.json", "adapter": "training.json"}  # a demo directory's two outputs
-        foreign = []
-        for entry in entries:
-            top, _, rest = entry.partition("/")
-            if not any(fnmatch.fnmatch(top, pattern) for pattern in names):
-                foreign.append(entry)
-            elif rest and top in nested:
-                inner = LEGACY[nested[top]][1]
-                if "/" in rest or not any(fnmatch.fnmatch(rest, pattern) for pattern in inner):
-                    foreign.append(entry)
-            elif rest:
-                foreign.append(entry)
-        return kind, foreign
-    return None, entries
+def _legacy_kind(out: Path, entries: Iterable[str]) -> tuple[str | None, Iterator[str]]:
+    """(kind, the entries that do not belong to it) of an output written before the manifest, recognised by
+    `LEGACY`; (None, entries) when it is none of them."""
+    signature = next((name for name in LEGACY if (out / name).is_file()), None)
+    if signature is None:
+        return None, iter(entries)
+    kind, names = LEGACY[signature]
+    nested = {"identify": "importance.json", "adapter": "training.json"}  # a demo directory's two outputs
+
+    def belongs(entry: str) -> bool:
+        top, _, rest = entry.partition("/")
+        if not any(fnmatch.fnmatch(top, pattern) for pattern in names):
+            return False
+        if not rest:
+            return True
+        inner = LEGACY[nested[top]][1] if top in nested else ()
+        return "/" not in rest and any(fnmatch.fnmatch(rest, pattern) for pattern in inner)
+
+    return kind, (entry for entry in entries if not belongs(entry))
 
 
 @contextmanager
@@ -135,7 +133,12 @@ def staged_dir(out: Path, overwrite: bool = False, kind: str = "an output of pef
         # permissions of a plain mkdir and open()
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        check_free(out, overwrite)  # the folder may have changed while the job ran
+        try:
+            check_free(out, overwrite)  # the folder may have changed while the job ran
+        except UsageError as exc:  # the result is kept, not lost
+            kept = out.with_name(f"{out.name}.new-{tmp.name.rsplit('-', 1)[-1]}")
+            os.replace(tmp, kept)
+            raise UsageError(f"{exc} The result is in {kept}.") from None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
