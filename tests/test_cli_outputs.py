@@ -341,3 +341,21 @@ def test_a_file_added_while_the_job_ran_is_kept_and_so_is_the_result(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "a.json").read_text() == "1"
     (kept,) = tmp_path.glob("o.new-*")
     assert (kept / "a.json").read_text() == "2"
+
+
+def test_a_demo_directory_of_an_earlier_version_is_recognised(work, tmp_path):
+    import shutil
+
+    from peft_ila.app.files import MANIFEST, written_by_peft_ila
+
+    out = tmp_path / "demo"
+    args = ["demo", *common(work, "--stage1-max-steps", "2", "--stage2-steps", "1", "--steps", "1"), "--out", str(out)]
+    assert main(args) == 0
+    old = shutil.copytree(out, tmp_path / "old")
+    for manifest in old.rglob(MANIFEST):  # as an earlier version wrote it: no manifests
+        manifest.unlink()
+    assert written_by_peft_ila(old) == "a demo directory"
+    assert main([*args[:-1], str(old), "--overwrite"]) == 0  # `make demo` over an older ila-demo
+    (old / "adapter" / "notes.txt").write_text("mine")
+    assert main([*args[:-1], str(old), "--overwrite"]) == 2
+    assert (old / "adapter" / "notes.txt").read_text() == "mine"
