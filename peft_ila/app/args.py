@@ -73,7 +73,7 @@ def _typed(convert, allowed: str):
     return parse
 
 
-def _at_least(convert, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True):
+def _in_range(convert, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True):
     """`convert`, then refuse (ValueError) a value outside [low, high] (an open end excluded)."""
 
     def check(text: str):
@@ -91,11 +91,11 @@ def _at_least(convert, low: float, high: float | None = None, low_open: bool = F
 
 _int = _typed(int, "an int")
 _float = _typed(float, "a number")
-_positive = _typed(_at_least(int, 1), "an int >= 1")
-_natural = _typed(_at_least(int, 0), "an int >= 0")
-_rate = _typed(_at_least(float, 0, low_open=True), "a number > 0")
-_share = _typed(_at_least(float, 0, 1), "a number in [0, 1)")
-_weight = _typed(_at_least(float, 0, 1, high_open=False), "a number in [0, 1]")
+_positive = _typed(_in_range(int, 1), "an int >= 1")
+_natural = _typed(_in_range(int, 0), "an int >= 0")
+_rate = _typed(_in_range(float, 0, low_open=True), "a number > 0")
+_share = _typed(_in_range(float, 0, 1), "a number in [0, 1)")
+_weight = _typed(_in_range(float, 0, 1, high_open=False), "a number in [0, 1]")
 _top_k = _typed(lambda text: float(text) if "." in text else int(text), "an int >= 1 or a fraction in (0, 1]")
 _budget = _typed(lambda text: parse_budget(text) and text, "'time:F' or 'memory:F' with F in (0, 1], e.g. time:0.6")
 
