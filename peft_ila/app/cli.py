@@ -120,14 +120,18 @@ def cmd_train(args) -> None:
     if saved is not None and rank() == 0:
         saved.path.unlink(missing_ok=True)
     print_finetune(report)
-    if full is not None and args.changed_only:
-        print(f"changed weights saved to {args.out} (onto the base: peft_ila.load_changed_weights(model, dir))")
-    elif full is not None:
-        print(f"model saved to {args.out} (AutoModelForCausalLM.from_pretrained; its mask: peft_ila.load_selection)")
-    elif args.all_layers and args.method == "ila":
-        print(f"adapter saved to {args.out} (plain peft LoRA: PeftModel.from_pretrained, no peft-ila needed)")
-    else:
-        print(f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)")
+    print(_saved_line(args, full is not None))
+
+
+def _saved_line(args, full: bool) -> str:
+    """Where `train` saved what, and how it loads."""
+    if full and args.changed_only:
+        return f"changed weights saved to {args.out} (onto the base: peft_ila.load_changed_weights(model, dir))"
+    if full:
+        return f"model saved to {args.out} (AutoModelForCausalLM.from_pretrained; its mask: peft_ila.load_selection)"
+    if args.all_layers and args.method == "ila":
+        return f"adapter saved to {args.out} (plain peft LoRA: PeftModel.from_pretrained, no peft-ila needed)"
+    return f"adapter saved to {args.out} (load with PeftModel.from_pretrained after `import peft_ila`)"
 
 
 def _check_selection_options(args) -> None:
@@ -386,11 +390,7 @@ def cmd_export_lora(args) -> None:
 
 
 def cmd_eval(args) -> dict:
-    from peft import PeftModel
-
     from ..identification.training import evaluate_loss
-    from ..tuner.full import load_changed_weights
-    from ..tuner.selection import ILALoadError
     from . import UsageError
     from .files import read_json, write_json
     from .pipeline import first_user_turn, generate, prepare
@@ -428,15 +428,7 @@ def cmd_eval(args) -> dict:
             "tokenizer or chat template?); the loss is not comparable to the recorded one.",
             file=sys.stderr,
         )
-    if changed_only:
-        try:
-            load_changed_weights(prepared.model, args.adapter)
-        except ValueError as exc:  # changed weights of another base
-            raise UsageError(str(exc)) from None
-    try:
-        model = prepared.model if full or changed_only else PeftModel.from_pretrained(prepared.model, args.adapter)
-    except ILALoadError as exc:
-        raise UsageError(str(exc)) from None
+    model = _evaluated_model(args, prepared.model, full, changed_only)
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)
     result = {
         "adapter": str(args.adapter.resolve()),
@@ -455,6 +447,23 @@ def cmd_eval(args) -> dict:
     if args.json:
         write_json(args.json, result)
     return result
+
+
+def _evaluated_model(args, base, full: bool, changed_only: bool):
+    """What `eval` evaluates: a full fine-tune's own model (`base`), the base with the changed weights put back, or
+    the adapter loaded onto it."""
+    from peft import PeftModel
+
+    from ..tuner.full import load_changed_weights
+    from ..tuner.selection import ILALoadError
+    from . import UsageError
+
+    try:
+        if changed_only:
+            load_changed_weights(base, args.adapter)
+        return base if full or changed_only else PeftModel.from_pretrained(base, args.adapter)
+    except (ILALoadError, ValueError) as exc:  # an adapter or changed weights of another base
+        raise UsageError(str(exc)) from None
 
 
 def _held_out_source(args, info: dict) -> tuple[str, dict | None, bool]:
@@ -546,22 +555,7 @@ def cmd_demo(args) -> None:
         after_text = generate(model, prepared.tokenizer, conversation, prepared.plain)
         save_adapter(args, model, tmp / "adapter", report, prepared, selection)
         print("reloading the saved adapter in a fresh process ...")
-        reload = [
-            sys.executable,
-            "-m",
-            "peft_ila.app.cli",
-            "eval",
-            str(tmp / "adapter"),
-            "--json",
-            str(tmp / "reload.json"),
-            "--no-progress",
-        ]
-        done = subprocess.run(reload, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"reloading the adapter in a fresh process failed:\n{done.stderr[-3000:]}")
-        reloaded = json.loads((tmp / "reload.json").read_text())
-        reloaded["adapter"] = str((args.out / "adapter").resolve())  # where it is once the demo's output is in place
-        write_json(tmp / "reload.json", reloaded)
+        reloaded = _reload_in_a_fresh_process(tmp, args.out)
         summary = {
             "held_out_loss_before": report.loss_before,
             "loss_after_identification": selection.get("loss_after_identification"),  # None: adapters afresh
@@ -587,6 +581,23 @@ def cmd_demo(args) -> None:
         files:  {args.out}/identify (run directory), {args.out}/adapter (PEFT adapter), {args.out}/demo.json
     """)
     )
+
+
+def _reload_in_a_fresh_process(tmp: Path, out: Path) -> dict:
+    """`peft-ila eval` of the demo's adapter (staged in `tmp`) in a new process: what it wrote to reload.json, which
+    names the adapter where it will be once the demo's output `out` is in place."""
+    from .files import write_json
+
+    reload = [sys.executable, "-m", "peft_ila.app.cli", "eval", str(tmp / "adapter")]
+    done = subprocess.run(
+        [*reload, "--json", str(tmp / "reload.json"), "--no-progress"], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"reloading the adapter in a fresh process failed:\n{done.stderr[-3000:]}")
+    reloaded = json.loads((tmp / "reload.json").read_text())
+    reloaded["adapter"] = str((out / "adapter").resolve())
+    write_json(tmp / "reload.json", reloaded)
+    return reloaded
 
 
 def _check_optional_packages(args) -> None:

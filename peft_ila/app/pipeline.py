@@ -25,7 +25,7 @@ from ..tuner.selection import Selection, model_identity
 from . import UsageError
 from .args import usage_error
 from .checkpoints import FinetuneCheckpoint, FinetuneState
-from .data import Conversation, Encoded, batches, dropped_text, encode, prompt_text, read_dataset, split
+from .data import Conversation, Dataset, Encoded, batches, dropped_text, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
 from .models import Loading, load_model, portable
 
@@ -126,16 +126,7 @@ def prepare(
         "held_out_ids": [test_set.row_ids[test.sources[i]] for i in held_out],
         "base_model": base_model,
     }
-    refused = f"; {dropped_text(encoded.refused)}" if encoded.refused else ""
-    print(
-        f"data {data_spec}: {dataset.describe()} -> {len(encoded.examples)} examples "
-        f"({encoded.truncated} truncated, {encoded.dropped} dropped at max length {max_length}{refused}); "
-        f"{len(train)} train, {len(held_out)} held out{f' from {eval_data}' if eval_data else ''} (seed {seed}); "
-        f"format: {info['format']}\ncolumns: {', '.join(f'{k}={v}' for k, v in dataset.columns.items())}"
-        + ("" if columns else " (detected; set them with --columns ROLE=COLUMN,...)")
-        + ("; preference rows: the chosen answer is trained on" if dataset.columns.get("output") == "chosen" else "")
-        + (f"; not read: {', '.join(dataset.unused)}" if dataset.unused else "")
-    )
+    print(_data_lines(data_spec, dataset, encoded, info, mapped=columns is not None))
     return Prepared(
         model=model,
         tokenizer=tokenizer,
@@ -144,6 +135,24 @@ def prepare(
         held_out=[test.examples[i] for i in held_out],
         held_out_conversations=[test_set.conversations[test.sources[i]] for i in held_out],
         plain=plain,
+    )
+
+
+def _data_lines(spec: str, dataset: Dataset, encoded: Encoded, info: dict, mapped: bool) -> str:
+    """The data line (rows, conversations, examples and what was dropped or truncated, and why; the split) and the
+    columns line (the mapping, `mapped` by --columns or detected, and the columns no role reads)."""
+    refused = f"; {dropped_text(encoded.refused)}" if encoded.refused else ""
+    test = f" from {info['eval_data']}" if info["eval_data"] else ""
+    columns = ", ".join(f"{k}={v}" for k, v in dataset.columns.items())
+    chosen = dataset.columns.get("output") == "chosen"
+    return (
+        f"data {spec}: {dataset.describe()} -> {len(encoded.examples)} examples ({encoded.truncated} truncated, "
+        f"{encoded.dropped} dropped at max length {info['max_length']}{refused}); {info['train_examples']} train, "
+        f"{info['held_out_examples']} held out{test} (seed {info['split_seed']}); format: {info['format']}\n"
+        f"columns: {columns}"
+        + ("" if mapped else " (detected; set them with --columns ROLE=COLUMN,...)")
+        + ("; preference rows: the chosen answer is trained on" if chosen else "")
+        + (f"; not read: {', '.join(dataset.unused)}" if dataset.unused else "")
     )
 
 
