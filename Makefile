@@ -51,7 +51,7 @@ bench-quick: $(BIN)/.knowledge
 	$(BIN)/python -m benchmarks.grid --preset quick --existing-only  # every cell read back, none computed
 	$(BIN)/python -m benchmarks.modes --preset quick --existing-only
 
-bench-modes: $(BIN)/.knowledge  # the training modes against LoRA-all (issue 30): benchmarks/MODES.md
+bench-modes: $(BIN)/.knowledge  # the training modes against LoRA-all: benchmarks/MODES.md
 	$(BIN)/python -m benchmarks.modes --preset full $(BENCH_ARGS)
 
 bench-stability: $(BIN)/.app  # the stability study: benchmarks/STABILITY.md

@@ -1,4 +1,4 @@
-"""Issue 31: ILA's step time and memory at the sizes users run, on one GPU.
+"""ILA's step time and memory at the sizes users run, on one GPU.
 
     python -m benchmarks.gpu --out DIR                              # Llama-3.2-1B and Llama-3.1-8B shapes, bf16
     python -m benchmarks.gpu --shapes tiny --device cpu --out DIR   # the test suite's smoke run
@@ -205,7 +205,7 @@ def projected(rows: list[dict], defaults: ILAConfig) -> dict:
 
 def page(results: dict) -> str:
     lines = [
-        "# ILA on a GPU at real sizes (issue 31)",
+        "# ILA on a GPU at real sizes",
         "",
         f"Written by `python -m benchmarks.gpu` on {results['machine'].get('gpu') or 'a machine without a GPU'}; "
         f"batch {results['batch']} x {results['length']} tokens, random weights and tokens; "

@@ -1,4 +1,4 @@
-"""Issue 31: `Trainer` + `ILACallback` under accelerate's FSDP2, one process (run by `benchmarks.gpu`).
+"""`Trainer` + `ILACallback` under accelerate's FSDP2, one process (run by `benchmarks.gpu`).
 
     torchrun --standalone --nproc_per_node 1 -m benchmarks.gpu_trainer --shape llama-3.2-1b --out DIR
 

@@ -1,4 +1,4 @@
-"""The benchmark at a fine-tune length that means something (issue 15): a grid of cells, dataset x selector x seed,
+"""The benchmark at a fine-tune length that means something: a grid of cells, dataset x selector x seed,
 each saved when it finishes, so the grid completes over several sittings and a rerun of a finished grid is instant.
 
     python -m benchmarks.grid --preset full    # resumable: a finished cell is kept, a missing one computed

@@ -1,4 +1,4 @@
-"""Issue 30: is there a way of using ILA's importance that beats LoRA on all layers at no more memory and no more
+"""Is there a way of using ILA's importance that beats LoRA on all layers at no more memory and no more
 wall time? Training modes against LoRA-all and the grid's ILA rows, on the grid's data, model and judges.
 
     python -m benchmarks.modes --preset full    # resumable: a finished cell is kept, a missing one computed

@@ -389,7 +389,7 @@ def by_verdict(deltas: dict[str, tuple], rises: dict[str, tuple]) -> str:
 def page(results: dict) -> str:
     s = results["settings"]
     lines = [
-        "# Training modes against LoRA on all layers (issue 30)",
+        "# Training modes against LoRA on all layers",
         "",
         "Written by `python -m benchmarks.modes --preset full` (`make bench-modes`) from the cells in "
         "`benchmarks/results/modes/full/` and the grid's. SmolLM2-135M, the grid's data and judges "

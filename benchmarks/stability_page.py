@@ -90,7 +90,7 @@ def _summary(results: dict) -> list[str]:
     return table(header, rows, "l" + "r" * 12 + "l")
 
 
-GOAL = dict(jaccard=0.80, spearman=0.8, cost=0.25)  # issue 13: seed-to-seed top-25% overlap and rank correlation
+GOAL = dict(jaccard=0.80, spearman=0.8, cost=0.25)  # seed-to-seed top-25% overlap and rank correlation
 
 
 def _row(results: dict, estimator: str, stage1: int, stage2: int | None = None) -> dict | None:

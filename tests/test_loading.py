@@ -1,4 +1,4 @@
-"""Loading like a user (issue 31): a bf16 base, gradient checkpointing, the device; recorded and honoured by eval."""
+"""Loading like a user: a bf16 base, gradient checkpointing, the device; recorded and honoured by eval."""
 
 import json
 
