@@ -175,7 +175,7 @@ class Modes(Study):
             groups = block_groups(model, self.grid.candidates)
             config = self.layerwise(name, "ila-sampled", seed)
             how["sampler"] = LayerSampler(groups, config, block_importance(result.scores))
-        judged = self.grid.judged(name, model, steps - stage1, lr, seed, skip=stage1, **how)
+        judged = self.grid.judged(name, model, steps - stage1, lr, seed, skip=result.stage1.micro_batches, **how)
         return {**judged, "stage1_steps": stage1, "stage2_steps": result.stage2.steps, "steps": steps}
 
     # --- cells ---------------------------------------------------------------------------------------------------

@@ -359,3 +359,14 @@ def test_a_demo_directory_of_an_earlier_version_is_recognised(work, tmp_path):
     (old / "adapter" / "notes.txt").write_text("mine")
     assert main([*args[:-1], str(old), "--overwrite"]) == 2
     assert (old / "adapter" / "notes.txt").read_text() == "mine"
+
+
+def test_the_fine_tune_after_an_inline_identification_goes_on_where_stage_1_stopped(work, tmp_path, monkeypatch):
+    """Under gradient accumulation too: the skip is the micro-batches identification read, not its steps."""
+    skips = []
+    real = peft_ila.app.pipeline.finetune
+    monkeypatch.setattr(peft_ila.app.pipeline, "finetune", lambda *a, **k: skips.append(k["skip"]) or real(*a, **k))
+    args = ["train", *common(work, "--steps", "1", "--grad-accum", "2", *TINY_INLINE), "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    stage1 = json.loads((tmp_path / "a-identify" / "importance.json").read_text())["costs"]["stage1"]
+    assert skips == [stage1["micro_batches"]] == [2 * stage1["steps"]]

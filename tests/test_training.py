@@ -29,6 +29,7 @@ def test_gradient_accumulation_counts_optimizer_steps():
     )
     assert stats.steps == 3 and len(calls) == 3 and stats.stop_reason == "max_steps"
     assert stats.tokens == 6 * 4 * 12  # six micro-batches of 4 x 12 tokens
+    assert stats.micro_batches == 6  # where the data order goes on: what follows identification reads this
     assert len(stats.losses) == len(stats.step_seconds) == 3
 
 

@@ -201,9 +201,10 @@ def _trained(args, record: dict) -> str:
 
 
 def _stage1_batches(args, record: dict) -> int:
-    """Micro-batches of the data order an inline identification's stage 1 trained on, when the fine-tune goes on from
-    its weights (`--keep-stage1-weights`) and so with the data after them; else 0 (the fine-tune starts afresh)."""
-    return record["costs"]["stage1"]["steps"] * args.grad_accum if args.keep_stage1_weights else 0
+    """Micro-batches of the data order an inline identification's stage 1 read (as its run `record` has them), when
+    the fine-tune goes on from its weights (`--keep-stage1-weights`) and so with the data after them; else 0 (the
+    fine-tune starts afresh)."""
+    return record["costs"]["stage1"]["micro_batches"] if args.keep_stage1_weights else 0
 
 
 def _finetune(args, model, prepared, accelerator, params=None, sampler=None, skip=0, checkpoint=None):

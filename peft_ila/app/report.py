@@ -57,6 +57,7 @@ def write_run(out: Path | None, result: ILAResult, config: dict, info: dict, com
         "costs": {
             "stage1": {
                 "steps": result.stage1.steps,
+                "micro_batches": result.stage1.micro_batches,
                 "tokens": result.stage1.tokens,
                 "seconds": round(result.stage1.seconds, 2),
                 "stop": result.stage1.stop_reason,

@@ -29,7 +29,8 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class StepStats:
     """What a run of `train_steps` did: optimizer steps, tokens seen (by all ranks), seconds, per-step loss (mean
-    over ranks) and time, and why it stopped ("max_steps", "stable" or "data_exhausted"; "" while running)."""
+    over ranks) and time, why it stopped ("max_steps", "stable" or "data_exhausted"; "" while running), and the
+    micro-batches this rank read: where in its data order whatever trains next goes on."""
 
     steps: int = 0
     tokens: int = 0
@@ -37,6 +38,7 @@ class StepStats:
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     stop_reason: str = ""
+    micro_batches: int = 0
 
 
 class StabilityTest:
@@ -136,6 +138,7 @@ def train_steps(
                 optimizer.zero_grad(set_to_none=True)
             micro.append(loss)
             micro_tokens += count_tokens(batch)
+            stats.micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
             loss_sum, tokens = sum_over_ranks(sum(micro) / len(micro), micro_tokens)
