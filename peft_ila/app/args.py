@@ -314,7 +314,12 @@ def _add_checkpoints(p: argparse.ArgumentParser, fine_tune: bool = False) -> Non
         type=_natural,
         default=10,
         metavar="N",
-        help=f"save {where} every N steps, 0: never (default: %(default)s); removed once the output is written",
+        help=f"save {where} every N steps, 0: never (default: %(default)s); removed once the output is written"
+        + (
+            " (with --method full it holds the trained weights and twice as much optimizer state: raise N)"
+            if fine_tune
+            else ""
+        ),
     )
     what = "an interrupted fine-tune, or identification," if fine_tune else "an interrupted identification"
     g.add_argument(
