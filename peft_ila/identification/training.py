@@ -115,13 +115,8 @@ def train_steps(
     accelerator.step = 0  # align accumulation boundaries with this run's first micro-batch
     stats, micro, micro_tokens = resume or StepStats(), [], 0
     previous_seconds = stats.seconds
-    bar = tqdm(
-        total=max_steps,
-        initial=stats.steps,
-        desc=desc,
-        disable=not (progress and accelerator.is_local_main_process),
-        leave=False,
-    )
+    shown = progress and accelerator.is_local_main_process
+    bar = tqdm(total=max_steps, initial=stats.steps, desc=desc, disable=not shown, leave=False)
     start = step_start = time.perf_counter()
     try:
         for batch in batches:
