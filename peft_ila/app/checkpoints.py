@@ -18,18 +18,19 @@ import torch
 from ..identification.checkpoint import (
     FINETUNE_FORMAT,
     DataPosition,
-    check_settings,
-    load_checkpoint,
+    load_checked,
     load_optimizer,
     optimizer_tensors,
+    parameter_tensors,
+    restore_parameters,
     restore_rng,
     rng_tensors,
     save_checkpoint,
 )
-from ..identification.distributed import gather, rank
+from ..identification.distributed import rank
 from ..identification.training import StepStats
 from ..tuner.layerwise import LayerSampler
-from ..tuner.selection import ILALoadError, weights_fingerprint
+from ..tuner.selection import weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class FinetuneState:
         if rank() > 0:
             return
         state, groups = optimizer_tensors(self.optimizer, "optimizer")
-        tensors = {**{f"param.{n}": p for n, p in self.named.items()}, **state, **rng_tensors(self.devices)}
+        tensors = {**parameter_tensors(self.named), **state, **rng_tensors(self.devices)}
         record = {
             "settings": self.settings,
             "notes": self.checkpoint.notes,
@@ -98,16 +99,9 @@ class FinetuneState:
     def restore(self) -> StepStats:
         """Put the checkpoint's state back (refused, naming the difference, if it was written with other settings or
         data); the step statistics so far. Sets `loss_before` (None if the run stopped before measuring it)."""
-        gather(None)  # every rank waits until the main process has finished writing
         path = Path(self.checkpoint.path)
-        tensors, record = load_checkpoint(path, FINETUNE_FORMAT)
-        check_settings(path, record["settings"], self.settings)
-        missing = sorted(n for n in self.named if f"param.{n}" not in tensors)
-        if missing:
-            raise ILALoadError(f"{path} holds no weights for {missing[:3]}; it was written for another model.")
-        with torch.no_grad():
-            for name, p in self.named.items():
-                p.copy_(tensors[f"param.{name}"])
+        tensors, record = load_checked(path, self.settings, FINETUNE_FORMAT)
+        restore_parameters(self.named, tensors, path)
         stats = StepStats(**record["stats"])
         if self.sampler is not None:  # the active set of the next step, as the interrupted run had drawn it
             self.sampler.at_step(stats.steps, self.optimizer)

@@ -66,9 +66,9 @@ def cmd_train(args) -> None:
     from ..identification.distributed import rank
     from .files import check_free
     from .pipeline import lora_all_layers
-    from .report import read_run
+    from .report import inline_run, read_run
 
-    inline = args.out.with_name(args.out.name + "-identify")  # where an inline identification writes its run
+    inline = inline_run(args.out)  # where an inline identification writes its run
     identifying = not (args.mask or args.all_layers or args.layers)
     if args.keep_stage1_weights is None:  # identification inside the fine-tune (args.INSIDE) when there is one
         args.keep_stage1_weights = identifying
@@ -226,11 +226,11 @@ def _finetune(args, model, prepared, accelerator, params=None, sampler=None, ski
     except ILALoadError as exc:  # the checkpoint to resume does not fit this command
         raise UsageError(str(exc)) from None
     except BaseException:
-        if checkpoint is not None and rank() == 0 and checkpoint_record(checkpoint.path) is not None:
-            done = checkpoint_record(checkpoint.path)["stats"]["steps"]
+        saved = checkpoint_record(checkpoint.path) if checkpoint is not None and rank() == 0 else None
+        if saved is not None:
             print(
-                f"peft-ila: the fine-tune's progress ({done} of {args.steps} steps) is saved in {checkpoint.path}; run "
-                "the same command with --resume to continue it.",
+                f"peft-ila: the fine-tune's progress ({saved['stats']['steps']} of {args.steps} steps) is saved in "
+                f"{checkpoint.path}; run the same command with --resume to continue it.",
                 file=sys.stderr,
             )
         raise

@@ -147,12 +147,17 @@ def run_model(record: dict) -> dict:
     return record.get("base_model") or {"model": record.get("model")}
 
 
+def inline_run(out: Path) -> Path:
+    """The run directory `train --out OUT` writes when it identifies inline: OUT-identify beside it."""
+    return out.with_name(out.name + "-identify")
+
+
 def read_run(run: Path) -> tuple[dict, Selection]:
     """A run directory's record and its selection, checked against its mask.safetensors."""
     run = Path(run)
     if not run.is_dir():
         raise UsageError(f"{run} is not a directory; pass a run directory written by `peft-ila identify`.")
-    inline = run.with_name(run.name + "-identify")  # where `train` wrote the run of an inline identification
+    inline = inline_run(run)
     wanted = "a run directory of `peft-ila identify`" + (
         f" (its inline identification's is {inline})" if inline.is_dir() else ""
     )

@@ -85,11 +85,16 @@ def loading_of(args, recorded: dict | None = None):
     return Loading(dtype, args.gradient_checkpointing)
 
 
+def checkpoint_file(out: Path) -> Path:
+    """Where the job writing `out` keeps its checkpoint: OUT.checkpoint.safetensors beside it."""
+    return out.with_name(out.name + ".checkpoint.safetensors")
+
+
 def checkpoint_path(args, out: Path) -> Path | None:
     """Where identification checkpoints to (None: it does not); checked before any work, like the output path."""
     from . import UsageError
 
-    path = out.with_name(out.name + ".checkpoint.safetensors")
+    path = checkpoint_file(out)
     if args.resume and not args.checkpoint_every:
         raise UsageError("--resume needs checkpoints; drop --checkpoint-every 0.")
     if args.resume and not path.is_file():
@@ -104,9 +109,10 @@ def finetune_checkpoint(args, identifying: bool):
     AdaLoRA, whose rank allocation it cannot hold. Checked before any work, like the output path."""
     from . import UsageError
     from .checkpoints import FinetuneCheckpoint
+    from .report import inline_run
 
-    path = args.out.with_name(args.out.name + ".checkpoint.safetensors")
-    inline = args.out.with_name(args.out.name + "-identify.checkpoint.safetensors")
+    path = checkpoint_file(args.out)
+    inline = checkpoint_file(inline_run(args.out))
     if args.resume and not args.checkpoint_every:
         raise UsageError("--resume needs checkpoints; drop --checkpoint-every 0.")
     if args.resume and not path.is_file() and not (identifying and inline.is_file()):

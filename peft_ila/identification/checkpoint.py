@@ -65,6 +65,30 @@ def load_checkpoint(path: str | os.PathLike, kind: str = FORMAT) -> tuple[dict[s
     return tensors, record
 
 
+def load_checked(path: str | os.PathLike, settings: dict, kind: str = FORMAT) -> tuple[dict[str, torch.Tensor], dict]:
+    """The checkpoint of format `kind` to resume from, once every rank has reached this point (so the rank that
+    writes checkpoints has finished its last one), refused if it was written with other `settings`."""
+    gather(None)
+    tensors, record = load_checkpoint(path, kind)
+    check_settings(Path(path), record["settings"], settings)
+    return tensors, record
+
+
+def parameter_tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, as a checkpoint holds them (`param.{name}`)."""
+    return {f"param.{name}": p for name, p in named.items()}
+
+
+@torch.no_grad()
+def restore_parameters(named: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy a checkpoint's `parameter_tensors` back into `named`; `ILALoadError` if it lacks any of them."""
+    missing = sorted(n for n in named if f"param.{n}" not in tensors)
+    if missing:
+        raise ILALoadError(f"{path} holds no weights for {missing[:3]}; it was written for another model or adapter.")
+    for name, p in named.items():
+        p.copy_(tensors[f"param.{name}"])
+
+
 def check_settings(path: Path, saved: dict, current: dict) -> None:
     """Refuse to resume a run made with other settings, naming the ones that differ."""
     differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))

@@ -25,14 +25,15 @@ from ..tuner._peft_compat import PREFIX
 from ..tuner.config import ILAConfig, resolve_top_k
 from ..tuner.layer import ILALayer
 from ..tuner.model import _ila_tuner
-from ..tuner.selection import ILALoadError, Selection, as_float32, layer_of, model_identity, weights_fingerprint
+from ..tuner.selection import Selection, as_float32, layer_of, model_identity, weights_fingerprint
 from ..tuner.sharding import is_sharded, reread_trainable
 from .checkpoint import (
     DataPosition,
-    check_settings,
-    load_checkpoint,
+    load_checked,
     load_optimizer,
     optimizer_tensors,
+    parameter_tensors,
+    restore_parameters,
     restore_rng,
     rng_tensors,
     save_checkpoint,
@@ -345,7 +346,7 @@ class Identification:
         position = self.stream.record()  # a collective: every rank takes part
         if rank() > 0:
             return
-        tensors = {**{f"param.{n}": p for n, p in self.named.items()}, "gates": self.bank.logits}
+        tensors = {**parameter_tensors(self.named), "gates": self.bank.logits}
         tensors.update(rng_tensors(self.devices))
         groups = {}
         for name, optimizer in self._optimizers().items():
@@ -372,9 +373,7 @@ class Identification:
         """The checkpoint to resume from, the same on every rank: all wait until each has reached this point (so the
         rank that writes checkpoints has finished its last one, even when the interrupted run stopped in this same
         process group), and a rank that read another step of the run is an error on every rank."""
-        gather(None)
-        saved = load_checkpoint(self.checkpoint)
-        check_settings(Path(self.checkpoint), saved[1]["settings"], self.settings)
+        saved = load_checked(self.checkpoint, self.settings)
         record = saved[1]
         steps = gather((record["stage1"]["steps"], record["stage2"]["steps"]))
         if len(set(steps)) > 1:
@@ -387,14 +386,8 @@ class Identification:
     def _restore(self, saved: tuple[dict[str, torch.Tensor], dict]) -> None:
         """Put a checkpoint's weights, optimizer states, step statistics, data position and RNG state back."""
         tensors, record = saved
-        missing = sorted(n for n in self.named if f"param.{n}" not in tensors)
-        if missing:
-            raise ILALoadError(
-                f"{self.checkpoint} holds no weights for {missing[:3]}; it was written for another model or adapter."
-            )
+        restore_parameters(self.named, tensors, Path(self.checkpoint))
         with torch.no_grad():
-            for name, p in self.named.items():
-                p.copy_(tensors[f"param.{name}"])
             self.bank.logits.copy_(tensors["gates"])
         self.stage1, self.stage2 = StepStats(**record["stage1"]), StepStats(**record["stage2"])
         for name, optimizer in self._optimizers().items():

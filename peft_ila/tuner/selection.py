@@ -291,8 +291,7 @@ def model_identity(model: nn.Module) -> dict:
     return {
         "class": type(_unwrapped(model)).__name__,
         "architecture_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
-        "weights_sha256": weights_fingerprint(named),
-        "values_sha256": weights_fingerprint(named, as_bfloat16=True),
+        **dict(zip(("weights_sha256", "values_sha256"), _fingerprints(named), strict=True)),
     }
 
 
@@ -311,20 +310,24 @@ def _unpacked_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(state.shape if state is not None else p.shape)
 
 
-def weights_fingerprint(
-    named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024, as_bfloat16: bool = False
-) -> str:
+def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
     """SHA-256 over the names, shapes, dtypes and first `sample` values of tensors: tells base models apart (another
-    architecture, or other weights of the same one) without reading all of them. `as_bfloat16`: the values rounded
-    to bfloat16 and the dtypes left out, so that a model loaded in float32 and in bfloat16 give the same."""
-    digest = hashlib.sha256()
+    architecture, or other weights of the same one) without reading all of them."""
+    return _fingerprints(named, sample)[0]
+
+
+def _fingerprints(named: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> tuple[str, str]:
+    """`weights_fingerprint`, and the same with the values rounded to bfloat16 and the dtypes left out (so that a
+    model loaded in float32 and in bfloat16 give the same), from one read of each tensor."""
+    exact, rounded = hashlib.sha256(), hashlib.sha256()
     for name, tensor in named:
-        digest.update(f"{name}{tuple(tensor.shape)}{'' if as_bfloat16 else tensor.dtype}".encode())
         raw = full(tensor.detach()).reshape(-1)[:sample].cpu()  # sharded: gathered (every rank)
-        if as_bfloat16 and raw.is_floating_point():
-            raw = raw.to(torch.bfloat16)
-        digest.update(raw.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        exact.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        exact.update(raw.contiguous().view(torch.uint8).numpy().tobytes())
+        rounded.update(f"{name}{tuple(tensor.shape)}".encode())
+        values = raw.to(torch.bfloat16) if raw.is_floating_point() else raw
+        rounded.update(values.contiguous().view(torch.uint8).numpy().tobytes())
+    return exact.hexdigest(), rounded.hexdigest()
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
