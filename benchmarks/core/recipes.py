@@ -1,5 +1,6 @@
-"""What several studies compute the same way: ILA's mask with the library's defaults, brief training for step time
-and memory, and the process's memory while a block runs."""
+"""What several studies compute the same way: ILA's mask with the library's defaults and the process's memory while a
+block runs. Brief training for step time and memory is the library's (`peft_ila.app.recipe.train_briefly`, which
+`peft-ila versus` times with too), re-exported."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import threading
 import torch
 from peft import get_peft_model
 
-from peft_ila import ILAConfig, ILAResult, LayerSampler, identify_important_layers
-from peft_ila.app.files import peak_memory_mb, reset_peak_memory, status_mb
-from peft_ila.identification.training import cycle, train_steps
+from peft_ila import ILAConfig, ILAResult, identify_important_layers
+from peft_ila.app.files import status_mb
+from peft_ila.app.recipe import train_briefly
+
+__all__ = ["AnonymousPeak", "default_identification", "default_probe", "train_briefly"]
 
 
 def default_probe(model: torch.nn.Module, stage1: int, stage2: int, adapter: dict, seed: int = 0) -> torch.nn.Module:
@@ -31,30 +34,6 @@ def default_identification(probe: torch.nn.Module, batches, progress: bool) -> t
         "tokens": sum(s.tokens for s in stages),
     }
     return result, mask
-
-
-def train_briefly(
-    model: torch.nn.Module,
-    batches,
-    steps: int,
-    lr: float,
-    params: list[torch.nn.Parameter] | None = None,
-    sampler: LayerSampler | None = None,
-) -> tuple[list[float], float]:
-    """`steps` AdamW steps on `params` (default: `model`'s trainable parameters, or a layerwise `sampler`'s groups,
-    its active set drawn as `finetune` draws it): the seconds of each step but the first (which allocates the
-    optimizer's state), and the peak resident memory's rise (MB) over the start, measured as `finetune` measures
-    it."""
-    if params is None:
-        params = sampler.parameters() if sampler else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    on_step = None
-    if sampler is not None:
-        sampler.train_only_groups(model)
-        on_step = sampler.hook(optimizer)
-    start = reset_peak_memory()
-    stats = train_steps(model, cycle(batches), optimizer, steps, on_step=on_step, progress=False)
-    return stats.step_seconds[1:], peak_memory_mb(start).get("rss_rise_mb", 0.0)
 
 
 class AnonymousPeak:

@@ -35,6 +35,9 @@ EXAMPLES = {
     "eval": "peft-ila eval adapters/alpaca-top25\n"
     "  peft-ila eval adapters/alpaca-top25 --data /new/place/alpaca.json   (the data file moved)",
     "demo": "peft-ila demo --out ila-demo",
+    "versus": "peft-ila versus --out versus/alpaca --reference other.json   (four modes, 3 seeds, one epoch)\n"
+    "  peft-ila versus --out versus/alpaca --reference other.json --dry-run   (the plan and its cost, nothing run)\n"
+    "  peft-ila versus --out versus/alpaca --modes lora-all,inside --seeds 2 --steps 200",
 }
 # `train` when it identifies inline, and `demo`: identification inside the fine-tune, scored by stage 1's update norms,
 # its top 75% going on with their stage-1 weights: the mode benchmarks/MODES.md found level with LoRA on all layers at
@@ -461,6 +464,63 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
     _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
 
 
+def _versus_options(p: argparse.ArgumentParser) -> None:
+    from .recipe import MODES
+
+    _add_data(p, {}), _add_shape(p, {})
+    g = p.add_argument_group("identification (of the modes that identify)")
+    for field, flag, kind in CONFIG_OPTIONS["identification"]:
+        if field in ("stage1_max_steps", "stage2_steps"):
+            _config_option(g, field, flag, kind, {})
+        else:
+            p.set_defaults(**{field: ILAConfig.__dataclass_fields__[field].default})
+    p.set_defaults(top_k=None, checkpoint_every=0, resume=False)
+    g = p.add_argument_group("the comparison")
+    names = ", ".join(f"{name} ({recipe.label})" for name, recipe in MODES.items())
+    g.add_argument(
+        "--modes",
+        type=_modules,
+        default=list(MODES),
+        help=f"comma-separated, lora-all among them: {names} (default: all)".replace("%", "%%"),
+    )
+    g.add_argument("--seeds", type=_positive, default=3, help="runs of each mode, seeds 0, 1, ... (default: 3)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=_positive, help="optimizer steps of every run (default: --epochs)")
+    budget.add_argument(
+        "--epochs", type=_rate, default=1.0, help="passes over the training examples (default: %(default)s)"
+    )
+    g.add_argument("--lr", type=_rate, default=LR, help="AdamW rate of the adapter modes (default: %(default)s)")
+    g.add_argument(
+        "--full-lr",
+        type=_rate,
+        default=LR / 10,
+        help="AdamW rate of the full-weight modes, LISA (default: %(default)s; large models usually want less)",
+    )
+    g.add_argument("--warmup", type=_share, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
+    g.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="other data (as --data takes it) whose loss rise over the base model is the forgetting; repeat for "
+        "several (default: none, forgetting not measured)",
+    )
+    g.add_argument(
+        "--reference-size", type=_positive, default=32, help="examples of each reference file (default: %(default)s)"
+    )
+    g.add_argument(
+        "--evals", type=_positive, default=4, help="evenly spaced checkpoints evaluated per run (default: %(default)s)"
+    )
+    g.add_argument(
+        "--timing-steps",
+        type=_typed(_in_range(int, 2), "an int >= 2"),
+        default=4,
+        help="steps of each mode in the side-by-side timing, twice over (default: %(default)s)",
+    )
+    g.add_argument("--dry-run", action="store_true", help="print the plan and a cost estimate; run and write nothing")
+    _add_out(p, "the comparison's directory; rerun the same command to continue a killed run")
+
+
 def _add_layerwise(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampled layerwise training (LISA-style; see docs/cli.md)")
     g.add_argument(
@@ -520,5 +580,11 @@ COMMANDS = {  # name: (summary, the function that adds its options)
         "table, fine-tune the top-k, save, reload in a fresh process, and show held-out loss and a generation "
         "before and after.",
         _demo_options,
+    ),
+    "versus": (
+        "Fine-tune every mode (LoRA-all, identification inside the fine-tune, ILA top 75%, LISA) with several "
+        "seeds on this model and data, and judge each against LoRA-all: held-out loss and forgetting at "
+        "checkpoints, costs side by side, versus.json, VERSUS.md and a plot.",
+        _versus_options,
     ),
 }

@@ -584,6 +584,14 @@ def cmd_demo(args) -> None:
     )
 
 
+def cmd_versus(args) -> None:
+    from .versus import run_versus
+
+    results = run_versus(args)
+    if results is not None:
+        print(f"{results['answer']}\nwritten: {args.out}/VERSUS.md, versus.json, versus.png")
+
+
 def _reload_in_a_fresh_process(tmp: Path, out: Path) -> dict:
     """`peft-ila eval` of the demo's adapter (staged in `tmp`) in a new process: what it wrote to reload.json, which
     names the adapter where it will be once the demo's output `out` is in place."""
@@ -605,7 +613,7 @@ def _check_optional_packages(args) -> None:
     """Refuse, before any work, a command whose output needs a package of the `app` extra that is missing."""
     from . import UsageError
 
-    plots = args.command in ("identify", "demo", "compare") or (
+    plots = args.command in ("identify", "demo", "compare", "versus") or (
         args.command == "train" and not (args.mask or args.all_layers or args.layers)
     )
     try:
@@ -656,6 +664,7 @@ def _main(argv: list[str] | None) -> int:
         "export-lora": cmd_export_lora,
         "eval": cmd_eval,
         "demo": cmd_demo,
+        "versus": cmd_versus,
     }
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM cleans up like Ctrl-C
     try:

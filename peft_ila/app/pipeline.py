@@ -79,13 +79,8 @@ def prepare(
     file they come from)."""
     dataset = read_dataset(data_spec, columns)
     test_set = read_dataset(eval_data, columns) if eval_data else None
-    device = accelerator.device if accelerator is not None else "cpu"
-    loading = loading or Loading()
-    model, tokenizer = load_model(model_spec, quantize, device, loading.dtype)
+    model, tokenizer, loaded = load_base(model_spec, quantize, accelerator, loading)
     base_model = {"model": portable(model_spec), **model_identity(model)}
-    if accelerator is not None and quantize is None:  # a quantized model was loaded onto its device
-        model.to(accelerator.device)
-    loaded = loading.apply(model)
     plain = plain or not tokenizer.chat_template
     encoded = _encode_checked(dataset.conversations, data_spec, tokenizer, max_length, overlong, plain)
     if test_set is not None:
@@ -136,6 +131,19 @@ def prepare(
         held_out_conversations=[test_set.conversations[test.sources[i]] for i in held_out],
         plain=plain,
     )
+
+
+def load_base(
+    model_spec: str, quantize: str | None = None, accelerator: Accelerator | None = None, loading: Loading | None = None
+) -> tuple[torch.nn.Module, object, dict]:
+    """(model, tokenizer, how it was loaded) of `model_spec` on the accelerator's device (see `models.load_model`;
+    `loading`: dtype and gradient checkpointing, default as stored and none)."""
+    loading = loading or Loading()
+    device = accelerator.device if accelerator is not None else "cpu"
+    model, tokenizer = load_model(model_spec, quantize, device, loading.dtype)
+    if accelerator is not None and quantize is None:  # a quantized model was loaded onto its device
+        model.to(accelerator.device)
+    return model, tokenizer, loading.apply(model)
 
 
 def _data_lines(spec: str, dataset: Dataset, encoded: Encoded, info: dict, mapped: bool) -> str:

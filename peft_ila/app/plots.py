@@ -1,4 +1,5 @@
-"""PNG plots: the layer-importance heatmap of one run, and the overlap matrix of several."""
+"""PNG plots: the layer-importance heatmap of one run, the overlap matrix of several, and `versus`'s held-out loss
+against forgetting."""
 
 from __future__ import annotations
 
@@ -78,4 +79,26 @@ def overlap_matrix(path: Path, labels: list[str], jaccard: list[list[float]], ti
     fig.colorbar(image, ax=ax, label="Jaccard overlap")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def versus_plot(path: Path, runs: list[dict], base: dict, modes: list[str]) -> None:
+    """Held-out loss (x) against forgetting (y), every checkpoint of every run joined in step order, one colour per
+    mode, the base model a black star; without forgetting (no reference sets), held-out loss against step."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    forgetting = any(point["forgetting"] is not None for run in runs for point in run["checkpoints"])
+    for colour, mode in zip(plt.cm.tab10.colors, modes, strict=False):
+        for number, run in enumerate(r for r in runs if r["mode"] == mode):
+            points = [{**base, "forgetting": 0.0}, *run["checkpoints"]] if forgetting else run["checkpoints"]
+            x = [p["held_out"] if forgetting else p["step"] for p in points]
+            y = [p["forgetting"] if forgetting else p["held_out"] for p in points]
+            label = mode if number == 0 else None
+            ax.plot(x, y, "o-", color=colour, markersize=3, linewidth=0.8, alpha=0.8, label=label)
+    if forgetting:
+        ax.plot([base["held_out"]], [0.0], "k*", markersize=10, label="base model")
+    ax.set_xlabel("held-out loss" if forgetting else "step")
+    ax.set_ylabel("forgetting (reference sets' loss rise)" if forgetting else "held-out loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,54 @@
+"""The noise and the rule every verdict uses, defined once: `peft-ila versus` and every study judge with these.
+
+A difference between two groups of seeds counts when it is larger than `BEYOND` standard errors; the standard error
+comes from the pooled seed-to-seed standard deviation (the noise scale) of the groups compared."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+
+BEYOND = 2.0  # a difference counts when larger than this many standard errors
+NOISE_RULE = f"a difference counts beyond {BEYOND:g} standard errors (see the noise scale above)"
+
+
+def pooled_sd(samples: Iterable[list[float]]) -> float | None:
+    """Pooled standard deviation of several groups of samples (groups of one add nothing); None without any."""
+    groups = [s for s in samples if len(s) > 1]
+    dof = sum(len(s) - 1 for s in groups)
+    if dof == 0:
+        return None
+    return math.sqrt(sum((len(s) - 1) * statistics.variance(s) for s in groups) / dof)
+
+
+def difference(a: list[float], b: list[float], sigma: float | None) -> tuple[float, float] | None:
+    """mean(a) - mean(b) and its standard error sigma * sqrt(1/n_a + 1/n_b); None when a side or sigma is missing."""
+    if not a or not b or sigma is None:
+        return None
+    return statistics.mean(a) - statistics.mean(b), sigma * math.sqrt(1 / len(a) + 1 / len(b))
+
+
+def beyond(delta: tuple[float, float]) -> int:
+    """-1 when a difference is below -BEYOND standard errors, +1 above +BEYOND, 0 within the noise."""
+    value, error = delta
+    return -1 if value < -BEYOND * error else (1 if value > BEYOND * error else 0)
+
+
+def judge(deltas: Iterable[tuple[float, float]], better: str, worse: str, tie: str) -> str:
+    """`better` when every difference is below the noise, `worse` when any is above it, else `tie`."""
+    signs = [beyond(delta) for delta in deltas]
+    return better if signs and all(s < 0 for s in signs) else (worse if 1 in signs else tie)
+
+
+def show(delta: tuple[float, float] | None) -> str:
+    """A difference and its standard error, as every page prints them."""
+    return "missing" if delta is None else f"{delta[0]:+.4f} ± {delta[1]:.4f}"
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """`value` in units of `reference` (a cost ratio: 0.5 is half the reference's); None when either is missing or
+    the reference is not positive."""
+    if value is None or reference is None or reference <= 0:
+        return None
+    return value / reference

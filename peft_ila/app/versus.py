@@ -1,0 +1,277 @@
+"""`peft-ila versus`: every mode (a `Recipe`) fine-tuned on the user's model and data with several seeds, judged
+against LoRA on all layers (`versus_page`).
+
+The output directory fills as it goes: `plan.json` (the settings every run shares), `base.json` (the base model's
+losses), one `runs/<mode>-seed<k>.json` per finished run, `timing.json` (every mode's steps side by side), then
+`versus.json`, `VERSUS.md` and `versus.png`, rewritten after every run. Rerunning the same command continues where
+a killed one stopped (finished runs are kept); other settings are refused, naming what differs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..tuner.config import ILAConfig
+from . import UsageError
+from .args import CONFIG_OPTIONS
+from .data import batches, encode, read_dataset, split
+from .files import MANIFEST, check_free, read_json, write_json, written_by_peft_ila
+from .pipeline import Prepared, load_base, wrap
+from .recipe import MODES, Evaluation, Schedule, run_recipe, train_briefly, trained_like
+from .steps import accelerator_for, ila_config, loading_of, prepare_data
+from .versus_page import write_results
+
+KIND = "a versus directory"
+ROUNDS = 2  # side by side: rounds of a few steps of every mode in turn
+
+
+def run_versus(args) -> dict | None:
+    """The command: check, prepare, plan (and stop there with --dry-run), run what is missing, judge, write."""
+    config = ila_config(args)
+    _check_modes(args)
+    if not args.dry_run:
+        _check_out(args.out, args.overwrite)
+    accelerator = accelerator_for(args)
+    prepared = prepare_data(args, accelerator)
+    schedule = _schedule(args, prepared)
+    _check_budget(args, schedule)
+    references = _references(args, prepared)
+    settings = _settings(args, prepared, schedule, config, references)
+    evaluation = Evaluation(prepared.batches(args.batch_size, args.seed, held_out=True), references, [], accelerator)
+    evaluation.at = _checkpoint_steps(schedule.steps, args.evals)
+    if args.dry_run:
+        print(_estimate(args, prepared, config, schedule, evaluation))
+        return None
+    _open(args.out, settings, args.overwrite)
+    evaluation.base = _cached(args.out / "base.json", lambda: evaluation.point(prepared.model, 0))
+    prepared = replace(prepared, model=None)  # each run loads its own; two copies need not be held
+    runs = _run_all(args, prepared, config, schedule, evaluation, settings)
+    timing = _cached(args.out / "timing.json", lambda: _timing(args, prepared, config, schedule, runs))
+    return _written(args, settings, evaluation.base, runs, timing)
+
+
+def _check_modes(args) -> None:
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        raise UsageError(f"--modes {','.join(unknown)}: unknown; choose from {', '.join(MODES)}.")
+    if "lora-all" not in args.modes:
+        raise UsageError("--modes must include lora-all, the reference every other mode is judged against.")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """An existing --out is continued when it is a versus directory (its settings are checked later), else refused
+    as for every command (`check_free`)."""
+    if out.exists() and not overwrite and written_by_peft_ila(out) == KIND:
+        return
+    check_free(out, overwrite)
+
+
+def _schedule(args, prepared: Prepared) -> Schedule:
+    """The budget in optimizer steps: --steps, or --epochs over the training examples."""
+    per_epoch = -(-len(prepared.train) // (args.batch_size * args.grad_accum))
+    steps = args.steps or round(args.epochs * per_epoch)
+    return Schedule(max(steps, 1), args.lr, args.full_lr, args.warmup, args.batch_size)
+
+
+def _check_budget(args, schedule: Schedule) -> None:
+    if "inside" in args.modes and args.stage1_max_steps >= schedule.steps:
+        raise UsageError(
+            f"--stage1-max-steps {args.stage1_max_steps} leaves nothing of the {schedule.steps} steps to mode inside, "
+            "whose identification's stage 1 counts in them: lower it, or raise --steps/--epochs."
+        )
+
+
+def _checkpoint_steps(steps: int, evals: int) -> list[int]:
+    """`evals` evenly spaced steps, the last `steps` (duplicates of a short run dropped)."""
+    return sorted({max(1, round(i * steps / evals)) for i in range(1, evals + 1)})
+
+
+def _references(args, prepared: Prepared) -> dict[str, object]:
+    """Each --reference file's batches: --reference-size of its examples (drawn with --seed), encoded as the data
+    is. Named by the file's stem."""
+    out = {}
+    for spec in args.reference:
+        name = Path(spec).stem
+        if name in out:
+            raise UsageError(f"--reference {spec}: another reference file is named {name} too; rename one.")
+        encoded = encode(read_dataset(spec).conversations, prepared.tokenizer, args.max_length, plain=prepared.plain)
+        size = min(args.reference_size, len(encoded.examples) - 1)
+        if size < 1:
+            raise UsageError(f"--reference {spec}: fewer than 2 examples left after encoding; add examples.")
+        held = split(encoded.examples, size, args.seed)[1]
+        out[name] = batches(held, args.batch_size, prepared.tokenizer.pad_token_id, shuffle=False)
+    return out
+
+
+def _settings(args, prepared: Prepared, schedule: Schedule, config: ILAConfig, references: dict) -> dict:
+    """What every run shares, and what a continued run must match."""
+    info = prepared.info
+    data = ("model", "data", "data_sha256", "eval_data_sha256", "columns", "format", "max_length", "overlong")
+    identification = {field: getattr(config, field) for field, _, _ in CONFIG_OPTIONS["identification"]}
+    settings = {
+        **{key: info[key] for key in data},
+        "weights": info["base_model"].get("values_sha256"),
+        "held_out_ids": info["held_out_ids"],
+        "loading": {**info["loading"], "quantization": info["quantization"], "bf16": args.bf16},
+        "grad_accum": args.grad_accum,
+        "schedule": asdict(schedule),
+        "adapter": {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout},
+        "target_modules": config.target_modules,
+        "identification": identification,
+        "references": {name: _sha256(spec) for name, spec in zip(references, args.reference, strict=True)},
+        "reference_size": args.reference_size,
+        "evals": args.evals,
+        "timing_steps": args.timing_steps,
+    }
+    return json.loads(json.dumps(settings))  # as plan.json will hold them (lists, not tuples)
+
+
+def _sha256(spec: str) -> str:
+    from .data import fingerprint
+
+    return fingerprint(spec)[1]
+
+
+def _open(out: Path, settings: dict, overwrite: bool) -> None:
+    """Start `out` (its plan and manifest), or continue it when its plan has these settings; refuse other
+    settings, naming them. --overwrite starts over (only a directory peft-ila wrote)."""
+    plan = out / "plan.json"
+    if plan.is_file() and not overwrite:
+        before = read_json(plan)
+        changed = [key for key in sorted({*before, *settings}) if before.get(key) != settings.get(key)]
+        if changed:
+            shown = "; ".join(f"{k}: {_short(before.get(k))} then, {_short(settings.get(k))} now" for k in changed)
+            raise UsageError(
+                f"{out} holds runs with other settings ({shown}); use another --out, or --overwrite to start over."
+            )
+        done = len(list((out / "runs").glob("*.json")))
+        print(f"continuing {out}: {done} run(s) already finished are kept")
+        return
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)  # only a peft-ila output gets here (`_check_out`)
+    (out / "runs").mkdir(parents=True)
+    write_json(plan, settings)
+    _note_written(out)
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _note_written(out: Path) -> None:
+    """The manifest of what versus wrote in `out`, so that --overwrite later replaces only that."""
+    entries = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != MANIFEST)
+    write_json(out / MANIFEST, {"written_by": "peft-ila", "kind": KIND, "entries": entries})
+
+
+def _cached(path: Path, compute) -> dict:
+    """The JSON in `path`, or `compute()` written there."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    write_json(path, value)
+    _note_written(path.parent)
+    return value
+
+
+def _fresh(args, prepared: Prepared) -> Prepared:
+    """`prepared` with the base model loaded anew (a run changes the model it trains)."""
+    model = load_base(args.model, args.quantize, accelerator_for(args), loading_of(args))[0]
+    return replace(prepared, model=model)
+
+
+def _run_all(args, prepared, config, schedule, evaluation, settings) -> dict[tuple[str, int], dict]:
+    """Every (mode, seed) run: read when finished, else fine-tuned and saved at once; a bar over the runs' steps."""
+    folder, runs = args.out / "runs", {}
+    cells = [(mode, seed) for mode in args.modes for seed in range(args.seeds)]
+    pending = [cell for cell in cells if not (folder / f"{cell[0]}-seed{cell[1]}.json").is_file()]
+    bar = tqdm(total=len(pending) * schedule.steps, desc="versus", unit="step", disable=args.no_progress)
+    for mode, seed in cells:
+        path = folder / f"{mode}-seed{seed}.json"
+        if path.is_file():
+            runs[mode, seed] = json.loads(path.read_text())
+            continue
+        bar.set_postfix_str(f"{mode}, seed {seed}")
+        done = bar.n
+
+        def advance(step: int, done: int = done) -> None:
+            bar.update(done + step - bar.n)
+
+        record = run_recipe(MODES[mode], _fresh(args, prepared), config, schedule, seed, evaluation, False, advance)
+        runs[mode, seed] = {"mode": mode, "seed": seed, "recipe": asdict(MODES[mode]), **record}
+        write_json(path, runs[mode, seed])
+        _note_written(args.out)
+        bar.update(done + schedule.steps - bar.n)
+        _written(args, settings, evaluation.base, runs, None)
+    bar.close()
+    return runs
+
+
+def _timing(args, prepared: Prepared, config: ILAConfig, schedule: Schedule, runs: dict) -> dict:
+    """Every mode's training (after its identification, on seed 0's selection), and identification's two stages
+    when a mode identifies, `--timing-steps` steps each in turn, `ROUNDS` rounds in one process: per row the mean
+    step seconds (each run's first step left out) and the largest memory rise (MB)."""
+    rows = [*args.modes, *(("probe-stage1", "probe-stage2") if any(MODES[m].identifies for m in args.modes) else ())]
+    seconds: dict[str, list[float]] = {row: [] for row in rows}
+    rises: dict[str, list[float]] = {row: [] for row in rows}
+    for round_ in range(ROUNDS):
+        for row in rows:
+            took, rise = _timed(args, row, _fresh(args, prepared), config, schedule, runs, round_)
+            seconds[row] += took
+            rises[row].append(rise)
+    return {row: {"step_seconds": statistics.mean(seconds[row]), "memory_rise_mb": max(rises[row])} for row in rows}
+
+
+def _timed(args, row: str, prepared: Prepared, config: ILAConfig, schedule: Schedule, runs: dict, round_: int):
+    """`--timing-steps` steps of one timing row: (step seconds but the first, memory rise)."""
+    batches, steps = prepared.batches(schedule.batch_size, round_), args.timing_steps
+    if row.startswith("probe-"):
+        probe = wrap(prepared.model, replace(config, seed=round_))
+        if row == "probe-stage1":
+            return train_briefly(probe, batches, steps, config.stage1_lr)
+        with probe.base_model.gate_stage() as bank:  # the gate logits train (a buffer, not a parameter)
+            return train_briefly(probe, batches, steps, config.gate_lr, [bank.logits])
+    recipe = replace(MODES[row], interval=1)  # a sampled mode draws anew at every step
+    selected = runs[row, 0]["identification"].get("selected")
+    model, how = trained_like(recipe, prepared.model, config, round_, selected)
+    return train_briefly(model, batches, steps, schedule.full_lr if recipe.method == "full" else schedule.lr, **how)
+
+
+def _estimate(args, prepared: Prepared, config: ILAConfig, schedule: Schedule, evaluation: Evaluation) -> str:
+    """The plan and its cost: a few LoRA-all steps and one evaluation timed here, scaled to every run's steps
+    (identification's stage budgets included) and evaluations."""
+    evaluation.point(prepared.model, 0)
+    lora = trained_like(MODES["lora-all"], prepared.model, config, 0)[0]
+    step = statistics.mean(train_briefly(lora, prepared.batches(schedule.batch_size, 0), 3, schedule.lr)[0])
+    per_point = evaluation.seconds
+    identify = config.stage1_max_steps + config.stage2_steps
+    runs = [(mode, seed) for mode in args.modes for seed in range(args.seeds)]
+    steps = sum(schedule.steps + (identify if MODES[m].layers == "identify" else 0) for m, _ in runs)
+    seconds = steps * step + len(runs) * (len(evaluation.at) + 1) * per_point
+    modes = ", ".join(f"{m} ({MODES[m].label})" for m in args.modes)
+    return (
+        f"plan: {len(runs)} runs ({modes}; seeds 0-{args.seeds - 1}) of {schedule.steps} steps each, held-out loss"
+        f"{' and ' + str(len(evaluation.references)) + ' reference set(s)' if evaluation.references else ''} at "
+        f"steps {', '.join(map(str, evaluation.at))}\n"
+        f"estimate: {steps:,} training steps at {step:.2f} s (a LoRA-all step timed here) and "
+        f"{len(runs) * (len(evaluation.at) + 1)} evaluations at {per_point:.1f} s: about {_hours(seconds)}, "
+        f"plus {len(args.modes) * ROUNDS * args.timing_steps} timing steps; nothing was written"
+    )
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def _written(args, settings: dict, base: dict, runs: dict, timing: dict | None) -> dict:
+    """versus.json, VERSUS.md and versus.png from what there is (`timing` None: the cost columns wait for it)."""
+    results = write_results(args.out, settings, base, list(runs.values()), timing, args.modes, args.seeds, args.argv)
+    _note_written(args.out)
+    return results
