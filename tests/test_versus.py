@@ -1,0 +1,142 @@
+"""`peft-ila versus` on the tiny model: every default mode with 2 seeds, the page, the JSON and the plot, a killed run
+continued to the uninterrupted records, changed settings refused, bad input in one line; and the judge it uses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import stop_at_step
+
+import peft_ila.app.pipeline
+from conftest import common
+from peft_ila.app.cli import main
+from peft_ila.app.judge import beyond, difference, pooled_sd, ratio
+from peft_ila.app.recipe import MODES
+from peft_ila.app.versus_page import compare, verdict
+
+STEPS, STAGE1 = 8, 4
+
+
+def versus(work, out, *extra) -> list[str]:
+    """`peft-ila versus` on `work`'s tiny model and data: every mode, 2 seeds, `STEPS` steps, a reference set."""
+    budget = ["--stage1-max-steps", str(STAGE1), "--stage2-steps", "2", "--steps", str(STEPS), "--seeds", "2"]
+    reference = ["--reference", str(work / "other.json"), "--reference-size", "6", "--timing-steps", "2"]
+    return ["versus", *common(work, *budget, *reference, *extra), "--out", str(out)]
+
+
+@pytest.fixture(scope="session")
+def compared(work):
+    """A finished versus directory on `work`."""
+    rows = [{"instruction": f"Say {w}.", "input": "", "output": f"{w}, {w} and {w}."} for w in "abcdefghij"]
+    (work / "other.json").write_text(json.dumps(rows))
+    assert main(versus(work, work / "versus")) == 0
+    return work / "versus"
+
+
+def records(out) -> dict[str, dict]:
+    """Each run's record without what the clock and the memory reading decide."""
+    kept = {}
+    for path in sorted((out / "runs").glob("*.json")):
+        record = json.loads(path.read_text())
+        record["identification"].pop("seconds", None)
+        kept[path.stem] = {k: v for k, v in record.items() if k not in ("seconds", "median_step_seconds", "memory")}
+    return kept
+
+
+def one_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_every_default_mode_runs_with_two_seeds_and_is_judged_on_a_page_a_json_and_a_plot(compared):
+    results = json.loads((compared / "versus.json").read_text())
+    assert sorted((r["mode"], r["seed"]) for r in results["runs"]) == sorted((m, s) for m in MODES for s in (0, 1))
+    assert results["missing"] == []
+    for run in results["runs"]:  # checkpoints at the evenly spaced steps, the end last; inside's after stage 1
+        steps = [point["step"] for point in run["checkpoints"]]
+        assert steps == ([6, 8] if run["mode"] == "inside" else [2, 4, 6, 8]), run["mode"]
+        assert all(point["forgetting"] is not None for point in run["checkpoints"])
+    rows = results["comparisons"]["modes"]
+    for mode in ("inside", "ila-75", "lisa"):
+        assert rows[mode]["delta_held_out"] is not None and rows[mode]["wall"] > 0
+        assert rows[mode]["label"] in results["answer"]
+    assert set(results["timing"]) == {*MODES, "probe-stage1", "probe-stage2"}
+    page = (compared / "VERSUS.md").read_text()
+    assert results["answer"] in page and "| LISA (2 blocks of full weights) | 2 |" in page
+    assert (compared / "versus.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_killed_run_continues_to_the_uninterrupted_records(work, compared, tmp_path, monkeypatch, capsys):
+    stop_at_step(monkeypatch, peft_ila.app.pipeline, 2 * STEPS + 3)  # in the third run (inside, seed 0)
+    assert main(versus(work, tmp_path / "v")) == 130
+    assert len(list((tmp_path / "v" / "runs").glob("*.json"))) == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(versus(work, tmp_path / "v")) == 0
+    assert "continuing" in capsys.readouterr().out
+    assert records(tmp_path / "v") == records(compared)
+
+
+def test_other_settings_are_refused_and_fewer_modes_and_seeds_reuse_the_runs(work, compared, tmp_path, capsys):
+    assert main(versus(work, compared, "--lr", "0.002")) == 2
+    assert "schedule" in one_line(capsys) and (compared / "runs" / "lisa-seed1.json").is_file()
+    copy = tmp_path / "fewer"
+    (copy / "runs").mkdir(parents=True)
+    for name in ("plan.json", "base.json", ".peft-ila.json"):
+        (copy / name).write_bytes((compared / name).read_bytes())
+    (copy / "runs" / "lora-all-seed0.json").write_bytes((compared / "runs" / "lora-all-seed0.json").read_bytes())
+    args = versus(work, copy)
+    args[args.index("--seeds") + 1] = "1"
+    assert main([*args[:-2], "--modes", "lora-all", "--out", str(copy)]) == 0
+    kept = (copy / "runs" / "lora-all-seed0.json").read_bytes()
+    assert kept == (compared / "runs" / "lora-all-seed0.json").read_bytes()  # read, not run again
+    assert "no mode but LoRA-all has run yet" in (copy / "VERSUS.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, must",
+    [
+        (("--modes", "inside,ila-75"), "must include lora-all"),
+        (("--modes", "lora-all,gates"), "--modes gates: unknown"),
+        (("--stage1-max-steps", "8"), "leaves nothing of the 8 steps to mode inside"),
+        (("--reference", "missing.json"), "missing.json"),
+        (("--timing-steps", "1"), "--timing-steps 1 is invalid"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(work, compared, tmp_path, capsys, extra, must):
+    assert main(versus(work, tmp_path / "v", *extra)) == 2
+    assert must in one_line(capsys)
+    assert not (tmp_path / "v").exists()
+
+
+def test_a_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(work, compared, tmp_path, capsys):
+    assert main(versus(work, tmp_path / "v", "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "plan: 8 runs" in out and "at steps 2, 4, 6, 8" in out and "estimate:" in out
+    assert not (tmp_path / "v").exists()
+
+
+def test_the_judge_pools_the_seeds_and_applies_the_two_standard_error_rule():
+    assert pooled_sd([[1.0, 3.0], [2.0, 4.0], [7.0]]) == pytest.approx(2**0.5)
+    assert pooled_sd([[1.0], [2.0]]) is None
+    delta = difference([1.0, 1.2], [1.5, 1.7], 0.1)
+    assert delta == pytest.approx((-0.5, 0.1))
+    assert beyond(delta) == -1 and beyond((0.15, 0.1)) == 0 and beyond((0.25, 0.1)) == 1
+    assert ratio(2.0, 4.0) == 0.5 and ratio(1.0, 0.0) is None
+
+
+def test_verdicts_follow_the_rule_for_loss_and_forgetting():
+    def run(mode, seed, loss, forgetting):
+        point = {"step": 4, "held_out": loss, "references": {}, "forgetting": forgetting}
+        return {"mode": mode, "seed": seed, "checkpoints": [point], "seconds": 1.0, "identification": {}}
+
+    runs = [run("lora-all", 0, 1.00, 0.10), run("lora-all", 1, 1.02, 0.12)]
+    runs += [run("ila-75", 0, 1.01, 0.02), run("ila-75", 1, 1.03, 0.04)]
+    runs += [run("lisa", 0, 1.50, 0.11), run("lisa", 1, 1.52, 0.13)]
+    rows = compare(runs, ["lora-all", "ila-75", "lisa"], None, 4)["modes"]
+    assert verdict(rows["ila-75"]).startswith("level with LoRA-all") and "forgets less" in verdict(rows["ila-75"])
+    assert verdict(rows["lisa"]).startswith("worse than LoRA-all") and "forgets as much" in verdict(rows["lisa"])
+    single = compare(runs[:1] + runs[2:3], ["lora-all", "ila-75"], None, 4)["modes"]
+    assert verdict(single["ila-75"]) == "not judged: one seed gives no noise scale"
