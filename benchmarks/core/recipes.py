@@ -1,5 +1,5 @@
 """What several studies compute the same way: ILA's mask with the library's defaults and the process's memory while a
-block runs. Brief training for step time and memory is the library's (`peft_ila.app.recipe.train_briefly`, which
+block runs. Brief training for step time and memory is the library's (`peft_ila.app.executor.train_briefly`, which
 `peft-ila versus` times with too), re-exported."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from peft import get_peft_model
 
 from peft_ila import ILAConfig, ILAResult, identify_important_layers
+from peft_ila.app.executor import train_briefly
 from peft_ila.app.files import status_mb
-from peft_ila.app.recipe import train_briefly
 
 __all__ = ["AnonymousPeak", "default_identification", "default_probe", "train_briefly"]
 

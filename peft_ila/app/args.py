@@ -9,6 +9,7 @@ from pathlib import Path
 from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig, parse_budget
 from . import UsageError
 from .models import DEVICES, DTYPES, QUANTIZATIONS
+from .recipe import INSIDE, MODES
 
 METHODS = ("ila", "lora", "dora", "adalora", "qlora", "full")  # what `train --method` does to the selected layers
 
@@ -39,10 +40,6 @@ EXAMPLES = {
     "  peft-ila versus --out versus/alpaca --reference other.json --dry-run   (the plan and its cost, nothing run)\n"
     "  peft-ila versus --out versus/alpaca --modes lora-all,inside --seeds 2 --steps 200",
 }
-# `train` when it identifies inline, and `demo`: identification inside the fine-tune, scored by stage 1's update norms,
-# its top 75% going on with their stage-1 weights: the mode benchmarks/MODES.md found level with LoRA on all layers at
-# no more wall time ("ILA inside, norms"; nothing it measured beat LoRA-all)
-INSIDE = {"estimator": "update-norm", "top_k": 0.75, "keep_stage1_weights": True}
 TRAIN = {"estimator": INSIDE["estimator"], "keep_stage1_weights": None}  # None: kept when identifying inline
 DEMO = {"max_length": 128, "eval_size": 32, "stage1_max_steps": 30, "stage2_steps": 20, "steps": 30, **INSIDE}
 LR = 1e-3  # the fine-tune's AdamW rate: the best of the modes study's sweep for LoRA (benchmarks/MODES.md)
@@ -465,8 +462,6 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
 
 
 def _versus_options(p: argparse.ArgumentParser) -> None:
-    from .recipe import MODES
-
     _add_data(p, {}), _add_shape(p, {})
     g = p.add_argument_group("identification (of the modes that identify)")
     for field, flag, kind in CONFIG_OPTIONS["identification"]:

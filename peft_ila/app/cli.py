@@ -13,7 +13,8 @@ import time
 import warnings
 from pathlib import Path
 
-from .args import INSIDE, parser
+from .args import parser
+from .recipe import INSIDE
 from .steps import (
     accelerator_for,
     candidates_of,
@@ -70,7 +71,7 @@ def cmd_train(args) -> None:
 
     inline = inline_run(args.out)  # where an inline identification writes its run
     identifying = not (args.mask or args.all_layers or args.layers)
-    if args.keep_stage1_weights is None:  # identification inside the fine-tune (args.INSIDE) when there is one
+    if args.keep_stage1_weights is None:  # identification inside the fine-tune (recipe.INSIDE) when there is one
         args.keep_stage1_weights = identifying
     if identifying and args.top_k is None:
         args.top_k = INSIDE["top_k"]

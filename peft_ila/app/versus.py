@@ -19,9 +19,10 @@ from ..tuner.config import ILAConfig
 from . import UsageError
 from .args import CONFIG_OPTIONS
 from .data import batches, encode, read_dataset, split
+from .executor import Evaluation, Schedule, run_recipe, train_briefly, trained_like
 from .files import MANIFEST, check_free, read_json, write_json, written_by_peft_ila
 from .pipeline import Prepared, load_base, wrap
-from .recipe import MODES, Evaluation, Schedule, run_recipe, train_briefly, trained_like
+from .recipe import MODES
 from .steps import accelerator_for, ila_config, loading_of, prepare_data
 from .versus_page import write_results
 

@@ -1,0 +1,158 @@
+"""The one executor: `run_recipe` fine-tunes a `Recipe` on prepared data and returns its run record (checkpoints'
+losses, forgetting, steps, seconds, memory, identification's data position); `train_briefly` times a few steps of
+what a recipe trains."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig
+
+from ..identification.importance import identify_important_layers
+from ..identification.training import cycle, evaluate_loss, train_steps
+from ..tuner.config import ILAConfig
+from ..tuner.layerwise import LayerSampler, LayerwiseConfig, block_groups
+from ..tuner.model import find_candidates
+from .files import peak_memory_mb, reset_peak_memory
+from .pipeline import Prepared, finetune, wrap
+from .recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What every recipe of a comparison shares: optimizer `steps` (an inside identification's stage 1 counts in
+    them), AdamW rates for adapters (`lr`) and for full weights (`full_lr`), warmup fraction, micro-batch size."""
+
+    steps: int
+    lr: float
+    full_lr: float
+    warmup: float
+    batch_size: int
+
+
+@dataclass
+class Evaluation:
+    """Where a run is measured: the held-out batches, reference sets' batches by name (their loss rise over the
+    base model's, `base`, is the forgetting), and the steps `at` which (the last is the end)."""
+
+    held_out: object
+    references: dict[str, object]
+    at: list[int]
+    accelerator: Accelerator
+    base: dict = field(default_factory=dict)
+    seconds: float = 0.0  # spent evaluating, left out of a run's wall time
+
+    def point(self, model: torch.nn.Module, step: int, held_out: float | None = None) -> dict:
+        """{step, held_out, references: {name: loss}, forgetting: mean rise over the base's, or None}."""
+        start = time.perf_counter()
+        loss = held_out if held_out is not None else evaluate_loss(model, self.held_out, self.accelerator)
+        references = {name: evaluate_loss(model, b, self.accelerator) for name, b in self.references.items()}
+        self.seconds += time.perf_counter() - start
+        rise = [references[name] - self.base["references"][name] for name in references] if self.base else []
+        forgetting = statistics.mean(rise) if rise else None
+        return {"step": step, "held_out": loss, "references": references, "forgetting": forgetting}
+
+
+def run_recipe(
+    recipe: Recipe,
+    prepared: Prepared,
+    config: ILAConfig,
+    schedule: Schedule,
+    seed: int,
+    evaluation: Evaluation,
+    progress: bool = True,
+    on_step=None,
+) -> dict:
+    """Fine-tune `recipe` on `prepared` (its model is changed) with `seed` (adapters, data order, identification,
+    draws): the run record (checkpoints, steps, seconds with identification and without evaluation, median step
+    seconds, memory, trainable parameters, identification's steps and data position). `config`: the adapters' shape
+    and identification's budget; `on_step(global step)` after every fine-tune step (a progress bar)."""
+    torch.manual_seed(seed)
+    start, evaluated = time.perf_counter(), evaluation.seconds
+    model, how, identified = _build(recipe, prepared, config, schedule, seed, evaluation.accelerator, progress)
+    offset = identified.get("stage1_steps", 0) if recipe.layers == "inside" else 0
+    checkpoints: list[dict] = []
+
+    def step_done(stats) -> None:
+        if offset + stats.steps in evaluation.at[:-1]:
+            checkpoints.append(evaluation.point(model, offset + stats.steps))
+        if on_step is not None:
+            on_step(offset + stats.steps)
+
+    lr = schedule.full_lr if recipe.method == "full" else schedule.lr
+    shape = (schedule.steps - offset, lr, schedule.batch_size, seed, schedule.warmup, evaluation.accelerator)
+    before = evaluation.base["held_out"]
+    report = finetune(model, prepared, *shape, progress, on_step=step_done, loss_before=before, **how)
+    checkpoints.append(evaluation.point(model, schedule.steps, report.loss_after))
+    return {
+        "checkpoints": checkpoints,
+        "steps": offset + report.steps,
+        "seconds": time.perf_counter() - start - (evaluation.seconds - evaluated),
+        "median_step_seconds": report.median_step_seconds,
+        "memory": report.memory,
+        "trainable_params": report.trainable_params,
+        "identification": identified,
+    }
+
+
+def _build(recipe: Recipe, prepared: Prepared, config: ILAConfig, schedule: Schedule, seed: int, accelerator, progress):
+    """(model, what `finetune` takes beside it, identification's record) of `recipe` on `prepared.model`."""
+    if not recipe.identifies:
+        return (*trained_like(recipe, prepared.model, config, seed), {})
+    inside = recipe.layers == "inside"
+    scored = dict(estimator=recipe.estimator) if recipe.estimator else {}
+    probe = wrap(prepared.model, replace(config, top_k=recipe.top_k, seed=seed, keep_stage1_weights=inside, **scored))
+    start = time.perf_counter()
+    batches = prepared.batches(schedule.batch_size, seed)
+    result = identify_important_layers(probe, batches, progress=progress, accelerator=accelerator)
+    identified = {
+        "stage1_steps": result.stage1.steps,
+        "stage2_steps": result.stage2.steps,
+        "micro_batches": result.stage1.micro_batches,
+        "seconds": time.perf_counter() - start,
+        "selected": list(result.selection.selected),
+    }
+    return probe, {"skip": result.stage1.micro_batches if inside else 0}, identified
+
+
+def trained_like(
+    recipe: Recipe, model: torch.nn.Module, config: ILAConfig, seed: int, selected: list[str] | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """(model, what `finetune` or `train_briefly` takes beside it) training what `recipe` trains after any
+    identification: LoRA on every candidate, sampled blocks of full weights, or ILA's adapters on `selected`."""
+    if recipe.method == "full":
+        groups = block_groups(model, find_candidates(model, config))
+        return model, {"sampler": LayerSampler(groups, LayerwiseConfig(recipe.active, recipe.interval, seed=seed))}
+    if recipe.identifies:
+        return wrap(model, replace(config, selected_layers=list(selected), seed=seed)), {}
+    shape = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+    return wrap(model, LoraConfig(task_type="CAUSAL_LM", target_modules=config.target_modules, **shape)), {}
+
+
+def train_briefly(
+    model: torch.nn.Module,
+    batches,
+    steps: int,
+    lr: float,
+    params: list[torch.nn.Parameter] | None = None,
+    sampler: LayerSampler | None = None,
+) -> tuple[list[float], float]:
+    """`steps` AdamW steps on `params` (default: `model`'s trainable parameters, or a layerwise `sampler`'s groups,
+    its active set drawn as `finetune` draws it): the seconds of each step but the first (which allocates the
+    optimizer's state), and the peak memory's rise (MB) over the start, measured as `finetune` measures it (CUDA's
+    peak allocation on a GPU, else the resident memory's)."""
+    if params is None:
+        params = sampler.parameters() if sampler else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    on_step = None
+    if sampler is not None:
+        sampler.train_only_groups(model)
+        on_step = sampler.hook(optimizer)
+    start = reset_peak_memory()
+    stats = train_steps(model, cycle(batches), optimizer, steps, on_step=on_step, progress=False)
+    peak = peak_memory_mb(start)
+    return stats.step_seconds[1:], peak.get("cuda_peak_mb", peak.get("rss_rise_mb", 0.0))
