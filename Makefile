@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs bench bench-quick bench-modes bench-stability bench-methods figures test quickstart lint clean
+.PHONY: demo demo-docs versus-docs bench bench-quick bench-modes bench-stability bench-methods figures test quickstart lint clean
 
 # the library alone
 $(BIN)/.library: setup.cfg pyproject.toml
@@ -34,6 +34,14 @@ demo-docs: demo
 	cp ila-demo/demo.json ila-demo/adapter/training.json docs/demo/
 	cp ila-demo/identify/importance.json ila-demo/identify/report.md ila-demo/identify/heatmap.png docs/demo/
 
+# `peft-ila versus` on SmolLM2 and alpaca_en_demo, LIMA and Dolly (from ../shared) as the forgetting's references:
+# the recorded run in docs/versus/ that README.md quotes (its budget cut to fit a 2-core machine in about an hour;
+# rerun to continue it)
+VERSUS_DOCS = --max-length 128 --eval-size 32 --steps 48 --stage1-max-steps 24 --stage2-steps 8 --evals 3 \
+	--reference ../shared/data/lima_1k.json --reference ../shared/data/dolly_test_200.json --reference-size 16
+versus-docs: $(BIN)/.app
+	$(BIN)/peft-ila versus $(VERSUS_DOCS) --no-progress --out docs/versus
+
 # The studies (benchmarks/README.md): each keeps its cells in benchmarks/results/<study>/full/ (a finished cell is
 # kept; rerun to continue) and writes its page under benchmarks/; LIMA and Dolly come from ../shared when it exists.
 # BENCH_ARGS=--existing-only renders a page from the committed cells and computes nothing.
@@ -44,12 +52,18 @@ bench: $(BIN)/.knowledge  # the grid: benchmarks/GRID.md
 
 # smoke-sized, on the real model: every path of the grid (cells, resume, equal wall time, forgetting, cost-aware
 # selection, overhead) and of the modes study (every training mode, the sweep, equal wall time, the long regime) into
-# benchmarks/results/<study>/quick/ (their pages are there too)
+# benchmarks/results/<study>/quick/ (their pages are there too); and `peft-ila versus` (its page in
+# benchmarks/results/versus/quick/)
 bench-quick: $(BIN)/.knowledge
 	$(BIN)/python -m benchmarks.grid --preset quick
 	$(BIN)/python -m benchmarks.modes --preset quick
 	$(BIN)/python -m benchmarks.grid --preset quick --existing-only  # every cell read back, none computed
 	$(BIN)/python -m benchmarks.modes --preset quick --existing-only
+	$(BIN)/peft-ila versus $(VERSUS_QUICK) --overwrite  # every default mode, 2 seeds, a few steps
+	$(BIN)/peft-ila versus $(VERSUS_QUICK)  # continued: every run read back, none computed
+VERSUS_QUICK = --steps 4 --stage1-max-steps 2 --stage2-steps 1 --seeds 2 --max-length 64 --eval-size 8 \
+	--reference alpaca_en_demo --reference-size 4 --evals 2 --timing-steps 2 --no-progress \
+	--out benchmarks/results/versus/quick
 
 bench-modes: $(BIN)/.knowledge  # the training modes against LoRA-all: benchmarks/MODES.md
 	$(BIN)/python -m benchmarks.modes --preset full $(BENCH_ARGS)

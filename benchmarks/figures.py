@@ -159,7 +159,15 @@ def headline(root: Path) -> str:
     return "\n".join([*lines, "", _wrap(note)])
 
 
-REGIONS: dict[str, Callable[[Path], str]] = {"demo": demo, "headline": headline}
+def versus(root: Path) -> str:
+    """The recorded `peft-ila versus` run's answer (`docs/versus/versus.json`) and its budget."""
+    results = _json(root / "docs" / "versus" / "versus.json")
+    machine = results["machine"]
+    where = "without GPU" if machine.get("gpu") is None else f"with {machine['gpu']}"
+    return _wrap(f"> {results['answer']} (`{results['command']}`, on a {machine['cpu_count']}-core machine {where}.)")
+
+
+REGIONS: dict[str, Callable[[Path], str]] = {"demo": demo, "versus": versus, "headline": headline}
 
 
 def main(argv: list[str] | None = None) -> int:

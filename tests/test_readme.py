@@ -122,8 +122,8 @@ def test_generated_regions_are_up_to_date():
     )
 
 
-def test_readme_has_the_demo_and_headline_regions():
-    assert [region.name for region in figures.regions(README)] == ["demo", "headline"]
+def test_readme_has_the_demo_versus_and_headline_regions():
+    assert [region.name for region in figures.regions(README)] == ["demo", "versus", "headline"]
 
 
 def test_readme_is_a_few_screens():
@@ -262,7 +262,7 @@ def test_every_command_in_the_docs_parses():
         line.split("  #")[0].strip()
         for page in pages
         for block in code_blocks("bash", page)
-        for line in block.splitlines()
+        for line in block.replace("\\\n", " ").splitlines()  # a command continued over several lines is one
     ]
     commands = [line.split("peft_ila.app.cli ", 1)[-1] if "peft_ila.app.cli " in line else line for line in lines]
     commands = [

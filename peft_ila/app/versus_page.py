@@ -112,7 +112,8 @@ def answer(results: dict) -> str:
         cost = row.get("wall") or row.get("wall_measured")
         at = f", at {cost:.2f}x its wall time" if cost is not None else ""
         parts.append(f"{row['label']} is {verdict(row)}{at}")
-    head = f"On {settings['model']} and {settings['data']}, {settings['schedule']['steps']} steps, {seeds} seeds:"
+    runs = f"{settings['schedule']['steps']} steps, {seeds} seed{'s' * (seeds != 1)}"
+    head = f"On {settings['model']} and {settings['data']}, {runs}:"
     if results["missing"]:
         head = f"So far ({len(results['missing'])} runs missing), o{head[1:]}"
     return f"{head} " + ("; ".join(parts) + "." if parts else "no mode but LoRA-all has run yet.")
