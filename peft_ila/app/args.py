@@ -362,7 +362,7 @@ def parser() -> argparse.ArgumentParser:
         add_options(
             commands.add_parser(
                 name,
-                help=summary,
+                help=summary.replace("%", "%%"),
                 description=summary,
                 epilog=f"example:\n  {EXAMPLES[name]}"
                 + (LAUNCHERS.format(command=name) if name in MULTI_PROCESS else ""),

@@ -66,15 +66,10 @@ def cmd_identify(args) -> None:
 def cmd_train(args) -> None:
     from ..identification.distributed import rank
     from .files import check_free
-    from .pipeline import lora_all_layers
     from .report import inline_run, read_run
 
     inline = inline_run(args.out)  # where an inline identification writes its run
-    identifying = not (args.mask or args.all_layers or args.layers)
-    if args.keep_stage1_weights is None:  # identification inside the fine-tune (recipe.INSIDE) when there is one
-        args.keep_stage1_weights = identifying
-    if identifying and args.top_k is None:
-        args.top_k = INSIDE["top_k"]
+    identifying = _train_defaults(args)
     check_free(args.out, args.overwrite)
     saved = finetune_checkpoint(args, identifying)  # the fine-tune's checkpoint, or None
     checkpoint = None  # the inline identification's, unless the fine-tune after it resumes
@@ -87,41 +82,77 @@ def cmd_train(args) -> None:
     ila_config(args)
     accelerator = accelerator_for(args)
     prepared = prepare_data(args, accelerator)
-    params = chosen = base = None  # base: the base model's held-out loss, when identification starts the fine-tune
-    skip = 0  # micro-batches already trained on (by a stage 1 whose weights are kept)
-    scored = run[0] if run is not None else None  # the record whose layer scores --layerwise-importance reads
-    if run is not None:
-        config, chosen, selection = mask_config(args, *run, args.mask, prepared)
-        model, params, chosen = _put_method(args, prepared.model, config, chosen)
-    elif args.all_layers and args.method == "ila":
-        model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
-        selection = {"selection": "all layers (plain peft LoRA)", "layers": len(model.base_model.targeted_module_names)}
-    elif args.all_layers or args.layers:
-        chosen = _listed(args, prepared.model, prepared.info["model"])
-        config = ila_config(args, selected_layers=list(chosen.selected))
-        model, params, chosen = _put_method(args, prepared.model, config, chosen)
-        selection = {"selection": "--all-layers" if args.all_layers else "--layers", "layers": len(chosen.selected)}
-    else:
-        model, scored, base = _identify_inline(args, prepared, accelerator, inline, checkpoint, saved)
-        top_k = model.peft_config["default"].top_k
-        selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(scored["selected"])}
-        skip = _stage1_batches(args, scored)
-    if args.within_lora_params:  # the layers a full fine-tune sized to LoRA-all's parameters kept
-        selection.update(layers=len(chosen.selected), within_lora_params=True)
-    sampler = _layerwise(args, model, scored)
-    if saved is not None and base is not None:  # what a resumed fine-tune needs from before the identification
-        saved = dataclasses.replace(saved, notes={"base_loss": base})
-    report = _finetune(args, model, prepared, accelerator, params, sampler, skip, saved)
-    full = chosen if args.method == "full" else None
+    built = _built(args, prepared, accelerator, run, (inline, checkpoint, saved))
+    sampler = _layerwise(args, built.model, built.scored)
+    if saved is not None and built.base is not None:  # what a resumed fine-tune needs from before identification
+        saved = dataclasses.replace(saved, notes={"base_loss": built.base})
+    report = _finetune(args, built.model, prepared, accelerator, built.params, sampler, built.skip, saved)
     how = {"method": args.method, **({"changed_only": True} if args.changed_only else {})}
     if sampler is not None:
         how["layerwise"] = {**dataclasses.asdict(sampler.config), "blocks": len(sampler.groups)}
-    report = _from_base(report, base, how)
-    save_adapter(args, model, args.out, report, prepared, {**selection, **how}, full)
+    report = _from_base(report, built.base, how)
+    full = built.chosen if args.method == "full" else None
+    save_adapter(args, built.model, args.out, report, prepared, {**built.selection, **how}, full)
     if saved is not None and rank() == 0:
         saved.path.unlink(missing_ok=True)
     print_finetune(report)
     print(_saved_line(args, full is not None))
+
+
+def _train_defaults(args) -> bool:
+    """Whether `train` identifies inline (no --mask, --all-layers or --layers); if so, its defaults are
+    identification inside the fine-tune (`recipe.INSIDE`): the stage-1 weights kept and the top 75%."""
+    identifying = not (args.mask or args.all_layers or args.layers)
+    if args.keep_stage1_weights is None:
+        args.keep_stage1_weights = identifying
+    if identifying and args.top_k is None:
+        args.top_k = INSIDE["top_k"]
+    return identifying
+
+
+@dataclasses.dataclass
+class _Built:
+    """What `train` fine-tunes: the model, the parameters to train (None: the trainable ones), the layers they are on
+    (a `Selection`, or None), the selection as training.json records it, the run record whose scores weigh
+    --layerwise-importance, the base model's held-out loss when identification starts the fine-tune, and the
+    micro-batches of the data order already trained on."""
+
+    model: object
+    params: list | None
+    chosen: object
+    selection: dict
+    scored: dict | None = None
+    base: float | None = None
+    skip: int = 0
+
+
+def _built(args, prepared, accelerator, run, inline_state) -> _Built:
+    """The model `train` fine-tunes, from a --mask `run`, --all-layers, --layers, or an inline identification
+    (`inline_state`: its run directory, its checkpoint, the fine-tune's checkpoint)."""
+    from .pipeline import lora_all_layers
+
+    if run is not None:
+        config, chosen, selection = mask_config(args, *run, args.mask, prepared)
+        built = _Built(*_put_method(args, prepared.model, config, chosen), selection, scored=run[0])
+    elif args.all_layers and args.method == "ila":
+        model = lora_all_layers(prepared, args.r, args.lora_alpha, args.lora_dropout, args.target_modules)
+        layers = len(model.base_model.targeted_module_names)
+        built = _Built(model, None, None, {"selection": "all layers (plain peft LoRA)", "layers": layers})
+    elif args.all_layers or args.layers:
+        chosen = _listed(args, prepared.model, prepared.info["model"])
+        config = ila_config(args, selected_layers=list(chosen.selected))
+        name = "--all-layers" if args.all_layers else "--layers"
+        built = _Built(*_put_method(args, prepared.model, config, chosen), {"selection": name})
+        built.selection["layers"] = len(built.chosen.selected)
+    else:
+        inline = inline_state[0]
+        model, scored, base = _identify_inline(args, prepared, accelerator, *inline_state)
+        top_k = model.peft_config["default"].top_k
+        selection = {"selection": f"identified inline ({inline})", "top_k": top_k, "layers": len(scored["selected"])}
+        built = _Built(model, None, None, selection, scored, base, _stage1_batches(args, scored))
+    if args.within_lora_params:  # the layers a full fine-tune sized to LoRA-all's parameters kept
+        built.selection.update(layers=len(built.chosen.selected), within_lora_params=True)
+    return built
 
 
 def _saved_line(args, full: bool) -> str:
