@@ -118,3 +118,12 @@ def test_benchmarks_use_the_library_s_public_names_and_their_own_core():
 def test_a_private_name_or_module_of_the_library_is_caught():
     found = {"benchmarks.x": {("peft_ila.app.cli", "_hidden"), ("peft_ila", "ILAConfig"), ("peft_ila._quiet", None)}}
     assert private_imports(found) == ["benchmarks.x: peft_ila._quiet", "benchmarks.x: peft_ila.app.cli._hidden"]
+
+
+def test_every_command_of_the_cli_is_shorter_than_forty_lines():
+    """A command reads as its steps: checks, setup, the work, the output; the rest lives in named helpers."""
+    tree = ast.parse((PACKAGE / "app" / "cli.py").read_text())
+    commands = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_")]
+    assert len(commands) >= 7
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in commands}
+    assert not {name: lines for name, lines in lengths.items() if lines >= 40}

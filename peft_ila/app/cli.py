@@ -424,43 +424,13 @@ def cmd_export_lora(args) -> None:
 
 def cmd_eval(args) -> dict:
     from ..identification.training import evaluate_loss
-    from . import UsageError
     from .files import read_json, write_json
-    from .pipeline import first_user_turn, generate, prepare
+    from .pipeline import first_user_turn, generate
 
     info = read_json(args.adapter / "training.json", "an adapter written by `peft-ila train` or `demo`")
     changed_only = bool(info.get("changed_only"))  # the tensors a full fine-tune changed, put back into its base
     full = info.get("method") == "full" and not changed_only  # a model directory of its own, not an adapter
-    if full and args.model:
-        raise UsageError(f"{args.adapter} is a full fine-tune, a model of its own (--method full); drop --model.")
-    if not (full or changed_only) and not (args.adapter / "adapter_model.safetensors").is_file():
-        raise UsageError(
-            f"{args.adapter} has no adapter_model.safetensors; peft-ila loads weights only from safetensors. Save "
-            "the adapter again with save_pretrained(dir)."
-        )
-    source, columns, recorded = _held_out_source(args, info)
-    accelerator = accelerator_for(args)
-    prepared = prepare(
-        str(args.adapter) if full else args.model or info["model"],
-        source,
-        info["max_length"],
-        info.get("overlong", "truncate"),
-        info["held_out_examples"],
-        info["split_seed"],
-        info["format"] == "plain",
-        accelerator=accelerator,
-        columns=columns,
-        quantize=info.get("quantization"),
-        loading=loading_of(args, info.get("loading")),
-    )
-    if not full:  # a full fine-tune's weights are its own, not its base model's
-        _check_base_model(args, info, prepared.info["base_model"])
-    if recorded and prepared.info["held_out_ids"] != info.get("held_out_ids", prepared.info["held_out_ids"]):
-        print(
-            f"warning: the held-out examples differ from those recorded in {args.adapter}/training.json (another "
-            "tokenizer or chat template?); the loss is not comparable to the recorded one.",
-            file=sys.stderr,
-        )
+    prepared, recorded = _eval_prepared(args, info, full, changed_only)
     model = _evaluated_model(args, prepared.model, full, changed_only)
     held_out = prepared.batches(info.get("batch_size", 4), info["split_seed"], held_out=True)
     result = {
@@ -480,6 +450,44 @@ def cmd_eval(args) -> dict:
     if args.json:
         write_json(args.json, result)
     return result
+
+
+def _eval_prepared(args, info: dict, full: bool, changed_only: bool):
+    """(prepared, whether its held-out examples are the recorded ones) for `eval`: the base model (or a full
+    fine-tune's own) and the held-out split `info` (training.json) records, checked against what it records."""
+    from . import UsageError
+    from .pipeline import prepare
+
+    if full and args.model:
+        raise UsageError(f"{args.adapter} is a full fine-tune, a model of its own (--method full); drop --model.")
+    if not (full or changed_only) and not (args.adapter / "adapter_model.safetensors").is_file():
+        raise UsageError(
+            f"{args.adapter} has no adapter_model.safetensors; peft-ila loads weights only from safetensors. Save "
+            "the adapter again with save_pretrained(dir)."
+        )
+    source, columns, recorded = _held_out_source(args, info)
+    prepared = prepare(
+        str(args.adapter) if full else args.model or info["model"],
+        source,
+        info["max_length"],
+        info.get("overlong", "truncate"),
+        info["held_out_examples"],
+        info["split_seed"],
+        info["format"] == "plain",
+        accelerator=accelerator_for(args),
+        columns=columns,
+        quantize=info.get("quantization"),
+        loading=loading_of(args, info.get("loading")),
+    )
+    if not full:  # a full fine-tune's weights are its own, not its base model's
+        _check_base_model(args, info, prepared.info["base_model"])
+    if recorded and prepared.info["held_out_ids"] != info.get("held_out_ids", prepared.info["held_out_ids"]):
+        print(
+            f"warning: the held-out examples differ from those recorded in {args.adapter}/training.json (another "
+            "tokenizer or chat template?); the loss is not comparable to the recorded one.",
+            file=sys.stderr,
+        )
+    return prepared, recorded
 
 
 def _evaluated_model(args, base, full: bool, changed_only: bool):
@@ -602,18 +610,22 @@ def cmd_demo(args) -> None:
             "machine": machine(),
         }
         write_json(tmp / "demo.json", summary)
-    print(
-        textwrap.dedent(f"""
+    print(_demo_text(args, summary, record))
+
+
+def _demo_text(args, summary: dict, record: dict) -> str:
+    """What `demo` prints at the end, from its demo.json `summary` and its identification's run `record`."""
+    before, after, reload = (summary[f"held_out_loss_{key}"] for key in ("before", "after", "after_reload"))
+    return textwrap.dedent(f"""
         ==== peft-ila demo ({summary["seconds"]:.0f} s) ====
-        held-out loss: {report.loss_before:.4f} before -> {report.loss_after:.4f} after {_trained(args, record)}
-        {reloaded["held_out_loss"]:.4f} after reloading in a fresh process
+        held-out loss: {before:.4f} before -> {after:.4f} after {_trained(args, record)}
+        {reload:.4f} after reloading in a fresh process
         prompt: {summary["prompt"]!r}
-        before: {before_text!r}
-        after:  {after_text!r}
-        reload: {reloaded["generation"]!r}
+        before: {summary["generation_before"]!r}
+        after:  {summary["generation_after"]!r}
+        reload: {summary["generation_after_reload"]!r}
         files:  {args.out}/identify (run directory), {args.out}/adapter (PEFT adapter), {args.out}/demo.json
     """)
-    )
 
 
 def cmd_versus(args) -> None:
