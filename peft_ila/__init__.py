@@ -11,6 +11,7 @@ with without_unused_bitsandbytes_notice():  # peft imports bitsandbytes, when in
     from .identification import ILACallback, ILAResult, LayerwiseCallback, identify_important_layers
     from .tuner import (
         PEFT_TYPE,
+        FieldError,
         GateBank,
         ILAConfig,
         ILALayer,
@@ -32,6 +33,7 @@ with without_unused_bitsandbytes_notice():  # peft imports bitsandbytes, when in
 __version__ = "0.1.0"
 __all__ = [
     "PEFT_TYPE",
+    "FieldError",
     "GateBank",
     "ILACallback",
     "ILAConfig",

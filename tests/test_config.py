@@ -136,3 +136,19 @@ def test_command_line_options_of_config_fields_carry_the_fields_help():
         first_words = ILAConfig.__dataclass_fields__[field].metadata["help"].split("`")[0]
         assert helps[field].startswith(first_words.replace("%", "%%")), field
         assert helps[field].endswith("(default: %(default)s)")
+
+
+def test_a_config_error_carries_its_field_and_the_command_line_names_the_option():
+    from peft_ila import FieldError
+    from peft_ila.app.args import usage_error
+
+    with pytest.raises(FieldError) as caught:
+        ILAConfig(top_k=0)
+    assert (caught.value.field, caught.value.value, caught.value.owner) == ("top_k", 0, "ILAConfig")
+    assert str(caught.value) == "ILAConfig.top_k=0 is invalid: it must be an int >= 1 or a fraction in (0, 1]."
+    assert str(usage_error(caught.value)) == "--top-k 0 is invalid: it must be an int >= 1 or a fraction in (0, 1]."
+    assert str(usage_error(FieldError("target_modules", "matches nothing.", {"b", "a"}))) == (
+        "--target-modules a,b matches nothing."
+    )
+    other = FieldError("active", "is too large.", 9, owner="LayerwiseConfig")  # no option of its own: as it is
+    assert str(usage_error(other)) == "LayerwiseConfig.active=9 is too large."

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ..tuner.config import ESTIMATOR_NAMES, GRANULARITIES, ILAConfig, parse_budget
+from ..tuner.selection import FieldError
 from . import UsageError
 from .models import DEVICES, DTYPES, QUANTIZATIONS
 from .recipe import INSIDE, MODES
@@ -163,17 +164,23 @@ def _config_option(group, field: str, flag: str, kind, defaults: dict) -> None:
 
 
 def usage_error(exc: ValueError) -> UsageError:
-    """A config or model-fit error as a one-line usage error in the words of the command line: `ILAConfig.top_k=0
-    is invalid ...` and `` `top_k`=500 but ...`` become `--top-k 0 is invalid ...` and `--top-k 500 but ...`."""
-    from . import UsageError
+    """A library error as a one-line usage error in the words of the command line: a `FieldError` about a field an
+    option sets names the option (`ILAConfig.top_k=0 is invalid ...` becomes `--top-k 0 is invalid ...`); any other
+    error keeps its first line."""
+    if isinstance(exc, UsageError):
+        return exc
+    flag = FLAGS.get(exc.field) if isinstance(exc, FieldError) and exc.owner == "ILAConfig" else None
+    if flag is None:
+        return UsageError(str(exc).splitlines()[0])
+    value = f" {_as_typed(exc.value)}" if exc.has_value else ""
+    return UsageError(f"{flag}{value} {exc.problem}")
 
-    def flag(match: re.Match) -> str:
-        name, value = match.group(1) or match.group(3), match.group(2) or match.group(4)
-        shown = FLAGS.get(name, name)
-        return f"{shown} {value.strip(chr(39))}" if value is not None else shown
 
-    pattern = r"ILAConfig\.(\w+)(?:=(\S+?)(?= is invalid))?|`(\w+)`(?:=(\S+))?"
-    return UsageError(re.sub(pattern, flag, str(exc).splitlines()[0]))
+def _as_typed(value) -> str:
+    """A field's value as it is typed on the command line (a list comma-separated, no quotes)."""
+    if isinstance(value, (list, tuple, set)):
+        return ",".join(sorted(map(str, value)) if isinstance(value, set) else map(str, value))
+    return str(value)
 
 
 def _add_loading(g, dtype_default: str | None) -> None:

@@ -679,8 +679,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     offline_and_quiet()
+    from ..tuner.selection import FieldError
     from . import UsageError
-    from .args import MULTI_PROCESS, CommandLineError
+    from .args import MULTI_PROCESS, CommandLineError, usage_error
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -714,8 +715,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         _check_optional_packages(args)
         handlers[args.command](args)
-    except UsageError as exc:
-        print(f"peft-ila {args.command}: error: {exc}", file=sys.stderr)
+    except (UsageError, FieldError) as exc:  # a field the library names is said as the option that sets it
+        print(f"peft-ila {args.command}: error: {usage_error(exc)}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # the loss diverged: the step and stage are in the message
         print(f"peft-ila {args.command}: error: {exc}", file=sys.stderr)

@@ -23,7 +23,6 @@ from ..tuner.config import ILAConfig
 from ..tuner.layerwise import LayerSampler
 from ..tuner.selection import Selection, model_identity
 from . import UsageError
-from .args import usage_error
 from .checkpoints import FinetuneCheckpoint, FinetuneState
 from .data import Conversation, Dataset, Encoded, batches, dropped_text, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
@@ -244,11 +243,9 @@ def method_config(method: str, selection: Selection, r: int, lora_alpha: float, 
 
 
 def wrap(model: torch.nn.Module, config: ILAConfig | LoraConfig) -> PeftModel:
-    """`get_peft_model`, with what does not fit the model (top-k, target modules, layer names) as a usage error."""
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise usage_error(exc) from None
+    """`get_peft_model`; what does not fit the model (top-k, target modules, layer names) raises a `FieldError`
+    naming the field."""
+    return get_peft_model(model, config)
 
 
 @dataclass

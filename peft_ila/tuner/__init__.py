@@ -20,12 +20,13 @@ from .full import (
 from .layer import GateBank, ILALayer, Linear
 from .layerwise import LayerSampler, LayerwiseConfig, block_groups, block_importance
 from .model import ILAModel, find_candidates
-from .selection import ILALoadError, Selection, model_identity
+from .selection import FieldError, ILALoadError, Selection, model_identity
 
 register(ILAConfig, ILAModel)
 
 __all__ = [
     "PEFT_TYPE",
+    "FieldError",
     "GateBank",
     "ILAConfig",
     "ILALayer",

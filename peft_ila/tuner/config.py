@@ -12,7 +12,7 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import safe_open
 
 from ._peft_compat import ILA
-from .selection import ILALoadError, check_layer_names, check_scores
+from .selection import FieldError, ILALoadError, check_layer_names, check_scores
 
 GRANULARITIES = ("module", "block")
 BIASES = ("none", "all", "ila_only")  # LoRA's choices, with ILA's prefix (peft's BaseTuner reads `bias`)
@@ -20,20 +20,24 @@ BUDGET_RESOURCES = ("time", "memory")  # what a cost-aware selection can budget 
 ESTIMATOR_NAMES = ("gates", "update-norm", "first-order")  # implemented in peft_ila.identification.estimators
 
 
-def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
+def resolve_top_k(top_k: int | float, n_candidates: int, field: str = "top_k", owner: str = "ILAConfig") -> int:
     """Number of layers kept: an int is taken as is, a fraction f of n candidates means round(f * n), halves up,
     and at least 1 (a fraction never selects nothing: 0.25 of a single candidate keeps it).
 
-    Raises `ValueError` when an int is not in [1, n_candidates].
+    Raises `FieldError` (naming `owner.field`, the setting `top_k` came from) when an int is not in [1, n_candidates],
+    and naming `target_modules` when there is no candidate.
     """
     if n_candidates < 1:
-        raise ValueError("ILA found no candidate layers; check `target_modules`.")
+        raise FieldError("target_modules", "gives ILA no candidate layers; check it.")
     if isinstance(top_k, float):
         return max(1, math.floor(top_k * n_candidates + 0.5))
     if not 1 <= top_k <= n_candidates:
-        raise ValueError(
-            f"`top_k`={top_k} but the model has {n_candidates} candidate layers; use an int in [1, {n_candidates}] "
-            "or a fraction in (0, 1]."
+        raise FieldError(
+            field,
+            f"but the model has {n_candidates} candidate layers; use an int in [1, {n_candidates}] or a fraction in "
+            "(0, 1].",
+            top_k,
+            owner,
         )
     return top_k
 
@@ -41,16 +45,18 @@ def resolve_top_k(top_k: int | float, n_candidates: int) -> int:
 def parse_budget(budget: str) -> tuple[str, float]:
     """A selection budget "time:0.6" or "memory:0.5" as (resource, fraction of adapting every layer's cost).
 
-    Raises `ValueError` naming the accepted form."""
+    Raises `FieldError` (a `ValueError`) naming the accepted form."""
     resource, _, number = str(budget).partition(":")
     try:
         fraction = float(number)
     except ValueError:
         fraction = math.nan
     if resource not in BUDGET_RESOURCES or not 0 < fraction <= 1:
-        raise ValueError(
-            f"budget={budget!r} is invalid: it must be 'time:F' or 'memory:F' with F in (0, 1], the share of the "
-            "step time or of the activation memory of adapting every candidate layer (e.g. 'time:0.6')."
+        raise FieldError(
+            "budget",
+            "is invalid: it must be 'time:F' or 'memory:F' with F in (0, 1], the share of the step time or of the "
+            "activation memory of adapting every candidate layer (e.g. 'time:0.6').",
+            budget,
         )
     return resource, fraction
 
@@ -275,8 +281,8 @@ class ILAConfig(PeftConfig):
         self._validate_settings()
         self._validate_selection()
 
-    def _bad(self, name: str, allowed: str) -> ValueError:
-        return ValueError(f"ILAConfig.{name}={getattr(self, name)!r} is invalid: it must be {allowed}.")
+    def _bad(self, name: str, allowed: str) -> FieldError:
+        return FieldError(name, f"is invalid: it must be {allowed}.", getattr(self, name))
 
     def _validate_settings(self) -> None:
         """Adapter shape, top-k and the identification budget."""
@@ -322,21 +328,18 @@ class ILAConfig(PeftConfig):
         """`selected_layers`, `layer_scores` and `layer_confidence` (float32 values, as the saved tensors hold them),
         `provenance`."""
         if self.selected_layers is not None:
-            self.selected_layers = check_layer_names(
-                self.selected_layers, f"ILAConfig.selected_layers={self.selected_layers!r}"
-            )
+            self.selected_layers = check_layer_names(self.selected_layers, "selected_layers")
         if self.layer_scores is not None:
-            self.layer_scores = check_scores(self.layer_scores, f"ILAConfig.layer_scores={self.layer_scores!r}")
+            self.layer_scores = check_scores(self.layer_scores, "layer_scores")
             if self.selected_layers is not None and not set(self.selected_layers) <= set(self.layer_scores):
                 missing = sorted(set(self.selected_layers) - set(self.layer_scores))[:3]
-                raise ValueError(
-                    f"ILAConfig.selected_layers names layers without a score in `layer_scores` (e.g. {missing}); "
-                    "give a score for every selected layer or leave `layer_scores` None."
+                raise FieldError(
+                    "selected_layers",
+                    f"names layers without a score in layer_scores (e.g. {missing}); give a score for every selected "
+                    "layer or leave layer_scores None.",
                 )
         if self.layer_confidence is not None:
-            self.layer_confidence = check_scores(
-                self.layer_confidence, f"ILAConfig.layer_confidence={self.layer_confidence!r}"
-            )
+            self.layer_confidence = check_scores(self.layer_confidence, "layer_confidence")
         if self.provenance is not None and not isinstance(self.provenance, dict):
             raise self._bad("provenance", "None or a dict")
 

@@ -99,7 +99,7 @@ class LayerSampler:
                 "block_importance(result.scores)); or set importance_weight=0 for uniform draws."
             )
         self.groups, self.config = groups, config
-        self.k = resolve_top_k(config.active, len(groups))
+        self.k = resolve_top_k(config.active, len(groups), "active", "LayerwiseConfig")
         self.probabilities = draw_probabilities(list(groups), config, importance)
         self.interval: int | None = None  # the interval the active set was drawn for
         self.active: list[str] = []

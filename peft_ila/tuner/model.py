@@ -27,7 +27,7 @@ from ._peft_compat import BASE_ADAPTER, PREFIX, adapter_names_pre_forward_hook, 
 from .backward import InputGradRouter
 from .config import ILAConfig, resolve_top_k
 from .layer import GateBank, ILALayer, Linear
-from .selection import SAVED_KEYS, ILALoadError, Selection, _few, layer_of
+from .selection import SAVED_KEYS, FieldError, ILALoadError, Selection, _few, layer_of
 from .weighted import combine_into, combined_rank
 
 
@@ -463,15 +463,17 @@ def find_candidates(model: nn.Module, config: ILAConfig) -> list[str]:
         else:
             unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported:
-        raise ValueError(
-            f"ILAConfig.target_modules matches modules ILA cannot adapt: {_few(unsupported)}. Only nn.Linear and "
-            "Conv1D layers can carry ILA adapters; narrow `target_modules` (or use 'all-linear')."
+        raise FieldError(
+            "target_modules",
+            f"matches modules ILA cannot adapt: {_few(unsupported)}. Only nn.Linear and Conv1D layers can carry ILA "
+            "adapters; narrow it (or use 'all-linear').",
         )
     if not modules:
         existing = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-        raise ValueError(
-            f"ILAConfig.target_modules={config.target_modules!r} matches no module of the model. Linear "
-            f"modules that exist: {_few(existing)}."
+        raise FieldError(
+            "target_modules",
+            f"matches no module of the model. Linear modules that exist: {_few(existing)}.",
+            config.target_modules,
         )
     return list(dict.fromkeys(layer_of(name, config.granularity) for name in modules))
 

@@ -46,6 +46,24 @@ class ILALoadError(ValueError):
     """A saved ILA adapter does not fit the model it is loaded into, or its files disagree with each other."""
 
 
+_NO_VALUE = object()
+
+
+class FieldError(ValueError):
+    """A value of one field of a config (`owner`, e.g. "ILAConfig") that cannot be used: `field` names it, `value` is
+    the value given (absent when the problem is not one value), `problem` says what is wrong and what helps. Shown as
+    "ILAConfig.top_k=0 is invalid: ..."; a command line shows the option behind the field instead."""
+
+    def __init__(self, field: str, problem: str, value: object = _NO_VALUE, owner: str = "ILAConfig") -> None:
+        self.field, self.problem, self.value, self.owner = field, problem, value, owner
+        shown = "" if value is _NO_VALUE else f"={value!r}"
+        super().__init__(f"{owner}.{field}{shown} {problem}")
+
+    @property
+    def has_value(self) -> bool:
+        return self.value is not _NO_VALUE
+
+
 _FIRST_INDEX = re.compile(r"^(.*?(?:^|\.)\d+)(?:\.|$)")
 
 
@@ -62,8 +80,8 @@ def as_float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def check_layer_names(names: object, what: str) -> list[str]:
-    """`names` as a list, or `ValueError` naming `what` (e.g. "ILAConfig.selected_layers=[...]") unless it is a
+def check_layer_names(names: object, field: str, owner: str = "ILAConfig") -> list[str]:
+    """`names` as a list, or a `FieldError` naming `owner.field` (e.g. ILAConfig.selected_layers) unless it is a
     non-empty sequence of distinct non-empty names without newlines."""
     if (
         not isinstance(names, (list, tuple))
@@ -71,17 +89,19 @@ def check_layer_names(names: object, what: str) -> list[str]:
         or not all(isinstance(n, str) and n and "\n" not in n for n in names)
         or len(set(names)) != len(names)
     ):
-        raise ValueError(f"{what} is invalid: it must be a non-empty list of distinct layer names (no newlines).")
+        problem = "is invalid: it must be a non-empty list of distinct layer names (no newlines)."
+        raise FieldError(field, problem, names, owner)
     return list(names)
 
 
-def check_scores(scores: object, what: str) -> dict[str, float]:
-    """`scores` with float32 values, or `ValueError` naming `what` unless it maps layer names to numbers in [0, 1]."""
+def check_scores(scores: object, field: str, owner: str = "ILAConfig") -> dict[str, float]:
+    """`scores` with float32 values, or a `FieldError` naming `owner.field` unless it maps layer names to numbers in
+    [0, 1]."""
     if not isinstance(scores, Mapping) or not all(
         isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
         for k, v in scores.items()
     ):
-        raise ValueError(f"{what} is invalid: it must be a dict of layer name -> score in [0, 1].")
+        raise FieldError(field, "is invalid: it must be a dict of layer name -> score in [0, 1].", scores, owner)
     return {name: as_float32(value) for name, value in scores.items()}
 
 
@@ -109,10 +129,10 @@ class Selection:
     confidence: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        candidates = tuple(check_layer_names(self.candidates, "Selection.candidates"))
-        selected = tuple(check_layer_names(self.selected, "Selection.selected"))
-        scores = check_scores(self.scores, "Selection.scores")
-        confidence = check_scores(self.confidence, "Selection.confidence")
+        candidates = tuple(check_layer_names(self.candidates, "candidates", "Selection"))
+        selected = tuple(check_layer_names(self.selected, "selected", "Selection"))
+        scores = check_scores(self.scores, "scores", "Selection")
+        confidence = check_scores(self.confidence, "confidence", "Selection")
         _require_known(selected, candidates, "selected")
         _require_known(scores, candidates, "scores")
         _require_known(confidence, candidates, "confidence")
