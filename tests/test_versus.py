@@ -9,6 +9,7 @@ import pytest
 from test_cli import stop_at_step
 
 import peft_ila.app.pipeline
+import peft_ila.app.versus
 from conftest import common
 from peft_ila.app.cli import main
 from peft_ila.app.judge import beyond, difference, pooled_sd, ratio
@@ -96,16 +97,20 @@ def test_other_settings_are_refused_and_fewer_modes_and_seeds_reuse_the_runs(wor
 
 
 @pytest.mark.parametrize(
-    "extra, must",
+    "extra, must, before_loading",
     [
-        (("--modes", "inside,ila-75"), "must include lora-all"),
-        (("--modes", "lora-all,gates"), "--modes gates: unknown"),
-        (("--stage1-max-steps", "8"), "leaves nothing of the 8 steps to mode inside"),
-        (("--reference", "missing.json"), "missing.json"),
-        (("--timing-steps", "1"), "--timing-steps 1 is invalid"),
+        (("--modes", "inside,ila-75"), "must include lora-all", True),
+        (("--modes", "lora-all,gates"), "--modes gates: unknown", True),
+        (("--reference", "missing.json"), "missing.json", True),
+        (("--timing-steps", "1"), "--timing-steps 1 is invalid", True),
+        (("--stage1-max-steps", "8"), "leaves nothing of the 8 steps to mode inside", False),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(work, compared, tmp_path, capsys, extra, must):
+def test_bad_input_is_one_line_and_writes_nothing(
+    work, compared, tmp_path, capsys, monkeypatch, extra, must, before_loading
+):
+    if before_loading:
+        monkeypatch.setattr(peft_ila.app.versus, "prepare_data", lambda *a: pytest.fail("the model was loaded"))
     assert main(versus(work, tmp_path / "v", *extra)) == 2
     assert must in one_line(capsys)
     assert not (tmp_path / "v").exists()

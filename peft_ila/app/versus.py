@@ -36,14 +36,15 @@ def run_versus(args) -> dict | None:
     _check_modes(args)
     if not args.dry_run:
         _check_out(args.out, args.overwrite)
+    conversations = _reference_sets(args)  # read before the model loads: where mistakes are cheap to find
     accelerator = accelerator_for(args)
     prepared = prepare_data(args, accelerator)
     schedule = _schedule(args, prepared)
     _check_budget(args, schedule)
-    references = _references(args, prepared)
+    references = _references(args, prepared, conversations)
     settings = _settings(args, prepared, schedule, config, references)
-    evaluation = Evaluation(prepared.batches(args.batch_size, args.seed, held_out=True), references, [], accelerator)
-    evaluation.at = _checkpoint_steps(schedule.steps, args.evals)
+    held_out = prepared.batches(args.batch_size, args.seed, held_out=True)
+    evaluation = Evaluation(held_out, references, _checkpoint_steps(schedule.steps, args.evals), accelerator)
     if args.dry_run:
         print(_estimate(args, prepared, config, schedule, evaluation))
         return None
@@ -91,15 +92,22 @@ def _checkpoint_steps(steps: int, evals: int) -> list[int]:
     return sorted({max(1, round(i * steps / evals)) for i in range(1, evals + 1)})
 
 
-def _references(args, prepared: Prepared) -> dict[str, object]:
-    """Each --reference file's batches: --reference-size of its examples (drawn with --seed), encoded as the data
-    is. Named by the file's stem."""
+def _reference_sets(args) -> dict[str, list]:
+    """Each --reference file's conversations, named by the file's stem."""
     out = {}
     for spec in args.reference:
         name = Path(spec).stem
         if name in out:
             raise UsageError(f"--reference {spec}: another reference file is named {name} too; rename one.")
-        encoded = encode(read_dataset(spec).conversations, prepared.tokenizer, args.max_length, plain=prepared.plain)
+        out[name] = read_dataset(spec).conversations
+    return out
+
+
+def _references(args, prepared: Prepared, conversations: dict[str, list]) -> dict[str, object]:
+    """Each reference set's batches: --reference-size of its examples (drawn with --seed), encoded as the data is."""
+    out = {}
+    for (name, turns), spec in zip(conversations.items(), args.reference, strict=True):
+        encoded = encode(turns, prepared.tokenizer, args.max_length, plain=prepared.plain)
         size = min(args.reference_size, len(encoded.examples) - 1)
         if size < 1:
             raise UsageError(f"--reference {spec}: fewer than 2 examples left after encoding; add examples.")
