@@ -469,3 +469,12 @@ def test_a_learning_rate_sweep_won_at_an_end_is_extended_past_it():
     assert Modes.bracketed(far, {}, "sampled", [1e-4, 3e-4, 1e-3]) == 1e-2 and len(tried) == 3 + EXTEND
     below, tried = study(1e-6)
     assert Modes.bracketed(below, {}, "full", [3e-5, 1e-4]) == 3e-6 and tried[2:] == [1e-5, 3e-6]
+
+
+def test_kept_figures_finds_a_number_that_left_the_pages():
+    from benchmarks.kept_figures import figures, gone
+
+    old = {"GRID.md": "loss 1.5214 in 224 steps, Δ +0.0016 ± 0.0021; cell `tune-0123456789ab` 2 seeds"}
+    assert set(figures(old["GRID.md"])) == {"1.5214", "224", "0.0016", "0.0021"}  # small counts, code spans left out
+    assert gone(old, "1.5214 (224 steps): -0.0016 and 0.0021") == []  # the sign may change with the wording
+    assert gone(old, "1.5214 after 224 steps, 0.0021") == [("GRID.md", "0.0016")]
