@@ -103,6 +103,7 @@ def test_other_settings_are_refused_and_fewer_modes_and_seeds_reuse_the_runs(wor
         (("--modes", "lora-all,gates"), "--modes gates: unknown", True),
         (("--reference", "missing.json"), "missing.json", True),
         (("--timing-steps", "1"), "--timing-steps 1 is invalid", True),
+        (("--load-in-4bit",), "--modes lisa trains full weights, which a --load-in-4bit base stores quantized", True),
         (("--stage1-max-steps", "8"), "leaves nothing of the 8 steps to mode inside", False),
     ],
 )

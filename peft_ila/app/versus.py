@@ -62,6 +62,12 @@ def _check_modes(args) -> None:
         raise UsageError(f"--modes {','.join(unknown)}: unknown; choose from {', '.join(MODES)}.")
     if "lora-all" not in args.modes:
         raise UsageError("--modes must include lora-all, the reference every other mode is judged against.")
+    full = [m for m in args.modes if MODES[m].method == "full"]
+    if args.quantize and full:
+        raise UsageError(
+            f"--modes {','.join(full)} trains full weights, which a --load-in-{args.quantize} base stores quantized; "
+            "leave it out of --modes (or load the base unquantized)."
+        )
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
