@@ -25,6 +25,9 @@ from benchmarks.core.stats import (
     pooled_sd,
     show,
 )
+from benchmarks.core.stats import (
+    forgetting as judge_forgetting,
+)
 from peft_ila.tuner.config import parse_budget
 
 GOALS = {"step": 0.8, "memory": 0.75, "budget_loss": 0.01}  # the issue's goals (and the budget's own share)
@@ -51,10 +54,7 @@ def groups(results: dict) -> dict[tuple[str, Method], list[dict]]:
 
 def forgetting(results: dict, tune: dict) -> float | None:
     """The mean rise of the other datasets' held-out loss over the base model's (None until all bases are known)."""
-    others = tune["others_after"]
-    if not others or not set(others) <= set(results["base"]):
-        return None
-    return statistics.mean(value - results["base"][name] for name, value in others.items())
+    return judge_forgetting(tune["others_after"], results["base"])
 
 
 def memory_rise(tune: dict) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from benchmarks.core.cells import Missing
 from benchmarks.core.page import Finding, findings_section, missing_section, table
-from benchmarks.core.stats import NOISE_RULE, beyond, difference, judge, pooled_sd, show
+from benchmarks.core.stats import NOISE_RULE, beyond, difference, forgetting, judge, pooled_sd, show
 
 
 @dataclass(frozen=True)
@@ -178,10 +178,8 @@ def losses_of(results: dict, dataset: str, mode: str, regime: str, what: str = "
         return [t["loss_after"] for t in runs]
     if what == "knowledge":
         return [t["knowledge_after"] for t in runs]
-    base = results["base"]
-    return [
-        statistics.mean(v - base[o] for o, v in t["others_after"].items()) for t in runs if base and t["others_after"]
-    ]
+    rises = [forgetting(t["others_after"], results["base"]) for t in runs]
+    return [rise for rise in rises if rise is not None]
 
 
 def sigma(results: dict, dataset: str, what: str = "loss", regimes: Iterable[str] | None = None) -> float | None:

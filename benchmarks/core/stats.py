@@ -8,11 +8,22 @@ import math
 
 from peft_ila import resolve_top_k
 from peft_ila.app.compare import jaccard, spearman
-from peft_ila.app.judge import BEYOND, NOISE_RULE, beyond, difference, judge, pooled_sd, show
+from peft_ila.app.judge import BEYOND, NOISE_RULE, beyond, difference, forgetting, judge, pooled_sd, show
 
 # re-exported: the studies take every statistic from here (the noise and its rule from the library's judge, which
 # `peft-ila versus` judges with too)
-__all__ = ["BEYOND", "NOISE_RULE", "beyond", "difference", "jaccard", "judge", "pooled_sd", "show", "spearman"]
+__all__ = [
+    "BEYOND",
+    "NOISE_RULE",
+    "beyond",
+    "difference",
+    "forgetting",
+    "jaccard",
+    "judge",
+    "pooled_sd",
+    "show",
+    "spearman",
+]
 
 HOLDS, PARTLY = 0.80, 0.50  # overlap rules (top-k Jaccard) of the paper's findings on overlap
 OVERLAP_RULE = f"≥ {HOLDS:.2f} holds, ≥ {PARTLY:.2f} partly"

@@ -4,7 +4,6 @@ what a recipe trains."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 
@@ -18,6 +17,7 @@ from ..tuner.config import ILAConfig
 from ..tuner.layerwise import LayerSampler, LayerwiseConfig, block_groups
 from ..tuner.model import find_candidates
 from .files import peak_memory_mb, reset_peak_memory
+from .judge import forgetting
 from .pipeline import Prepared, finetune, wrap
 from .recipe import Recipe
 
@@ -52,9 +52,8 @@ class Evaluation:
         loss = held_out if held_out is not None else evaluate_loss(model, self.held_out, self.accelerator)
         references = {name: evaluate_loss(model, b, self.accelerator) for name, b in self.references.items()}
         self.seconds += time.perf_counter() - start
-        rise = [references[name] - self.base["references"][name] for name in references] if self.base else []
-        forgetting = statistics.mean(rise) if rise else None
-        return {"step": step, "held_out": loss, "references": references, "forgetting": forgetting}
+        rise = forgetting(references, self.base.get("references", {}))
+        return {"step": step, "held_out": loss, "references": references, "forgetting": rise}
 
 
 def run_recipe(

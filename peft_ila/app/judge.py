@@ -46,6 +46,15 @@ def show(delta: tuple[float, float] | None) -> str:
     return "missing" if delta is None else f"{delta[0]:+.4f} ± {delta[1]:.4f}"
 
 
+def forgetting(after: dict[str, float], base: dict[str, float]) -> float | None:
+    """The mean rise of the reference sets' losses `after` a fine-tune over the base model's (`base`, by set name):
+    what the fine-tune forgot (negative: it helped them too). None without a reference set, or while the base
+    model's loss on one is not known."""
+    if not after or not set(after) <= set(base):
+        return None
+    return statistics.mean(after[name] - base[name] for name in after)
+
+
 def ratio(value: float | None, reference: float | None) -> float | None:
     """`value` in units of `reference` (a cost ratio: 0.5 is half the reference's); None when either is missing or
     the reference is not positive."""
