@@ -30,12 +30,11 @@ def figures(text: str) -> Counter:
 
 def old_pages(revision: str) -> dict[str, str]:
     """The study pages as they were at `revision`."""
-    show = lambda page: (
-        subprocess.run(  # noqa: E731
-            ["git", "show", f"{revision}:benchmarks/{page}"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout
-    )
-    return {page: show(page) for page in PAGES}
+    pages = {}
+    for page in PAGES:
+        shown = ["git", "show", f"{revision}:benchmarks/{page}"]
+        pages[page] = subprocess.run(shown, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return pages
 
 
 def gone(old: dict[str, str], now: str) -> list[tuple[str, str]]:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from benchmarks import modes_report
 from benchmarks.core.cells import Missing, Study
 from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding
-from benchmarks.core.recipes import train_briefly
+from benchmarks.core.recipes import side_by_side, train_briefly
 from benchmarks.grid import ADAPTER, Grid
 from benchmarks.modes_report import MODES, NEW
 from peft_ila import (
@@ -228,14 +228,7 @@ class Modes(Study):
         settings.update(mask=self.grid.mask(name)["settings"], layerwise=self.p["layerwise"], modes_version=VERSION)
 
         def compute(stem: Path) -> dict:
-            seconds: dict[str, list[float]] = {row: [] for row in rows}
-            rises: dict[str, list[float]] = {row: [] for row in rows}
-            for round_ in range(rounds):
-                for row in rows:
-                    took, rise = self.timed(name, row, round_, steps)
-                    seconds[row] += took
-                    rises[row].append(rise)
-            return {r: {"step_seconds": statistics.mean(seconds[r]), "memory_rise_mb": max(rises[r])} for r in rows}
+            return side_by_side({row: partial(self.timed, name, row, steps=steps) for row in rows}, rounds)
 
         return self.cell("timing", settings, compute)
 

@@ -1,6 +1,6 @@
 """What several studies compute the same way: ILA's mask with the library's defaults and the process's memory while a
 block runs. Brief training for step time and memory is the library's (`peft_ila.app.executor.train_briefly`, which
-`peft-ila versus` times with too), re-exported."""
+`peft-ila versus` times with too) and the side-by-side timing of several trainings, re-exported."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from peft import get_peft_model
 
 from peft_ila import ILAConfig, ILAResult, identify_important_layers
-from peft_ila.app.executor import train_briefly
+from peft_ila.app.executor import side_by_side, train_briefly
 from peft_ila.app.files import status_mb
 
-__all__ = ["AnonymousPeak", "default_identification", "default_probe", "train_briefly"]
+__all__ = ["AnonymousPeak", "default_identification", "default_probe", "side_by_side", "train_briefly"]
 
 
 def default_probe(model: torch.nn.Module, stage1: int, stage2: int, adapter: dict, seed: int = 0) -> torch.nn.Module:

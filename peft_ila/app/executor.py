@@ -4,7 +4,9 @@ what a recipe trains."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -130,6 +132,21 @@ def trained_like(
         return wrap(model, replace(config, selected_layers=list(selected), seed=seed)), {}
     shape = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
     return wrap(model, LoraConfig(task_type="CAUSAL_LM", target_modules=config.target_modules, **shape)), {}
+
+
+def side_by_side(rows: dict[str, Callable[[int], tuple[list[float], float]]], rounds: int) -> dict[str, dict]:
+    """Time several trainings in one process: in each of `rounds` rounds every row runs in turn (`rows[name](round)`
+    trains a few steps and gives its step seconds and memory rise, as `train_briefly` does). Per row: the mean step
+    seconds over every round and the largest memory rise (MB), so that rows are compared on the same machine at the
+    same time."""
+    seconds: dict[str, list[float]] = {row: [] for row in rows}
+    rises: dict[str, list[float]] = {row: [] for row in rows}
+    for round_ in range(rounds):
+        for row, timed in rows.items():
+            took, rise = timed(round_)
+            seconds[row] += took
+            rises[row].append(rise)
+    return {row: {"step_seconds": statistics.mean(seconds[row]), "memory_rise_mb": max(rises[row])} for row in rows}
 
 
 def train_briefly(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -19,7 +20,7 @@ from ..tuner.config import ILAConfig
 from . import UsageError
 from .args import CONFIG_OPTIONS
 from .data import batches, encode, read_dataset, split
-from .executor import Evaluation, Schedule, run_recipe, train_briefly, trained_like
+from .executor import Evaluation, Schedule, run_recipe, side_by_side, train_briefly, trained_like
 from .files import MANIFEST, check_free, read_json, write_json, written_by_peft_ila
 from .pipeline import Prepared, load_base, wrap
 from .recipe import MODES
@@ -231,21 +232,15 @@ def _run_all(args, prepared, config, schedule, evaluation, settings) -> dict[tup
 
 def _timing(args, prepared: Prepared, config: ILAConfig, schedule: Schedule, runs: dict) -> dict:
     """Every mode's training (after its identification, on seed 0's selection), and identification's two stages
-    when a mode identifies, `--timing-steps` steps each in turn, `ROUNDS` rounds in one process: per row the mean
-    step seconds (each run's first step left out) and the largest memory rise (MB)."""
+    when a mode identifies, `--timing-steps` steps each, side by side (`ROUNDS` rounds in one process)."""
     rows = [*args.modes, *(("probe-stage1", "probe-stage2") if any(MODES[m].identifies for m in args.modes) else ())]
-    seconds: dict[str, list[float]] = {row: [] for row in rows}
-    rises: dict[str, list[float]] = {row: [] for row in rows}
-    for round_ in range(ROUNDS):
-        for row in rows:
-            took, rise = _timed(args, row, _fresh(args, prepared), config, schedule, runs, round_)
-            seconds[row] += took
-            rises[row].append(rise)
-    return {row: {"step_seconds": statistics.mean(seconds[row]), "memory_rise_mb": max(rises[row])} for row in rows}
+    timed = {row: partial(_timed, args, row, prepared, config, schedule, runs) for row in rows}
+    return side_by_side(timed, ROUNDS)
 
 
 def _timed(args, row: str, prepared: Prepared, config: ILAConfig, schedule: Schedule, runs: dict, round_: int):
     """`--timing-steps` steps of one timing row: (step seconds but the first, memory rise)."""
+    prepared = _fresh(args, prepared)
     batches, steps = prepared.batches(schedule.batch_size, round_), args.timing_steps
     if row.startswith("probe-"):
         probe = wrap(prepared.model, replace(config, seed=round_))
