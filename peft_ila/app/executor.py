@@ -1,6 +1,6 @@
 """The one executor: `run_recipe` fine-tunes a `Recipe` on prepared data and returns its run record (checkpoints'
 losses, forgetting, steps, seconds, memory, identification's data position); `train_briefly` times a few steps of
-what a recipe trains."""
+what a recipe trains, and `side_by_side` several of those in turn."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def run_recipe(
     seed: int,
     evaluation: Evaluation,
     progress: bool = True,
-    on_step=None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Fine-tune `recipe` on `prepared` (its model is changed) with `seed` (adapters, data order, identification,
     draws): the run record (checkpoints, steps, seconds with identification and without evaluation, median step
