@@ -20,7 +20,6 @@ from pathlib import Path
 
 from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding, cell_text, table
-from benchmarks.modes_report import NEW
 from peft_ila.tuner.atomic import written_atomically
 from peft_ila.tuner.selection import CERTAIN
 
@@ -138,20 +137,33 @@ def findings(root: Path, study: str) -> list[Finding]:
     return [Finding(**finding) for finding in _json(path)["findings"]]
 
 
+HEADLINE = {  # the findings the README's headline answers, by study and id, in order
+    "grid": [
+        "grid-overlap",
+        "grid-freeze-quarter",
+        "grid-top25",
+        "grid-quarter-stage1",
+        "grid-equal-time",
+        "grid-forgetting",
+        "grid-budget",
+        "grid-cheap-selectors",
+    ],
+    "stability": ["stability-defaults", "stability-found-early"],
+    "methods": ["methods-ila-top-25"],
+    "modes": ["modes-goal", "modes-importance-draws", "modes-forgetting", "modes-equal-time", "modes-long"],
+}
+
+
 def headline(root: Path) -> str:
-    """One table of the studies' answers, each row linked to the page that holds its figures and rule."""
-    stability = findings(root, "stability")
-    early = [f for f in stability if f.claim.startswith("Important layers are found early in stage 1")]
-    studies = [  # every grid finding; the stability study's first and the one claim it judges for the grid; the
-        # methods study's first; the modes study's goals
-        (findings(root, "grid"), "benchmarks/GRID.md"),
-        (stability[:1] + early, "benchmarks/STABILITY.md"),
-        (findings(root, "methods")[:1], "benchmarks/METHODS.md"),
-        (findings(root, "modes")[1 + len(NEW) :], "benchmarks/MODES.md"),  # after the rates and one per new mode
-    ]
+    """One table of the studies' answers (`HEADLINE`), each row linked to the page that holds its figures and rule."""
     rows = []
-    for found, page in studies:
-        for finding in found:
+    for study, ids in HEADLINE.items():
+        found = {finding.id: finding for finding in findings(root, study)}
+        page = f"benchmarks/{study.upper()}.md"
+        for name in ids:
+            if name not in found:
+                raise ValueError(f"{study}.json has no finding {name!r} (it has {', '.join(found)}): fix HEADLINE")
+            finding = found[name]
             cells = [cell_text(text) for text in (finding.claim, finding.verdict, _short(finding.evidence))]
             rows.append([*cells, f"[{Path(page).name}]({page})"])
     lines = table(["question", "answer", "evidence", "page"], rows)

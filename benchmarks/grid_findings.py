@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 from itertools import combinations
 
 from benchmarks.core.page import Finding
@@ -314,16 +315,17 @@ def finding_cheap(results: dict, stats: Stats) -> Finding:
 def findings(results: dict) -> list[Finding]:
     """The paper's four findings, then what this grid adds, each judged by its rule."""
     stats = Stats(results)
-    return [
-        finding_datasets(results),
-        finding_freeze(results, stats),
-        finding_top25(results, stats),
-        finding_early(results),
-        finding_equal_time(results, stats),
-        finding_forgetting(results, stats),
-        finding_budget(results, stats),
-        finding_cheap(results, stats),
-    ]
+    found = {
+        "grid-overlap": finding_datasets(results),
+        "grid-freeze-quarter": finding_freeze(results, stats),
+        "grid-top25": finding_top25(results, stats),
+        "grid-quarter-stage1": finding_early(results),
+        "grid-equal-time": finding_equal_time(results, stats),
+        "grid-forgetting": finding_forgetting(results, stats),
+        "grid-budget": finding_budget(results, stats),
+        "grid-cheap-selectors": finding_cheap(results, stats),
+    }
+    return [replace(finding, id=name) for name, finding in found.items()]
 
 
 def fmt(value: float | None, digits: int = 4) -> str:

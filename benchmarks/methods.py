@@ -205,6 +205,7 @@ def findings(results: dict, steps: int) -> list[Finding]:
                 f"held-out loss lowered on all layers by {said}",
                 f"a method learns when it lowers the held-out loss by at least {LEARNS} on all layers; the shares of "
                 "one that does not are not compared",
+                id="methods-learns",
             )
         )
     lora = rows.get(("lora", ADAPTER_LR, "all"))
@@ -225,7 +226,12 @@ def share_finding(rows: dict, judged: list[tuple[str, float]], share: str) -> Fi
         parts.append(f"{label(*run)} {kept[run]:.0%} at {time:.2f}x, {memory:.2f}x")
     verdict = f"keeps {min(kept.values()):.0%} to {max(kept.values()):.0%} of the all-layers loss gain"
     evidence = f"share of the gain kept, at that step time and peak memory rise (x all layers): {'; '.join(parts)}"
-    return Finding(f"{share} against all layers", verdict, evidence)
+    return Finding(
+        f"{share} against all layers",
+        verdict,
+        evidence,
+        id=f"methods-{share.lower().replace(' ', '-').replace('%', '')}",
+    )
 
 
 def optimizer_finding(rows: dict, lora: dict | None) -> list[Finding]:
@@ -239,6 +245,7 @@ def optimizer_finding(rows: dict, lora: dict | None) -> list[Finding]:
             f"{mb['ILA top 25%'] / mb['all']:.2f}x on ILA's top 25%",
             f"{mb['all']:.0f} MB on all layers, {mb['ILA top 25%']:.0f} MB on ILA's top 25%, against "
             f"{lora['optimizer_state_bytes'] / 2**20:.1f} MB for LoRA on all layers",
+            id="methods-optimizer-state",
         )
     ]
 
@@ -259,6 +266,7 @@ def identification_findings(results: dict, lora: dict | None) -> list[Finding]:
             "Identification's cost",
             f"as long as {mask_seconds / lora['median_step_seconds']:.0f} steps of LoRA on all layers",
             f"the mask took {mask_seconds:.0f} s",
+            id="methods-identification-cost",
         ),
         Finding(
             "Identification on a 4-bit base",
@@ -268,6 +276,7 @@ def identification_findings(results: dict, lora: dict | None) -> list[Finding]:
             f"identification's own peak {need[small['base']]:.0f} MB against {need[plain['base']]:.0f} MB; "
             f"{small['median_step_seconds']:.2f} s per stage-1 step against {plain['median_step_seconds']:.2f} s "
             f"({step:.2f}x); two random top-25% sets overlap at {expected_random_jaccard(candidates, k):.2f}",
+            id="methods-4bit",
         ),
     ]
 

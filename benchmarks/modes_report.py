@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from benchmarks.core.cells import Missing
 from benchmarks.core.page import Finding, findings_section, missing_section, table
@@ -235,11 +235,12 @@ def cost_text(results: dict, mode: str) -> str:
 
 
 def findings(results: dict) -> list[Finding]:
-    out = [finding_rates(results)]
-    out += [finding_mode(results, mode) for mode in NEW]
-    out += [finding_goal(results), finding_importance(results), finding_forgetting(results)]
-    out += [finding_equal_time(results), finding_long(results)]
-    return out
+    found = {"modes-rates": finding_rates(results)}
+    found.update({f"modes-{mode}": finding_mode(results, mode) for mode in NEW})
+    found.update({"modes-goal": finding_goal(results), "modes-importance-draws": finding_importance(results)})
+    found.update({"modes-forgetting": finding_forgetting(results), "modes-equal-time": finding_equal_time(results)})
+    found["modes-long"] = finding_long(results)
+    return [replace(finding, id=name) for name, finding in found.items()]
 
 
 def finding_rates(results: dict) -> Finding:

@@ -138,6 +138,7 @@ def findings(results: dict) -> list[Finding]:
                 f"{results['blocks']} blocks",
                 f"two random sets of blocks: {results['random_blocks']:.2f}; Spearman {init['spearman']:.2f} / "
                 f"{order['spearman']:.2f}",
+                id="stability-blocks",
             )
         )
     out += _cross_finding(results, defaults.estimator) + _length_finding(results, defaults.estimator)
@@ -165,6 +166,7 @@ def _defaults_finding(results: dict, default: dict | None) -> list[Finding]:
             f"{init['spearman']:.2f} / {order['spearman']:.2f}; the largest noise source is "
             f"{min(noise, key=noise.get)} ({', '.join(f'{k} {v:.2f}' for k, v in noise.items())})",
             f"the goal: Jaccard ≥ {GOAL['jaccard']:.2f} and Spearman ≥ {GOAL['spearman']} at ≤ {GOAL['cost']}x",
+            id="stability-defaults",
         )
     ]
 
@@ -187,7 +189,7 @@ def _cheapest_finding(results: dict) -> list[Finding]:
             f"(Spearman {_worst(within, 'spearman_within_type'):.2f})"
         )
     verdict = f"{best['estimator']} at {best['stage1_steps']} stage-1 steps"
-    return [Finding(f"Most reproducible top 25% within {GOAL['cost']}x", verdict, evidence)]
+    return [Finding(f"Most reproducible top 25% within {GOAL['cost']}x", verdict, evidence, id="stability-cheapest")]
 
 
 def _calibration_finding(results: dict, estimator: str) -> list[Finding]:
@@ -208,7 +210,7 @@ def _calibration_finding(results: dict, estimator: str) -> list[Finding]:
     verdict += ", ".join(s for s in sources if s not in honest) or "none"
     rule = f"calibrated against a source when its rerun selects at least {CERTAIN:.0%} of the certain layers"
     claim = f"Is the confidence honest? (`{estimator}`, {row['stage1_steps']} stage-1 steps)"
-    return [Finding(claim, verdict, evidence, rule)]
+    return [Finding(claim, verdict, evidence, rule, id="stability-confidence")]
 
 
 def _known_findings(results: dict, default: dict | None) -> list[Finding]:
@@ -233,6 +235,7 @@ def _known_findings(results: dict, default: dict | None) -> list[Finding]:
             f"layers are the top {len(first['ranks'][0])} in: " + ", ".join(counts) + "; a random ranking: mean rank "
             f"{first['random_mean_rank']:.1f}",
             f"right when found in ≥ {RIGHT:.0%} of runs",
+            id="stability-planted",
         )
     ]
     rows = [r for r in results["rows"] if share.get(r["estimator"], 0) >= RIGHT and r["cost_steps"] <= GOAL["cost"]]
@@ -245,7 +248,7 @@ def _known_findings(results: dict, default: dict | None) -> list[Finding]:
             verdict = f"not the defaults ({_worst(default):.2f})" if default else "the defaults have no row yet"
         evidence = "among the estimators right on the planted task, the most reproducible top 25% within "
         evidence += f"{GOAL['cost']}x is {where}"
-        out.append(Finding("Where the defaults sit", verdict, evidence))
+        out.append(Finding("Where the defaults sit", verdict, evidence, id="stability-defaults-place"))
     return out
 
 
@@ -269,6 +272,7 @@ def _length_finding(results: dict, estimator: str) -> list[Finding]:
             + "/".join(f"{_worst(r, 'spearman_within_type'):.2f}" for r in rows)
             + "; `update-norm` within-type Spearman between seeds at the same steps "
             + "/".join(f"{_worst(p, 'spearman_within_type'):.2f}" for p in within),
+            id="stability-longer-stage1",
         )
     ]
 
@@ -287,6 +291,7 @@ def _cross_finding(results: dict, estimator: str) -> list[Finding]:
             f"mean top-25% Jaccard across alpaca, LIMA and Dolly {cross:.2f}, against {floor:.2f} between two runs "
             f"on the same data (ratio {cross / floor:.2f})",
             f"mean top-25% Jaccard {OVERLAP_RULE}",
+            id="stability-overlap",
         )
     ]
 
@@ -304,12 +309,14 @@ def _trajectory_findings(results: dict) -> list[Finding]:
             f"top-25% Jaccard {early:.2f} between step {run['early_step']} and step {run['points'][-1]['step']} of "
             "the same run (mean over 3 runs)",
             f"top-25% Jaccard {OVERLAP_RULE}",
+            id="stability-found-early",
         ),
         Finding(
             f"The paper's stop rule on the loss (ε = {loss['loss_rule'][0]}, window {loss['loss_rule'][1]})",
             f"ends the three alpaca runs at steps {', '.join(map(str, loss['stops'].values()))}",
             f"where they stop, `update-norm` top-25% Jaccard {loss['init']['jaccard@0.25']:.2f} (init) / "
             f"{loss['order']['jaccard@0.25']:.2f} (order)",
+            id="stability-stop-rule",
         ),
     ]
 

@@ -9,12 +9,14 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class Finding:
     """One question a study answers: the `claim` tested, the `verdict` its `rule` gives on the `evidence` (the
-    measured figures). An empty rule is left out (a finding that reports without judging)."""
+    measured figures). An empty rule is left out (a finding that reports without judging). `id`: the study's name
+    for the question, which stays when its wording changes (the README's headline names findings by it)."""
 
     claim: str
     verdict: str
     evidence: str
     rule: str = ""
+    id: str = ""
 
     def line(self) -> str:
         """The finding as one Markdown line (without its number)."""
