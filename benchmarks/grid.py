@@ -187,15 +187,13 @@ class Grid(Study):
         """ILA's identification on dataset `name` with the library's defaults, budget from the preset (or `stage1`
         steps of stage 1); `seed`: the adapters' initialisation and the data order."""
         stage1 = stage1 or self.p["stage1"]
-        settings = {**self.identity(name), "stage1": stage1, "stage2": self.p["stage2"], **ADAPTER}
-        if seed:  # seed 0's key predates other seeds
-            settings["seed"] = seed
+        settings = {**self.identity(name), "stage1": stage1, "stage2": self.p["stage2"], **ADAPTER, "seed": seed}
 
         def compute(stem: Path) -> dict:
             probe = default_probe(copy.deepcopy(self.base), stage1, self.p["stage2"], ADAPTER, seed)
             return default_identification(probe, self.data.batches(name, seed), self.args.progress)[1]
 
-        return self.cell("mask", settings, compute)
+        return self.cell("mask", settings, compute, defaults={"seed": 0})
 
     def cost(self, name: str) -> dict:
         """The step-cost model (`measure_step_cost`) of a probe model on the first training batch of `name`."""

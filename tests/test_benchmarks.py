@@ -478,3 +478,15 @@ def test_kept_figures_finds_a_number_that_left_the_pages():
     assert set(figures(old["GRID.md"])) == {"1.5214", "224", "0.0016", "0.0021"}  # small counts, code spans left out
     assert gone(old, "1.5214 (224 steps): -0.0016 and 0.0021") == []  # the sign may change with the wording
     assert gone(old, "1.5214 after 224 steps, 0.0021") == [("GRID.md", "0.0016")]
+
+
+def test_a_setting_at_its_default_leaves_the_key_of_the_cells_made_before_it(tmp_path):
+    from benchmarks.core.cells import cell, key
+
+    before = {"dataset": "alpaca", "stage1": 128}
+    made = cell(tmp_path, "mask", before, lambda stem: {"value": 1}, existing_only=False)
+    assert (tmp_path / f"mask-{key(before)}.json").is_file()
+    again = cell(tmp_path, "mask", {**before, "seed": 0}, lambda stem: {"value": 2}, False, defaults={"seed": 0})
+    assert again == made  # read, not computed: seed 0 is the default
+    other = cell(tmp_path, "mask", {**before, "seed": 1}, lambda stem: {"value": 3}, False, defaults={"seed": 0})
+    assert other["value"] == 3 and other["settings"] == {**before, "seed": 1}

@@ -34,9 +34,19 @@ def key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cell(folder: Path, kind: str, settings: dict, compute: Callable[[Path], dict], existing_only: bool) -> dict:
+def cell(
+    folder: Path,
+    kind: str,
+    settings: dict,
+    compute: Callable[[Path], dict],
+    existing_only: bool,
+    defaults: dict | None = None,
+) -> dict:
     """The record of a cell `folder/<kind>-<key>.json`: read if it exists, else `compute(path stem)` and saved
-    (written whole or not at all); `Missing` when absent and `existing_only`."""
+    (written whole or not at all); `Missing` when absent and `existing_only`. A setting at its value in `defaults`
+    is left out of the key and the record, so that a setting added to a kind of cell later keeps the cells made
+    before it (which ran at its default)."""
+    settings = {k: v for k, v in settings.items() if k not in (defaults or {}) or v != defaults[k]}
     stem = folder / f"{kind}-{key(settings)}"
     if stem.with_suffix(".json").exists():
         return json.loads(stem.with_suffix(".json").read_text())
@@ -65,9 +75,9 @@ class Study(ABC):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.missing: list[str] = []
 
-    def cell(self, kind: str, settings: dict, compute: Callable[[Path], dict]) -> dict:
+    def cell(self, kind: str, settings: dict, compute: Callable[[Path], dict], defaults: dict | None = None) -> dict:
         """The record of a cell of this study (see `cell`)."""
-        return cell(self.folder, kind, settings, compute, self.args.existing_only)
+        return cell(self.folder, kind, settings, compute, self.args.existing_only, defaults)
 
     def collect(self, what: str, get: Callable[..., T], *args) -> T | None:
         """`get(*args)`, or None when a cell it needs is missing: then `what` (and the missing cell) joins
