@@ -136,7 +136,8 @@ def page(results: dict) -> str:
         f"{_num(noise['forgetting'])}. Forgetting: the loss rise over the base model on the reference sets ({refs}), "
         "averaged over them. Costs: step time and memory rise measured side by side in one process "
         "(`timing.json`); wall time is the run's steps at those step times, identification's stages included, and, "
-        "measured, the runs' own seconds (one after another, evaluations left out).",
+        "measured, the runs' own seconds (one after another, evaluations left out: on a shared machine they move with "
+        "its load while each run ran, the side-by-side ratios do not).",
         "",
         *_table(comparisons["modes"]),
         "",
