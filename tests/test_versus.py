@@ -121,6 +121,7 @@ def test_a_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(work, compare
     assert main(versus(work, tmp_path / "v", "--dry-run")) == 0
     out = capsys.readouterr().out
     assert "plan: 8 runs" in out and "at steps 2, 4, 6, 8" in out and "estimate:" in out
+    assert main(versus(work, tmp_path / "v", "--dry-run", "--target-modules", "q_proj,v_proj")) == 0  # a set of names
     assert not (tmp_path / "v").exists()
 
 

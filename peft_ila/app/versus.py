@@ -136,7 +136,7 @@ def _settings(args, prepared: Prepared, schedule: Schedule, config: ILAConfig, r
         "grad_accum": args.grad_accum,
         "schedule": asdict(schedule),
         "adapter": {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout},
-        "target_modules": config.target_modules,
+        "target_modules": sorted(modules) if isinstance(modules := config.target_modules, set) else modules,
         "identification": identification,
         "references": {name: _sha256(spec) for name, spec in zip(references, args.reference, strict=True)},
         "reference_size": args.reference_size,
