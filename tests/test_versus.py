@@ -147,3 +147,19 @@ def test_verdicts_follow_the_rule_for_loss_and_forgetting():
     assert verdict(rows["lisa"]).startswith("worse than LoRA-all") and "forgets as much" in verdict(rows["lisa"])
     single = compare(runs[:1] + runs[2:3], ["lora-all", "ila-75"], None, 4)["modes"]
     assert verdict(single["ila-75"]) == "not judged: one seed gives no noise scale"
+
+
+def test_a_kill_while_the_page_is_written_leaves_a_directory_that_continues(work, compared, tmp_path, monkeypatch):
+    import peft_ila.app.plots
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("stopped by the test")
+
+    args = versus(work, tmp_path / "v", "--modes", "lora-all")
+    args[args.index("--seeds") + 1] = "1"
+    monkeypatch.setattr(peft_ila.app.plots, "versus_plot", killed)  # after versus.json and VERSUS.md are written
+    assert main(args) == 130
+    assert (tmp_path / "v" / "versus.json").is_file() and (tmp_path / "v" / "runs" / "lora-all-seed0.json").is_file()
+    monkeypatch.undo()
+    assert main(args) == 0  # every file there was named in the manifest before it was written
+    assert main([*args, "--overwrite"]) == 0

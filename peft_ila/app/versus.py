@@ -9,6 +9,7 @@ a killed one stopped (finished runs are kept); other settings are refused, namin
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from dataclasses import asdict, replace
 from functools import partial
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from ..tuner.config import ILAConfig
 from . import UsageError
 from .args import CONFIG_OPTIONS
-from .data import batches, encode, read_dataset, split
+from .data import batches, encode, fingerprint, read_dataset, split
 from .executor import Evaluation, Schedule, run_recipe, side_by_side, train_briefly, trained_like
 from .files import MANIFEST, check_free, read_json, write_json, written_by_peft_ila
 from .pipeline import Prepared, load_base, wrap
@@ -49,11 +50,11 @@ def run_versus(args) -> dict | None:
     if args.dry_run:
         print(_estimate(args, prepared, config, schedule, evaluation))
         return None
-    _open(args.out, settings, args.overwrite)
+    _open(args, settings)
     evaluation.base = _cached(args.out / "base.json", lambda: evaluation.point(prepared.model, 0))
     prepared = replace(prepared, model=None)  # each run loads its own; two copies need not be held
     runs = _run_all(args, prepared, config, schedule, evaluation, settings)
-    timing = _cached(args.out / "timing.json", lambda: _timing(args, prepared, config, schedule, runs))
+    timing = _cached(args.out / "timing.json", lambda: _timing(args, prepared, accelerator, config, schedule, runs))
     return _written(args, settings, evaluation.base, runs, timing)
 
 
@@ -111,7 +112,8 @@ def _reference_sets(args) -> dict[str, list]:
 
 
 def _references(args, prepared: Prepared, conversations: dict[str, list]) -> dict[str, object]:
-    """Each reference set's batches: --reference-size of its examples (drawn with --seed), encoded as the data is."""
+    """Each reference set's batches: --reference-size of its examples (drawn with --seed), formatted as the data is
+    and truncated to --max-length."""
     out = {}
     for (name, turns), spec in zip(conversations.items(), args.reference, strict=True):
         encoded = encode(turns, prepared.tokenizer, args.max_length, plain=prepared.plain)
@@ -138,7 +140,7 @@ def _settings(args, prepared: Prepared, schedule: Schedule, config: ILAConfig, r
         "adapter": {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout},
         "target_modules": sorted(modules) if isinstance(modules := config.target_modules, set) else modules,
         "identification": identification,
-        "references": {name: _sha256(spec) for name, spec in zip(references, args.reference, strict=True)},
+        "references": {name: fingerprint(spec)[1] for name, spec in zip(references, args.reference, strict=True)},
         "reference_size": args.reference_size,
         "evals": args.evals,
         "timing_steps": args.timing_steps,
@@ -146,17 +148,11 @@ def _settings(args, prepared: Prepared, schedule: Schedule, config: ILAConfig, r
     return json.loads(json.dumps(settings))  # as plan.json will hold them (lists, not tuples)
 
 
-def _sha256(spec: str) -> str:
-    from .data import fingerprint
-
-    return fingerprint(spec)[1]
-
-
-def _open(out: Path, settings: dict, overwrite: bool) -> None:
-    """Start `out` (its plan and manifest), or continue it when its plan has these settings; refuse other
+def _open(args, settings: dict) -> None:
+    """Start --out (its manifest, then its plan), or continue it when its plan has these settings; refuse other
     settings, naming them. --overwrite starts over (only a directory peft-ila wrote)."""
-    plan = out / "plan.json"
-    if plan.is_file() and not overwrite:
+    out, plan = args.out, args.out / "plan.json"
+    if plan.is_file() and not args.overwrite:
         before = read_json(plan)
         changed = [key for key in sorted({*before, *settings}) if before.get(key) != settings.get(key)]
         if changed:
@@ -166,14 +162,13 @@ def _open(out: Path, settings: dict, overwrite: bool) -> None:
             )
         done = len(list((out / "runs").glob("*.json")))
         print(f"continuing {out}: {done} run(s) already finished are kept")
+        _note_written(args)  # more modes or seeds than before: their runs' names
         return
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)  # only a peft-ila output gets here (`_check_out`)
     (out / "runs").mkdir(parents=True)
+    _note_written(args)
     write_json(plan, settings)
-    _note_written(out)
 
 
 def _short(value) -> str:
@@ -181,10 +176,14 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _note_written(out: Path) -> None:
-    """The manifest of what versus wrote in `out`, so that --overwrite later replaces only that."""
-    entries = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != MANIFEST)
-    write_json(out / MANIFEST, {"written_by": "peft-ila", "kind": KIND, "entries": entries})
+def _note_written(args) -> None:
+    """The manifest of --out: what is there and every file this command will write, named before it is written, so
+    that a run killed at any moment leaves a directory that a rerun continues and --overwrite replaces (only that)."""
+    out = args.out
+    runs = [f"runs/{mode}-seed{seed}.json" for mode in args.modes for seed in range(args.seeds)]
+    planned = {"plan.json", "base.json", "timing.json", "versus.json", "VERSUS.md", "versus.png", "runs", *runs}
+    there = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != MANIFEST}
+    write_json(out / MANIFEST, {"written_by": "peft-ila", "kind": KIND, "entries": sorted(there | planned)})
 
 
 def _cached(path: Path, compute) -> dict:
@@ -193,13 +192,13 @@ def _cached(path: Path, compute) -> dict:
         return json.loads(path.read_text())
     value = compute()
     write_json(path, value)
-    _note_written(path.parent)
     return value
 
 
-def _fresh(args, prepared: Prepared) -> Prepared:
-    """`prepared` with the base model loaded anew (a run changes the model it trains)."""
-    model = load_base(args.model, args.quantize, accelerator_for(args), loading_of(args))[0]
+def _fresh(args, prepared: Prepared, accelerator) -> Prepared:
+    """`prepared` with the base model loaded anew onto the accelerator's device (a run changes the model it
+    trains)."""
+    model = load_base(args.model, args.quantize, accelerator, loading_of(args))[0]
     return replace(prepared, model=model)
 
 
@@ -220,27 +219,27 @@ def _run_all(args, prepared, config, schedule, evaluation, settings) -> dict[tup
         def advance(step: int, done: int = done) -> None:
             bar.update(done + step - bar.n)
 
-        record = run_recipe(MODES[mode], _fresh(args, prepared), config, schedule, seed, evaluation, False, advance)
+        fresh = _fresh(args, prepared, evaluation.accelerator)
+        record = run_recipe(MODES[mode], fresh, config, schedule, seed, evaluation, False, advance)
         runs[mode, seed] = {"mode": mode, "seed": seed, "recipe": asdict(MODES[mode]), **record}
         write_json(path, runs[mode, seed])
-        _note_written(args.out)
         bar.update(done + schedule.steps - bar.n)
         _written(args, settings, evaluation.base, runs, None)
     bar.close()
     return runs
 
 
-def _timing(args, prepared: Prepared, config: ILAConfig, schedule: Schedule, runs: dict) -> dict:
+def _timing(args, prepared: Prepared, accelerator, config: ILAConfig, schedule: Schedule, runs: dict) -> dict:
     """Every mode's training (after its identification, on seed 0's selection), and identification's two stages
     when a mode identifies, `--timing-steps` steps each, side by side (`ROUNDS` rounds in one process)."""
     rows = [*args.modes, *(("probe-stage1", "probe-stage2") if any(MODES[m].identifies for m in args.modes) else ())]
-    timed = {row: partial(_timed, args, row, prepared, config, schedule, runs) for row in rows}
+    timed = {row: partial(_timed, args, row, prepared, accelerator, config, schedule, runs) for row in rows}
     return side_by_side(timed, ROUNDS)
 
 
-def _timed(args, row: str, prepared: Prepared, config: ILAConfig, schedule: Schedule, runs: dict, round_: int):
+def _timed(args, row: str, prepared: Prepared, accelerator, config, schedule: Schedule, runs: dict, round_: int):
     """`--timing-steps` steps of one timing row: (step seconds but the first, memory rise)."""
-    prepared = _fresh(args, prepared)
+    prepared = _fresh(args, prepared, accelerator)
     batches, steps = prepared.batches(schedule.batch_size, round_), args.timing_steps
     if row.startswith("probe-"):
         probe = wrap(prepared.model, replace(config, seed=round_))
@@ -282,6 +281,4 @@ def _hours(seconds: float) -> str:
 
 def _written(args, settings: dict, base: dict, runs: dict, timing: dict | None) -> dict:
     """versus.json, VERSUS.md and versus.png from what there is (`timing` None: the cost columns wait for it)."""
-    results = write_results(args.out, settings, base, list(runs.values()), timing, args.modes, args.seeds, args.argv)
-    _note_written(args.out)
-    return results
+    return write_results(args.out, settings, base, list(runs.values()), timing, args.modes, args.seeds, args.argv)
