@@ -159,8 +159,8 @@ def train_briefly(
 ) -> tuple[list[float], float]:
     """`steps` AdamW steps on `params` (default: `model`'s trainable parameters, or a layerwise `sampler`'s groups,
     its active set drawn as `finetune` draws it): the seconds of each step but the first (which allocates the
-    optimizer's state), and the peak memory's rise (MB) over the start, measured as `finetune` measures it (CUDA's
-    peak allocation on a GPU, else the resident memory's)."""
+    optimizer's state), and the peak memory's rise (MB) over the start: CUDA's peak allocation over what was
+    allocated at the start on a GPU, else the resident memory's, as `finetune` measures it."""
     if params is None:
         params = sampler.parameters() if sampler else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -169,6 +169,8 @@ def train_briefly(
         sampler.train_only_groups(model)
         on_step = sampler.hook(optimizer)
     start = reset_peak_memory()
+    allocated = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
     stats = train_steps(model, cycle(batches), optimizer, steps, on_step=on_step, progress=False)
     peak = peak_memory_mb(start)
-    return stats.step_seconds[1:], peak.get("cuda_peak_mb", peak.get("rss_rise_mb", 0.0))
+    rise = peak["cuda_peak_mb"] - allocated if allocated is not None else peak.get("rss_rise_mb", 0.0)
+    return stats.step_seconds[1:], rise
