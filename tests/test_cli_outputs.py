@@ -258,6 +258,21 @@ def test_too_little_data_gets_the_advice_that_fits(work, tmp_path, capsys):
     assert "--overlong truncate" not in err  # already the setting
 
 
+def test_the_library_names_the_field_where_the_command_line_names_the_option(work, tmp_path):
+    """`pipeline.prepare` speaks of its own arguments (a `FieldError` about `data`, naming `max_length`), not of
+    the command line's options: only the CLI says them as flags (the test above)."""
+    from peft_ila import FieldError
+    from peft_ila.app.pipeline import prepare
+
+    long_prompt = tmp_path / "long.json"
+    long_prompt.write_text(json.dumps([{"instruction": "x" * 200, "output": "y"}] * 3))
+    with pytest.raises(FieldError) as raised:
+        prepare(str(work / "lm"), str(long_prompt), max_length=64, overlong="drop")
+    assert (raised.value.owner, raised.value.field, raised.value.value) == ("prepare", "data", str(long_prompt))
+    assert "3 dropped as longer than `max_length` 64 (raise `max_length`" in raised.value.problem
+    assert "--" not in str(raised.value)
+
+
 def test_a_directory_of_the_wrong_command_is_named(work, run, tmp_path, capsys):
     adapter = tmp_path / "a"
     assert (

@@ -3,7 +3,9 @@ computed yet."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,20 @@ def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str
     marks = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+Column = tuple[str, str, Callable[[Any], str]]  # a table's column: header, alignment ("l" or "r"), a row's text
+
+
+def columns(spec: list[Column], rows: Iterable) -> list[str]:
+    """A Markdown table of `rows`, one column per (header, alignment, text of a row) of `spec`."""
+    body = [[text(row) for _, _, text in spec] for row in rows]
+    return table([header for header, _, _ in spec], body, "".join(align for _, align, _ in spec))
+
+
+def number(value: float | None, spec: str = ".2f", missing: str = "–") -> str:
+    """`value` in format `spec`, or `missing` when there is none."""
+    return missing if value is None else format(value, spec)
 
 
 def cell_text(text: str) -> str:

@@ -5,6 +5,7 @@ the pooled noise scale and the 2-SE rule are the library's judge (`peft_ila.app.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable, Iterable
 
 from peft_ila import resolve_top_k
 from peft_ila.app.compare import jaccard, spearman
@@ -20,10 +21,58 @@ __all__ = [
     "forgetting",
     "jaccard",
     "judge",
+    "listed",
     "pooled_sd",
     "show",
     "spearman",
 ]
+
+
+class Runs:
+    """Fine-tunes grouped by (dataset, arm), `arm(run)` naming what a run tried (a selector and its share, a mode and
+    its regime): each metric's values in a group (`metrics`: name -> a run's value, None when not known), the pooled
+    seed-to-seed noise over the groups `pooled(arm)` admits, and differences ± SE judged by it."""
+
+    def __init__(
+        self,
+        runs: Iterable[dict],
+        arm: Callable[[dict], Hashable],
+        metrics: dict[str, Callable[[dict], float | None]],
+        pooled: Callable[[Hashable], bool] = lambda arm: True,
+    ) -> None:
+        self.groups: dict[tuple[str, Hashable], list[dict]] = {}
+        for run in runs:
+            self.groups.setdefault((run["dataset"], arm(run)), []).append(run)
+        self.metrics, self.pooled = metrics, pooled
+
+    def values(self, dataset: str, arm: Hashable, what: str = "loss") -> list[float]:
+        """`what` of each run of `arm` on `dataset` (those where it is known), in run order."""
+        found = (self.metrics[what](run) for run in self.groups.get((dataset, arm), []))
+        return [value for value in found if value is not None]
+
+    def sigma(self, dataset: str, what: str = "loss", among: Callable[[Hashable], bool] | None = None) -> float | None:
+        """The pooled seed-to-seed spread of `what` on `dataset` over the arms `among` admits (default: `pooled`)."""
+        admit = among or self.pooled
+        return pooled_sd([self.values(d, arm, what) for d, arm in self.groups if d == dataset and admit(arm)])
+
+    def noise(self, dataset: str, what: str, a: Hashable, b: Hashable) -> float | None:
+        """The noise a comparison of arms `a` and `b` is judged by: the dataset's pooled spread."""
+        return self.sigma(dataset, what)
+
+    def delta(self, dataset: str, a: Hashable, b: Hashable, what: str = "loss") -> tuple[float, float] | None:
+        """mean(a) - mean(b) of `what` on `dataset` and its standard error; None when a side or the noise is missing."""
+        return difference(self.values(dataset, a, what), self.values(dataset, b, what), self.noise(dataset, what, a, b))
+
+    def per_dataset(self, datasets: Iterable[str], a: Hashable, b: Hashable, what: str = "loss") -> dict:
+        """dataset -> `delta`, for the datasets where it is known."""
+        found = {dataset: self.delta(dataset, a, b, what) for dataset in datasets}
+        return {dataset: delta for dataset, delta in found.items() if delta is not None}
+
+
+def listed(deltas: dict, empty: str = "not measured yet") -> str:
+    """Named differences ± SE as one phrase ("alpaca +0.0012 ± 0.0040, lima ..."), or `empty`."""
+    return ", ".join(f"{name} {show(delta)}" for name, delta in deltas.items()) or empty
+
 
 HOLDS, PARTLY = 0.80, 0.50  # overlap rules (top-k Jaccard) of the paper's findings on overlap
 OVERLAP_RULE = f"≥ {HOLDS:.2f} holds, ≥ {PARTLY:.2f} partly"

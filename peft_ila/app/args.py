@@ -163,17 +163,25 @@ def _config_option(group, field: str, flag: str, kind, defaults: dict) -> None:
     group.add_argument(flag, dest=field, default=default, metavar=metavar, help=help, **typed)
 
 
+# the options behind the fields of what else the command line calls: `pipeline.prepare`'s
+OPTIONS = {
+    "ILAConfig": FLAGS,
+    "prepare": {"data": "--data", "eval_data": "--eval-data", "max_length": "--max-length", "overlong": "--overlong"},
+}
+
+
 def usage_error(exc: ValueError) -> UsageError:
     """A library error as a one-line usage error in the words of the command line: a `FieldError` about a field an
-    option sets names the option (`ILAConfig.top_k=0 is invalid ...` becomes `--top-k 0 is invalid ...`); any other
-    error keeps its first line."""
+    option sets names the option (`ILAConfig.top_k=0 is invalid ...` becomes `--top-k 0 is invalid ...`), and so do
+    the other fields its problem names in backticks; any other error keeps its first line."""
     if isinstance(exc, UsageError):
         return exc
-    flag = FLAGS.get(exc.field) if isinstance(exc, FieldError) and exc.owner == "ILAConfig" else None
-    if flag is None:
+    flags = OPTIONS.get(exc.owner, {}) if isinstance(exc, FieldError) else {}
+    if not flags or exc.field not in flags:
         return UsageError(str(exc).splitlines()[0])
     value = f" {_as_typed(exc.value)}" if exc.has_value else ""
-    return UsageError(f"{flag}{value} {exc.problem}")
+    problem = re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), exc.problem)
+    return UsageError(f"{flags[exc.field]}{value} {problem}")
 
 
 def _as_typed(value) -> str:

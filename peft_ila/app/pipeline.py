@@ -21,8 +21,7 @@ from ..identification.importance import ILAResult, identify_important_layers
 from ..identification.training import StepStats, cycle, evaluate_loss, train_steps
 from ..tuner.config import ILAConfig
 from ..tuner.layerwise import LayerSampler
-from ..tuner.selection import Selection, model_identity
-from . import UsageError
+from ..tuner.selection import FieldError, Selection, model_identity
 from .checkpoints import FinetuneCheckpoint, FinetuneState
 from .data import Conversation, Dataset, Encoded, batches, dropped_text, encode, prompt_text, read_dataset, split
 from .files import peak_memory_mb, reset_peak_memory
@@ -46,10 +45,8 @@ class Prepared:
         share of them (every n-th example)."""
         data = (self.held_out if held_out else self.train)[rank() :: world_size()]
         if not held_out and not data:
-            raise UsageError(
-                f"{len(self.train)} training examples cannot feed {world_size()} processes; use more data or fewer "
-                "processes."
-            )
+            problem = f"gives {len(self.train)} training examples, too few to feed {world_size()} processes; use more "
+            raise FieldError("data", problem + "data or fewer processes.", owner="prepare")
         return batches(data, batch_size, self.tokenizer.pad_token_id, shuffle=not held_out, seed=seed)
 
 
@@ -81,9 +78,9 @@ def prepare(
     model, tokenizer, loaded = load_base(model_spec, quantize, accelerator, loading)
     base_model = {"model": portable(model_spec), **model_identity(model)}
     plain = plain or not tokenizer.chat_template
-    encoded = _encode_checked(dataset.conversations, data_spec, tokenizer, max_length, overlong, plain)
+    encoded = _encode_checked(dataset.conversations, "data", data_spec, tokenizer, max_length, overlong, plain)
     if test_set is not None:
-        test = _encode_checked(test_set.conversations, eval_data, tokenizer, max_length, overlong, plain)
+        test = _encode_checked(test_set.conversations, "eval_data", eval_data, tokenizer, max_length, overlong, plain)
     if eval_size is None:
         eval_size = default_eval_size(len((encoded if test_set is None else test).examples))
     if test_set is None:
@@ -168,26 +165,28 @@ def default_eval_size(examples: int) -> int:
     return min(64, max(1, examples // 10))
 
 
-def _encode_checked(conversations, spec: str, tokenizer, max_length: int, overlong: str, plain: bool) -> Encoded:
-    """`encode`, refusing with what went wrong and what helps when fewer than 2 examples are left."""
+def _encode_checked(
+    conversations, field: str, spec: str, tokenizer, max_length: int, overlong: str, plain: bool
+) -> Encoded:
+    """`encode`, or a `FieldError` about `field` (the data `spec`) saying what went wrong and what helps when fewer
+    than 2 examples are left (the other fields it names in backticks)."""
     encoded = encode(conversations, tokenizer, max_length, overlong, plain)
     if len(encoded.examples) >= 2:
         return encoded
     lost = []
     if encoded.dropped:
-        advice = "raise --max-length"
+        advice = "raise `max_length`"
         if overlong == "drop" and encoded.dropped > encoded.prompt_too_long:
-            advice += " or use --overlong truncate"
+            advice += " or use `overlong` truncate"
         elif encoded.prompt_too_long:
             advice += ": their prompts alone are longer, truncating cannot keep an answer"
-        lost.append(f"{encoded.dropped} dropped as longer than --max-length {max_length} ({advice})")
+        lost.append(f"{encoded.dropped} dropped as longer than `max_length` {max_length} ({advice})")
     if encoded.refused:
         lost.append(dropped_text(encoded.refused))
     why = f"; {'; '.join(lost)}" if lost else ""
-    raise UsageError(
-        f"--data {spec}: {len(conversations)} conversations, {len(encoded.examples)} examples left{why}. At least 2 "
-        "are needed (one to train on, one held out)" + ("" if lost else ": add examples") + "."
-    )
+    problem = f"has {len(conversations)} conversations, {len(encoded.examples)} examples left{why}. At least 2 are "
+    problem += "needed (one to train on, one held out)" + ("" if lost else ": add examples") + "."
+    raise FieldError(field, problem, spec, owner="prepare")
 
 
 def identify(
