@@ -23,16 +23,9 @@ from peft_ila import ILAConfig, ILALayer, identify_important_layers
 VOCAB = 64
 PLANTED = ["model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
 TASK = dict(r=4, stage1_lr=0.01)  # the adapters of the planted task (its tests and the study's rows)
-STUDENT = dict(  # the student's LlamaConfig
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-)
+# the student's LlamaConfig
+STUDENT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)  # fmt: skip
 
 
 def student(seed: int = 0) -> LlamaForCausalLM:
@@ -58,14 +51,8 @@ def teacher_data(student, planted: list[str], n: int = 1024, batch: int = 32, se
             seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], dim=1)
     labels = seq.clone()
     labels[:, :2] = -100  # the prompt is not learned
-    return [
-        {
-            "input_ids": seq[i : i + batch],
-            "attention_mask": torch.ones_like(seq[i : i + batch]),
-            "labels": labels[i : i + batch],
-        }
-        for i in range(0, n, batch)
-    ]
+    parts = dict(input_ids=seq, attention_mask=torch.ones_like(seq), labels=labels)
+    return [{name: part[i : i + batch] for name, part in parts.items()} for i in range(0, n, batch)]
 
 
 def planted_ranks(method: str, fields: dict, stage1_steps: int, stage2_steps: int, seed: int) -> tuple[list[int], int]:

@@ -11,12 +11,12 @@ by ILA's block importance; identification inside the fine-tune (stage 1 is the f
 norms (LoRA-drop's idea); the same with every adapter merged and blocks drawn by its scores training full weights;
 full fine-tuning of ILA's top layers within LoRA-all's trainable parameters.
 
-Fairness: each family's learning rate (`RATES`) is the best of one sweep on the primary dataset with the first seed,
-then fixed. Wall time and memory come from one side-by-side timing cell (every mode's steps, and identification's
-two stages, a few steps each in turn, in one process), in units of a LoRA-all step: identification counts whenever a
-mode needs one. Cells (`benchmarks/results/modes/<preset>/`): `tune-*` (a mode, dataset, seed, learning rate and
-step count) and `timing-*`; the grid's cells are read (or computed) in the grid's folder. Writes `modes.json` and
-`MODES.md` (`modes_report.py`: findings and page).
+Fairness: each family's learning rate (the preset's `rates`) is the best of one sweep on the primary dataset with
+the first seed, then fixed. Wall time and memory come from one side-by-side timing cell (every mode's steps, and
+identification's two stages, a few steps each in turn, in one process), in units of a LoRA-all step: identification
+counts whenever a mode needs one. Cells (`benchmarks/results/modes/<preset>/`): `tune-*` (a mode, dataset, seed,
+learning rate and step count) and `timing-*`; the grid's cells are read (or computed) in the grid's folder. Writes
+`modes.json` and `MODES.md` (`modes_report.py`: findings and page).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding
 from benchmarks.core.recipes import side_by_side, train_briefly
 from benchmarks.grid import ADAPTER, Grid
-from benchmarks.modes_report import MODES, NEW
+from benchmarks.modes_report import MODES, NEW, best_new, equal_time_steps
 from peft_ila import (
     ILAConfig,
     LayerSampler,
@@ -136,13 +137,17 @@ class Modes(Study):
         """ILA's selection on dataset `name` (the grid's mask cell: library defaults, seed 0)."""
         return Selection.from_json(self.grid.mask(name)["selection"])
 
-    def layerwise(self, name: str, mode: str, seed: int, interval: int | None = None) -> LayerwiseConfig:
-        """The sampled modes' draws: the preset's (or every `interval` steps), uniform for LISA, else by importance."""
-        drawn = IMPORTANCE if mode != "lisa" else {}
-        config = LayerwiseConfig(**self.p["layerwise"], **drawn, seed=seed)
-        return replace(config, interval=interval) if interval else config
+    def draws(self, uniform: bool) -> dict:
+        """Sampled training's draws (`LayerwiseConfig`'s fields): the preset's, uniform (LISA's) or by importance."""
+        return {**self.p["layerwise"], **({} if uniform else IMPORTANCE)}
 
-    def prepared(self, name: str, mode: str, seed: int, interval: int | None = None) -> tuple[torch.nn.Module, dict]:
+    def sampler(self, model: torch.nn.Module, seed: int, importance: dict | None, interval: int = 0) -> LayerSampler:
+        """Draws of `model`'s blocks by block `importance` (None: uniform) every `interval` steps (0: the preset's)."""
+        config = LayerwiseConfig(**self.draws(uniform=importance is None), seed=seed)
+        config = replace(config, interval=interval) if interval else config
+        return LayerSampler(block_groups(model, self.grid.candidates), config, importance)
+
+    def prepared(self, name: str, mode: str, seed: int, interval: int = 0) -> tuple[torch.nn.Module, dict]:
         """A fresh model for `mode` (not ila-inside) and what `finetune` needs beside it (`sampler` or `params`)."""
         torch.manual_seed(seed)  # adapters' initialisation
         if mode in ON_GRID:
@@ -153,9 +158,8 @@ class Modes(Study):
             budget = lora_parameter_count(model, self.grid.candidates, ADAPTER["r"])  # LoRA-all's trainable ones
             chosen = top_within_parameters(model, self.mask(name), budget)
             return model, {"params": train_only_selected(model, chosen)}
-        groups = block_groups(model, self.grid.candidates)
         importance = block_importance(self.mask(name).scores) if mode == "ila-sampled" else None
-        return model, {"sampler": LayerSampler(groups, self.layerwise(name, mode, seed, interval), importance)}
+        return model, {"sampler": self.sampler(model, seed, importance, interval)}
 
     def inside(self, name: str, mode: str, seed: int, lr: float, steps: int) -> dict:
         """Identification on the fine-tune's own data order, stage 1 at the LoRA family's learning rate with its
@@ -165,16 +169,14 @@ class Modes(Study):
         budget = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"])
         top, estimator = 1.0 if sampled else INSIDE_TOP, MODES[mode].estimator
         config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **budget, top_k=top, seed=seed, estimator=estimator)
-        config = replace(config, keep_stage1_weights=True)
+        config = replace(config, keep_stage1_weights=True, stage1_lr=self.rate("all"))
         torch.manual_seed(seed)
-        model = get_peft_model(copy.deepcopy(self.base), replace(config, stage1_lr=self.rate("all")))
+        model = get_peft_model(copy.deepcopy(self.base), config)
         result = identify_important_layers(model, self.data.batches(name, seed), progress=self.args.progress)
         stage1, how = result.stage1.steps, {}
         if sampled:
             model = model.merge_and_unload()
-            groups = block_groups(model, self.grid.candidates)
-            config = self.layerwise(name, "ila-sampled", seed)
-            how["sampler"] = LayerSampler(groups, config, block_importance(result.scores))
+            how["sampler"] = self.sampler(model, seed, block_importance(result.scores))
         judged = self.grid.judged(name, model, steps - stage1, lr, seed, skip=result.stage1.micro_batches, **how)
         return {**judged, "stage1_steps": stage1, "stage2_steps": result.stage2.steps, "steps": steps}
 
@@ -208,7 +210,7 @@ class Modes(Study):
         if MODES[mode].identification == "separate":
             out["mask"] = self.grid.mask(name)["settings"]
         if MODES[mode].family == "sampled":
-            out["layerwise"] = {**self.p["layerwise"], **(IMPORTANCE if mode != "lisa" else {})}
+            out["layerwise"] = self.draws(uniform=mode == "lisa")
         if mode == "ila-inside":
             out.update(stage1=self.grid.p["stage1"], stage2=self.grid.p["stage2"], inside_top=INSIDE_TOP)
         if mode == "ila-inside-norm":
@@ -255,49 +257,40 @@ class Modes(Study):
         return self.rates[family]
 
     def run(self) -> dict:
-        primary = self.data.primary
-        results = modes_report.empty(self.p, self.grid, primary)
+        primary, names, p = self.data.primary, self.data.names, self.p
+        shape = ("batch_size", "max_length", "eval_size", "stage1", "stage2")
+        settings = {**p, "grid": {k: self.grid.p[k] for k in shape}, "steps": {n: self.grid.steps(n) for n in names}}
+        results = {"datasets": names, "primary": primary, "settings": settings, "sweep": [], "tunes": [],
+                   "no_time_left": [], "base": self.bases()}  # fmt: skip
         timing = self.collect(f"{primary}: every mode timed side by side", self.timing, primary)
         if timing is not None:
             results["timing"] = {k: v for k, v in timing.items() if k not in ("kind", "settings")}
-        for family, rates in self.p["rates"].items():
+        for family, rates in p["rates"].items():
             best = self.collect(f"the {family} family's sweep", self.bracketed, results, family, list(rates))
             if best is not None:
                 self.rates[family] = best
         results["rates"] = dict(self.rates)
-        for seed in self.p["seeds"]:
-            for mode in MODES:
-                self.collect(f"{primary}: {mode}, seed {seed}", self.add, results, primary, mode, seed, "epoch")
-        best = self.collect("the best two new modes", modes_report.best_new, results, primary, NEW, 2)
-        for name in self.data.names[1:]:  # the grid's rows with every seed, the best two new modes with fewer
-            runs = [(mode, seed) for seed in self.p["seeds"] for mode in ON_GRID]
-            runs += [(mode, seed) for seed in self.p["other_seeds"] for mode in best or []]
-            for mode, seed in runs:
-                self.collect(f"{name}: {mode}, seed {seed}", self.add, results, name, mode, seed, "epoch")
+        self.add_runs(results, primary, runs(MODES, p["seeds"]), "epoch")
+        best = self.collect("the best two new modes", best_new, results, primary, NEW, 2) or []
+        for name in names[1:]:  # the grid's rows with every seed, the best two new modes with fewer
+            self.add_runs(results, name, runs(ON_GRID, p["seeds"]) + runs(best, p["other_seeds"]), "epoch")
         # the minimum that decides first (LoRA-all, ILA top 75% and the best new mode, 3 epochs, every seed), then
         # every new mode at equal wall time with the first seed, then the rest: the second best at 3 epochs (the best
         # by loss may not be within the wall time), every new mode at equal wall time with any other seeds
-        first, *later = self.p["equal_time_seeds"]
-        self.long(results, ["all", "ila-75", *(best or [])[:1]])
-        self.equal_time(results, [first])
-        self.long(results, (best or [])[1:])
-        self.equal_time(results, later)
+        first, *later = p["equal_time_seeds"]
+        self.add_runs(results, primary, runs(["all", "ila-75", *best[:1]], p["long_seeds"]), "long")
+        self.add_runs(results, primary, runs(NEW, [first]), "equal-time")
+        self.add_runs(results, primary, runs(best[1:], p["long_seeds"]), "long")
+        self.add_runs(results, primary, runs(NEW, later), "equal-time")
         return results
 
-    def long(self, results: dict, modes: list[str]) -> None:
-        """`modes` in the long regime on the primary dataset, every long seed."""
-        primary, epochs = self.data.primary, self.p["long_epochs"]
-        for seed in self.p["long_seeds"]:
-            for mode in modes:
-                what = f"{primary}: {mode}, {epochs} epochs, seed {seed}"
-                self.collect(what, self.add, results, primary, mode, seed, "long")
-
-    def equal_time(self, results: dict, seeds: list[int]) -> None:
-        """Every new mode given LoRA-all's wall time on the primary dataset, for each of `seeds`."""
-        for seed in seeds:
-            for mode in NEW:
-                what = f"{self.data.primary}: {mode} at LoRA-all's wall time, seed {seed}"
-                self.collect(what, self.add_equal_time, results, mode, seed)
+    def bases(self) -> dict:
+        """The base model's held-out loss on each dataset and its share of right answers (the grid's cells)."""
+        try:
+            bases = {name: self.grid.base_loss(name)["loss"] for name in self.data.names}
+            return {**bases, "knowledge": self.grid.base_knowledge()["accuracy"]}
+        except Missing:
+            return {}
 
     def bracketed(self, results: dict, family: str, rates: list[float]) -> float:
         """The best learning rate of `family`: its sweep over `rates`, extended along the 1-3-10 ladder past whichever
@@ -315,33 +308,48 @@ class Modes(Study):
     def sweep(self, results: dict, family: str, lr: float) -> dict:
         """The sweep cell of `family` at `lr` (its swept mode, primary dataset, first seed), added to the results."""
         primary, first = self.data.primary, self.p["seeds"][0]
-        row = modes_report.row(self.tune(primary, SWEPT[family], first, lr), primary, SWEPT[family], first, "epoch")
-        results["sweep"].append({**row, "family": family})
-        return row
+        found = row(self.tune(primary, SWEPT[family], first, lr), primary, SWEPT[family], first, "epoch")
+        results["sweep"].append({**found, "family": family})
+        return found
+
+    def add_runs(self, results: dict, name: str, planned: list[tuple[str, int]], regime: str) -> None:
+        """Each (mode, seed) `planned` on dataset `name` in `regime` (see `add`), those missing listed."""
+        said = {"epoch": "", "long": f", {self.p['long_epochs']} epochs", "equal-time": " at LoRA-all's wall time"}
+        for mode, seed in planned:
+            self.collect(f"{name}: {mode}{said[regime]}, seed {seed}", self.add, results, name, mode, seed, regime)
 
     def add(self, results: dict, name: str, mode: str, seed: int, regime: str) -> None:
-        """A fine-tune of `mode` at its family's rate in `regime` ("epoch": the grid's; "long": `long_epochs`)."""
+        """A fine-tune of `mode` at its family's rate in `regime`: "epoch" (the grid's), "long" (`long_epochs`) or
+        "equal-time" (LoRA-all's wall time for one epoch, identification included)."""
         steps = self.grid.steps(name) * (self.p["long_epochs"] if regime == "long" else 1)
+        if regime == "equal-time":
+            if "timing" not in results:
+                raise Missing("it waits for the timing cell")
+            steps = equal_time_steps(results["timing"], mode, steps, self.grid.p)
+            if steps < 1:
+                results["no_time_left"] = sorted({*results["no_time_left"], mode})
+                return
         record = self.tune(name, mode, seed, self.rate(mode), steps)
-        results["tunes"].append(modes_report.row(record, name, mode, seed, regime))
-
-    def add_equal_time(self, results: dict, mode: str, seed: int) -> None:
-        """`mode` on the primary dataset given LoRA-all's wall time for one epoch, identification included."""
-        primary = self.data.primary
-        if "timing" not in results:
-            raise Missing("it waits for the timing cell")
-        steps = modes_report.equal_time_steps(results["timing"], mode, self.grid.steps(primary), self.grid.p)
-        if steps < 1:
-            results["no_time_left"] = sorted({*results["no_time_left"], mode})
-            return
-        record = self.tune(primary, mode, seed, self.rate(mode), steps)
-        results["tunes"].append(modes_report.row(record, primary, mode, seed, "equal-time"))
+        results["tunes"].append(row(record, name, mode, seed, regime))
 
     def findings(self, results: dict) -> list[Finding]:
         return modes_report.findings(results)
 
     def page(self, results: dict) -> str:
         return modes_report.page(results)
+
+
+def runs(modes: Iterable[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """Every (mode, seed), seed by seed."""
+    return [(mode, seed) for seed in seeds for mode in modes]
+
+
+def row(record: dict, name: str, mode: str, seed: int, regime: str) -> dict:
+    """What the page needs of a fine-tune cell."""
+    keep = ("loss_before", "loss_after", "others_after", "knowledge_after", "trainable_params", "seconds")
+    out = {"dataset": name, "mode": mode, "seed": seed, "regime": regime, "lr": record["settings"]["lr"]}
+    out.update(steps=record["settings"]["steps"], **{k: record.get(k) for k in ("stage1_steps", "stage2_steps")})
+    return {**out, **{k: record[k] for k in keep}, "memory_rise_mb": record["memory"].get("rss_rise_mb", 0.0)}
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Costs are in units of LoRA-all's step, from the side-by-side timing cell: a mode's wall time is its steps times its
 step-time ratio, plus identification's stage-1 and stage-2 steps times theirs when it needs one; its memory is the
-largest peak memory rise of what it runs (identification's stages included) over LoRA-all's. Noise: on each
-dataset, the pooled seed-to-seed standard deviation of the held-out loss over every mode run with several seeds in
-one regime; a difference counts beyond 2 standard errors (`benchmarks/core/stats.py`).
+largest peak memory rise of what it runs (identification's stages included) over LoRA-all's. Noise (`ModeRuns`): on
+each dataset, the pooled seed-to-seed standard deviation over every (mode, regime) run with several seeds, or that of
+the regimes compared when larger; a difference counts beyond 2 standard errors (`benchmarks/core/stats.py`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from benchmarks.core.cells import Missing
-from benchmarks.core.page import Finding, findings_section, missing_section, table
-from benchmarks.core.stats import NOISE_RULE, beyond, difference, forgetting, judge, pooled_sd, show
+from benchmarks.core.page import Finding, findings_section, missing_section, number, table
+from benchmarks.core.stats import NOISE_RULE, Runs, beyond, forgetting, judge, listed, show
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,14 @@ class Mode:
     """A training mode: the `family` whose learning rate it takes, what the page calls it (`short`) and what it
     trains (`text`), how it finds its layers (`identification`: "none", "separate" (the grid's mask, its cost
     added) or "inside" the fine-tune), the timing row whose steps it takes (`timed_as`; default its own) and the
-    estimator its identification scores with."""
+    estimator its identification scores with ("update-norm": no stage 2)."""
 
     family: str
     short: str
     text: str
     identification: str
     timed_as: str = ""
-    estimator: str = "first-order"  # how its identification scores ("update-norm": no stage 2 of its own)
+    estimator: str = "first-order"
 
     @property
     def runs_stage2(self) -> bool:
@@ -72,63 +72,52 @@ REGIMES = {"epoch": "one epoch", "equal-time": "LoRA-all's wall time", "long": "
 NEW = ["lisa", "ila-sampled", "ila-inside", "ila-inside-norm", "ila-inside-sampled", "ila-full"]  # not the grid's
 IMPORTANCE = [mode for mode in MODES if mode.startswith("ila")]  # the modes that use ILA's scores
 
-
-def empty(preset: dict, grid, primary: str) -> dict:
-    """The results before any cell is read: settings, and empty lists."""
-    settings = {**preset, "grid": {k: grid.p[k] for k in ("batch_size", "max_length", "eval_size", "stage1", "stage2")}}
-    settings["steps"] = {name: grid.steps(name) for name in grid.data.names}
-    return {"datasets": grid.data.names, "primary": primary, "settings": settings, "sweep": [], "tunes": [],
-            "no_time_left": [], "base": grid_bases(grid)}  # fmt: skip
+# --- costs, in LoRA-all steps and memory (side by side) ------------------------------------------------------------
 
 
-def grid_bases(grid) -> dict:
-    """The base model's held-out loss on each dataset and its share of right answers (the grid's cells)."""
-    try:
-        bases = {name: grid.base_loss(name)["loss"] for name in grid.data.names}
-        return {**bases, "knowledge": grid.base_knowledge()["accuracy"]}
-    except Missing:
-        return {}
-
-
-def row(record: dict, name: str, mode: str, seed: int, regime: str) -> dict:
-    """What the page needs of a fine-tune cell."""
-    keep = ("loss_before", "loss_after", "others_after", "knowledge_after", "trainable_params", "seconds")
-    out = {"dataset": name, "mode": mode, "seed": seed, "regime": regime, "lr": record["settings"]["lr"]}
-    out["steps"] = record["settings"]["steps"]
-    out.update(stage1_steps=record.get("stage1_steps"), stage2_steps=record.get("stage2_steps"))
-    return {**out, **{k: record[k] for k in keep}, "memory_rise_mb": record["memory"].get("rss_rise_mb", 0.0)}
-
-
-def ratio(timing: dict, what: str) -> float:
-    """The step seconds of `what` (a timing row, or a mode: the row it is timed as) over LoRA-all's (side by side)."""
+def ratio(timing: dict, what: str, key: str = "step_seconds") -> float:
+    """`key` (step seconds, or "memory_rise_mb") of `what` (a timing row, or a mode: the row it is timed as) over
+    LoRA-all's."""
     row = (MODES[what].timed_as or what) if what in MODES else what
-    return timing[row]["step_seconds"] / timing["all"]["step_seconds"]
+    return timing[row][key] / timing["all"][key]
 
 
-def identification_cost(timing: dict, grid: dict, mode: str) -> float:
+def identification(timing: dict, grid: dict, mode: str) -> float:
     """`mode`'s identification's wall time in LoRA-all steps: the grid's stage-1 steps, and its stage-2 steps unless
-    the mode's estimator has no stage 2."""
+    the mode's estimator has no stage 2 (none without identification)."""
+    if MODES[mode].identification == "none":
+        return 0.0
     stage2 = grid["stage2"] if MODES[mode].runs_stage2 else 0
     return grid["stage1"] * ratio(timing, "probe-stage1") + stage2 * ratio(timing, "probe-stage2")
 
 
 def wall(timing: dict, mode: str, steps: int, grid: dict) -> float:
     """`mode`'s wall time for `steps` optimizer steps (stage 1's included for ila-inside), in LoRA-all steps."""
-    how = MODES[mode].identification
-    if how == "inside":
-        return identification_cost(timing, grid, mode) + (steps - grid["stage1"]) * ratio(timing, mode)
-    return steps * ratio(timing, mode) + (identification_cost(timing, grid, mode) if how == "separate" else 0.0)
+    trained = steps - grid["stage1"] if MODES[mode].identification == "inside" else steps
+    return identification(timing, grid, mode) + trained * ratio(timing, mode)
+
+
+def equal_time_steps(timing: dict, mode: str, lora_steps: int, grid: dict) -> int:
+    """The optimizer steps `mode` takes in LoRA-all's wall time for `lora_steps` (`wall` inverted; < 1:
+    identification alone takes longer)."""
+    spare = lora_steps - identification(timing, grid, mode)
+    stage1 = grid["stage1"] if MODES[mode].identification == "inside" else 0
+    return stage1 + round(spare / ratio(timing, mode))
 
 
 def memory(timing: dict, mode: str) -> float:
-    """The largest peak memory rise of what `mode` runs, over LoRA-all's (side by side)."""
-    how = MODES[mode].identification
-    probe = ["probe-stage1"] + (["probe-stage2"] if MODES[mode].runs_stage2 else [])
-    rows = [MODES[mode].timed_as or mode] + (probe if how != "none" else [])
-    return max(memory_ratio(timing, r) for r in rows)
+    """The largest peak memory rise of what `mode` runs (its identification's stages too), over LoRA-all's."""
+    probes = ["probe-stage1", "probe-stage2"] if MODES[mode].runs_stage2 else ["probe-stage1"]
+    rows = [mode] + (probes if MODES[mode].identification != "none" else [])
+    return max(ratio(timing, row, "memory_rise_mb") for row in rows)
 
 
-TIMING_KEYS = ("step_seconds", "memory_rise_mb")
+def costs(results: dict, mode: str) -> tuple[float, float] | None:
+    """`mode`'s (wall time, memory) over LoRA-all's at the grid's one epoch on the primary dataset."""
+    if (timing := results.get("timing")) is None:
+        return None
+    steps = results["settings"]["steps"][results["primary"]]
+    return wall(timing, mode, steps, results["settings"]["grid"]) / steps, memory(timing, mode)
 
 
 def repeats(timing: dict) -> list[tuple[str, str]]:
@@ -139,104 +128,69 @@ def repeats(timing: dict) -> list[tuple[str, str]]:
 
 def repeat_note(timing: dict, mode: str, twin: str) -> str:
     """How far apart two timing rows that measured the same training came out: the measurement's own spread."""
-    step, mem = (abs(timing[mode][key] / timing[twin][key] - 1) for key in TIMING_KEYS)
+    step, mem = (abs(timing[mode][key] / timing[twin][key] - 1) for key in ("step_seconds", "memory_rise_mb"))
     return (
         f" The same training timed twice, as {MODES[mode].short}'s row and {MODES[twin].short}'s, differs by "
         f"{100 * step:.1f}% in step time and {100 * mem:.1f}% in memory: the measurement's own spread."
     )
 
 
-def memory_ratio(timing: dict, row: str) -> float:
-    """A timing row's peak memory rise over LoRA-all's."""
-    return timing[row]["memory_rise_mb"] / timing["all"]["memory_rise_mb"]
+# --- runs and their noise ------------------------------------------------------------------------------------------
 
 
-def equal_time_steps(timing: dict, mode: str, lora_steps: int, grid: dict) -> int:
-    """The optimizer steps `mode` takes in LoRA-all's wall time for `lora_steps` (< 1: identification alone takes
-    longer)."""
-    how = MODES[mode].identification
-    spare = lora_steps - (identification_cost(timing, grid, mode) if how != "none" else 0.0)
-    if how == "inside":
-        return grid["stage1"] + round(spare / ratio(timing, mode))
-    return round(spare / ratio(timing, mode))
+class ModeRuns(Runs):
+    """The fine-tunes (`results["tunes"]`) by dataset and arm (mode, regime): "loss" (held-out loss after),
+    "forgetting" (the other datasets' mean loss rise over the base model) and "knowledge" (ARC-Easy accuracy)."""
+
+    def __init__(self, results: dict) -> None:
+        metrics = {
+            "loss": lambda run: run["loss_after"],
+            "forgetting": lambda run: forgetting(run["others_after"], results["base"]),
+            "knowledge": lambda run: run["knowledge_after"],
+        }
+        super().__init__(results["tunes"], lambda run: (run["mode"], run["regime"]), metrics)
+        self.datasets, self.primary = results["datasets"], results["primary"]
+
+    def within(self, dataset: str, what: str, regimes: Iterable[str]) -> float | None:
+        """The pooled spread of `what` on `dataset` over the arms of `regimes` only."""
+        return self.sigma(dataset, what, among=lambda arm: arm[1] in regimes)
+
+    def noise(self, dataset: str, what: str, a: tuple[str, str], b: tuple[str, str]) -> float | None:
+        """The larger of the pooled spread over every regime and that over the regimes of `a` and `b` (a regime that
+        overfits may spread more than the rest)."""
+        found = (self.sigma(dataset, what), self.within(dataset, what, {a[1], b[1]}))
+        return max((value for value in found if value is not None), default=None)
+
+    def against(self, mode: str, b: str = "all", what: str = "loss") -> dict:
+        """`delta` of `what` of `mode` against `b`, both at one epoch, on each dataset where it is known."""
+        return self.per_dataset(self.datasets, (mode, "epoch"), (b, "epoch"), what)
+
+    def against_all(self, modes: Iterable[str], regime: str, all_regime: str, what: str = "loss") -> dict:
+        """`delta` of each of `modes` in `regime` against LoRA-all in `all_regime` on the primary dataset, keyed by the
+        mode's name on the page (the measured ones only)."""
+        found = {MODES[m].short: self.delta(self.primary, (m, regime), ("all", all_regime), what) for m in modes}
+        return {name: delta for name, delta in found.items() if delta is not None}
+
+
+def mean(values: list[float]) -> float | None:
+    """The mean of `values`, None without any."""
+    return statistics.mean(values) if values else None
 
 
 def best_new(results: dict, dataset: str, modes: list[str], count: int) -> list[str]:
     """The `count` new modes with the lowest mean held-out loss on `dataset` at one epoch, every seed in."""
-    seeds = len(results["settings"]["seeds"])
-    losses = {m: losses_of(results, dataset, m, "epoch") for m in modes}
-    if any(len(v) < seeds for v in losses.values()):
+    runs = ModeRuns(results)
+    losses = {m: runs.values(dataset, (m, "epoch")) for m in modes}
+    if any(len(v) < len(results["settings"]["seeds"]) for v in losses.values()):
         raise Missing("it waits for every new mode's seeds on the primary dataset")
     return sorted(modes, key=lambda m: statistics.mean(losses[m]))[:count]
-
-
-def losses_of(results: dict, dataset: str, mode: str, regime: str, what: str = "loss") -> list[float]:
-    """Held-out loss after (or `what` "forgetting": the other datasets' mean rise over the base model, or
-    "knowledge": the share of right answers) of `mode`'s runs."""
-    runs = [t for t in results["tunes"] if (t["dataset"], t["mode"], t["regime"]) == (dataset, mode, regime)]
-    if what == "loss":
-        return [t["loss_after"] for t in runs]
-    if what == "knowledge":
-        return [t["knowledge_after"] for t in runs]
-    rises = [forgetting(t["others_after"], results["base"]) for t in runs]
-    return [rise for rise in rises if rise is not None]
-
-
-def sigma(results: dict, dataset: str, what: str = "loss", regimes: Iterable[str] | None = None) -> float | None:
-    """The pooled seed-to-seed spread of `what` on `dataset` over every (mode, regime) with several seeds (or only
-    those of `regimes`)."""
-    pairs = {(t["mode"], t["regime"]) for t in results["tunes"] if t["dataset"] == dataset}
-    pairs = {(m, r) for m, r in pairs if regimes is None or r in regimes}
-    return pooled_sd([losses_of(results, dataset, m, r, what) for m, r in sorted(pairs)])
-
-
-def judging_sigma(results: dict, dataset: str, what: str, regimes: Iterable[str]) -> float | None:
-    """The noise a comparison of `regimes` is judged by: the larger of the pooled spread over every regime and that of
-    the regimes compared (a regime that overfits may spread more than the rest)."""
-    found = [v for v in (sigma(results, dataset, what), sigma(results, dataset, what, set(regimes))) if v is not None]
-    return max(found, default=None)
-
-
-def delta(results: dict, dataset: str, a: str, b: str, regime: str = "epoch", b_regime: str = "epoch", what="loss"):
-    """mean(a) - mean(b) of `what` on `dataset` and its standard error (None while a side or the noise is missing)."""
-    return difference(
-        losses_of(results, dataset, a, regime, what),
-        losses_of(results, dataset, b, b_regime, what),
-        judging_sigma(results, dataset, what, {regime, b_regime}),
-    )
-
-
-def costs(results: dict, mode: str) -> tuple[float, float] | None:
-    """`mode`'s (wall time, memory) over LoRA-all's at the grid's one epoch on the primary dataset."""
-    timing = results.get("timing")
-    if timing is None:
-        return None
-    steps = results["settings"]["steps"][results["primary"]]
-    grid = results["settings"]["grid"]
-    return wall(timing, mode, steps, grid) / steps, memory(timing, mode)
-
-
-def per_dataset(results: dict, a: str, b: str = "all", regime: str = "epoch", b_regime: str = "epoch", what="loss"):
-    """`delta` of `what` on each dataset where both sides and the noise are measured."""
-    found = {d: delta(results, d, a, b, regime, b_regime, what) for d in results["datasets"]}
-    return {d: v for d, v in found.items() if v is not None}
-
-
-def listed(deltas: dict) -> str:
-    return ", ".join(f"{d} {show(v)}" for d, v in deltas.items()) or "not measured yet"
-
-
-def cost_text(results: dict, mode: str) -> str:
-    found = costs(results, mode)
-    return "cost not measured yet" if found is None else f"wall time {found[0]:.2f}x, memory {found[1]:.2f}x LoRA-all"
 
 
 # --- findings ------------------------------------------------------------------------------------------------------
 
 
 def findings(results: dict) -> list[Finding]:
-    found = {"modes-rates": finding_rates(results)}
-    found.update({f"modes-{mode}": finding_mode(results, mode) for mode in NEW})
+    found = {"modes-rates": finding_rates(results), **{f"modes-{m}": finding_mode(results, m) for m in NEW}}
     found.update({"modes-goal": finding_goal(results), "modes-importance-draws": finding_importance(results)})
     found.update({"modes-forgetting": finding_forgetting(results), "modes-equal-time": finding_equal_time(results)})
     found["modes-long"] = finding_long(results)
@@ -253,26 +207,26 @@ def finding_rates(results: dict) -> Finding:
 
 
 def finding_mode(results: dict, mode: str) -> Finding:
-    deltas = per_dataset(results, mode)
+    deltas = ModeRuns(results).against(mode)
     verdict = judge(deltas.values(), "beats LoRA-all", "worse than LoRA-all", "within the noise of LoRA-all")
-    evidence = f"Δ held-out loss vs LoRA-all at equal steps: {listed(deltas)}; {cost_text(results, mode)}"
-    return Finding(
-        f"{MODES[mode].short} against LoRA-all", verdict if deltas else "not judged yet", evidence, NOISE_RULE
-    )
+    found = costs(results, mode)
+    spent = "cost not measured yet" if found is None else f"wall time {found[0]:.2f}x, memory {found[1]:.2f}x LoRA-all"
+    evidence = f"Δ held-out loss vs LoRA-all at equal steps: {listed(deltas)}; {spent}"
+    claim = f"{MODES[mode].short} against LoRA-all"
+    return Finding(claim, verdict if deltas else "not judged yet", evidence, NOISE_RULE)
 
 
 def finding_goal(results: dict) -> Finding:
     """The issue's goal: a mode using ILA's importance beats LoRA-all on every dataset within its memory and time.
     Short of it, the evidence names the closest mode within that cost and, when another, the closest at any cost
     (closeness: the worst dataset's difference in standard errors, < -2 on every dataset to meet the goal)."""
-    met, closest = [], {}
+    runs, met, closest = ModeRuns(results), [], {}
+    everywhere = {mode: len(runs.against(mode)) == len(results["datasets"]) for mode in IMPORTANCE}
     for mode in IMPORTANCE:
-        deltas = per_dataset(results, mode)
-        found = costs(results, mode) if len(deltas) == len(results["datasets"]) else None
-        if found is None:
+        deltas = runs.against(mode)
+        if not everywhere[mode] or (found := costs(results, mode)) is None:
             continue
-        worst = max(v / e for v, e in deltas.values())
-        within = max(found) <= 1.0
+        worst, within = max(v / e for v, e in deltas.values()), max(found) <= 1.0
         if all(beyond(d) < 0 for d in deltas.values()) and within:
             met.append(mode)
         for bound in ["within the cost"] * within + ["at any cost"]:
@@ -287,9 +241,8 @@ def finding_goal(results: dict) -> Finding:
     evidence = f"closest within the cost: {closeness(within)}" if within else "none within the cost"
     if within is None or within[0] != anywhere[0]:
         evidence += f"; closest at any cost: {closeness(anywhere)}"
-    unmeasured = [MODES[m].short for m in IMPORTANCE if len(per_dataset(results, m)) < len(results["datasets"])]
-    if unmeasured:  # the plan runs the best two new modes on every dataset, the others on the primary one only
-        evidence += f"; not on every dataset: {', '.join(unmeasured)}"
+    if unmeasured := [MODES[m].short for m in IMPORTANCE if not everywhere[m]]:
+        evidence += f"; not on every dataset: {', '.join(unmeasured)}"  # the plan runs the best two new modes there
     return Finding(claim, "not met so far" if results["missing"] else "not met", evidence, NOISE_RULE)
 
 
@@ -301,20 +254,18 @@ def closeness(found: tuple[str, float, tuple[float, float]]) -> str:
 
 
 def finding_importance(results: dict) -> Finding:
-    deltas = per_dataset(results, "ila-sampled", "lisa")
+    deltas = ModeRuns(results).against("ila-sampled", "lisa")
     verdict = judge(deltas.values(), "importance helps", "importance hurts", "no difference")
-    evidence = f"ILA-sampled − LISA (uniform): {listed(deltas)}"
-    claim = "Drawing blocks by ILA's importance beats drawing them uniformly"
-    return Finding(claim, verdict if deltas else "not judged yet", evidence, NOISE_RULE)
+    claim, evidence = "Drawing blocks by ILA's importance beats drawing them uniformly", "ILA-sampled − LISA (uniform)"
+    return Finding(claim, verdict if deltas else "not judged yet", f"{evidence}: {listed(deltas)}", NOISE_RULE)
 
 
 def finding_forgetting(results: dict) -> Finding:
     """Each new mode against LoRA-all on the other datasets' held-out loss rise (higher: forgets more) and on
     ARC-Easy (lower: forgets more), dataset by dataset; the verdict names the modes that forget more."""
-    parts, more = [], []
+    runs, parts, more = ModeRuns(results), [], []
     for mode in NEW:
-        rise = per_dataset(results, mode, what="forgetting")
-        arc = per_dataset(results, mode, what="knowledge")
+        rise, arc = runs.against(mode, what="forgetting"), runs.against(mode, what="knowledge")
         if not rise and not arc:
             continue
         parts.append(f"{MODES[mode].short}: rise {listed(rise)}; ARC-Easy {listed(arc)}")
@@ -329,9 +280,8 @@ def finding_equal_time(results: dict) -> Finding:
     """Each new mode given LoRA-all's wall time for one epoch on the primary dataset (identification included)
     against LoRA-all's epoch, grouped by the rule on held-out loss (the question here); the evidence gives the steps
     each mode took in that time and the other datasets' loss rise."""
-    primary = results["primary"]
-    deltas = against_all(results, NEW, "equal-time", "epoch")
-    rises = against_all(results, NEW, "equal-time", "epoch", "forgetting")
+    primary, runs = results["primary"], ModeRuns(results)
+    deltas, rises = (runs.against_all(NEW, "equal-time", "epoch", what) for what in ("loss", "forgetting"))
     steps = {MODES[t["mode"]].short: t["steps"] for t in results["tunes"] if t["regime"] == "equal-time"}
     parts = [f"{name} {show(found)} in {steps[name]} steps" for name, found in deltas.items()]
     parts += [f"{MODES[m].short}: identification alone takes longer" for m in results["no_time_left"]]
@@ -339,35 +289,28 @@ def finding_equal_time(results: dict) -> Finding:
     if not parts:
         return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
     evidence = f"in LoRA-all's time for {results['settings']['steps'][primary]} steps: " + ", ".join(parts)
-    evidence += f"; the other datasets' loss rise: {listed(rises)}" if rises else ""
-    return Finding(claim, by_verdict(deltas, {}) or "not judged yet", evidence, NOISE_RULE)
+    return Finding(claim, by_verdict(deltas, {}) or "not judged yet", evidence + rise_text(rises), NOISE_RULE)
 
 
 def finding_long(results: dict) -> Finding:
     """The long regime on the primary dataset: each mode against LoRA-all after as many epochs, the verdict grouping
     the modes by the rule, by held-out loss and by the other datasets' loss rise (forgetting); LoRA-all's loss after
     one epoch beside it, to show whether the long run overfits."""
-    primary, epochs = results["primary"], results["settings"]["long_epochs"]
+    primary, epochs, runs = results["primary"], results["settings"]["long_epochs"], ModeRuns(results)
     modes = sorted({t["mode"] for t in results["tunes"] if t["regime"] == "long"} - {"all"})
-    deltas = against_all(results, modes, "long", "long")
-    rises = against_all(results, modes, "long", "long", "forgetting")
+    deltas, rises = (runs.against_all(modes, "long", "long", what) for what in ("loss", "forgetting"))
     claim = f"At {epochs} epochs on {primary}, against LoRA-all"
     if not deltas:
         return Finding(claim, "not judged yet", "not measured yet", NOISE_RULE)
-    evidence = listed(deltas) + (f"; the other datasets' loss rise: {listed(rises)}" if rises else "")
-    losses = {regime: losses_of(results, primary, "all", regime) for regime in ("long", "epoch")}
-    if all(losses.values()):
-        evidence += f"; LoRA-all's held-out loss {statistics.mean(losses['long']):.4f}"
-        evidence += f" after {epochs} epochs, {statistics.mean(losses['epoch']):.4f} after one"
+    evidence = listed(deltas) + rise_text(rises)
+    long, epoch = (mean(runs.values(primary, ("all", regime))) for regime in ("long", "epoch"))
+    if long is not None and epoch is not None:
+        evidence += f"; LoRA-all's held-out loss {long:.4f} after {epochs} epochs, {epoch:.4f} after one"
     return Finding(claim, by_verdict(deltas, rises), evidence, NOISE_RULE)
 
 
-def against_all(results: dict, modes: Iterable[str], regime: str, all_regime: str, what: str = "loss") -> dict:
-    """`delta` of each of `modes` in `regime` against LoRA-all in `all_regime` on the primary dataset, keyed by the
-    mode's name on the page (the measured ones only)."""
-    primary = results["primary"]
-    found = {MODES[m].short: delta(results, primary, m, "all", regime, all_regime, what) for m in modes}
-    return {name: v for name, v in found.items() if v is not None}
+def rise_text(rises: dict) -> str:
+    return f"; the other datasets' loss rise: {listed(rises)}" if rises else ""
 
 
 def by_verdict(deltas: dict[str, tuple], rises: dict[str, tuple]) -> str:
@@ -410,55 +353,47 @@ def page(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def noise_line(results: dict) -> str:
+    """The pooled noise scale of each dataset, on the primary dataset each regime's own (once two regimes have several
+    seeds: whether one scale fits them all), and the rule that judges by them (`ModeRuns.noise`)."""
+    runs, primary = ModeRuns(results), results["primary"]
+    noise = ", ".join(f"{d} {v:.4f}" for d in results["datasets"] if (v := runs.sigma(d)) is not None)
+    line = f"Noise scale (pooled seed-to-seed SD of the held-out loss, over every regime): {noise or 'not yet'}."
+    alone = {r: v for r in REGIMES if (v := runs.within(primary, "loss", {r})) is not None}
+    if len(alone) > 1:
+        line += f" On {primary}, each regime's own: {', '.join(f'{REGIMES[r]} {v:.4f}' for r, v in alone.items())}."
+    return line + " A comparison is judged by the larger of the pooled scale and the spread of the regimes it compares."
+
+
 def timing_section(results: dict) -> list[str]:
-    if "timing" not in results:
+    if (timing := results.get("timing")) is None:
         return []
-    rows = []
-    for mode in MODES:
-        time, mem = costs(results, mode)
-        step = ratio(results["timing"], mode)
-        rows.append([MODES[mode].short, f"{step:.2f}", f"{time:.2f}", f"{mem:.2f}"])
+    rows = [[MODES[m].short, *(f"{v:.2f}" for v in (ratio(timing, m), *costs(results, m)))] for m in MODES]
     head = ["mode", "step time x LoRA-all", "wall time of one epoch, identification included", "memory rise"]
     note = (
         "Measured side by side in one process (the timing cell), each x LoRA-all's. After identification the inside "
         "modes train as ILA top 75% and ILA-sampled do; identification costs its stage-1 and stage-2 steps at the "
         "probe state's step time, and its memory counts in the rise: its stage 1 (LoRA on every layer in ILA's "
-        f"wrapper) peaks at {memory_ratio(results['timing'], 'probe-stage1'):.3f}x LoRA-all's."
-    ) + "".join(repeat_note(results["timing"], mode, twin) for mode, twin in repeats(results["timing"]))
+        f"wrapper) peaks at {ratio(timing, 'probe-stage1', 'memory_rise_mb'):.3f}x LoRA-all's."
+    ) + "".join(repeat_note(timing, mode, twin) for mode, twin in repeats(timing))
     return ["## Cost, side by side", "", note, "", *table(head, rows, "lrrr"), ""]
 
 
 def loss_section(results: dict) -> list[str]:
-    out = ["## Held-out loss", ""]
+    """Per regime, each (dataset, mode) run: seeds, mean loss after, Δ vs LoRA-all (at one epoch for the equal-time
+    regime), mean rise of the other datasets' loss, mean ARC-Easy accuracy."""
+    runs, out = ModeRuns(results), ["## Held-out loss", ""]
+    head = ["dataset", "mode", "seeds", "loss after", "Δ vs LoRA-all", "other datasets' rise", "ARC-Easy"]
     for regime, text in REGIMES.items():
-        rows = []
-        for dataset in results["datasets"]:
-            for mode in MODES:
-                losses = losses_of(results, dataset, mode, regime)
-                if not losses:
-                    continue
-                against = delta(results, dataset, mode, "all", regime, "epoch" if regime == "equal-time" else regime)
-                know = losses_of(results, dataset, mode, regime, "knowledge")
-                forget = losses_of(results, dataset, mode, regime, "forgetting")
-                shown = show(against) if mode != "all" or regime == "equal-time" else ""
-                rise = f"{statistics.mean(forget):+.4f}" if forget else ""
-                loss = f"{statistics.mean(losses):.4f}"
-                rows.append(
-                    [dataset, MODES[mode].short, str(len(losses)), loss, shown, rise, f"{statistics.mean(know):.3f}"]
-                )
+        rows, against = [], ("all", "epoch" if regime == "equal-time" else regime)
+        for dataset, mode in ((d, m) for d in results["datasets"] for m in MODES):
+            if not (losses := runs.values(dataset, arm := (mode, regime))):
+                continue
+            compared = mode != "all" or regime == "equal-time"  # LoRA-all against itself only across regimes
+            delta = show(runs.delta(dataset, arm, against)) if compared else ""
+            rise, know = (mean(runs.values(dataset, arm, what)) for what in ("forgetting", "knowledge"))
+            row = [str(len(losses)), f"{statistics.mean(losses):.4f}", delta, number(rise, "+.4f", ""), f"{know:.3f}"]
+            rows.append([dataset, MODES[mode].short, *row])
         if rows:
-            head = ["dataset", "mode", "seeds", "loss after", "Δ vs LoRA-all", "other datasets' rise", "ARC-Easy"]
             out += [f"### {text}", "", *table(head, rows, "llrrrrr"), ""]
     return out
-
-
-def noise_line(results: dict) -> str:
-    """The pooled noise scale of each dataset, on the primary dataset each regime's own (once two regimes have several
-    seeds: whether one scale fits them all), and the rule that judges by them (`judging_sigma`)."""
-    noise = ", ".join(f"{d} {v:.4f}" for d in results["datasets"] if (v := sigma(results, d)) is not None)
-    line = f"Noise scale (pooled seed-to-seed SD of the held-out loss, over every regime): {noise or 'not yet'}."
-    alone = {r: v for r in REGIMES if (v := sigma(results, results["primary"], regimes={r})) is not None}
-    if len(alone) > 1:
-        each = ", ".join(f"{REGIMES[r]} {v:.4f}" for r, v in alone.items())
-        line += f" On {results['primary']}, each regime's own: {each}."
-    return line + " A comparison is judged by the larger of the pooled scale and the spread of the regimes it compares."

@@ -54,34 +54,14 @@ from peft_ila.identification.training import StabilityTest, StepStats, cycle, tr
 from peft_ila.tuner.selection import CERTAIN, as_float32, layer_of
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
+# every: stage-1 cells keep every layer's ||dW|| at every this many steps; known_lengths: stage-1 steps on the planted
+# task (`known_answer.py`), with known_seeds seeds each
 PRESETS = {
-    "quick": dict(
-        eval_size=8,
-        max_length=64,
-        batch_size=2,
-        stage1=[4, 2],
-        stage2=3,
-        lengths_for_datasets=4,
-        gradnorm=2,
-        timing=2,
-        every=1,
-        known_lengths=[4],
-        known_seeds=2,
-    ),
-    "full": dict(
-        eval_size=32,
-        max_length=128,
-        batch_size=4,
-        stage1=[128, 64, 256],
-        stage2=32,
-        lengths_for_datasets=128,
-        gradnorm=8,
-        timing=4,
-        every=8,  # stage-1 cells keep every layer's ||dW|| at every this many steps
-        known_lengths=[16, 64, 256],  # stage-1 steps on the planted task (`known_answer.py`)
-        known_seeds=5,
-    ),
-}
+    "quick": dict(eval_size=8, max_length=64, batch_size=2, stage1=[4, 2], stage2=3, lengths_for_datasets=4,
+                  gradnorm=2, timing=2, every=1, known_lengths=[4], known_seeds=2),
+    "full": dict(eval_size=32, max_length=128, batch_size=4, stage1=[128, 64, 256], stage2=32, lengths_for_datasets=128,
+                 gradnorm=8, timing=4, every=8, known_lengths=[16, 64, 256], known_seeds=5),
+}  # fmt: skip
 PROBE = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, stage1_lr=1e-3)  # the identification probe's config
 # name -> ILAConfig fields of the estimator's stage (update-norm comes free with every stage-1 cell)
 ESTIMATORS = {
@@ -91,43 +71,38 @@ ESTIMATORS = {
 }
 RELATIVE = "update-norm / ||W||"  # ||dW|| over the frozen weight's norm: the size-normalised update norm
 NO_STAGE2 = ("update-norm", RELATIVE)  # computed from the stage-1 weights alone
+SEEDED = (*NO_STAGE2, *ESTIMATORS)  # every estimator of the seed rows
 GRADNORM = "gradient norm (fresh adapters)"  # the cheap baseline: adapter gradient norms over its first steps
 SEEDS = [(0, 0), (1, 0), (0, 1)]  # (adapter initialisation, data order): the reference, init only, order only
 SOURCES = {"init": ((0, 0), (1, 0)), "order": ((0, 0), (0, 1))}
 EPOCHS = 3  # the reference fine-tune a user would otherwise run
+MASK_RULES = [(32, 0.8), (32, 0.9), (64, 0.9)]  # (window in steps, top-25% Jaccard with the set a window before)
+# the paper's epsilon-stability on the loss: (epsilon, window), ILAConfig's defaults before
+PAPER_LOSS_RULE = (0.01, 20)
 
 
-class Recording:
+class Recording(Identification):
     """A stage-1-only identification run ("update-norm", `keep_stage1_weights`) that also keeps every layer's ||dW||
     every `every` steps (`trajectory`, [checks][candidates]) and, at each step in `snapshots`, the adapter weights
     and the cell record a run of that length would have (`taken`), through `Identification`'s per-step hook."""
 
     def __init__(self, model, every: int, snapshots=()) -> None:
         self.every, self.snapshots, self.trajectory, self.taken = every, set(snapshots), [], {}
-        self.identification = Identification(model, on_step=self.observe)
+        super().__init__(model, on_step=self.observe)
 
     def observe(self, stats: StepStats) -> None:
         if stats.steps % self.every == 0:
-            self.trajectory.append(list(self.identification.update_norms().values()))
+            self.trajectory.append(list(self.update_norms().values()))
         if stats.steps in self.snapshots:
             self.taken[stats.steps] = ({n: w.clone() for n, w in self.adapter_weights().items()}, self.record(stats))
 
-    def run(self, batches, progress: bool) -> None:
-        self.identification.run(batches, progress)
-
-    @property
-    def stage1(self) -> StepStats:
-        return self.identification.stage1
-
     def adapter_weights(self) -> dict[str, torch.Tensor]:
-        model = self.identification.model
-        return {n: p.detach().contiguous() for n, p in model.named_parameters() if ".ila_" in n}
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if ".ila_" in n}
 
     def record(self, stats: StepStats) -> dict:
         """The update-norm scores now (this run's `UpdateNorm` estimator's), and the stage's cost and losses so far."""
-        run = self.identification
-        norms = run.update_norms()
-        values = run.estimator.scores(run.bank, None, list(norms.values()))
+        norms = self.update_norms()
+        values = self.estimator.scores(self.bank, None, list(norms.values()))
         scores = {n: as_float32(v) for n, v in zip(norms, values, strict=True)}
         return {"scores": scores, "seconds": stats.seconds, "tokens": stats.tokens, "losses": list(stats.losses)}
 
@@ -143,20 +118,10 @@ class Stability(Study):
 
     @classmethod
     def options(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--lengths",
-            type=lambda t: [int(x) for x in t.split(",")],
-            help="stage-1 lengths to run (default: the preset's)",
-        )
-        parser.add_argument(
-            "--estimators",
-            type=lambda t: t.split(","),
-            default=[*NO_STAGE2, *ESTIMATORS],
-            help="comma-separated estimators of the seed rows (default: all)",
-        )
-
-    def identity(self, dataset: str) -> dict:
-        return self.data.identity(dataset)
+        lengths = "stage-1 lengths to run (default: the preset's)"
+        parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], help=lengths)
+        estimators = "comma-separated estimators of the seed rows (default: all)"
+        parser.add_argument("--estimators", type=lambda t: t.split(","), default=list(SEEDED), help=estimators)
 
     def scores_on(self, dataset: str, steps: int, name: str) -> dict:
         """Estimator `name`'s cell on `dataset` after `steps` stage-1 steps with seeds 0/0 (update-norm: stage 1's)."""
@@ -165,27 +130,26 @@ class Stability(Study):
 
     def run(self) -> dict:
         args, primary = self.args, self.data.primary
-        results = {"rows": [], "cross": [], "random": {}}
         reference = self.reference(primary)
-        for steps in sorted(args.lengths or self.p["stage1"], reverse=True):  # the longest run gives the shorter ones
-            for name in [e for e in (*NO_STAGE2, *ESTIMATORS) if e in args.estimators]:
-                row = self.collect(f"{name} at {steps} stage-1 steps", seed_row, self, primary, steps, name, reference)
-                results["rows"] += [row] if row else []
-        row = self.collect("gradient norm", gradnorm_row, self, primary, reference)
-        results["rows"] += [row] if row else []
-        estimators = [e for e in args.estimators if e in ESTIMATORS or e == "update-norm"]
-        results["cross"] = cross_rows(self, self.data.names, estimators)
+        lengths = sorted(args.lengths or self.p["stage1"], reverse=True)  # the longest run gives the shorter ones
+        named = [e for e in SEEDED if e in args.estimators]
+        rows = [
+            self.collect(f"{name} at {steps} stage-1 steps", seed_row, self, primary, steps, name, reference)
+            for steps in lengths
+            for name in named
+        ]
+        rows.append(self.collect("gradient norm", gradnorm_row, self, primary, reference))
+        crossed = [e for e in args.estimators if e in ESTIMATORS or e == "update-norm"]
+        results = {"rows": [row for row in rows if row], "cross": cross_rows(self, self.data.names, crossed)}
         names = list(self.stage1(primary, self.p["lengths_for_datasets"], 0, 0)["scores"])
         n, blocks = len(names), len({layer_of(name, "block") for name in names})
         results["random"] = {f"jaccard@{f:g}": expected_random_jaccard(n, top_count(f, n)) for f in FRACTIONS}
         results["random_blocks"] = expected_random_jaccard(blocks, top_count(0.25, blocks))
         results["known"] = known_rows(self, args.estimators)
         results["calibration"] = calibration_rows(self, primary, args.estimators)
-        longest = max(args.lengths or self.p["stage1"])
-        runs = self.collect(f"stage-1 trajectories at {longest} steps", self.runs, primary, longest)
+        runs = self.collect(f"stage-1 trajectories at {lengths[0]} steps", self.runs, primary, lengths[0])
         results["trajectory"] = trajectory(runs) if runs else None
-        results.update(candidates=n, blocks=blocks, reference=reference, epochs=EPOCHS)
-        return results
+        return {**results, "candidates": n, "blocks": blocks, "reference": reference, "epochs": EPOCHS}
 
     def runs(self, dataset: str, steps: int) -> dict[tuple[int, int], dict]:
         """The stage-1 cells of every seed pair in `SEEDS`."""
@@ -199,22 +163,22 @@ class Stability(Study):
         stability_page.frontier(self.folder / "frontier.png", results)
         return stability_page.page(results, where)
 
-    def config(self, **fields) -> ILAConfig:
-        return ILAConfig(**PROBE, **fields)
+    def probe(self, dataset: str, **fields) -> torch.nn.Module:
+        """A fresh copy of the dataset's base model with an ILA probe of `PROBE` and the ILAConfig `fields`."""
+        return get_peft_model(copy.deepcopy(self.data[dataset].model), ILAConfig(**PROBE, **fields))
 
     # --- cells -----------------------------------------------------------------------------------------------------
 
     def stage1_settings(self, dataset: str, steps: int, init: int, order: int) -> dict:
-        return {**self.identity(dataset), "steps": steps, "init": init, "order": order, **PROBE}
+        return {**self.data.identity(dataset), "steps": steps, "init": init, "order": order, **PROBE}
 
     def stage1(self, dataset: str, steps: int, init: int, order: int) -> dict:
         """A stage-1 cell. Computing it also writes the missing cells of the preset's shorter lengths, which are
         prefixes of the same run (constant learning rate, same data order), from snapshots taken on the way."""
         settings = self.stage1_settings(dataset, steps, init, order)
-        shorter = [s for s in self.p["stage1"] if s < steps]
 
         def compute(stem: Path) -> dict:
-            recipe = self._stage1(dataset, steps, init, order, snapshots=shorter)
+            recipe = self._stage1(dataset, steps, init, order, snapshots=[s for s in self.p["stage1"] if s < steps])
             differences = {}  # a prefix computed before by its own run: how far this run's snapshot is from it
             for at, (weights, record) in recipe.taken.items():
                 prefix = self.folder / f"stage1-{key(self.stage1_settings(dataset, at, init, order))}"
@@ -236,11 +200,9 @@ class Stability(Study):
     def _stage1(self, dataset: str, steps: int, init: int, order: int, snapshots=()) -> Recording:
         """Exactly `steps` stage-1 steps (no stability stop), the weights kept on every layer."""
         fixed = dict(stage1_max_steps=steps, stability_epsilon=1e-12, estimator="update-norm", top_k=1.0)
-        config = self.config(**fixed, keep_stage1_weights=True, seed=init)
-        model = get_peft_model(copy.deepcopy(self.data[dataset].model), config)
-        batches = self.data.batches(dataset, order)
-        recipe = Recording(model, self.p["every"], snapshots)
-        recipe.run(batches, self.args.progress)
+        probe = self.probe(dataset, **fixed, keep_stage1_weights=True, seed=init)
+        recipe = Recording(probe, self.p["every"], snapshots)
+        recipe.run(self.data.batches(dataset, order), self.args.progress)
         return recipe
 
     def weights(self, stage1: dict) -> dict[str, torch.Tensor]:
@@ -250,14 +212,14 @@ class Stability(Study):
             save_file(self._stage1(s["dataset"], s["steps"], s["init"], s["order"]).adapter_weights(), path)
         return load_file(path)
 
+    def stage_settings(self, stage1: dict, estimator: str) -> dict:
+        """The settings of an estimator's stage on a stage-1 cell (its config fields override its name)."""
+        stage = {"stage1": key(stage1["settings"]), "estimator": estimator, "stage2_steps": self.p["stage2"]}
+        return {**stage, **ESTIMATORS[estimator]}
+
     def score(self, stage1: dict, estimator: str, stage2_seed: int = 0) -> dict:
-        settings = {
-            "stage1": key(stage1["settings"]),
-            "estimator": estimator,
-            "stage2_steps": self.p["stage2"],
-            "stage2_seed": stage2_seed,
-            **ESTIMATORS[estimator],
-        }
+        """The estimator's stage on a stage-1 cell, with stage-2 data order `stage2_seed`: scores, seconds, tokens."""
+        settings = {**self.stage_settings(stage1, estimator), "stage2_seed": stage2_seed}
 
         def compute(stem: Path) -> dict:
             result = self._estimate(stage1, estimator, stage2_seed)
@@ -268,48 +230,41 @@ class Stability(Study):
     def confidence(self, stage1: dict, estimator: str) -> dict:
         """The estimator's run of the `score` cell (stage-2 seed 0) again, keeping what it selects (top 25%) and
         how sure it is of each layer's membership (`Selection.confidence`, the bootstrap over its stage's steps)."""
-        settings = {"stage1": key(stage1["settings"]), "estimator": estimator, "stage2_steps": self.p["stage2"]}
-
-        def compute(stem: Path) -> dict:
-            return self._estimate(stage1, estimator, 0).selection.to_json()
-
-        return self.cell("confidence", {**settings, **ESTIMATORS[estimator]}, compute)
+        settings = self.stage_settings(stage1, estimator)
+        return self.cell("confidence", settings, lambda stem: self._estimate(stage1, estimator, 0).selection.to_json())
 
     def _estimate(self, stage1: dict, estimator: str, stage2_seed: int):
         """The estimator's stage on a stage-1 cell's adapters, with its own stage-2 data order; the `ILAResult`."""
         dataset = stage1["settings"]["dataset"]
         fields = {**ESTIMATORS[estimator], "stage2_steps": self.p["stage2"], "top_k": 0.25}
-        probe = get_peft_model(copy.deepcopy(self.data[dataset].model), self.config(**fields))
+        probe = self.probe(dataset, **fields)
         assert probe.load_state_dict(self.weights(stage1), strict=False).unexpected_keys == []
         batches = self.data.batches(dataset, 1000 + stage2_seed)
         return identify_important_layers(probe, batches, progress=self.args.progress, train_stage1=False)
 
     def relative(self, stage1: dict) -> dict:
         """||dW|| / ||W|| of every layer after a stage-1 cell, divided by the largest."""
-        settings = {"stage1": key(stage1["settings"]), "estimator": RELATIVE}
 
         def compute(stem: Path) -> dict:
-            weights, base = (
-                self.weights(stage1),
-                dict(self.data[stage1["settings"]["dataset"]].model.named_parameters()),
-            )
+            weights, base = self.weights(stage1), self.data[stage1["settings"]["dataset"]].model
             scale, ratios = PROBE["lora_alpha"] / PROBE["r"], {}
             for name in stage1["scores"]:
                 a, b = (weights[f"base_model.model.{name}.ila_{m}.default.weight"] for m in "AB")
-                ratios[name] = float((b @ a).norm() * scale / base[f"{name}.weight"].detach().norm())
+                ratios[name] = float((b @ a).norm() * scale / base.get_parameter(f"{name}.weight").detach().norm())
             top = max(ratios.values())
             return {"scores": {n: as_float32(v / top) for n, v in ratios.items()}, "seconds": 0.0}
 
-        return self.cell("relnorm", settings, compute)
+        return self.cell("relnorm", {"stage1": key(stage1["settings"]), "estimator": RELATIVE}, compute)
 
     def gradnorm(self, dataset: str, seed: int) -> dict:
-        settings = {**self.identity(dataset), "seed": seed, "steps": self.p["gradnorm"], **PROBE}
+        """The baseline's scores (gradient norms over the preset's steps from fresh adapters, divided by the
+        largest) and seconds."""
+        settings = {**self.data.identity(dataset), "seed": seed, "steps": self.p["gradnorm"], **PROBE}
 
         def compute(stem: Path) -> dict:
-            probe = get_peft_model(copy.deepcopy(self.data[dataset].model), self.config(seed=seed))
+            probe = self.probe(dataset, seed=seed)
             torch.manual_seed(seed)
-            batches = self.data.batches(dataset, seed)
-            start = time.perf_counter()
+            batches, start = self.data.batches(dataset, seed), time.perf_counter()
             scores = gradnorm_scores(probe, batches, self.p["gradnorm"], PROBE["stage1_lr"])
             top = max(scores.values()) or 1.0
             return {"scores": {n: v / top for n, v in scores.items()}, "seconds": time.perf_counter() - start}
@@ -324,31 +279,28 @@ class Stability(Study):
         settings.update(seeds=self.p["known_seeds"], task=known_answer.TASK, planted=known_answer.PLANTED)
 
         def compute(stem: Path) -> dict:
-            seeds = range(self.p["known_seeds"])
             run_fields = fields or dict(estimator="update-norm")  # no stage: stage 1's weights are all it needs
-            runs = [known_answer.planted_ranks(method, run_fields, steps, self.p["stage2"], s) for s in seeds]
-            return {"ranks": [ranks for ranks, _ in runs], "candidates": runs[0][1]}
+            ranks = [
+                known_answer.planted_ranks(method, run_fields, steps, self.p["stage2"], seed)
+                for seed in range(self.p["known_seeds"])
+            ]
+            return {"ranks": [ranked for ranked, _ in ranks], "candidates": ranks[0][1]}
 
         return self.cell("known", settings, compute)
 
     def reference(self, dataset: str) -> dict:
         """LoRA on all layers: median seconds per optimizer step, and the optimizer steps of 3 epochs."""
-        settings = {**self.identity(dataset), "machine": machine()["processor"], "timed_steps": self.p["timing"]}
+        settings = {**self.data.identity(dataset), "machine": machine()["processor"], "timed_steps": self.p["timing"]}
 
         def compute(stem: Path) -> dict:
             prepared = replace(self.data[dataset], model=copy.deepcopy(self.data[dataset].model))
             model = lora_all_layers(prepared, PROBE["r"], PROBE["lora_alpha"], 0.0, "all-linear")
-            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             batches = cycle(prepared.batches(self.p["batch_size"], 0))
-            stats = train_steps(
-                model, batches, torch.optim.AdamW(params, lr=1e-4), self.p["timing"] + 1, progress=False
-            )
+            stats = train_steps(model, batches, optimizer, self.p["timing"] + 1, progress=False)
+            step = statistics.median(stats.step_seconds[1:])
             per_epoch = math.ceil(len(prepared.train) / self.p["batch_size"])
-            return {
-                "step_seconds": statistics.median(stats.step_seconds[1:]),
-                "epoch_steps": per_epoch,
-                "fine_tune_seconds": statistics.median(stats.step_seconds[1:]) * per_epoch * EPOCHS,
-            }
+            return {"step_seconds": step, "epoch_steps": per_epoch, "fine_tune_seconds": step * per_epoch * EPOCHS}
 
         return self.cell("reference", settings, compute)
 
@@ -356,6 +308,11 @@ class Stability(Study):
 def module_type(name: str) -> str:
     """What a module-granularity candidate is, whichever block it is in: 'q_proj', 'gate_proj', ..."""
     return name.rsplit(".", 1)[-1]
+
+
+def top_types(scores: dict[str, float]) -> dict[str, int]:
+    """How many layers of each module type the top 25% of `scores` holds."""
+    return dict(collections.Counter(map(module_type, top_set(scores, 0.25))))
 
 
 def block_scores(scores: dict[str, float], estimator: str) -> dict[str, float]:
@@ -386,13 +343,6 @@ def agreement(a: dict[str, float], b: dict[str, float]) -> dict:
     return out
 
 
-MASK_RULES = [(32, 0.8), (32, 0.9), (64, 0.9)]  # (window in steps, top-25% Jaccard with the set a window before)
-PAPER_LOSS_RULE = (
-    0.01,
-    20,
-)  # the paper's epsilon-stability on the loss: (epsilon, window), ILAConfig's defaults before
-
-
 def trajectory(runs: dict[tuple[int, int], dict]) -> dict | None:
     """Update-norm agreement between seeds at every recorded stage-1 step of the longest runs, and where a stop rule
     on the mask would have ended each run: at the first check whose top-25% set overlaps the one `window` steps
@@ -404,32 +354,23 @@ def trajectory(runs: dict[tuple[int, int], dict]) -> dict | None:
         seeds: [dict(zip(names, norms, strict=True)) for norms in run["trajectory"]["norms"]]
         for seeds, run in runs.items()
     }
-    points = []
-    for i in range(len(series[(0, 0)])):
-        point = {"step": (i + 1) * every}
-        point.update({source: agreement(series[x][i], series[y][i]) for source, (x, y) in SOURCES.items()})
-        points.append(point)
+
+    def compared(at: dict[tuple[int, int], int]) -> dict:
+        """Each source's agreement between its two runs, each at its own check `at[seeds]`."""
+        return {source: agreement(series[x][at[x]], series[y][at[y]]) for source, (x, y) in SOURCES.items()}
+
+    checks = len(series[(0, 0)])
+    points = [{"step": (i + 1) * every, **compared(dict.fromkeys(series, i))} for i in range(checks)]
     rules = []
     for window, threshold in MASK_RULES:
-        stops = {seeds: _stop(scores, window // every, threshold) for seeds, scores in series.items()}
-        rule = {
-            "window": window,
-            "jaccard": threshold,
-            "stops": {f"{i}/{o}": (s + 1) * every for (i, o), s in stops.items()},
-        }
-        for source, (x, y) in SOURCES.items():
-            rule[source] = agreement(series[x][stops[x]], series[y][stops[y]])
-        rules.append(rule)
+        at = {seeds: _stop(scores, window // every, threshold) for seeds, scores in series.items()}
+        stops = {f"{i}/{o}": (s + 1) * every for (i, o), s in at.items()}
+        rules.append({"window": window, "jaccard": threshold, "stops": stops, **compared(at)})
     stops = {seeds: _loss_stop(run["losses"], *PAPER_LOSS_RULE) for seeds, run in runs.items()}
     at = {seeds: min(math.ceil(stop / every), len(series[seeds])) - 1 for seeds, stop in stops.items()}
-    rules.append(
-        {
-            "loss_rule": list(PAPER_LOSS_RULE),
-            "stops": {f"{i}/{o}": stop for (i, o), stop in stops.items()},
-            **{source: agreement(series[x][at[x]], series[y][at[y]]) for source, (x, y) in SOURCES.items()},
-        }
-    )
-    quarter = len(series[(0, 0)]) // 4 - 1  # the check at a quarter of the run
+    loss_stops = {f"{i}/{o}": stop for (i, o), stop in stops.items()}
+    rules.append({"loss_rule": list(PAPER_LOSS_RULE), "stops": loss_stops, **compared(at)})
+    quarter = checks // 4 - 1  # the check at a quarter of the run
     early = {f"{i}/{o}": jaccard(*(set(top_set(x[j], 0.25)) for j in (quarter, -1))) for (i, o), x in series.items()}
     return {"every": every, "points": points, "rules": rules, "early": early, "early_step": (quarter + 1) * every}
 
@@ -465,11 +406,23 @@ def seed_row(study: Stability, dataset: str, steps: int, name: str, reference: d
         if name in ("update-norm", "first-order"):
             blocks = (block_scores(cells[z]["scores"], name) for z in (x, y))
             row.setdefault("blocks", {})[source] = agreement(*blocks)
-    row["top_types"] = dict(collections.Counter(map(module_type, top_set(cells[(0, 0)]["scores"], 0.25))))
-    seconds = stage1[(0, 0)]["seconds"] + (0 if name in NO_STAGE2 else cells[(0, 0)]["seconds"])
-    tokens = stage1[(0, 0)]["tokens"] + (0 if name in NO_STAGE2 else cells[(0, 0)]["tokens"])
-    row.update(seconds=seconds, cost=seconds / reference["fine_tune_seconds"], tokens=tokens)
+    paid = [stage1[(0, 0)]] + ([] if name in NO_STAGE2 else [cells[(0, 0)]])  # stage 1, and the estimator's stage
+    seconds, tokens = (sum(cell[what] for cell in paid) for what in ("seconds", "tokens"))
+    row.update(top_types=top_types(cells[(0, 0)]["scores"]), seconds=seconds)
+    row.update(cost=seconds / reference["fine_tune_seconds"], tokens=tokens)
     row["cost_steps"] = (steps + row["stage2_steps"]) / (EPOCHS * reference["epoch_steps"])
+    return row
+
+
+def gradnorm_row(study: Stability, dataset: str, reference: dict) -> dict:
+    """The baseline's agreement between two seeds (differing in both initialisation and data order), and cost."""
+    cells = [study.gradnorm(dataset, seed) for seed in (0, 1)]
+    grad, seconds, steps = [c["scores"] for c in cells], cells[0]["seconds"], study.p["gradnorm"]
+    blocks = [block_scores(g, "update-norm") for g in grad]  # a block's gradient norm: root of summed squares
+    row = {"estimator": GRADNORM, "stage1_steps": steps, "stage2_steps": 0, "seed": agreement(*grad)}
+    row.update(blocks={"seed": agreement(*blocks)}, top_types=top_types(grad[0]), seconds=seconds)
+    row["cost"] = seconds / reference["fine_tune_seconds"]
+    row["cost_steps"] = steps / (EPOCHS * reference["epoch_steps"])
     return row
 
 
@@ -484,20 +437,16 @@ def calibration_rows(study: Stability, dataset: str, estimators: list[str]) -> l
         if found is None:
             continue
         reference, reruns = found
-        chosen, sure = set(reference["selected"]), reference["confidence"]
-        groups = {
-            "certain": [n for n in reference["candidates"] if sure[n] >= CERTAIN],
-            "uncertain": [n for n in reference["candidates"] if sure[n] < CERTAIN],
-        }
-        groups.update({f"selected {g}": [n for n in names if n in chosen] for g, names in list(groups.items())})
+        chosen, sure, names = set(reference["selected"]), reference["confidence"], reference["candidates"]
+        certain = {n for n in names if sure[n] >= CERTAIN}
+        groups = {"certain": [n for n in names if n in certain], "uncertain": [n for n in names if n not in certain]}
+        groups.update({f"selected {g}": [n for n in members if n in chosen] for g, members in list(groups.items())})
         row = {"estimator": name, "stage1_steps": steps, "candidates": len(sure), "selected": len(chosen)}
-        row["counts"] = {group: len(names) for group, names in groups.items()}
+        row["counts"] = {group: len(members) for group, members in groups.items()}
         for source, rerun in reruns.items():
             top = set(top_set(rerun["scores"], 0.25))
-            kept = {n: (n in top) == (n in chosen) for n in reference["candidates"]}
-            row[source] = {
-                g: statistics.mean(kept[n] for n in names) if names else math.nan for g, names in groups.items()
-            }
+            kept = {n: (n in top) == (n in chosen) for n in names}
+            row[source] = {g: statistics.mean(kept[n] for n in m) if m else math.nan for g, m in groups.items()}
         rows.append(row)
     return rows
 
@@ -512,33 +461,14 @@ def reruns_of(study: Stability, dataset: str, steps: int, name: str) -> tuple[di
 
 def known_rows(study: Stability, estimators: list[str]) -> list[dict]:
     """Every estimator (and the gradient-norm baseline) on the planted task, at each of the preset's lengths."""
-    runs = [
-        (name, steps) for name in (*NO_STAGE2, *ESTIMATORS) if name in estimators for steps in study.p["known_lengths"]
-    ]
+    named = [(name, steps) for name in SEEDED if name in estimators for steps in study.p["known_lengths"]]
     rows = []
-    for name, steps in [*runs, (GRADNORM, study.p["gradnorm"])]:
+    for name, steps in [*named, (GRADNORM, study.p["gradnorm"])]:
         cell = study.collect(f"{name} on the planted task at {steps} stage-1 steps", study.known, name, steps)
-        if cell is None:
-            continue
-        summary = known_answer.summary(cell["ranks"], cell["candidates"])
-        rows.append({"estimator": name, "stage1_steps": steps, "ranks": cell["ranks"], **summary})
+        if cell is not None:
+            summary = known_answer.summary(cell["ranks"], cell["candidates"])
+            rows.append({"estimator": name, "stage1_steps": steps, "ranks": cell["ranks"], **summary})
     return rows
-
-
-def gradnorm_row(study: Stability, dataset: str, reference: dict) -> dict:
-    grad = [study.gradnorm(dataset, seed) for seed in (0, 1)]
-    blocks = [block_scores(g["scores"], "update-norm") for g in grad]  # a block's gradient norm: root of summed squares
-    return {
-        "estimator": GRADNORM,
-        "stage1_steps": study.p["gradnorm"],
-        "stage2_steps": 0,
-        "seed": agreement(grad[0]["scores"], grad[1]["scores"]),
-        "blocks": {"seed": agreement(*blocks)},
-        "top_types": dict(collections.Counter(map(module_type, top_set(grad[0]["scores"], 0.25)))),
-        "seconds": grad[0]["seconds"],
-        "cost": grad[0]["seconds"] / reference["fine_tune_seconds"],
-        "cost_steps": study.p["gradnorm"] / (EPOCHS * reference["epoch_steps"]),
-    }
 
 
 def cross_rows(study: Stability, datasets: list[str], estimators: list[str]) -> list[dict]:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
-from benchmarks.core.page import Finding, cell_text, findings_section, missing_section, table
+from benchmarks.core.page import Column, Finding, cell_text, columns, findings_section, missing_section, number, table
 from benchmarks.core.stats import OVERLAP_RULE, overlap_verdict, top_count
 from peft_ila import ILAConfig
 from peft_ila.tuner.selection import CERTAIN
 
-
-def _f(d: dict, k: str) -> str:
-    return f"{d[k]:.2f}" if k in d else "–"
+GOAL = dict(jaccard=0.80, spearman=0.8, cost=0.25)  # seed-to-seed top-25% overlap and rank correlation
+RIGHT = 0.9  # an estimator is right on the planted task when it finds the planted layers in this share of its runs
+MEASURES = {"J@25%": "jaccard@0.25", "Spearman": "spearman", "within type": "spearman_within_type"}
+ESTIMATOR: Column = ("estimator", "l", lambda row: cell_text(row["estimator"]))
+STAGE1: Column = ("stage-1 steps", "r", lambda row: str(row["stage1_steps"]))
 
 
 def page(results: dict, where: Path) -> str:
@@ -37,63 +40,78 @@ def page(results: dict, where: Path) -> str:
         "(q_proj, ..., down_proj) of the Spearman correlation inside the type, i.e. how reproducible the ranking of "
         "positions is once the type is fixed.",
         "",
-    ]
-    lines += _summary(results)
-    lines += ["", "The gradient-norm row compares two seeds that differ in both initialisation and data order.", ""]
-    lines += findings_section([Finding(**f) for f in results["findings"]])
-    lines += [
-        *_known(results),
-        *_calibration(results),
-        *_types(results),
-        *_blocks(results),
-        *_lengths(results),
-        *_cross(results),
-    ]
-    if results["missing"]:
-        lines += ["", *missing_section(results["missing"], "make bench-stability")]
-    lines += [
+        *_summary(results),
         "",
-        "Reproducibility against cost, in steps, seconds and tokens (the gradient-norm baseline has no token count):",
+        "The gradient-norm row compares two seeds that differ in both initialisation and data order.",
+        "",
+        *findings_section([Finding(**f) for f in results["findings"]]),
     ]
-    lines += ["", "![Jaccard against cost](results/stability/" + results["preset"] + "/frontier.png)", ""]
+    for section in (_known, _calibration, _types, _blocks, _lengths, _cross):
+        lines += section(results)
+    if results["missing"]:
+        lines += [*missing_section(results["missing"], "make bench-stability"), ""]
+    lines += [
+        "Reproducibility against cost, in steps, seconds and tokens (the gradient-norm baseline has no token count):",
+        "",
+        f"![Jaccard against cost](results/stability/{results['preset']}/frontier.png)",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _side(agreements: dict, source: str) -> dict:
+    """The agreement between the two runs of a row (or of its blocks, a point, a rule) that differ in `source`; the
+    gradient-norm row's `seed` stands for `init`; {} when there is none."""
+    return agreements.get(source, agreements.get("seed", {}) if source == "init" else {})
+
+
+def _agreements(*headers: str, of: str = "") -> list[Column]:
+    """Columns headed "<measure> <source>" (a measure of `MEASURES`; init, order or stage2): that agreement between
+    the two runs of a row that differ in the source (of its `of` entry: "blocks"), "–" where there is none."""
+
+    def column(header: str) -> Column:
+        measure, source = header.rsplit(" ", 1)
+        return (header, "r", lambda row: number(_side(row[of] if of else row, source).get(MEASURES[measure])))
+
+    return [column(header) for header in headers]
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    """The rows by estimator, then stage-1 length."""
+    return sorted(rows, key=lambda r: (r["estimator"], r["stage1_steps"]))
 
 
 def _summary(results: dict) -> list[str]:
     """The main table: each estimator's cost and its agreement between runs that differ in one source of noise."""
-    header = ["estimator", "stage-1 steps", "stage-2 steps", "cost (steps)", "cost (seconds)", "tokens"]
-    header += ["J@25% init", "J@25% order", "J@25% stage2", "Spearman init", "Spearman order"]
-    header += ["within type init", "within type order", "J@5/10/50% init"]
-    rows = []
-    for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
-        init, order, stage2 = row.get("init", row.get("seed")), row.get("order", {}), row.get("stage2", {})
-        small = "/".join(_f(init, f"jaccard@{f:g}") for f in (0.05, 0.1, 0.5))
-        tokens = f"{row['tokens'] / 1000:.0f}k" if "tokens" in row else "–"
-        rows.append(
-            [
-                cell_text(row["estimator"]),
-                str(row["stage1_steps"]),
-                str(row["stage2_steps"]),
-                f"{row['cost_steps']:.3f}x",
-                f"{row['cost']:.3f}x",
-                tokens,
-                _f(init, "jaccard@0.25"),
-                _f(order, "jaccard@0.25"),
-                _f(stage2, "jaccard@0.25"),
-                _f(init, "spearman"),
-                _f(order, "spearman"),
-                _f(init, "spearman_within_type"),
-                _f(order, "spearman_within_type"),
-                small,
-            ]
-        )
-    return table(header, rows, "l" + "r" * 12 + "l")
+    spec = [
+        ESTIMATOR,
+        STAGE1,
+        ("stage-2 steps", "r", lambda row: str(row["stage2_steps"])),
+        ("cost (steps)", "r", lambda row: f"{row['cost_steps']:.3f}x"),
+        ("cost (seconds)", "r", lambda row: f"{row['cost']:.3f}x"),
+        ("tokens", "r", lambda row: f"{row['tokens'] / 1000:.0f}k" if "tokens" in row else "–"),
+        *_agreements("J@25% init", "J@25% order", "J@25% stage2", "Spearman init", "Spearman order"),
+        *_agreements("within type init", "within type order"),
+        ("J@5/10/50% init", "l", _other_fractions),
+    ]
+    return columns(spec, _ordered(results["rows"]))
 
 
-GOAL = dict(jaccard=0.80, spearman=0.8, cost=0.25)  # seed-to-seed top-25% overlap and rank correlation
+def _other_fractions(row: dict) -> str:
+    """The row's top-k Jaccard between init seeds at k = 5, 10 and 50%."""
+    return "/".join(number(_side(row, "init").get(f"jaccard@{f:g}")) for f in (0.05, 0.1, 0.5))
+
+
+def _section(title: str, *parts: str | list[str]) -> list[str]:
+    """A page section: its heading, then each part (a paragraph, or a table's lines) followed by a blank line."""
+    lines = [f"## {title}", ""]
+    for part in parts:
+        lines += [part, ""] if isinstance(part, str) else [*part, ""]
+    return lines
 
 
 def _row(results: dict, estimator: str, stage1: int, stage2: int | None = None) -> dict | None:
+    """The estimator's row at `stage1` stage-1 steps (and `stage2` stage-2 steps, when given), if there is one."""
     rows = [r for r in results["rows"] if r["estimator"] == estimator and r["stage1_steps"] == stage1]
     return next((r for r in rows if stage2 is None or r["stage2_steps"] == stage2), None)
 
@@ -103,72 +121,77 @@ def _worst(row: dict, key: str = "jaccard@0.25") -> float:
     return min((row[s][key] for s in ("init", "order", "seed") if s in row and key in row[s]), default=math.nan)
 
 
-RIGHT = 0.9  # an estimator is right on the planted task when it finds the planted layers in this share of its runs
+def _init_order(agreements: dict, measure: str = "jaccard@0.25") -> str:
+    """The measure between the runs that differ in each source, as "0.71 (init) / 0.74 (order)"."""
+    return f"{agreements['init'][measure]:.2f} (init) / {agreements['order'][measure]:.2f} (order)"
 
 
-def _pooled_known(results: dict) -> dict[str, list[dict]]:
-    """The planted-task rows of each estimator (all its stage-1 lengths)."""
+def _each(values: Iterable[float]) -> str:
+    """Values to 2 decimals, joined by '/'."""
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+def _floor(results: dict, estimator: str, steps: int) -> float | None:
+    """The mean top-25% Jaccard between seeds (init, order) of the estimator's row at `steps`, if there is one."""
+    row = _row(results, estimator, steps)
+    return statistics.mean([row["init"]["jaccard@0.25"], row["order"]["jaccard@0.25"]]) if row else None
+
+
+def _planted(results: dict) -> dict[str, tuple[int, int, float]]:
+    """Estimator -> its planted-task runs over all its stage-1 lengths: (runs that put the planted layers on top, runs,
+    mean of its rows' mean ranks)."""
     pooled: dict[str, list[dict]] = {}
     for row in results.get("known", []):
         pooled.setdefault(row["estimator"], []).append(row)
-    return pooled
+    return {
+        name: (
+            sum(r["found"] for r in rows),
+            sum(r["runs"] for r in rows),
+            statistics.mean(r["mean_rank"] for r in rows),
+        )
+        for name, rows in pooled.items()
+    }
 
 
 def _found_share(results: dict) -> dict[str, float]:
     """Estimator -> the share of its planted-task runs that put the planted layers on top."""
-    return {
-        name: sum(r["found"] for r in rows) / sum(r["runs"] for r in rows)
-        for name, rows in _pooled_known(results).items()
-    }
+    return {name: found / runs for name, (found, runs, _) in _planted(results).items()}
 
 
 def findings(results: dict) -> list[Finding]:
     """The study's answers, from whatever cells exist."""
     defaults = ILAConfig()
-    default = _row(results, defaults.estimator, defaults.stage1_max_steps, defaults.stage2_steps)
-    out = [*_defaults_finding(results, default), *_cheapest_finding(results)]
-    out += _known_findings(results, default) + _calibration_finding(results, defaults.estimator)
-    block = default and default.get("blocks")
-    if block:
-        init, order = block["init"], block["order"]
-        out.append(
-            Finding(
-                f"Block granularity (`{defaults.estimator}`)",
-                f"top-25% Jaccard {init['jaccard@0.25']:.2f} (init) / {order['jaccard@0.25']:.2f} (order) over "
-                f"{results['blocks']} blocks",
-                f"two random sets of blocks: {results['random_blocks']:.2f}; Spearman {init['spearman']:.2f} / "
-                f"{order['spearman']:.2f}",
-                id="stability-blocks",
-            )
-        )
-    out += _cross_finding(results, defaults.estimator) + _length_finding(results, defaults.estimator)
-    return out + _trajectory_findings(results)
+    estimator = defaults.estimator
+    default = _row(results, estimator, defaults.stage1_max_steps, defaults.stage2_steps)
+    return [
+        *_defaults_finding(results, default, defaults),
+        *_cheapest_finding(results),
+        *_known_findings(results, default),
+        *_calibration_finding(results, estimator),
+        *_blocks_finding(results, default, estimator),
+        *_cross_finding(results, estimator),
+        *_length_finding(results, estimator),
+        *_trajectory_findings(results),
+    ]
 
 
-def _defaults_finding(results: dict, default: dict | None) -> list[Finding]:
+def _defaults_finding(results: dict, default: dict | None, defaults: ILAConfig) -> list[Finding]:
     if not default:
         return []
-    defaults = ILAConfig()
+    cost = default["cost_steps"]
     met = (
-        _worst(default) >= GOAL["jaccard"]
-        and _worst(default, "spearman") >= GOAL["spearman"]
-        and default["cost_steps"] <= GOAL["cost"]
+        _worst(default) >= GOAL["jaccard"] and _worst(default, "spearman") >= GOAL["spearman"] and cost <= GOAL["cost"]
     )
     noise = {s: default[s]["jaccard@0.25"] for s in ("init", "order", "stage2") if s in default}
-    init, order = default["init"], default["order"]
-    return [
-        Finding(
-            f"Reruns with the defaults reproduce the top 25% (`{defaults.estimator}`, {defaults.stage1_max_steps} + "
-            f"{defaults.stage2_steps} steps, {default['cost_steps']:.2f}x the steps of a {results['epochs']}-epoch "
-            "LoRA-all fine-tune)",
-            f"the goal is {'met' if met else 'not met'}",
-            f"top-25% Jaccard {init['jaccard@0.25']:.2f} (init) / {order['jaccard@0.25']:.2f} (order), Spearman "
-            f"{init['spearman']:.2f} / {order['spearman']:.2f}; the largest noise source is "
-            f"{min(noise, key=noise.get)} ({', '.join(f'{k} {v:.2f}' for k, v in noise.items())})",
-            f"the goal: Jaccard ≥ {GOAL['jaccard']:.2f} and Spearman ≥ {GOAL['spearman']} at ≤ {GOAL['cost']}x",
-            id="stability-defaults",
-        )
-    ]
+    claim = f"Reruns with the defaults reproduce the top 25% (`{defaults.estimator}`, {defaults.stage1_max_steps} + "
+    claim += f"{defaults.stage2_steps} steps, {cost:.2f}x the steps of a {results['epochs']}-epoch LoRA-all fine-tune)"
+    evidence = (
+        f"top-25% Jaccard {_init_order(default)}, Spearman {default['init']['spearman']:.2f} / "
+        f"{default['order']['spearman']:.2f}; the largest noise source is {min(noise, key=noise.get)} "
+        f"({', '.join(f'{k} {v:.2f}' for k, v in noise.items())})"
+    )
+    rule = f"the goal: Jaccard ≥ {GOAL['jaccard']:.2f} and Spearman ≥ {GOAL['spearman']} at ≤ {GOAL['cost']}x"
+    return [Finding(claim, f"the goal is {'met' if met else 'not met'}", evidence, rule, id="stability-defaults")]
 
 
 def _cheapest_finding(results: dict) -> list[Finding]:
@@ -176,12 +199,11 @@ def _cheapest_finding(results: dict) -> list[Finding]:
     if not cheap:
         return []
     best = max(cheap, key=_worst)
-    typed = [r for r in cheap if "spearman_within_type" in r.get("init", r.get("seed", {}))]
-    two = sum(sorted(best["top_types"].values())[-2:])
+    two, layers = sum(sorted(best["top_types"].values())[-2:]), sum(best["top_types"].values())
     evidence = (
-        f"Jaccard {_worst(best):.2f} (worse of init and order); {two} of its {sum(best['top_types'].values())} layers "
-        "are of two module types"
+        f"Jaccard {_worst(best):.2f} (worse of init and order); {two} of its {layers} layers are of two module types"
     )
+    typed = [r for r in cheap if "spearman_within_type" in _side(r, "init")]
     if typed:
         within = max(typed, key=lambda r: _worst(r, "spearman_within_type"))
         evidence += (
@@ -198,14 +220,10 @@ def _calibration_finding(results: dict, estimator: str) -> list[Finding]:
         return []
     sources = ("stage2", "init", "order")
     honest = [s for s in sources if row[s]["selected certain"] >= CERTAIN]
-    evidence = (
-        f"the run is certain of {row['counts']['selected certain']} of its {row['selected']} selected layers; a rerun "
-        "selects "
-        + ", ".join(f"{row[s]['selected certain']:.0%} of them ({s})" for s in sources)
-        + ", and "
-        + ", ".join(f"{row[s]['selected uncertain']:.0%}" for s in sources)
-        + " of the uncertain ones"
-    )
+    certain = ", ".join(f"{row[s]['selected certain']:.0%} of them ({s})" for s in sources)
+    uncertain = ", ".join(f"{row[s]['selected uncertain']:.0%}" for s in sources)
+    evidence = f"the run is certain of {row['counts']['selected certain']} of its {row['selected']} selected layers; "
+    evidence += f"a rerun selects {certain}, and {uncertain} of the uncertain ones"
     verdict = f"calibrated against: {', '.join(honest) or 'none'}; not against: "
     verdict += ", ".join(s for s in sources if s not in honest) or "none"
     rule = f"calibrated against a source when its rerun selects at least {CERTAIN:.0%} of the certain layers"
@@ -215,24 +233,19 @@ def _calibration_finding(results: dict, estimator: str) -> list[Finding]:
 
 def _known_findings(results: dict, default: dict | None) -> list[Finding]:
     """Which estimators find the planted layers, and the most reproducible cheap setting among those that do."""
-    pooled = _pooled_known(results)
+    pooled, share = _planted(results), _found_share(results)
     if not pooled:
         return []
-    share = _found_share(results)
-    counts = [
-        f"{name} {sum(r['found'] for r in rows)}/{sum(r['runs'] for r in rows)} "
-        f"(mean rank {statistics.mean(r['mean_rank'] for r in rows):.1f})"
-        for name, rows in sorted(pooled.items(), key=lambda item: -share[item[0]])
-    ]
-    first = results["known"][0]
-    right = [name for name in pooled if share[name] >= RIGHT]
+    ranked = sorted(pooled.items(), key=lambda item: -share[item[0]])
+    counts = ", ".join(f"{name} {found}/{runs} (mean rank {rank:.1f})" for name, (found, runs, rank) in ranked)
+    first, right = results["known"][0], [name for name in pooled if share[name] >= RIGHT]
     out = [
         Finding(
             "Reproducible is not the same as right",
             f"right on the planted task: {', '.join(right) or 'none'}; not right: "
             + (", ".join(name for name in pooled if name not in right) or "none"),
-            f"on the planted task (a tiny model whose important layers are known; stage-1 lengths pooled) the planted "
-            f"layers are the top {len(first['ranks'][0])} in: " + ", ".join(counts) + "; a random ranking: mean rank "
+            "on the planted task (a tiny model whose important layers are known; stage-1 lengths pooled) the planted "
+            f"layers are the top {len(first['ranks'][0])} in: {counts}; a random ranking: mean rank "
             f"{first['random_mean_rank']:.1f}",
             f"right when found in ≥ {RIGHT:.0%} of runs",
             id="stability-planted",
@@ -241,15 +254,30 @@ def _known_findings(results: dict, default: dict | None) -> list[Finding]:
     rows = [r for r in results["rows"] if share.get(r["estimator"], 0) >= RIGHT and r["cost_steps"] <= GOAL["cost"]]
     if rows:
         best = max(rows, key=_worst)
-        where = f"`{best['estimator']}` at {best['stage1_steps']} stage-1 steps (Jaccard {_worst(best):.2f})"
         if best is default:
             verdict = "the defaults"
         else:
             verdict = f"not the defaults ({_worst(default):.2f})" if default else "the defaults have no row yet"
         evidence = "among the estimators right on the planted task, the most reproducible top 25% within "
-        evidence += f"{GOAL['cost']}x is {where}"
+        evidence += f"{GOAL['cost']}x is `{best['estimator']}` at {best['stage1_steps']} stage-1 steps "
+        evidence += f"(Jaccard {_worst(best):.2f})"
         out.append(Finding("Where the defaults sit", verdict, evidence, id="stability-defaults-place"))
     return out
+
+
+def _blocks_finding(results: dict, default: dict | None, estimator: str) -> list[Finding]:
+    block = default and default.get("blocks")
+    if not block:
+        return []
+    return [
+        Finding(
+            f"Block granularity (`{estimator}`)",
+            f"top-25% Jaccard {_init_order(block)} over {results['blocks']} blocks",
+            f"two random sets of blocks: {results['random_blocks']:.2f}; Spearman {block['init']['spearman']:.2f} / "
+            f"{block['order']['spearman']:.2f}",
+            id="stability-blocks",
+        )
+    ]
 
 
 def _length_finding(results: dict, estimator: str) -> list[Finding]:
@@ -259,31 +287,24 @@ def _length_finding(results: dict, estimator: str) -> list[Finding]:
     run = results.get("trajectory")
     if len(rows) < 2 or not run:
         return []
-    steps = "/".join(str(r["stage1_steps"]) for r in rows)
     points = {p["step"]: p for p in run["points"]}
     within = [points[r["stage1_steps"]] for r in rows if r["stage1_steps"] in points]
-    return [
-        Finding(
-            f"A longer stage 1 (`{estimator}` at {steps} stage-1 steps)",
-            "top-25% Jaccard " + "/".join(f"{_worst(r):.2f}" for r in rows) + " (worse of init and order)",
-            "cost "
-            + "/".join(f"{r['cost_steps']:.2f}x" for r in rows)
-            + "; within-type Spearman "
-            + "/".join(f"{_worst(r, 'spearman_within_type'):.2f}" for r in rows)
-            + "; `update-norm` within-type Spearman between seeds at the same steps "
-            + "/".join(f"{_worst(p, 'spearman_within_type'):.2f}" for p in within),
-            id="stability-longer-stage1",
-        )
-    ]
+    steps = "/".join(str(r["stage1_steps"]) for r in rows)
+    costs = "/".join(f"{r['cost_steps']:.2f}x" for r in rows)
+    evidence = f"cost {costs}; within-type Spearman {_each(_worst(r, 'spearman_within_type') for r in rows)}; "
+    evidence += "`update-norm` within-type Spearman between seeds at the same steps "
+    evidence += _each(_worst(p, "spearman_within_type") for p in within)
+    verdict = f"top-25% Jaccard {_each(_worst(r) for r in rows)} (worse of init and order)"
+    claim = f"A longer stage 1 (`{estimator}` at {steps} stage-1 steps)"
+    return [Finding(claim, verdict, evidence, id="stability-longer-stage1")]
 
 
 def _cross_finding(results: dict, estimator: str) -> list[Finding]:
     crosses = [c for c in results["cross"] if c["estimator"] == estimator]
-    same = _row(results, estimator, crosses[0]["stage1_steps"]) if crosses else None
-    if not same or len(crosses) < 3:
+    floor = _floor(results, estimator, crosses[0]["stage1_steps"]) if crosses else None
+    if floor is None or len(crosses) < 3:
         return []
     cross = statistics.mean(c["jaccard@0.25"] for c in crosses)
-    floor = statistics.mean([same["init"]["jaccard@0.25"], same["order"]["jaccard@0.25"]])
     return [
         Finding(
             f"Important layers overlap about 90% across alignment datasets (`{estimator}`)",
@@ -314,8 +335,7 @@ def _trajectory_findings(results: dict) -> list[Finding]:
         Finding(
             f"The paper's stop rule on the loss (ε = {loss['loss_rule'][0]}, window {loss['loss_rule'][1]})",
             f"ends the three alpaca runs at steps {', '.join(map(str, loss['stops'].values()))}",
-            f"where they stop, `update-norm` top-25% Jaccard {loss['init']['jaccard@0.25']:.2f} (init) / "
-            f"{loss['order']['jaccard@0.25']:.2f} (order)",
+            f"where they stop, `update-norm` top-25% Jaccard {_init_order(loss)}",
             id="stability-stop-rule",
         ),
     ]
@@ -326,29 +346,23 @@ def _known(results: dict) -> list[str]:
     rows = results.get("known", [])
     if not rows:
         return []
-    first = rows[0]
-    lines = ["## A known answer", ""]
-    lines += [
+    first, planted = rows[0], len(rows[0]["ranks"][0])
+    prose = (
         "A tiny random Llama, trained on sequences sampled from a teacher that differs from it only in "
-        f"{len(first['ranks'][0])} planted layers (`benchmarks/known_answer.py`, the tests' known-answer task), so the "
-        f"layers that need to change are known. Each row: {first['runs']} seeds (student, teacher and identification "
-        f"seed). *Found*: runs whose top {len(first['ranks'][0])} are exactly the planted layers (a random ranking: "
+        f"{planted} planted layers (`benchmarks/known_answer.py`, the tests' known-answer task), so the layers that "
+        f"need to change are known. Each row: {first['runs']} seeds (student, teacher and identification seed). "
+        f"*Found*: runs whose top {planted} are exactly the planted layers (a random ranking: "
         f"{first['random_found']:.4f}). *Mean rank* of the planted layers (random: {first['random_mean_rank']:.1f}; "
-        f"best: {statistics.mean(range(1, len(first['ranks'][0]) + 1)):.1f}).",
-        "",
+        f"best: {statistics.mean(range(1, planted + 1)):.1f})."
+    )
+    spec = [
+        ESTIMATOR,
+        STAGE1,
+        ("found", "r", lambda row: f"{row['found']}/{row['runs']}"),
+        ("mean rank", "r", lambda row: f"{row['mean_rank']:.1f}"),
+        ("ranks per seed", "l", lambda row: "; ".join(",".join(map(str, r)) for r in row["ranks"])),
     ]
-    body = [
-        [
-            cell_text(row["estimator"]),
-            str(row["stage1_steps"]),
-            f"{row['found']}/{row['runs']}",
-            f"{row['mean_rank']:.1f}",
-            "; ".join(",".join(map(str, r)) for r in row["ranks"]),
-        ]
-        for row in rows
-    ]
-    header = ["estimator", "stage-1 steps", "found", "mean rank", "ranks per seed"]
-    return [*lines, *table(header, body, "lrrrl"), ""]
+    return _section("A known answer", prose, columns(spec, rows))
 
 
 def _calibration(results: dict) -> list[str]:
@@ -356,151 +370,93 @@ def _calibration(results: dict) -> list[str]:
     rows = results.get("calibration", [])
     if not rows:
         return []
-    lines = ["## Is the confidence honest?", ""]
-    lines += [
+    prose = (
         "Every run says how sure it is of each layer's membership in its top 25%: the share of bootstrap resamples of "
         f"its estimator's steps that agree (`layer_confidence`; *certain* at >= {CERTAIN:.0%}; the CLI's line counts "
         f"the certain layers of the selection). A calibrated confidence means that a rerun keeps at least "
         f"{CERTAIN:.0%} of the certain layers on their side of the top 25%. Reference run: seeds 0/0; each rerun "
         "differs from it in one source of noise. Cells: the share of the group's layers that the rerun puts on the "
-        "same side (for the selected ones: that it selects too).",
-        "",
-    ]
-    groups = ("selected certain", "selected uncertain", "certain", "uncertain")
-    body = []
+        "same side (for the selected ones: that it selects too)."
+    )
+    groups, body = ("selected certain", "selected uncertain", "certain", "uncertain"), []
     for row in rows:
         counts = row["counts"]
-        counted = [str(counts[g]) for g in groups]
-        body.append([cell_text(row["estimator"]), str(row["stage1_steps"]), "(layers in the group)", *counted])
+        body.append([cell_text(row["estimator"]), str(row["stage1_steps"]), "(layers in the group)"])
+        body[-1] += [str(counts[g]) for g in groups]
         for source in ("stage2", "init", "order"):
-            body.append(["", "", source, *(f"{row[source][g]:.2f}" if counts[g] else "–" for g in groups)])
+            body.append(["", "", source, *(number(row[source][g] if counts[g] else None) for g in groups)])
     header = ["estimator", "stage-1 steps", "rerun differs in", "selected, certain", "selected, uncertain"]
     header += ["all certain", "all uncertain"]
-    lines += table(header, body, "lrlrrrr")
-    return [*lines, ""]
+    return _section("Is the confidence honest?", prose, table(header, body, "lrlrrrr"))
 
 
 def _types(results: dict) -> list[str]:
     """What each estimator's top 25% is made of, by module type (the reference run)."""
-    types = sorted({t for row in results["rows"] for t in row.get("top_types", {})})
-    lines = ["## What the top 25% is made of", "", "Layers of each module type in the top 25% of the reference run "]
-    lines[-1] += "(seeds 0/0). A top set filled by one or two types agrees between runs whatever the positions do."
-    body = [
-        [cell_text(row["estimator"]), str(row["stage1_steps"]), *(str(row["top_types"].get(t, 0)) for t in types)]
-        for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"]))
-        if "top_types" in row
-    ]
-    return [*lines, "", *table(["estimator", "stage-1 steps", *types], body, "lr" + "r" * len(types)), ""]
+    rows = _ordered([row for row in results["rows"] if "top_types" in row])
+    types = sorted({t for row in rows for t in row["top_types"]})
+    spec = [ESTIMATOR, STAGE1, *((t, "r", lambda row, t=t: str(row["top_types"].get(t, 0))) for t in types)]
+    prose = (
+        "Layers of each module type in the top 25% of the reference run (seeds 0/0). A top set filled by one or two "
+        "types agrees between runs whatever the positions do."
+    )
+    return _section("What the top 25% is made of", prose, columns(spec, rows))
 
 
 def _blocks(results: dict) -> list[str]:
     """Seed agreement at block granularity (derived exactly from the module scores, see `block_scores`)."""
-    k = top_count(0.25, results["blocks"])
-    lines = ["## Block granularity", ""]
-    lines += [
-        f"One score per transformer block ({results['blocks']} blocks; top 25% = {k} blocks; two random sets overlap "
-        f'{results["random_blocks"]:.2f}), as `granularity="block"` ranks them, derived from the module scores.',
-        "",
-    ]
-    body = []
-    for row in sorted(results["rows"], key=lambda r: (r["estimator"], r["stage1_steps"])):
-        if "blocks" in row:
-            b = row["blocks"]
-            init, order = b.get("init", b.get("seed")), b.get("order", {})
-            body.append(
-                [
-                    cell_text(row["estimator"]),
-                    str(row["stage1_steps"]),
-                    _f(init, "jaccard@0.25"),
-                    _f(order, "jaccard@0.25"),
-                    _f(b.get("stage2", {}), "jaccard@0.25"),
-                    _f(init, "spearman"),
-                    _f(order, "spearman"),
-                ]
-            )
-    header = ["estimator", "stage-1 steps", "J@25% init", "J@25% order", "J@25% stage2"]
-    header += ["Spearman init", "Spearman order"]
-    return [*lines, *table(header, body, "lrrrrrr"), ""]
+    prose = (
+        f"One score per transformer block ({results['blocks']} blocks; top 25% = {top_count(0.25, results['blocks'])} "
+        f'blocks; two random sets overlap {results["random_blocks"]:.2f}), as `granularity="block"` ranks them, '
+        "derived from the module scores."
+    )
+    measures = _agreements("J@25% init", "J@25% order", "J@25% stage2", "Spearman init", "Spearman order", of="blocks")
+    rows = _ordered([row for row in results["rows"] if "blocks" in row])
+    return _section("Block granularity", prose, columns([ESTIMATOR, STAGE1, *measures], rows))
 
 
 def _lengths(results: dict) -> list[str]:
     """Update-norm agreement along stage 1, and stop rules on the mask."""
     run = results.get("trajectory")
     if not run:
-        return ["## Stage-1 length", "", "(no stage-1 trajectories among the cells yet)", ""]
-    lines = ["## Stage-1 length, and a stop rule on the mask", ""]
-    lines += [
+        return _section("Stage-1 length", "(no stage-1 trajectories among the cells yet)")
+    along = [
+        ("stage-1 steps", "r", lambda point: str(point["step"])),
+        *_agreements("J@25% init", "J@25% order", "Spearman init", "Spearman order"),
+        *_agreements("within type init", "within type order"),
+    ]
+    rules = [
+        ("window", "r", lambda r: f"loss test: {r['loss_rule'][1]}" if "loss_rule" in r else str(r["window"])),
+        ("J", "r", lambda r: f"ε = {r['loss_rule'][0]}" if "loss_rule" in r else str(r["jaccard"])),
+        ("stop steps (init/order 0/0, 1/0, 0/1)", "l", lambda r: ", ".join(str(v) for v in r["stops"].values())),
+        *_agreements("J@25% init", "J@25% order", "Spearman init"),
+    ]
+    return _section(
+        "Stage-1 length, and a stop rule on the mask",
         f"Update-norm scores recorded every {run['every']} steps along the longest stage-1 runs (a shorter run is a "
         "prefix of a longer one: constant learning rate, same data order).",
-        "",
-    ]
-    header = ["stage-1 steps", "J@25% init", "J@25% order", "Spearman init", "Spearman order"]
-    header += ["within type init", "within type order"]
-    points = [p for p in run["points"] if p["step"] % 32 == 0 or p["step"] == 16]
-    body = [
-        [
-            str(p["step"]),
-            _f(p["init"], "jaccard@0.25"),
-            _f(p["order"], "jaccard@0.25"),
-            _f(p["init"], "spearman"),
-            _f(p["order"], "spearman"),
-            _f(p["init"], "spearman_within_type"),
-            _f(p["order"], "spearman_within_type"),
-        ]
-        for p in points
-    ]
-    lines += table(header, body, "rrrrrrr")
-    lines += [
-        "",
+        columns(along, [p for p in run["points"] if p["step"] % 32 == 0 or p["step"] == 16]),
         "A stop rule on the mask ends stage 1 at the first check whose top-25% set overlaps the set `window` steps "
         "before by at least `J`; each run stops on its own, and the runs are compared where they stopped. The last "
         "row is the paper's test on the loss (the mean loss of the last 20 steps within ε of the 20 before), "
         "compared at the first recorded check at or after its stop.",
-        "",
-    ]
-    body = []
-    for rule in run["rules"]:
-        stops = ", ".join(str(v) for v in rule["stops"].values())
-        if "loss_rule" in rule:  # compared at the first recorded check at or after the stop
-            window, threshold = f"loss test: {rule['loss_rule'][1]}", f"ε = {rule['loss_rule'][0]}"
-        else:
-            window, threshold = str(rule["window"]), str(rule["jaccard"])
-        body.append(
-            [
-                window,
-                threshold,
-                stops,
-                _f(rule["init"], "jaccard@0.25"),
-                _f(rule["order"], "jaccard@0.25"),
-                _f(rule["init"], "spearman"),
-            ]
-        )
-    header = ["window", "J", "stop steps (init/order 0/0, 1/0, 0/1)", "J@25% init", "J@25% order", "Spearman init"]
-    return [*lines, *table(header, body, "rrlrrr"), ""]
+        columns(rules, run["rules"]),
+    )
 
 
 def _cross(results: dict) -> list[str]:
-    lines = ["## Across datasets, against the seed-to-seed floor", ""]
-    body = []
-    for cross in results["cross"]:
-        same = [r for r in results["rows"] if r["estimator"] == cross["estimator"]]
-        same = [r for r in same if r["stage1_steps"] == cross["stage1_steps"] and "init" in r]
-        floor = statistics.mean([same[0]["init"]["jaccard@0.25"], same[0]["order"]["jaccard@0.25"]]) if same else None
-        shown = f"{floor:.2f}" if floor is not None else "–"
-        body.append(
-            [
-                cell_text(cross["estimator"]),
-                str(cross["stage1_steps"]),
-                f"{cross['a']} / {cross['b']}",
-                f"{cross['jaccard@0.25']:.2f}",
-                f"{cross['spearman']:.2f}",
-                shown,
-            ]
-        )
-    header = ["estimator", "stage-1 steps", "datasets", "J@25%", "Spearman", "J@25% between seeds (same data)"]
-    if not results["cross"]:
-        body = [["(no cross-dataset cells in this run: LIMA and Dolly come from ../shared)", "", "", "", "", ""]]
-    return lines + table(header, body, "lrlrrr")
+    """Each estimator's agreement between two datasets, beside its agreement between two seeds on one."""
+    spec = [
+        ESTIMATOR,
+        STAGE1,
+        ("datasets", "l", lambda c: f"{c['a']} / {c['b']}"),
+        ("J@25%", "r", lambda c: f"{c['jaccard@0.25']:.2f}"),
+        ("Spearman", "r", lambda c: f"{c['spearman']:.2f}"),
+        ("J@25% between seeds (same data)", "r", lambda c: number(_floor(results, c["estimator"], c["stage1_steps"]))),
+    ]
+    lines = columns(spec, results["cross"])
+    if not results["cross"]:  # one row that says why the table is empty
+        lines.append(f"| (no cross-dataset cells in this run: LIMA and Dolly come from ../shared) |{'  |' * 5}")
+    return _section("Across datasets, against the seed-to-seed floor", lines)
 
 
 COSTS = {  # row key -> x-axis label of the frontier's panels
@@ -522,18 +478,12 @@ def frontier(path: Path, results: dict) -> None:
     fig, axes = plt.subplots(1, len(COSTS), figsize=(15, 4), sharey=True)
     for ax, (cost, label) in zip(axes, COSTS.items(), strict=True):
         for name in dict.fromkeys(r["estimator"] for r in results["rows"]):
-            rows = [r for r in results["rows"] if r["estimator"] == name and cost in r]
-            rows.sort(key=lambda r: r["stage1_steps"])  # a line joins the stage-1 lengths in order
-            right = share.get(name, 0) >= RIGHT
-            tag = "" if right else " (not right on the planted task)"
-            ax.plot(
-                [r[cost] for r in rows],
-                [_worst(r) for r in rows],
-                marker="o",
-                fillstyle="full" if right else "none",
-                linestyle="-" if right else "--",
-                label=name + tag,
-            )
+            rows = [r for r in _ordered(results["rows"]) if r["estimator"] == name and cost in r]  # by stage-1 length
+            if share.get(name, 0) >= RIGHT:
+                style = dict(fillstyle="full", linestyle="-", label=name)
+            else:
+                style = dict(fillstyle="none", linestyle="--", label=f"{name} (not right on the planted task)")
+            ax.plot([r[cost] for r in rows], [_worst(r) for r in rows], marker="o", **style)
         ax.axhline(results["random"]["jaccard@0.25"], color="grey", linestyle=":", label="random sets")
         ax.set_xlabel(label)
     axes[0].set_ylabel("top-25% Jaccard between seeds (worst source)")
