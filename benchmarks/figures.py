@@ -96,13 +96,17 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, WIDTH, break_long_words=False, break_on_hyphens=False)
 
 
+def _machine(record: dict) -> str:
+    """Where a recorded run ran, as "a 2-core machine without GPU" (`record`: `peft_ila.app.report.machine`)."""
+    where = "without GPU" if record.get("gpu") is None else f"with {record['gpu']}"
+    return f"a {record['cpu_count']}-core machine {where}"
+
+
 def demo(root: Path) -> str:
     """The recorded demo run (`docs/demo/`: demo.json, importance.json, training.json): time, costs, losses."""
     folder = root / "docs" / "demo"
     run, record, training = (_json(folder / name) for name in ("demo.json", "importance.json", "training.json"))
-    machine, selected = run["machine"], record["selected"]
-    stage1, stage2 = record["costs"]["stage1"], record["costs"]["stage2"]
-    where = "without GPU" if machine.get("gpu") is None else f"with {machine['gpu']}"
+    selected, stage1, stage2 = record["selected"], record["costs"]["stage1"], record["costs"]["stage2"]
     sure = ""
     if record.get("confidence"):  # as the CLI prints it (`peft_ila.app.report.confidence_line`)
         certain = sum(record["confidence"][name] >= CERTAIN for name in selected)
@@ -114,7 +118,7 @@ def demo(root: Path) -> str:
     before, after, reload = (run[f"held_out_loss_{key}"] for key in ("before", "after", "after_reload"))
     layers = f"the top {len(selected)} of {len(record['candidates'])} layers"
     return _wrap(
-        f"On a {machine['cpu_count']}-core machine {where} the recorded run (`docs/demo/`, written by "
+        f"On {_machine(run['machine'])} the recorded run (`docs/demo/`, written by "
         f"`make demo-docs`) took **{run['seconds']:.0f} s** for the demo itself: identification {identification}"
         f"{sure}, fine-tuning {training['steps']} steps on {layers} at a median "
         f"{training['median_step_seconds']:.2f} s/step, held-out loss **{before:.4f} -> {after:.4f}** ({reload:.4f} "
@@ -177,9 +181,7 @@ def headline(root: Path) -> str:
 def versus(root: Path) -> str:
     """The recorded `peft-ila versus` run's answer (`docs/versus/versus.json`) and its budget."""
     results = _json(root / "docs" / "versus" / "versus.json")
-    machine = results["machine"]
-    where = "without GPU" if machine.get("gpu") is None else f"with {machine['gpu']}"
-    return _wrap(f"> {results['answer']} (`{results['command']}`, on a {machine['cpu_count']}-core machine {where}.)")
+    return _wrap(f"> {results['answer']} (`{results['command']}`, on {_machine(results['machine'])}.)")
 
 
 REGIONS: dict[str, Callable[[Path], str]] = {"demo": demo, "versus": versus, "headline": headline}

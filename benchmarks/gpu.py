@@ -5,10 +5,10 @@
 
 Models of real shapes are built with random weights (step time and memory do not depend on the values) in bf16 on
 the device, fed random tokens. For each shape, with and without gradient checkpointing, every method trains side by
-side in one process, a few AdamW steps each in turn per round: seconds per step, tokens per second, and the peak
-CUDA memory allocated above the loaded model. Identification's two stages are timed the same way (the probe state:
-adapters on every candidate; then its gates), and its wall time at the library's default budget is projected from
-them (stage-1 steps x a stage-1 step + stage-2 steps x a stage-2 step, labelled as projected).
+side in one process (the library's `side_by_side` of `train_briefly`: a few AdamW steps each in turn per round):
+seconds per step, tokens per second, and the peak CUDA memory allocated above the loaded model. Identification's two
+stages are timed the same way (the probe state: adapters on every candidate; then only its gates), and its wall time
+at the library's default budget is projected from them (and labelled as projected).
 
 ILA's selections here are not found on these random weights (they would mean nothing): the ranking of ILA's mask
 on alpaca for SmolLM2-135M (the grid's cell) is carried over by relative depth, which is what step time and memory
@@ -20,22 +20,22 @@ short keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.core.page import table
+from benchmarks.core.page import Column, columns, number
+from benchmarks.core.recipes import side_by_side, train_briefly
 from peft_ila import ILAConfig, LayerSampler, LayerwiseConfig, resolve_top_k
 from peft_ila.app.files import write_json
+from peft_ila.app.judge import ratio
 from peft_ila.app.models import enable_activation_checkpointing
 from peft_ila.app.report import machine
 from peft_ila.tuner.atomic import written_atomically
@@ -47,7 +47,12 @@ SHAPES = {  # the configs' shapes (hidden, MLP, blocks, heads, key-value heads, 
     "llama-3.1-8b": dict(hidden=4096, mlp=14336, blocks=32, heads=32, kv=8, vocab=128256, tied=False),
     "tiny": dict(hidden=64, mlp=128, blocks=4, heads=4, kv=2, vocab=256, tied=True),
 }
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA = dict(  # a shape's names -> LlamaConfig's
+    hidden="hidden_size", mlp="intermediate_size", blocks="num_hidden_layers", heads="num_attention_heads",
+    kv="num_key_value_heads", vocab="vocab_size", tied="tie_word_embeddings",
+)  # fmt: skip
+KINDS = [("self_attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+KINDS += [("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")]  # a block's candidates: (module, projection)
 METHODS = ("lora-all", "ila-25", "ila-75", "last-25", "lisa", "probe-stage1", "probe-stage2")
 ADAPTER, LR, LISA = dict(r=8, lora_alpha=16), 1e-4, dict(active=2, interval=1)  # LISA re-drawn every step here
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # a user's dtype on a GPU; the smoke run's on a CPU
@@ -55,17 +60,8 @@ SOURCE_MASK = ROOT / "benchmarks" / "results" / "grid" / "full" / "mask-e4f94778
 
 
 def build(shape: dict, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """A Llama of `shape` with random weights, in `dtype` on `device`."""
-    config = LlamaConfig(
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["mlp"],
-        num_hidden_layers=shape["blocks"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv"],
-        vocab_size=shape["vocab"],
-        tie_word_embeddings=shape["tied"],
-        use_cache=False,
-    )
+    """A Llama of `shape` with random weights, in `dtype` on `device`, frozen."""
+    config = LlamaConfig(**{LLAMA[k]: v for k, v in shape.items()}, use_cache=False)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in `dtype` at once: an 8B model never exists in float32
     try:
@@ -73,8 +69,14 @@ def build(shape: dict, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    model.requires_grad_(False)
-    return model
+    return model.requires_grad_(False)
+
+
+def random_batch(vocab: int, size: int, length: int) -> dict[str, torch.Tensor]:
+    """`size` sequences of `length` random tokens (seed 0), each its own labels: input_ids, attention_mask and labels,
+    each (size, length)."""
+    ids = torch.randint(0, vocab, (size, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
 def carried_ranking(source: list[str], blocks: int) -> list[str]:
@@ -82,125 +84,76 @@ def carried_ranking(source: list[str], blocks: int) -> list[str]:
     to the same projection at the same relative depth (the first time that layer comes up), the rest after it in
     model order."""
     source_blocks = 1 + max(int(name.split(".")[2]) for name in source)
-    ranking: list[str] = []
-    for name in source:
-        _, _, index, _, projection = name.split(".")
-        mapped = f"model.layers.{int(index) * blocks // source_blocks}.{name.split('.', 3)[3]}"
-        if projection in PROJECTIONS and mapped not in ranking:
-            ranking.append(mapped)
-    every = [f"model.layers.{i}.{kind}.{p}" for i in range(blocks) for kind, p in _kinds()]
+    every = [f"model.layers.{i}.{kind}.{p}" for i in range(blocks) for kind, p in KINDS]
+    mapped = (name.split(".", 3) for name in source)  # ["model", "layers", block, "<module>.<projection>"]
+    ranking = dict.fromkeys(f"model.layers.{int(i) * blocks // source_blocks}.{rest}" for _, _, i, rest in mapped)
+    ranking = [name for name in ranking if name in every]
     return ranking + [name for name in every if name not in ranking]
 
 
-def _kinds() -> list[tuple[str, str]]:
-    return [("self_attn", p) for p in PROJECTIONS[:4]] + [("mlp", p) for p in PROJECTIONS[4:]]
-
-
-def prepared(model: torch.nn.Module, method: str, ranking: list[str], blocks: int):
-    """(the model to train, its parameters or a layerwise sampler) for `method`; `unwrap(model)` undoes it."""
-    k = lambda share: resolve_top_k(share, len(ranking))  # noqa: E731
+def prepared(model: LlamaForCausalLM, method: str, ranking: list[str]) -> tuple[torch.nn.Module, LayerSampler | None]:
+    """(the model to train, a layerwise sampler or None) for `method`, from the frozen base `model`."""
+    if method == "lisa":
+        return model, LayerSampler(block_groups(model, ranking), LayerwiseConfig(**LISA))
     if method == "lora-all":
         return get_peft_model(model, LoraConfig(target_modules="all-linear", **ADAPTER)), None
+    blocks = model.config.num_hidden_layers
+    layers = None  # the probe state (probe-stage1, probe-stage2): adapters on every candidate
     if method in ("ila-25", "ila-75"):
-        layers = ranking[: k(0.25 if method == "ila-25" else 0.75)]
-        return get_peft_model(model, ILAConfig(selected_layers=layers, **ADAPTER)), None
-    if method == "last-25":
-        last = [f"model.layers.{i}" for i in range(blocks - max(1, blocks // 4), blocks)]
-        layers = [name for name in ranking if name.rsplit(".", 2)[0] in last]
-        return get_peft_model(model, ILAConfig(selected_layers=layers, **ADAPTER)), None
-    if method == "lisa":
-        groups = block_groups(model, ranking)
-        return model, LayerSampler(groups, LayerwiseConfig(**LISA))
-    return get_peft_model(model, ILAConfig(**ADAPTER)), None  # the probe state: adapters on every candidate
+        layers = ranking[: resolve_top_k(int(method[4:]) / 100, len(ranking))]
+    if method == "last-25":  # the blocks of the last quarter
+        layers = [name for name in ranking if int(name.split(".")[2]) >= blocks - max(1, blocks // 4)]
+    return get_peft_model(model, ILAConfig(selected_layers=layers, **ADAPTER)), None
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The base model again, its adapters removed (or, after LISA, its weights frozen)."""
-    base = model.unload() if hasattr(model, "unload") else model
+def trained(
+    model: LlamaForCausalLM, method: str, ranking: list[str], batch: dict, steps: int, round_: int
+) -> tuple[list[float], float]:
+    """`train_briefly` of `method` on `model` for `steps` steps of one `batch` (stage 2: the probe's gates): its step
+    seconds and memory rise (MB); `model` is left as it was."""
+    wrapped, sampler = prepared(model, method, ranking)
+    if method == "probe-stage2":  # ILA's stage 2 on the probe: only the gate logits train
+        with wrapped.base_model.gate_stage() as bank:
+            took = train_briefly(wrapped, [batch], steps, LR, params=[bank.logits])
+    else:
+        took = train_briefly(wrapped, [batch], steps, LR, sampler=sampler)
+    base = wrapped.unload() if hasattr(wrapped, "unload") else wrapped  # `model` again, without adapters
     base.requires_grad_(False)
-    return base
-
-
-def timed_steps(model, method: str, sampler, batch: dict, steps: int) -> tuple[list[float], float | None]:
-    """`steps` AdamW steps on one batch: the seconds of each after the first, and the peak device memory allocated
-    above what was allocated before (MB; None off CUDA)."""
-    cuda = batch["input_ids"].is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    params = sampler.parameters() if sampler else [p for p in model.parameters() if p.requires_grad]
-    if sampler:
-        sampler.train_only_groups(model)
-    optimizer = torch.optim.AdamW(params, lr=LR)
-    seconds = []
-    with model.base_model.gate_stage() if method == "probe-stage2" else contextlib.nullcontext():
-        for step in range(steps):
-            if sampler:
-                sampler.at_step(step, optimizer)
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else None
-    del optimizer
-    return seconds[1:], peak
+    return took
 
 
 def measure(name: str, args: argparse.Namespace, ranking_source: list[str]) -> dict:
     """Every method on shape `name`, with and without gradient checkpointing, side by side."""
-    shape = SHAPES[name]
-    model = build(shape, args.device, DTYPE[args.device.split(":")[0]])
+    shape, dtype = SHAPES[name], DTYPE[args.device.split(":")[0]]
+    model = build(shape, args.device, dtype)
     ranking = carried_ranking(ranking_source, shape["blocks"])
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, shape["vocab"], (args.batch, args.length), generator=generator).to(args.device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    rows = []
+    batch = {k: tensor.to(args.device) for k, tensor in random_batch(shape["vocab"], args.batch, args.length).items()}
+    cuda, rows = args.device.startswith("cuda"), []
     for checkpointing in (False, True):
         if checkpointing:
             enable_activation_checkpointing(model, use_reentrant=False)
-        took: dict[str, list[float]] = {m: [] for m in METHODS}
-        peaks: dict[str, list[float]] = {m: [] for m in METHODS}
-        for _ in range(args.rounds):
-            for method in METHODS:
-                wrapped, sampler = prepared(model, method, ranking, shape["blocks"])
-                seconds, peak = timed_steps(wrapped, method, sampler, batch, args.steps)
-                model = unwrap(wrapped)
-                took[method] += seconds
-                peaks[method].append(peak)
-        for method in METHODS:
-            step = statistics.mean(took[method])
-            peak = None if None in peaks[method] else max(peaks[method])
+        runs = {method: partial(trained, model, method, ranking, batch, args.steps) for method in METHODS}
+        for method, took in side_by_side(runs, args.rounds).items():
+            step, peak = took["step_seconds"], took["memory_rise_mb"] if cuda else None  # no CUDA memory on a CPU
             row = {"method": method, "checkpointing": checkpointing, "step_seconds": step, "peak_mb": peak}
             rows.append({**row, "tokens_per_second": args.batch * args.length / step})
         model.gradient_checkpointing_disable()
-    defaults = ILAConfig()
     params = sum(p.numel() for p in model.parameters())
     del model
-    if args.device.startswith("cuda"):
+    if cuda:
         torch.cuda.empty_cache()
-    dtype = str(DTYPE[args.device.split(":")[0]]).removeprefix("torch.")
-    return {
-        "shape": name,
-        **shape,
-        "parameters": params,
-        "dtype": dtype,
-        "rows": rows,
-        "budget": projected(rows, defaults),
-    }
+    dtype = str(dtype).removeprefix("torch.")
+    return {"shape": name, **shape, "parameters": params, "dtype": dtype, "rows": rows, "budget": projected(rows)}
 
 
-def projected(rows: list[dict], defaults: ILAConfig) -> dict:
+def projected(rows: list[dict]) -> dict:
     """Identification's wall time at the library's default budget, projected from the timed stage steps (without
     gradient checkpointing)."""
     step = {r["method"]: r["step_seconds"] for r in rows if not r["checkpointing"]}
+    defaults = ILAConfig()
     seconds = defaults.stage1_max_steps * step["probe-stage1"] + defaults.stage2_steps * step["probe-stage2"]
-    lora_steps = seconds / step["lora-all"]
     budget = {"stage1": defaults.stage1_max_steps, "stage2": defaults.stage2_steps}
-    return {**budget, "seconds": seconds, "lora_all_steps": lora_steps}
+    return {**budget, "seconds": seconds, "lora_all_steps": seconds / step["lora-all"]}
 
 
 def page(results: dict) -> str:
@@ -213,24 +166,35 @@ def page(results: dict) -> str:
         "",
     ]
     for shape in results["shapes"]:
-        lora = {r["checkpointing"]: r for r in shape["rows"] if r["method"] == "lora-all"}
-        body = []
-        for r in shape["rows"]:
-            base = lora[r["checkpointing"]]
-            peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:,.0f} ({r['peak_mb'] / base['peak_mb']:.2f}x)"
-            ratio = f"{r['step_seconds'] / base['step_seconds']:.2f}"
-            speed = [f"{r['step_seconds']:.3f}", ratio, f"{r['tokens_per_second']:,.0f}"]
-            body.append([r["method"], "yes" if r["checkpointing"] else "no", *speed, peak])
         budget = shape["budget"]
-        head = ["method", "checkpointing", "s/step", "x LoRA-all", "tokens/s", "peak MB above the model (x LoRA-all)"]
         lines += [f"## {shape['shape']} ({shape['parameters']:,} parameters, {shape['dtype']})", ""]
-        lines += [*table(head, body, "llrrrr"), ""]
+        lines += [*columns(shape_columns(shape["rows"]), shape["rows"]), ""]
         lines += [
             f"Identification at the default budget ({budget['stage1']} + {budget['stage2']} steps), projected: "
             f"{budget['seconds']:.0f} s, {budget['lora_all_steps']:.0f} LoRA-all steps.",
             "",
         ]
     return "\n".join([*lines, *trainer_section(results.get("trainer"))]) + "\n"
+
+
+def shape_columns(rows: list[dict]) -> list[Column]:
+    """A shape's table: each method's step time, speed and memory, also in units of LoRA-all's (same checkpointing)."""
+    lora = {r["checkpointing"]: r for r in rows if r["method"] == "lora-all"}
+
+    def x_lora(row: dict, key: str) -> str:
+        return number(ratio(row[key], lora[row["checkpointing"]][key]))
+
+    def peak(row: dict) -> str:
+        return "" if row["peak_mb"] is None else f"{row['peak_mb']:,.0f} ({x_lora(row, 'peak_mb')}x)"
+
+    return [
+        ("method", "l", lambda r: r["method"]),
+        ("checkpointing", "l", lambda r: "yes" if r["checkpointing"] else "no"),
+        ("s/step", "r", lambda r: f"{r['step_seconds']:.3f}"),
+        ("x LoRA-all", "r", lambda r: x_lora(r, "step_seconds")),
+        ("tokens/s", "r", lambda r: f"{r['tokens_per_second']:,.0f}"),
+        ("peak MB above the model (x LoRA-all)", "r", peak),
+    ]
 
 
 def trainer_section(record: dict | None) -> list[str]:
@@ -289,9 +253,8 @@ def trainer_under_fsdp2(shape: str, device: str, out: Path) -> dict:
     this process's accelerator state must not leak into it); its record, or the error's last lines."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     command += ["-m", "benchmarks.gpu_trainer", "--shape", shape, "--device", device, "--out", str(out)]
-    done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"shape": shape, "error": done.stderr[-3000:]}
     return json.loads((out / "trainer.json").read_text())

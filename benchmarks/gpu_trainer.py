@@ -20,21 +20,19 @@ from peft import PeftModel, get_peft_model
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from benchmarks.gpu import ADAPTER, DTYPE, SHAPES, build
+from benchmarks.gpu import ADAPTER, DTYPE, SHAPES, build, random_batch
 from peft_ila import ILACallback, ILAConfig
 from peft_ila.app.files import write_json
 
 BUDGET = dict(top_k=0.25, stage1_max_steps=8, stability_window=2, stage2_steps=4)  # small: the path, not the scores
 FSDP2 = {"version": 2, "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}  # both spellings
-
-
-def random_examples(vocab: int, length: int, n: int) -> list[dict]:
-    ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
-    return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
+TRAINING = dict(max_steps=4, per_device_train_batch_size=2, learning_rate=1e-4, logging_steps=1)
+QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True)  # nothing but what `run` saves itself
 
 
 def fresh_base(shape: dict, device: str) -> torch.nn.Module:
-    torch.manual_seed(0)  # the same random weights every time
+    """A Llama of `shape` with the same random weights every time."""
+    torch.manual_seed(0)
     return build(shape, device, DTYPE[device])
 
 
@@ -43,26 +41,16 @@ def run(shape_name: str, device: str, length: int, out: Path) -> dict:
     shape = SHAPES[shape_name]
     probe = get_peft_model(fresh_base(shape, device), ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **BUDGET))
     cuda = device == "cuda"
-    args = TrainingArguments(
-        str(out / "trainer"),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=1e-4,
-        bf16=cuda,
-        use_cpu=not cuda,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        **({"fsdp": "full_shard", "fsdp_config": FSDP2} if cuda else {}),
-    )
-    data = random_examples(shape["vocab"], length, 32)
+    fsdp = {"fsdp": "full_shard", "fsdp_config": FSDP2} if cuda else {}
+    args = TrainingArguments(str(out / "trainer"), **TRAINING, **QUIET, bf16=cuda, use_cpu=not cuda, **fsdp)
+    batch = random_batch(shape["vocab"], 32, length)
+    data = [{key: tensor[i] for key, tensor in batch.items()} for i in range(32)]
     trainer = Trainer(probe, args, train_dataset=data, data_collator=default_data_collator)
     callback = ILACallback(trainer)
     trainer.add_callback(callback)
     trainer.train()
     model = trainer.model
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())  # FSDP2's parameters are DTensors
     trainer.save_model(str(out / "adapter"))  # FULL_STATE_DICT: gathered, written by the main process
     ids = data[0]["input_ids"][None].to(device)
     with torch.no_grad():

@@ -79,7 +79,8 @@ PRESETS = {
     ),
     "quick": dict(
         grid="quick",
-        rates={"lora": (1e-3, 3e-3), "sampled": (1e-4, 3e-4), "full": (1e-4,)},
+        # LoRA at the grid's rate, so that its LoRA-all and ILA cells serve; the sampled family's sweep is extended
+        rates={"lora": (1e-3,), "sampled": (1e-4, 3e-4), "full": (1e-4,)},
         seeds=[0, 1],
         other_seeds=[0],
         equal_time_seeds=[0],

@@ -26,13 +26,8 @@ def add_inputs(parser: argparse.ArgumentParser, presets: dict) -> None:
     parser.add_argument("--preset", choices=sorted(presets), default="quick")
     parser.add_argument("--model", default="smollm2", help="as for peft-ila (default: %(default)s)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, the first is the primary")
-    parser.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="NAME=FILE",
-        help="use FILE for dataset NAME, split like alpaca (the smoke tests use tiny files)",
-    )
+    data_help = "use FILE for dataset NAME, split like alpaca (the smoke tests use tiny files)"
+    parser.add_argument("--data", action="append", default=[], metavar="NAME=FILE", help=data_help)
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared data folder")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
 
@@ -102,16 +97,9 @@ class Inputs:
         """Dataset `name` prepared anew with a model of its own (loaded as `quantize` says), for a study that
         changes the model it trains."""
         data, eval_data = dataset_files(self.args, name)
-        shape = self.shape
+        shape = {key: self.shape[key] for key in ("max_length", "eval_size")}
         prepared = prepare(
-            self.args.model,
-            data,
-            shape["max_length"],
-            "truncate",
-            shape["eval_size"],
-            0,
-            eval_data=eval_data,
-            quantize=quantize,
+            self.args.model, data, **shape, overlong="truncate", seed=0, eval_data=eval_data, quantize=quantize
         )
         limit = self.train_limit.get(name)
         if limit is not None and len(prepared.train) > limit:
