@@ -52,17 +52,18 @@ bench: $(BIN)/.knowledge  # the grid: benchmarks/GRID.md
 
 # smoke-sized, on the real model: every path of the grid (cells, resume, equal wall time, forgetting, cost-aware
 # selection, overhead) and of the modes study (every training mode, the sweep, equal wall time, the long regime) into
-# benchmarks/results/<study>/quick/ (their pages are there too); and `peft-ila versus` (its page in
-# benchmarks/results/versus/quick/)
+# benchmarks/results/<study>/quick/ (their pages are there too), on alpaca and LIMA (a third dataset adds no path);
+# and `peft-ila versus` (its page in benchmarks/results/versus/quick/)
+QUICK = --preset quick --datasets alpaca,lima
 bench-quick: $(BIN)/.knowledge
-	$(BIN)/python -m benchmarks.grid --preset quick
-	$(BIN)/python -m benchmarks.modes --preset quick
-	$(BIN)/python -m benchmarks.grid --preset quick --existing-only  # every cell read back, none computed
-	$(BIN)/python -m benchmarks.modes --preset quick --existing-only
+	$(BIN)/python -m benchmarks.grid $(QUICK)
+	$(BIN)/python -m benchmarks.modes $(QUICK)
+	$(BIN)/python -m benchmarks.grid $(QUICK) --existing-only  # every cell read back, none computed
+	$(BIN)/python -m benchmarks.modes $(QUICK) --existing-only
 	$(BIN)/peft-ila versus $(VERSUS_QUICK) --overwrite  # every default mode, 2 seeds, a few steps
 	$(BIN)/peft-ila versus $(VERSUS_QUICK)  # continued: every run read back, none computed
-VERSUS_QUICK = --steps 4 --stage1-max-steps 2 --stage2-steps 1 --seeds 2 --max-length 64 --eval-size 8 \
-	--reference alpaca_en_demo --reference-size 4 --evals 2 --timing-steps 2 --no-progress \
+VERSUS_QUICK = --steps 4 --stage1-max-steps 2 --stage2-steps 1 --seeds 2 --max-length 48 --batch-size 2 \
+	--eval-size 4 --reference alpaca_en_demo --reference-size 4 --evals 2 --timing-steps 2 --no-progress \
 	--out benchmarks/results/versus/quick
 
 bench-modes: $(BIN)/.knowledge  # the training modes against LoRA-all: benchmarks/MODES.md

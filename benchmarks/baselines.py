@@ -2,7 +2,8 @@
 
 Data-free: random, first/last blocks, KappaTune (condition number), Spectrum-style signal-to-noise ratio.
 Data-driven and cheap: adapter gradient norm over a few steps, the first-order score of a gradient step on each
-layer's own weight (no training), ||B A|| after ILA's stage 1 (no stage 2).
+layer's own weight (no training). (||B A|| after ILA's stage 1, with no stage 2, is the library's own `update-norm`
+estimator, not a baseline here.)
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ answers that falls is forgetting too. Cells (`benchmarks/results/grid/<preset>/`
 - `timing-*`: every selection of a dataset's first seed trained side by side in one process, a few steps each in
   turn: the step time and memory that cost ratios are taken from (fine-tunes hours apart run on a machine whose
   speed drifts).
-Writes `grid.json` and the page `GRID.md` (`grid_page.py`: the tables; `grid_findings.py`: the findings, each with
-its rule); a preset other than full writes its page beside its cells. The study stands on `benchmarks/core`.
+Writes `grid.json` and the page `GRID.md` (`grid_report.py`: the findings, each with its rule, and the tables); a
+preset other than full writes its page beside its cells. The study stands on `benchmarks/core`.
 """
 
 from __future__ import annotations
@@ -31,20 +31,20 @@ import argparse
 import copy
 import hashlib
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from statistics import median
 
 import torch
 from peft import get_peft_model
 
-from benchmarks import baselines, grid_findings, grid_page, knowledge
+from benchmarks import baselines, grid_report, knowledge
 from benchmarks.core.cells import Missing, Study
 from benchmarks.core.inputs import Inputs
 from benchmarks.core.page import Finding
 from benchmarks.core.recipes import default_identification, default_probe, train_briefly
-from benchmarks.grid_findings import TRANSFER, TRANSFER_FROM, early_stage1
+from benchmarks.grid_report import TRANSFER, TRANSFER_FROM, early_stage1
 from peft_ila import ILAConfig, Selection, resolve_top_k
 from peft_ila.app.pipeline import finetune, lora_all_layers
 from peft_ila.identification.cost import StepCost, measure_step_cost, within_budget
@@ -135,6 +135,11 @@ def method_name(selector: str, share: float) -> str:
     return NAMES[selector].format(share=share)
 
 
+def described(selector: str, share: float) -> dict:
+    """A selection as the results name it: its selector, share and what the page calls it."""
+    return {"selector": selector, "share": share, "method": method_name(selector, share)}
+
+
 class Grid(Study):
     """The grid's cells: datasets loaded once (one base model), cells computed when missing."""
 
@@ -164,6 +169,10 @@ class Grid(Study):
         """At least `epochs` epochs and `min_steps` optimizer steps."""
         epoch = math.ceil(len(self.data[name].train) / self.p["batch_size"])
         return max(self.p["min_steps"], self.p["epochs"] * epoch)
+
+    def probe(self) -> torch.nn.Module:
+        """A copy of the base model as ILA's probe state: adapters on every candidate."""
+        return get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
 
     def held_out_loss(self, model: torch.nn.Module, name: str) -> float:
         return evaluate_loss(model, self.data.batches(name, 0, held_out=True))
@@ -200,8 +209,7 @@ class Grid(Study):
         settings = {**self.identity(name), **ADAPTER, **COST}
 
         def compute(stem: Path) -> dict:
-            probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
-            batch = next(iter(self.data.batches(name, 0)))
+            probe, batch = self.probe(), next(iter(self.data.batches(name, 0)))
             start = time.perf_counter()
             cost = measure_step_cost(probe, batch, **COST)
             return {"cost": cost.to_json(), "seconds": time.perf_counter() - start}
@@ -217,11 +225,10 @@ class Grid(Study):
     def tune(self, name: str, selector: str, share: float, seed: int) -> dict:
         """A fine-tune on dataset `name` of the layers `selector` picks (a `share` of the candidates), with `seed`
         (adapter initialisation, data order, a random selector's draw)."""
-        others = [other for other in self.data.names if other != name]
         steps = self.equal_time_steps(name, seed) if selector == "all-time" else self.steps(name)
-        settings = {**self.identity(name), "steps": steps, "lr": LR, **ADAPTER}
-        settings.update(selector=selector, share=share, seed=seed, others={o: self.identity(o) for o in others})
-        settings["knowledge"] = self.knowledge_identity
+        others = {other: self.identity(other) for other in self.data.names if other != name}
+        settings = {**self.identity(name), "steps": steps, "lr": LR, **ADAPTER, "selector": selector, "share": share}
+        settings.update(seed=seed, others=others, knowledge=self.knowledge_identity)
         if selector.startswith("ila"):
             settings["mask"] = self.mask(name)["settings"]
         if selector.startswith("ila@"):
@@ -243,22 +250,14 @@ class Grid(Study):
         """`model` fine-tuned on dataset `name` (`finetune`: `steps` steps at `lr`, data order `seed`, and `how`,
         e.g. a layerwise `sampler`) and judged: what the fine-tune reports, its held-out loss on the other datasets
         and its share of right answers to the general-knowledge questions."""
+        before, batch_size = self.base_loss(name)["loss"], self.p["batch_size"]
         report = finetune(
-            model,
-            self.data[name],
-            steps,
-            lr,
-            self.p["batch_size"],
-            seed,
-            progress=self.args.progress,
-            loss_before=self.base_loss(name)["loss"],
-            **how,
+            model, self.data[name], steps, lr, batch_size, seed, progress=self.args.progress, loss_before=before, **how
         )
-        others = [other for other in self.data.names if other != name]
         return {
             **{k: v for k, v in asdict(report).items() if k != "losses"},
             "losses": report.losses,
-            "others_after": {other: self.held_out_loss(model, other) for other in others},
+            "others_after": {other: self.held_out_loss(model, other) for other in self.data.names if other != name},
             "knowledge_after": self.knowledge(model),
         }
 
@@ -281,11 +280,9 @@ class Grid(Study):
                     seconds[index] += took
                     rises[index].append(rise)
             rows = [
-                {"selector": selector, "share": share, "method": method_name(selector, share)}
-                for selector, share in methods
+                {**described(*method), "median_step_seconds": median(took), "memory_rise_mb": median(rise)}
+                for method, took, rise in zip(methods, seconds, rises, strict=True)
             ]
-            for row, took, rise in zip(rows, seconds, rises, strict=True):
-                row.update(median_step_seconds=statistics.median(took), memory_rise_mb=statistics.median(rise))
             return {"rows": rows}
 
         return self.cell("timing", settings, compute)
@@ -297,19 +294,17 @@ class Grid(Study):
         settings = {**self.identity(name), **ADAPTER, "batches": OVERHEAD_BATCHES, "mask": self.mask(name)["settings"]}
 
         def compute(stem: Path) -> dict:
-            batches = list(self.data.batches(name, 0))[: OVERHEAD_BATCHES + 1]
-            probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
+            batches, probe = list(self.data.batches(name, 0))[: OVERHEAD_BATCHES + 1], self.probe()
             with probe.base_model.gate_stage():
-                stage2 = forward_backward_seconds(probe, batches)
-            top = Selection.from_json(self.mask(name)["selection"]).top(resolve_top_k(0.25, len(self.candidates)))
-            selected = self.adapted(name, list(top.selected))
+                stage2 = median_seconds(probe, batches, backward=True)
+            selected = self.adapted(name, self.select(name, "ila", 0.25, 0))
             return {
-                "lora_all": forward_backward_seconds(self.adapted(name, None), batches),
-                "probe_stage1": forward_backward_seconds(probe, batches),
+                "lora_all": median_seconds(self.adapted(name, None), batches, backward=True),
+                "probe_stage1": median_seconds(probe, batches, backward=True),
                 "probe_stage2": stage2,
-                "base": inference_seconds(self.base, batches),
-                "ila_top25": inference_seconds(selected, batches),
-                "ila_top25_merged": inference_seconds(selected.merge_and_unload(), batches),
+                "base": median_seconds(self.base, batches, backward=False),
+                "ila_top25": median_seconds(selected, batches, backward=False),
+                "ila_top25_merged": median_seconds(selected.merge_and_unload(), batches, backward=False),
             }
 
         return self.cell("overhead", settings, compute)
@@ -338,8 +333,7 @@ class Grid(Study):
         if selector == "first-order":
             return baselines.first_order_layers(self.base, self.candidates, batches, self.p["gradnorm"], k)
         if selector == "gradient-norm":
-            probe = get_peft_model(copy.deepcopy(self.base), ILAConfig(task_type="CAUSAL_LM", **ADAPTER))
-            return baselines.gradnorm_layers(probe, batches, self.p["gradnorm"], k, LR)
+            return baselines.gradnorm_layers(self.probe(), batches, self.p["gradnorm"], k, LR)
         raise ValueError(f"unknown selector {selector!r}")
 
     def adapted(self, name: str, layers: list[str] | None) -> torch.nn.Module:
@@ -353,33 +347,28 @@ class Grid(Study):
     def run(self) -> dict:
         names, seeds = self.data.names, self.p["seeds"]
         results = {"datasets": names, "settings": settings(self), "base": {}, "masks": [], "tunes": [], "timing": {}}
-        knows = self.collect("the base model's general knowledge", self.base_knowledge)
-        if knows is not None:
+        if knows := self.collect("the base model's general knowledge", self.base_knowledge):
             results["base_knowledge"] = knows["accuracy"]
         for name in names:  # first: every fine-tune's forgetting is judged against them
-            base = self.collect(f"{name}: the base model's held-out loss", self.base_loss, name)
-            if base is not None:
+            if base := self.collect(f"{name}: the base model's held-out loss", self.base_loss, name):
                 results["base"][name] = base["loss"]
         jobs = plan(names, seeds, self.p["stage1"], self.p["budgets"])
         for job in jobs:
             self.collect(job.label(), self.job, job, jobs, results)
         for name in names:  # computed with the first fine-tune that needs it
-            mask = self.collect(f"{name}: ILA's mask", self.mask, name)
-            if mask is not None:
+            if mask := self.collect(f"{name}: ILA's mask", self.mask, name):
                 results["masks"].append(mask_row(name, mask))
-        cost = self.collect(f"{names[0]}: step-cost model", self.cost, names[0])
-        if cost is not None:
+        if cost := self.collect(f"{names[0]}: step-cost model", self.cost, names[0]):
             results["cost"] = {key: cost[key] for key in ("cost", "seconds")}
-        overhead = self.collect(f"{names[0]}: ILA's overhead", self.overhead, names[0])
-        if overhead is not None:
+        if overhead := self.collect(f"{names[0]}: ILA's overhead", self.overhead, names[0]):
             results["overhead"] = {k: v for k, v in overhead.items() if k not in ("kind", "settings")}
         return results
 
     def findings(self, results: dict) -> list[Finding]:
-        return grid_findings.findings(results)
+        return grid_report.findings(results)
 
     def page(self, results: dict) -> str:
-        return grid_page.page(results)
+        return grid_report.page(results)
 
     def job(self, job: Job, jobs: list[Job], results: dict) -> None:
         """Job `job` of the plan `jobs`, its outcome added to `results` (`Missing` when a cell is)."""
@@ -391,39 +380,25 @@ class Grid(Study):
         if job.selector == "mask":
             results["masks"].append(mask_row(job.dataset, self.mask(job.dataset, job.seed, job.stage1)))
             return
-        selector = best_cheap(results["tunes"], primary, first) if job.selector == BEST_CHEAP else job.selector
+        selector = resolved(job.selector, results["tunes"], primary, first)
         tuned = self.tune(job.dataset, selector, job.share, job.seed)
         keep = {k: v for k, v in tuned.items() if k not in ("settings", "losses", "kind")}
-        method = method_name(selector, job.share)
-        results["tunes"].append({"dataset": job.dataset, "selector": selector, "share": job.share, "method": method})
-        results["tunes"][-1].update(seed=job.seed, **keep)
+        results["tunes"].append({"dataset": job.dataset, **described(selector, job.share), "seed": job.seed, **keep})
 
 
-def forward_backward_seconds(model: torch.nn.Module, batches: list) -> float:
-    """Median seconds of a forward and backward pass (no optimizer) over `batches` after the first."""
-
-    def step(batch: dict) -> None:
-        model(**batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return median_seconds(step, batches)
-
-
-@torch.no_grad()
-def inference_seconds(model: torch.nn.Module, batches: list) -> float:
-    """Median seconds of a forward pass without autograd over `batches` after the first."""
-    return median_seconds(lambda batch: model(**batch).loss, batches)
-
-
-def median_seconds(fn, batches: list) -> float:
-    """Median wall seconds of fn(batch) over `batches[1:]`, after `batches[0]` as a warm-up."""
-    fn(batches[0])
+def median_seconds(model: torch.nn.Module, batches: list, backward: bool) -> float:
+    """Median wall seconds per batch over `batches[1:]` (`batches[0]`: a warm-up) of a forward and backward pass (no
+    optimizer) when `backward`, else of a forward pass without autograd."""
     times = []
-    for batch in batches[1:]:
-        start = time.perf_counter()
-        fn(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    with torch.set_grad_enabled(backward):
+        for batch in batches:
+            start = time.perf_counter()
+            loss = model(**batch).loss
+            if backward:
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+    return median(times[1:])
 
 
 NO_DROPOUT = dict(lora_dropout=0.0, target_modules=None)
@@ -453,12 +428,16 @@ def plan(datasets: list[str], seeds: list[int], stage1: int, budgets: list[str])
     return jobs + [Job(primary, selector, share, first) for selector, share in extra]
 
 
-def best_cheap(tunes: list[dict], dataset: str, seed: int) -> str:
-    """The cheap selector with the lowest held-out loss on `dataset` with `seed`; `Missing` until all are there."""
+def resolved(selector: str, tunes: list[dict], dataset: str, seed: int) -> str:
+    """`selector`; for BEST_CHEAP the cheap selector with the lowest held-out loss on `dataset` with `seed`, `Missing`
+    until all are there."""
+    if selector != BEST_CHEAP:
+        return selector
     found = {t["selector"]: t["loss_after"] for t in tunes if t["dataset"] == dataset and t["seed"] == seed}
-    if not all(selector in found for selector, _ in CHEAP):
+    cheap = [name for name, _ in CHEAP]
+    if not all(name in found for name in cheap):
         raise Missing(f"it waits for the cheap selectors on {dataset}")
-    return min((selector for selector, _ in CHEAP), key=found.__getitem__)
+    return min(cheap, key=found.__getitem__)
 
 
 def timed(jobs: list[Job], job: Job, tunes: list[dict], primary: str) -> list[tuple[str, float]]:
@@ -467,9 +446,7 @@ def timed(jobs: list[Job], job: Job, tunes: list[dict], primary: str) -> list[tu
     were, left out)."""
     same = [j for j in jobs if (j.dataset, j.seed) == (job.dataset, job.seed)]
     aside = ("mask", TIMING, EQUAL_TIME[0], *(selector for selector, _ in EXTRA))
-    picked = [j for j in same if j.selector not in aside]
-    resolve = lambda s: best_cheap(tunes, primary, job.seed) if s == BEST_CHEAP else s  # noqa: E731
-    return [(resolve(j.selector), j.share) for j in picked]
+    return [(resolved(j.selector, tunes, primary, job.seed), j.share) for j in same if j.selector not in aside]
 
 
 def settings(grid: Grid) -> dict:

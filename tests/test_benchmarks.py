@@ -251,7 +251,7 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
 
 
 def test_grid_findings_take_cost_ratios_from_the_side_by_side_timing_and_judge_quality_against_seed_noise():
-    from benchmarks import grid_findings
+    from benchmarks import grid_report
 
     losses = {
         ("all", 1.0): [1.5, 1.51, 1.52],
@@ -268,7 +268,7 @@ def test_grid_findings_take_cost_ratios_from_the_side_by_side_timing_and_judge_q
         {"selector": "ila", "share": 0.25, "median_step_seconds": 2.1, "memory_rise_mb": 1000.0},
     ]
     results = {"datasets": ["alpaca"], "tunes": tunes, "base": {"alpaca": 1.7}, "timing": {"alpaca": timing}}
-    top25 = lambda: grid_findings.finding_top25(results, grid_findings.Stats(results))  # noqa: E731
+    top25 = lambda: grid_report.finding_top25(results, grid_report.grid_runs(results))  # noqa: E731
     # sigma 0.01 (pooled over seeds): ILA +0.005 ± 0.0082 from LoRA-all is noise; -0.095 from random is not
     assert top25().verdict == "quality holds, cost meets the goals; against random 25%: better"
     assert "step time × alpaca 0.70, memory rise × alpaca 0.67" in top25().evidence
