@@ -55,14 +55,14 @@ PRESETS = {
     "quick": dict(  # every path on the real model in minutes: short sequences, few held-out examples and questions
         max_length=48,  # the shortest that keeps examples of every dataset (SmolLM2's chat template takes ~30 tokens)
         batch_size=2,
-        eval_size=4,
-        min_steps=4,
+        eval_size=2,
+        min_steps=3,  # the modes study's identification inside the fine-tune: stage 1, then one step
         epochs=0,
-        stage1=4,
-        stage2=2,
+        stage1=2,
+        stage2=1,
         gradnorm=2,
         seeds=[0, 1],
-        questions=2,
+        questions=1,
         budgets=["memory:0.6", "memory:0.8"],  # deterministic on any model: the smoke test never depends on timing
         timing=(1, 2),
     ),

@@ -193,7 +193,7 @@ def test_grid_smoke_run_fills_every_cell_judges_every_finding_and_resumes(tmp_pa
     assert set(by["alpaca", "all", 1.0, 0]["others_after"]) == {"lima"}  # forgetting: the other dataset's loss
     assert 0 <= by["alpaca", "all", 1.0, 0]["knowledge_after"] <= 1 and 0 <= results["base_knowledge"] <= 1
     # equal wall time: LoRA-all's steps in the seconds ILA's mask and fine-tune took
-    mask = next(m for m in results["masks"] if (m["dataset"], m["seed"], m["stage1"]) == ("alpaca", 0, 4))
+    mask = next(m for m in results["masks"] if (m["dataset"], m["seed"], m["stage1"]) == ("alpaca", 0, quick["stage1"]))
     spent = mask["seconds"] + by["alpaca", "ila", 0.25, 0]["seconds"]
     step = by["alpaca", "all", 1.0, 0]["median_step_seconds"]
     assert by["alpaca", "all-time", 1.0, 0]["steps"] == max(1, round(spent / step))
@@ -312,7 +312,7 @@ def test_knowledge_questions_are_read_once_each_and_scored_by_the_likeliest_choi
 
 
 def test_the_modes_study_runs_every_mode_and_reads_the_grid_s_cells(tmp_path):
-    from benchmarks import modes
+    from benchmarks import grid, modes
 
     lm = tiny_lm_dir(tmp_path / "lm", layers=4)
     (tmp_path / "a.json").write_text(json.dumps(alpaca_rows(30)))
@@ -325,9 +325,10 @@ def test_the_modes_study_runs_every_mode_and_reads_the_grid_s_cells(tmp_path):
     assert {(mode, "equal-time") for mode in modes.NEW} <= ran | {(m, "equal-time") for m in results["no_time_left"]}
     assert set(results["timing"]) == {*modes.TIMED, *modes.PROBE}
     inside = next(t for t in results["tunes"] if t["mode"] == "ila-inside" and t["regime"] == "epoch")
-    assert inside["stage1_steps"] == 4  # the quick preset's stage 1, counted in the fine-tune's steps
+    stage1 = grid.PRESETS["quick"]["stage1"]
+    assert inside["stage1_steps"] == stage1  # the quick preset's stage 1, counted in the fine-tune's steps
     norms = next(t for t in results["tunes"] if t["mode"] == "ila-inside-norm" and t["regime"] == "epoch")
-    assert (norms["stage1_steps"], norms["stage2_steps"]) == (4, 0)  # scored by update norms: no stage 2
+    assert (norms["stage1_steps"], norms["stage2_steps"]) == (stage1, 0)  # scored by update norms: no stage 2
     assert list((tmp_path / "grid" / "quick").glob("tune-*.json"))  # LoRA-all and ILA's rows are the grid's cells
     assert len(results["findings"]) == 12 and (tmp_path / "cells" / "smoke" / "MODES.md").exists()
     again = modes.Modes.main([*args, "--cells", str(tmp_path / "cells"), "--existing-only"])
