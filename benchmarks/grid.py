@@ -65,6 +65,8 @@ PRESETS = {
         questions=1,
         budgets=["memory:0.6", "memory:0.8"],  # deterministic on any model: the smoke test never depends on timing
         timing=(1, 2),
+        cost=dict(cutoffs=2, repeats=1),  # the full preset's: COST, OVERHEAD_BATCHES
+        overhead_batches=2,
     ),
     "full": dict(
         max_length=128,
@@ -206,12 +208,13 @@ class Grid(Study):
 
     def cost(self, name: str) -> dict:
         """The step-cost model (`measure_step_cost`) of a probe model on the first training batch of `name`."""
-        settings = {**self.identity(name), **ADAPTER, **COST}
+        measured = self.p.get("cost", COST)  # how the model is measured
+        settings = {**self.identity(name), **ADAPTER, **measured}
 
         def compute(stem: Path) -> dict:
             probe, batch = self.probe(), next(iter(self.data.batches(name, 0)))
             start = time.perf_counter()
-            cost = measure_step_cost(probe, batch, **COST)
+            cost = measure_step_cost(probe, batch, **measured)
             return {"cost": cost.to_json(), "seconds": time.perf_counter() - start}
 
         return self.cell("cost", settings, compute)
@@ -291,10 +294,11 @@ class Grid(Study):
         """What ILA's own machinery costs, side by side on `name`'s first batches (median seconds per batch):
         forward + backward of the probe state in stage 1 (adapters on every candidate) and stage 2 (gates learned)
         against LoRA on all layers, and inference of ILA's top 25% unmerged and merged against the base model."""
-        settings = {**self.identity(name), **ADAPTER, "batches": OVERHEAD_BATCHES, "mask": self.mask(name)["settings"]}
+        count = self.p.get("overhead_batches", OVERHEAD_BATCHES)
+        settings = {**self.identity(name), **ADAPTER, "batches": count, "mask": self.mask(name)["settings"]}
 
         def compute(stem: Path) -> dict:
-            batches, probe = list(self.data.batches(name, 0))[: OVERHEAD_BATCHES + 1], self.probe()
+            batches, probe = list(self.data.batches(name, 0))[: count + 1], self.probe()
             with probe.base_model.gate_stage():
                 stage2 = median_seconds(probe, batches, backward=True)
             selected = self.adapted(name, self.select(name, "ila", 0.25, 0))
