@@ -8,6 +8,8 @@
   anonymous resident memory, and the library's brief training for step time and memory (every fine-tune goes
   through the library's one loop, `peft_ila.app.pipeline.finetune`);
 - `stats`: overlaps, rank correlation, their random expectation, top-k through `resolve_top_k`, the overlap rules,
-  and the library's noise scale and 2-SE rule (`peft_ila.app.judge`, which `peft-ila versus` judges with too);
-- `page`: `Finding` (claim, verdict, evidence, rule) and the Markdown every page is made of.
+  `Runs` (fine-tunes by dataset and arm: metrics, pooled noise, differences ± SE) and the library's noise scale and
+  2-SE rule (`peft_ila.app.judge`, which `peft-ila versus` judges with too);
+- `page`: `Finding` (claim, verdict, evidence, rule) and the Markdown every page is made of (tables from column
+  specs).
 """
