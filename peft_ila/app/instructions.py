@@ -1,0 +1,127 @@
+"""Verifiable instructions: an instruction-following score without a judge.
+
+Each `Instruction` is a constraint attached to a prompt (a word limit, all lowercase, a JSON answer, a fixed closing
+phrase, no commas, a number of bullet points, ...) whose answer a rule checks: no model and no downloaded data.
+`attach` gives held-out prompts one instruction each, drawn with a seed; `score` is the share of answers that obey
+theirs, with its standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PHRASES = ("Is there anything else I can help with?", "Let me know if you have more questions.")
+
+
+def _words(answer: str) -> int:
+    return len(re.findall(r"\b\w+\b", answer))
+
+
+def _bullets(answer: str) -> int:
+    return len(re.findall(r"^\s*[*-]\s+\S", answer, re.MULTILINE))
+
+
+def _is_json(answer: str) -> bool:
+    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", answer.strip(), flags=re.IGNORECASE)
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+# kind -> (the instruction's text, with {value}; whether an answer obeys it, given the value)
+KINDS: dict[str, tuple[str, Callable[[str, object], bool]]] = {
+    "lowercase": (
+        "Write your whole answer in lowercase letters: no capital letter at all.",
+        lambda answer, _: any(c.isalpha() for c in answer) and answer == answer.lower(),
+    ),
+    "uppercase": (
+        "Write your whole answer in capital letters.",
+        lambda answer, _: any(c.isalpha() for c in answer) and answer == answer.upper(),
+    ),
+    "max-words": ("Answer in at most {value} words.", lambda answer, n: 0 < _words(answer) <= n),
+    "min-words": ("Answer in at least {value} words.", lambda answer, n: _words(answer) >= n),
+    "no-commas": (
+        "Do not use any commas in your answer.",
+        lambda answer, _: bool(answer.strip()) and "," not in answer,
+    ),
+    "ends-with": (
+        'Finish your answer with the exact phrase "{value}"; nothing may follow it.',
+        lambda answer, phrase: answer.strip().endswith(phrase),
+    ),
+    "json": ("Give your whole answer as valid JSON (you may put it in a ```json block).", lambda a, _: _is_json(a)),
+    "bullets": (
+        "Answer with exactly {value} bullet points, each a line starting with '* '.",
+        lambda answer, n: _bullets(answer) == n,
+    ),
+    "quoted": (
+        "Wrap your whole answer in double quotation marks.",
+        lambda answer, _: len(answer.strip()) > 1 and answer.strip()[0] == answer.strip()[-1] == '"',
+    ),
+    "title": (
+        "Give your answer a title in double angle brackets, such as <<a title>>.",
+        lambda answer, _: re.search(r"<<[^<>\n]+>>", answer) is not None,
+    ),
+    "postscript": (
+        "End your answer with a postscript starting with P.S.",
+        lambda answer, _: re.search(r"^\s*P\.S\.", answer, re.MULTILINE) is not None,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A verifiable constraint: its `kind` (a key of `KINDS`) and `value` (a word count, a phrase; None when the kind
+    takes none)."""
+
+    kind: str
+    value: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Instruction kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}.")
+
+    @property
+    def text(self) -> str:
+        """The sentence that asks for it, as appended to a prompt."""
+        return KINDS[self.kind][0].format(value=self.value)
+
+    def holds(self, answer: str) -> bool:
+        """Whether `answer` obeys the instruction."""
+        return bool(KINDS[self.kind][1](answer, self.value))
+
+
+def draw(rng: random.Random) -> Instruction:
+    """One instruction of a uniformly drawn kind, with a value drawn where the kind takes one."""
+    kind = rng.choice(sorted(KINDS))
+    values = {
+        "max-words": lambda: rng.choice((20, 40, 60)),
+        "min-words": lambda: rng.choice((50, 80)),
+        "ends-with": lambda: rng.choice(PHRASES),
+        "bullets": lambda: rng.choice((2, 3, 4)),
+    }
+    return Instruction(kind, values[kind]() if kind in values else None)
+
+
+def attach(prompts: list[str], seed: int = 0) -> list[tuple[str, Instruction]]:
+    """Each prompt with an instruction drawn for it (`seed`: the same prompts get the same instructions), the
+    instruction's sentence appended after a blank line."""
+    rng = random.Random(seed)
+    drawn = [draw(rng) for _ in prompts]
+    return [
+        (f"{prompt}\n\n{instruction.text}", instruction) for prompt, instruction in zip(prompts, drawn, strict=True)
+    ]
+
+
+def score(answers: list[str], instructions: list[Instruction]) -> tuple[float, float]:
+    """The share of `answers` that obey their instructions and its binomial standard error, sqrt(p (1 - p) / n)."""
+    if not answers or len(answers) != len(instructions):
+        raise ValueError(f"score needs one instruction per answer: {len(answers)} answers, {len(instructions)} given.")
+    share = sum(i.holds(a) for a, i in zip(answers, instructions, strict=True)) / len(answers)
+    return share, math.sqrt(share * (1 - share) / len(answers))
