@@ -19,14 +19,17 @@ PHRASES = ("Is there anything else I can help with?", "Let me know if you have m
 
 
 def _words(answer: str) -> int:
+    """How many words: runs of letters, digits or underscores ("don't" is two)."""
     return len(re.findall(r"\b\w+\b", answer))
 
 
 def _bullets(answer: str) -> int:
+    """How many lines are Markdown bullet points ("* item" or "- item")."""
     return len(re.findall(r"^\s*[*-]\s+\S", answer, re.MULTILINE))
 
 
 def _is_json(answer: str) -> bool:
+    """Whether the answer, outside an optional ```json fence, parses as JSON."""
     text = re.sub(r"^```(?:json)?\s*|\s*```$", "", answer.strip(), flags=re.IGNORECASE)
     try:
         json.loads(text)
