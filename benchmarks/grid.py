@@ -65,7 +65,7 @@ PRESETS = {
         questions=1,
         budgets=["memory:0.6", "memory:0.8"],  # deterministic on any model: the smoke test never depends on timing
         timing=(1, 2),
-        cost=dict(cutoffs=2, repeats=1),  # the full preset's: COST, OVERHEAD_BATCHES
+        cost=dict(cutoffs=2, repeats=1),
         overhead_batches=2,
     ),
     "full": dict(
@@ -81,19 +81,19 @@ PRESETS = {
         questions=200,
         budgets=["time:0.6", "time:0.8"],  # the first: the issue's goal (0.6x LoRA-all's step time), every seed
         timing=(3, 6),  # side by side: rounds, and optimizer steps per selection in each (the first one not timed)
+        cost=dict(cutoffs=5, repeats=3),  # how the step-cost model is measured (see `measure_step_cost`)
+        overhead_batches=4,  # timed batches (after one warm-up) of the overhead cell
     ),
 }
 TIMING = "timing"  # the plan's side-by-side timing job of a dataset (after its first seed's fine-tunes)
 TRAIN_LIMIT = {"dolly": 1000}  # a fixed subset of a dataset's training examples (drawn with seed 0)
 LR, ADAPTER = 1e-3, dict(r=8, lora_alpha=16)
 VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
-COST = dict(cutoffs=5, repeats=3)  # how the step-cost model is measured (see `measure_step_cost`)
 CORE = [("all", 1.0), ("ila", 0.25), ("ila", 0.75), ("random", 0.25)]  # every dataset, every seed
 CHEAP = [("gradient-norm", 0.25), ("kappa", 0.25), ("spectrum", 0.25), ("first-order", 0.25)]  # primary, seed 0
 EQUAL_TIME = ("all-time", 1.0)  # the primary dataset, every seed (last: it waits for LoRA-all and ILA's cells)
 BEST_CHEAP = "best-cheap"  # on the other datasets: the cheap selector with the lowest loss on the primary one
 EXTRA = [(TRANSFER, 0.25), ("first-blocks", 0.25), ("last-blocks", 0.25)]  # primary, seed 0: not timed side by side
-OVERHEAD_BATCHES = 4  # timed batches (after one warm-up) of the overhead cell
 NAMES = {
     "all": "LoRA on all layers",
     "all-time": "LoRA on all layers, ILA top 25%'s wall time",
@@ -208,7 +208,7 @@ class Grid(Study):
 
     def cost(self, name: str) -> dict:
         """The step-cost model (`measure_step_cost`) of a probe model on the first training batch of `name`."""
-        measured = self.p.get("cost", COST)  # how the model is measured
+        measured = self.p["cost"]  # how the model is measured
         settings = {**self.identity(name), **ADAPTER, **measured}
 
         def compute(stem: Path) -> dict:
@@ -294,7 +294,7 @@ class Grid(Study):
         """What ILA's own machinery costs, side by side on `name`'s first batches (median seconds per batch):
         forward + backward of the probe state in stage 1 (adapters on every candidate) and stage 2 (gates learned)
         against LoRA on all layers, and inference of ILA's top 25% unmerged and merged against the base model."""
-        count = self.p.get("overhead_batches", OVERHEAD_BATCHES)
+        count = self.p["overhead_batches"]
         settings = {**self.identity(name), **ADAPTER, "batches": count, "mask": self.mask(name)["settings"]}
 
         def compute(stem: Path) -> dict:
