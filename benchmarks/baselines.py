@@ -1,6 +1,7 @@
 """Layer selectors to compare ILA with: each returns k candidate layer names (granularity "module").
 
-Data-free: random, first/last blocks, KappaTune (condition number), Spectrum-style signal-to-noise ratio.
+Data-free: first/last blocks; random, KappaTune (condition number) and Spectrum-style signal-to-noise ratio are
+the library's (`peft_ila.identification.peers`, which `Recipe` arms select with), re-exported.
 Data-driven and cheap: adapter gradient norm over a few steps, the first-order score of a gradient step on each
 layer's own weight (no training). (||B A|| after ILA's stage 1, with no stage 2, is the library's own `update-norm`
 estimator, not a baseline here.)
@@ -8,26 +9,30 @@ estimator, not a baseline here.)
 
 from __future__ import annotations
 
-import math
-import random
-
 import torch
-from peft.helpers import find_kappa_target_modules
 from torch import nn
 
 from benchmarks.core.stats import top_k
 from peft_ila import ILALayer, resolve_top_k
+from peft_ila.identification.peers import kappa_layers, random_layers, spectrum_layers, spectrum_snr
 from peft_ila.identification.training import cycle, train_steps
 from peft_ila.tuner.selection import layer_of
+
+__all__ = [
+    "blocks",
+    "edge_blocks",
+    "first_order_layers",
+    "gradnorm_layers",
+    "kappa_layers",
+    "random_layers",
+    "spectrum_layers",
+    "spectrum_snr",
+]
 
 
 def blocks(candidates: list[str]) -> list[str]:
     """The transformer blocks the candidates belong to, in model order."""
     return list(dict.fromkeys(layer_of(name, "block") for name in candidates))
-
-
-def random_layers(candidates: list[str], k: int, seed: int) -> list[str]:
-    return random.Random(seed).sample(candidates, k)
 
 
 def edge_blocks(candidates: list[str], fraction: float, last: bool) -> list[str]:
@@ -36,32 +41,6 @@ def edge_blocks(candidates: list[str], fraction: float, last: bool) -> list[str]
     n = resolve_top_k(fraction, len(order))
     chosen = set(order[-n:] if last else order[:n])
     return [name for name in candidates if layer_of(name, "block") in chosen]
-
-
-def kappa_layers(model: nn.Module, candidates: list[str], k: int) -> list[str]:
-    """KappaTune (peft.helpers.find_kappa_target_modules): the k candidates whose weights have the lowest condition
-    number, i.e. the most isotropic ones (peft ranks all nn.Linear; we keep the candidates in its order)."""
-    ranked = find_kappa_target_modules(model, top_p=1.0, show_progress=False)["target_modules"]
-    wanted = set(candidates)
-    return [name for name in ranked if name in wanted][:k]
-
-
-def spectrum_snr(weight: torch.Tensor) -> float:
-    """Spectrum-style signal-to-noise ratio of a weight matrix: singular values above the Marchenko-Pastur edge of a
-    random matrix with the same shape and entry std count as signal, the rest as noise; SNR = sum(signal) /
-    sum(noise), divided by the largest singular value to compare matrices of different scale."""
-    w = weight.detach().float()
-    rows, cols = w.shape
-    s = torch.linalg.svdvals(w)
-    edge = w.std() * (math.sqrt(rows) + math.sqrt(cols))
-    signal, noise = s[s > edge].sum(), s[s <= edge].sum()
-    return float(signal / noise / s[0]) if noise > 0 else math.inf
-
-
-def spectrum_layers(model: nn.Module, candidates: list[str], k: int) -> list[str]:
-    """The k candidates with the highest Spectrum-style SNR."""
-    scores = {name: spectrum_snr(model.get_submodule(name).weight) for name in candidates}
-    return top_k(scores, k)
 
 
 def gradnorm_layers(probe: nn.Module, batches, steps: int, k: int, lr: float, accelerator=None) -> list[str]:

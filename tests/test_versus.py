@@ -23,6 +23,7 @@ def versus(work, out, *extra) -> list[str]:
     """`peft-ila versus` on `work`'s tiny model and data: every mode, 2 seeds, `STEPS` steps, a reference set."""
     budget = ["--stage1-max-steps", str(STAGE1), "--stage2-steps", "2", "--steps", str(STEPS), "--seeds", "2"]
     reference = ["--reference", str(work / "other.json"), "--reference-size", "6", "--timing-steps", "2"]
+    reference += ["--instructions", "3"]
     return ["versus", *common(work, *budget, *reference, *extra), "--out", str(out)]
 
 
@@ -59,6 +60,10 @@ def test_every_default_mode_runs_with_two_seeds_and_is_judged_on_a_page_a_json_a
         steps = [point["step"] for point in run["checkpoints"]]
         assert steps == ([6, 8] if run["mode"] == "inside" else [2, 4, 6, 8]), run["mode"]
         assert all(point["forgetting"] is not None for point in run["checkpoints"])
+        scores = run["instructions"]  # at the end, and at the checkpoint of lowest held-out loss
+        best = min(run["checkpoints"], key=lambda point: point["held_out"])
+        assert scores["best"]["step"] == best["step"] and len(scores["end"]["obeyed"]) == 3
+    assert set(results["base"]["instructions"]) == {"share", "se", "obeyed"}
     rows = results["comparisons"]["modes"]
     for mode in ("inside", "ila-75", "lisa"):
         assert rows[mode]["delta_held_out"] is not None and rows[mode]["wall"] > 0
@@ -142,10 +147,12 @@ def test_verdicts_follow_the_rule_for_loss_and_forgetting():
     runs = [run("lora-all", 0, 1.00, 0.10), run("lora-all", 1, 1.02, 0.12)]
     runs += [run("ila-75", 0, 1.01, 0.02), run("ila-75", 1, 1.03, 0.04)]
     runs += [run("lisa", 0, 1.50, 0.11), run("lisa", 1, 1.52, 0.13)]
-    rows = compare(runs, ["lora-all", "ila-75", "lisa"], None, 4)["modes"]
+    rows = compare(runs, ["lora-all", "ila-75", "lisa"], None, 4, {"held_out": 1.2})["modes"]
     assert verdict(rows["ila-75"]).startswith("level with LoRA-all") and "forgets less" in verdict(rows["ila-75"])
     assert verdict(rows["lisa"]).startswith("worse than LoRA-all") and "forgets as much" in verdict(rows["lisa"])
-    single = compare(runs[:1] + runs[2:3], ["lora-all", "ila-75"], None, 4)["modes"]
+    value, error = rows["ila-75"]["matched"]["delta"]  # at the held-out losses both reach, ila-75 forgets less
+    assert rows["ila-75"]["matched"]["range"] == (1.03, 1.2) and value < -2 * error
+    single = compare(runs[:1] + runs[2:3], ["lora-all", "ila-75"], None, 4, {"held_out": 1.2})["modes"]
     assert verdict(single["ila-75"]) == "not judged: one seed gives no noise scale"
 
 

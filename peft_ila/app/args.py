@@ -522,6 +522,14 @@ def _versus_options(p: argparse.ArgumentParser) -> None:
         "--evals", type=_positive, default=4, help="evenly spaced checkpoints evaluated per run (default: %(default)s)"
     )
     g.add_argument(
+        "--instructions",
+        type=_typed(_in_range(int, 0), "an int >= 0"),
+        default=0,
+        metavar="N",
+        help="score each run's greedy answers to N held-out prompts, each given a verifiable instruction (a word "
+        "limit, all lowercase, JSON, ...), at the end and at its checkpoint of lowest held-out loss (default: 0, off)",
+    )
+    g.add_argument(
         "--timing-steps",
         type=_typed(_in_range(int, 2), "an int >= 2"),
         default=4,

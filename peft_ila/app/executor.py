@@ -1,6 +1,6 @@
 """The one executor: `run_recipe` fine-tunes a `Recipe` on prepared data and returns its run record (checkpoints'
-losses, forgetting, steps, seconds, memory, identification's data position); `train_briefly` times a few steps of
-what a recipe trains, and `side_by_side` several of those in turn."""
+losses, forgetting and other measures, instruction scores, steps, seconds, memory, identification's data position);
+`train_briefly` times a few steps of what a recipe trains, and `side_by_side` several of those in turn."""
 
 from __future__ import annotations
 
@@ -14,11 +14,15 @@ from accelerate import Accelerator
 from peft import LoraConfig
 
 from ..identification.importance import identify_important_layers
+from ..identification.peers import PEERS, peer_layers
 from ..identification.training import cycle, evaluate_loss, train_steps
-from ..tuner.config import ILAConfig
+from ..tuner.config import ILAConfig, resolve_top_k
 from ..tuner.layerwise import LayerSampler, LayerwiseConfig, block_groups
 from ..tuner.model import find_candidates
+from ..tuner.ranks import importance_lora_config
+from ..tuner.selection import Selection
 from .files import peak_memory_mb, reset_peak_memory
+from .instructions import InstructionProbe
 from .judge import forgetting
 from .pipeline import Prepared, finetune, wrap
 from .recipe import Recipe
@@ -39,23 +43,52 @@ class Schedule:
 @dataclass
 class Evaluation:
     """Where a run is measured: the held-out batches, reference sets' batches by name (their loss rise over the
-    base model's, `base`, is the forgetting), and the steps `at` which (the last is the end)."""
+    base model's, `base`, is the forgetting), other `measures` by name (a model -> a number: a share of right
+    answers, say), and the steps `at` which (the last is the end). With `instructions`, the answers to them are
+    scored at the end and at the checkpoint of lowest held-out loss."""
 
     held_out: object
     references: dict[str, object]
     at: list[int]
     accelerator: Accelerator
     base: dict = field(default_factory=dict)
+    measures: dict[str, Callable[[torch.nn.Module], float]] = field(default_factory=dict)
+    instructions: InstructionProbe | None = None
     seconds: float = 0.0  # spent evaluating, left out of a run's wall time
 
     def point(self, model: torch.nn.Module, step: int, held_out: float | None = None) -> dict:
-        """{step, held_out, references: {name: loss}, forgetting: mean rise over the base's, or None}."""
+        """{step, held_out, references: {name: loss}, forgetting: mean rise over the base's, or None, measures}."""
         start = time.perf_counter()
         loss = held_out if held_out is not None else evaluate_loss(model, self.held_out, self.accelerator)
         references = {name: evaluate_loss(model, b, self.accelerator) for name, b in self.references.items()}
+        measured = {name: measure(model) for name, measure in self.measures.items()}
         self.seconds += time.perf_counter() - start
         rise = forgetting(references, self.base.get("references", {}))
-        return {"step": step, "held_out": loss, "references": references, "forgetting": rise}
+        point = {"step": step, "held_out": loss, "references": references, "forgetting": rise}
+        return {**point, "measures": measured} if measured else point
+
+    def followed(self, model: torch.nn.Module) -> dict:
+        """The instruction score of `model` (see `InstructionProbe.score`), its time counted as evaluation."""
+        start = time.perf_counter()
+        scored = self.instructions.score(model)
+        self.seconds += time.perf_counter() - start
+        return scored
+
+
+class Best:
+    """The checkpoint of lowest held-out loss so far and a copy of the weights that change (`params`) there."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params, self.point, self.weights = params, None, None
+
+    def offer(self, point: dict) -> None:
+        if self.point is None or point["held_out"] < self.point["held_out"]:
+            self.point, self.weights = point, [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, weight in zip(self.params, self.weights, strict=True):
+            param.copy_(weight)
 
 
 def run_recipe(
@@ -67,29 +100,35 @@ def run_recipe(
     evaluation: Evaluation,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    ranking: Selection | None = None,
 ) -> dict:
     """Fine-tune `recipe` on `prepared` (its model is changed) with `seed` (adapters, data order, identification,
-    draws): the run record (checkpoints, steps, seconds with identification and without evaluation, median step
-    seconds, memory, trainable parameters, identification's steps and data position). `config`: the adapters' shape
-    and identification's budget; `on_step(global step)` after every fine-tune step (a progress bar)."""
+    draws): the run record (checkpoints, instruction scores, steps, seconds with identification and without
+    evaluation, median step seconds, memory, trainable parameters, identification's steps and data position).
+    `config`: the adapters' shape and identification's budget; `on_step(global step)` after every fine-tune step (a
+    progress bar); `ranking`: an identification made before (a recipe that identifies separately uses it instead of
+    identifying again)."""
     torch.manual_seed(seed)
     start, evaluated = time.perf_counter(), evaluation.seconds
-    model, how, identified = _build(recipe, prepared, config, schedule, seed, evaluation.accelerator, progress)
+    model, how, identified = _build(recipe, prepared, config, schedule, seed, evaluation.accelerator, progress, ranking)
     offset = identified.get("stage1_steps", 0) if recipe.layers == "inside" else 0
     checkpoints: list[dict] = []
+    best = Best(_changing(model, how))
 
     def step_done(stats) -> None:
         if offset + stats.steps in evaluation.at[:-1]:
             checkpoints.append(evaluation.point(model, offset + stats.steps))
+            if evaluation.instructions is not None:
+                best.offer(checkpoints[-1])
         if on_step is not None:
             on_step(offset + stats.steps)
 
-    lr = schedule.full_lr if recipe.method == "full" else schedule.lr
+    lr = (schedule.full_lr if recipe.method == "full" else schedule.lr) * recipe.lr_scale
     shape = (schedule.steps - offset, lr, schedule.batch_size, seed, schedule.warmup, evaluation.accelerator)
     before = evaluation.base["held_out"]
     report = finetune(model, prepared, *shape, progress, on_step=step_done, loss_before=before, **how)
     checkpoints.append(evaluation.point(model, schedule.steps, report.loss_after))
-    return {
+    record = {
         "checkpoints": checkpoints,
         "steps": offset + report.steps,
         "seconds": time.perf_counter() - start - (evaluation.seconds - evaluated),
@@ -98,12 +137,61 @@ def run_recipe(
         "trainable_params": report.trainable_params,
         "identification": identified,
     }
+    if evaluation.instructions is not None:
+        record["instructions"] = _instruction_scores(model, evaluation, best, checkpoints[-1])
+    return record
 
 
-def _build(recipe: Recipe, prepared: Prepared, config: ILAConfig, schedule: Schedule, seed: int, accelerator, progress):
-    """(model, what `finetune` takes beside it, identification's record) of `recipe` on `prepared.model`."""
-    if not recipe.identifies:
+def _instruction_scores(model: torch.nn.Module, evaluation: Evaluation, best: Best, end: dict) -> dict:
+    """The instruction score at the end and at the checkpoint of lowest held-out loss (the end's when it is that
+    one): {"end": score, "best": score with its "step"}; `model` is left with the best checkpoint's weights."""
+    scored = {"end": evaluation.followed(model)}
+    best.offer(end)
+    if best.point is end:
+        return {**scored, "best": {**scored["end"], "step": end["step"]}}
+    best.restore()
+    return {**scored, "best": {**evaluation.followed(model), "step": best.point["step"]}}
+
+
+def _changing(model: torch.nn.Module, how: dict) -> list[torch.nn.Parameter]:
+    """The parameters a fine-tune may change: the trainable ones, or every one a layerwise sampler may draw."""
+    sampler = how.get("sampler")
+    return sampler.parameters() if sampler is not None else [p for p in model.parameters() if p.requires_grad]
+
+
+def _build(
+    recipe: Recipe,
+    prepared: Prepared,
+    config: ILAConfig,
+    schedule: Schedule,
+    seed: int,
+    accelerator,
+    progress: bool,
+    ranking: Selection | None,
+):
+    """(model, what `finetune` takes beside it, how the layers were chosen) of `recipe` on `prepared.model`."""
+    if recipe.layers == "all":
         return (*trained_like(recipe, prepared.model, config, seed), {})
+    candidates = find_candidates(prepared.model, config)
+    if recipe.layers in PEERS:
+        k = resolve_top_k(recipe.top_k, len(candidates))
+        chosen = peer_layers(recipe.layers, prepared.model, candidates, k, seed)
+        return (
+            *trained_like(recipe, prepared.model, config, seed, Selection(candidates, chosen)),
+            {"selected": chosen},
+        )
+    if ranking is not None and recipe.layers == "identify":
+        ranked = ranking.top(resolve_top_k(recipe.top_k, len(candidates)))
+        return (*trained_like(recipe, prepared.model, config, seed, ranked), {"selected": list(ranked.selected)})
+    return _identified(recipe, prepared, config, schedule, seed, accelerator, progress)
+
+
+def _identified(
+    recipe: Recipe, prepared: Prepared, config: ILAConfig, schedule: Schedule, seed: int, accelerator, progress: bool
+):
+    """`_build` of a recipe that identifies: ILA's probe on `prepared.model` identifies on the fine-tune's data order;
+    inside, its top `top_k` go on with their stage-1 weights, else fresh adapters on them (or, with ranks from
+    importance, plain LoRA on every layer at the ranks its scores give)."""
     inside = recipe.layers == "inside"
     scored = dict(estimator=recipe.estimator) if recipe.estimator else {}
     probe = wrap(prepared.model, replace(config, top_k=recipe.top_k, seed=seed, keep_stage1_weights=inside, **scored))
@@ -117,21 +205,29 @@ def _build(recipe: Recipe, prepared: Prepared, config: ILAConfig, schedule: Sche
         "seconds": time.perf_counter() - start,
         "selected": list(result.selection.selected),
     }
+    if recipe.ranks == "importance":
+        base = probe.unload()  # fresh adapters carry no update: the base model as it was
+        return (*trained_like(recipe, base, config, seed, result.selection), identified)
     return probe, {"skip": result.stage1.micro_batches if inside else 0}, identified
 
 
 def trained_like(
-    recipe: Recipe, model: torch.nn.Module, config: ILAConfig, seed: int, selected: list[str] | None = None
+    recipe: Recipe, model: torch.nn.Module, config: ILAConfig, seed: int, selection: Selection | None = None
 ) -> tuple[torch.nn.Module, dict]:
-    """(model, what `finetune` or `train_briefly` takes beside it) training what `recipe` trains after any
-    identification: LoRA on every candidate, sampled blocks of full weights, or ILA's adapters on `selected`."""
+    """(model, what `finetune` or `train_briefly` takes beside it) training what `recipe` trains after its layers
+    are chosen (`selection`, for a recipe that chooses): LoRA on every candidate, sampled blocks of full weights,
+    ILA's adapters on the selected layers, or LoRA on every candidate at the ranks `selection`'s scores give."""
+    shape = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
     if recipe.method == "full":
         groups = block_groups(model, find_candidates(model, config))
         return model, {"sampler": LayerSampler(groups, LayerwiseConfig(recipe.active, recipe.interval, seed=seed))}
-    if recipe.identifies:
-        return wrap(model, replace(config, selected_layers=list(selected), seed=seed)), {}
-    shape = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
-    return wrap(model, LoraConfig(task_type="CAUSAL_LM", target_modules=config.target_modules, **shape)), {}
+    if recipe.ranks == "importance":
+        ranked = importance_lora_config(model, selection, rho=recipe.rho, task_type="CAUSAL_LM", **shape)
+        return wrap(model, ranked), {}
+    if recipe.selects:
+        return wrap(model, replace(config, selected_layers=list(selection.selected), seed=seed)), {}
+    targets = config.target_modules or "all-linear"  # ILA's candidates when None; LoRA's default would be fewer
+    return wrap(model, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, **shape)), {}
 
 
 def side_by_side(rows: dict[str, Callable[[int], tuple[list[float], float]]], rounds: int) -> dict[str, dict]:

@@ -3,11 +3,14 @@
 Each `Instruction` is a constraint attached to a prompt (a word limit, all lowercase, a JSON answer, a fixed closing
 phrase, no commas, a number of bullet points, ...) whose answer a rule checks: no model and no downloaded data.
 `attach` gives held-out prompts one instruction each, drawn with a seed; `score` is the share of answers that obey
-theirs, with its standard error.
+theirs, with its standard error; an `InstructionProbe` holds such prompts ready to prompt a model with, and scores its
+greedy answers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
 import random
@@ -15,6 +18,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
+from .data import Conversation, prompt_text
+
+PROMPT_TOKENS = 128  # the longest prompt, with its instruction, an `InstructionProbe` takes
 PHRASES = ("Is there anything else I can help with?", "Let me know if you have more questions.")
 
 
@@ -128,3 +136,75 @@ def score(answers: list[str], instructions: list[Instruction]) -> tuple[float, f
         raise ValueError(f"score needs one instruction per answer: {len(answers)} answers, {len(instructions)} given.")
     share = sum(i.holds(a) for a, i in zip(answers, instructions, strict=True)) / len(answers)
     return share, math.sqrt(share * (1 - share) / len(answers))
+
+
+@dataclass
+class InstructionProbe:
+    """Prompts with an instruction each, as the model is prompted (`texts`: chat template applied), to score a
+    model's greedy answers by: at most `max_new_tokens` tokens each (enough for the longest a kind asks, 80 words),
+    generated `batch_size` prompts at a time."""
+
+    texts: list[str]
+    instructions: list[Instruction]
+    tokenizer: object
+    max_new_tokens: int = 160
+    batch_size: int = 16
+
+    @classmethod
+    def of(cls, sources: list[list[Conversation]], tokenizer, plain: bool, count: int, seed: int = 0, **shape):
+        """`count` prompts, an even share from each of `sources` (conversations held out from training): the first
+        user turns, in order, whose prompt is at most `PROMPT_TOKENS` tokens (fewer when fewer qualify), each with an
+        instruction drawn with `seed`."""
+        prompts = []
+        for number, conversations in enumerate(sources):
+            share = count // len(sources) + (number < count % len(sources))
+            turns = (next((m["content"] for m in c if m["role"] == "user"), None) for c in conversations)
+            fit = (t for t in turns if t and len(tokenizer(_as_prompt(t, tokenizer, plain)).input_ids) <= PROMPT_TOKENS)
+            prompts += list(itertools.islice(fit, share))
+        attached = attach(prompts, seed)
+        texts = [_as_prompt(text, tokenizer, plain) for text, _ in attached]
+        return cls(texts, [instruction for _, instruction in attached], tokenizer, **shape)
+
+    def identity(self) -> dict:
+        """What a score depends on besides the model: the prompts and instructions (SHA-256), their number, the
+        answers' length cap."""
+        listed = json.dumps([[t, i.kind, i.value] for t, i in zip(self.texts, self.instructions, strict=True)])
+        digest = hashlib.sha256(listed.encode()).hexdigest()
+        return {"prompts_sha256": digest, "prompts": len(self.texts), "max_new_tokens": self.max_new_tokens}
+
+    def score(self, model: torch.nn.Module) -> dict:
+        """`model`'s greedy answers scored: {share obeyed, se (binomial), obeyed: one bool per prompt}."""
+        answers = greedy_answers(model, self.tokenizer, self.texts, self.max_new_tokens, self.batch_size)
+        share, error = score(answers, self.instructions)
+        obeyed = [instruction.holds(answer) for answer, instruction in zip(answers, self.instructions, strict=True)]
+        return {"share": share, "se": error, "obeyed": obeyed}
+
+
+def _as_prompt(turn: str, tokenizer, plain: bool) -> str:
+    """The text a model continues to answer a user turn (the data's chat template or plain format)."""
+    return prompt_text([{"role": "user", "content": turn}, {"role": "assistant", "content": ""}], tokenizer, plain)
+
+
+@torch.no_grad()
+def greedy_answers(model: torch.nn.Module, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int):
+    """Each text's greedy continuation (at most `max_new_tokens` tokens, up to the end-of-sequence token), decoded
+    without special tokens; prompts of like length batched together, left-padded."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers = [""] * len(texts)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            encoded = tokenizer([texts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt")
+            greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(**encoded.to(device), **greedy)
+            width = encoded["input_ids"].shape[1]
+            for i, row in zip(batch, out, strict=True):
+                answers[i] = tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = side
+    return answers

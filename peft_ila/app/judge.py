@@ -1,10 +1,12 @@
-"""The noise and the rule every verdict uses, defined once: `peft-ila versus` and every study judge with these.
+"""The noise and the rule every verdict uses, defined once: `peft-ila versus` and every study judge with these;
+and training curves compared at matched held-out loss (`at_matched_loss`).
 
 A difference between two groups of seeds counts when it is larger than `BEYOND` standard errors; the standard error
 comes from the pooled seed-to-seed standard deviation (the noise scale) of the groups compared."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Iterable
@@ -61,3 +63,42 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     if value is None or reference is None or reference <= 0:
         return None
     return value / reference
+
+
+LEVELS = 41  # held-out losses, evenly spaced over a matched range, at which curves are compared
+
+
+def along(curve: list[tuple[float, float]], level: float) -> float | None:
+    """On a training curve of (held-out loss, y) points in step order, y where the held-out loss first reaches
+    `level` (linear between the two checkpoints around it); None when it never does."""
+    if curve and curve[0][0] <= level:
+        return curve[0][1]
+    for (before, y0), (after, y1) in itertools.pairwise(curve):
+        if after <= level:
+            return y0 + (y1 - y0) * (before - level) / (before - after)
+    return None
+
+
+def matched_range(curves: list[list[tuple[float, float]]]) -> tuple[float, float] | None:
+    """The held-out losses every curve reaches: from the highest of their lowest to the lowest of their starts; None
+    when they share none."""
+    low, high = max(min(h for h, _ in c) for c in curves), min(c[0][0] for c in curves)
+    return (low, high) if low < high else None
+
+
+def matched(curves: list[list[tuple[float, float]]], span: tuple[float, float]) -> list[float]:
+    """Each curve's mean y over `LEVELS` held-out losses evenly spaced across `span` (which every curve reaches)."""
+    low, high = span
+    levels = [low + (high - low) * i / (LEVELS - 1) for i in range(LEVELS)]
+    return [statistics.mean(along(curve, level) for level in levels) for curve in curves]
+
+
+def at_matched_loss(a: list[list[tuple[float, float]]], b: list[list[tuple[float, float]]]) -> dict | None:
+    """Two arms' curves (one per seed; y: forgetting, say) compared over the held-out losses all of them reach:
+    {"range": (low, high), "a": per-seed means, "b": per-seed means, "delta": mean(a) - mean(b) ± SE from the two
+    arms' pooled seed spread (None with one seed each)}; None when the curves share no held-out loss."""
+    span = matched_range([*a, *b])
+    if span is None:
+        return None
+    ys_a, ys_b = matched(a, span), matched(b, span)
+    return {"range": span, "a": ys_a, "b": ys_b, "delta": difference(ys_a, ys_b, pooled_sd([ys_a, ys_b]))}

@@ -23,6 +23,7 @@ from .args import CONFIG_OPTIONS
 from .data import batches, encode, fingerprint, read_dataset, split
 from .executor import Evaluation, Schedule, run_recipe, side_by_side, train_briefly, trained_like
 from .files import MANIFEST, check_free, read_json, write_json, written_by_peft_ila
+from .instructions import PROMPT_TOKENS, InstructionProbe
 from .pipeline import Prepared, load_base, wrap
 from .recipe import MODES
 from .steps import accelerator_for, ila_config, loading_of, prepare_data
@@ -47,15 +48,36 @@ def run_versus(args) -> dict | None:
     settings = _settings(args, prepared, schedule, config, references)
     held_out = prepared.batches(args.batch_size, args.seed, held_out=True)
     evaluation = Evaluation(held_out, references, _checkpoint_steps(schedule.steps, args.evals), accelerator)
+    evaluation.instructions = _instructions(args, prepared)
+    if evaluation.instructions is not None:
+        settings["instructions"] = evaluation.instructions.identity()
     if args.dry_run:
         print(_estimate(args, prepared, config, schedule, evaluation))
         return None
     _open(args, settings)
-    evaluation.base = _cached(args.out / "base.json", lambda: evaluation.point(prepared.model, 0))
+    evaluation.base = _cached(args.out / "base.json", lambda: _base(prepared.model, evaluation))
     prepared = replace(prepared, model=None)  # each run loads its own; two copies need not be held
     runs = _run_all(args, prepared, config, schedule, evaluation, settings)
     timing = _cached(args.out / "timing.json", lambda: _timing(args, prepared, accelerator, config, schedule, runs))
     return _written(args, settings, evaluation.base, runs, timing)
+
+
+def _instructions(args, prepared: Prepared) -> InstructionProbe | None:
+    """--instructions held-out prompts with an instruction each (drawn with --seed), or None."""
+    if not args.instructions:
+        return None
+    sources = [prepared.held_out_conversations]
+    probe = InstructionProbe.of(sources, prepared.tokenizer, prepared.plain, args.instructions, args.seed)
+    if len(probe.texts) < args.instructions:
+        fit = f"{len(probe.texts)} held-out prompts fit (at most {PROMPT_TOKENS} tokens each)"
+        print(f"--instructions {args.instructions}: {fit}; scoring on those")
+    return probe
+
+
+def _base(model, evaluation: Evaluation) -> dict:
+    """The base model's checkpoint (step 0), with its instruction score when instructions are scored."""
+    point = evaluation.point(model, 0)
+    return {**point, "instructions": evaluation.followed(model)} if evaluation.instructions else point
 
 
 def _check_modes(args) -> None:
@@ -254,24 +276,30 @@ def _timed(args, row: str, prepared: Prepared, accelerator, config, schedule: Sc
 
 
 def _estimate(args, prepared: Prepared, config: ILAConfig, schedule: Schedule, evaluation: Evaluation) -> str:
-    """The plan and its cost: a few LoRA-all steps and one evaluation timed here, scaled to every run's steps
-    (identification's stage budgets included) and evaluations."""
+    """The plan and its cost: a few LoRA-all steps, one evaluation and (with --instructions) one instruction scoring
+    timed here, scaled to every run's steps (identification's stage budgets included), evaluations and scorings."""
     evaluation.point(prepared.model, 0)
+    per_point = evaluation.seconds
+    if evaluation.instructions is not None:
+        evaluation.followed(prepared.model)
+    per_score = evaluation.seconds - per_point
     lora = trained_like(MODES["lora-all"], prepared.model, config, 0)[0]
     step = statistics.mean(train_briefly(lora, prepared.batches(schedule.batch_size, 0), 3, schedule.lr)[0])
-    per_point = evaluation.seconds
     identify = config.stage1_max_steps + config.stage2_steps
     runs = [(mode, seed) for mode in args.modes for seed in range(args.seeds)]
     steps = sum(schedule.steps + (identify if MODES[m].layers == "identify" else 0) for m, _ in runs)
-    seconds = steps * step + len(runs) * (len(evaluation.at) + 1) * per_point
+    points = len(runs) * (len(evaluation.at) + 1)
+    scorings = 2 * len(runs) + 1 if evaluation.instructions is not None else 0  # the end and the best, and the base
+    seconds = steps * step + points * per_point + scorings * per_score
     modes = ", ".join(f"{m} ({MODES[m].label})" for m in args.modes)
+    scored = f" and {scorings} instruction scorings at {per_score:.0f} s" if scorings else ""
     return (
         f"plan: {len(runs)} runs ({modes}; seeds 0-{args.seeds - 1}) of {schedule.steps} steps each, held-out loss"
         f"{' and ' + str(len(evaluation.references)) + ' reference set(s)' if evaluation.references else ''} at "
         f"steps {', '.join(map(str, evaluation.at))}\n"
-        f"estimate: {steps:,} training steps at {step:.2f} s (a LoRA-all step timed here) and "
-        f"{len(runs) * (len(evaluation.at) + 1)} evaluations at {per_point:.1f} s: about {_hours(seconds)}, "
-        f"plus {len(args.modes) * ROUNDS * args.timing_steps} timing steps; nothing was written"
+        f"estimate: {steps:,} training steps at {step:.2f} s (a LoRA-all step timed here), {points} evaluations at "
+        f"{per_point:.1f} s{scored}: about {_hours(seconds)}, plus {len(args.modes) * ROUNDS * args.timing_steps} "
+        "timing steps; nothing was written"
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from .files import write_json
-from .judge import NOISE_RULE, beyond, difference, pooled_sd, ratio, show
+from .judge import NOISE_RULE, at_matched_loss, beyond, difference, pooled_sd, ratio, show
 from .recipe import MODES
 from .report import machine
 
@@ -28,7 +28,7 @@ def write_results(
         "runs": runs,
         "timing": timing,
         "missing": [f"{m}, seed {s}" for m in modes for s in range(seeds) if not _ran(runs, m, s)],
-        "comparisons": compare(runs, modes, timing, settings["schedule"]["steps"]),
+        "comparisons": compare(runs, modes, timing, settings["schedule"]["steps"], base),
         "machine": machine(),
         "command": "peft-ila " + " ".join(argv),
     }
@@ -48,9 +48,10 @@ def _ends(runs: list[dict], key: str) -> list[float]:
     return [r["checkpoints"][-1][key] for r in runs if r["checkpoints"][-1][key] is not None]
 
 
-def compare(runs: list[dict], modes, timing: dict | None, steps: int) -> dict:
-    """Per mode: seeds, mean held-out loss and forgetting at the end; against LoRA-all: their differences ± SE (the
-    pooled seed-to-seed SD of all modes), the cost ratios and the verdict. And the noise scales."""
+def compare(runs: list[dict], modes, timing: dict | None, steps: int, base: dict) -> dict:
+    """Per mode: seeds, mean held-out loss and forgetting at the end, instruction scores; against LoRA-all: their
+    differences ± SE (the pooled seed-to-seed SD of all modes), forgetting at matched held-out loss, the cost ratios
+    and the verdict. And the noise scales."""
     by_mode = {m: [r for r in runs if r["mode"] == m] for m in modes}
     ends = {key: {m: _ends(rs, key) for m, rs in by_mode.items()} for key in ("held_out", "forgetting")}
     noise = {key: pooled_sd(values.values()) for key, values in ends.items()}
@@ -61,12 +62,31 @@ def compare(runs: list[dict], modes, timing: dict | None, steps: int) -> dict:
         row = {"label": MODES[mode].label, "seeds": len(mode_runs)}
         row.update({key: statistics.mean(ends[key][mode]) if ends[key][mode] else None for key in ends})
         row["seconds"] = statistics.mean(r["seconds"] for r in mode_runs)
+        row.update({f"instructions_{at}": _followed(mode_runs, at) for at in ("best", "end")})
         if mode != "lora-all" and by_mode["lora-all"]:
             for key in ends:
                 row[f"delta_{key}"] = difference(ends[key][mode], ends[key]["lora-all"], noise[key])
+            row["matched"] = _matched(mode_runs, by_mode["lora-all"], base)
             row.update(_costs(mode, by_mode, timing, steps))
         rows[mode] = row
     return {"noise": noise, "modes": rows}
+
+
+def _followed(runs: list[dict], at: str) -> float | None:
+    """The mean share of instructions the runs obeyed `at` the end or their best checkpoint (None: not scored)."""
+    shares = [r["instructions"][at]["share"] for r in runs if "instructions" in r]
+    return statistics.mean(shares) if shares else None
+
+
+def _matched(runs: list[dict], lora: list[dict], base: dict) -> dict | None:
+    """Forgetting against LoRA-all's at matched held-out loss (`judge.at_matched_loss`), when measured."""
+    if any(p["forgetting"] is None for r in [*runs, *lora] for p in r["checkpoints"]):
+        return None
+    start = [(base["held_out"], 0.0)]
+    mine, theirs = (
+        [start + [(p["held_out"], p["forgetting"]) for p in r["checkpoints"]] for r in rs] for rs in (runs, lora)
+    )
+    return at_matched_loss(mine, theirs)
 
 
 def _costs(mode: str, by_mode: dict, timing: dict | None, steps: int) -> dict:
@@ -161,14 +181,24 @@ def _ratio(value) -> str:
 
 def _table(rows: dict) -> list[str]:
     header = "| mode | seeds | held-out loss | Δ vs LoRA-all | forgetting | Δ vs LoRA-all | step time x | memory x | "
-    header += "wall time x | measured wall x |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header += "wall time x | measured wall x | Δ forgetting at matched held-out loss | instructions: best / end |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows.values():
         deltas = [show(row[k]) if row.get(k) else "" for k in ("delta_held_out", "delta_forgetting")]
         costs = [_ratio(row.get(k)) for k in ("step", "memory", "wall", "wall_measured")]
-        figures = [_num(row["held_out"]), deltas[0], _num(row["forgetting"]), deltas[1], *costs]
+        figures = [_num(row["held_out"]), deltas[0], _num(row["forgetting"]), deltas[1], *costs, _at_matched(row)]
+        follows = [_num(row.get(f"instructions_{at}"), 3) for at in ("best", "end")]
+        figures.append(" / ".join(follows) if any(follows) else "")
         lines.append(f"| {row['label']} | {row['seeds']} | " + " | ".join(figures) + " |")
     return lines
+
+
+def _at_matched(row: dict) -> str:
+    """Forgetting against LoRA-all's at matched held-out loss, and over which held-out losses."""
+    found = row.get("matched")
+    if not found or found["delta"] is None:
+        return ""
+    return f"{show(found['delta'])} over {found['range'][0]:.3f}–{found['range'][1]:.3f}"
 
 
 def _checkpoints(runs: list[dict], base: dict) -> list[str]:

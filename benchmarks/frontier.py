@@ -1,0 +1,297 @@
+"""The learning–forgetting frontier: along the whole training curve, does any way of choosing layers with ILA reach a
+better (held-out loss, forgetting) frontier than LoRA on all layers, and than the selectors a PEFT user already has
+for the same share of layers?
+
+    python -m benchmarks.frontier --preset full --dry-run   # the plan and its cost, measured here (estimate.json)
+    python -m benchmarks.frontier --preset full             # resumable: a finished run is kept, a missing one run
+    python -m benchmarks.frontier --preset quick            # smoke-sized
+
+Every arm is a `Recipe` (`ARMS`) run by the library's executor (`peft_ila.app.executor.run_recipe`) for `epochs`
+epochs on the grid's data, model and judges, measured at `evals` evenly spaced checkpoints: held-out loss, the other
+datasets' held-out loss (their mean rise over the base model's is the forgetting) and the share of general-knowledge
+questions answered right (ARC-Easy); and, at the end and at the checkpoint of lowest held-out loss, the share of
+verifiable instructions obeyed (`peft_ila.app.instructions`) on held-out prompts of every dataset. ILA's arms rank
+the layers by the grid's mask cell of their dataset (library defaults, seed 0); identification inside the fine-tune
+identifies on each run's own data order.
+
+The plan: every arm on the primary dataset with every seed, then LoRA-all, the best two ILA arms and the best peer
+(by forgetting at matched held-out loss on the primary dataset) on the others with `other_seeds`. The dry run's
+estimate decides what is cut (`CUT`, in order) to keep within `budget_hours`. Cells
+(`benchmarks/results/frontier/<preset>/`): `run-*` (one arm, dataset, seed), `follow-*` (the base model's instruction
+score); the grid's base, knowledge and mask cells are read (or computed) in the grid's folder. Writes `frontier.json`,
+`FRONTIER.md` and one `frontier-<dataset>.png` per dataset (`frontier_report.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from benchmarks import frontier_report
+from benchmarks.core.cells import Missing, Study
+from benchmarks.core.inputs import ROOT
+from benchmarks.core.page import Finding
+from benchmarks.core.recipes import train_briefly
+from benchmarks.frontier_report import cut
+from benchmarks.grid import ADAPTER, LR, Grid
+from peft_ila import ILAConfig, Selection
+from peft_ila.app.executor import Evaluation, Schedule, run_recipe, trained_like
+from peft_ila.app.files import write_json
+from peft_ila.app.instructions import InstructionProbe
+from peft_ila.app.recipe import INSIDE, Recipe
+
+ARMS = {
+    "lora-all": Recipe("LoRA-all"),
+    "lora-slow": Recipe("LoRA-all, a third of the rate", lr_scale=1 / 3),
+    "ila-75": Recipe("ILA top 75%, fresh adapters", "identify", top_k=0.75),
+    "ila-50": Recipe("ILA top 50%, fresh adapters", "identify", top_k=0.5),
+    "ila-ranks": Recipe("ILA ranks: every layer, rank by importance", "identify", ranks="importance"),
+    "inside": Recipe("ILA inside (train's default)", "inside", top_k=INSIDE["top_k"], estimator=INSIDE["estimator"]),
+    "random-75": Recipe("random 75%", "random", top_k=0.75),
+    "random-50": Recipe("random 50%", "random", top_k=0.5),
+    "kappa-75": Recipe("KappaTune 75%", "kappa", top_k=0.75),
+    "spectrum-75": Recipe("Spectrum SNR 75%", "spectrum", top_k=0.75),
+}
+ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
+PEER_ARMS = ("random-75", "random-50", "kappa-75", "spectrum-75")
+VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
+
+PRESETS = {
+    "smoke": dict(  # the test suite's, on a tiny model: every path once
+        grid="quick", epochs=2, evals=3, seeds=[0], other_seeds=[0], prompts=4, max_new_tokens=8, budget_hours=25
+    ),
+    "quick": dict(  # every path on the real model in about two minutes
+        grid="quick", epochs=2, evals=3, seeds=[0], other_seeds=[0], prompts=4, max_new_tokens=16, budget_hours=25
+    ),
+    "full": dict(
+        grid="full",
+        epochs=3,  # the modes study's long regime, where ILA's top 75% forgot less than LoRA-all
+        evals=12,
+        seeds=[0, 1, 2],  # the primary dataset: every arm
+        other_seeds=[0, 1],  # the others: LoRA-all, the best two ILA arms and the best peer
+        prompts=150,  # instruction prompts, held out from every dataset
+        max_new_tokens=160,  # enough for the longest answer an instruction asks (80 words)
+        budget_hours=25,  # of CPU (2 cores); arms are cut in `CUT`'s order until the estimate fits
+    ),
+}
+
+
+class Frontier(Study):
+    """The frontier's runs; the grid (its data, base model, judges and cells) underneath."""
+
+    name, page_name, target, presets = "frontier", "FRONTIER.md", "make bench-frontier", PRESETS
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        grid_args = copy.copy(args)
+        grid_args.cells, grid_args.preset = args.grid_cells, self.p["grid"]
+        self.grid = Grid(grid_args)
+        self.data, self.base = self.grid.data, self.grid.base
+        stages = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"])
+        self.config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **stages, stage1_lr=LR, lora_dropout=0.0)
+        self.accelerator = Accelerator()
+        self._evaluations: dict[str, Evaluation] = {}
+        self._probe: InstructionProbe | None = None
+
+    @classmethod
+    def options(cls, parser: argparse.ArgumentParser) -> None:
+        Grid.options(parser)
+        folder = ROOT / "benchmarks" / "results" / "grid"
+        parser.add_argument("--grid-cells", type=Path, default=folder, help="the grid's cells (one folder per preset)")
+        parser.add_argument("--dry-run", action="store_true", help="measure the plan's cost, write estimate.json")
+
+    # --- what every run shares -----------------------------------------------------------------------------------
+
+    def steps(self, name: str) -> int:
+        return self.p["epochs"] * self.grid.steps(name)
+
+    def checkpoints(self, name: str) -> list[int]:
+        """`evals` evenly spaced steps, the last the end."""
+        steps, evals = self.steps(name), self.p["evals"]
+        return sorted({max(1, round(i * steps / evals)) for i in range(1, evals + 1)})
+
+    def probe(self) -> InstructionProbe:
+        """The instruction prompts: an even share of `prompts` from every dataset's held-out examples."""
+        if self._probe is None:
+            sources = [self.data[name].held_out_conversations for name in self.data.names]
+            primary = self.data[self.data.primary]
+            shape = dict(max_new_tokens=self.p["max_new_tokens"])
+            self._probe = InstructionProbe.of(sources, primary.tokenizer, primary.plain, self.p["prompts"], **shape)
+        return self._probe
+
+    def evaluation(self, name: str) -> Evaluation:
+        """Where a run on `name` is measured: its held-out set, the other datasets' (forgetting), the questions."""
+        if name not in self._evaluations:
+            others = [other for other in self.data.names if other != name]
+            references = {other: self.data.batches(other, 0, held_out=True) for other in others}
+            held_out = self.data.batches(name, 0, held_out=True)
+            measures = {"knowledge": self.grid.knowledge}
+            evaluation = Evaluation(held_out, references, self.checkpoints(name), self.accelerator, measures=measures)
+            evaluation.instructions = self.probe()
+            self._evaluations[name] = evaluation
+        return self._evaluations[name]
+
+    def based(self, name: str) -> Evaluation:
+        """`evaluation(name)` with the base model's figures (the grid's cells): what forgetting is measured from."""
+        evaluation = self.evaluation(name)
+        references = {other: self.grid.base_loss(other)["loss"] for other in evaluation.references}
+        knowledge = self.grid.base_knowledge()["accuracy"]
+        held_out = self.grid.base_loss(name)["loss"]
+        evaluation.base = {"held_out": held_out, "references": references, "measures": {"knowledge": knowledge}}
+        return evaluation
+
+    # --- cells ---------------------------------------------------------------------------------------------------
+
+    def run_cell(self, name: str, arm: str, seed: int) -> dict:
+        """`ARMS[arm]` fine-tuned on `name` with `seed` for `epochs` epochs: the executor's run record."""
+        recipe, evaluation = ARMS[arm], self.based(name)
+        settings = {**self.grid.identity(name), "arm": arm, "seed": seed, "steps": self.steps(name), "lr": LR}
+        settings.update(recipe={k: v for k, v in asdict(recipe).items() if k != "label"}, **ADAPTER)
+        settings.update(at=evaluation.at, others={o: self.grid.identity(o) for o in evaluation.references})
+        settings.update(knowledge=self.grid.knowledge_identity, instructions=self.probe().identity())
+        settings.update(stages=[self.config.stage1_max_steps, self.config.stage2_steps], version=VERSION)
+        if recipe.layers == "identify":
+            settings["mask"] = self.grid.mask(name)["settings"]
+
+        def compute(stem: Path) -> dict:
+            prepared = replace(self.data[name], model=copy.deepcopy(self.base))
+            schedule = Schedule(self.steps(name), LR, LR, 0.1, self.grid.p["batch_size"])
+            ranking = self.ranking(name) if recipe.layers == "identify" else None
+            return run_recipe(
+                recipe, prepared, self.config, schedule, seed, evaluation, self.args.progress, None, ranking
+            )
+
+        return self.cell("run", settings, compute)
+
+    def ranking(self, name: str) -> Selection:
+        """ILA's ranking of the layers on `name`: the grid's mask cell."""
+        return Selection.from_json(self.grid.mask(name)["selection"])
+
+    def base_following(self) -> dict:
+        """The base model's instruction score."""
+        settings = {"model": self.args.model, **self.probe().identity(), "version": VERSION}
+        return self.cell("follow", settings, lambda stem: self.probe().score(self.base))
+
+    # --- the plan ------------------------------------------------------------------------------------------------
+
+    def arms(self, estimate: dict | None) -> list[str]:
+        """Every arm, less those the estimate cuts (`cut`)."""
+        dropped = cut(estimate, self.p["budget_hours"])["cut"] if estimate else []
+        return [arm for arm in ARMS if arm not in dropped]
+
+    def run(self) -> dict:
+        estimate = self.estimate_record()
+        if estimate is None and not self.args.existing_only:
+            why = "what the plan cuts depends on it"
+            sys.exit(f"benchmarks.frontier: no estimate.json in {self.folder}: run with --dry-run first ({why})")
+        primary, names = self.data.primary, self.data.names
+        arms = self.arms(estimate)
+        results = {"datasets": names, "primary": primary, "settings": self.settings(), "arms": arms, "runs": []}
+        results.update(estimate=estimate, labels={arm: ARMS[arm].label for arm in ARMS}, base=self.bases())
+        if following := self.collect("the base model's instruction score", self.base_following):
+            results["base"]["instructions"] = {k: following[k] for k in ("share", "se")}
+        for seed in self.p["seeds"]:
+            for arm in arms:
+                self.add(results, primary, arm, seed)
+        others = self.collect("the arms on the other datasets", frontier_report.chosen, results, arms) or []
+        for seed in self.p["other_seeds"]:
+            for name in names[1:]:
+                for arm in others:
+                    self.add(results, name, arm, seed)
+        return results
+
+    def add(self, results: dict, name: str, arm: str, seed: int) -> None:
+        if record := self.collect(f"{name}: {arm}, seed {seed}", self.run_cell, name, arm, seed):
+            results["runs"].append({"dataset": name, "arm": arm, "seed": seed, **kept(record)})
+
+    def bases(self) -> dict:
+        """The base model's held-out loss on each dataset and its share of right answers (the grid's cells)."""
+        try:
+            losses = {name: self.grid.base_loss(name)["loss"] for name in self.data.names}
+            return {"held_out": losses, "knowledge": self.grid.base_knowledge()["accuracy"]}
+        except Missing:
+            return {}
+
+    def settings(self) -> dict:
+        shape = ("batch_size", "max_length", "eval_size", "stage1", "stage2", "questions")
+        grid = {k: self.grid.p[k] for k in shape}
+        steps = {name: self.steps(name) for name in self.data.names}
+        return {**self.p, "grid": grid, "steps": steps, "lr": LR, **ADAPTER, "candidates": len(self.grid.candidates)}
+
+    def findings(self, results: dict) -> list[Finding]:
+        return frontier_report.findings(results)
+
+    def page(self, results: dict) -> str:
+        """The page; the frontier plots written beside the cells."""
+        frontier_report.plots(self.folder, results)
+        prefix = "" if self.page_path().parent == self.folder else f"results/frontier/{self.args.preset}/"
+        return frontier_report.page(results, prefix)
+
+    # --- the dry run ---------------------------------------------------------------------------------------------
+
+    def estimate_record(self) -> dict | None:
+        path = self.folder / "estimate.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def estimate(self) -> dict:
+        """The cost of every run of the plan (no arm cut), from a few LoRA-all steps, one checkpoint evaluation and
+        one instruction scoring timed here; written to estimate.json."""
+        primary = self.data.primary
+        evaluation = self.based(primary)
+        model = trained_like(ARMS["lora-all"], copy.deepcopy(self.base), self.config, 0)[0]
+        step = statistics.mean(train_briefly(model, self.data.batches(primary, 0), 4, LR)[0])
+        evaluation.point(model, 0)
+        point, start = evaluation.seconds, evaluation.seconds
+        evaluation.followed(model)
+        follow = evaluation.seconds - start
+        return {
+            "step_seconds": step,
+            "point_seconds": point,
+            "follow_seconds": follow,
+            "runs": plan_runs(self.data.names, list(ARMS), self.p, self.steps, self.checkpoints, self.config),
+            "machine": {"threads": torch.get_num_threads()},
+        }
+
+    @classmethod
+    def main(cls, argv: list[str] | None = None) -> dict:
+        """`Study.main`, or with --dry-run the plan's cost (estimate.json) and what it cuts, computing no run."""
+        args = cls.parse(sys.argv[1:] if argv is None else list(argv))
+        if not args.dry_run:
+            return super().main(argv)
+        study = cls(args)
+        estimate = study.estimate()
+        write_json(study.folder / "estimate.json", estimate)
+        print(frontier_report.estimate_text(estimate, cut(estimate, study.p["budget_hours"])))
+        return estimate
+
+
+def plan_runs(names: list[str], arms: list[str], p: dict, steps, checkpoints, config: ILAConfig) -> list[dict]:
+    """Every run the plan holds (the other datasets' with four arms, as chosen later), each with its optimizer
+    steps (identification's stage 2 added for an arm that identifies inside) and its checkpoints."""
+    extra = {"inside": config.stage2_steps}
+    planned = [(names[0], arm, seed) for seed in p["seeds"] for arm in arms]
+    planned += [(name, f"other-{i}", seed) for seed in p["other_seeds"] for name in names[1:] for i in range(4)]
+    return [
+        {"dataset": d, "arm": a, "seed": s, "steps": steps(d) + extra.get(a, 0), "points": len(checkpoints(d))}
+        for d, a, s in planned
+    ]
+
+
+def kept(record: dict) -> dict:
+    """What the page needs of a run cell (instruction scores without each prompt's verdict)."""
+    out = {key: record[key] for key in ("checkpoints", "steps", "seconds", "trainable_params")}
+    scores = record.get("instructions", {})
+    out["instructions"] = {at: {k: v for k, v in score.items() if k != "obeyed"} for at, score in scores.items()}
+    return {**out, "selected": len(record["identification"].get("selected", [])) or None}
+
+
+if __name__ == "__main__":
+    Frontier.main()

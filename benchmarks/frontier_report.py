@@ -1,0 +1,284 @@
+"""The frontier study's judge and page: every arm's training curves against LoRA-all's and its peers' at matched
+held-out loss (the library's `judge.at_matched_loss`), best held-out loss and instruction score by the 2-SE rule,
+the findings, the tables and one frontier plot per dataset."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from benchmarks.core.cells import Missing
+from benchmarks.core.page import Column, Finding, columns, findings_section, missing_section, number
+from benchmarks.core.stats import NOISE_RULE, beyond, difference, pooled_sd, show
+from peft_ila.app.judge import at_matched_loss
+
+ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
+PEERS_OF = {  # an ILA arm's peers: the selectors of the same share of layers
+    "ila-75": ("random-75", "kappa-75", "spectrum-75"),
+    "inside": ("random-75", "kappa-75", "spectrum-75"),
+    "ila-50": ("random-50",),
+    "ila-ranks": (),  # every layer keeps an adapter: its peer is LoRA-all
+}
+PEER_ARMS = ("random-75", "random-50", "kappa-75", "spectrum-75")
+REFERENCE = "lora-all"
+CUT = ("ila-50", "random-50", "spectrum-75", "lora-slow")  # what goes first when the plan is too long, in order
+
+
+def runs_of(results: dict, dataset: str, arm: str) -> list[dict]:
+    return [run for run in results["runs"] if (run["dataset"], run["arm"]) == (dataset, arm)]
+
+
+def curve(run: dict, base: float) -> list[tuple[float, float]]:
+    """A run's (held-out loss, forgetting) in step order, from the base model's (base, 0)."""
+    return [(base, 0.0), *((c["held_out"], c["forgetting"]) for c in run["checkpoints"])]
+
+
+def matched(results: dict, dataset: str, arm: str, other: str) -> dict | None:
+    """`arm`'s forgetting against `other`'s at matched held-out loss on `dataset` (see `at_matched_loss`)."""
+    base = results["base"]["held_out"][dataset]
+    a, b = ([curve(r, base) for r in runs_of(results, dataset, x)] for x in (arm, other))
+    return at_matched_loss(a, b) if a and b else None
+
+
+def mean_gap(found: dict | None) -> float | None:
+    """The mean difference of a matched comparison, with or without a noise estimate."""
+    return None if found is None else statistics.mean(found["a"]) - statistics.mean(found["b"])
+
+
+def best_held_out(run: dict) -> float:
+    return min(c["held_out"] for c in run["checkpoints"])
+
+
+def following(run: dict, at: str) -> float | None:
+    """The share of instructions obeyed at the end or at the best checkpoint (`at`)."""
+    scores = run.get("instructions") or {}
+    return scores[at]["share"] if at in scores else None
+
+
+def delta(results: dict, dataset: str, arm: str, value) -> tuple[float, float] | None:
+    """mean(value(run)) of `arm` - LoRA-all's on `dataset`, ± SE from the two arms' pooled seed spread."""
+    a, b = ([v for r in runs_of(results, dataset, x) if (v := value(r)) is not None] for x in (arm, REFERENCE))
+    return difference(a, b, pooled_sd([a, b]))
+
+
+def chosen(results: dict, arms: list[str]) -> list[str]:
+    """The arms the other datasets run: LoRA-all, the best two ILA arms and the best peer, by their forgetting at
+    matched held-out loss against LoRA-all on the primary dataset (`Missing` until every arm has every seed)."""
+    primary, seeds = results["primary"], len(results["settings"]["seeds"])
+    if any(len(runs_of(results, primary, arm)) < seeds for arm in arms):
+        raise Missing(f"it waits for every arm on {primary} with every seed")
+    gap = {arm: mean_gap(matched(results, primary, arm, REFERENCE)) for arm in arms if arm != REFERENCE}
+    ranked = sorted((arm for arm in gap if gap[arm] is not None), key=gap.__getitem__)
+    ila = [arm for arm in ranked if arm in ILA_ARMS][:2]
+    return [REFERENCE, *ila, *[arm for arm in ranked if arm in PEER_ARMS][:1]]
+
+
+# --- findings --------------------------------------------------------------------------------------------------------
+
+
+def goal(results: dict, arm: str) -> tuple[bool, str]:
+    """Whether `arm` meets the issue's first goal on every dataset (forgets less than LoRA-all at matched held-out
+    loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE), and the
+    evidence."""
+    parts, met = [], True
+    for dataset in results["datasets"]:
+        found = matched(results, dataset, arm, REFERENCE)
+        forget = found["delta"] if found else None
+        best = delta(results, dataset, arm, best_held_out)
+        follows = delta(results, dataset, arm, lambda r: following(r, "best"))
+        met &= forget is not None and beyond(forget) < 0 and best is not None and beyond(best) <= 0
+        met &= follows is not None and beyond(follows) <= 0
+        parts.append(f"{dataset}: forgetting {show(forget)}, best held-out {show(best)}, instructions {show(follows)}")
+    return met, "; ".join(parts)
+
+
+def ahead_of_peers(results: dict, arm: str) -> tuple[bool, str]:
+    """Whether `arm` forgets less than every peer of its share at matched held-out loss by > 2 SE on every dataset
+    where both ran, and the evidence."""
+    parts, met = [], bool(PEERS_OF[arm])
+    for dataset in results["datasets"]:
+        for peer in PEERS_OF[arm]:
+            if not runs_of(results, dataset, peer) or not runs_of(results, dataset, arm):
+                continue
+            found = matched(results, dataset, arm, peer)
+            met &= found is not None and found["delta"] is not None and beyond(found["delta"]) < 0
+            parts.append(f"{dataset} vs {peer}: {show(found['delta'] if found else None)}")
+    return met and bool(parts), "; ".join(parts) or "no peer ran"
+
+
+def findings(results: dict) -> list[Finding]:
+    out = []
+    arms = [arm for arm in ILA_ARMS if any(run["arm"] == arm for run in results["runs"])]
+    for arm in arms:
+        met, evidence = goal(results, arm)
+        claim = f"{results['labels'][arm]} forgets less than LoRA-all at matched held-out loss, learns as well"
+        verdict = "holds on every dataset" if met else "does not hold on every dataset"
+        rule = "forgetting below −2 SE, best held-out loss and instruction score (best checkpoint) not above +2 SE"
+        out.append(Finding(claim, verdict, evidence, f"{rule}; {NOISE_RULE}", id=f"frontier-{arm}"))
+        if PEERS_OF[arm]:
+            met, evidence = ahead_of_peers(results, arm)
+            claim = f"{results['labels'][arm]} forgets less than every peer selector of the same share"
+            verdict = "holds" if met else "does not hold"
+            out.append(Finding(claim, verdict, evidence, NOISE_RULE, id=f"frontier-peers-{arm}"))
+    return out
+
+
+# --- the plan's cost ----------------------------------------------------------------------------------------------
+
+
+def cut(estimate: dict, budget_hours: float) -> dict:
+    """The arms cut, in `CUT`'s order, until the plan's estimated hours are within `budget_hours` (the other
+    datasets' runs never cut: they are LoRA-all, the best ILA arms and the best peer): {"cut", "hours", "before"}."""
+
+    def hours(dropped: list[str]) -> float:
+        runs = [run for run in estimate["runs"] if run["arm"] not in dropped]
+        each = (estimate["step_seconds"], estimate["point_seconds"], 2 * estimate["follow_seconds"])
+        return sum(r["steps"] * each[0] + r["points"] * each[1] + each[2] for r in runs) / 3600
+
+    dropped: list[str] = []
+    for arm in CUT:
+        if hours(dropped) <= budget_hours:
+            break
+        dropped.append(arm)
+    return {"cut": dropped, "hours": hours(dropped), "before": hours([])}
+
+
+# --- the page --------------------------------------------------------------------------------------------------------
+
+
+def estimate_text(estimate: dict, decided: dict) -> str:
+    """The dry run's plan and cost, and what it cuts."""
+    runs = estimate["runs"]
+    steps, points = sum(r["steps"] for r in runs), sum(r["points"] for r in runs)
+    dropped = ", ".join(decided["cut"]) or "nothing"
+    return (
+        f"plan: {len(runs)} runs, {steps:,} training steps at {estimate['step_seconds']:.2f} s, {points} checkpoint "
+        f"evaluations at {estimate['point_seconds']:.1f} s and {2 * len(runs)} instruction scorings at "
+        f"{estimate['follow_seconds']:.0f} s: about {decided['before']:.1f} h; cut to keep within the budget: "
+        f"{dropped} ({decided['hours']:.1f} h left)"
+    )
+
+
+def arm_rows(results: dict, dataset: str) -> list[dict]:
+    """One row per arm that ran on `dataset`."""
+    rows = []
+    for arm in results["arms"]:
+        runs = runs_of(results, dataset, arm)
+        if not runs:
+            continue
+        found = matched(results, dataset, arm, REFERENCE) if arm != REFERENCE else None
+        ends = [r["checkpoints"][-1] for r in runs]
+        rows.append({
+            "arm": arm,
+            "label": results["labels"][arm],
+            "seeds": len(runs),
+            "best": statistics.mean(best_held_out(r) for r in runs),
+            "best_delta": delta(results, dataset, arm, best_held_out) if arm != REFERENCE else None,
+            "matched": found,
+            "forgetting_end": statistics.mean(e["forgetting"] for e in ends if e["forgetting"] is not None),
+            "knowledge_end": statistics.mean(e["measures"]["knowledge"] for e in ends),
+            "follow_best": _mean(following(r, "best") for r in runs),
+            "follow_end": _mean(following(r, "end") for r in runs),
+            "params": runs[0]["trainable_params"],
+        })  # fmt: skip
+    return rows
+
+
+def _mean(values) -> float | None:
+    found = [v for v in values if v is not None]
+    return statistics.mean(found) if found else None
+
+
+def _matched_text(row: dict) -> str:
+    found = row["matched"]
+    if found is None:
+        return "–" if row["arm"] == REFERENCE else "no common range"
+    low, high = found["range"]
+    shown = show(found["delta"]) if found["delta"] else f"{mean_gap(found):+.4f} (one seed)"
+    return f"{shown} over {low:.3f}–{high:.3f}"
+
+
+def _follows(row: dict) -> str:
+    return f"{number(row['follow_best'], '.3f')} / {number(row['follow_end'], '.3f')}"
+
+
+TABLE: list[Column] = [
+    ("arm", "l", lambda r: r["label"]),
+    ("seeds", "r", lambda r: str(r["seeds"])),
+    ("best held-out", "r", lambda r: number(r["best"], ".4f")),
+    ("Δ best vs LoRA-all", "r", lambda r: "–" if r["best_delta"] is None else show(r["best_delta"])),
+    ("Δ forgetting at matched held-out loss", "l", _matched_text),
+    ("forgetting at end", "r", lambda r: number(r["forgetting_end"], "+.4f")),
+    ("ARC-Easy at end", "r", lambda r: number(r["knowledge_end"], ".3f")),
+    (
+        "instructions: best / end",
+        "r",
+        lambda r: f"{number(r['follow_best'], '.3f')} / {number(r['follow_end'], '.3f')}",
+    ),
+    ("trainable", "r", lambda r: f"{r['params']:,}"),
+]
+
+
+def page(results: dict, prefix: str = "") -> str:
+    """The page; `prefix`: where its plots are, from the page's folder."""
+    p, base = results["settings"], results["base"]
+    lines = ["# The learning–forgetting frontier", "", *_question(), ""]
+    lines += _how(results), ""
+    if "instructions" in base:
+        follows = base["instructions"]
+        lines += [
+            f"The base model obeys {follows['share']:.3f} ± {follows['se']:.3f} of the {p['prompts']} instructions.",
+            "",
+        ]
+    lines += findings_section(findings(results))
+    for dataset in results["datasets"]:
+        rows = arm_rows(results, dataset)
+        if not rows:
+            continue
+        lines += [f"## {dataset}", "", *columns(TABLE, rows), "", f"![frontier]({prefix}{_plot_name(dataset)})", ""]
+    return "\n".join([*lines, *missing_section(results["missing"], "make bench-frontier")]) + "\n"
+
+
+def _question() -> list[str]:
+    return [
+        "Along the whole training curve, does a way of choosing layers with ILA reach a better (held-out loss, "
+        "forgetting) frontier than LoRA on all layers, and than the selectors a PEFT user already has for the same "
+        "share of layers? Forgetting is the other datasets' mean held-out loss rise over the base model's; it is "
+        "compared at matched held-out loss: each seed's curve interpolated at held-out losses every curve of both arms "
+        "reaches, and averaged over them."
+    ]
+
+
+def _how(results: dict) -> str:
+    p, estimate = results["settings"], results.get("estimate")
+    text = (
+        f"Each run: {p['epochs']} epochs at learning rate {p['lr']:g} (rank {p['r']}, alpha {p['lora_alpha']}), "
+        f"{p['evals']} checkpoints, {p['grid']['eval_size']} held-out examples per dataset, "
+        f"{p['grid']['questions']} ARC-Easy questions, {p['prompts']} instruction prompts (greedy, at most "
+        f"{p['max_new_tokens']} new tokens). Seeds: {len(p['seeds'])} on the primary dataset, "
+        f"{len(p['other_seeds'])} on the others."
+    )
+    if estimate is None:
+        return text + " No estimate yet: run the dry run first."
+    return (
+        text
+        + " Dry run (`python -m benchmarks.frontier --preset full --dry-run`): "
+        + estimate_text(estimate, cut(estimate, p["budget_hours"]))
+        + "."
+    )
+
+
+def _plot_name(dataset: str) -> str:
+    return f"frontier-{dataset}.png"
+
+
+def plots(folder: Path, results: dict) -> None:
+    """One frontier plot per dataset: every run's checkpoints, held-out loss against forgetting."""
+    from peft_ila.app.plots import versus_plot
+
+    for dataset in results["datasets"]:
+        runs = [{**run, "mode": run["arm"]} for run in results["runs"] if run["dataset"] == dataset]
+        if runs:
+            base = {"held_out": results["base"]["held_out"][dataset]}
+            arms = [arm for arm in results["arms"] if any(run["arm"] == arm for run in runs)]
+            versus_plot(folder / _plot_name(dataset), runs, base, arms)

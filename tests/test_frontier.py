@@ -1,0 +1,148 @@
+"""The learning–forgetting frontier: curves compared at matched held-out loss, the executor's checkpoints and
+instruction scores, the peer and rank recipes, and the study's smoke run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from test_benchmarks import knowledge_file
+
+from conftest import alpaca_rows, tiny_lm_dir
+from peft_ila.app.executor import Best, Evaluation, Schedule, run_recipe
+from peft_ila.app.instructions import InstructionProbe
+from peft_ila.app.judge import LEVELS, along, at_matched_loss, matched_range
+from peft_ila.app.pipeline import prepare
+from peft_ila.app.recipe import Recipe
+from peft_ila.tuner.config import ILAConfig
+from peft_ila.tuner.ranks import linear_costs
+from peft_ila.tuner.selection import Selection
+
+# --- the judge ---------------------------------------------------------------------------------------------------
+
+
+def test_a_curve_is_read_where_its_held_out_loss_first_reaches_a_level():
+    curve = [(2.0, 0.0), (1.6, 0.2), (1.4, 0.6), (1.5, 0.9), (1.2, 1.0)]
+    assert along(curve, 2.0) == 0.0
+    assert along(curve, 1.8) == pytest.approx(0.1)  # halfway between the first two checkpoints
+    assert along(curve, 1.5) == pytest.approx(0.4)  # reached on the way down, before the rise at step 3
+    assert along(curve, 1.3) == pytest.approx(0.9 + 0.1 * (1.5 - 1.3) / 0.3)  # below the dip: on the way down again
+    assert along(curve, 1.1) is None
+
+
+def test_curves_are_compared_over_the_held_out_losses_every_one_reaches():
+    slow = [[(2.0, 0.0), (1.5, 0.25), (1.0, 0.5)], [(2.0, 0.0), (1.5, 0.35), (1.0, 0.7)]]  # forgetting rises fast
+    kind = [[(2.0, 0.0), (1.2, 0.2)], [(2.0, 0.0), (1.4, 0.1)]]  # reaches 1.2 and 1.4 only
+    assert matched_range([*slow, *kind]) == (1.4, 2.0)
+    found = at_matched_loss(kind, slow)
+    assert found["range"] == (1.4, 2.0)
+    levels = [1.4 + 0.6 * i / (LEVELS - 1) for i in range(LEVELS)]
+    expected = sum(along(slow[0], level) for level in levels) / LEVELS
+    assert found["b"][0] == pytest.approx(expected) and found["b"][0] == pytest.approx(0.5 * 0.3)  # linear: mid-range
+    value, error = found["delta"]
+    assert value < 0 and error > 0  # the kind arm forgets less at the same held-out loss
+    assert at_matched_loss(kind[:1], slow[:1])["delta"] is None  # one seed each: no noise estimate
+    assert at_matched_loss([[(2.0, 0.0), (1.9, 0.1)]], [[(1.5, 0.0), (1.0, 0.1)]]) is None  # no common range
+
+
+# --- recipes and the executor ------------------------------------------------------------------------------------
+
+
+def test_ranks_from_importance_need_every_layer_of_an_identification():
+    with pytest.raises(ValueError, match=r"ranks from importance need layers 'identify' with top_k 1\.0"):
+        Recipe("x", "identify", top_k=0.75, ranks="importance")
+    with pytest.raises(ValueError, match="layers must be one of"):
+        Recipe("x", "sideways")
+    assert not Recipe("x", "identify", ranks="importance").selects and Recipe("x", "kappa", top_k=0.5).selects
+
+
+def test_the_best_checkpoint_s_weights_come_back():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    best = Best([weight])
+    for step, loss in ((1, 3.0), (2, 1.0), (3, 2.0)):
+        with torch.no_grad():
+            weight.fill_(step)
+        best.offer({"step": step, "held_out": loss})
+    best.restore()
+    assert best.point["step"] == 2 and weight.tolist() == [2.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frontier")
+    (root / "data.json").write_text(json.dumps(alpaca_rows(40)))
+    prepared = prepare(str(tiny_lm_dir(root / "lm", layers=4)), str(root / "data.json"), max_length=64, eval_size=8)
+    return prepared
+
+
+def executed(tiny, recipe: Recipe, steps: int = 6, ranking: Selection | None = None) -> tuple[dict, Evaluation]:
+    """`recipe` run on a fresh copy of the tiny model, checkpoints every 2 steps, 3 instruction prompts."""
+    import copy
+
+    prepared = replace(tiny, model=copy.deepcopy(tiny.model))
+    probe = InstructionProbe.of([tiny.held_out_conversations], tiny.tokenizer, tiny.plain, 3, max_new_tokens=4)
+    held_out = tiny.batches(4, 0, held_out=True)
+    measures = {"norm": lambda model: sum(float(p.detach().norm()) for p in model.parameters() if p.requires_grad)}
+    evaluation = Evaluation(held_out, {"same": held_out}, [2, 4, steps], None, measures=measures, instructions=probe)
+    evaluation.base = evaluation.point(tiny.model, 0)
+    config = ILAConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, stage1_max_steps=2, stage2_steps=1)
+    record = run_recipe(
+        recipe, prepared, config, Schedule(steps, 1e-2, 1e-3, 0.1, 4), 0, evaluation, False, None, ranking
+    )
+    return record, evaluation
+
+
+def test_a_run_is_measured_at_its_checkpoints_and_scored_on_instructions_at_the_end_and_at_its_best(tiny):
+    record, evaluation = executed(tiny, Recipe("LoRA-all"))
+    assert [c["step"] for c in record["checkpoints"]] == [2, 4, 6]
+    assert all(set(c["measures"]) == {"norm"} and c["forgetting"] is not None for c in record["checkpoints"])
+    norms = [c["measures"]["norm"] for c in record["checkpoints"]]
+    assert len(set(norms)) == 3  # measured on the weights of each step, not once
+    best = min(record["checkpoints"], key=lambda c: c["held_out"])
+    scores = record["instructions"]
+    assert scores["best"]["step"] == best["step"] and len(scores["end"]["obeyed"]) == 3
+    assert 0 <= scores["end"]["share"] <= 1 and evaluation.seconds > 0
+
+
+def test_peer_and_ranked_recipes_train_what_they_chose(tiny):
+    kappa, _ = executed(tiny, Recipe("KappaTune 50%", "kappa", top_k=0.5))
+    assert len(kappa["identification"]["selected"]) == 14  # half of 4 blocks x 7 projections
+    candidates = [n for n, m in tiny.model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    scores = {name: (i % 7 + 1) / 7 for i, name in enumerate(candidates)}
+    ranking = Selection(candidates, candidates, scores)
+    ranked, _ = executed(tiny, Recipe("ranks", "identify", ranks="importance"), ranking=ranking)
+    everywhere, _ = executed(tiny, Recipe("LoRA-all"))
+    largest = max(linear_costs(tiny.model, candidates).values())  # parameters per unit of rank
+    assert everywhere["trainable_params"] - largest < ranked["trainable_params"] <= everywhere["trainable_params"]
+    assert ranked["checkpoints"][-1]["held_out"] != everywhere["checkpoints"][-1]["held_out"]
+
+
+# --- the study ---------------------------------------------------------------------------------------------------
+
+
+def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(tmp_path):
+    from benchmarks import frontier
+
+    lm = tiny_lm_dir(tmp_path / "lm", layers=4)
+    for name, n in (("alpaca", 30), ("lima", 24)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(alpaca_rows(n)))
+    args = ["--preset", "smoke", "--model", str(lm), "--datasets", "alpaca,lima", "--shared", "/nowhere"]
+    args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
+    args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz")), "--grid-cells", str(tmp_path / "grid")]
+    args += ["--cells", str(tmp_path / "cells")]
+    estimate = frontier.Frontier.main([*args, "--dry-run"])
+    assert len(estimate["runs"]) == len(frontier.ARMS) + 4 and estimate["step_seconds"] > 0
+    results = frontier.Frontier.main(args)
+    assert not results["missing"], results["missing"]
+    ran = {(r["dataset"], r["arm"]) for r in results["runs"]}
+    assert {("alpaca", arm) for arm in frontier.ARMS} <= ran and len(ran) == len(frontier.ARMS) + 4
+    for run in results["runs"]:
+        assert [c["step"] for c in run["checkpoints"]][-1] == 6 and "obeyed" not in run["instructions"]["end"]
+    assert {"frontier-ila-75", "frontier-peers-ila-75", "frontier-ila-ranks"} <= {f["id"] for f in results["findings"]}
+    folder = tmp_path / "cells" / "smoke"
+    page = (folder / "FRONTIER.md").read_text()
+    assert "## lima" in page and (folder / "frontier-alpaca.png").read_bytes()[:4] == b"\x89PNG"
+    again = frontier.Frontier.main([*args, "--existing-only"])
+    assert again["runs"] == results["runs"]
