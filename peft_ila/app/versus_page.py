@@ -201,6 +201,14 @@ def _at_matched(row: dict) -> str:
     return f"{show(found['delta'])} over {found['range'][0]:.3f}–{found['range'][1]:.3f}"
 
 
+def _base_following(base: dict) -> str:
+    """The base model's instruction score, when instructions are scored."""
+    if "instructions" not in base:
+        return ""
+    score = base["instructions"]
+    return f" It obeys {score['share']:.3f} ± {score['se']:.3f} of the {len(score['obeyed'])} instructions."
+
+
 def _checkpoints(runs: list[dict], base: dict) -> list[str]:
     """The mean over seeds of each mode's held-out loss and forgetting at each checkpoint."""
     lines = [
@@ -208,7 +216,8 @@ def _checkpoints(runs: list[dict], base: dict) -> list[str]:
         "",
         f"The base model: held-out loss {_num(base['held_out'])}"
         + "".join(f", {name} {_num(loss)}" for name, loss in base["references"].items())
-        + ".",
+        + "."
+        + _base_following(base),
         "",
         "A mode that identifies inside the fine-tune has no checkpoint within its identification's stage 1 (the "
         "probe trains every layer there, gated).",
