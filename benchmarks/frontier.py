@@ -7,19 +7,21 @@ for the same share of layers?
     python -m benchmarks.frontier --preset quick            # smoke-sized
 
 Every arm is a `Recipe` (`ARMS`) run by the library's executor (`peft_ila.app.executor.run_recipe`) for `epochs`
-epochs on the grid's data, model and judges, measured at `evals` evenly spaced checkpoints: held-out loss, the other
-datasets' held-out loss (their mean rise over the base model's is the forgetting) and the share of general-knowledge
-questions answered right (ARC-Easy); and, at the end and at the checkpoint of lowest held-out loss, the share of
-verifiable instructions obeyed (`peft_ila.app.instructions`) on held-out prompts of every dataset. ILA's arms rank
-the layers by the grid's mask cell of their dataset (library defaults, seed 0); identification inside the fine-tune
-identifies on each run's own data order.
+epochs on the grid's data, model and judges, measured at `evals` evenly spaced checkpoints by held-out loss and the
+other datasets' held-out loss (their mean rise over the base model's is the forgetting); at the end and at the
+checkpoint of lowest held-out loss also by the share of verifiable instructions obeyed (`peft_ila.app.instructions`)
+on held-out prompts of every dataset, the share of general-knowledge questions answered right (ARC-Easy) and the loss
+on general text (BBC News, `general_text.py`): these three take 1.5 checkpoints' time each, and at every checkpoint
+they would double a run's cost. ILA's arms rank the layers by the grid's mask cell of their dataset (library
+defaults, seed 0); identification inside the fine-tune identifies on each run's own data order.
 
 The plan: every arm on the primary dataset with every seed, then LoRA-all, the best two ILA arms and the best peer
 (by forgetting at matched held-out loss on the primary dataset) on the others with `other_seeds`. The dry run's
 estimate decides what is cut (`CUT`, in order) to keep within `budget_hours`. Cells
 (`benchmarks/results/frontier/<preset>/`): `run-*` (one arm, dataset, seed), `follow-*` (the base model's instruction
-score); the grid's base, knowledge and mask cells are read (or computed) in the grid's folder. Writes `frontier.json`,
-`FRONTIER.md` and one `frontier-<dataset>.png` per dataset (`frontier_report.py`).
+score), `general-*` (its loss on the general text); the grid's base, knowledge and mask cells are read (or computed)
+in the grid's folder. Writes `frontier.json`, `FRONTIER.md` and one `frontier-<dataset>.png` per dataset
+(`frontier_report.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from benchmarks import frontier_report
+from benchmarks import frontier_report, general_text
 from benchmarks.core.cells import Missing, Study
 from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding
@@ -47,6 +49,7 @@ from peft_ila.app.executor import Evaluation, Schedule, run_recipe, trained_like
 from peft_ila.app.files import write_json
 from peft_ila.app.instructions import InstructionProbe
 from peft_ila.app.recipe import INSIDE, Recipe
+from peft_ila.identification.training import evaluate_loss
 
 ARMS = {
     "lora-all": Recipe("LoRA-all"),
@@ -62,14 +65,31 @@ ARMS = {
 }
 ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
 PEER_ARMS = ("random-75", "random-50", "kappa-75", "spectrum-75")
+GENERATE_BATCH = 48  # prompts answered at once: on 2 CPU cores 48 take 0.73x the time of three batches of 16
 VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
 
 PRESETS = {
     "smoke": dict(  # the test suite's, on a tiny model: every path once
-        grid="quick", epochs=2, evals=3, seeds=[0], other_seeds=[0], prompts=4, max_new_tokens=8, budget_hours=25
+        grid="quick",
+        epochs=2,
+        evals=3,
+        seeds=[0],
+        other_seeds=[0],
+        prompts=4,
+        max_new_tokens=8,
+        general=2,
+        budget_hours=25,
     ),
     "quick": dict(  # every path on the real model in about two minutes
-        grid="quick", epochs=2, evals=3, seeds=[0], other_seeds=[0], prompts=4, max_new_tokens=16, budget_hours=25
+        grid="quick",
+        epochs=2,
+        evals=3,
+        seeds=[0],
+        other_seeds=[0],
+        prompts=4,
+        max_new_tokens=16,
+        general=2,
+        budget_hours=25,
     ),
     "full": dict(
         grid="full",
@@ -79,6 +99,7 @@ PRESETS = {
         other_seeds=[0, 1],  # the others: LoRA-all, the best two ILA arms and the best peer
         prompts=150,  # instruction prompts, held out from every dataset
         max_new_tokens=160,  # enough for the longest answer an instruction asks (80 words)
+        general=100,  # general-text paragraphs (BBC News)
         budget_hours=25,  # of CPU (2 cores); arms are cut in `CUT`'s order until the estimate fits
     ),
 }
@@ -98,6 +119,7 @@ class Frontier(Study):
         stages = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"])
         self.config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **stages, stage1_lr=LR, lora_dropout=0.0)
         self.accelerator = Accelerator()
+        self.general = general_text.paragraphs(args.general_text or general_text.bbc_folder(), self.p["general"])
         self._evaluations: dict[str, Evaluation] = {}
         self._probe: InstructionProbe | None = None
 
@@ -107,6 +129,9 @@ class Frontier(Study):
         folder = ROOT / "benchmarks" / "results" / "grid"
         parser.add_argument("--grid-cells", type=Path, default=folder, help="the grid's cells (one folder per preset)")
         parser.add_argument("--dry-run", action="store_true", help="measure the plan's cost, write estimate.json")
+        parser.add_argument(
+            "--general-text", type=Path, help="general text: a folder of sections of .txt articles (default: BBC News)"
+        )
 
     # --- what every run shares -----------------------------------------------------------------------------------
 
@@ -123,19 +148,23 @@ class Frontier(Study):
         if self._probe is None:
             sources = [self.data[name].held_out_conversations for name in self.data.names]
             primary = self.data[self.data.primary]
-            shape = dict(max_new_tokens=self.p["max_new_tokens"])
+            shape = dict(max_new_tokens=self.p["max_new_tokens"], batch_size=GENERATE_BATCH)
             self._probe = InstructionProbe.of(sources, primary.tokenizer, primary.plain, self.p["prompts"], **shape)
         return self._probe
 
     def evaluation(self, name: str) -> Evaluation:
-        """Where a run on `name` is measured: its held-out set, the other datasets' (forgetting), the questions."""
+        """Where a run on `name` is measured: its held-out set and the other datasets' (forgetting) at every
+        checkpoint; the instructions, the questions and the general text at the end and at the best checkpoint."""
         if name not in self._evaluations:
             others = [other for other in self.data.names if other != name]
             references = {other: self.data.batches(other, 0, held_out=True) for other in others}
             held_out = self.data.batches(name, 0, held_out=True)
-            measures = {"knowledge": self.grid.knowledge}
-            evaluation = Evaluation(held_out, references, self.checkpoints(name), self.accelerator, measures=measures)
-            evaluation.instructions = self.probe()
+            closing = {
+                "instructions": self.probe().score,
+                "knowledge": self.grid.knowledge,
+                "general": self.general_loss,
+            }
+            evaluation = Evaluation(held_out, references, self.checkpoints(name), self.accelerator, closing=closing)
             self._evaluations[name] = evaluation
         return self._evaluations[name]
 
@@ -143,10 +172,18 @@ class Frontier(Study):
         """`evaluation(name)` with the base model's figures (the grid's cells): what forgetting is measured from."""
         evaluation = self.evaluation(name)
         references = {other: self.grid.base_loss(other)["loss"] for other in evaluation.references}
-        knowledge = self.grid.base_knowledge()["accuracy"]
-        held_out = self.grid.base_loss(name)["loss"]
-        evaluation.base = {"held_out": held_out, "references": references, "measures": {"knowledge": knowledge}}
+        evaluation.base = {"held_out": self.grid.base_loss(name)["loss"], "references": references}
         return evaluation
+
+    def general_loss(self, model: torch.nn.Module) -> float:
+        """`model`'s mean loss per token on the general-text sample."""
+        primary = self.data[self.data.primary]
+        shape = (self.grid.p["max_length"], self.grid.p["batch_size"])
+        texts = general_text.text_batches(self.general, primary.tokenizer, *shape)
+        return evaluate_loss(model, texts, self.accelerator)
+
+    def general_identity(self) -> dict:
+        return {**general_text.identity(self.general), "max_length": self.grid.p["max_length"]}
 
     # --- cells ---------------------------------------------------------------------------------------------------
 
@@ -157,6 +194,7 @@ class Frontier(Study):
         settings.update(recipe={k: v for k, v in asdict(recipe).items() if k != "label"}, **ADAPTER)
         settings.update(at=evaluation.at, others={o: self.grid.identity(o) for o in evaluation.references})
         settings.update(knowledge=self.grid.knowledge_identity, instructions=self.probe().identity())
+        settings.update(general=self.general_identity())
         settings.update(stages=[self.config.stage1_max_steps, self.config.stage2_steps], version=VERSION)
         if recipe.layers == "identify":
             settings["mask"] = self.grid.mask(name)["settings"]
@@ -174,6 +212,11 @@ class Frontier(Study):
     def ranking(self, name: str) -> Selection:
         """ILA's ranking of the layers on `name`: the grid's mask cell."""
         return Selection.from_json(self.grid.mask(name)["selection"])
+
+    def base_general(self) -> dict:
+        """The base model's loss on the general-text sample."""
+        settings = {"model": self.args.model, **self.general_identity(), "version": VERSION}
+        return self.cell("general", settings, lambda stem: {"loss": self.general_loss(self.base)})
 
     def base_following(self) -> dict:
         """The base model's instruction score."""
@@ -216,7 +259,8 @@ class Frontier(Study):
         """The base model's held-out loss on each dataset and its share of right answers (the grid's cells)."""
         try:
             losses = {name: self.grid.base_loss(name)["loss"] for name in self.data.names}
-            return {"held_out": losses, "knowledge": self.grid.base_knowledge()["accuracy"]}
+            knowledge = self.grid.base_knowledge()["accuracy"]
+            return {"held_out": losses, "knowledge": knowledge, "general": self.base_general()["loss"]}
         except Missing:
             return {}
 
@@ -243,19 +287,18 @@ class Frontier(Study):
 
     def estimate(self) -> dict:
         """The cost of every run of the plan (no arm cut), from a few LoRA-all steps, one checkpoint evaluation and
-        one instruction scoring timed here; written to estimate.json."""
+        one of the closing measures timed here; written to estimate.json."""
         primary = self.data.primary
         evaluation = self.based(primary)
         model = trained_like(ARMS["lora-all"], copy.deepcopy(self.base), self.config, 0)[0]
         step = statistics.mean(train_briefly(model, self.data.batches(primary, 0), 4, LR)[0])
         evaluation.point(model, 0)
-        point, start = evaluation.seconds, evaluation.seconds
-        evaluation.followed(model)
-        follow = evaluation.seconds - start
+        point = evaluation.seconds
+        evaluation.closed(model)
         return {
             "step_seconds": step,
             "point_seconds": point,
-            "follow_seconds": follow,
+            "closing_seconds": evaluation.seconds - point,
             "runs": plan_runs(self.data.names, list(ARMS), self.p, self.steps, self.checkpoints, self.config),
             "machine": {"threads": torch.get_num_threads()},
         }
@@ -286,10 +329,11 @@ def plan_runs(names: list[str], arms: list[str], p: dict, steps, checkpoints, co
 
 
 def kept(record: dict) -> dict:
-    """What the page needs of a run cell (instruction scores without each prompt's verdict)."""
+    """What the page needs of a run cell (the instruction scores without each prompt's verdict)."""
     out = {key: record[key] for key in ("checkpoints", "steps", "seconds", "trainable_params")}
-    scores = record.get("instructions", {})
-    out["instructions"] = {at: {k: v for k, v in score.items() if k != "obeyed"} for at, score in scores.items()}
+    out["closing"] = {at: {**measured} for at, measured in record["closing"].items()}
+    for measured in out["closing"].values():
+        measured["instructions"] = {k: v for k, v in measured["instructions"].items() if k != "obeyed"}
     return {**out, "selected": len(record["identification"].get("selected", [])) or None}
 
 

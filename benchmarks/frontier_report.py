@@ -49,10 +49,11 @@ def best_held_out(run: dict) -> float:
     return min(c["held_out"] for c in run["checkpoints"])
 
 
-def following(run: dict, at: str) -> float | None:
-    """The share of instructions obeyed at the end or at the best checkpoint (`at`)."""
-    scores = run.get("instructions") or {}
-    return scores[at]["share"] if at in scores else None
+def closing(run: dict, at: str, name: str) -> float | None:
+    """A closing measure of a run at the end or at its best checkpoint (`at`): "instructions" (the share obeyed),
+    "knowledge" (ARC-Easy's share of right answers) or "general" (the general text's loss)."""
+    value = run["closing"][at][name]
+    return value["share"] if name == "instructions" else value
 
 
 def delta(results: dict, dataset: str, arm: str, value) -> tuple[float, float] | None:
@@ -85,7 +86,7 @@ def goal(results: dict, arm: str) -> tuple[bool, str]:
         found = matched(results, dataset, arm, REFERENCE)
         forget = found["delta"] if found else None
         best = delta(results, dataset, arm, best_held_out)
-        follows = delta(results, dataset, arm, lambda r: following(r, "best"))
+        follows = delta(results, dataset, arm, lambda r: closing(r, "best", "instructions"))
         met &= forget is not None and beyond(forget) < 0 and best is not None and beyond(best) <= 0
         met &= follows is not None and beyond(follows) <= 0
         parts.append(f"{dataset}: forgetting {show(forget)}, best held-out {show(best)}, instructions {show(follows)}")
@@ -132,7 +133,7 @@ def cut(estimate: dict, budget_hours: float) -> dict:
 
     def hours(dropped: list[str]) -> float:
         runs = [run for run in estimate["runs"] if run["arm"] not in dropped]
-        each = (estimate["step_seconds"], estimate["point_seconds"], 2 * estimate["follow_seconds"])
+        each = (estimate["step_seconds"], estimate["point_seconds"], 2 * estimate["closing_seconds"])
         return sum(r["steps"] * each[0] + r["points"] * each[1] + each[2] for r in runs) / 3600
 
     dropped: list[str] = []
@@ -153,9 +154,9 @@ def estimate_text(estimate: dict, decided: dict) -> str:
     dropped = ", ".join(decided["cut"]) or "nothing"
     return (
         f"plan: {len(runs)} runs, {steps:,} training steps at {estimate['step_seconds']:.2f} s, {points} checkpoint "
-        f"evaluations at {estimate['point_seconds']:.1f} s and {2 * len(runs)} instruction scorings at "
-        f"{estimate['follow_seconds']:.0f} s: about {decided['before']:.1f} h; cut to keep within the budget: "
-        f"{dropped} ({decided['hours']:.1f} h left)"
+        f"evaluations at {estimate['point_seconds']:.1f} s and {2 * len(runs)} closing evaluations (instructions, "
+        f"ARC-Easy, general text) at {estimate['closing_seconds']:.0f} s: about {decided['before']:.1f} h; cut to "
+        f"keep within the budget: {dropped} ({decided['hours']:.1f} h left)"
     )
 
 
@@ -176,9 +177,7 @@ def arm_rows(results: dict, dataset: str) -> list[dict]:
             "best_delta": delta(results, dataset, arm, best_held_out) if arm != REFERENCE else None,
             "matched": found,
             "forgetting_end": statistics.mean(e["forgetting"] for e in ends if e["forgetting"] is not None),
-            "knowledge_end": statistics.mean(e["measures"]["knowledge"] for e in ends),
-            "follow_best": _mean(following(r, "best") for r in runs),
-            "follow_end": _mean(following(r, "end") for r in runs),
+            **{f"{name}_{at}": _mean(closing(r, at, name) for r in runs) for name in CLOSING for at in ("best", "end")},
             "params": runs[0]["trainable_params"],
         })  # fmt: skip
     return rows
@@ -198,8 +197,12 @@ def _matched_text(row: dict) -> str:
     return f"{shown} over {low:.3f}–{high:.3f}"
 
 
-def _follows(row: dict) -> str:
-    return f"{number(row['follow_best'], '.3f')} / {number(row['follow_end'], '.3f')}"
+CLOSING = ("instructions", "knowledge", "general")
+
+
+def _both(name: str, header: str, spec: str) -> Column:
+    """A column of a closing measure at the best checkpoint and at the end."""
+    return header, "r", lambda row: f"{number(row[f'{name}_best'], spec)} / {number(row[f'{name}_end'], spec)}"
 
 
 TABLE: list[Column] = [
@@ -209,12 +212,9 @@ TABLE: list[Column] = [
     ("Δ best vs LoRA-all", "r", lambda r: "–" if r["best_delta"] is None else show(r["best_delta"])),
     ("Δ forgetting at matched held-out loss", "l", _matched_text),
     ("forgetting at end", "r", lambda r: number(r["forgetting_end"], "+.4f")),
-    ("ARC-Easy at end", "r", lambda r: number(r["knowledge_end"], ".3f")),
-    (
-        "instructions: best / end",
-        "r",
-        lambda r: f"{number(r['follow_best'], '.3f')} / {number(r['follow_end'], '.3f')}",
-    ),
+    _both("knowledge", "ARC-Easy: best / end", ".3f"),
+    _both("general", "general-text loss: best / end", ".4f"),
+    _both("instructions", "instructions: best / end", ".3f"),
     ("trainable", "r", lambda r: f"{r['params']:,}"),
 ]
 
@@ -224,12 +224,7 @@ def page(results: dict, prefix: str = "") -> str:
     p, base = results["settings"], results["base"]
     lines = ["# The learning–forgetting frontier", "", *_question(), ""]
     lines += _how(results), ""
-    if "instructions" in base:
-        follows = base["instructions"]
-        lines += [
-            f"The base model obeys {follows['share']:.3f} ± {follows['se']:.3f} of the {p['prompts']} instructions.",
-            "",
-        ]
+    lines += [_base_line(base, p), ""]
     lines += findings_section(findings(results))
     for dataset in results["datasets"]:
         rows = arm_rows(results, dataset)
@@ -237,6 +232,19 @@ def page(results: dict, prefix: str = "") -> str:
             continue
         lines += [f"## {dataset}", "", *columns(TABLE, rows), "", f"![frontier]({prefix}{_plot_name(dataset)})", ""]
     return "\n".join([*lines, *missing_section(results["missing"], "make bench-frontier")]) + "\n"
+
+
+def _base_line(base: dict, p: dict) -> str:
+    """The base model's figures: held-out losses, ARC-Easy, general text, instructions."""
+    if not base:
+        return "The base model's figures are not computed yet."
+    losses = ", ".join(f"{name} {loss:.4f}" for name, loss in base["held_out"].items())
+    text = f"The base model: held-out loss {losses}; ARC-Easy {base['knowledge']:.3f}; general text "
+    text += f"{base['general']:.4f}"
+    if "instructions" in base:
+        follows = base["instructions"]
+        text += f"; it obeys {follows['share']:.3f} ± {follows['se']:.3f} of the {p['prompts']} instructions"
+    return text + "."
 
 
 def _question() -> list[str]:

@@ -85,7 +85,8 @@ def executed(tiny, recipe: Recipe, steps: int = 6, ranking: Selection | None = N
     probe = InstructionProbe.of([tiny.held_out_conversations], tiny.tokenizer, tiny.plain, 3, max_new_tokens=4)
     held_out = tiny.batches(4, 0, held_out=True)
     measures = {"norm": lambda model: sum(float(p.detach().norm()) for p in model.parameters() if p.requires_grad)}
-    evaluation = Evaluation(held_out, {"same": held_out}, [2, 4, steps], None, measures=measures, instructions=probe)
+    closing = {"instructions": probe.score}
+    evaluation = Evaluation(held_out, {"same": held_out}, [2, 4, steps], None, measures=measures, closing=closing)
     evaluation.base = evaluation.point(tiny.model, 0)
     config = ILAConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, stage1_max_steps=2, stage2_steps=1)
     record = run_recipe(
@@ -101,9 +102,9 @@ def test_a_run_is_measured_at_its_checkpoints_and_scored_on_instructions_at_the_
     norms = [c["measures"]["norm"] for c in record["checkpoints"]]
     assert len(set(norms)) == 3  # measured on the weights of each step, not once
     best = min(record["checkpoints"], key=lambda c: c["held_out"])
-    scores = record["instructions"]
-    assert scores["best"]["step"] == best["step"] and len(scores["end"]["obeyed"]) == 3
-    assert 0 <= scores["end"]["share"] <= 1 and evaluation.seconds > 0
+    closing = record["closing"]
+    assert closing["best"]["step"] == best["step"] and len(closing["end"]["instructions"]["obeyed"]) == 3
+    assert 0 <= closing["end"]["instructions"]["share"] <= 1 and evaluation.seconds > 0
 
 
 def test_peer_and_ranked_recipes_train_what_they_chose(tiny):
@@ -122,6 +123,24 @@ def test_peer_and_ranked_recipes_train_what_they_chose(tiny):
 # --- the study ---------------------------------------------------------------------------------------------------
 
 
+def general_text(folder):
+    """Two sections of two articles, a title line and paragraphs of 50 words and more (and one shorter)."""
+    for section in ("news", "sport"):
+        (folder / section).mkdir(parents=True)
+        for number in (1, 2):
+            long = " ".join(f"{section}{number}word{i}" for i in range(60))
+            (folder / section / f"00{number}.txt").write_text(f"A title\n\n{long}\n\nToo short.\n\n{long} again")
+    return folder
+
+
+def test_general_text_takes_the_sections_in_turn_and_skips_short_and_repeated_paragraphs(tmp_path):
+    from benchmarks.general_text import paragraphs
+
+    texts = paragraphs(general_text(tmp_path / "bbc"), 5)
+    assert [t.split("word")[0] for t in texts] == ["news1", "news1", "sport1", "sport1", "news2"]
+    assert all(len(t.split()) >= 50 for t in texts) and len(set(texts)) == 5
+
+
 def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(tmp_path):
     from benchmarks import frontier
 
@@ -131,7 +150,7 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     args = ["--preset", "smoke", "--model", str(lm), "--datasets", "alpaca,lima", "--shared", "/nowhere"]
     args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
     args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz")), "--grid-cells", str(tmp_path / "grid")]
-    args += ["--cells", str(tmp_path / "cells")]
+    args += ["--cells", str(tmp_path / "cells"), "--general-text", str(general_text(tmp_path / "bbc"))]
     estimate = frontier.Frontier.main([*args, "--dry-run"])
     assert len(estimate["runs"]) == len(frontier.ARMS) + 4 and estimate["step_seconds"] > 0
     results = frontier.Frontier.main(args)
@@ -139,7 +158,8 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     ran = {(r["dataset"], r["arm"]) for r in results["runs"]}
     assert {("alpaca", arm) for arm in frontier.ARMS} <= ran and len(ran) == len(frontier.ARMS) + 4
     for run in results["runs"]:
-        assert [c["step"] for c in run["checkpoints"]][-1] == 6 and "obeyed" not in run["instructions"]["end"]
+        assert run["checkpoints"][-1]["step"] == 6 and "obeyed" not in run["closing"]["end"]["instructions"]
+        assert set(run["closing"]["best"]) == {"step", "instructions", "knowledge", "general"}
     assert {"frontier-ila-75", "frontier-peers-ila-75", "frontier-ila-ranks"} <= {f["id"] for f in results["findings"]}
     folder = tmp_path / "cells" / "smoke"
     page = (folder / "FRONTIER.md").read_text()

@@ -60,10 +60,10 @@ def test_every_default_mode_runs_with_two_seeds_and_is_judged_on_a_page_a_json_a
         steps = [point["step"] for point in run["checkpoints"]]
         assert steps == ([6, 8] if run["mode"] == "inside" else [2, 4, 6, 8]), run["mode"]
         assert all(point["forgetting"] is not None for point in run["checkpoints"])
-        scores = run["instructions"]  # at the end, and at the checkpoint of lowest held-out loss
+        closing = run["closing"]  # at the end, and at the checkpoint of lowest held-out loss
         best = min(run["checkpoints"], key=lambda point: point["held_out"])
-        assert scores["best"]["step"] == best["step"] and len(scores["end"]["obeyed"]) == 3
-    assert set(results["base"]["instructions"]) == {"share", "se", "obeyed"}
+        assert closing["best"]["step"] == best["step"] and len(closing["end"]["instructions"]["obeyed"]) == 3
+    assert set(results["base"]["closing"]["instructions"]) == {"share", "se", "obeyed"}
     rows = results["comparisons"]["modes"]
     for mode in ("inside", "ila-75", "lisa"):
         assert rows[mode]["delta_held_out"] is not None and rows[mode]["wall"] > 0

@@ -1,6 +1,7 @@
 """The one executor: `run_recipe` fine-tunes a `Recipe` on prepared data and returns its run record (checkpoints'
-losses, forgetting and other measures, instruction scores, steps, seconds, memory, identification's data position);
-`train_briefly` times a few steps of what a recipe trains, and `side_by_side` several of those in turn."""
+losses, forgetting and other measures, closing measures such as instruction scores, steps, seconds, memory,
+identification's data position); `train_briefly` times a few steps of what a recipe trains, and `side_by_side`
+several of those in turn."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from ..tuner.model import find_candidates
 from ..tuner.ranks import importance_lora_config
 from ..tuner.selection import Selection
 from .files import peak_memory_mb, reset_peak_memory
-from .instructions import InstructionProbe
 from .judge import forgetting
 from .pipeline import Prepared, finetune, wrap
 from .recipe import Recipe
@@ -43,9 +43,9 @@ class Schedule:
 @dataclass
 class Evaluation:
     """Where a run is measured: the held-out batches, reference sets' batches by name (their loss rise over the
-    base model's, `base`, is the forgetting), other `measures` by name (a model -> a number: a share of right
-    answers, say), and the steps `at` which (the last is the end). With `instructions`, the answers to them are
-    scored at the end and at the checkpoint of lowest held-out loss."""
+    base model's, `base`, is the forgetting), other `measures` by name (a model -> a number), and the steps `at`
+    which (the last is the end). `closing` measures (a model -> any JSON value: a share of right answers, an
+    `InstructionProbe`'s score) are taken at the end and at the checkpoint of lowest held-out loss only."""
 
     held_out: object
     references: dict[str, object]
@@ -53,7 +53,7 @@ class Evaluation:
     accelerator: Accelerator
     base: dict = field(default_factory=dict)
     measures: dict[str, Callable[[torch.nn.Module], float]] = field(default_factory=dict)
-    instructions: InstructionProbe | None = None
+    closing: dict[str, Callable[[torch.nn.Module], object]] = field(default_factory=dict)
     seconds: float = 0.0  # spent evaluating, left out of a run's wall time
 
     def point(self, model: torch.nn.Module, step: int, held_out: float | None = None) -> dict:
@@ -67,12 +67,12 @@ class Evaluation:
         point = {"step": step, "held_out": loss, "references": references, "forgetting": rise}
         return {**point, "measures": measured} if measured else point
 
-    def followed(self, model: torch.nn.Module) -> dict:
-        """The instruction score of `model` (see `InstructionProbe.score`), its time counted as evaluation."""
+    def closed(self, model: torch.nn.Module) -> dict:
+        """The `closing` measures of `model`, their time counted as evaluation."""
         start = time.perf_counter()
-        scored = self.instructions.score(model)
+        measured = {name: measure(model) for name, measure in self.closing.items()}
         self.seconds += time.perf_counter() - start
-        return scored
+        return measured
 
 
 class Best:
@@ -103,7 +103,7 @@ def run_recipe(
     ranking: Selection | None = None,
 ) -> dict:
     """Fine-tune `recipe` on `prepared` (its model is changed) with `seed` (adapters, data order, identification,
-    draws): the run record (checkpoints, instruction scores, steps, seconds with identification and without
+    draws): the run record (checkpoints, closing measures, steps, seconds with identification and without
     evaluation, median step seconds, memory, trainable parameters, identification's steps and data position).
     `config`: the adapters' shape and identification's budget; `on_step(global step)` after every fine-tune step (a
     progress bar); `ranking`: an identification made before (a recipe that identifies separately uses it instead of
@@ -118,7 +118,7 @@ def run_recipe(
     def step_done(stats) -> None:
         if offset + stats.steps in evaluation.at[:-1]:
             checkpoints.append(evaluation.point(model, offset + stats.steps))
-            if evaluation.instructions is not None:
+            if evaluation.closing:
                 best.offer(checkpoints[-1])
         if on_step is not None:
             on_step(offset + stats.steps)
@@ -137,20 +137,20 @@ def run_recipe(
         "trainable_params": report.trainable_params,
         "identification": identified,
     }
-    if evaluation.instructions is not None:
-        record["instructions"] = _instruction_scores(model, evaluation, best, checkpoints[-1])
+    if evaluation.closing:
+        record["closing"] = _closing(model, evaluation, best, checkpoints[-1])
     return record
 
 
-def _instruction_scores(model: torch.nn.Module, evaluation: Evaluation, best: Best, end: dict) -> dict:
-    """The instruction score at the end and at the checkpoint of lowest held-out loss (the end's when it is that
-    one): {"end": score, "best": score with its "step"}; `model` is left with the best checkpoint's weights."""
-    scored = {"end": evaluation.followed(model)}
+def _closing(model: torch.nn.Module, evaluation: Evaluation, best: Best, end: dict) -> dict:
+    """The closing measures at the end and at the checkpoint of lowest held-out loss (the end's when it is that
+    one): {"end": measures, "best": measures with its "step"}; `model` is left with the best checkpoint's weights."""
+    measured = {"end": evaluation.closed(model)}
     best.offer(end)
     if best.point is end:
-        return {**scored, "best": {**scored["end"], "step": end["step"]}}
+        return {**measured, "best": {**measured["end"], "step": end["step"]}}
     best.restore()
-    return {**scored, "best": {**evaluation.followed(model), "step": best.point["step"]}}
+    return {**measured, "best": {**evaluation.closed(model), "step": best.point["step"]}}
 
 
 def _changing(model: torch.nn.Module, how: dict) -> list[torch.nn.Parameter]:

@@ -48,9 +48,9 @@ def run_versus(args) -> dict | None:
     settings = _settings(args, prepared, schedule, config, references)
     held_out = prepared.batches(args.batch_size, args.seed, held_out=True)
     evaluation = Evaluation(held_out, references, _checkpoint_steps(schedule.steps, args.evals), accelerator)
-    evaluation.instructions = _instructions(args, prepared)
-    if evaluation.instructions is not None:
-        settings["instructions"] = evaluation.instructions.identity()
+    if probe := _instructions(args, prepared):
+        evaluation.closing["instructions"] = probe.score
+        settings["instructions"] = probe.identity()
     if args.dry_run:
         print(_estimate(args, prepared, config, schedule, evaluation))
         return None
@@ -75,9 +75,9 @@ def _instructions(args, prepared: Prepared) -> InstructionProbe | None:
 
 
 def _base(model, evaluation: Evaluation) -> dict:
-    """The base model's checkpoint (step 0), with its instruction score when instructions are scored."""
+    """The base model's checkpoint (step 0), with its closing measures (the instruction score) when there are."""
     point = evaluation.point(model, 0)
-    return {**point, "instructions": evaluation.followed(model)} if evaluation.instructions else point
+    return {**point, "closing": evaluation.closed(model)} if evaluation.closing else point
 
 
 def _check_modes(args) -> None:
@@ -280,8 +280,7 @@ def _estimate(args, prepared: Prepared, config: ILAConfig, schedule: Schedule, e
     timed here, scaled to every run's steps (identification's stage budgets included), evaluations and scorings."""
     evaluation.point(prepared.model, 0)
     per_point = evaluation.seconds
-    if evaluation.instructions is not None:
-        evaluation.followed(prepared.model)
+    evaluation.closed(prepared.model)
     per_score = evaluation.seconds - per_point
     lora = trained_like(MODES["lora-all"], prepared.model, config, 0)[0]
     step = statistics.mean(train_briefly(lora, prepared.batches(schedule.batch_size, 0), 3, schedule.lr)[0])
@@ -289,7 +288,7 @@ def _estimate(args, prepared: Prepared, config: ILAConfig, schedule: Schedule, e
     runs = [(mode, seed) for mode in args.modes for seed in range(args.seeds)]
     steps = sum(schedule.steps + (identify if MODES[m].layers == "identify" else 0) for m, _ in runs)
     points = len(runs) * (len(evaluation.at) + 1)
-    scorings = 2 * len(runs) + 1 if evaluation.instructions is not None else 0  # the end and the best, and the base
+    scorings = 2 * len(runs) + 1 if evaluation.closing else 0  # at the end and the best of each run, and the base
     seconds = steps * step + points * per_point + scorings * per_score
     modes = ", ".join(f"{m} ({MODES[m].label})" for m in args.modes)
     scored = f" and {scorings} instruction scorings at {per_score:.0f} s" if scorings else ""

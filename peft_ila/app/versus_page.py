@@ -74,7 +74,7 @@ def compare(runs: list[dict], modes, timing: dict | None, steps: int, base: dict
 
 def _followed(runs: list[dict], at: str) -> float | None:
     """The mean share of instructions the runs obeyed `at` the end or their best checkpoint (None: not scored)."""
-    shares = [r["instructions"][at]["share"] for r in runs if "instructions" in r]
+    shares = [r["closing"][at]["instructions"]["share"] for r in runs if "closing" in r]
     return statistics.mean(shares) if shares else None
 
 
@@ -203,9 +203,9 @@ def _at_matched(row: dict) -> str:
 
 def _base_following(base: dict) -> str:
     """The base model's instruction score, when instructions are scored."""
-    if "instructions" not in base:
+    if "closing" not in base:
         return ""
-    score = base["instructions"]
+    score = base["closing"]["instructions"]
     return f" It obeys {score['share']:.3f} ± {score['se']:.3f} of the {len(score['obeyed'])} instructions."
 
 
