@@ -11,17 +11,18 @@ epochs on the grid's data, model and judges, measured at `evals` evenly spaced c
 other datasets' held-out loss (their mean rise over the base model's is the forgetting); at the end and at the
 checkpoint of lowest held-out loss also by the share of verifiable instructions obeyed (`peft_ila.app.instructions`)
 on held-out prompts of every dataset, the share of general-knowledge questions answered right (ARC-Easy) and the loss
-on general text (BBC News, `general_text.py`): these three take 1.5 checkpoints' time each, and at every checkpoint
-they would double a run's cost. ILA's arms rank the layers by the grid's mask cell of their dataset (library
-defaults, seed 0); identification inside the fine-tune identifies on each run's own data order.
+on general text (BBC News, `general_text.py`): at every checkpoint these three would about double a run's cost (the
+dry run times them, `closing_seconds` against a checkpoint's `point_seconds` in estimate.json). ILA's arms rank the
+layers by the grid's mask cell of their dataset (library defaults, seed 0); identification inside the fine-tune
+identifies on each run's own data order.
 
 The plan: every arm on the primary dataset with every seed, then LoRA-all, the best two ILA arms and the best peer
 (by forgetting at matched held-out loss on the primary dataset) on the others with `other_seeds`. The dry run's
 estimate decides what is cut (`CUT`, in order) to keep within `budget_hours`. Cells
 (`benchmarks/results/frontier/<preset>/`): `run-*` (one arm, dataset, seed), `follow-*` (the base model's instruction
-score), `general-*` (its loss on the general text); the grid's base, knowledge and mask cells are read (or computed)
-in the grid's folder. Writes `frontier.json`, `FRONTIER.md` and one `frontier-<dataset>.png` per dataset
-(`frontier_report.py`).
+score), `general-*` (its loss on the general text), `peer-*` (KappaTune's and Spectrum's rankings); the grid's base,
+knowledge and mask cells are read (or computed) in the grid's folder. Writes `frontier.json`, `FRONTIER.md` and one
+`frontier-<dataset>.png` per dataset (`frontier_report.py`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from peft_ila.app.executor import Evaluation, Schedule, run_recipe, trained_like
 from peft_ila.app.files import write_json
 from peft_ila.app.instructions import InstructionProbe
 from peft_ila.app.recipe import INSIDE, Recipe
+from peft_ila.identification.peers import peer_layers
 from peft_ila.identification.training import evaluate_loss
 
 ARMS = {
@@ -65,11 +67,12 @@ ARMS = {
 }
 ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
 PEER_ARMS = ("random-75", "random-50", "kappa-75", "spectrum-75")
-GENERATE_BATCH = 48  # prompts answered at once: on 2 CPU cores 48 take 0.73x the time of three batches of 16
+GENERATE_BATCH = 48  # prompts answered at once (fewer sequential decoding steps than batches of 16 on a CPU)
 VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
 
 PRESETS = {
     "smoke": dict(  # the test suite's, on a tiny model: every path once
+        arms=list(ARMS),
         grid="quick",
         epochs=2,
         evals=3,
@@ -80,7 +83,8 @@ PRESETS = {
         general=2,
         budget_hours=25,
     ),
-    "quick": dict(  # every path on the real model in about two minutes
+    "quick": dict(  # every path on the real model in a few minutes (the 50% arms run as the 75% ones do)
+        arms=[arm for arm in ARMS if not arm.endswith("-50")],
         grid="quick",
         epochs=2,
         evals=3,
@@ -92,6 +96,7 @@ PRESETS = {
         budget_hours=25,
     ),
     "full": dict(
+        arms=list(ARMS),
         grid="full",
         epochs=3,  # the modes study's long regime, where ILA's top 75% forgot less than LoRA-all
         evals=12,
@@ -198,20 +203,34 @@ class Frontier(Study):
         settings.update(stages=[self.config.stage1_max_steps, self.config.stage2_steps], version=VERSION)
         if recipe.layers == "identify":
             settings["mask"] = self.grid.mask(name)["settings"]
+        if recipe.layers in ("kappa", "spectrum"):
+            settings["peer"] = recipe.layers  # ranked by a peer cell
 
         def compute(stem: Path) -> dict:
             prepared = replace(self.data[name], model=copy.deepcopy(self.base))
             schedule = Schedule(self.steps(name), LR, LR, 0.1, self.grid.p["batch_size"])
-            ranking = self.ranking(name) if recipe.layers == "identify" else None
+            ranking = self.ranking(name, arm)
             return run_recipe(
                 recipe, prepared, self.config, schedule, seed, evaluation, self.args.progress, None, ranking
             )
 
         return self.cell("run", settings, compute)
 
-    def ranking(self, name: str) -> Selection:
-        """ILA's ranking of the layers on `name`: the grid's mask cell."""
-        return Selection.from_json(self.grid.mask(name)["selection"])
+    def ranking(self, name: str, arm: str) -> Selection | None:
+        """How `arm` ranks the layers before a run on `name`: ILA's by the grid's mask cell, KappaTune's and
+        Spectrum's by a cell of their own (they depend on the base model only); None when the run ranks them itself
+        (the random draw, identification inside the fine-tune, or every layer)."""
+        layers, candidates = ARMS[arm].layers, self.grid.candidates
+        if layers == "identify":
+            return Selection.from_json(self.grid.mask(name)["selection"])
+        if layers not in ("kappa", "spectrum"):
+            return None
+        settings = {"model": self.args.model, "peer": layers, "version": VERSION}
+
+        def ranked(stem: Path) -> dict:
+            return {"ranked": peer_layers(layers, self.base, candidates, len(candidates), 0)}
+
+        return Selection(candidates, self.cell("peer", settings, ranked)["ranked"])
 
     def base_general(self) -> dict:
         """The base model's loss on the general-text sample."""
@@ -226,9 +245,9 @@ class Frontier(Study):
     # --- the plan ------------------------------------------------------------------------------------------------
 
     def arms(self, estimate: dict | None) -> list[str]:
-        """Every arm, less those the estimate cuts (`cut`)."""
+        """The preset's arms, less those the estimate cuts (`cut`)."""
         dropped = cut(estimate, self.p["budget_hours"])["cut"] if estimate else []
-        return [arm for arm in ARMS if arm not in dropped]
+        return [arm for arm in self.p["arms"] if arm not in dropped]
 
     def run(self) -> dict:
         estimate = self.estimate_record()
@@ -299,7 +318,7 @@ class Frontier(Study):
             "step_seconds": step,
             "point_seconds": point,
             "closing_seconds": evaluation.seconds - point,
-            "runs": plan_runs(self.data.names, list(ARMS), self.p, self.steps, self.checkpoints, self.config),
+            "runs": plan_runs(self.data.names, self.p["arms"], self.p, self.steps, self.checkpoints, self.config),
             "machine": {"threads": torch.get_num_threads()},
         }
 

@@ -21,6 +21,10 @@ PEERS_OF = {  # an ILA arm's peers: the selectors of the same share of layers
 }
 PEER_ARMS = ("random-75", "random-50", "kappa-75", "spectrum-75")
 REFERENCE = "lora-all"
+RULE = (  # the 2-SE rule, its standard error from the seeds of the two arms compared
+    NOISE_RULE.replace(" (see the noise scale above)", "")
+    + ", the standard error from the two arms' pooled seed-to-seed spread of the figure compared"
+)
 CUT = ("ila-50", "random-50", "spectrum-75", "lora-slow")  # what goes first when the plan is too long, in order
 
 
@@ -115,12 +119,12 @@ def findings(results: dict) -> list[Finding]:
         claim = f"{results['labels'][arm]} forgets less than LoRA-all at matched held-out loss, learns as well"
         verdict = "holds on every dataset" if met else "does not hold on every dataset"
         rule = "forgetting below −2 SE, best held-out loss and instruction score (best checkpoint) not above +2 SE"
-        out.append(Finding(claim, verdict, evidence, f"{rule}; {NOISE_RULE}", id=f"frontier-{arm}"))
+        out.append(Finding(claim, verdict, evidence, f"{rule}; {RULE}", id=f"frontier-{arm}"))
         if PEERS_OF[arm]:
             met, evidence = ahead_of_peers(results, arm)
             claim = f"{results['labels'][arm]} forgets less than every peer selector of the same share"
             verdict = "holds" if met else "does not hold"
-            out.append(Finding(claim, verdict, evidence, NOISE_RULE, id=f"frontier-peers-{arm}"))
+            out.append(Finding(claim, verdict, evidence, RULE, id=f"frontier-peers-{arm}"))
     return out
 
 
@@ -141,7 +145,7 @@ def cut(estimate: dict, budget_hours: float) -> dict:
         if hours(dropped) <= budget_hours:
             break
         dropped.append(arm)
-    return {"cut": dropped, "hours": hours(dropped), "before": hours([])}
+    return {"cut": dropped, "hours": hours(dropped), "before": hours([]), "budget": budget_hours}
 
 
 # --- the page --------------------------------------------------------------------------------------------------------
@@ -156,7 +160,12 @@ def estimate_text(estimate: dict, decided: dict) -> str:
         f"plan: {len(runs)} runs, {steps:,} training steps at {estimate['step_seconds']:.2f} s, {points} checkpoint "
         f"evaluations at {estimate['point_seconds']:.1f} s and {2 * len(runs)} closing evaluations (instructions, "
         f"ARC-Easy, general text) at {estimate['closing_seconds']:.0f} s: about {decided['before']:.1f} h; cut to "
-        f"keep within the budget: {dropped} ({decided['hours']:.1f} h left)"
+        f"keep within the budget of {decided['budget']:g} h: {dropped} ({decided['hours']:.1f} h left"
+        + (
+            "; still above the budget: every arm the issue allows to cut is cut, the rest runs over more sessions)"
+            if decided["hours"] > decided["budget"]
+            else ")"
+        )
     )
 
 
@@ -263,14 +272,16 @@ def _how(results: dict) -> str:
         f"Each run: {p['epochs']} epochs at learning rate {p['lr']:g} (rank {p['r']}, alpha {p['lora_alpha']}), "
         f"{p['evals']} checkpoints, {p['grid']['eval_size']} held-out examples per dataset, "
         f"{p['grid']['questions']} ARC-Easy questions, {p['prompts']} instruction prompts (greedy, at most "
-        f"{p['max_new_tokens']} new tokens). Seeds: {len(p['seeds'])} on the primary dataset, "
+        f"{p['max_new_tokens']} new tokens), {p['general']} general-text paragraphs. Checkpoints measure held-out "
+        "loss and the other datasets' (forgetting); ARC-Easy, the general text and the instructions are measured at "
+        f"the end and at the checkpoint of lowest held-out loss. Seeds: {len(p['seeds'])} on the primary dataset, "
         f"{len(p['other_seeds'])} on the others."
     )
     if estimate is None:
         return text + " No estimate yet: run the dry run first."
     return (
         text
-        + " Dry run (`python -m benchmarks.frontier --preset full --dry-run`): "
+        + f" Dry run (`python -m benchmarks.frontier --preset {results['preset']} --dry-run`): "
         + estimate_text(estimate, cut(estimate, p["budget_hours"]))
         + "."
     )

@@ -106,8 +106,9 @@ def run_recipe(
     draws): the run record (checkpoints, closing measures, steps, seconds with identification and without
     evaluation, median step seconds, memory, trainable parameters, identification's steps and data position).
     `config`: the adapters' shape and identification's budget; `on_step(global step)` after every fine-tune step (a
-    progress bar); `ranking`: an identification made before (a recipe that identifies separately uses it instead of
-    identifying again)."""
+    progress bar); `ranking`: every candidate ranked before (by an identification, or by a peer selector that does
+    not depend on the seed): a recipe that does not identify inside the fine-tune takes its top `top_k` instead of
+    ranking anew."""
     torch.manual_seed(seed)
     start, evaluated = time.perf_counter(), evaluation.seconds
     model, how, identified = _build(recipe, prepared, config, schedule, seed, evaluation.accelerator, progress, ranking)
@@ -173,17 +174,14 @@ def _build(
     if recipe.layers == "all":
         return (*trained_like(recipe, prepared.model, config, seed), {})
     candidates = find_candidates(prepared.model, config)
-    if recipe.layers in PEERS:
-        k = resolve_top_k(recipe.top_k, len(candidates))
-        chosen = peer_layers(recipe.layers, prepared.model, candidates, k, seed)
-        return (
-            *trained_like(recipe, prepared.model, config, seed, Selection(candidates, chosen)),
-            {"selected": chosen},
-        )
-    if ranking is not None and recipe.layers == "identify":
-        ranked = ranking.top(resolve_top_k(recipe.top_k, len(candidates)))
-        return (*trained_like(recipe, prepared.model, config, seed, ranked), {"selected": list(ranked.selected)})
-    return _identified(recipe, prepared, config, schedule, seed, accelerator, progress)
+    k = resolve_top_k(recipe.top_k, len(candidates))
+    if ranking is not None and recipe.layers != "inside":
+        chosen = ranking.top(k)
+    elif recipe.layers in PEERS:
+        chosen = Selection(candidates, peer_layers(recipe.layers, prepared.model, candidates, k, seed))
+    else:
+        return _identified(recipe, prepared, config, schedule, seed, accelerator, progress)
+    return (*trained_like(recipe, prepared.model, config, seed, chosen), {"selected": list(chosen.selected)})
 
 
 def _identified(
