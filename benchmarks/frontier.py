@@ -70,31 +70,21 @@ PEER_ARMS = ("random-75", "random-50", "kappa-75", "spectrum-75")
 GENERATE_BATCH = 48  # prompts answered at once (fewer sequential decoding steps than batches of 16 on a CPU)
 VERSION = 1  # part of every cell's key: bump it when what a cell computes changes
 
+QUICK = dict(
+    arms=[arm for arm in ARMS if not arm.endswith("-50")],
+    grid="quick",
+    epochs=2,
+    evals=3,
+    seeds=[0],
+    other_seeds=[0],
+    prompts=4,
+    max_new_tokens=16,
+    general=2,
+    budget_hours=25,
+)
 PRESETS = {
-    "smoke": dict(  # the test suite's, on a tiny model: every path once
-        arms=list(ARMS),
-        grid="quick",
-        epochs=2,
-        evals=3,
-        seeds=[0],
-        other_seeds=[0],
-        prompts=4,
-        max_new_tokens=8,
-        general=2,
-        budget_hours=25,
-    ),
-    "quick": dict(  # every path on the real model in a few minutes (the 50% arms run as the 75% ones do)
-        arms=[arm for arm in ARMS if not arm.endswith("-50")],
-        grid="quick",
-        epochs=2,
-        evals=3,
-        seeds=[0],
-        other_seeds=[0],
-        prompts=4,
-        max_new_tokens=16,
-        general=2,
-        budget_hours=25,
-    ),
+    "quick": QUICK,  # every path on the real model in a few minutes (the 50% arms run as the 75% ones do)
+    "smoke": {**QUICK, "arms": list(ARMS), "max_new_tokens": 8},  # the test suite's, on a tiny model: every path
     "full": dict(
         arms=list(ARMS),
         grid="full",
@@ -117,9 +107,7 @@ class Frontier(Study):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
-        grid_args = copy.copy(args)
-        grid_args.cells, grid_args.preset = args.grid_cells, self.p["grid"]
-        self.grid = Grid(grid_args)
+        self.grid = Grid.beneath(args, self.p["grid"])
         self.data, self.base = self.grid.data, self.grid.base
         stages = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"])
         self.config = ILAConfig(task_type="CAUSAL_LM", **ADAPTER, **stages, stage1_lr=LR, lora_dropout=0.0)

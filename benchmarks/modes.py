@@ -120,9 +120,7 @@ class Modes(Study):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
-        grid_args = copy.copy(args)
-        grid_args.cells, grid_args.preset = args.grid_cells, self.p["grid"]
-        self.grid = Grid(grid_args)
+        self.grid = Grid.beneath(args, self.p["grid"])
         self.data, self.base = self.grid.data, self.grid.base
         self.rates: dict[str, float] = {}
 

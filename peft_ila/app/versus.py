@@ -18,6 +18,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..tuner.config import ILAConfig
+from ..tuner.model import find_candidates
+from ..tuner.selection import Selection
 from . import UsageError
 from .args import CONFIG_OPTIONS
 from .data import batches, encode, fingerprint, read_dataset, split
@@ -271,7 +273,8 @@ def _timed(args, row: str, prepared: Prepared, accelerator, config, schedule: Sc
             return train_briefly(probe, batches, steps, config.gate_lr, [bank.logits])
     recipe = replace(MODES[row], interval=1)  # a sampled mode draws anew at every step
     selected = runs[row, 0]["identification"].get("selected")
-    model, how = trained_like(recipe, prepared.model, config, round_, selected)
+    chosen = Selection(find_candidates(prepared.model, config), selected) if selected else None
+    model, how = trained_like(recipe, prepared.model, config, round_, chosen)
     return train_briefly(model, batches, steps, schedule.full_lr if recipe.method == "full" else schedule.lr, **how)
 
 
