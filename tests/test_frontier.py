@@ -115,8 +115,11 @@ def test_peer_and_ranked_recipes_train_what_they_chose(tiny):
     ranking = Selection(candidates, candidates, scores)
     ranked, _ = executed(tiny, Recipe("ranks", "identify", ranks="importance"), ranking=ranking)
     everywhere, _ = executed(tiny, Recipe("LoRA-all"))
+    identified, _ = executed(tiny, Recipe("ranks", "identify", ranks="importance"))  # identifies, then ranks
+    assert identified["identification"]["stage1_steps"] == 2 and len(identified["identification"]["selected"]) == 28
     largest = max(linear_costs(tiny.model, candidates).values())  # parameters per unit of rank
-    assert everywhere["trainable_params"] - largest < ranked["trainable_params"] <= everywhere["trainable_params"]
+    for run in (ranked, identified):
+        assert everywhere["trainable_params"] - largest < run["trainable_params"] <= everywhere["trainable_params"]
     assert ranked["checkpoints"][-1]["held_out"] != everywhere["checkpoints"][-1]["held_out"]
 
 
