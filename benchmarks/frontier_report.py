@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks.core.cells import Missing
 from benchmarks.core.page import Column, Finding, columns, findings_section, missing_section, number
 from benchmarks.core.stats import NOISE_RULE, beyond, difference, pooled_sd, show
-from peft_ila.app.judge import at_matched_loss
+from peft_ila.app.judge import at_matched_loss, curve
 
 ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
 PEERS_OF = {  # an ILA arm's peers: the selectors of the same share of layers
@@ -32,15 +32,10 @@ def runs_of(results: dict, dataset: str, arm: str) -> list[dict]:
     return [run for run in results["runs"] if (run["dataset"], run["arm"]) == (dataset, arm)]
 
 
-def curve(run: dict, base: float) -> list[tuple[float, float]]:
-    """A run's (held-out loss, forgetting) in step order, from the base model's (base, 0)."""
-    return [(base, 0.0), *((c["held_out"], c["forgetting"]) for c in run["checkpoints"])]
-
-
 def matched(results: dict, dataset: str, arm: str, other: str) -> dict | None:
     """`arm`'s forgetting against `other`'s at matched held-out loss on `dataset` (see `at_matched_loss`)."""
     base = results["base"]["held_out"][dataset]
-    a, b = ([curve(r, base) for r in runs_of(results, dataset, x)] for x in (arm, other))
+    a, b = ([curve(r["checkpoints"], base) for r in runs_of(results, dataset, x)] for x in (arm, other))
     return at_matched_loss(a, b) if a and b else None
 
 

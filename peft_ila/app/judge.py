@@ -68,6 +68,12 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 LEVELS = 41  # held-out losses, evenly spaced over a matched range, at which curves are compared
 
 
+def curve(checkpoints: list[dict], base: float) -> list[tuple[float, float]]:
+    """A run's training curve: (held-out loss, forgetting) at its checkpoints in step order, from the base model's
+    (`base`, 0)."""
+    return [(base, 0.0), *((point["held_out"], point["forgetting"]) for point in checkpoints)]
+
+
 def along(curve: list[tuple[float, float]], level: float) -> float | None:
     """On a training curve of (held-out loss, y) points in step order, y where the held-out loss first reaches
     `level` (linear between the two checkpoints around it); None when it never does."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from .files import write_json
-from .judge import NOISE_RULE, at_matched_loss, beyond, difference, pooled_sd, ratio, show
+from .judge import NOISE_RULE, at_matched_loss, beyond, curve, difference, pooled_sd, ratio, show
 from .recipe import MODES
 from .report import machine
 
@@ -82,10 +82,7 @@ def _matched(runs: list[dict], lora: list[dict], base: dict) -> dict | None:
     """Forgetting against LoRA-all's at matched held-out loss (`judge.at_matched_loss`), when measured."""
     if any(p["forgetting"] is None for r in [*runs, *lora] for p in r["checkpoints"]):
         return None
-    start = [(base["held_out"], 0.0)]
-    mine, theirs = (
-        [start + [(p["held_out"], p["forgetting"]) for p in r["checkpoints"]] for r in rs] for rs in (runs, lora)
-    )
+    mine, theirs = ([curve(r["checkpoints"], base["held_out"]) for r in rs] for rs in (runs, lora))
     return at_matched_loss(mine, theirs)
 
 
