@@ -22,7 +22,7 @@ import torch
 
 from .data import Conversation, prompt_text
 
-PROMPT_TOKENS = 128  # the longest prompt, with its instruction, an `InstructionProbe` takes
+PROMPT_TOKENS = 128  # the longest prompt (chat template applied, before its instruction) an `InstructionProbe` takes
 PHRASES = ("Is there anything else I can help with?", "Let me know if you have more questions.")
 
 
@@ -186,7 +186,9 @@ def _as_prompt(turn: str, tokenizer, plain: bool) -> str:
 
 
 @torch.no_grad()
-def greedy_answers(model: torch.nn.Module, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int):
+def greedy_answers(
+    model: torch.nn.Module, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Each text's greedy continuation (at most `max_new_tokens` tokens, up to the end-of-sequence token), decoded
     without special tokens; prompts of like length batched together, left-padded."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
