@@ -161,7 +161,7 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     ran = {(r["dataset"], r["arm"]) for r in results["runs"]}
     assert {("alpaca", arm) for arm in frontier.ARMS} <= ran and len(ran) == len(frontier.ARMS) + 4
     for run in results["runs"]:
-        assert run["checkpoints"][-1]["step"] == 6 and "obeyed" not in run["closing"]["end"]["instructions"]
+        assert run["checkpoints"][-1]["step"] == 3 and "obeyed" not in run["closing"]["end"]["instructions"]
         assert set(run["closing"]["best"]) == {"step", "instructions", "knowledge", "general"}
     assert {"frontier-ila-75", "frontier-peers-ila-75", "frontier-ila-ranks"} <= {f["id"] for f in results["findings"]}
     folder = tmp_path / "cells" / "smoke"

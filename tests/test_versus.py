@@ -23,7 +23,7 @@ def versus(work, out, *extra) -> list[str]:
     """`peft-ila versus` on `work`'s tiny model and data: every mode, 2 seeds, `STEPS` steps, a reference set."""
     budget = ["--stage1-max-steps", str(STAGE1), "--stage2-steps", "2", "--steps", str(STEPS), "--seeds", "2"]
     reference = ["--reference", str(work / "other.json"), "--reference-size", "6", "--timing-steps", "2"]
-    reference += ["--instructions", "3"]
+    reference += ["--instructions", "3", "--instruction-tokens", "24"]
     return ["versus", *common(work, *budget, *reference, *extra), "--out", str(out)]
 
 

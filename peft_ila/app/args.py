@@ -530,6 +530,13 @@ def _versus_options(p: argparse.ArgumentParser) -> None:
         "limit, all lowercase, JSON, ...), at the end and at its checkpoint of lowest held-out loss (default: 0, off)",
     )
     g.add_argument(
+        "--instruction-tokens",
+        type=_positive,
+        default=160,
+        help="the longest answer generated for --instructions, in tokens (default: %(default)s, room for the 80 words "
+        "the longest instruction asks)",
+    )
+    g.add_argument(
         "--timing-steps",
         type=_typed(_in_range(int, 2), "an int >= 2"),
         default=4,

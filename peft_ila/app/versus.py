@@ -69,7 +69,8 @@ def _instructions(args, prepared: Prepared) -> InstructionProbe | None:
     if not args.instructions:
         return None
     sources = [prepared.held_out_conversations]
-    probe = InstructionProbe.of(sources, prepared.tokenizer, prepared.plain, args.instructions, args.seed)
+    shape = dict(max_new_tokens=args.instruction_tokens)
+    probe = InstructionProbe.of(sources, prepared.tokenizer, prepared.plain, args.instructions, args.seed, **shape)
     if len(probe.texts) < args.instructions:
         fit = f"{len(probe.texts)} held-out prompts fit (at most {PROMPT_TOKENS} tokens each)"
         print(f"--instructions {args.instructions}: {fit}; scoring on those")
