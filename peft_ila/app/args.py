@@ -476,6 +476,25 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
     _add_out(p, "output directory (default: %(default)s)", default=Path("ila-demo"))
 
 
+def _instruction_options(g) -> None:
+    """`versus`'s instruction-following score: how many prompts, and how long an answer."""
+    g.add_argument(
+        "--instructions",
+        type=_typed(_in_range(int, 0), "an int >= 0"),
+        default=0,
+        metavar="N",
+        help="score each run's greedy answers to N held-out prompts, each given a verifiable instruction (a word "
+        "limit, all lowercase, JSON, ...), at the end and at its checkpoint of lowest held-out loss (default: 0, off)",
+    )
+    g.add_argument(
+        "--instruction-tokens",
+        type=_positive,
+        default=160,
+        help="the longest answer generated for --instructions, in tokens (default: %(default)s, room for the 80 words "
+        "the longest instruction asks)",
+    )
+
+
 def _versus_options(p: argparse.ArgumentParser) -> None:
     _add_data(p, {}), _add_shape(p, {})
     g = p.add_argument_group("identification (of the modes that identify)")
@@ -521,21 +540,7 @@ def _versus_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--evals", type=_positive, default=4, help="evenly spaced checkpoints evaluated per run (default: %(default)s)"
     )
-    g.add_argument(
-        "--instructions",
-        type=_typed(_in_range(int, 0), "an int >= 0"),
-        default=0,
-        metavar="N",
-        help="score each run's greedy answers to N held-out prompts, each given a verifiable instruction (a word "
-        "limit, all lowercase, JSON, ...), at the end and at its checkpoint of lowest held-out loss (default: 0, off)",
-    )
-    g.add_argument(
-        "--instruction-tokens",
-        type=_positive,
-        default=160,
-        help="the longest answer generated for --instructions, in tokens (default: %(default)s, room for the 80 words "
-        "the longest instruction asks)",
-    )
+    _instruction_options(g)
     g.add_argument(
         "--timing-steps",
         type=_typed(_in_range(int, 2), "an int >= 2"),
