@@ -19,7 +19,8 @@ identifies on each run's own data order.
 The plan: every arm on the primary dataset with every seed, then LoRA-all, the best two ILA arms and the best peer
 (by forgetting at matched held-out loss on the primary dataset) on the others with `other_seeds`. The dry run's
 estimate decides what is cut (`CUT`, in order) to keep within `budget_hours`. Cells
-(`benchmarks/results/frontier/<preset>/`): `run-*` (one arm, dataset, seed), `follow-*` (the base model's instruction
+(`benchmarks/results/frontier/<preset>/`): `run-*` (one arm, dataset, seed; while it runs, its progress is kept in
+`run-*.running.safetensors`, and a rerun goes on from there), `follow-*` (the base model's instruction
 score), `general-*` (its loss on the general text), `peer-*` (KappaTune's and Spectrum's rankings); the grid's base,
 knowledge and mask cells are read (or computed) in the grid's folder. Writes `frontier.json`, `FRONTIER.md` and one
 `frontier-<dataset>.png` per dataset (`frontier_report.py`).
@@ -197,9 +198,9 @@ class Frontier(Study):
         def compute(stem: Path) -> dict:
             prepared = replace(self.data[name], model=copy.deepcopy(self.base))
             schedule = Schedule(self.steps(name), LR, LR, 0.1, self.grid.p["batch_size"])
-            ranking = self.ranking(name, arm)
+            ranking, state = self.ranking(name, arm), stem.with_name(f"{stem.name}.running.safetensors")
             return run_recipe(
-                recipe, prepared, self.config, schedule, seed, evaluation, self.args.progress, None, ranking
+                recipe, prepared, self.config, schedule, seed, evaluation, self.args.progress, None, ranking, state
             )
 
         return self.cell("run", settings, compute)

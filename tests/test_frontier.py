@@ -9,13 +9,16 @@ from dataclasses import replace
 import pytest
 import torch
 from test_benchmarks import knowledge_file
+from test_cli import stop_at_step
 
+import peft_ila.app.pipeline
 from conftest import alpaca_rows, tiny_lm_dir
 from peft_ila.app.executor import Best, Evaluation, Schedule, run_recipe
 from peft_ila.app.instructions import InstructionProbe
 from peft_ila.app.judge import LEVELS, along, at_matched_loss, matched_range
 from peft_ila.app.pipeline import prepare
 from peft_ila.app.recipe import Recipe
+from peft_ila.identification.checkpoint import checkpoint_record
 from peft_ila.tuner.config import ILAConfig
 from peft_ila.tuner.ranks import linear_costs
 from peft_ila.tuner.selection import Selection
@@ -77,8 +80,11 @@ def tiny(tmp_path_factory):
     return prepared
 
 
-def executed(tiny, recipe: Recipe, steps: int = 6, ranking: Selection | None = None) -> tuple[dict, Evaluation]:
-    """`recipe` run on a fresh copy of the tiny model, checkpoints every 2 steps, 3 instruction prompts."""
+def executed(
+    tiny, recipe: Recipe, steps: int = 6, ranking: Selection | None = None, state=None
+) -> tuple[dict, Evaluation]:
+    """`recipe` run on a fresh copy of the tiny model, checkpoints every 2 steps, 3 instruction prompts; its progress
+    kept in `state` while it runs."""
     import copy
 
     prepared = replace(tiny, model=copy.deepcopy(tiny.model))
@@ -90,7 +96,7 @@ def executed(tiny, recipe: Recipe, steps: int = 6, ranking: Selection | None = N
     evaluation.base = evaluation.point(tiny.model, 0)
     config = ILAConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, stage1_max_steps=2, stage2_steps=1)
     record = run_recipe(
-        recipe, prepared, config, Schedule(steps, 1e-2, 1e-3, 0.1, 4), 0, evaluation, False, None, ranking
+        recipe, prepared, config, Schedule(steps, 1e-2, 1e-3, 0.1, 4), 0, evaluation, False, None, ranking, state
     )
     return record, evaluation
 
@@ -121,6 +127,32 @@ def test_peer_and_ranked_recipes_train_what_they_chose(tiny):
     for run in (ranked, identified):
         assert everywhere["trainable_params"] - largest < run["trainable_params"] <= everywhere["trainable_params"]
     assert ranked["checkpoints"][-1]["held_out"] != everywhere["checkpoints"][-1]["held_out"]
+
+
+@pytest.mark.parametrize("recipe", [Recipe("LoRA-all"), Recipe("inside", "inside", top_k=0.5)], ids=lambda r: r.label)
+def test_an_interrupted_run_goes_on_from_its_state_to_the_uninterrupted_record(tiny, recipe, tmp_path, monkeypatch):
+    whole, _ = executed(tiny, recipe)
+    state = tmp_path / "run.running.safetensors"
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, peft_ila.app.pipeline, 3)  # one step past a save: that step is trained again
+        with pytest.raises(KeyboardInterrupt):
+            executed(tiny, recipe, state=state)
+    saved = checkpoint_record(state)["notes"]
+    assert saved["checkpoints"] == whole["checkpoints"][:1]  # the fine-tune's step 2, saved after its figures
+    resumed, _ = executed(tiny, recipe, state=state)
+    assert not state.exists() and (whole["resumed"], resumed["resumed"]) == (0, 1)
+    timing = ("seconds", "median_step_seconds", "memory", "resumed")
+    for run in (whole, resumed):
+        run["identification"].pop("seconds", None)  # an identification's own time
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+
+
+def test_a_run_s_state_must_be_a_file_it_wrote(tiny, tmp_path):
+    state = tmp_path / "notes.txt"
+    state.write_text("mine")
+    with pytest.raises(ValueError, match=r"notes\.txt is not a run's state that peft-ila wrote: give .* another path"):
+        executed(tiny, Recipe("LoRA-all"), state=state)
+    assert state.read_text() == "mine"
 
 
 # --- the study ---------------------------------------------------------------------------------------------------
@@ -165,6 +197,7 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
         assert set(run["closing"]["best"]) == {"step", "instructions", "knowledge", "general"}
     assert {"frontier-ila-75", "frontier-peers-ila-75", "frontier-ila-ranks"} <= {f["id"] for f in results["findings"]}
     folder = tmp_path / "cells" / "smoke"
+    assert not list(folder.glob("*.running.safetensors"))  # a run's state goes once its cell is written
     page = (folder / "FRONTIER.md").read_text()
     assert "## lima" in page and (folder / "frontier-alpaca.png").read_bytes()[:4] == b"\x89PNG"
     again = frontier.Frontier.main([*args, "--existing-only"])

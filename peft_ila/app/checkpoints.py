@@ -4,7 +4,8 @@
 One safetensors file, written atomically by the main process (see `identification.checkpoint`): the trainable
 parameters by name, the optimizer's state, the random-number generators; in its JSON record the schedule, the step
 statistics, the data position, the held-out loss before, the settings a resumed run must share, and the caller's
-`notes` (what it needs back on resume without redoing the work before the fine-tune).
+`notes` (what it needs back on resume without redoing the work before the fine-tune); beside the state, the caller's
+`kept` tensors (what it holds that the fine-tune does not, such as the best weights so far).
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ from ..tuner.selection import weights_fingerprint
 class FinetuneCheckpoint:
     """Where a fine-tune saves its state (`path`) and how often (`every` optimizer steps, >= 1); `resume`: continue
     the fine-tune saved there; `notes`: JSON-able facts the caller keeps in the file (read them back with
-    `identification.checkpoint.checkpoint_record(path)["notes"]`)."""
+    `identification.checkpoint.checkpoint_record(path)["notes"]`); `kept`: the caller's tensors by name, saved as
+    they are at every save (change them in place) and copied back into them on resume. The caller may change both
+    in `finetune`'s `on_step`: a save comes after it."""
 
     path: Path
     every: int = 10
     resume: bool = False
     notes: dict = field(default_factory=dict)
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class FinetuneState:
@@ -83,7 +87,8 @@ class FinetuneState:
         if rank() > 0:
             return
         state, groups = optimizer_tensors(self.optimizer, "optimizer")
-        tensors = {**parameter_tensors(self.named), **state, **rng_tensors(self.devices)}
+        kept = parameter_tensors(self.checkpoint.kept, prefix="kept")
+        tensors = {**parameter_tensors(self.named), **state, **rng_tensors(self.devices), **kept}
         record = {
             "settings": self.settings,
             "notes": self.checkpoint.notes,
@@ -102,6 +107,7 @@ class FinetuneState:
         path = Path(self.checkpoint.path)
         tensors, record = load_checked(path, self.settings, FINETUNE_FORMAT)
         restore_parameters(self.named, tensors, path)
+        restore_parameters(self.checkpoint.kept, tensors, path, prefix="kept")
         stats = StepStats(**record["stats"])
         if self.sampler is not None:  # the active set of the next step, as the interrupted run had drawn it
             self.sampler.at_step(stats.steps, self.optimizer)

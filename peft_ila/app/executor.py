@@ -9,11 +9,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig
 
+from ..identification.checkpoint import FINETUNE_FORMAT, checkpoint_record
 from ..identification.importance import identify_important_layers
 from ..identification.peers import PEERS, peer_layers
 from ..identification.training import cycle, evaluate_loss, train_steps
@@ -22,10 +24,13 @@ from ..tuner.layerwise import LayerSampler, LayerwiseConfig, block_groups
 from ..tuner.model import find_candidates
 from ..tuner.ranks import importance_lora_config
 from ..tuner.selection import Selection
+from .checkpoints import FinetuneCheckpoint
 from .files import peak_memory_mb, reset_peak_memory
 from .judge import forgetting
 from .pipeline import Prepared, finetune, wrap
 from .recipe import Recipe
+
+STATE_EVERY = 25  # optimizer steps between saves of a run's state (a minute of the frontier's on 2 CPU cores)
 
 
 @dataclass(frozen=True)
@@ -76,19 +81,71 @@ class Evaluation:
 
 
 class Best:
-    """The checkpoint of lowest held-out loss so far and a copy of the weights that change (`params`) there."""
+    """The checkpoint of lowest held-out loss so far and a copy of the weights that change (`params`) there (one
+    buffer per parameter, allocated once and overwritten in place)."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params, self.point, self.weights = params, None, None
+        self.params, self.point = params, None
+        self.weights = [p.detach().clone() for p in params]
 
+    @torch.no_grad()
     def offer(self, point: dict) -> None:
         if self.point is None or point["held_out"] < self.point["held_out"]:
-            self.point, self.weights = point, [p.detach().clone() for p in self.params]
+            self.point = point
+            for weight, param in zip(self.weights, self.params, strict=True):
+                weight.copy_(param)
 
     @torch.no_grad()
     def restore(self) -> None:
         for param, weight in zip(self.params, self.weights, strict=True):
             param.copy_(weight)
+
+
+class RunState:
+    """A run's progress, kept while it runs in one file (`path`; None: nowhere) as its fine-tune's checkpoint
+    (`checkpoints.FinetuneCheckpoint`, saved every `every` optimizer steps, after their evaluations, if any):
+    the checkpoints' figures, the best one's step and weights, the seconds so far without evaluation, and how often
+    the run was resumed. Made from the file of an interrupted run, it holds that run's progress, and the fine-tune
+    goes on from its saved state: the run's record is the one an uninterrupted run would have written, but for its
+    seconds."""
+
+    def __init__(self, path: Path | None, every: int = STATE_EVERY) -> None:
+        saved = checkpoint_record(path) if path is not None and Path(path).exists() else None
+        if path is not None and Path(path).exists() and (saved or {}).get("format") != FINETUNE_FORMAT:
+            raise ValueError(f"{path} is not a run's state that peft-ila wrote: give run_recipe another path.")
+        self.path, self.every, self.resuming = path, every, saved is not None
+        fresh = {"checkpoints": [], "best": None, "seconds": 0.0, "resumed": 0}
+        self.notes = saved["notes"] if saved else fresh
+        self.notes["resumed"] += int(self.resuming)
+        self.began, self.evaluated, self.carried = time.perf_counter(), 0.0, self.notes["seconds"]
+
+    def started(self, evaluation: Evaluation, best: Best | None, identified: dict) -> FinetuneCheckpoint | None:
+        """Mark the fine-tune's start (a fresh run's seconds so far are its setup's: an identification, say, whose
+        record, `identified`, an interrupted run keeps); the fine-tune's checkpoint, with `best`'s weights in it."""
+        self.notes.setdefault("identification", identified)
+        now = time.perf_counter()
+        self.carried += 0.0 if self.resuming else now - self.began
+        self.began, self.evaluated = now, evaluation.seconds
+        if best is not None and self.notes["best"] is not None:
+            best.point = next(c for c in self.notes["checkpoints"] if c["step"] == self.notes["best"])
+        if self.path is None:
+            return None
+        kept = {str(i): weight for i, weight in enumerate(best.weights)} if best is not None else {}
+        return FinetuneCheckpoint(Path(self.path), self.every, self.resuming, self.notes, kept)
+
+    def seconds(self, evaluation: Evaluation) -> float:
+        """Seconds of the run so far, evaluation left out."""
+        return self.carried + time.perf_counter() - self.began - (evaluation.seconds - self.evaluated)
+
+    def noted(self, evaluation: Evaluation, best: Best | None) -> None:
+        """After a step (before its save): the seconds so far and the best checkpoint's step."""
+        self.notes["seconds"] = self.seconds(evaluation)
+        self.notes["best"] = best.point["step"] if best is not None and best.point is not None else None
+
+    def done(self) -> None:
+        """The run is recorded: its state file goes."""
+        if self.path is not None:
+            Path(self.path).unlink(missing_ok=True)
 
 
 def run_recipe(
@@ -101,6 +158,7 @@ def run_recipe(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     ranking: Selection | None = None,
+    state: Path | None = None,
 ) -> dict:
     """Fine-tune `recipe` on `prepared` (its model is changed) with `seed` (adapters, data order, identification,
     draws): the run record (checkpoints, closing measures, steps, seconds with identification and without
@@ -108,38 +166,45 @@ def run_recipe(
     `config`: the adapters' shape and identification's budget; `on_step(global step)` after every fine-tune step (a
     progress bar); `ranking`: every candidate ranked before (by an identification, or by a peer selector that does
     not depend on the seed): a recipe that does not identify inside the fine-tune takes its top `top_k` instead of
-    ranking anew."""
+    ranking anew. `state`: a file where the run keeps its progress while it runs (`RunState`); given the file of an
+    interrupted run, the run goes on from it (its setup done again: an identification inside is deterministic on
+    a CPU, and a different one is refused); the file goes once the record is made."""
     torch.manual_seed(seed)
-    start, evaluated = time.perf_counter(), evaluation.seconds
+    gaps = [b - a for a, b in zip(evaluation.at, evaluation.at[1:], strict=False)]
+    run = RunState(state, max(1, min([STATE_EVERY, *gaps])))  # saved at least once between checkpoints
     model, how, identified = _build(recipe, prepared, config, schedule, seed, evaluation.accelerator, progress, ranking)
     offset = identified.get("stage1_steps", 0) if recipe.layers == "inside" else 0
-    checkpoints: list[dict] = []
-    best = Best(_changing(model, how))
+    checkpoints = run.notes["checkpoints"]
+    best = Best(_changing(model, how)) if evaluation.closing else None
 
     def step_done(stats) -> None:
         if offset + stats.steps in evaluation.at[:-1]:
             checkpoints.append(evaluation.point(model, offset + stats.steps))
-            if evaluation.closing:
+            if best is not None:
                 best.offer(checkpoints[-1])
+        run.noted(evaluation, best)
         if on_step is not None:
             on_step(offset + stats.steps)
 
     lr = (schedule.full_lr if recipe.method == "full" else schedule.lr) * recipe.lr_scale
     shape = (schedule.steps - offset, lr, schedule.batch_size, seed, schedule.warmup, evaluation.accelerator)
+    saved = run.started(evaluation, best, identified)
     before = evaluation.base["held_out"]
-    report = finetune(model, prepared, *shape, progress, on_step=step_done, loss_before=before, **how)
+    report = finetune(model, prepared, *shape, progress, on_step=step_done, loss_before=before, checkpoint=saved, **how)
     checkpoints.append(evaluation.point(model, schedule.steps, report.loss_after))
     record = {
         "checkpoints": checkpoints,
         "steps": offset + report.steps,
-        "seconds": time.perf_counter() - start - (evaluation.seconds - evaluated),
+        "seconds": run.seconds(evaluation),
         "median_step_seconds": report.median_step_seconds,
         "memory": report.memory,
         "trainable_params": report.trainable_params,
-        "identification": identified,
+        "identification": run.notes["identification"],
+        "resumed": run.notes["resumed"],
     }
-    if evaluation.closing:
+    if best is not None:
         record["closing"] = _closing(model, evaluation, best, checkpoints[-1])
+    run.done()
     return record
 
 

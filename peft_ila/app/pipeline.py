@@ -286,7 +286,7 @@ def finetune(
     training) only its active set trains, re-drawn before every step; `trainable_params` is then the largest number
     of parameters trained at once. `skip`: micro-batches at the head of the data order already trained on (by the
     stage 1 of an identification whose weights are kept), so that the fine-tune goes on where it stopped. With a
-    `checkpoint`, the state is saved before the first step and every `checkpoint.every` steps, and with
+    `checkpoint`, the state is saved before the first step and every `checkpoint.every` steps, after `on_step`; with
     `checkpoint.resume` the run goes on from the saved state (see `checkpoints.FinetuneState`)."""
     accelerator = accelerator or Accelerator()
     held_out = prepared.batches(batch_size, seed, held_out=True)
@@ -304,7 +304,7 @@ def finetune(
         if hasattr(model.base_model, "update_and_allocate"):
             raise ValueError("AdaLoRA's rank allocation is not checkpointed: fine-tune it with checkpoint=None.")
         state = FinetuneState(checkpoint, model, params, optimizer, scheduler, stream, settings, sampler)
-    on_step = _each(state.save_if_due if state is not None else None, on_step)
+    on_step = _each(on_step, state.save_if_due if state is not None else None)  # a save holds what on_step did
     if sampler is not None:
         on_step = sampler.hook(optimizer, then=on_step)
     stats = None

@@ -74,19 +74,21 @@ def load_checked(path: str | os.PathLike, settings: dict, kind: str = FORMAT) ->
     return tensors, record
 
 
-def parameter_tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Trainable parameters by name, as a checkpoint holds them (`param.{name}`)."""
-    return {f"param.{name}": p for name, p in named.items()}
+def parameter_tensors(named: dict[str, torch.Tensor], prefix: str = "param") -> dict[str, torch.Tensor]:
+    """Trainable parameters (or other tensors) by name, as a checkpoint holds them (`{prefix}.{name}`)."""
+    return {f"{prefix}.{name}": p for name, p in named.items()}
 
 
 @torch.no_grad()
-def restore_parameters(named: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Copy a checkpoint's `parameter_tensors` back into `named`; `ILALoadError` if it lacks any of them."""
-    missing = sorted(n for n in named if f"param.{n}" not in tensors)
+def restore_parameters(
+    named: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path, prefix: str = "param"
+) -> None:
+    """Copy a checkpoint's `parameter_tensors(named, prefix)` back into `named`; `ILALoadError` if it lacks any."""
+    missing = sorted(n for n in named if f"{prefix}.{n}" not in tensors)
     if missing:
         raise ILALoadError(f"{path} holds no weights for {missing[:3]}; it was written for another model or adapter.")
     for name, p in named.items():
-        p.copy_(tensors[f"param.{name}"])
+        p.copy_(tensors[f"{prefix}.{name}"])
 
 
 def check_settings(path: Path, saved: dict, current: dict) -> None:
