@@ -147,6 +147,40 @@ def test_an_interrupted_run_goes_on_from_its_state_to_the_uninterrupted_record(t
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
 
 
+def test_a_fine_tune_s_checkpoint_keeps_the_caller_s_tensors_and_notes_as_its_on_step_left_them(tiny, tmp_path):
+    import copy
+
+    from peft_ila.app.checkpoints import FinetuneCheckpoint
+    from peft_ila.app.pipeline import finetune, wrap
+    from peft_ila.identification.checkpoint import FINETUNE_FORMAT, load_checkpoint
+
+    def tune(resume: bool, stop: int | None = None) -> list[float]:
+        """Five steps, the caller's tensor and notes set to the step count after each; what the tensor held
+        before each step's hook."""
+        model = wrap(
+            copy.deepcopy(tiny.model),
+            ILAConfig(task_type="CAUSAL_LM", r=4, selected_layers=["model.layers.0.self_attn.q_proj"]),
+        )
+        kept, notes, seen = torch.zeros(3), {}, []
+        checkpoint = FinetuneCheckpoint(tmp_path / "c.safetensors", 2, resume, notes, {"mark": kept})
+
+        def on_step(stats):
+            seen.append(kept[0].item())
+            kept.fill_(stats.steps)
+            notes["steps"] = stats.steps
+            if stats.steps == stop:
+                raise KeyboardInterrupt
+
+        finetune(model, tiny, 5, 1e-3, 4, 0, progress=False, on_step=on_step, loss_before=1.0, checkpoint=checkpoint)
+        return seen
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(False, stop=3)
+    tensors, record = load_checkpoint(tmp_path / "c.safetensors", FINETUNE_FORMAT)
+    assert tensors["kept.mark"].tolist() == [2.0] * 3 and record["notes"] == {"steps": 2}  # saved after on_step
+    assert tune(True) == [2.0, 3.0, 4.0]  # back in the caller's tensor before the first step after the save
+
+
 def test_a_run_s_state_must_be_a_file_it_wrote(tiny, tmp_path):
     state = tmp_path / "notes.txt"
     state.write_text("mine")
