@@ -116,6 +116,7 @@ class Frontier(Study):
         self.general = general_text.paragraphs(args.general_text or general_text.bbc_folder(), self.p["general"])
         self._evaluations: dict[str, Evaluation] = {}
         self._probe: InstructionProbe | None = None
+        self._general_batches = None
 
     @classmethod
     def options(cls, parser: argparse.ArgumentParser) -> None:
@@ -170,11 +171,12 @@ class Frontier(Study):
         return evaluation
 
     def general_loss(self, model: torch.nn.Module) -> float:
-        """`model`'s mean loss per token on the general-text sample."""
-        primary = self.data[self.data.primary]
-        shape = (self.grid.p["max_length"], self.grid.p["batch_size"])
-        texts = general_text.text_batches(self.general, primary.tokenizer, *shape)
-        return evaluate_loss(model, texts, self.accelerator)
+        """`model`'s mean loss per token on the general-text sample (tokenized once)."""
+        if self._general_batches is None:
+            shape = (self.grid.p["max_length"], self.grid.p["batch_size"])
+            tokenizer = self.data[self.data.primary].tokenizer
+            self._general_batches = general_text.text_batches(self.general, tokenizer, *shape)
+        return evaluate_loss(model, self._general_batches, self.accelerator)
 
     def general_identity(self) -> dict:
         return {**general_text.identity(self.general), "max_length": self.grid.p["max_length"]}

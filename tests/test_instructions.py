@@ -53,8 +53,9 @@ def test_attach_draws_the_same_instructions_for_the_same_seed_and_appends_their_
 
 def test_the_score_is_the_share_obeyed_with_its_binomial_standard_error():
     instructions = [Instruction("no-commas")] * 4
-    share, error = score(["a", "b", "c, d", "e"], instructions)
-    assert share == 0.75 and error == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
-    assert score(["a"], [Instruction("no-commas")]) == (1.0, 0.0)
+    scored = score(["a", "b", "c, d", "e"], instructions)
+    assert scored["share"] == 0.75 and scored["se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
+    assert scored["obeyed"] == [True, True, False, True]
+    assert score(["a"], [Instruction("no-commas")]) == {"share": 1.0, "se": 0.0, "obeyed": [True]}
     with pytest.raises(ValueError, match="one instruction per answer: 2 answers, 1 given"):
         score(["a", "b"], instructions[:1])

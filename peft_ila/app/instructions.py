@@ -130,12 +130,14 @@ def attach(prompts: list[str], seed: int = 0) -> list[tuple[str, Instruction]]:
     ]
 
 
-def score(answers: list[str], instructions: list[Instruction]) -> tuple[float, float]:
-    """The share of `answers` that obey their instructions and its binomial standard error, sqrt(p (1 - p) / n)."""
+def score(answers: list[str], instructions: list[Instruction]) -> dict:
+    """{share of `answers` that obey their instructions, se: its binomial standard error sqrt(p (1 - p) / n),
+    obeyed: one verdict per answer}."""
     if not answers or len(answers) != len(instructions):
         raise ValueError(f"score needs one instruction per answer: {len(answers)} answers, {len(instructions)} given.")
-    share = sum(i.holds(a) for a, i in zip(answers, instructions, strict=True)) / len(answers)
-    return share, math.sqrt(share * (1 - share) / len(answers))
+    obeyed = [instruction.holds(answer) for answer, instruction in zip(answers, instructions, strict=True)]
+    share = sum(obeyed) / len(obeyed)
+    return {"share": share, "se": math.sqrt(share * (1 - share) / len(obeyed)), "obeyed": obeyed}
 
 
 @dataclass
@@ -175,9 +177,7 @@ class InstructionProbe:
     def score(self, model: torch.nn.Module) -> dict:
         """`model`'s greedy answers scored: {share obeyed, se (binomial), obeyed: one bool per prompt}."""
         answers = greedy_answers(model, self.tokenizer, self.texts, self.max_new_tokens, self.batch_size)
-        share, error = score(answers, self.instructions)
-        obeyed = [instruction.holds(answer) for answer, instruction in zip(answers, self.instructions, strict=True)]
-        return {"share": share, "se": error, "obeyed": obeyed}
+        return score(answers, self.instructions)
 
 
 def _as_prompt(turn: str, tokenizer, plain: bool) -> str:
