@@ -40,7 +40,7 @@ import torch
 from accelerate import Accelerator
 
 from benchmarks import frontier_report, general_text
-from benchmarks.core.cells import Missing, Study
+from benchmarks.core.cells import Missing, Study, key
 from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding
 from benchmarks.core.recipes import train_briefly
@@ -51,6 +51,7 @@ from peft_ila.app.executor import Evaluation, Schedule, run_recipe, trained_like
 from peft_ila.app.files import write_json
 from peft_ila.app.instructions import InstructionProbe
 from peft_ila.app.recipe import INSIDE, Recipe
+from peft_ila.identification.checkpoint import checkpoint_record
 from peft_ila.identification.peers import peer_layers
 from peft_ila.identification.training import evaluate_loss
 
@@ -124,6 +125,8 @@ class Frontier(Study):
         folder = ROOT / "benchmarks" / "results" / "grid"
         parser.add_argument("--grid-cells", type=Path, default=folder, help="the grid's cells (one folder per preset)")
         parser.add_argument("--dry-run", action="store_true", help="measure the plan's cost, write estimate.json")
+        listed = ", ".join(ARMS)
+        parser.add_argument("--arms", type=_arm_names, help=f"only these arms, comma-separated: {listed} (default: all)")
         parser.add_argument(
             "--general-text", type=Path, help="general text: a folder of sections of .txt articles (default: BBC News)"
         )
@@ -183,9 +186,9 @@ class Frontier(Study):
 
     # --- cells ---------------------------------------------------------------------------------------------------
 
-    def run_cell(self, name: str, arm: str, seed: int) -> dict:
-        """`ARMS[arm]` fine-tuned on `name` with `seed` for `epochs` epochs: the executor's run record."""
-        recipe, evaluation = ARMS[arm], self.based(name)
+    def run_settings(self, name: str, arm: str, seed: int) -> dict:
+        """What a run cell's key holds: the data, the arm's recipe, the schedule, the measures."""
+        recipe, evaluation = ARMS[arm], self.evaluation(name)
         settings = {**self.grid.identity(name), "arm": arm, "seed": seed, "steps": self.steps(name), "lr": LR}
         settings.update(recipe={k: v for k, v in asdict(recipe).items() if k != "label"}, **ADAPTER)
         settings.update(at=evaluation.at, others={o: self.grid.identity(o) for o in evaluation.references})
@@ -196,6 +199,11 @@ class Frontier(Study):
             settings["mask"] = self.grid.mask(name)["settings"]
         if recipe.layers in ("kappa", "spectrum"):
             settings["peer"] = recipe.layers  # ranked by a peer cell
+        return settings
+
+    def run_cell(self, name: str, arm: str, seed: int) -> dict:
+        """`ARMS[arm]` fine-tuned on `name` with `seed` for `epochs` epochs: the executor's run record."""
+        recipe, evaluation, settings = ARMS[arm], self.based(name), self.run_settings(name, arm, seed)
 
         def compute(stem: Path) -> dict:
             prepared = replace(self.data[name], model=copy.deepcopy(self.base))
@@ -206,6 +214,20 @@ class Frontier(Study):
             )
 
         return self.cell("run", settings, compute)
+
+    def under_way(self, name: str, arm: str, seed: int) -> dict | None:
+        """How far a run that has not finished went, from its state file: {dataset, arm, seed, step, of}; None if
+        it has not started."""
+        try:
+            stem = f"run-{key(self.run_settings(name, arm, seed))}"
+        except Missing:
+            return None
+        saved = checkpoint_record(self.folder / f"{stem}.running.safetensors")
+        if saved is None:
+            return None
+        identified = saved["notes"].get("identification", {}) if ARMS[arm].layers == "inside" else {}
+        step = saved["stats"]["steps"] + identified.get("stage1_steps", 0)
+        return {"dataset": name, "arm": arm, "seed": seed, "step": step, "of": self.steps(name)}
 
     def ranking(self, name: str, arm: str) -> Selection | None:
         """How `arm` ranks the layers before a run on `name`: ILA's by the grid's mask cell, KappaTune's and
@@ -236,9 +258,9 @@ class Frontier(Study):
     # --- the plan ------------------------------------------------------------------------------------------------
 
     def arms(self, estimate: dict | None) -> list[str]:
-        """The preset's arms, less those the estimate cuts (`cut`)."""
+        """The preset's arms (those of `--arms` only, if given), less those the estimate cuts (`cut`)."""
         dropped = cut(estimate, self.p["budget_hours"])["cut"] if estimate else []
-        return [arm for arm in self.p["arms"] if arm not in dropped]
+        return [arm for arm in self.p["arms"] if arm not in dropped and arm in (self.args.arms or ARMS)]
 
     def run(self) -> dict:
         estimate = self.estimate_record()
@@ -248,22 +270,26 @@ class Frontier(Study):
         primary, names = self.data.primary, self.data.names
         arms = self.arms(estimate)
         results = {"datasets": names, "primary": primary, "settings": self.settings(), "arms": arms, "runs": []}
+        results["under_way"] = []
         results.update(estimate=estimate, labels={arm: ARMS[arm].label for arm in ARMS}, base=self.bases())
         if following := self.collect("the base model's instruction score", self.base_following):
             results["base"]["instructions"] = {k: following[k] for k in ("share", "se")}
         for seed in self.p["seeds"]:
             for arm in arms:
                 self.add(results, primary, arm, seed)
-        others = self.collect("the arms on the other datasets", frontier_report.chosen, results, arms) or []
+        others = self.collect("the arms on the other datasets", frontier_report.chosen, results, arms)
+        results["others"] = others
         for seed in self.p["other_seeds"]:
             for name in names[1:]:
-                for arm in others:
+                for arm in others or []:
                     self.add(results, name, arm, seed)
         return results
 
     def add(self, results: dict, name: str, arm: str, seed: int) -> None:
         if record := self.collect(f"{name}: {arm}, seed {seed}", self.run_cell, name, arm, seed):
             results["runs"].append({"dataset": name, "arm": arm, "seed": seed, **kept(record)})
+        elif progress := self.under_way(name, arm, seed):
+            results["under_way"].append(progress)
 
     def bases(self) -> dict:
         """The base model's held-out loss on each dataset and its share of right answers (the grid's cells)."""
@@ -324,6 +350,14 @@ class Frontier(Study):
         write_json(study.folder / "estimate.json", estimate)
         print(frontier_report.estimate_text(estimate, cut(estimate, study.p["budget_hours"])))
         return estimate
+
+
+def _arm_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ARMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown or text!r}: choose from {', '.join(ARMS)}")
+    return names
 
 
 def plan_runs(names: list[str], arms: list[str], p: dict, steps, checkpoints, config: ILAConfig) -> list[dict]:

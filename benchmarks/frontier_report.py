@@ -229,6 +229,7 @@ def page(results: dict, prefix: str = "") -> str:
     lines = ["# The learning–forgetting frontier", "", *_question(), ""]
     lines += _how(results), ""
     lines += [_base_line(base, p), ""]
+    lines += [line for line in (_others_line(results), _under_way_line(results)) if line]
     found = findings(results)
     lines += findings_section(found) if found else ["## Findings", "", "No ILA arm has run yet.", ""]
     for dataset in results["datasets"]:
@@ -250,6 +251,32 @@ def _base_line(base: dict, p: dict) -> str:
         follows = base["instructions"]
         text += f"; it obeys {follows['share']:.3f} ± {follows['se']:.3f} of the {p['prompts']} instructions"
     return text + "."
+
+
+def _others_line(results: dict) -> str:
+    """Which arms run on the other datasets, and why fewer than four when fewer could be ranked."""
+    others, primary = results.get("others"), results["primary"]
+    if others is None:
+        return ""
+    labels = ", ".join(results["labels"][arm] for arm in others)
+    text = f"On {', '.join(results['datasets'][1:])}: {labels}; chosen by forgetting at matched held-out loss on "
+    text += f"{primary}."
+    if len(others) < 4:
+        text += (
+            f" Only {len(others) - 1} of the three places beside LoRA-all are filled: the other arms' curves on "
+            f"{primary} share no range of held-out loss with LoRA-all's, so there is no matched forgetting to rank "
+            "them by."
+        )
+    return text + "\n"
+
+
+def _under_way_line(results: dict) -> str:
+    """The runs started and not finished, and how far each went (its state file is kept for the next run)."""
+    runs = results.get("under_way") or []
+    if not runs:
+        return ""
+    shown = "; ".join(f"{r['dataset']}, {r['arm']}, seed {r['seed']}: step {r['step']} of {r['of']}" for r in runs)
+    return f"Under way (their progress is kept; `make bench-frontier` goes on from it): {shown}.\n"
 
 
 def _question() -> list[str]:

@@ -236,3 +236,36 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     assert "## lima" in page and (folder / "frontier-alpaca.png").read_bytes()[:4] == b"\x89PNG"
     again = frontier.Frontier.main([*args, "--existing-only"])
     assert again["runs"] == results["runs"]
+    assert f"On lima: {', '.join(again['labels'][arm] for arm in again['others'])}; chosen by" in page
+
+
+def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(tmp_path, monkeypatch):
+    from benchmarks import frontier
+
+    lm = tiny_lm_dir(tmp_path / "lm", layers=4)
+    for name, n in (("alpaca", 30), ("lima", 24)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(alpaca_rows(n)))
+    args = ["--preset", "smoke", "--model", str(lm), "--datasets", "alpaca,lima", "--shared", "/nowhere"]
+    args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
+    args += ["--grid-cells", str(tmp_path / "grid")]
+    args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz")), "--cells", str(tmp_path / "cells")]
+    args += ["--general-text", str(general_text(tmp_path / "bbc")), "--arms", "lora-all"]
+    frontier.Frontier.main([*args, "--dry-run"])
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, peft_ila.app.pipeline, 2)
+        with pytest.raises(KeyboardInterrupt):
+            frontier.Frontier.main(args)
+    shown = frontier.Frontier.main([*args, "--existing-only"])
+    assert shown["under_way"] == [{"dataset": "alpaca", "arm": "lora-all", "seed": 0, "step": 2, "of": 3}]
+    page = (tmp_path / "cells" / "smoke" / "FRONTIER.md").read_text()
+    assert "Under way (their progress is kept; `make bench-frontier` goes on from it): alpaca, lora-all, seed 0: " \
+        "step 2 of 3." in page
+    finished = frontier.Frontier.main(args)
+    assert not finished["under_way"] and [(r["dataset"], r["arm"]) for r in finished["runs"]] == [
+        ("alpaca", "lora-all"),
+        ("lima", "lora-all"),  # the only arm there is to rank
+    ]
+    cells = [json.loads(path.read_text()) for path in (tmp_path / "cells" / "smoke").glob("run-*.json")]
+    assert sorted((c["settings"]["dataset"], c["resumed"]) for c in cells) == [("alpaca", 1), ("lima", 0)]
+    with pytest.raises(SystemExit):
+        frontier.Frontier.main([*args[:-2], "--arms", "lora-all,sideways"])
