@@ -126,7 +126,9 @@ class Frontier(Study):
         parser.add_argument("--grid-cells", type=Path, default=folder, help="the grid's cells (one folder per preset)")
         parser.add_argument("--dry-run", action="store_true", help="measure the plan's cost, write estimate.json")
         listed = ", ".join(ARMS)
-        parser.add_argument("--arms", type=_arm_names, help=f"only these arms, comma-separated: {listed} (default: all)")
+        parser.add_argument(
+            "--arms", type=_arm_names, help=f"only these arms, comma-separated: {listed} (default: all)"
+        )
         parser.add_argument(
             "--general-text", type=Path, help="general text: a folder of sections of .txt articles (default: BBC News)"
         )

@@ -258,8 +258,10 @@ def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(t
     shown = frontier.Frontier.main([*args, "--existing-only"])
     assert shown["under_way"] == [{"dataset": "alpaca", "arm": "lora-all", "seed": 0, "step": 2, "of": 3}]
     page = (tmp_path / "cells" / "smoke" / "FRONTIER.md").read_text()
-    assert "Under way (their progress is kept; `make bench-frontier` goes on from it): alpaca, lora-all, seed 0: " \
+    assert (
+        "Under way (their progress is kept; `make bench-frontier` goes on from it): alpaca, lora-all, seed 0: "
         "step 2 of 3." in page
+    )
     finished = frontier.Frontier.main(args)
     assert not finished["under_way"] and [(r["dataset"], r["arm"]) for r in finished["runs"]] == [
         ("alpaca", "lora-all"),
