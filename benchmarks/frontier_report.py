@@ -254,18 +254,19 @@ def _base_line(base: dict, p: dict) -> str:
 
 
 def _others_line(results: dict) -> str:
-    """Which arms run on the other datasets, and why fewer than four when fewer could be ranked."""
+    """Which arms run on the other datasets, and which arms could not be ranked for it."""
     others, primary = results.get("others"), results["primary"]
     if others is None:
         return ""
-    labels = ", ".join(results["labels"][arm] for arm in others)
-    text = f"On {', '.join(results['datasets'][1:])}: {labels}; chosen by forgetting at matched held-out loss on "
+    labels = "; ".join(results["labels"][arm] for arm in others)
+    text = f"On {', '.join(results['datasets'][1:])}: {labels}. Chosen by forgetting at matched held-out loss on "
     text += f"{primary}."
-    if len(others) < 4:
+    arms = [arm for arm in results["arms"] if arm != REFERENCE]
+    unranked = [arm for arm in arms if mean_gap(matched(results, primary, arm, REFERENCE)) is None]
+    if unranked:
         text += (
-            f" Only {len(others) - 1} of the three places beside LoRA-all are filled: the other arms' curves on "
-            f"{primary} share no range of held-out loss with LoRA-all's, so there is no matched forgetting to rank "
-            "them by."
+            f" Not ranked: {'; '.join(results['labels'][arm] for arm in unranked)}. Their curves on {primary} share "
+            "no range of held-out loss with LoRA-all's, so there is no forgetting at matched loss to rank them by."
         )
     return text + "\n"
 

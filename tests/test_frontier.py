@@ -50,6 +50,23 @@ def test_curves_are_compared_over_the_held_out_losses_every_one_reaches():
     assert at_matched_loss([[(2.0, 0.0), (1.9, 0.1)]], [[(1.5, 0.0), (1.0, 0.1)]]) is None  # no common range
 
 
+def test_the_page_names_the_arms_the_other_datasets_run_and_those_it_could_not_rank():
+    from benchmarks.frontier_report import _others_line
+
+    def run(arm: str, losses: list[float]) -> dict:
+        points = [{"held_out": loss, "forgetting": 2.0 - loss} for loss in losses]
+        return {"dataset": "alpaca", "arm": arm, "checkpoints": points}
+
+    runs = [run("lora-all", [1.8, 1.5]), run("ila-75", [1.7, 1.6]), run("kappa-75", [2.1, 2.2])]  # kappa: no fall
+    labels = {"lora-all": "LoRA-all", "ila-75": "ILA 75%, fresh", "kappa-75": "KappaTune 75%"}
+    results = {"primary": "alpaca", "datasets": ["alpaca", "lima", "dolly"], "base": {"held_out": {"alpaca": 2.0}}}
+    results.update(runs=runs, labels=labels, arms=list(labels), others=["lora-all", "ila-75"])
+    line = _others_line(results)
+    assert line.startswith("On lima, dolly: LoRA-all; ILA 75%, fresh. Chosen by forgetting at matched held-out loss")
+    assert "Not ranked: KappaTune 75%. Their curves on alpaca share no range of held-out loss" in line
+    assert _others_line({**results, "others": None}) == ""  # not chosen yet: the missing list says why
+
+
 # --- recipes and the executor ------------------------------------------------------------------------------------
 
 
@@ -236,7 +253,7 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     assert "## lima" in page and (folder / "frontier-alpaca.png").read_bytes()[:4] == b"\x89PNG"
     again = frontier.Frontier.main([*args, "--existing-only"])
     assert again["runs"] == results["runs"]
-    assert f"On lima: {', '.join(again['labels'][arm] for arm in again['others'])}; chosen by" in page
+    assert f"On lima: {'; '.join(again['labels'][arm] for arm in again['others'])}. Chosen by" in page
 
 
 def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(tmp_path, monkeypatch):
