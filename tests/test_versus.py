@@ -42,7 +42,8 @@ def records(out) -> dict[str, dict]:
     for path in sorted((out / "runs").glob("*.json")):
         record = json.loads(path.read_text())
         record["identification"].pop("seconds", None)
-        kept[path.stem] = {k: v for k, v in record.items() if k not in ("seconds", "median_step_seconds", "memory")}
+        timing = ("seconds", "median_step_seconds", "memory", "resumed")
+        kept[path.stem] = {k: v for k, v in record.items() if k not in timing}
     return kept
 
 
@@ -74,15 +75,23 @@ def test_every_default_mode_runs_with_two_seeds_and_is_judged_on_a_page_a_json_a
     assert (compared / "versus.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_killed_run_continues_to_the_uninterrupted_records(work, compared, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("every", ["10", "0"])
+def test_a_killed_run_continues_to_the_uninterrupted_records(work, compared, tmp_path, monkeypatch, capsys, every):
     stop_at_step(monkeypatch, peft_ila.app.pipeline, 2 * STEPS + 3)  # in the third run (inside, seed 0)
-    assert main(versus(work, tmp_path / "v")) == 130
-    assert len(list((tmp_path / "v" / "runs").glob("*.json"))) == 2
+    command = versus(work, tmp_path / "v", "--checkpoint-every", every)
+    assert main(command) == 130
+    runs = tmp_path / "v" / "runs"
+    assert len(list(runs.glob("*.json"))) == 2
+    state = runs / "inside-seed0.running.safetensors"  # saved at the step before, with the checkpoint there
+    assert state.is_file() == (every != "0")
     monkeypatch.undo()
     capsys.readouterr()
-    assert main(versus(work, tmp_path / "v")) == 0
-    assert "continuing" in capsys.readouterr().out
-    assert records(tmp_path / "v") == records(compared)
+    assert main(command) == 0
+    went_on = "; 1 run(s) cut short go on from where they were saved" if every != "0" else ""
+    assert f"run(s) already finished are kept{went_on}\n" in capsys.readouterr().out
+    assert records(tmp_path / "v") == records(compared) and not state.exists()
+    resumed = json.loads((runs / "inside-seed0.json").read_text())["resumed"]
+    assert resumed == (every != "0")  # went on from its state, or ran again from the start
 
 
 def test_other_settings_are_refused_and_fewer_modes_and_seeds_reuse_the_runs(work, compared, tmp_path, capsys):

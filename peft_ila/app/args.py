@@ -495,6 +495,19 @@ def _instruction_options(g) -> None:
     )
 
 
+def _run_state_option(g) -> None:
+    """`versus`'s saves of a run while it runs."""
+    g.add_argument(
+        "--checkpoint-every",
+        type=_natural,
+        default=10,
+        metavar="N",
+        help="save a run's state to OUT/runs/MODE-seedK.running.safetensors every N steps (and at least once between "
+        "checkpoints), 0: never (default: %(default)s); a rerun goes on from it; removed once the run is saved (LISA's "
+        "holds full weights and their optimizer state: raise N)",
+    )
+
+
 def _versus_options(p: argparse.ArgumentParser) -> None:
     _add_data(p, {}), _add_shape(p, {})
     g = p.add_argument_group("identification (of the modes that identify)")
@@ -503,7 +516,7 @@ def _versus_options(p: argparse.ArgumentParser) -> None:
             _config_option(g, field, flag, kind, {})
         else:
             p.set_defaults(**{field: ILAConfig.__dataclass_fields__[field].default})
-    p.set_defaults(top_k=None, checkpoint_every=0, resume=False)
+    p.set_defaults(top_k=None, resume=False)
     g = p.add_argument_group("the comparison")
     names = ", ".join(f"{name} ({recipe.label})" for name, recipe in MODES.items())
     g.add_argument(
@@ -541,6 +554,7 @@ def _versus_options(p: argparse.ArgumentParser) -> None:
         "--evals", type=_positive, default=4, help="evenly spaced checkpoints evaluated per run (default: %(default)s)"
     )
     _instruction_options(g)
+    _run_state_option(g)
     g.add_argument(
         "--timing-steps",
         type=_typed(_in_range(int, 2), "an int >= 2"),

@@ -159,6 +159,7 @@ def run_recipe(
     on_step: Callable[[int], None] | None = None,
     ranking: Selection | None = None,
     state: Path | None = None,
+    state_every: int = STATE_EVERY,
 ) -> dict:
     """Fine-tune `recipe` on `prepared` (its model is changed) with `seed` (adapters, data order, identification,
     draws): the run record (checkpoints, closing measures, steps, seconds with identification and without
@@ -166,12 +167,12 @@ def run_recipe(
     `config`: the adapters' shape and identification's budget; `on_step(global step)` after every fine-tune step (a
     progress bar); `ranking`: every candidate ranked before (by an identification, or by a peer selector that does
     not depend on the seed): a recipe that does not identify inside the fine-tune takes its top `top_k` instead of
-    ranking anew. `state`: a file where the run keeps its progress while it runs (`RunState`); given the file of an
-    interrupted run, the run goes on from it (its setup done again: an identification inside is deterministic on
-    a CPU, and a different one is refused); the file goes once the record is made."""
+    ranking anew. `state`: a file where the run keeps its progress (`RunState`, saved every `state_every` steps and
+    at least once between checkpoints); given an interrupted run's, the run goes on from it (its setup done again:
+    an identification inside is deterministic on a CPU, a different one refused); it goes once the record is made."""
     torch.manual_seed(seed)
     gaps = [b - a for a, b in zip(evaluation.at, evaluation.at[1:], strict=False)]
-    run = RunState(state, max(1, min([STATE_EVERY, *gaps])))  # saved at least once between checkpoints
+    run = RunState(state, max(1, min([state_every, *gaps])))  # saved at least once between checkpoints
     model, how, identified = _build(recipe, prepared, config, schedule, seed, evaluation.accelerator, progress, ranking)
     offset = identified.get("stage1_steps", 0) if recipe.layers == "inside" else 0
     checkpoints = run.notes["checkpoints"]

@@ -185,8 +185,9 @@ def _open(args, settings: dict) -> None:
             raise UsageError(
                 f"{out} holds runs with other settings ({shown}); use another --out, or --overwrite to start over."
             )
-        done = len(list((out / "runs").glob("*.json")))
-        print(f"continuing {out}: {done} run(s) already finished are kept")
+        done, cut = (len(list((out / "runs").glob(pattern))) for pattern in ("*.json", "*.running.safetensors"))
+        went_on = f"; {cut} run(s) cut short go on from where they were saved" if cut else ""
+        print(f"continuing {out}: {done} run(s) already finished are kept{went_on}")
         _note_written(args)  # more modes or seeds than before: their runs' names
         return
     if out.exists():
@@ -205,7 +206,8 @@ def _note_written(args) -> None:
     """The manifest of --out: what is there and every file this command will write, named before it is written, so
     that a run killed at any moment leaves a directory that a rerun continues and --overwrite replaces (only that)."""
     out = args.out
-    runs = [f"runs/{mode}-seed{seed}.json" for mode in args.modes for seed in range(args.seeds)]
+    stems = [f"runs/{mode}-seed{seed}" for mode in args.modes for seed in range(args.seeds)]
+    runs = [f"{stem}{suffix}" for stem in stems for suffix in (".json", ".running.safetensors")]  # a run, its state
     planned = {"plan.json", "base.json", "timing.json", "versus.json", "VERSUS.md", "versus.png", "runs", *runs}
     there = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != MANIFEST}
     write_json(out / MANIFEST, {"written_by": "peft-ila", "kind": KIND, "entries": sorted(there | planned)})
@@ -245,7 +247,9 @@ def _run_all(args, prepared, config, schedule, evaluation, settings) -> dict[tup
             bar.update(done + step - bar.n)
 
         fresh = _fresh(args, prepared, evaluation.accelerator)
-        record = run_recipe(MODES[mode], fresh, config, schedule, seed, evaluation, False, advance)
+        state = (folder / f"{mode}-seed{seed}.running.safetensors") if args.checkpoint_every else None
+        shape = (evaluation, False, advance, None, state, args.checkpoint_every)
+        record = run_recipe(MODES[mode], fresh, config, schedule, seed, *shape)
         runs[mode, seed] = {"mode": mode, "seed": seed, "recipe": asdict(MODES[mode]), **record}
         write_json(path, runs[mode, seed])
         bar.update(done + schedule.steps - bar.n)
