@@ -377,6 +377,8 @@ def plan_runs(names: list[str], arms: list[str], p: dict, steps, checkpoints, co
 def kept(record: dict) -> dict:
     """What the page needs of a run cell (the instruction scores without each prompt's verdict)."""
     out = {key: record[key] for key in ("checkpoints", "steps", "seconds", "trainable_params")}
+    if "evaluation_seconds" in record:  # absent from a cell computed before the executor timed evaluation
+        out["evaluation_seconds"] = record["evaluation_seconds"]
     out["closing"] = {at: {**measured} for at, measured in record["closing"].items()}
     for measured in out["closing"].values():
         measured["instructions"] = {k: v for k, v in measured["instructions"].items() if k != "obeyed"}

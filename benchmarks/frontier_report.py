@@ -229,7 +229,7 @@ def page(results: dict, prefix: str = "") -> str:
     lines = ["# The learning–forgetting frontier", "", *_question(), ""]
     lines += _how(results), ""
     lines += [_base_line(base, p), ""]
-    lines += [line for line in (_others_line(results), _under_way_line(results)) if line]
+    lines += [line for line in (_others_line(results), _under_way_line(results), _pace_line(results)) if line]
     found = findings(results)
     lines += findings_section(found) if found else ["## Findings", "", "No ILA arm has run yet.", ""]
     for dataset in results["datasets"]:
@@ -278,6 +278,24 @@ def _under_way_line(results: dict) -> str:
         return ""
     shown = "; ".join(f"{r['dataset']}, {r['arm']}, seed {r['seed']}: step {r['step']} of {r['of']}" for r in runs)
     return f"Under way (their progress is kept; `make bench-frontier` goes on from it): {shown}.\n"
+
+
+def _pace_line(results: dict) -> str:
+    """Runs done of those planned, and the hours the rest need at the pace of the runs timed whole (training and
+    evaluation) on this machine."""
+    p, datasets = results["settings"], results["datasets"]
+    others = len(results["others"]) if results.get("others") is not None else 4
+    planned = len(results["arms"]) * len(p["seeds"]) + (len(datasets) - 1) * others * len(p["other_seeds"])
+    done, timed = len(results["runs"]), [r for r in results["runs"] if "evaluation_seconds" in r]
+    text = f"Runs done: {done} of the {planned} planned"
+    if timed:
+        train, evaluate = (statistics.mean(r[key] for r in timed) / 60 for key in ("seconds", "evaluation_seconds"))
+        left = (planned - done) * (train + evaluate) / 60
+        text += (
+            f"; a run took {train + evaluate:.0f} min ({train:.0f} training, {evaluate:.0f} evaluating; mean of "
+            f"{len(timed)}), so the {planned - done} left need about {left:.0f} h here"
+        )
+    return text + ".\n"
 
 
 def _question() -> list[str]:

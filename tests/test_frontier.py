@@ -127,7 +127,8 @@ def test_a_run_is_measured_at_its_checkpoints_and_scored_on_instructions_at_the_
     best = min(record["checkpoints"], key=lambda c: c["held_out"])
     closing = record["closing"]
     assert closing["best"]["step"] == best["step"] and len(closing["end"]["instructions"]["obeyed"]) == 3
-    assert 0 <= closing["end"]["instructions"]["share"] <= 1 and evaluation.seconds > 0
+    assert 0 <= closing["end"]["instructions"]["share"] <= 1
+    assert 0 < record["evaluation_seconds"] < evaluation.seconds  # the base model's point was measured before
 
 
 def test_peer_and_ranked_recipes_train_what_they_chose(tiny):
@@ -158,7 +159,7 @@ def test_an_interrupted_run_goes_on_from_its_state_to_the_uninterrupted_record(t
     assert saved["checkpoints"] == whole["checkpoints"][:1]  # the fine-tune's step 2, saved after its figures
     resumed, _ = executed(tiny, recipe, state=state)
     assert not state.exists() and (whole["resumed"], resumed["resumed"]) == (0, 1)
-    timing = ("seconds", "median_step_seconds", "memory", "resumed")
+    timing = ("seconds", "evaluation_seconds", "median_step_seconds", "memory", "resumed")
     for run in (whole, resumed):
         run["identification"].pop("seconds", None)  # an identification's own time
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
@@ -254,6 +255,8 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     again = frontier.Frontier.main([*args, "--existing-only"])
     assert again["runs"] == results["runs"]
     assert f"On lima: {'; '.join(again['labels'][arm] for arm in again['others'])}. Chosen by" in page
+    ran = len(results["runs"])
+    assert f"Runs done: {ran} of the {ran} planned; a run took " in page and f"mean of {ran}), so the 0 left" in page
 
 
 def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ def records(out) -> dict[str, dict]:
     for path in sorted((out / "runs").glob("*.json")):
         record = json.loads(path.read_text())
         record["identification"].pop("seconds", None)
-        timing = ("seconds", "median_step_seconds", "memory", "resumed")
+        timing = ("seconds", "evaluation_seconds", "median_step_seconds", "memory", "resumed")
         kept[path.stem] = {k: v for k, v in record.items() if k not in timing}
     return kept
 

@@ -104,20 +104,21 @@ class Best:
 class RunState:
     """A run's progress, kept while it runs in one file (`path`; None: nowhere) as its fine-tune's checkpoint
     (`checkpoints.FinetuneCheckpoint`, saved every `every` optimizer steps, after their evaluations, if any):
-    the checkpoints' figures, the best one's step and weights, the seconds so far without evaluation, and how often
-    the run was resumed. Made from the file of an interrupted run, it holds that run's progress, and the fine-tune
-    goes on from its saved state: the run's record is the one an uninterrupted run would have written, but for its
-    seconds."""
+    the checkpoints' figures, the best one's step and weights, the seconds so far without evaluation and those of
+    evaluation, and how often the run was resumed. Made from the file of an interrupted run, it holds that run's
+    progress, and the fine-tune goes on from its saved state: the run's record is the one an uninterrupted run would
+    have written, but for its clock."""
 
     def __init__(self, path: Path | None, every: int = STATE_EVERY) -> None:
         saved = checkpoint_record(path) if path is not None and Path(path).exists() else None
         if path is not None and Path(path).exists() and (saved or {}).get("format") != FINETUNE_FORMAT:
             raise ValueError(f"{path} is not a run's state that peft-ila wrote: give run_recipe another path.")
         self.path, self.every, self.resuming = path, every, saved is not None
-        fresh = {"checkpoints": [], "best": None, "seconds": 0.0, "resumed": 0}
+        fresh = {"checkpoints": [], "best": None, "seconds": 0.0, "evaluation_seconds": 0.0, "resumed": 0}
         self.notes = saved["notes"] if saved else fresh
         self.notes["resumed"] += int(self.resuming)
-        self.began, self.evaluated, self.carried = time.perf_counter(), 0.0, self.notes["seconds"]
+        self.began, self.evaluated = time.perf_counter(), 0.0
+        self.carried, self.carried_evaluation = self.notes["seconds"], self.notes["evaluation_seconds"]
 
     def started(self, evaluation: Evaluation, best: Best | None, identified: dict) -> FinetuneCheckpoint | None:
         """Mark the fine-tune's start (a fresh run's seconds so far are its setup's: an identification, say, whose
@@ -137,10 +138,29 @@ class RunState:
         """Seconds of the run so far, evaluation left out."""
         return self.carried + time.perf_counter() - self.began - (evaluation.seconds - self.evaluated)
 
+    def evaluation_seconds(self, evaluation: Evaluation) -> float:
+        """Seconds the run's evaluations took so far."""
+        return self.carried_evaluation + evaluation.seconds - self.evaluated
+
     def noted(self, evaluation: Evaluation, best: Best | None) -> None:
         """After a step (before its save): the seconds so far and the best checkpoint's step."""
         self.notes["seconds"] = self.seconds(evaluation)
+        self.notes["evaluation_seconds"] = self.evaluation_seconds(evaluation)
         self.notes["best"] = best.point["step"] if best is not None and best.point is not None else None
+
+    def record(self, evaluation: Evaluation, report, offset: int) -> dict:
+        """The run record but its closing measures, after the fine-tune's `report` (`offset`: the steps before it,
+        an inside identification's stage 1) and the last checkpoint's evaluation."""
+        return {
+            "checkpoints": self.notes["checkpoints"],
+            "steps": offset + report.steps,
+            "seconds": self.seconds(evaluation),
+            "median_step_seconds": report.median_step_seconds,
+            "memory": report.memory,
+            "trainable_params": report.trainable_params,
+            "identification": self.notes["identification"],
+            "resumed": self.notes["resumed"],
+        }
 
     def done(self) -> None:
         """The run is recorded: its state file goes."""
@@ -163,7 +183,8 @@ def run_recipe(
 ) -> dict:
     """Fine-tune `recipe` on `prepared` (its model is changed) with `seed` (adapters, data order, identification,
     draws): the run record (checkpoints, closing measures, steps, seconds with identification and without
-    evaluation, median step seconds, memory, trainable parameters, identification's steps and data position).
+    evaluation, evaluation's seconds, median step seconds, memory, trainable parameters, identification's steps and
+    data position).
     `config`: the adapters' shape and identification's budget; `on_step(global step)` after every fine-tune step (a
     progress bar); `ranking`: every candidate ranked before (by an identification, or by a peer selector that does
     not depend on the seed): a recipe that does not identify inside the fine-tune takes its top `top_k` instead of
@@ -193,20 +214,11 @@ def run_recipe(
     before = evaluation.base["held_out"]
     report = finetune(model, prepared, *shape, progress, on_step=step_done, loss_before=before, checkpoint=saved, **how)
     checkpoints.append(evaluation.point(model, schedule.steps, report.loss_after))
-    record = {
-        "checkpoints": checkpoints,
-        "steps": offset + report.steps,
-        "seconds": run.seconds(evaluation),
-        "median_step_seconds": report.median_step_seconds,
-        "memory": report.memory,
-        "trainable_params": report.trainable_params,
-        "identification": run.notes["identification"],
-        "resumed": run.notes["resumed"],
-    }
+    record = run.record(evaluation, report, offset)
     if best is not None:
         record["closing"] = _closing(model, evaluation, best, checkpoints[-1])
     run.done()
-    return record
+    return {**record, "evaluation_seconds": run.evaluation_seconds(evaluation)}
 
 
 def _closing(model: torch.nn.Module, evaluation: Evaluation, best: Best, end: dict) -> dict:
