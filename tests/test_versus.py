@@ -75,7 +75,7 @@ def test_every_default_mode_runs_with_two_seeds_and_is_judged_on_a_page_a_json_a
     assert (compared / "versus.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("every", ["10", "0"])
+@pytest.mark.parametrize("every", ["100", "0"])  # 100: saved at the checkpoints, every 2 steps
 def test_a_killed_run_continues_to_the_uninterrupted_records(work, compared, tmp_path, monkeypatch, capsys, every):
     stop_at_step(monkeypatch, peft_ila.app.pipeline, 2 * STEPS + 3)  # in the third run (inside, seed 0)
     command = versus(work, tmp_path / "v", "--checkpoint-every", every)

@@ -500,11 +500,11 @@ def _run_state_option(g) -> None:
     g.add_argument(
         "--checkpoint-every",
         type=_natural,
-        default=10,
+        default=100,
         metavar="N",
-        help="save a run's state to OUT/runs/MODE-seedK.running.safetensors every N steps (and at least once between "
-        "checkpoints), 0: never (default: %(default)s); a rerun goes on from it; removed once the run is saved (LISA's "
-        "holds full weights and their optimizer state: raise N)",
+        help="save a run's state to OUT/runs/MODE-seedK.running.safetensors every N steps and at least once between "
+        "checkpoints, 0: never (default: %(default)s); a rerun goes on from it; removed once the run is saved (LISA's "
+        "holds the model's full weights and their optimizer state)",
     )
 
 
