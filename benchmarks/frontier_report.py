@@ -25,6 +25,7 @@ RULE = (  # the 2-SE rule, its standard error from the seeds of the two arms com
     NOISE_RULE.replace(" (see the noise scale above)", "")
     + ", the standard error from the two arms' pooled seed-to-seed spread of the figure compared"
 )
+UNDECIDED = "not decided yet (a figure is missing: runs still to come, or one seed, with no noise estimate)"
 CUT = ("ila-50", "random-50", "spectrum-75", "lora-slow")  # what goes first when the plan is too long, in order
 
 
@@ -76,34 +77,40 @@ def chosen(results: dict, arms: list[str]) -> list[str]:
 # --- findings --------------------------------------------------------------------------------------------------------
 
 
-def goal(results: dict, arm: str) -> tuple[bool, str]:
+def all_of(tests: list[bool | None]) -> bool | None:
+    """Whether every test holds: False once one fails, None (not decided) while any lacks its figures."""
+    return False if False in tests else None if None in tests else True
+
+
+def goal(results: dict, arm: str) -> tuple[bool | None, str]:
     """Whether `arm` meets the issue's first goal on every dataset (forgets less than LoRA-all at matched held-out
-    loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE), and the
-    evidence."""
-    parts, met = [], True
+    loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE; None while
+    a figure is missing), and the evidence."""
+    parts, tests = [], []
     for dataset in results["datasets"]:
         found = matched(results, dataset, arm, REFERENCE)
         forget = found["delta"] if found else None
         best = delta(results, dataset, arm, best_held_out)
         follows = delta(results, dataset, arm, lambda r: closing(r, "best", "instructions"))
-        met &= forget is not None and beyond(forget) < 0 and best is not None and beyond(best) <= 0
-        met &= follows is not None and beyond(follows) <= 0
+        tests += [None if forget is None else beyond(forget) < 0]
+        tests += [None if figure is None else beyond(figure) <= 0 for figure in (best, follows)]
         parts.append(f"{dataset}: forgetting {show(forget)}, best held-out {show(best)}, instructions {show(follows)}")
-    return met, "; ".join(parts)
+    return all_of(tests), "; ".join(parts)
 
 
-def ahead_of_peers(results: dict, arm: str) -> tuple[bool, str]:
+def ahead_of_peers(results: dict, arm: str) -> tuple[bool | None, str]:
     """Whether `arm` forgets less than every peer of its share at matched held-out loss by > 2 SE on every dataset
-    where both ran, and the evidence."""
-    parts, met = [], bool(PEERS_OF[arm])
+    where both ran (None while a figure is missing, or no peer ran), and the evidence."""
+    parts, tests = [], []
     for dataset in results["datasets"]:
         for peer in PEERS_OF[arm]:
             if not runs_of(results, dataset, peer) or not runs_of(results, dataset, arm):
                 continue
             found = matched(results, dataset, arm, peer)
-            met &= found is not None and found["delta"] is not None and beyond(found["delta"]) < 0
-            parts.append(f"{dataset} vs {peer}: {show(found['delta'] if found else None)}")
-    return met and bool(parts), "; ".join(parts) or "no peer ran"
+            figure = found["delta"] if found else None
+            tests.append(None if figure is None else beyond(figure) < 0)
+            parts.append(f"{dataset} vs {peer}: {show(figure)}")
+    return all_of(tests or [None]), "; ".join(parts) or "no peer ran"
 
 
 def findings(results: dict) -> list[Finding]:
@@ -112,13 +119,13 @@ def findings(results: dict) -> list[Finding]:
     for arm in arms:
         met, evidence = goal(results, arm)
         claim = f"{results['labels'][arm]} forgets less than LoRA-all at matched held-out loss, learns as well"
-        verdict = "holds on every dataset" if met else "does not hold on every dataset"
+        verdict = {True: "holds on every dataset", False: "does not hold on every dataset"}.get(met, UNDECIDED)
         rule = "forgetting below −2 SE, best held-out loss and instruction score (best checkpoint) not above +2 SE"
         out.append(Finding(claim, verdict, evidence, f"{rule}; {RULE}", id=f"frontier-{arm}"))
         if PEERS_OF[arm]:
             met, evidence = ahead_of_peers(results, arm)
             claim = f"{results['labels'][arm]} forgets less than every peer selector of the same share"
-            verdict = "holds" if met else "does not hold"
+            verdict = {True: "holds", False: "does not hold"}.get(met, UNDECIDED)
             out.append(Finding(claim, verdict, evidence, RULE, id=f"frontier-peers-{arm}"))
     return out
 
@@ -290,11 +297,10 @@ def _pace_line(results: dict) -> str:
     text = f"Runs done: {done} of the {planned} planned"
     if timed:
         train, evaluate = (statistics.mean(r[key] for r in timed) / 60 for key in ("seconds", "evaluation_seconds"))
-        left = (planned - done) * (train + evaluate) / 60
-        text += (
-            f"; a run took {train + evaluate:.0f} min ({train:.0f} training, {evaluate:.0f} evaluating; mean of "
-            f"{len(timed)}), so the {planned - done} left need about {left:.0f} h here"
-        )
+        text += f"; a run took {train + evaluate:.1f} min ({train:.1f} training, {evaluate:.1f} evaluating; mean of "
+        text += f"{len(timed)})"
+        if planned > done:
+            text += f", so the {planned - done} left need about {(planned - done) * (train + evaluate) / 60:.1f} h here"
     return text + ".\n"
 
 

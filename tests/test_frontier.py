@@ -67,6 +67,25 @@ def test_the_page_names_the_arms_the_other_datasets_run_and_those_it_could_not_r
     assert _others_line({**results, "others": None}) == ""  # not chosen yet: the missing list says why
 
 
+def test_a_finding_holds_fails_or_waits_for_its_figures():
+    from benchmarks.frontier_report import UNDECIDED, findings
+
+    def run(arm: str, seed: int, slope: float) -> dict:
+        points = [{"held_out": loss, "forgetting": slope * (2.0 - loss)} for loss in (1.8, 1.5)]
+        closing = {"best": {"instructions": {"share": 0.3}, "step": 2}, "end": {"instructions": {"share": 0.3}}}
+        return {"dataset": "alpaca", "arm": arm, "seed": seed, "checkpoints": points, "closing": closing}
+
+    def verdict(slopes: dict[str, list[float]]) -> str:
+        runs = [run(arm, seed, slope) for arm, seeds in slopes.items() for seed, slope in enumerate(seeds)]
+        results = {"datasets": ["alpaca"], "base": {"held_out": {"alpaca": 2.0}}, "runs": runs}
+        results["labels"] = {"lora-all": "LoRA-all", "ila-75": "ILA 75%"}
+        return next(f.verdict for f in findings(results) if f.id == "frontier-ila-75")
+
+    assert verdict({"lora-all": [1.0, 1.1], "ila-75": [0.3, 0.35]}) == "holds on every dataset"
+    assert verdict({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}) == "does not hold on every dataset"
+    assert verdict({"lora-all": [1.0], "ila-75": [0.3]}) == UNDECIDED  # one seed each: no noise estimate
+
+
 # --- recipes and the executor ------------------------------------------------------------------------------------
 
 
@@ -256,7 +275,7 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     assert again["runs"] == results["runs"]
     assert f"On lima: {'; '.join(again['labels'][arm] for arm in again['others'])}. Chosen by" in page
     ran = len(results["runs"])
-    assert f"Runs done: {ran} of the {ran} planned; a run took " in page and f"mean of {ran}), so the 0 left" in page
+    assert f"Runs done: {ran} of the {ran} planned; a run took " in page and f"evaluating; mean of {ran}).\n" in page
 
 
 def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(tmp_path, monkeypatch):
