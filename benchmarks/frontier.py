@@ -47,7 +47,7 @@ from benchmarks.core.recipes import train_briefly
 from benchmarks.frontier_report import cut
 from benchmarks.grid import ADAPTER, LR, Grid
 from peft_ila import ILAConfig, Selection
-from peft_ila.app.executor import Evaluation, Schedule, run_recipe, trained_like
+from peft_ila.app.executor import STATE_SUFFIX, Evaluation, Schedule, run_recipe, trained_like
 from peft_ila.app.files import write_json
 from peft_ila.app.instructions import InstructionProbe
 from peft_ila.app.recipe import INSIDE, Recipe
@@ -210,7 +210,7 @@ class Frontier(Study):
         def compute(stem: Path) -> dict:
             prepared = replace(self.data[name], model=copy.deepcopy(self.base))
             schedule = Schedule(self.steps(name), LR, LR, 0.1, self.grid.p["batch_size"])
-            ranking, state = self.ranking(name, arm), stem.with_name(f"{stem.name}.running.safetensors")
+            ranking, state = self.ranking(name, arm), stem.with_name(stem.name + STATE_SUFFIX)
             return run_recipe(
                 recipe, prepared, self.config, schedule, seed, evaluation, self.args.progress, None, ranking, state
             )
@@ -224,7 +224,7 @@ class Frontier(Study):
             stem = f"run-{key(self.run_settings(name, arm, seed))}"
         except Missing:
             return None
-        saved = checkpoint_record(self.folder / f"{stem}.running.safetensors")
+        saved = checkpoint_record(self.folder / (stem + STATE_SUFFIX))
         if saved is None:
             return None
         identified = saved["notes"].get("identification", {}) if ARMS[arm].layers == "inside" else {}

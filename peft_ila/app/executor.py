@@ -31,6 +31,7 @@ from .pipeline import Prepared, finetune, wrap
 from .recipe import Recipe
 
 STATE_EVERY = 25  # optimizer steps between saves of a run's state (a minute of the frontier's on 2 CPU cores)
+STATE_SUFFIX = ".running.safetensors"  # a run's state file is named after its record's: run-1a2b + STATE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,9 @@ class RunState:
     have written, but for its clock."""
 
     def __init__(self, path: Path | None, every: int = STATE_EVERY) -> None:
-        saved = checkpoint_record(path) if path is not None and Path(path).exists() else None
-        if path is not None and Path(path).exists() and (saved or {}).get("format") != FINETUNE_FORMAT:
+        exists = path is not None and Path(path).exists()
+        saved = checkpoint_record(path) if exists else None
+        if exists and (saved or {}).get("format") != FINETUNE_FORMAT:
             raise ValueError(f"{path} is not a run's state that peft-ila wrote: give run_recipe another path.")
         self.path, self.every, self.resuming = path, every, saved is not None
         fresh = {"checkpoints": [], "best": None, "seconds": 0.0, "evaluation_seconds": 0.0, "resumed": 0}

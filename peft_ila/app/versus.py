@@ -23,7 +23,7 @@ from ..tuner.selection import Selection
 from . import UsageError
 from .args import CONFIG_OPTIONS
 from .data import batches, encode, fingerprint, read_dataset, split
-from .executor import Evaluation, Schedule, run_recipe, side_by_side, train_briefly, trained_like
+from .executor import STATE_SUFFIX, Evaluation, Schedule, run_recipe, side_by_side, train_briefly, trained_like
 from .files import MANIFEST, check_free, read_json, write_json, written_by_peft_ila
 from .instructions import PROMPT_TOKENS, InstructionProbe
 from .pipeline import Prepared, load_base, wrap
@@ -185,7 +185,7 @@ def _open(args, settings: dict) -> None:
             raise UsageError(
                 f"{out} holds runs with other settings ({shown}); use another --out, or --overwrite to start over."
             )
-        done, cut = (len(list((out / "runs").glob(pattern))) for pattern in ("*.json", "*.running.safetensors"))
+        done, cut = (len(list((out / "runs").glob(pattern))) for pattern in ("*.json", f"*{STATE_SUFFIX}"))
         went_on = f"; {cut} run(s) cut short go on from where they were saved" if cut else ""
         print(f"continuing {out}: {done} run(s) already finished are kept{went_on}")
         _note_written(args)  # more modes or seeds than before: their runs' names
@@ -207,7 +207,7 @@ def _note_written(args) -> None:
     that a run killed at any moment leaves a directory that a rerun continues and --overwrite replaces (only that)."""
     out = args.out
     stems = [f"runs/{mode}-seed{seed}" for mode in args.modes for seed in range(args.seeds)]
-    runs = [f"{stem}{suffix}" for stem in stems for suffix in (".json", ".running.safetensors")]  # a run, its state
+    runs = [f"{stem}{suffix}" for stem in stems for suffix in (".json", STATE_SUFFIX)]  # a run, its state
     planned = {"plan.json", "base.json", "timing.json", "versus.json", "VERSUS.md", "versus.png", "runs", *runs}
     there = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != MANIFEST}
     write_json(out / MANIFEST, {"written_by": "peft-ila", "kind": KIND, "entries": sorted(there | planned)})
@@ -247,7 +247,7 @@ def _run_all(args, prepared, config, schedule, evaluation, settings) -> dict[tup
             bar.update(done + step - bar.n)
 
         fresh = _fresh(args, prepared, evaluation.accelerator)
-        state = (folder / f"{mode}-seed{seed}.running.safetensors") if args.checkpoint_every else None
+        state = (folder / f"{mode}-seed{seed}{STATE_SUFFIX}") if args.checkpoint_every else None
         shape = (evaluation, False, advance, None, state, args.checkpoint_every)
         record = run_recipe(MODES[mode], fresh, config, schedule, seed, *shape)
         runs[mode, seed] = {"mode": mode, "seed": seed, "recipe": asdict(MODES[mode]), **record}
