@@ -227,9 +227,7 @@ class Frontier(Study):
         saved = checkpoint_record(self.folder / (stem + STATE_SUFFIX))
         if saved is None:
             return None
-        identified = saved["notes"].get("identification", {}) if ARMS[arm].layers == "inside" else {}
-        step = saved["stats"]["steps"] + identified.get("stage1_steps", 0)
-        return {"dataset": name, "arm": arm, "seed": seed, "step": step, "of": self.steps(name)}
+        return {"dataset": name, "arm": arm, "seed": seed, "step": saved["notes"]["step"], "of": self.steps(name)}
 
     def ranking(self, name: str, arm: str) -> Selection | None:
         """How `arm` ranks the layers before a run on `name`: ILA's by the grid's mask cell, KappaTune's and

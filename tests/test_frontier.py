@@ -176,6 +176,7 @@ def test_an_interrupted_run_goes_on_from_its_state_to_the_uninterrupted_record(t
             executed(tiny, recipe, state=state)
     saved = checkpoint_record(state)["notes"]
     assert saved["checkpoints"] == whole["checkpoints"][:1]  # the fine-tune's step 2, saved after its figures
+    assert saved["step"] == whole["checkpoints"][0]["step"]  # the run's step: an inside stage 1's counted
     resumed, _ = executed(tiny, recipe, state=state)
     assert not state.exists() and (whole["resumed"], resumed["resumed"]) == (0, 1)
     timing = ("seconds", "evaluation_seconds", "median_step_seconds", "memory", "resumed")

@@ -105,10 +105,10 @@ class Best:
 class RunState:
     """A run's progress, kept while it runs in one file (`path`; None: nowhere) as its fine-tune's checkpoint
     (`checkpoints.FinetuneCheckpoint`, saved every `every` optimizer steps, after their evaluations, if any):
-    the checkpoints' figures, the best one's step and weights, the seconds so far without evaluation and those of
-    evaluation, and how often the run was resumed. Made from the file of an interrupted run, it holds that run's
-    progress, and the fine-tune goes on from its saved state: the run's record is the one an uninterrupted run would
-    have written, but for its clock."""
+    the run's global step (an inside identification's stage 1 counted), the checkpoints' figures, the best one's
+    step and weights, the seconds so far without evaluation and those of evaluation, and how often the run was
+    resumed. Made from the file of an interrupted run, it holds that run's progress, and the fine-tune goes on from
+    its saved state: the run's record is the one an uninterrupted run would have written, but for its clock."""
 
     def __init__(self, path: Path | None, every: int = STATE_EVERY) -> None:
         exists = path is not None and Path(path).exists()
@@ -144,8 +144,10 @@ class RunState:
         """Seconds the run's evaluations took so far."""
         return self.carried_evaluation + evaluation.seconds - self.evaluated
 
-    def noted(self, evaluation: Evaluation, best: Best | None) -> None:
-        """After a step (before its save): the seconds so far and the best checkpoint's step."""
+    def noted(self, evaluation: Evaluation, best: Best | None, step: int) -> None:
+        """After the run's global `step` (before its save): that step, the seconds so far and the best checkpoint's
+        step."""
+        self.notes["step"] = step
         self.notes["seconds"] = self.seconds(evaluation)
         self.notes["evaluation_seconds"] = self.evaluation_seconds(evaluation)
         self.notes["best"] = best.point["step"] if best is not None and best.point is not None else None
@@ -206,7 +208,7 @@ def run_recipe(
             checkpoints.append(evaluation.point(model, offset + stats.steps))
             if best is not None:
                 best.offer(checkpoints[-1])
-        run.noted(evaluation, best)
+        run.noted(evaluation, best, offset + stats.steps)
         if on_step is not None:
             on_step(offset + stats.steps)
 
