@@ -289,16 +289,17 @@ def _under_way_line(results: dict) -> str:
 
 def _pace_line(results: dict) -> str:
     """Runs done of those planned, and the hours the rest need at the pace of the runs timed whole (training and
-    evaluation) on this machine."""
+    evaluation) on this machine: their median training and evaluation times (a run's wall clock counts the
+    pauses of a shared machine)."""
     p, datasets = results["settings"], results["datasets"]
     others = len(results["others"]) if results.get("others") is not None else 4
     planned = len(results["arms"]) * len(p["seeds"]) + (len(datasets) - 1) * others * len(p["other_seeds"])
     done, timed = len(results["runs"]), [r for r in results["runs"] if "evaluation_seconds" in r]
     text = f"Runs done: {done} of the {planned} planned"
     if timed:
-        train, evaluate = (statistics.mean(r[key] for r in timed) / 60 for key in ("seconds", "evaluation_seconds"))
-        text += f"; a run took {train + evaluate:.1f} min ({train:.1f} training, {evaluate:.1f} evaluating; mean of "
-        text += f"{len(timed)})"
+        train, evaluate = (statistics.median(r[key] for r in timed) / 60 for key in ("seconds", "evaluation_seconds"))
+        text += f"; a run took {train + evaluate:.1f} min ({train:.1f} training, {evaluate:.1f} evaluating; median of "
+        text += f"{len(timed)}, wall clock)"
         if planned > done:
             text += f", so the {planned - done} left need about {(planned - done) * (train + evaluate) / 60:.1f} h here"
     return text + ".\n"

@@ -276,7 +276,10 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     assert again["runs"] == results["runs"]
     assert f"On lima: {'; '.join(again['labels'][arm] for arm in again['others'])}. Chosen by" in page
     ran = len(results["runs"])
-    assert f"Runs done: {ran} of the {ran} planned; a run took " in page and f"evaluating; mean of {ran}).\n" in page
+    assert (
+        f"Runs done: {ran} of the {ran} planned; a run took " in page
+        and f"evaluating; median of {ran}, wall clock).\n" in page
+    )
 
 
 def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(tmp_path, monkeypatch):
