@@ -122,10 +122,14 @@ class RunState:
         self.began, self.evaluated = time.perf_counter(), 0.0
         self.carried, self.carried_evaluation = self.notes["seconds"], self.notes["evaluation_seconds"]
 
-    def started(self, evaluation: Evaluation, best: Best | None, identified: dict) -> FinetuneCheckpoint | None:
-        """Mark the fine-tune's start (a fresh run's seconds so far are its setup's: an identification, say, whose
-        record, `identified`, an interrupted run keeps); the fine-tune's checkpoint, with `best`'s weights in it."""
+    def started(
+        self, evaluation: Evaluation, best: Best | None, identified: dict, step: int
+    ) -> FinetuneCheckpoint | None:
+        """Mark the fine-tune's start at the run's global `step` (a fresh run's seconds so far are its setup's: an
+        identification, say, whose record, `identified`, an interrupted run keeps); the fine-tune's checkpoint, with
+        `best`'s weights in it."""
         self.notes.setdefault("identification", identified)
+        self.notes.setdefault("step", step)
         now = time.perf_counter()
         self.carried += 0.0 if self.resuming else now - self.began
         self.began, self.evaluated = now, evaluation.seconds
@@ -214,7 +218,7 @@ def run_recipe(
 
     lr = (schedule.full_lr if recipe.method == "full" else schedule.lr) * recipe.lr_scale
     shape = (schedule.steps - offset, lr, schedule.batch_size, seed, schedule.warmup, evaluation.accelerator)
-    saved = run.started(evaluation, best, identified)
+    saved = run.started(evaluation, best, identified, offset)
     before = evaluation.base["held_out"]
     report = finetune(model, prepared, *shape, progress, on_step=step_done, loss_before=before, checkpoint=saved, **how)
     checkpoints.append(evaluation.point(model, schedule.steps, report.loss_after))
