@@ -1,6 +1,6 @@
 """The frontier study's judge and page: every arm's training curves against LoRA-all's and its peers' at matched
-held-out loss (the library's `judge.at_matched_loss`), best held-out loss and instruction score by the 2-SE rule,
-the findings, the tables and one frontier plot per dataset."""
+held-out loss (the library's `judge.at_matched_loss`, and past their best checkpoints `judge.past_best`), best
+held-out loss and instruction score by the 2-SE rule, the findings, the tables and one frontier plot per dataset."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks.core.cells import Missing
 from benchmarks.core.page import Column, Finding, columns, findings_section, missing_section, number
 from benchmarks.core.stats import NOISE_RULE, beyond, difference, pooled_sd, show
-from peft_ila.app.judge import at_matched_loss, curve
+from peft_ila.app.judge import at_matched_loss, curve, past_best
 
 ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
 PEERS_OF = {  # an ILA arm's peers: the selectors of the same share of layers
@@ -33,11 +33,13 @@ def runs_of(results: dict, dataset: str, arm: str) -> list[dict]:
     return [run for run in results["runs"] if (run["dataset"], run["arm"]) == (dataset, arm)]
 
 
-def matched(results: dict, dataset: str, arm: str, other: str) -> dict | None:
-    """`arm`'s forgetting against `other`'s at matched held-out loss on `dataset` (see `at_matched_loss`)."""
+def matched(results: dict, dataset: str, arm: str, other: str, past: bool = False) -> dict | None:
+    """`arm`'s forgetting against `other`'s at matched held-out loss on `dataset` (see `at_matched_loss`); `past`:
+    where the curves climb back past their best checkpoints (their overfitting, see `past_best`)."""
     base = results["base"]["held_out"][dataset]
     a, b = ([curve(r["checkpoints"], base) for r in runs_of(results, dataset, x)] for x in (arm, other))
-    return at_matched_loss(a, b) if a and b else None
+    compare = past_best if past else at_matched_loss
+    return compare(a, b) if a and b else None
 
 
 def mean_gap(found: dict | None) -> float | None:
@@ -113,6 +115,21 @@ def ahead_of_peers(results: dict, arm: str) -> tuple[bool | None, str]:
     return all_of(tests or [None]), "; ".join(parts) or "no peer ran"
 
 
+def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
+    """Whether `arm` forgets less than LoRA-all at matched held-out loss past both curves' best checkpoints by
+    > 2 SE on every dataset where both ran (None while a figure is missing), and the evidence: is a lower forgetting
+    after 3 epochs a better trade-off, or the same curve less far along its overfitting?"""
+    parts, tests = [], []
+    for dataset in results["datasets"]:
+        if not runs_of(results, dataset, arm) or not runs_of(results, dataset, REFERENCE):
+            continue
+        found = matched(results, dataset, arm, REFERENCE, past=True)
+        figure = found["delta"] if found else None
+        tests.append(None if figure is None else beyond(figure) < 0)
+        parts.append(f"{dataset}: {show(figure)}" + (" (no common range)" if found is None else ""))
+    return all_of(tests or [None]), "; ".join(parts) or "not run beside LoRA-all"
+
+
 def findings(results: dict) -> list[Finding]:
     out = []
     arms = [arm for arm in ILA_ARMS if any(run["arm"] == arm for run in results["runs"])]
@@ -127,6 +144,13 @@ def findings(results: dict) -> list[Finding]:
             claim = f"{results['labels'][arm]} forgets less than every peer selector of the same share"
             verdict = {True: "holds", False: "does not hold"}.get(met, UNDECIDED)
             out.append(Finding(claim, verdict, evidence, RULE, id=f"frontier-peers-{arm}"))
+        met, evidence = trade_off_past_best(results, arm)
+        claim = (
+            f"Past its best checkpoint, {results['labels'][arm]} forgets less than LoRA-all at matched held-out loss"
+        )
+        verdict = {True: "holds", False: "does not hold"}.get(met, UNDECIDED)
+        rule = f"forgetting where both curves climb back to the same held-out loss below −2 SE; {RULE}"
+        out.append(Finding(claim, verdict, evidence, rule, id=f"frontier-past-best-{arm}"))
     return out
 
 
@@ -187,6 +211,7 @@ def arm_rows(results: dict, dataset: str) -> list[dict]:
             "best": statistics.mean(best_held_out(r) for r in runs),
             "best_delta": delta(results, dataset, arm, best_held_out) if arm != REFERENCE else None,
             "matched": found,
+            "past": matched(results, dataset, arm, REFERENCE, past=True) if arm != REFERENCE else None,
             "forgetting_end": statistics.mean(e["forgetting"] for e in ends if e["forgetting"] is not None),
             **{f"{name}_{at}": _mean(closing(r, at, name) for r in runs) for name in CLOSING for at in ("best", "end")},
             "params": runs[0]["trainable_params"],
@@ -199,8 +224,10 @@ def _mean(values) -> float | None:
     return statistics.mean(found) if found else None
 
 
-def _matched_text(row: dict) -> str:
-    found = row["matched"]
+def _matched_text(row: dict, key: str = "matched") -> str:
+    """A row's forgetting against LoRA-all's at matched held-out loss (`key`: "matched", or "past" its best), and
+    the range of held-out loss it was matched over."""
+    found = row[key]
     if found is None:
         return "–" if row["arm"] == REFERENCE else "no common range"
     low, high = found["range"]
@@ -222,6 +249,7 @@ TABLE: list[Column] = [
     ("best held-out", "r", lambda r: number(r["best"], ".4f")),
     ("Δ best vs LoRA-all", "r", lambda r: "–" if r["best_delta"] is None else show(r["best_delta"])),
     ("Δ forgetting at matched held-out loss", "l", _matched_text),
+    ("Δ forgetting past the best, matched", "l", lambda r: _matched_text(r, "past")),
     ("forgetting at end", "r", lambda r: number(r["forgetting_end"], "+.4f")),
     _both("knowledge", "ARC-Easy: best / end", ".3f"),
     _both("general", "general-text loss: best / end", ".4f"),

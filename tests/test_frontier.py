@@ -15,7 +15,7 @@ import peft_ila.app.pipeline
 from conftest import alpaca_rows, tiny_lm_dir
 from peft_ila.app.executor import Best, Evaluation, Schedule, run_recipe
 from peft_ila.app.instructions import InstructionProbe
-from peft_ila.app.judge import LEVELS, along, at_matched_loss, matched_range
+from peft_ila.app.judge import LEVELS, along, at_matched_loss, matched_range, past_best, rising
 from peft_ila.app.pipeline import prepare
 from peft_ila.app.recipe import Recipe
 from peft_ila.identification.checkpoint import checkpoint_record
@@ -48,6 +48,19 @@ def test_curves_are_compared_over_the_held_out_losses_every_one_reaches():
     assert value < 0 and error > 0  # the kind arm forgets less at the same held-out loss
     assert at_matched_loss(kind[:1], slow[:1])["delta"] is None  # one seed each: no noise estimate
     assert at_matched_loss([[(2.0, 0.0), (1.9, 0.1)]], [[(1.5, 0.0), (1.0, 0.1)]]) is None  # no common range
+
+
+def test_curves_past_their_best_are_read_where_their_held_out_loss_first_climbs_back():
+    overfits = [(2.0, 0.0), (1.0, -0.1), (1.5, 0.2), (2.0, 0.5)]  # y = -0.1 + 0.6 (h - 1.0) on its climb
+    late = [(2.0, 0.0), (1.2, -0.1), (1.4, 0.1)]  # y = h - 1.3 on its climb
+    found = past_best([overfits], [late])
+    assert found["range"] == pytest.approx((1.2, 1.4))  # from the higher best to the lower top after it
+    assert found["a"][0] == pytest.approx(0.08) and found["b"][0] == pytest.approx(0.0, abs=1e-12)  # mid-range
+    assert found["delta"] is None  # one seed each
+    wavers = [(2.0, 0.0), (1.0, 0.0), (1.6, 0.6), (1.3, 0.3), (1.8, 0.8)]
+    assert along(rising(wavers), -1.4) == pytest.approx(0.4)  # the first climb to 1.4, not the second
+    assert along(wavers, 1.4) == pytest.approx(0.0)  # on the way down, as `at_matched_loss` reads it
+    assert past_best([[(2.0, 0.0), (1.1, 0.1)]], [late]) is None  # still falling at its end: nothing past its best
 
 
 def test_the_page_names_the_arms_the_other_datasets_run_and_those_it_could_not_rank():
@@ -84,6 +97,28 @@ def test_a_finding_holds_fails_or_waits_for_its_figures():
     assert verdict({"lora-all": [1.0, 1.1], "ila-75": [0.3, 0.35]}) == "holds on every dataset"
     assert verdict({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}) == "does not hold on every dataset"
     assert verdict({"lora-all": [1.0], "ila-75": [0.3]}) == UNDECIDED  # one seed each: no noise estimate
+
+
+def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
+    from benchmarks.frontier_report import UNDECIDED, findings
+
+    def run(arm: str, seed: int, slope: float) -> dict:  # best at 1.5, then climbs to 1.7 as forgetting rises
+        points = [{"held_out": h, "forgetting": f} for h, f in ((1.5, -0.1), (1.7, -0.1 + 0.2 * slope))]
+        closing = {"best": {"instructions": {"share": 0.3}, "step": 1}, "end": {"instructions": {"share": 0.3}}}
+        return {"dataset": "alpaca", "arm": arm, "seed": seed, "checkpoints": points, "closing": closing}
+
+    def judged(slopes: dict[str, list[float]]):
+        runs = [run(arm, seed, slope) for arm, seeds in slopes.items() for seed, slope in enumerate(seeds)]
+        results = {"datasets": ["alpaca", "lima"], "base": {"held_out": {"alpaca": 2.0, "lima": 3.0}}, "runs": runs}
+        results["labels"] = {"lora-all": "LoRA-all", "ila-75": "ILA 75%"}
+        return next(f for f in findings(results) if f.id == "frontier-past-best-ila-75")
+
+    found = judged({"lora-all": [1.0, 1.1], "ila-75": [0.3, 0.35]})
+    assert found.verdict == "holds" and found.evidence.startswith("alpaca: -0.0")  # lima: not run there, not counted
+    assert "lima" not in found.evidence
+    assert judged({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}).verdict == "does not hold"
+    assert judged({"lora-all": [1.0], "ila-75": [0.3]}).verdict == UNDECIDED  # one seed each
+    assert judged({"ila-75": [0.3, 0.35]}).evidence == "not run beside LoRA-all"
 
 
 # --- recipes and the executor ------------------------------------------------------------------------------------
@@ -170,6 +205,12 @@ def test_peer_and_ranked_recipes_train_what_they_chose(tiny):
 def test_an_interrupted_run_goes_on_from_its_state_to_the_uninterrupted_record(tiny, recipe, tmp_path, monkeypatch):
     whole, _ = executed(tiny, recipe)
     state = tmp_path / "run.running.safetensors"
+    started = tmp_path / "started.running.safetensors"
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, peft_ila.app.pipeline, 1)  # saved at the fine-tune's start only
+        with pytest.raises(KeyboardInterrupt):
+            executed(tiny, recipe, state=started)
+    assert checkpoint_record(started)["notes"]["step"] == whole["identification"].get("stage1_steps", 0)
     with monkeypatch.context() as patch:
         stop_at_step(patch, peft_ila.app.pipeline, 3)  # one step past a save: that step is trained again
         with pytest.raises(KeyboardInterrupt):

@@ -1,5 +1,5 @@
 """The noise and the rule every verdict uses, defined once: `peft-ila versus` and every study judge with these;
-and training curves compared at matched held-out loss (`at_matched_loss`).
+and training curves compared at matched held-out loss (`at_matched_loss`; past their best, `past_best`).
 
 A difference between two groups of seeds counts when it is larger than `BEYOND` standard errors; the standard error
 comes from the pooled seed-to-seed standard deviation (the noise scale) of the groups compared."""
@@ -108,3 +108,21 @@ def at_matched_loss(a: list[list[tuple[float, float]]], b: list[list[tuple[float
         return None
     ys_a, ys_b = matched(a, span), matched(b, span)
     return {"range": span, "a": ys_a, "b": ys_b, "delta": difference(ys_a, ys_b, pooled_sd([ys_a, ys_b]))}
+
+
+def rising(curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The part of a training curve from its lowest held-out loss on (its overfitting), held-out losses negated: its
+    rise then reads as a fall, so `along` finds where the held-out loss first climbs back to a level."""
+    lowest = min(range(len(curve)), key=lambda i: curve[i][0])
+    return [(-held_out, y) for held_out, y in curve[lowest:]]
+
+
+def past_best(a: list[list[tuple[float, float]]], b: list[list[tuple[float, float]]]) -> dict | None:
+    """`at_matched_loss` past the curves' best checkpoints: each seed's y where its held-out loss first climbs back
+    to each level between the highest of their lowest losses and the lowest of their highest after it ("range", as
+    held-out losses); None when they do not overlap there (a curve still falling at its end has no such part)."""
+    found = at_matched_loss([rising(c) for c in a], [rising(c) for c in b])
+    if found is None:
+        return None
+    low, high = found["range"]
+    return {**found, "range": (-high, -low)}
