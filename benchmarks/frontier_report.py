@@ -96,7 +96,9 @@ def goal(results: dict, arm: str) -> tuple[bool | None, str]:
         follows = delta(results, dataset, arm, lambda r: closing(r, "best", "instructions"))
         tests += [None if forget is None else beyond(forget) < 0]
         tests += [None if figure is None else beyond(figure) <= 0 for figure in (best, follows)]
-        parts.append(f"{dataset}: forgetting {show(forget)}, best held-out {show(best)}, instructions {show(follows)}")
+        ran = runs_of(results, dataset, arm) and runs_of(results, dataset, REFERENCE)
+        forgets = gap_text(found) if ran else "missing"
+        parts.append(f"{dataset}: forgetting {forgets}, best held-out {show(best)}, instructions {show(follows)}")
     return all_of(tests), "; ".join(parts)
 
 
@@ -111,7 +113,7 @@ def ahead_of_peers(results: dict, arm: str) -> tuple[bool | None, str]:
             found = matched(results, dataset, arm, peer)
             figure = found["delta"] if found else None
             tests.append(None if figure is None else beyond(figure) < 0)
-            parts.append(f"{dataset} vs {peer}: {show(figure)}")
+            parts.append(f"{dataset} vs {peer}: {gap_text(found)}")
     return all_of(tests or [None]), "; ".join(parts) or "no peer ran"
 
 
@@ -126,7 +128,7 @@ def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
         found = matched(results, dataset, arm, REFERENCE, past=True)
         figure = found["delta"] if found else None
         tests.append(None if figure is None else beyond(figure) < 0)
-        parts.append(f"{dataset}: {show(figure)}" + (" (no common range)" if found is None else ""))
+        parts.append(f"{dataset}: {gap_text(found)}")
     return all_of(tests or [None]), "; ".join(parts) or "not run beside LoRA-all"
 
 
@@ -224,15 +226,22 @@ def _mean(values) -> float | None:
     return statistics.mean(found) if found else None
 
 
+def gap_text(found: dict | None) -> str:
+    """A matched comparison of two arms that ran, as the page prints it: the difference ± SE, one seed's gap, or
+    why there is none."""
+    if found is None:
+        return "no common range"
+    return show(found["delta"]) if found["delta"] else f"{mean_gap(found):+.4f} (one seed)"
+
+
 def _matched_text(row: dict, key: str = "matched") -> str:
     """A row's forgetting against LoRA-all's at matched held-out loss (`key`: "matched", or "past" its best), and
     the range of held-out loss it was matched over."""
     found = row[key]
     if found is None:
-        return "–" if row["arm"] == REFERENCE else "no common range"
+        return "–" if row["arm"] == REFERENCE else gap_text(found)
     low, high = found["range"]
-    shown = show(found["delta"]) if found["delta"] else f"{mean_gap(found):+.4f} (one seed)"
-    return f"{shown} over {low:.3f}–{high:.3f}"
+    return f"{gap_text(found)} over {low:.3f}–{high:.3f}"
 
 
 CLOSING = ("instructions", "knowledge", "general")
@@ -339,7 +348,9 @@ def _question() -> list[str]:
         "forgetting) frontier than LoRA on all layers, and than the selectors a PEFT user already has for the same "
         "share of layers? Forgetting is the other datasets' mean held-out loss rise over the base model's; it is "
         "compared at matched held-out loss: each seed's curve interpolated at held-out losses every curve of both arms "
-        "reaches, and averaged over them."
+        "reaches on its way down, and averaged over them. A curve that overfits reaches a held-out loss twice: past "
+        "the best checkpoints, curves are compared again where each first climbs back to the same held-out loss, "
+        "which tells a better trade-off after 3 epochs from the same curve overfitting less."
     ]
 
 
