@@ -14,7 +14,7 @@ from conftest import common
 from peft_ila.app.cli import main
 from peft_ila.app.judge import beyond, difference, pooled_sd, ratio
 from peft_ila.app.recipe import MODES
-from peft_ila.app.versus_page import compare, verdict
+from peft_ila.app.versus_page import _table, compare, verdict
 
 STEPS, STAGE1 = 8, 4
 
@@ -163,6 +163,20 @@ def test_verdicts_follow_the_rule_for_loss_and_forgetting():
     assert rows["ila-75"]["matched"]["range"] == (1.03, 1.2) and value < -2 * error
     single = compare(runs[:1] + runs[2:3], ["lora-all", "ila-75"], None, 4, {"held_out": 1.2})["modes"]
     assert verdict(single["ila-75"]) == "not judged: one seed gives no noise scale"
+
+
+def test_curves_that_overfit_are_also_compared_past_their_best():
+    def run(mode, seed, end_forgetting):  # best at step 2, then held-out loss and forgetting climb
+        points = [(2, 1.0, 0.0), (4, 1.1, end_forgetting)]
+        checkpoints = [{"step": s, "held_out": h, "references": {}, "forgetting": f} for s, h, f in points]
+        return {"mode": mode, "seed": seed, "checkpoints": checkpoints, "seconds": 1.0, "identification": {}}
+
+    runs = [run("lora-all", 0, 0.10), run("lora-all", 1, 0.12), run("ila-75", 0, 0.02), run("ila-75", 1, 0.04)]
+    rows = compare(runs, ["lora-all", "ila-75"], None, 4, {"held_out": 1.2})["modes"]
+    found = rows["ila-75"]["past_best"]
+    value, error = found["delta"]  # mean forgetting over the climb from 1.0 to 1.1: half the end's, 0.015 - 0.055
+    assert found["range"] == pytest.approx((1.0, 1.1)) and value == pytest.approx(-0.04) and value < -2 * error
+    assert "| -0.0400 ± " in next(line for line in _table(rows) if line.startswith("| ILA top 75%"))
 
 
 def test_a_kill_while_the_page_is_written_leaves_a_directory_that_continues(work, compared, tmp_path, monkeypatch):

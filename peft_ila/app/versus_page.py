@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from .files import write_json
-from .judge import NOISE_RULE, at_matched_loss, beyond, curve, difference, pooled_sd, ratio, show
+from .judge import NOISE_RULE, at_matched_loss, beyond, curve, difference, past_best, pooled_sd, ratio, show
 from .recipe import MODES
 from .report import machine
 
@@ -67,6 +67,7 @@ def compare(runs: list[dict], modes, timing: dict | None, steps: int, base: dict
             for key in ends:
                 row[f"delta_{key}"] = difference(ends[key][mode], ends[key]["lora-all"], noise[key])
             row["matched"] = _matched(mode_runs, by_mode["lora-all"], base)
+            row["past_best"] = _matched(mode_runs, by_mode["lora-all"], base, past_best)
             row.update(_costs(mode, by_mode, timing, steps))
         rows[mode] = row
     return {"noise": noise, "modes": rows}
@@ -78,12 +79,13 @@ def _followed(runs: list[dict], at: str) -> float | None:
     return statistics.mean(shares) if shares else None
 
 
-def _matched(runs: list[dict], lora: list[dict], base: dict) -> dict | None:
-    """Forgetting against LoRA-all's at matched held-out loss (`judge.at_matched_loss`), when measured."""
+def _matched(runs: list[dict], lora: list[dict], base: dict, compare=at_matched_loss) -> dict | None:
+    """Forgetting against LoRA-all's at matched held-out loss (`judge.at_matched_loss`; `judge.past_best`: where
+    the curves climb back past their best checkpoints), when measured."""
     if any(p["forgetting"] is None for r in [*runs, *lora] for p in r["checkpoints"]):
         return None
     mine, theirs = ([curve(r["checkpoints"], base["held_out"]) for r in rs] for rs in (runs, lora))
-    return at_matched_loss(mine, theirs)
+    return compare(mine, theirs)
 
 
 def _costs(mode: str, by_mode: dict, timing: dict | None, steps: int) -> dict:
@@ -178,21 +180,24 @@ def _ratio(value) -> str:
 
 def _table(rows: dict) -> list[str]:
     header = "| mode | seeds | held-out loss | Δ vs LoRA-all | forgetting | Δ vs LoRA-all | step time x | memory x | "
-    header += "wall time x | measured wall x | Δ forgetting at matched held-out loss | instructions: best / end |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    header += "wall time x | measured wall x | Δ forgetting at matched held-out loss | Δ forgetting past the best, "
+    header += "matched | instructions: best / end |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for row in rows.values():
         deltas = [show(row[k]) if row.get(k) else "" for k in ("delta_held_out", "delta_forgetting")]
         costs = [_ratio(row.get(k)) for k in ("step", "memory", "wall", "wall_measured")]
-        figures = [_num(row["held_out"]), deltas[0], _num(row["forgetting"]), deltas[1], *costs, _at_matched(row)]
+        figures = [_num(row["held_out"]), deltas[0], _num(row["forgetting"]), deltas[1], *costs]
+        figures += [_at_matched(row), _at_matched(row, "past_best")]
         follows = [_num(row.get(f"instructions_{at}"), 3) for at in ("best", "end")]
         figures.append(" / ".join(follows) if any(follows) else "")
         lines.append(f"| {row['label']} | {row['seeds']} | " + " | ".join(figures) + " |")
     return lines
 
 
-def _at_matched(row: dict) -> str:
-    """Forgetting against LoRA-all's at matched held-out loss, and over which held-out losses."""
-    found = row.get("matched")
+def _at_matched(row: dict, key: str = "matched") -> str:
+    """Forgetting against LoRA-all's at matched held-out loss (`key`: "matched", or "past_best"), and over which
+    held-out losses."""
+    found = row.get(key)
     if not found or found["delta"] is None:
         return ""
     return f"{show(found['delta'])} over {found['range'][0]:.3f}–{found['range'][1]:.3f}"
