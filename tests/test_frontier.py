@@ -88,15 +88,21 @@ def test_a_finding_holds_fails_or_waits_for_its_figures():
         closing = {"best": {"instructions": {"share": 0.3}, "step": 2}, "end": {"instructions": {"share": 0.3}}}
         return {"dataset": "alpaca", "arm": arm, "seed": seed, "checkpoints": points, "closing": closing}
 
-    def verdict(slopes: dict[str, list[float]]) -> str:
+    def judged(slopes: dict[str, list[float]]):
         runs = [run(arm, seed, slope) for arm, seeds in slopes.items() for seed, slope in enumerate(seeds)]
         results = {"datasets": ["alpaca"], "base": {"held_out": {"alpaca": 2.0}}, "runs": runs}
         results["labels"] = {"lora-all": "LoRA-all", "ila-75": "ILA 75%"}
-        return next(f.verdict for f in findings(results) if f.id == "frontier-ila-75")
+        return next(f for f in findings(results) if f.id == "frontier-ila-75")
+
+    def verdict(slopes: dict[str, list[float]]) -> str:
+        return judged(slopes).verdict
 
     assert verdict({"lora-all": [1.0, 1.1], "ila-75": [0.3, 0.35]}) == "holds on every dataset"
     assert verdict({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}) == "does not hold on every dataset"
-    assert verdict({"lora-all": [1.0], "ila-75": [0.3]}) == UNDECIDED  # one seed each: no noise estimate
+    one_seed = judged({"lora-all": [1.0], "ila-75": [0.3]})
+    assert one_seed.verdict == UNDECIDED  # one seed each: no noise estimate, but the gaps are shown
+    gaps = "forgetting -0.1750 (one seed), best held-out +0.0000 (one seed), instructions +0.0000 (one seed)"
+    assert one_seed.evidence == f"alpaca: {gaps}"  # forgetting: 0.25 (0.3 - 1.0), its mean over 1.5-2.0
 
 
 def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
