@@ -33,12 +33,11 @@ def runs_of(results: dict, dataset: str, arm: str) -> list[dict]:
     return [run for run in results["runs"] if (run["dataset"], run["arm"]) == (dataset, arm)]
 
 
-def matched(results: dict, dataset: str, arm: str, other: str, past: bool = False) -> dict | None:
-    """`arm`'s forgetting against `other`'s at matched held-out loss on `dataset` (see `at_matched_loss`); `past`:
-    where the curves climb back past their best checkpoints (their overfitting, see `past_best`)."""
+def matched(results: dict, dataset: str, arm: str, other: str, compare=at_matched_loss) -> dict | None:
+    """`arm`'s forgetting against `other`'s at matched held-out loss on `dataset` (`judge.at_matched_loss`; or
+    `judge.past_best`: where the curves climb back past their best checkpoints, their overfitting)."""
     base = results["base"]["held_out"][dataset]
     a, b = ([curve(r["checkpoints"], base) for r in runs_of(results, dataset, x)] for x in (arm, other))
-    compare = past_best if past else at_matched_loss
     return compare(a, b) if a and b else None
 
 
@@ -145,7 +144,7 @@ def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
     for dataset in results["datasets"]:
         if not runs_of(results, dataset, arm) or not runs_of(results, dataset, REFERENCE):
             continue
-        found = matched(results, dataset, arm, REFERENCE, past=True)
+        found = matched(results, dataset, arm, REFERENCE, past_best)
         figure = found["delta"] if found else None
         tests.append(None if figure is None else beyond(figure) < 0)
         parts.append(f"{dataset}: {gap_text(found)}")
@@ -233,7 +232,7 @@ def arm_rows(results: dict, dataset: str) -> list[dict]:
             "best": statistics.mean(best_held_out(r) for r in runs),
             "best_delta": delta_text(results, dataset, arm, best_held_out) if arm != REFERENCE else "–",
             "matched": found,
-            "past": matched(results, dataset, arm, REFERENCE, past=True) if arm != REFERENCE else None,
+            "past": matched(results, dataset, arm, REFERENCE, past_best) if arm != REFERENCE else None,
             "forgetting_end": statistics.mean(e["forgetting"] for e in ends if e["forgetting"] is not None),
             **{f"{name}_{at}": _mean(closing(r, at, name) for r in runs) for name in CLOSING for at in ("best", "end")},
             "params": runs[0]["trainable_params"],

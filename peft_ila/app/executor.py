@@ -208,13 +208,14 @@ def run_recipe(
     best = Best(_changing(model, how)) if evaluation.closing else None
 
     def step_done(stats) -> None:
-        if offset + stats.steps in evaluation.at[:-1]:
-            checkpoints.append(evaluation.point(model, offset + stats.steps))
+        step = offset + stats.steps  # the run's global step
+        if step in evaluation.at[:-1]:
+            checkpoints.append(evaluation.point(model, step))
             if best is not None:
                 best.offer(checkpoints[-1])
-        run.noted(evaluation, best, offset + stats.steps)
+        run.noted(evaluation, best, step)
         if on_step is not None:
-            on_step(offset + stats.steps)
+            on_step(step)
 
     lr = (schedule.full_lr if recipe.method == "full" else schedule.lr) * recipe.lr_scale
     shape = (schedule.steps - offset, lr, schedule.batch_size, seed, schedule.warmup, evaluation.accelerator)
