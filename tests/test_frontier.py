@@ -159,10 +159,10 @@ def tiny(tmp_path_factory):
 
 
 def executed(
-    tiny, recipe: Recipe, steps: int = 6, ranking: Selection | None = None, state=None
+    tiny, recipe: Recipe, steps: int = 6, ranking: Selection | None = None, state=None, at: tuple = (2, 4)
 ) -> tuple[dict, Evaluation]:
-    """`recipe` run on a fresh copy of the tiny model, checkpoints every 2 steps, 3 instruction prompts; its progress
-    kept in `state` while it runs."""
+    """`recipe` run on a fresh copy of the tiny model, checkpoints at the steps `at` and the end, 3 instruction
+    prompts, identification's stage 1 2 steps; its progress kept in `state` while it runs."""
     import copy
 
     prepared = replace(tiny, model=copy.deepcopy(tiny.model))
@@ -170,7 +170,7 @@ def executed(
     held_out = tiny.batches(4, 0, held_out=True)
     measures = {"norm": lambda model: sum(float(p.detach().norm()) for p in model.parameters() if p.requires_grad)}
     closing = {"instructions": probe.score}
-    evaluation = Evaluation(held_out, {"same": held_out}, [2, 4, steps], None, measures=measures, closing=closing)
+    evaluation = Evaluation(held_out, {"same": held_out}, [*at, steps], None, measures=measures, closing=closing)
     evaluation.base = evaluation.point(tiny.model, 0)
     config = ILAConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, stage1_max_steps=2, stage2_steps=1)
     record = run_recipe(
@@ -208,6 +208,17 @@ def test_peer_and_ranked_recipes_train_what_they_chose(tiny):
     assert ranked["checkpoints"][-1]["held_out"] != everywhere["checkpoints"][-1]["held_out"]
 
 
+def test_an_identification_inside_is_measured_at_the_checkpoints_of_its_stage_1_and_trains_as_unmeasured(tiny):
+    recipe = Recipe("inside", "inside", top_k=0.5)
+    measured, _ = executed(tiny, recipe, at=(1, 2, 4))
+    unmeasured, _ = executed(tiny, recipe, at=(4,))
+    assert measured["identification"]["stage1_steps"] == 2  # steps 1 and 2 are stage 1's, on every layer
+    assert [c["step"] for c in measured["checkpoints"]] == [1, 2, 4, 6]
+    assert measured["checkpoints"][2:] == unmeasured["checkpoints"]  # measuring changed nothing
+    assert measured["identification"]["selected"] == unmeasured["identification"]["selected"]
+    assert measured["closing"]["best"]["step"] in (4, 6)  # the best is the fine-tune's: stage 1 kept no weights
+
+
 @pytest.mark.parametrize("recipe", [Recipe("LoRA-all"), Recipe("inside", "inside", top_k=0.5)], ids=lambda r: r.label)
 def test_an_interrupted_run_goes_on_from_its_state_to_the_uninterrupted_record(tiny, recipe, tmp_path, monkeypatch):
     whole, _ = executed(tiny, recipe)
@@ -223,8 +234,9 @@ def test_an_interrupted_run_goes_on_from_its_state_to_the_uninterrupted_record(t
         with pytest.raises(KeyboardInterrupt):
             executed(tiny, recipe, state=state)
     saved = checkpoint_record(state)["notes"]
-    assert saved["checkpoints"] == whole["checkpoints"][:1]  # the fine-tune's step 2, saved after its figures
-    assert saved["step"] == whole["checkpoints"][0]["step"]  # the run's step: an inside stage 1's counted
+    offset = whole["identification"].get("stage1_steps", 0)
+    assert saved["step"] == offset + 2  # the run's step: an inside stage 1's counted
+    assert saved["checkpoints"] == [c for c in whole["checkpoints"] if c["step"] <= saved["step"]]  # figures saved
     resumed, _ = executed(tiny, recipe, state=state)
     assert not state.exists() and (whole["resumed"], resumed["resumed"]) == (0, 1)
     timing = ("seconds", "evaluation_seconds", "median_step_seconds", "memory", "resumed")

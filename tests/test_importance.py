@@ -249,14 +249,16 @@ def test_the_per_step_hook_sees_every_step_of_both_stages_and_changes_nothing():
     from peft_ila.identification.importance import Identification
 
     fields = dict(r=2, top_k=3, stage1_max_steps=4, stability_epsilon=0.0, stage2_steps=3, estimator="gates")
-    seen = []
+    seen, stages = [], []
 
     def hook(stats) -> None:
         seen.append((stats.steps, sum(run.update_norms().values())))
+        stages.append(run.stage)
 
     run = Identification(get_peft_model(tiny_llama(), ILAConfig(**fields)), on_step=hook)
     watched = run.run(lm_batches(3), progress=False)
     plain = identify_important_layers(get_peft_model(tiny_llama(), ILAConfig(**fields)), lm_batches(3), progress=False)
     assert [steps for steps, _ in seen] == [1, 2, 3, 4, 1, 2, 3]  # stage 1, then the gates' stage
+    assert stages == [1, 1, 1, 1, 2, 2, 2]  # the hook can tell them apart, the last step of stage 1 too
     assert seen[0][1] > 0 and seen[3][1] == seen[4][1]  # the adapters' updates, frozen while the gates train
     assert watched.scores == plain.scores and watched.selected == plain.selected

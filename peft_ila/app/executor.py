@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from peft import LoraConfig
 
 from ..identification.checkpoint import FINETUNE_FORMAT, checkpoint_record
-from ..identification.importance import identify_important_layers
+from ..identification.importance import Identification
 from ..identification.peers import PEERS, peer_layers
 from ..identification.training import cycle, evaluate_loss, train_steps
 from ..tuner.config import ILAConfig, resolve_top_k
@@ -51,7 +51,8 @@ class Evaluation:
     """Where a run is measured: the held-out batches, reference sets' batches by name (their loss rise over the
     base model's, `base`, is the forgetting), other `measures` by name (a model -> a number), and the steps `at`
     which (the last is the end). `closing` measures (a model -> any JSON value: a share of right answers, an
-    `InstructionProbe`'s score) are taken at the end and at the checkpoint of lowest held-out loss only."""
+    `InstructionProbe`'s score) are taken at the end and at the fine-tune's checkpoint of lowest held-out loss only
+    (not one in an inside identification's stage 1, whose adapters on every layer are not all kept)."""
 
     held_out: object
     references: dict[str, object]
@@ -110,7 +111,7 @@ class RunState:
     resumed. Made from the file of an interrupted run, it holds that run's progress, and the fine-tune goes on from
     its saved state: the run's record is the one an uninterrupted run would have written, but for its clock."""
 
-    def __init__(self, path: Path | None, every: int = STATE_EVERY) -> None:
+    def __init__(self, path: Path | None, evaluation: Evaluation, every: int = STATE_EVERY) -> None:
         exists = path is not None and Path(path).exists()
         saved = checkpoint_record(path) if exists else None
         if exists and (saved or {}).get("format") != FINETUNE_FORMAT:
@@ -119,20 +120,20 @@ class RunState:
         fresh = {"checkpoints": [], "best": None, "seconds": 0.0, "evaluation_seconds": 0.0, "resumed": 0}
         self.notes = saved["notes"] if saved else fresh
         self.notes["resumed"] += int(self.resuming)
-        self.began, self.evaluated = time.perf_counter(), 0.0
+        self.began, self.evaluated = time.perf_counter(), evaluation.seconds
         self.carried, self.carried_evaluation = self.notes["seconds"], self.notes["evaluation_seconds"]
 
     def started(
         self, evaluation: Evaluation, best: Best | None, identified: dict, step: int
     ) -> FinetuneCheckpoint | None:
         """Mark the fine-tune's start at the run's global `step` (a fresh run's seconds so far are its setup's: an
-        identification, say, whose record, `identified`, an interrupted run keeps); the fine-tune's checkpoint, with
-        `best`'s weights in it."""
+        identification, say, whose record, `identified`, an interrupted run keeps, and the evaluations of the
+        checkpoints in it); the fine-tune's checkpoint, with `best`'s weights in it."""
         self.notes.setdefault("identification", identified)
         self.notes.setdefault("step", step)
-        now = time.perf_counter()
-        self.carried += 0.0 if self.resuming else now - self.began
-        self.began, self.evaluated = now, evaluation.seconds
+        if not self.resuming:
+            self.carried, self.carried_evaluation = self.seconds(evaluation), self.evaluation_seconds(evaluation)
+        self.began, self.evaluated = time.perf_counter(), evaluation.seconds
         if best is not None and self.notes["best"] is not None:
             best.point = next(c for c in self.notes["checkpoints"] if c["step"] == self.notes["best"])
         if self.path is None:
@@ -201,18 +202,27 @@ def run_recipe(
     an identification inside is deterministic on a CPU, a different one refused); it goes once the record is made."""
     torch.manual_seed(seed)
     gaps = [b - a for a, b in zip(evaluation.at, evaluation.at[1:], strict=False)]
-    run = RunState(state, max(1, min([state_every, *gaps])))  # saved at least once between checkpoints
-    model, how, identified = _build(recipe, prepared, config, schedule, seed, evaluation.accelerator, progress, ranking)
-    offset = identified.get("stage1_steps", 0) if recipe.layers == "inside" else 0
+    run = RunState(state, evaluation, max(1, min([state_every, *gaps])))  # saved at least once between checkpoints
     checkpoints = run.notes["checkpoints"]
+
+    def measured(model: torch.nn.Module, step: int) -> dict | None:
+        """The figures at the run's global `step` if it is a checkpoint before the end not measured yet (a resumed
+        run's identification passes its checkpoints again), else None."""
+        if step not in evaluation.at[:-1] or any(c["step"] == step for c in checkpoints):
+            return None
+        checkpoints.append(evaluation.point(model, step))
+        return checkpoints[-1]
+
+    setup = (recipe, prepared, config, schedule, seed, evaluation.accelerator, progress, ranking, measured)
+    model, how, identified = _build(*setup)
+    offset = identified.get("stage1_steps", 0) if recipe.layers == "inside" else 0
     best = Best(_changing(model, how)) if evaluation.closing else None
 
     def step_done(stats) -> None:
         step = offset + stats.steps  # the run's global step
-        if step in evaluation.at[:-1]:
-            checkpoints.append(evaluation.point(model, step))
-            if best is not None:
-                best.offer(checkpoints[-1])
+        point = measured(model, step)
+        if point is not None and best is not None:
+            best.offer(point)
         run.noted(evaluation, best, step)
         if on_step is not None:
             on_step(step)
@@ -256,8 +266,10 @@ def _build(
     accelerator,
     progress: bool,
     ranking: Selection | None,
+    measured: Callable[[torch.nn.Module, int], object] | None = None,
 ):
-    """(model, what `finetune` takes beside it, how the layers were chosen) of `recipe` on `prepared.model`."""
+    """(model, what `finetune` takes beside it, how the layers were chosen) of `recipe` on `prepared.model`;
+    `measured(model, step)` after each step of an identification inside the fine-tune's stage 1 (the run's first)."""
     if recipe.layers == "all":
         return (*trained_like(recipe, prepared.model, config, seed), {})
     candidates = find_candidates(prepared.model, config)
@@ -267,27 +279,45 @@ def _build(
     elif recipe.layers in PEERS:
         chosen = Selection(candidates, peer_layers(recipe.layers, prepared.model, candidates, k, seed))
     else:
-        return _identified(recipe, prepared, config, schedule, seed, accelerator, progress)
+        return _identified(recipe, prepared, config, schedule, seed, accelerator, progress, measured)
     return (*trained_like(recipe, prepared.model, config, seed, chosen), {"selected": list(chosen.selected)})
 
 
 def _identified(
-    recipe: Recipe, prepared: Prepared, config: ILAConfig, schedule: Schedule, seed: int, accelerator, progress: bool
+    recipe: Recipe,
+    prepared: Prepared,
+    config: ILAConfig,
+    schedule: Schedule,
+    seed: int,
+    accelerator,
+    progress: bool,
+    measured: Callable[[torch.nn.Module, int], object] | None,
 ):
     """`_build` of a recipe that identifies: ILA's probe on `prepared.model` identifies on the fine-tune's data order;
-    inside, its top `top_k` go on with their stage-1 weights, else fresh adapters on them (or, with ranks from
-    importance, plain LoRA on every layer at the ranks its scores give)."""
+    inside, its stage 1 is the run's first steps (`measured` after each) and its top `top_k` go on with their
+    stage-1 weights, else fresh adapters on them (or, with ranks from importance, plain LoRA on every layer at the
+    ranks its scores give)."""
     inside = recipe.layers == "inside"
     scored = dict(estimator=recipe.estimator) if recipe.estimator else {}
     probe = wrap(prepared.model, replace(config, top_k=recipe.top_k, seed=seed, keep_stage1_weights=inside, **scored))
     start = time.perf_counter()
     batches = prepared.batches(schedule.batch_size, seed)
-    result = identify_important_layers(probe, batches, progress=progress, accelerator=accelerator)
+    identification, evaluating = Identification(probe, accelerator=accelerator), []
+    if inside and measured is not None:
+
+        def stage1_step(stats) -> None:
+            if identification.stage == 1:  # the run's first steps (not the estimator's, which train gates only)
+                begun = time.perf_counter()
+                measured(probe, stats.steps)
+                evaluating.append(time.perf_counter() - begun)
+
+        identification.on_step = stage1_step
+    result = identification.run(batches, progress)
     identified = {
         "stage1_steps": result.stage1.steps,
         "stage2_steps": result.stage2.steps,
         "micro_batches": result.stage1.micro_batches,
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start - sum(evaluating),  # its checkpoints' evaluations left out
         "selected": list(result.selection.selected),
     }
     if recipe.ranks == "importance":

@@ -131,7 +131,8 @@ def identify_important_layers(
 class Identification:
     """One identification run of an ILA adapter, with all its state: the adapters and gates (in the model), both
     stages' optimizers and step statistics, the estimator, and the data position. `run` carries it out; every
-    step may be saved to, and a run continued from, one checkpoint file, and `on_step(stats)` is called after it."""
+    step may be saved to, and a run continued from, one checkpoint file, and `on_step(stats)` is called after it
+    (`stage` tells it which stage's step: 1, the adapters', or 2, the estimator's)."""
 
     def __init__(
         self,
@@ -177,6 +178,7 @@ class Identification:
         self.optimizer1 = torch.optim.AdamW(list(self.named.values()), lr=self.config.stage1_lr, weight_decay=0.0)
         self.optimizer2 = self.estimator.optimizer(self.bank)
         self.stage1, self.stage2 = StepStats(), StepStats()
+        self.stage = 0  # the stage under way: 1 (the adapters), 2 (the estimator's); 0 before them
         self.stream: DataPosition | None = None
         self.settings: dict | None = None  # what a resumed run must share (only with a checkpoint)
 
@@ -224,6 +226,7 @@ class Identification:
         return result
 
     def _stage1(self, progress: bool) -> None:
+        self.stage = 1
         if self.stage1.stop_reason:
             return
         test = None
@@ -245,7 +248,7 @@ class Identification:
 
     def _estimate(self, progress: bool) -> list[float]:
         """The estimator's stage (if it has one and it is not done), then its scores in candidate order."""
-        steps = self.estimator.steps()
+        steps, self.stage = self.estimator.steps(), 2
         with self.tuner.gate_stage(self.adapter) as bank:
             reread_trainable(self.model)
             if steps and not self.stage2.steps:
