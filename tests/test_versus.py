@@ -57,12 +57,12 @@ def test_every_default_mode_runs_with_two_seeds_and_is_judged_on_a_page_a_json_a
     results = json.loads((compared / "versus.json").read_text())
     assert sorted((r["mode"], r["seed"]) for r in results["runs"]) == sorted((m, s) for m in MODES for s in (0, 1))
     assert results["missing"] == []
-    for run in results["runs"]:  # checkpoints at the evenly spaced steps, the end last; inside's after stage 1
-        steps = [point["step"] for point in run["checkpoints"]]
-        assert steps == ([6, 8] if run["mode"] == "inside" else [2, 4, 6, 8]), run["mode"]
+    for run in results["runs"]:  # checkpoints at the evenly spaced steps, the end last; inside's in stage 1 too
+        assert [point["step"] for point in run["checkpoints"]] == [2, 4, 6, 8], run["mode"]
         assert all(point["forgetting"] is not None for point in run["checkpoints"])
-        closing = run["closing"]  # at the end, and at the checkpoint of lowest held-out loss
-        best = min(run["checkpoints"], key=lambda point: point["held_out"])
+        closing = run["closing"]  # at the end, and at the fine-tune's checkpoint of lowest held-out loss
+        stage1 = run["identification"]["stage1_steps"] if run["mode"] == "inside" else 0  # not candidates for the best
+        best = min((point for point in run["checkpoints"] if point["step"] > stage1), key=lambda p: p["held_out"])
         assert closing["best"]["step"] == best["step"] and len(closing["end"]["instructions"]["obeyed"]) == 3
     assert set(results["base"]["closing"]["instructions"]) == {"share", "se", "obeyed"}
     rows = results["comparisons"]["modes"]

@@ -221,8 +221,8 @@ def _checkpoints(runs: list[dict], base: dict) -> list[str]:
         + "."
         + _base_following(base),
         "",
-        "A mode that identifies inside the fine-tune has no checkpoint within its identification's stage 1 (the "
-        "probe trains every layer there, gated).",
+        "A mode that identifies inside the fine-tune spends its first steps on its identification's stage 1, LoRA on "
+        "every layer (the gates read 1 there), and goes on with its top layers only.",
         "",
         "| mode | step | held-out loss | forgetting |",
         "|---|---:|---:|---:|",
