@@ -279,7 +279,7 @@ def _build(
     elif recipe.layers in PEERS:
         chosen = Selection(candidates, peer_layers(recipe.layers, prepared.model, candidates, k, seed))
     else:
-        return _identified(recipe, prepared, config, schedule, seed, accelerator, progress, measured)
+        return _identified(recipe, prepared, config, seed, schedule.batch_size, accelerator, progress, measured)
     return (*trained_like(recipe, prepared.model, config, seed, chosen), {"selected": list(chosen.selected)})
 
 
@@ -287,21 +287,21 @@ def _identified(
     recipe: Recipe,
     prepared: Prepared,
     config: ILAConfig,
-    schedule: Schedule,
     seed: int,
+    batch_size: int,
     accelerator,
     progress: bool,
     measured: Callable[[torch.nn.Module, int], object] | None,
 ):
-    """`_build` of a recipe that identifies: ILA's probe on `prepared.model` identifies on the fine-tune's data order;
-    inside, its stage 1 is the run's first steps (`measured` after each) and its top `top_k` go on with their
-    stage-1 weights, else fresh adapters on them (or, with ranks from importance, plain LoRA on every layer at the
-    ranks its scores give)."""
+    """`_build` of a recipe that identifies: ILA's probe on `prepared.model` identifies on the fine-tune's data order
+    (`batch_size` examples a step); inside, its stage 1 is the run's first steps (`measured` after each) and its top
+    `top_k` go on with their stage-1 weights, else fresh adapters on them (or, with ranks from importance, plain LoRA
+    on every layer at the ranks its scores give)."""
     inside = recipe.layers == "inside"
     scored = dict(estimator=recipe.estimator) if recipe.estimator else {}
     probe = wrap(prepared.model, replace(config, top_k=recipe.top_k, seed=seed, keep_stage1_weights=inside, **scored))
     start = time.perf_counter()
-    batches = prepared.batches(schedule.batch_size, seed)
+    batches = prepared.batches(batch_size, seed)
     identification, evaluating = Identification(probe, accelerator=accelerator), []
     if inside and measured is not None:
 
