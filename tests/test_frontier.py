@@ -216,7 +216,6 @@ def test_an_identification_inside_is_measured_at_the_checkpoints_of_its_stage_1_
     assert [c["step"] for c in measured["checkpoints"]] == [1, 2, 4, 6]
     assert measured["checkpoints"][2:] == unmeasured["checkpoints"]  # measuring changed nothing
     assert measured["identification"]["selected"] == unmeasured["identification"]["selected"]
-    assert measured["closing"]["best"]["step"] in (4, 6)  # the best is the fine-tune's: stage 1 kept no weights
 
 
 @pytest.mark.parametrize("recipe", [Recipe("LoRA-all"), Recipe("inside", "inside", top_k=0.5)], ids=lambda r: r.label)
