@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks.core.cells import Missing
 from benchmarks.core.page import Column, Finding, columns, findings_section, missing_section, number
 from benchmarks.core.stats import NOISE_RULE, beyond, difference, pooled_sd, show
-from peft_ila.app.judge import at_matched_loss, curve, past_best
+from peft_ila.app.judge import at_matched_loss, between_checkpoints, curve, past_best
 
 ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
 PEERS_OF = {  # an ILA arm's peers: the selectors of the same share of layers
@@ -232,6 +232,7 @@ def arm_rows(results: dict, dataset: str) -> list[dict]:
             "best": statistics.mean(best_held_out(r) for r in runs),
             "best_delta": delta_text(results, dataset, arm, best_held_out) if arm != REFERENCE else "–",
             "matched": found,
+            "measured": matched(results, dataset, arm, REFERENCE, between_checkpoints) if arm != REFERENCE else None,
             "past": matched(results, dataset, arm, REFERENCE, past_best) if arm != REFERENCE else None,
             "forgetting_end": statistics.mean(e["forgetting"] for e in ends if e["forgetting"] is not None),
             **{f"{name}_{at}": _mean(closing(r, at, name) for r in runs) for name in CLOSING for at in ("best", "end")},
@@ -254,8 +255,8 @@ def gap_text(found: dict | None) -> str:
 
 
 def _matched_text(row: dict, key: str = "matched") -> str:
-    """A row's forgetting against LoRA-all's at matched held-out loss (`key`: "matched", or "past" its best), and
-    the range of held-out loss it was matched over."""
+    """A row's forgetting against LoRA-all's at matched held-out loss (`key`: "matched", "measured" between the
+    checkpoints only, or "past" its best), and the range of held-out loss it was matched over."""
     found = row[key]
     if found is None:
         return "–" if row["arm"] == REFERENCE else gap_text(found)
@@ -277,6 +278,7 @@ TABLE: list[Column] = [
     ("best held-out", "r", lambda r: number(r["best"], ".4f")),
     ("Δ best vs LoRA-all", "r", lambda r: r["best_delta"]),
     ("Δ forgetting at matched held-out loss", "l", _matched_text),
+    ("Δ forgetting, between checkpoints only", "l", lambda r: _matched_text(r, "measured")),
     ("Δ forgetting past the best, matched", "l", lambda r: _matched_text(r, "past")),
     ("forgetting at end", "r", lambda r: number(r["forgetting_end"], "+.4f")),
     _both("knowledge", "ARC-Easy: best / end", ".3f"),
@@ -369,7 +371,10 @@ def _question() -> list[str]:
         "compared at matched held-out loss: each seed's curve interpolated at held-out losses every curve of both arms "
         "reaches on its way down, and averaged over them. A curve that overfits reaches a held-out loss twice: past "
         "the best checkpoints, curves are compared again where each first climbs back to the same held-out loss, "
-        "which tells a better trade-off after 3 epochs from the same curve overfitting less."
+        "which tells a better trade-off after 3 epochs from the same curve overfitting less. From the base model to "
+        "its first checkpoint a curve is a straight line that no checkpoint measured, and that stretch can be most of "
+        "the range matched on the way down: the tables also compare the curves between their checkpoints only, over "
+        "the held-out losses every curve reaches from its first checkpoint on, to show whether a gap rests on it."
     ]
 
 

@@ -15,7 +15,7 @@ import peft_ila.app.pipeline
 from conftest import alpaca_rows, tiny_lm_dir
 from peft_ila.app.executor import Best, Evaluation, Schedule, run_recipe
 from peft_ila.app.instructions import InstructionProbe
-from peft_ila.app.judge import LEVELS, along, at_matched_loss, matched_range, past_best, rising
+from peft_ila.app.judge import LEVELS, along, at_matched_loss, between_checkpoints, matched_range, past_best, rising
 from peft_ila.app.pipeline import prepare
 from peft_ila.app.recipe import Recipe
 from peft_ila.identification.checkpoint import checkpoint_record
@@ -48,6 +48,18 @@ def test_curves_are_compared_over_the_held_out_losses_every_one_reaches():
     assert value < 0 and error > 0  # the kind arm forgets less at the same held-out loss
     assert at_matched_loss(kind[:1], slow[:1])["delta"] is None  # one seed each: no noise estimate
     assert at_matched_loss([[(2.0, 0.0), (1.9, 0.1)]], [[(1.5, 0.0), (1.0, 0.1)]]) is None  # no common range
+
+
+def test_a_gap_that_rests_on_the_line_from_the_base_model_goes_between_the_checkpoints():
+    early = [[(2.0, 0.0), (1.6, -0.4), (1.2, 0.0)], [(2.0, 0.0), (1.6, -0.5), (1.2, 0.1)]]  # y = 1.2 - h from 1.6
+    late = [[(2.0, 0.0), (1.5, -0.3), (1.2, 0.0)], [(2.0, 0.0), (1.5, -0.3), (1.2, 0.0)]]  # the same line from 1.5
+    whole = at_matched_loss(early, late)
+    assert whole["range"] == (1.2, 2.0) and whole["delta"][0] < 0  # early's deeper dip, on the straight lines
+    found = between_checkpoints(early, late)
+    assert found["range"] == (1.2, 1.5)  # from the lower of the first checkpoints down
+    assert found["b"] == pytest.approx([-0.15, -0.15]) and found["a"][0] == pytest.approx(-0.15)  # one line
+    assert found["delta"][0] == pytest.approx(0.0125)  # seed 1: y = 1.9 - 1.5 h from 1.6, -0.125 on average
+    assert between_checkpoints([[(2.0, 0.0), (1.9, 0.1)]], late) is None  # no checkpoint below 1.5: no common range
 
 
 def test_curves_past_their_best_are_read_where_their_held_out_loss_first_climbs_back():

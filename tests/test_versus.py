@@ -161,6 +161,8 @@ def test_verdicts_follow_the_rule_for_loss_and_forgetting():
     assert verdict(rows["lisa"]).startswith("worse than LoRA-all") and "forgets as much" in verdict(rows["lisa"])
     value, error = rows["ila-75"]["matched"]["delta"]  # at the held-out losses both reach, ila-75 forgets less
     assert rows["ila-75"]["matched"]["range"] == (1.03, 1.2) and value < -2 * error
+    assert rows["ila-75"]["between_checkpoints"] is None  # one checkpoint each: no stretch between checkpoints
+    assert "| Δ forgetting, between checkpoints only |" in _table(rows)[0]
     single = compare(runs[:1] + runs[2:3], ["lora-all", "ila-75"], None, 4, {"held_out": 1.2})["modes"]
     assert verdict(single["ila-75"]) == "not judged: one seed gives no noise scale"
 

@@ -110,6 +110,13 @@ def at_matched_loss(a: list[list[tuple[float, float]]], b: list[list[tuple[float
     return {"range": span, "a": ys_a, "b": ys_b, "delta": difference(ys_a, ys_b, pooled_sd([ys_a, ys_b]))}
 
 
+def between_checkpoints(a: list[list[tuple[float, float]]], b: list[list[tuple[float, float]]]) -> dict | None:
+    """`at_matched_loss` on the curves without their base-model point: over the held-out losses every curve reaches
+    from its first checkpoint on, leaving out the straight line from the base model to it (a stretch no checkpoint
+    measured, where the comparison only scales the first checkpoints' gap)."""
+    return at_matched_loss([c[1:] for c in a], [c[1:] for c in b])
+
+
 def rising(curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The part of a training curve from its lowest held-out loss on (its overfitting), held-out losses negated: its
     rise then reads as a fall, so `along` finds where the held-out loss first climbs back to a level."""

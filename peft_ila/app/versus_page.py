@@ -8,7 +8,18 @@ from pathlib import Path
 
 from .. import __version__
 from .files import write_json
-from .judge import NOISE_RULE, at_matched_loss, beyond, curve, difference, past_best, pooled_sd, ratio, show
+from .judge import (
+    NOISE_RULE,
+    at_matched_loss,
+    between_checkpoints,
+    beyond,
+    curve,
+    difference,
+    past_best,
+    pooled_sd,
+    ratio,
+    show,
+)
 from .recipe import MODES
 from .report import machine
 
@@ -67,6 +78,7 @@ def compare(runs: list[dict], modes, timing: dict | None, steps: int, base: dict
             for key in ends:
                 row[f"delta_{key}"] = difference(ends[key][mode], ends[key]["lora-all"], noise[key])
             row["matched"] = _matched(mode_runs, by_mode["lora-all"], base)
+            row["between_checkpoints"] = _matched(mode_runs, by_mode["lora-all"], base, between_checkpoints)
             row["past_best"] = _matched(mode_runs, by_mode["lora-all"], base, past_best)
             row.update(_costs(mode, by_mode, timing, steps))
         rows[mode] = row
@@ -80,8 +92,9 @@ def _followed(runs: list[dict], at: str) -> float | None:
 
 
 def _matched(runs: list[dict], lora: list[dict], base: dict, compare=at_matched_loss) -> dict | None:
-    """Forgetting against LoRA-all's at matched held-out loss (`judge.at_matched_loss`; `judge.past_best`: where
-    the curves climb back past their best checkpoints), when measured."""
+    """Forgetting against LoRA-all's at matched held-out loss (`judge.at_matched_loss`; `judge.between_checkpoints`:
+    without the line from the base model to each first checkpoint; `judge.past_best`: where the curves climb back
+    past their best checkpoints), when measured."""
     if any(p["forgetting"] is None for r in [*runs, *lora] for p in r["checkpoints"]):
         return None
     mine, theirs = ([curve(r["checkpoints"], base["held_out"]) for r in rs] for rs in (runs, lora))
@@ -153,10 +166,13 @@ def page(results: dict) -> str:
         f"Rule: {NOISE_RULE.replace(' (see the noise scale above)', '')}, the standard error from the pooled "
         f"seed-to-seed SD of all modes: held-out loss {_num(noise['held_out'])}, forgetting "
         f"{_num(noise['forgetting'])}. Forgetting: the loss rise over the base model on the reference sets ({refs}), "
-        "averaged over them. Costs: step time and memory rise measured side by side in one process "
-        "(`timing.json`); wall time is the run's steps at those step times, identification's stages included, and, "
-        "measured, the runs' own seconds (one after another, evaluations left out: on a shared machine they move with "
-        "its load while each run ran, the side-by-side ratios do not).",
+        "averaged over them. At matched held-out loss, each seed's curve (from the base model through its checkpoints) "
+        "is read at the held-out losses every curve reaches on its way down; between checkpoints only, the same "
+        "without the straight line from the base model to each first checkpoint, which no checkpoint measured; past "
+        "the best, where each curve first climbs back to the same held-out loss. Costs: step time and memory rise "
+        "measured side by side in one process (`timing.json`); wall time is the run's steps at those step times, "
+        "identification's stages included, and, measured, the runs' own seconds (one after another, evaluations left "
+        "out: on a shared machine they move with its load while each run ran, the side-by-side ratios do not).",
         "",
         *_table(comparisons["modes"]),
         "",
@@ -180,14 +196,14 @@ def _ratio(value) -> str:
 
 def _table(rows: dict) -> list[str]:
     header = "| mode | seeds | held-out loss | Δ vs LoRA-all | forgetting | Δ vs LoRA-all | step time x | memory x | "
-    header += "wall time x | measured wall x | Δ forgetting at matched held-out loss | Δ forgetting past the best, "
-    header += "matched | instructions: best / end |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    header += "wall time x | measured wall x | Δ forgetting at matched held-out loss | Δ forgetting, between "
+    header += "checkpoints only | Δ forgetting past the best, matched | instructions: best / end |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
     for row in rows.values():
         deltas = [show(row[k]) if row.get(k) else "" for k in ("delta_held_out", "delta_forgetting")]
         costs = [_ratio(row.get(k)) for k in ("step", "memory", "wall", "wall_measured")]
         figures = [_num(row["held_out"]), deltas[0], _num(row["forgetting"]), deltas[1], *costs]
-        figures += [_at_matched(row), _at_matched(row, "past_best")]
+        figures += [_at_matched(row, key) for key in ("matched", "between_checkpoints", "past_best")]
         follows = [_num(row.get(f"instructions_{at}"), 3) for at in ("best", "end")]
         figures.append(" / ".join(follows) if any(follows) else "")
         lines.append(f"| {row['label']} | {row['seeds']} | " + " | ".join(figures) + " |")
@@ -195,8 +211,8 @@ def _table(rows: dict) -> list[str]:
 
 
 def _at_matched(row: dict, key: str = "matched") -> str:
-    """Forgetting against LoRA-all's at matched held-out loss (`key`: "matched", or "past_best"), and over which
-    held-out losses."""
+    """Forgetting against LoRA-all's at matched held-out loss (`key`: "matched", "between_checkpoints" or
+    "past_best"), and over which held-out losses."""
     found = row.get(key)
     if not found or found["delta"] is None:
         return ""
