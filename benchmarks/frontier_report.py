@@ -216,6 +216,9 @@ def estimate_text(estimate: dict, decided: dict) -> str:
     )
 
 
+COMPARISONS = {"matched": at_matched_loss, "between_checkpoints": between_checkpoints, "past": past_best}  # row keys
+
+
 def arm_rows(results: dict, dataset: str) -> list[dict]:
     """One row per arm that ran on `dataset`."""
     rows = []
@@ -223,7 +226,9 @@ def arm_rows(results: dict, dataset: str) -> list[dict]:
         runs = runs_of(results, dataset, arm)
         if not runs:
             continue
-        found = matched(results, dataset, arm, REFERENCE) if arm != REFERENCE else None
+        compared = dict.fromkeys(COMPARISONS)  # LoRA-all: its own reference
+        if arm != REFERENCE:
+            compared = {key: matched(results, dataset, arm, REFERENCE, how) for key, how in COMPARISONS.items()}
         ends = [r["checkpoints"][-1] for r in runs]
         rows.append({
             "arm": arm,
@@ -231,9 +236,7 @@ def arm_rows(results: dict, dataset: str) -> list[dict]:
             "seeds": len(runs),
             "best": statistics.mean(best_held_out(r) for r in runs),
             "best_delta": delta_text(results, dataset, arm, best_held_out) if arm != REFERENCE else "–",
-            "matched": found,
-            "measured": matched(results, dataset, arm, REFERENCE, between_checkpoints) if arm != REFERENCE else None,
-            "past": matched(results, dataset, arm, REFERENCE, past_best) if arm != REFERENCE else None,
+            **compared,
             "forgetting_end": statistics.mean(e["forgetting"] for e in ends if e["forgetting"] is not None),
             **{f"{name}_{at}": _mean(closing(r, at, name) for r in runs) for name in CLOSING for at in ("best", "end")},
             "params": runs[0]["trainable_params"],
@@ -255,8 +258,8 @@ def gap_text(found: dict | None) -> str:
 
 
 def _matched_text(row: dict, key: str = "matched") -> str:
-    """A row's forgetting against LoRA-all's at matched held-out loss (`key`: "matched", "measured" between the
-    checkpoints only, or "past" its best), and the range of held-out loss it was matched over."""
+    """A row's forgetting against LoRA-all's at matched held-out loss (`key`: one of `COMPARISONS`: on the way
+    down, between the checkpoints only, or past the best), and the range of held-out loss it was matched over."""
     found = row[key]
     if found is None:
         return "–" if row["arm"] == REFERENCE else gap_text(found)
@@ -278,7 +281,7 @@ TABLE: list[Column] = [
     ("best held-out", "r", lambda r: number(r["best"], ".4f")),
     ("Δ best vs LoRA-all", "r", lambda r: r["best_delta"]),
     ("Δ forgetting at matched held-out loss", "l", _matched_text),
-    ("Δ forgetting, between checkpoints only", "l", lambda r: _matched_text(r, "measured")),
+    ("Δ forgetting, between checkpoints only", "l", lambda r: _matched_text(r, "between_checkpoints")),
     ("Δ forgetting past the best, matched", "l", lambda r: _matched_text(r, "past")),
     ("forgetting at end", "r", lambda r: number(r["forgetting_end"], "+.4f")),
     _both("knowledge", "ARC-Easy: best / end", ".3f"),
