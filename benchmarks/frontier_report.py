@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks.core.cells import Missing
 from benchmarks.core.page import Column, Finding, columns, findings_section, missing_section, number
 from benchmarks.core.stats import NOISE_RULE, beyond, difference, pooled_sd, show
-from peft_ila.app.judge import at_matched_loss, between_checkpoints, curve, past_best
+from peft_ila.app.judge import MATCHED, at_matched_loss, curve, past_best
 
 ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
 PEERS_OF = {  # an ILA arm's peers: the selectors of the same share of layers
@@ -216,9 +216,6 @@ def estimate_text(estimate: dict, decided: dict) -> str:
     )
 
 
-COMPARISONS = {"matched": at_matched_loss, "between_checkpoints": between_checkpoints, "past": past_best}  # row keys
-
-
 def arm_rows(results: dict, dataset: str) -> list[dict]:
     """One row per arm that ran on `dataset`."""
     rows = []
@@ -226,9 +223,9 @@ def arm_rows(results: dict, dataset: str) -> list[dict]:
         runs = runs_of(results, dataset, arm)
         if not runs:
             continue
-        compared = dict.fromkeys(COMPARISONS)  # LoRA-all: its own reference
+        compared = dict.fromkeys(MATCHED)  # LoRA-all: its own reference
         if arm != REFERENCE:
-            compared = {key: matched(results, dataset, arm, REFERENCE, how) for key, how in COMPARISONS.items()}
+            compared = {key: matched(results, dataset, arm, REFERENCE, how) for key, how in MATCHED.items()}
         ends = [r["checkpoints"][-1] for r in runs]
         rows.append({
             "arm": arm,
@@ -258,7 +255,7 @@ def gap_text(found: dict | None) -> str:
 
 
 def _matched_text(row: dict, key: str = "matched") -> str:
-    """A row's forgetting against LoRA-all's at matched held-out loss (`key`: one of `COMPARISONS`: on the way
+    """A row's forgetting against LoRA-all's at matched held-out loss (`key`: one of `judge.MATCHED`: on the way
     down, between the checkpoints only, or past the best), and the range of held-out loss it was matched over."""
     found = row[key]
     if found is None:
@@ -282,7 +279,7 @@ TABLE: list[Column] = [
     ("Δ best vs LoRA-all", "r", lambda r: r["best_delta"]),
     ("Δ forgetting at matched held-out loss", "l", _matched_text),
     ("Δ forgetting, between checkpoints only", "l", lambda r: _matched_text(r, "between_checkpoints")),
-    ("Δ forgetting past the best, matched", "l", lambda r: _matched_text(r, "past")),
+    ("Δ forgetting past the best, matched", "l", lambda r: _matched_text(r, "past_best")),
     ("forgetting at end", "r", lambda r: number(r["forgetting_end"], "+.4f")),
     _both("knowledge", "ARC-Easy: best / end", ".3f"),
     _both("general", "general-text loss: best / end", ".4f"),

@@ -133,3 +133,8 @@ def past_best(a: list[list[tuple[float, float]]], b: list[list[tuple[float, floa
         return None
     low, high = found["range"]
     return {**found, "range": (-high, -low)}
+
+
+MATCHED = {"matched": at_matched_loss, "between_checkpoints": between_checkpoints, "past_best": past_best}
+"""The comparisons at matched held-out loss a page shows for an arm against another, by the key it shows each under:
+on the way down, between the checkpoints only, and past the best checkpoints."""

@@ -8,18 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from .files import write_json
-from .judge import (
-    NOISE_RULE,
-    at_matched_loss,
-    between_checkpoints,
-    beyond,
-    curve,
-    difference,
-    past_best,
-    pooled_sd,
-    ratio,
-    show,
-)
+from .judge import MATCHED, NOISE_RULE, at_matched_loss, beyond, curve, difference, pooled_sd, ratio, show
 from .recipe import MODES
 from .report import machine
 
@@ -77,9 +66,7 @@ def compare(runs: list[dict], modes, timing: dict | None, steps: int, base: dict
         if mode != "lora-all" and by_mode["lora-all"]:
             for key in ends:
                 row[f"delta_{key}"] = difference(ends[key][mode], ends[key]["lora-all"], noise[key])
-            row["matched"] = _matched(mode_runs, by_mode["lora-all"], base)
-            row["between_checkpoints"] = _matched(mode_runs, by_mode["lora-all"], base, between_checkpoints)
-            row["past_best"] = _matched(mode_runs, by_mode["lora-all"], base, past_best)
+            row.update({key: _matched(mode_runs, by_mode["lora-all"], base, how) for key, how in MATCHED.items()})
             row.update(_costs(mode, by_mode, timing, steps))
         rows[mode] = row
     return {"noise": noise, "modes": rows}
@@ -203,7 +190,7 @@ def _table(rows: dict) -> list[str]:
         deltas = [show(row[k]) if row.get(k) else "" for k in ("delta_held_out", "delta_forgetting")]
         costs = [_ratio(row.get(k)) for k in ("step", "memory", "wall", "wall_measured")]
         figures = [_num(row["held_out"]), deltas[0], _num(row["forgetting"]), deltas[1], *costs]
-        figures += [_at_matched(row, key) for key in ("matched", "between_checkpoints", "past_best")]
+        figures += [_at_matched(row, key) for key in MATCHED]
         follows = [_num(row.get(f"instructions_{at}"), 3) for at in ("best", "end")]
         figures.append(" / ".join(follows) if any(follows) else "")
         lines.append(f"| {row['label']} | {row['seeds']} | " + " | ".join(figures) + " |")
@@ -211,8 +198,8 @@ def _table(rows: dict) -> list[str]:
 
 
 def _at_matched(row: dict, key: str = "matched") -> str:
-    """Forgetting against LoRA-all's at matched held-out loss (`key`: "matched", "between_checkpoints" or
-    "past_best"), and over which held-out losses."""
+    """Forgetting against LoRA-all's at matched held-out loss (`key`: one of `judge.MATCHED`), and over which
+    held-out losses."""
     found = row.get(key)
     if not found or found["delta"] is None:
         return ""
