@@ -155,6 +155,14 @@ HEADLINE = {  # the findings the README's headline answers, by study and id, in 
     "stability": ["stability-defaults", "stability-found-early"],
     "methods": ["methods-ila-top-25"],
     "modes": ["modes-goal", "modes-importance-draws", "modes-forgetting", "modes-equal-time", "modes-long"],
+    "frontier": [
+        "frontier-ila-75",
+        "frontier-peers-ila-75",
+        "frontier-past-best-ila-75",
+        "frontier-ila-ranks",
+        "frontier-inside",
+        "frontier-peers-inside",
+    ],
 }
 
 
@@ -172,8 +180,9 @@ def headline(root: Path) -> str:
             rows.append([*cells, f"[{Path(page).name}]({page})"])
     lines = table(["question", "answer", "evidence", "page"], rows)
     note = (
-        "Evidence: the first figures of each finding (Δ: a difference in held-out loss, ± its standard error from the "
-        "seed-to-seed spread); the page has all of it and the rule behind each answer."
+        "Evidence: the first figures of each finding (Δ: a difference in held-out loss, or in forgetting where the "
+        "question is whether a mode forgets less, ± its standard error from the seed-to-seed spread); the page has all "
+        "of it and the rule behind each answer."
     )
     return "\n".join([*lines, "", _wrap(note)])
 
