@@ -342,7 +342,8 @@ def _under_way_line(results: dict) -> str:
     if not runs:
         return ""
     shown = "; ".join(f"{r['dataset']}, {r['arm']}, seed {r['seed']}: step {r['step']} of {r['of']}" for r in runs)
-    return f"Under way (their progress is kept; `make bench-frontier` goes on from it): {shown}.\n"
+    where = "in a state file beside the cells, which git ignores: `make bench-frontier` goes on from it in that tree"
+    return f"Under way when the page was written (the progress is {where}): {shown}.\n"
 
 
 def _pace_line(results: dict) -> str:
