@@ -33,6 +33,13 @@ def runs_of(results: dict, dataset: str, arm: str) -> list[dict]:
     return [run for run in results["runs"] if (run["dataset"], run["arm"]) == (dataset, arm)]
 
 
+def complete(results: dict, dataset: str, *arms: str) -> bool:
+    """Whether every arm has all its planned seeds on `dataset` (a verdict waits for them: a gap from fewer seeds
+    can still move past 2 SE either way)."""
+    planned = results["settings"]["seeds" if dataset == results["primary"] else "other_seeds"]
+    return all(len(runs_of(results, dataset, arm)) >= len(planned) for arm in arms)
+
+
 def matched(results: dict, dataset: str, arm: str, other: str, compare=at_matched_loss) -> dict | None:
     """`arm`'s forgetting against `other`'s at matched held-out loss on `dataset` (`judge.at_matched_loss`; or
     `judge.past_best`: where the curves climb back past their best checkpoints, their overfitting)."""
@@ -103,6 +110,11 @@ def all_of(tests: list[bool | None]) -> bool | None:
     return False if False in tests else None if None in tests else True
 
 
+def decided(test: bool | None, results: dict, dataset: str, *arms: str) -> bool | None:
+    """`test`, or None while an arm compared lacks planned seeds on `dataset`."""
+    return test if complete(results, dataset, *arms) else None
+
+
 def goal(results: dict, arm: str) -> tuple[bool | None, str]:
     """Whether `arm` meets the issue's first goal on every dataset (forgets less than LoRA-all at matched held-out
     loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE; None while
@@ -114,6 +126,7 @@ def goal(results: dict, arm: str) -> tuple[bool | None, str]:
         figures = [delta(results, dataset, arm, value) for value in (best_held_out, followed)]
         tests += [None if forget is None else beyond(forget) < 0]
         tests += [None if figure is None else beyond(figure) <= 0 for figure in figures]
+        tests = [decided(test, results, dataset, arm, REFERENCE) for test in tests]
         ran = runs_of(results, dataset, arm) and runs_of(results, dataset, REFERENCE)
         forgets = gap_text(found) if ran else "missing"
         best, follows = (delta_text(results, dataset, arm, value) for value in (best_held_out, followed))
@@ -131,7 +144,7 @@ def ahead_of_peers(results: dict, arm: str) -> tuple[bool | None, str]:
                 continue
             found = matched(results, dataset, arm, peer)
             figure = found["delta"] if found else None
-            tests.append(None if figure is None else beyond(figure) < 0)
+            tests.append(decided(None if figure is None else beyond(figure) < 0, results, dataset, arm, peer))
             parts.append(f"{dataset} vs {peer}: {gap_text(found)}")
     return all_of(tests or [None]), "; ".join(parts) or "no peer ran"
 
@@ -146,7 +159,7 @@ def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
             continue
         found = matched(results, dataset, arm, REFERENCE, past_best)
         figure = found["delta"] if found else None
-        tests.append(None if figure is None else beyond(figure) < 0)
+        tests.append(decided(None if figure is None else beyond(figure) < 0, results, dataset, arm, REFERENCE))
         parts.append(f"{dataset}: {gap_text(found)}")
     return all_of(tests or [None]), "; ".join(parts) or "not run beside LoRA-all"
 

@@ -103,6 +103,7 @@ def test_a_finding_holds_fails_or_waits_for_its_figures():
     def judged(slopes: dict[str, list[float]]):
         runs = [run(arm, seed, slope) for arm, seeds in slopes.items() for seed, slope in enumerate(seeds)]
         results = {"datasets": ["alpaca"], "base": {"held_out": {"alpaca": 2.0}}, "runs": runs}
+        results |= {"primary": "alpaca", "settings": {"seeds": [0, 1], "other_seeds": [0]}}
         results["labels"] = {"lora-all": "LoRA-all", "ila-75": "ILA 75%"}
         return next(f for f in findings(results) if f.id == "frontier-ila-75")
 
@@ -115,6 +116,8 @@ def test_a_finding_holds_fails_or_waits_for_its_figures():
     assert one_seed.verdict == UNDECIDED  # one seed each: no noise estimate, but the gaps are shown
     gaps = "forgetting -0.1750 (one seed), best held-out +0.0000 (one seed), instructions +0.0000 (one seed)"
     assert one_seed.evidence == f"alpaca: {gaps}"  # forgetting: 0.25 (0.3 - 1.0), its mean over 1.5-2.0
+    early = judged({"lora-all": [0.3, 0.35], "ila-75": [1.0]})  # a noise estimate, but a planned seed to come
+    assert early.verdict == UNDECIDED and "±" in early.evidence
 
 
 def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
@@ -128,6 +131,7 @@ def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
     def judged(slopes: dict[str, list[float]]):
         runs = [run(arm, seed, slope) for arm, seeds in slopes.items() for seed, slope in enumerate(seeds)]
         results = {"datasets": ["alpaca", "lima"], "base": {"held_out": {"alpaca": 2.0, "lima": 3.0}}, "runs": runs}
+        results |= {"primary": "alpaca", "settings": {"seeds": [0, 1], "other_seeds": [0]}}
         results["labels"] = {"lora-all": "LoRA-all", "ila-75": "ILA 75%"}
         return next(f for f in findings(results) if f.id == "frontier-past-best-ila-75")
 
