@@ -124,9 +124,9 @@ def goal(results: dict, arm: str) -> tuple[bool | None, str]:
         found = matched(results, dataset, arm, REFERENCE)
         forget = found["delta"] if found else None
         figures = [delta(results, dataset, arm, value) for value in (best_held_out, followed)]
-        tests += [None if forget is None else beyond(forget) < 0]
-        tests += [None if figure is None else beyond(figure) <= 0 for figure in figures]
-        tests = [decided(test, results, dataset, arm, REFERENCE) for test in tests]
+        here = [None if forget is None else beyond(forget) < 0]
+        here += [None if figure is None else beyond(figure) <= 0 for figure in figures]
+        tests += [decided(test, results, dataset, arm, REFERENCE) for test in here]
         ran = runs_of(results, dataset, arm) and runs_of(results, dataset, REFERENCE)
         forgets = gap_text(found) if ran else "missing"
         best, follows = (delta_text(results, dataset, arm, value) for value in (best_held_out, followed))
