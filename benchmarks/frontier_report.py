@@ -25,7 +25,7 @@ RULE = (  # the 2-SE rule, its standard error from the seeds of the two arms com
     NOISE_RULE.replace(" (see the noise scale above)", "")
     + ", the standard error from the two arms' pooled seed-to-seed spread of the figure compared"
 )
-UNDECIDED = "not decided yet: a figure is missing or has one seed"  # one seed: no noise estimate
+UNDECIDED = "not decided yet: a figure is missing or lacks planned seeds"
 CUT = ("ila-50", "random-50", "spectrum-75", "lora-slow")  # what goes first when the plan is too long, in order
 
 
