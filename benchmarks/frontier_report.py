@@ -93,8 +93,8 @@ def delta_text(results: dict, dataset: str, arm: str, value) -> str:
 def chosen(results: dict, arms: list[str]) -> list[str]:
     """The arms the other datasets run: LoRA-all, the best two ILA arms and the best peer, by their forgetting at
     matched held-out loss against LoRA-all on the primary dataset (`Missing` until every arm has every seed)."""
-    primary, seeds = results["primary"], len(results["settings"]["seeds"])
-    if any(len(runs_of(results, primary, arm)) < seeds for arm in arms):
+    primary = results["primary"]
+    if not complete(results, primary, *arms):
         raise Missing(f"it waits for every arm on {primary} with every seed")
     gap = {arm: mean_gap(matched(results, primary, arm, REFERENCE)) for arm in arms if arm != REFERENCE}
     ranked = sorted((arm for arm in gap if gap[arm] is not None), key=gap.__getitem__)
