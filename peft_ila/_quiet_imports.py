@@ -3,10 +3,11 @@ dropped only where peft-ila itself triggers it; every other record of those logg
 
 - bitsandbytes: peft imports it eagerly when it is installed. On a CPU with AVX512-BF16, bitsandbytes then tries to
   fetch an optional kernel for its packed 4-bit CPU inference from the Hugging Face Hub and, offline or without the
-  `kernels` package, logs "Failed to load CPU gemm_4bit_forward from kernels-community ...". peft-ila turns that
-  packed path off on every 4-bit layer of a model it loads or gives ILA adapters
-  (`tuner.model.keep_4bit_layers_differentiable`: the packed kernel passes no gradient to its input), so the notice is
-  dropped while peft-ila imports peft. (Imported before peft-ila, peft prints it before peft-ila can act: import
+  `kernels` package, logs "Failed to load CPU gemm_4bit_forward from kernels-community ..."; with `HF_HUB_OFFLINE=1`,
+  `kernels` first logs "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' ...".
+  peft-ila turns that packed path off on every 4-bit layer of a model it loads or gives ILA adapters
+  (`tuner.model.keep_4bit_layers_differentiable`: the packed kernel passes no gradient to its input), so both notices
+  are dropped while peft-ila imports peft. (Imported before peft-ila, peft prints them before peft-ila can act: import
   peft_ila first, as the quickstart does.)
 - DeepSpeed: when it is installed, transformers' `save_pretrained` imports it through accelerate, and on a machine
   without a GPU it logs "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 UNUSED_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+KERNELS_HUB_LOGGER = "kernels._internals.hf_hub"
+UNVERIFIED_KERNEL_NOTICE = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
 DEEPSPEED_LOGGER = "DeepSpeed"
 CPU_ACCELERATOR_NOTICE = "Setting accelerator to CPU"
 
@@ -41,9 +44,15 @@ def without_notice(logger_name: str, start: str) -> Iterator[None]:
         logger.removeFilter(other)
 
 
-def without_unused_bitsandbytes_notice() -> contextlib.AbstractContextManager[None]:
-    """Within the block, bitsandbytes' CPU backend logs everything but `UNUSED_KERNEL_NOTICE`."""
-    return without_notice(BITSANDBYTES_CPU_LOGGER, UNUSED_KERNEL_NOTICE)
+@contextlib.contextmanager
+def without_unused_bitsandbytes_notice() -> Iterator[None]:
+    """Within the block, bitsandbytes' CPU backend logs everything but `UNUSED_KERNEL_NOTICE`, and `kernels`
+    everything but `UNVERIFIED_KERNEL_NOTICE` (the same optional kernel, looked up offline)."""
+    with (
+        without_notice(BITSANDBYTES_CPU_LOGGER, UNUSED_KERNEL_NOTICE),
+        without_notice(KERNELS_HUB_LOGGER, UNVERIFIED_KERNEL_NOTICE),
+    ):
+        yield
 
 
 def without_deepspeed_cpu_notice() -> contextlib.AbstractContextManager[None]:
