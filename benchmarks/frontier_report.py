@@ -4,6 +4,7 @@ held-out loss and instruction score by the 2-SE rule, the findings, the tables a
 
 from __future__ import annotations
 
+import collections.abc
 import statistics
 from pathlib import Path
 
@@ -110,9 +111,28 @@ def all_of(tests: list[bool | None]) -> bool | None:
     return False if False in tests else None if None in tests else True
 
 
-def decided(test: bool | None, results: dict, dataset: str, *arms: str) -> bool | None:
-    """`test`, or None while an arm compared lacks planned seeds on `dataset`."""
-    return test if complete(results, dataset, *arms) else None
+def lower(sign: int) -> bool:
+    """A rule on `judge.beyond`'s sign: the arm's figure is lower by > 2 SE."""
+    return sign < 0
+
+
+def not_higher(sign: int) -> bool:
+    """A rule on `judge.beyond`'s sign: the arm's figure is not higher by > 2 SE."""
+    return sign <= 0
+
+
+def decided(
+    figure: tuple[float, float] | None,
+    rule: collections.abc.Callable[[int], bool],
+    results: dict,
+    dataset: str,
+    *arms: str,
+) -> bool | None:
+    """Whether `figure` (a difference and its SE) meets `rule`, or None while it is missing or an arm compared lacks
+    planned seeds on `dataset`."""
+    if figure is None or not complete(results, dataset, *arms):
+        return None
+    return rule(beyond(figure))
 
 
 def goal(results: dict, arm: str) -> tuple[bool | None, str]:
@@ -122,11 +142,10 @@ def goal(results: dict, arm: str) -> tuple[bool | None, str]:
     parts, tests = [], []
     for dataset in results["datasets"]:
         found = matched(results, dataset, arm, REFERENCE)
-        forget = found["delta"] if found else None
-        figures = [delta(results, dataset, arm, value) for value in (best_held_out, followed)]
-        here = [None if forget is None else beyond(forget) < 0]
-        here += [None if figure is None else beyond(figure) <= 0 for figure in figures]
-        tests += [decided(test, results, dataset, arm, REFERENCE) for test in here]
+        figures = [found["delta"] if found else None]
+        figures += [delta(results, dataset, arm, value) for value in (best_held_out, followed)]
+        rules = (lower, not_higher, not_higher)
+        tests += [decided(f, rule, results, dataset, arm, REFERENCE) for f, rule in zip(figures, rules, strict=True)]
         ran = runs_of(results, dataset, arm) and runs_of(results, dataset, REFERENCE)
         forgets = gap_text(found) if ran else "missing"
         best, follows = (delta_text(results, dataset, arm, value) for value in (best_held_out, followed))
@@ -143,8 +162,7 @@ def ahead_of_peers(results: dict, arm: str) -> tuple[bool | None, str]:
             if not runs_of(results, dataset, peer) or not runs_of(results, dataset, arm):
                 continue
             found = matched(results, dataset, arm, peer)
-            figure = found["delta"] if found else None
-            tests.append(decided(None if figure is None else beyond(figure) < 0, results, dataset, arm, peer))
+            tests.append(decided(found["delta"] if found else None, lower, results, dataset, arm, peer))
             parts.append(f"{dataset} vs {peer}: {gap_text(found)}")
     return all_of(tests or [None]), "; ".join(parts) or "no peer ran"
 
@@ -158,8 +176,7 @@ def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
         if not runs_of(results, dataset, arm) or not runs_of(results, dataset, REFERENCE):
             continue
         found = matched(results, dataset, arm, REFERENCE, past_best)
-        figure = found["delta"] if found else None
-        tests.append(decided(None if figure is None else beyond(figure) < 0, results, dataset, arm, REFERENCE))
+        tests.append(decided(found["delta"] if found else None, lower, results, dataset, arm, REFERENCE))
         parts.append(f"{dataset}: {gap_text(found)}")
     return all_of(tests or [None]), "; ".join(parts) or "not run beside LoRA-all"
 
