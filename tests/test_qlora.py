@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -175,9 +176,9 @@ def test_prepare_model_for_kbit_training_keeps_identification_working_and_backwa
     assert losses.losses[-1] < losses.losses[0]
 
 
+WITHOUT_KERNELS = 'sys.modules["kernels"] = None  # the optional package absent, as on a machine that lacks it'
 AS_ON_AN_AVX512_BF16_CPU = """
 import importlib.abc, importlib.util, sys
-sys.modules["kernels"] = None  # the optional package absent, as on a machine that lacks it
 
 
 class ReportAvx512Bf16(importlib.abc.MetaPathFinder):
@@ -201,12 +202,17 @@ sys.meta_path.insert(0, ReportAvx512Bf16())
 """
 
 
+@pytest.mark.parametrize("kernels", ["absent", "offline"])
 @pytest.mark.parametrize("first_import", ["peft_ila.app.cli", "peft_ila", "peft"])
-def test_importing_peft_ila_prints_no_bitsandbytes_notice(first_import):
+def test_importing_peft_ila_prints_no_bitsandbytes_notice(first_import, kernels):
     # on a CPU with AVX512-BF16, importing bitsandbytes (which peft does) logs that an optional kernel of a path
-    # peft-ila turns off could not be fetched; that line must not reach a peft-ila user. Imported through peft
-    # first, it does reach stderr: the simulation reproduces it.
-    script = f"{AS_ON_AN_AVX512_BF16_CPU}\nimport {first_import}\nimport peft_ila.app.cli\n"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # peft-ila turns off could not be fetched, and with the Hub offline `kernels` first logs that it skips the
+    # kernel's publisher check; those lines must not reach a peft-ila user. Imported through peft first, they do
+    # reach stderr: the simulation reproduces them.
+    script = f"{AS_ON_AN_AVX512_BF16_CPU}\n{WITHOUT_KERNELS if kernels == 'absent' else ''}\n"
+    script += f"import {first_import}\nimport peft_ila.app.cli\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert ("gemm_4bit_forward" in done.stderr) == (first_import == "peft"), done.stderr
+    notices = ["gemm_4bit_forward", *(["Skipping publisher trust check"] if kernels == "offline" else [])]
+    assert [n for n in notices if n in done.stderr] == (notices if first_import == "peft" else []), done.stderr
