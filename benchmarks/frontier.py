@@ -17,8 +17,10 @@ layers by the grid's mask cell of their dataset (library defaults, seed 0); iden
 identifies on each run's own data order.
 
 The plan: every arm on the primary dataset with every seed, then LoRA-all, the best two ILA arms and the best peer
-(by forgetting at matched held-out loss on the primary dataset) on the others with `other_seeds`. The dry run's
-estimate decides what is cut (`CUT`, in order) to keep within `budget_hours`. Cells
+(by forgetting at matched held-out loss on the primary dataset) on the others with `other_seeds` (LoRA-all's runs
+there wait for no choice). The dry run's estimate decides what is cut (`CUT`, in order) to keep within
+`budget_hours`. `--arms` splits the plan between processes: each computes its arms' runs and reads the others', so
+the choice is made on every arm's cells whichever process makes it. Cells
 (`benchmarks/results/frontier/<preset>/`): `run-*` (one arm, dataset, seed; while it runs, its progress is kept in
 `run-*.running.safetensors`, and a rerun goes on from there), `follow-*` (the base model's instruction
 score), `general-*` (its loss on the general text), `peer-*` (KappaTune's and Spectrum's rankings); the grid's base,
@@ -44,7 +46,7 @@ from benchmarks.core.cells import Missing, Study, key
 from benchmarks.core.inputs import ROOT
 from benchmarks.core.page import Finding
 from benchmarks.core.recipes import train_briefly
-from benchmarks.frontier_report import cut
+from benchmarks.frontier_report import REFERENCE, cut
 from benchmarks.grid import ADAPTER, LR, Grid
 from peft_ila import ILAConfig, Selection
 from peft_ila.app.executor import STATE_SUFFIX, Evaluation, Schedule, run_recipe, trained_like
@@ -127,7 +129,7 @@ class Frontier(Study):
         parser.add_argument("--dry-run", action="store_true", help="measure the plan's cost, write estimate.json")
         listed = ", ".join(ARMS)
         parser.add_argument(
-            "--arms", type=_arm_names, help=f"only these arms, comma-separated: {listed} (default: all)"
+            "--arms", type=_arm_names, help=f"compute only these arms' runs, comma-separated: {listed} (default: all)"
         )
         parser.add_argument(
             "--general-text", type=Path, help="general text: a folder of sections of .txt articles (default: BBC News)"
@@ -204,7 +206,8 @@ class Frontier(Study):
         return settings
 
     def run_cell(self, name: str, arm: str, seed: int) -> dict:
-        """`ARMS[arm]` fine-tuned on `name` with `seed` for `epochs` epochs: the executor's run record."""
+        """`ARMS[arm]` fine-tuned on `name` with `seed` for `epochs` epochs: the executor's run record (only read
+        when `--arms` leaves `arm` to another process)."""
         recipe, evaluation, settings = ARMS[arm], self.based(name), self.run_settings(name, arm, seed)
 
         def compute(stem: Path) -> dict:
@@ -215,7 +218,7 @@ class Frontier(Study):
                 recipe, prepared, self.config, schedule, seed, evaluation, self.args.progress, None, ranking, state
             )
 
-        return self.cell("run", settings, compute)
+        return self.cell("run", settings, compute, read_only=arm not in (self.args.arms or ARMS))
 
     def under_way(self, name: str, arm: str, seed: int) -> dict | None:
         """How far a run that has not finished went, from its state file: {dataset, arm, seed, step, of}; None if
@@ -258,9 +261,10 @@ class Frontier(Study):
     # --- the plan ------------------------------------------------------------------------------------------------
 
     def arms(self, estimate: dict | None) -> list[str]:
-        """The preset's arms (those of `--arms` only, if given), less those the estimate cuts (`cut`)."""
+        """The preset's arms less those the estimate cuts (`cut`). `--arms` does not change the plan, only which of
+        its runs this process computes: the choice of arms for the other datasets is made on the whole plan."""
         dropped = cut(estimate, self.p["budget_hours"])["cut"] if estimate else []
-        return [arm for arm in self.p["arms"] if arm not in dropped and arm in (self.args.arms or ARMS)]
+        return [arm for arm in self.p["arms"] if arm not in dropped]
 
     def run(self) -> dict:
         estimate = self.estimate_record()
@@ -281,7 +285,7 @@ class Frontier(Study):
         results["others"] = others
         for seed in self.p["other_seeds"]:
             for name in names[1:]:
-                for arm in others or []:
+                for arm in others or [REFERENCE]:  # LoRA-all runs there whichever arms are chosen
                     self.add(results, name, arm, seed)
         return results
 

@@ -383,9 +383,29 @@ def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(t
     finished = frontier.Frontier.main(args)
     assert not finished["under_way"] and [(r["dataset"], r["arm"]) for r in finished["runs"]] == [
         ("alpaca", "lora-all"),
-        ("lima", "lora-all"),  # the only arm there is to rank
+        ("lima", "lora-all"),  # LoRA-all runs on every dataset before the arms there are chosen
     ]
     cells = [json.loads(path.read_text()) for path in (tmp_path / "cells" / "smoke").glob("run-*.json")]
     assert sorted((c["settings"]["dataset"], c["resumed"]) for c in cells) == [("alpaca", 1), ("lima", 0)]
     with pytest.raises(SystemExit):
         frontier.Frontier.main([*args[:-2], "--arms", "lora-all,sideways"])
+
+
+def test_a_frontier_process_given_arms_chooses_the_other_datasets_arms_on_the_whole_plan(tmp_path):
+    from benchmarks import frontier
+
+    lm = tiny_lm_dir(tmp_path / "lm", layers=4)
+    for name, n in (("alpaca", 30), ("lima", 24)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(alpaca_rows(n)))
+    args = ["--preset", "smoke", "--model", str(lm), "--datasets", "alpaca,lima", "--shared", "/nowhere"]
+    args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
+    args += ["--grid-cells", str(tmp_path / "grid")]
+    args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz")), "--cells", str(tmp_path / "cells")]
+    args += ["--general-text", str(general_text(tmp_path / "bbc")), "--arms", "random-75"]
+    frontier.Frontier.main([*args, "--dry-run"])
+    results = frontier.Frontier.main(args)
+    assert results["arms"] == frontier.PRESETS["smoke"]["arms"]  # the plan, not the process's share of it
+    assert [(r["dataset"], r["arm"]) for r in results["runs"]] == [("alpaca", "random-75")]
+    assert results["others"] is None  # the other arms on alpaca are not in: nothing is chosen, nothing run on lima
+    assert any(line.startswith("the arms on the other datasets (it waits for") for line in results["missing"])
+    assert any(line.startswith("lima: lora-all, seed 0 (run-") for line in results["missing"])

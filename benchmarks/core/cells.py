@@ -75,9 +75,17 @@ class Study(ABC):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.missing: list[str] = []
 
-    def cell(self, kind: str, settings: dict, compute: Callable[[Path], dict], defaults: dict | None = None) -> dict:
-        """The record of a cell of this study (see `cell`)."""
-        return cell(self.folder, kind, settings, compute, self.args.existing_only, defaults)
+    def cell(
+        self,
+        kind: str,
+        settings: dict,
+        compute: Callable[[Path], dict],
+        defaults: dict | None = None,
+        read_only: bool = False,
+    ) -> dict:
+        """The record of a cell of this study (see `cell`); `read_only`: this one is never computed, as with
+        `--existing-only`."""
+        return cell(self.folder, kind, settings, compute, self.args.existing_only or read_only, defaults)
 
     def collect(self, what: str, get: Callable[..., T], *args) -> T | None:
         """`get(*args)`, or None when a cell it needs is missing: then `what` (and the missing cell) joins
