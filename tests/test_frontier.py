@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -357,9 +358,8 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     )
 
 
-def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(tmp_path, monkeypatch):
-    from benchmarks import frontier
-
+def _two_dataset_args(tmp_path: Path, arms: str) -> list[str]:
+    """The smoke preset's arguments on a tiny model with alpaca and lima (made-up rows), computing `arms` only."""
     lm = tiny_lm_dir(tmp_path / "lm", layers=4)
     for name, n in (("alpaca", 30), ("lima", 24)):
         (tmp_path / f"{name}.json").write_text(json.dumps(alpaca_rows(n)))
@@ -367,7 +367,13 @@ def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(t
     args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
     args += ["--grid-cells", str(tmp_path / "grid")]
     args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz")), "--cells", str(tmp_path / "cells")]
-    args += ["--general-text", str(general_text(tmp_path / "bbc")), "--arms", "lora-all"]
+    return [*args, "--general-text", str(general_text(tmp_path / "bbc")), "--arms", arms]
+
+
+def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(tmp_path, monkeypatch):
+    from benchmarks import frontier
+
+    args = _two_dataset_args(tmp_path, "lora-all")
     frontier.Frontier.main([*args, "--dry-run"])
     with monkeypatch.context() as patch:
         stop_at_step(patch, peft_ila.app.pipeline, 2)
@@ -394,14 +400,7 @@ def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(t
 def test_a_frontier_process_given_arms_chooses_the_other_datasets_arms_on_the_whole_plan(tmp_path):
     from benchmarks import frontier
 
-    lm = tiny_lm_dir(tmp_path / "lm", layers=4)
-    for name, n in (("alpaca", 30), ("lima", 24)):
-        (tmp_path / f"{name}.json").write_text(json.dumps(alpaca_rows(n)))
-    args = ["--preset", "smoke", "--model", str(lm), "--datasets", "alpaca,lima", "--shared", "/nowhere"]
-    args += [f"--data={name}={tmp_path / f'{name}.json'}" for name in ("alpaca", "lima")]
-    args += ["--grid-cells", str(tmp_path / "grid")]
-    args += ["--knowledge", str(knowledge_file(tmp_path / "arc.jsonl.gz")), "--cells", str(tmp_path / "cells")]
-    args += ["--general-text", str(general_text(tmp_path / "bbc")), "--arms", "random-75"]
+    args = _two_dataset_args(tmp_path, "random-75")
     frontier.Frontier.main([*args, "--dry-run"])
     results = frontier.Frontier.main(args)
     assert results["arms"] == frontier.PRESETS["smoke"]["arms"]  # the plan, not the process's share of it
