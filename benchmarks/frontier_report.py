@@ -11,7 +11,7 @@ from pathlib import Path
 from benchmarks.core.cells import Missing
 from benchmarks.core.page import Column, Finding, columns, findings_section, missing_section, number
 from benchmarks.core.stats import NOISE_RULE, beyond, difference, pooled_sd, show
-from peft_ila.app.judge import MATCHED, at_matched_loss, curve, past_best
+from peft_ila.app.judge import MATCHED, at_matched_loss, between_checkpoints, curve, past_best
 
 ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
 PEERS_OF = {  # an ILA arm's peers: the selectors of the same share of layers
@@ -135,13 +135,13 @@ def decided(
     return rule(beyond(figure))
 
 
-def goal(results: dict, arm: str) -> tuple[bool | None, str]:
+def goal(results: dict, arm: str, compare=at_matched_loss) -> tuple[bool | None, str]:
     """Whether `arm` meets the issue's first goal on every dataset (forgets less than LoRA-all at matched held-out
     loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE; None while
-    a figure is missing), and the evidence."""
+    a figure is missing), and the evidence; `compare`: the matching (`matched`)."""
     parts, tests = [], []
     for dataset in results["datasets"]:
-        found = matched(results, dataset, arm, REFERENCE)
+        found = matched(results, dataset, arm, REFERENCE, compare)
         figures = [found["delta"] if found else None]
         figures += [delta(results, dataset, arm, value) for value in (best_held_out, followed)]
         rules = (lower, not_higher, not_higher)
@@ -153,15 +153,16 @@ def goal(results: dict, arm: str) -> tuple[bool | None, str]:
     return all_of(tests), "; ".join(parts)
 
 
-def ahead_of_peers(results: dict, arm: str) -> tuple[bool | None, str]:
+def ahead_of_peers(results: dict, arm: str, compare=at_matched_loss) -> tuple[bool | None, str]:
     """Whether `arm` forgets less than every peer of its share at matched held-out loss by > 2 SE on every dataset
-    where both ran (None while a figure is missing, or no peer ran), and the evidence."""
+    where both ran (None while a figure is missing, or no peer ran), and the evidence; `compare`: the matching
+    (`matched`)."""
     parts, tests = [], []
     for dataset in results["datasets"]:
         for peer in PEERS_OF[arm]:
             if not runs_of(results, dataset, peer) or not runs_of(results, dataset, arm):
                 continue
-            found = matched(results, dataset, arm, peer)
+            found = matched(results, dataset, arm, peer, compare)
             tests.append(decided(found["delta"] if found else None, lower, results, dataset, arm, peer))
             parts.append(f"{dataset} vs {peer}: {gap_text(found)}")
     return all_of(tests or [None]), "; ".join(parts) or "no peer ran"
@@ -187,14 +188,16 @@ def findings(results: dict) -> list[Finding]:
     for arm in arms:
         met, evidence = goal(results, arm)
         claim = f"{results['labels'][arm]} forgets less than LoRA-all at matched held-out loss, learns as well"
-        verdict = {True: "holds on every dataset", False: "does not hold on every dataset"}.get(met, UNDECIDED)
+        verdicts = {True: "holds on every dataset", False: "does not hold on every dataset"}
+        evidence += _between_checkpoints(goal(results, arm, between_checkpoints), verdicts, evidence)
         rule = "forgetting below −2 SE, best held-out loss and instruction score (best checkpoint) not above +2 SE"
-        out.append(Finding(claim, verdict, evidence, f"{rule}; {RULE}", id=f"frontier-{arm}"))
+        out.append(Finding(claim, verdicts.get(met, UNDECIDED), evidence, f"{rule}; {RULE}", id=f"frontier-{arm}"))
         if PEERS_OF[arm]:
             met, evidence = ahead_of_peers(results, arm)
             claim = f"{results['labels'][arm]} forgets less than every peer selector of the same share"
-            verdict = {True: "holds", False: "does not hold"}.get(met, UNDECIDED)
-            out.append(Finding(claim, verdict, evidence, RULE, id=f"frontier-peers-{arm}"))
+            verdicts = {True: "holds", False: "does not hold"}
+            evidence += _between_checkpoints(ahead_of_peers(results, arm, between_checkpoints), verdicts, evidence)
+            out.append(Finding(claim, verdicts.get(met, UNDECIDED), evidence, RULE, id=f"frontier-peers-{arm}"))
         met, evidence = trade_off_past_best(results, arm)
         claim = (
             f"Past its best checkpoint, {results['labels'][arm]} forgets less than LoRA-all at matched held-out loss"
@@ -203,6 +206,16 @@ def findings(results: dict) -> list[Finding]:
         rule = f"forgetting where both curves climb back to the same held-out loss below −2 SE; {RULE}"
         out.append(Finding(claim, verdict, evidence, rule, id=f"frontier-past-best-{arm}"))
     return out
+
+
+def _between_checkpoints(judged: tuple[bool | None, str], verdicts: dict[bool, str], whole: str) -> str:
+    """The same rule's verdict and evidence on the range between the checkpoints only (`judge.between_checkpoints`:
+    without the stretch from the base model to the first checkpoint, which no checkpoint measured), as a sentence
+    the finding's evidence (`whole`: on the whole range) ends with; empty when there is nothing new to say."""
+    met, evidence = judged
+    if evidence == whole:
+        return ""
+    return f". Between the checkpoints only, the same rule: {verdicts.get(met, UNDECIDED)}; {evidence}"
 
 
 # --- the plan's cost ----------------------------------------------------------------------------------------------

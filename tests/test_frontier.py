@@ -116,9 +116,30 @@ def test_a_finding_holds_fails_or_waits_for_its_figures():
     one_seed = judged({"lora-all": [1.0], "ila-75": [0.3]})
     assert one_seed.verdict == UNDECIDED  # one seed each: no noise estimate, but the gaps are shown
     gaps = "forgetting -0.1750 (one seed), best held-out +0.0000 (one seed), instructions +0.0000 (one seed)"
-    assert one_seed.evidence == f"alpaca: {gaps}"  # forgetting: 0.25 (0.3 - 1.0), its mean over 1.5-2.0
+    assert one_seed.evidence.startswith(f"alpaca: {gaps}. Between the checkpoints only, the same rule: not decided")
+    # forgetting: 0.25 (0.3 - 1.0), its mean over 1.5-2.0
     early = judged({"lora-all": [0.3, 0.35], "ila-75": [1.0]})  # a noise estimate, but a planned seed to come
     assert early.verdict == UNDECIDED and "±" in early.evidence
+
+
+def test_a_finding_gives_its_verdict_between_the_checkpoints_only_beside_the_whole_range():
+    from benchmarks.frontier_report import findings
+
+    def run(arm: str, seed: int, first: float, last: float) -> dict:  # forgetting at held-out 1.8, then at 1.5
+        points = [{"held_out": 1.8, "forgetting": first + 0.01 * seed}, {"held_out": 1.5, "forgetting": last}]
+        closing = {"best": {"instructions": {"share": 0.3}, "step": 2}, "end": {"instructions": {"share": 0.3}}}
+        return {"dataset": "alpaca", "arm": arm, "seed": seed, "checkpoints": points, "closing": closing}
+
+    # ILA forgets nothing by its first checkpoint, LoRA-all 0.3; from there to the end ILA forgets more (0 -> 0.95
+    # against 0.3 -> 0.6): lower over the whole range from the base model, higher between the checkpoints
+    runs = [run("lora-all", seed, 0.3, 0.6) for seed in (0, 1)] + [run("ila-75", seed, 0.0, 0.95) for seed in (0, 1)]
+    results = {"datasets": ["alpaca"], "base": {"held_out": {"alpaca": 2.0}}, "runs": runs, "primary": "alpaca"}
+    results |= {"settings": {"seeds": [0, 1], "other_seeds": [0]}, "labels": {"lora-all": "LoRA", "ila-75": "ILA"}}
+    found = next(f for f in findings(results) if f.id == "frontier-ila-75")
+    assert found.verdict == "holds on every dataset"
+    whole, between = found.evidence.split(". Between the checkpoints only, the same rule: ")
+    assert whole.startswith("alpaca: forgetting -0.0") and between.startswith("does not hold on every dataset; ")
+    assert "alpaca: forgetting +0.0" in between
 
 
 def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
