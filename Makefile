@@ -67,8 +67,8 @@ bench-quick: $(BIN)/.knowledge
 	$(BIN)/peft-ila versus $(VERSUS_QUICK) --overwrite  # every default mode, 2 seeds, a few steps
 	$(BIN)/peft-ila versus $(VERSUS_QUICK)  # continued: every run read back, none computed
 VERSUS_QUICK = --steps 4 --stage1-max-steps 2 --stage2-steps 1 --seeds 2 --max-length 48 --batch-size 2 \
-	--eval-size 2 --reference alpaca_en_demo --reference-size 2 --evals 2 --timing-steps 2 --instructions 2 \
-	--instruction-tokens 16 --checkpoint-every 0 --no-progress --out benchmarks/results/versus/quick
+	--eval-size 2 --reference ../shared/data/lima_1k.json --reference-size 2 --evals 2 --timing-steps 2 \
+	--instructions 2 --instruction-tokens 16 --checkpoint-every 0 --no-progress --out benchmarks/results/versus/quick
 # (--checkpoint-every 0: LISA's state is the model's full weights; the frontier's quick runs keep a run's state)
 
 bench-modes: $(BIN)/.knowledge  # the training modes against LoRA-all: benchmarks/MODES.md

@@ -131,6 +131,17 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert not (tmp_path / "v").exists()
 
 
+def test_a_reference_with_the_training_data_s_content_is_refused_before_loading(
+    work, compared, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(peft_ila.app.versus, "prepare_data", lambda *a: pytest.fail("the model was loaded"))
+    same = tmp_path / "same.json"
+    same.write_bytes((work / "data.json").read_bytes())  # another name, the same rows
+    assert main(versus(work, tmp_path / "v", "--reference", str(same))) == 2
+    assert f"--reference {same} has the same content as --data {work / 'data.json'}: its loss rise" in one_line(capsys)
+    assert not (tmp_path / "v").exists()
+
+
 def test_a_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(work, compared, tmp_path, capsys):
     assert main(versus(work, tmp_path / "v", "--dry-run")) == 0
     out = capsys.readouterr().out

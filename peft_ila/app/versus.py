@@ -126,13 +126,24 @@ def _checkpoint_steps(steps: int, evals: int) -> list[int]:
 
 
 def _reference_sets(args) -> dict[str, list]:
-    """Each --reference file's conversations, named by the file's stem."""
-    out = {}
+    """Each --reference file's conversations, named by the file's stem. A reference that is the --data or
+    --eval-data file (by content) is refused: its loss rise would be the held-out loss again, not forgetting."""
+    out: dict[str, list] = {}
+    own = {}  # the SHA-256 of the data the runs train and are judged on -> its option and spec
+    if args.reference:
+        given = (("--eval-data", args.eval_data), ("--data", args.data))
+        own = {fingerprint(spec)[1]: f"{flag} {spec}" for flag, spec in given if spec}
     for spec in args.reference:
         name = Path(spec).stem
         if name in out:
             raise UsageError(f"--reference {spec}: another reference file is named {name} too; rename one.")
-        out[name] = read_dataset(spec).conversations
+        dataset = read_dataset(spec)
+        if dataset.sha256 in own:
+            raise UsageError(
+                f"--reference {spec} has the same content as {own[dataset.sha256]}: its loss rise would be held-out "
+                "loss, not forgetting; pass data the runs neither train on nor are judged on."
+            )
+        out[name] = dataset.conversations
     return out
 
 
