@@ -115,9 +115,9 @@ def test_a_finding_holds_fails_or_waits_for_its_figures():
     assert verdict({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}) == "does not hold on every dataset"
     one_seed = judged({"lora-all": [1.0], "ila-75": [0.3]})
     assert one_seed.verdict == UNDECIDED  # one seed each: no noise estimate, but the gaps are shown
+    # forgetting: 0.25 (0.3 - 1.0), its mean over 1.5-2.0
     gaps = "forgetting -0.1750 (one seed), best held-out +0.0000 (one seed), instructions +0.0000 (one seed)"
     assert one_seed.evidence.startswith(f"alpaca: {gaps}. Between the checkpoints only, the same rule: not decided")
-    # forgetting: 0.25 (0.3 - 1.0), its mean over 1.5-2.0
     early = judged({"lora-all": [0.3, 0.35], "ila-75": [1.0]})  # a noise estimate, but a planned seed to come
     assert early.verdict == UNDECIDED and "±" in early.evidence
 
