@@ -128,11 +128,11 @@ def _checkpoint_steps(steps: int, evals: int) -> list[int]:
 def _reference_sets(args) -> dict[str, list]:
     """Each --reference file's conversations, named by the file's stem. A reference that is the --data or
     --eval-data file (by content) is refused: its loss rise would be the held-out loss again, not forgetting."""
+    if not args.reference:
+        return {}
+    given = (("--eval-data", args.eval_data), ("--data", args.data))
+    own = {fingerprint(spec)[1]: f"{flag} {spec}" for flag, spec in given if spec}  # SHA-256 -> option and spec
     out: dict[str, list] = {}
-    own = {}  # the SHA-256 of the data the runs train and are judged on -> its option and spec
-    if args.reference:
-        given = (("--eval-data", args.eval_data), ("--data", args.data))
-        own = {fingerprint(spec)[1]: f"{flag} {spec}" for flag, spec in given if spec}
     for spec in args.reference:
         name = Path(spec).stem
         if name in out:
