@@ -390,9 +390,9 @@ def _under_way_line(results: dict) -> str:
 
 
 def _pace_line(results: dict) -> str:
-    """Runs done of those planned, and the hours the rest need at the pace of the runs timed whole (training and
-    evaluation) on this machine: their median training and evaluation times (a run's wall clock counts the
-    pauses of a shared machine)."""
+    """Runs done of those planned, and the hours the rest need one after another at the pace of the runs timed whole
+    (training and evaluation) on this machine: their median training and evaluation times (a run's wall clock counts
+    the pauses of a shared machine, and the records do not say which runs shared it)."""
     p, datasets = results["settings"], results["datasets"]
     others = len(results["others"]) if results.get("others") is not None else 4
     planned = len(results["arms"]) * len(p["seeds"]) + (len(datasets) - 1) * others * len(p["other_seeds"])
@@ -403,7 +403,9 @@ def _pace_line(results: dict) -> str:
         text += f"; a run took {train + evaluate:.1f} min ({train:.1f} training, {evaluate:.1f} evaluating; median of "
         text += f"{len(timed)}, wall clock)"
         if planned > done:
-            text += f", so the {planned - done} left need about {(planned - done) * (train + evaluate) / 60:.1f} h here"
+            hours = (planned - done) * (train + evaluate) / 60
+            text += f", so the {planned - done} left need about {hours:.1f} h of runs here (one after another; fewer "
+            text += "on the clock where runs share the machine side by side, each slower)"
     return text + ".\n"
 
 

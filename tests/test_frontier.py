@@ -93,6 +93,17 @@ def test_the_page_names_the_arms_the_other_datasets_run_and_those_it_could_not_r
     assert _others_line({**results, "others": None}) == ""  # not chosen yet: the missing list says why
 
 
+def test_the_pace_line_counts_the_runs_left_at_the_median_run_one_after_another():
+    from benchmarks.frontier_report import _pace_line
+
+    timed = [{"seconds": s * 60, "evaluation_seconds": 30 * 60} for s in (40, 50, 90)]  # median: 50 + 30 min
+    results = {"settings": {"seeds": [0, 1, 2], "other_seeds": [0, 1]}, "datasets": ["alpaca", "lima", "dolly"]}
+    results.update(arms=["lora-all", "ila-75"], others=["lora-all", "ila-75"], runs=[*timed, {"seconds": 1.0}])
+    line = _pace_line(results)  # planned: 2 arms x 3 seeds + 2 datasets x 2 arms x 2 seeds = 14; 4 done, 10 left
+    assert line.startswith("Runs done: 4 of the 14 planned; a run took 80.0 min (50.0 training, 30.0 evaluating; ")
+    assert "median of 3, wall clock), so the 10 left need about 13.3 h of runs here (one after another;" in line
+
+
 def test_a_finding_holds_fails_or_waits_for_its_figures():
     from benchmarks.frontier_report import UNDECIDED, findings
 
