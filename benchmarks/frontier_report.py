@@ -27,6 +27,7 @@ RULE = (  # the 2-SE rule, its standard error from the seeds of the two arms com
     + ", the standard error from the two arms' pooled seed-to-seed spread of the figure compared"
 )
 UNDECIDED = "not decided yet: a figure is missing or lacks planned seeds"
+VERDICTS = {True: "holds", False: "does not hold"}  # a finding's verdict from its rule (None: UNDECIDED)
 CUT = ("ila-50", "random-50", "spectrum-75", "lora-slow")  # what goes first when the plan is too long, in order
 
 
@@ -135,22 +136,32 @@ def decided(
     return rule(beyond(figure))
 
 
-def goal(results: dict, arm: str, compare=at_matched_loss) -> tuple[bool | None, str]:
+def goal(results: dict, arm: str, compare=at_matched_loss) -> tuple[bool | None, str, list[str]]:
     """Whether `arm` meets the issue's first goal on every dataset (forgets less than LoRA-all at matched held-out
     loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE; None while
-    a figure is missing), and the evidence; `compare`: the matching (`matched`)."""
-    parts, tests = [], []
+    a figure is missing), the evidence, and the datasets where it fails; `compare`: the matching (`matched`)."""
+    parts, tests, failed = [], [], []
     for dataset in results["datasets"]:
         found = matched(results, dataset, arm, REFERENCE, compare)
         figures = [found["delta"] if found else None]
         figures += [delta(results, dataset, arm, value) for value in (best_held_out, followed)]
         rules = (lower, not_higher, not_higher)
-        tests += [decided(f, rule, results, dataset, arm, REFERENCE) for f, rule in zip(figures, rules, strict=True)]
+        here = [decided(f, rule, results, dataset, arm, REFERENCE) for f, rule in zip(figures, rules, strict=True)]
+        tests += here
+        failed += [dataset] if False in here else []
         ran = runs_of(results, dataset, arm) and runs_of(results, dataset, REFERENCE)
         forgets = gap_text(found) if ran else "missing"
         best, follows = (delta_text(results, dataset, arm, value) for value in (best_held_out, followed))
         parts.append(f"{dataset}: forgetting {forgets}, best held-out {best}, instructions {follows}")
-    return all_of(tests), "; ".join(parts)
+    return all_of(tests), "; ".join(parts), failed
+
+
+def goal_verdict(met: bool | None, failed: list[str]) -> str:
+    """The goal's verdict in words: held on every dataset, or the datasets where it failed (one failure decides it,
+    so the others may not have run yet)."""
+    if met is False:
+        return f"does not hold on {', '.join(failed)}"
+    return {True: "holds on every dataset"}.get(met, UNDECIDED)
 
 
 def ahead_of_peers(results: dict, arm: str, compare=at_matched_loss) -> tuple[bool | None, str]:
@@ -186,36 +197,34 @@ def findings(results: dict) -> list[Finding]:
     out = []
     arms = [arm for arm in ILA_ARMS if any(run["arm"] == arm for run in results["runs"])]
     for arm in arms:
-        met, evidence = goal(results, arm)
+        met, evidence, failed = goal(results, arm)
         claim = f"{results['labels'][arm]} forgets less than LoRA-all at matched held-out loss, learns as well"
-        verdicts = {True: "holds on every dataset", False: "does not hold on every dataset"}
-        evidence += _between_checkpoints(goal(results, arm, between_checkpoints), verdicts, evidence)
+        between, between_evidence, between_failed = goal(results, arm, between_checkpoints)
+        evidence += _between_checkpoints(goal_verdict(between, between_failed), between_evidence, evidence)
         rule = "forgetting below −2 SE, best held-out loss and instruction score (best checkpoint) not above +2 SE"
-        out.append(Finding(claim, verdicts.get(met, UNDECIDED), evidence, f"{rule}; {RULE}", id=f"frontier-{arm}"))
+        out.append(Finding(claim, goal_verdict(met, failed), evidence, f"{rule}; {RULE}", id=f"frontier-{arm}"))
         if PEERS_OF[arm]:
             met, evidence = ahead_of_peers(results, arm)
             claim = f"{results['labels'][arm]} forgets less than every peer selector of the same share"
-            verdicts = {True: "holds", False: "does not hold"}
-            evidence += _between_checkpoints(ahead_of_peers(results, arm, between_checkpoints), verdicts, evidence)
-            out.append(Finding(claim, verdicts.get(met, UNDECIDED), evidence, RULE, id=f"frontier-peers-{arm}"))
+            between, between_evidence = ahead_of_peers(results, arm, between_checkpoints)
+            evidence += _between_checkpoints(VERDICTS.get(between, UNDECIDED), between_evidence, evidence)
+            out.append(Finding(claim, VERDICTS.get(met, UNDECIDED), evidence, RULE, id=f"frontier-peers-{arm}"))
         met, evidence = trade_off_past_best(results, arm)
         claim = (
             f"Past its best checkpoint, {results['labels'][arm]} forgets less than LoRA-all at matched held-out loss"
         )
-        verdict = {True: "holds", False: "does not hold"}.get(met, UNDECIDED)
         rule = f"forgetting where both curves climb back to the same held-out loss below −2 SE; {RULE}"
-        out.append(Finding(claim, verdict, evidence, rule, id=f"frontier-past-best-{arm}"))
+        out.append(Finding(claim, VERDICTS.get(met, UNDECIDED), evidence, rule, id=f"frontier-past-best-{arm}"))
     return out
 
 
-def _between_checkpoints(judged: tuple[bool | None, str], verdicts: dict[bool, str], whole: str) -> str:
+def _between_checkpoints(verdict: str, evidence: str, whole: str) -> str:
     """The same rule's verdict and evidence on the range between the checkpoints only (`judge.between_checkpoints`:
     without the stretch from the base model to the first checkpoint, which no checkpoint measured), as a sentence
     the finding's evidence (`whole`: on the whole range) ends with; empty when there is nothing new to say."""
-    met, evidence = judged
     if evidence == whole:
         return ""
-    return f". Between the checkpoints only, the same rule: {verdicts.get(met, UNDECIDED)}; {evidence}"
+    return f". Between the checkpoints only, the same rule: {verdict}; {evidence}"
 
 
 # --- the plan's cost ----------------------------------------------------------------------------------------------

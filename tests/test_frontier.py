@@ -123,7 +123,7 @@ def test_a_finding_holds_fails_or_waits_for_its_figures():
         return judged(slopes).verdict
 
     assert verdict({"lora-all": [1.0, 1.1], "ila-75": [0.3, 0.35]}) == "holds on every dataset"
-    assert verdict({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}) == "does not hold on every dataset"
+    assert verdict({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}) == "does not hold on alpaca"
     one_seed = judged({"lora-all": [1.0], "ila-75": [0.3]})
     assert one_seed.verdict == UNDECIDED  # one seed each: no noise estimate, but the gaps are shown
     # forgetting: 0.25 (0.3 - 1.0), its mean over 1.5-2.0
@@ -149,8 +149,34 @@ def test_a_finding_gives_its_verdict_between_the_checkpoints_only_beside_the_who
     found = next(f for f in findings(results) if f.id == "frontier-ila-75")
     assert found.verdict == "holds on every dataset"
     whole, between = found.evidence.split(". Between the checkpoints only, the same rule: ")
-    assert whole.startswith("alpaca: forgetting -0.0") and between.startswith("does not hold on every dataset; ")
+    assert whole.startswith("alpaca: forgetting -0.0") and between.startswith("does not hold on alpaca; ")
     assert "alpaca: forgetting +0.0" in between
+
+
+def test_the_goal_names_the_datasets_where_it_fails_while_others_wait_for_their_runs():
+    from benchmarks.frontier_report import findings
+
+    def run(dataset: str, arm: str, seed: int, slope: float) -> dict:
+        points = [{"held_out": loss, "forgetting": slope * (2.0 - loss)} for loss in (1.8, 1.5)]
+        closing = {"best": {"instructions": {"share": 0.3}, "step": 2}, "end": {"instructions": {"share": 0.3}}}
+        return {"dataset": dataset, "arm": arm, "seed": seed, "checkpoints": points, "closing": closing}
+
+    def verdict(slopes: dict[tuple[str, str], list[float]]) -> str:
+        runs = [run(*key, seed, slope) for key, seeds in slopes.items() for seed, slope in enumerate(seeds)]
+        results = {"datasets": ["alpaca", "lima", "dolly"], "runs": runs, "primary": "alpaca"}
+        results |= {"base": {"held_out": {"alpaca": 2.0, "lima": 2.0, "dolly": 2.0}}}
+        results |= {"settings": {"seeds": [0, 1], "other_seeds": [0, 1]}, "labels": {"lora-all": "L", "ila-75": "I"}}
+        return next(f for f in findings(results) if f.id == "frontier-ila-75").verdict
+
+    lower, higher = [0.3, 0.35], [1.0, 1.1]  # ILA's forgetting slopes against LoRA-all's [1.0, 1.1] and [0.3, 0.35]
+    alpaca = {("alpaca", "lora-all"): [1.0, 1.1], ("alpaca", "ila-75"): lower}
+    lima_fails = {("lima", "lora-all"): [0.3, 0.35], ("lima", "ila-75"): higher}
+    assert verdict(alpaca | lima_fails) == "does not hold on lima"  # dolly has not run: one failure decides it
+    dolly_fails = {("dolly", "lora-all"): [0.3, 0.35], ("dolly", "ila-75"): higher}
+    assert verdict(alpaca | lima_fails | dolly_fails) == "does not hold on lima, dolly"
+    dolly_holds = {("dolly", "lora-all"): [1.0, 1.1], ("dolly", "ila-75"): lower}
+    lima_holds = {("lima", "lora-all"): [1.0, 1.1], ("lima", "ila-75"): lower}
+    assert verdict(alpaca | lima_holds | dolly_holds) == "holds on every dataset"
 
 
 def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
