@@ -395,7 +395,7 @@ def _under_way_line(results: dict) -> str:
         return ""
     shown = "; ".join(f"{r['dataset']}, {r['arm']}, seed {r['seed']}: step {r['step']} of {r['of']}" for r in runs)
     where = "in a state file beside the cells, which git ignores: `make bench-frontier` goes on from it in that tree"
-    return f"Under way when the page was written (the progress is {where}): {shown}.\n"
+    return f"Started, not finished when the page was written (running, or stopped; the progress is {where}): {shown}.\n"
 
 
 def _pace_line(results: dict) -> str:

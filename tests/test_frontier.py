@@ -441,7 +441,8 @@ def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(t
     assert shown["under_way"] == [{"dataset": "alpaca", "arm": "lora-all", "seed": 0, "step": 2, "of": 3}]
     page = (tmp_path / "cells" / "smoke" / "FRONTIER.md").read_text()
     assert (
-        "Under way when the page was written (the progress is in a state file beside the cells, which git ignores: "
+        "Started, not finished when the page was written (running, or stopped; the progress is in a state file beside "
+        "the cells, which git ignores: "
         "`make bench-frontier` goes on from it in that tree): alpaca, lora-all, seed 0: step 2 of 3." in page
     )
     finished = frontier.Frontier.main(args)
