@@ -193,10 +193,13 @@ def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
     return all_of(tests or [None]), "; ".join(parts) or "not run beside LoRA-all"
 
 
+def ila_arms_run(results: dict) -> list[str]:
+    return [arm for arm in ILA_ARMS if any(run["arm"] == arm for run in results["runs"])]
+
+
 def findings(results: dict) -> list[Finding]:
     out = []
-    arms = [arm for arm in ILA_ARMS if any(run["arm"] == arm for run in results["runs"])]
-    for arm in arms:
+    for arm in ila_arms_run(results):
         met, evidence, failed = goal(results, arm)
         claim = f"{results['labels'][arm]} forgets less than LoRA-all at matched held-out loss, learns as well"
         between, between_evidence, between_failed = goal(results, arm, between_checkpoints)
@@ -216,6 +219,30 @@ def findings(results: dict) -> list[Finding]:
         rule = f"forgetting where both curves climb back to the same held-out loss below −2 SE; {RULE}"
         out.append(Finding(claim, VERDICTS.get(met, UNDECIDED), evidence, rule, id=f"frontier-past-best-{arm}"))
     return out
+
+
+def range_verdicts(results: dict, compare) -> dict[str, str]:
+    """The verdicts of the findings that match curves over a range (`Finding.id`: verdict), with `compare` (the
+    whole range, `at_matched_loss`, or `between_checkpoints`)."""
+    verdicts = {}
+    for arm in ila_arms_run(results):
+        met, _, failed = goal(results, arm, compare)
+        verdicts[f"frontier-{arm}"] = goal_verdict(met, failed)
+        if PEERS_OF[arm]:
+            verdicts[f"frontier-peers-{arm}"] = VERDICTS.get(ahead_of_peers(results, arm, compare)[0], UNDECIDED)
+    return verdicts
+
+
+def ranges_line(results: dict, found: list[Finding]) -> str:
+    """Whether a verdict of the page's `found` changes when curves are matched between the checkpoints only instead
+    of over the whole range (from the base model)."""
+    whole, between = (range_verdicts(results, compare) for compare in (at_matched_loss, between_checkpoints))
+    differ = [(n, f.id) for n, f in enumerate(found, 1) if f.id in whole and whole[f.id] != between[f.id]]
+    head = "The whole range against between the checkpoints only:"
+    if not differ:
+        return f"{head} no verdict differs (of the {len(whole)} findings judged both ways).\n"
+    shown = "; ".join(f"finding {n}: {whole[i]} over the whole range, {between[i]} between" for n, i in differ)
+    return f"{head} {len(differ)} of the {len(whole)} findings judged both ways differ ({shown}).\n"
 
 
 def _between_checkpoints(verdict: str, evidence: str, whole: str) -> str:
@@ -348,7 +375,10 @@ def page(results: dict, prefix: str = "") -> str:
     lines += [_base_line(base, p), ""]
     lines += [line for line in (_others_line(results), _under_way_line(results), _pace_line(results)) if line]
     found = findings(results)
-    lines += findings_section(found) if found else ["## Findings", "", "No ILA arm has run yet.", ""]
+    if found:
+        lines += [*findings_section(found), ranges_line(results, found)]
+    else:
+        lines += ["## Findings", "", "No ILA arm has run yet.", ""]
     for dataset in results["datasets"]:
         rows = arm_rows(results, dataset)
         if not rows:
