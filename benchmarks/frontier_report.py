@@ -194,6 +194,7 @@ def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
 
 
 def ila_arms_run(results: dict) -> list[str]:
+    """The ILA arms with at least one run, in the plan's order."""
     return [arm for arm in ILA_ARMS if any(run["arm"] == arm for run in results["runs"])]
 
 
@@ -240,9 +241,9 @@ def ranges_line(results: dict, found: list[Finding]) -> str:
     differ = [(n, f.id) for n, f in enumerate(found, 1) if f.id in whole and whole[f.id] != between[f.id]]
     head = "The whole range against between the checkpoints only:"
     if not differ:
-        return f"{head} no verdict differs (of the {len(whole)} findings judged both ways).\n"
+        return f"{head} no verdict differs (of the {len(whole)} findings matched over both).\n"
     shown = "; ".join(f"finding {n}: {whole[i]} over the whole range, {between[i]} between" for n, i in differ)
-    return f"{head} {len(differ)} of the {len(whole)} findings judged both ways differ ({shown}).\n"
+    return f"{head} {len(differ)} of the {len(whole)} findings matched over both differ ({shown}).\n"
 
 
 def _between_checkpoints(verdict: str, evidence: str, whole: str) -> str:

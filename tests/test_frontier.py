@@ -153,10 +153,10 @@ def test_a_finding_gives_its_verdict_between_the_checkpoints_only_beside_the_who
     assert "alpaca: forgetting +0.0" in between
     head = "The whole range against between the checkpoints only: "
     shown = "finding 1: holds on every dataset over the whole range, does not hold on alpaca between"
-    assert ranges_line(results, findings(results)) == f"{head}1 of the 2 findings judged both ways differ ({shown}).\n"
+    assert ranges_line(results, findings(results)) == f"{head}1 of the 2 findings matched over both differ ({shown}).\n"
     results["runs"] = [run(arm, seed, 0.3, 0.6) for arm in ("lora-all", "ila-75") for seed in (0, 1)]  # alike
     assert (
-        ranges_line(results, findings(results)) == f"{head}no verdict differs (of the 2 findings judged both ways).\n"
+        ranges_line(results, findings(results)) == f"{head}no verdict differs (of the 2 findings matched over both).\n"
     )
 
 
