@@ -28,6 +28,7 @@ RULE = (  # the 2-SE rule, its standard error from the seeds of the two arms com
 )
 UNDECIDED = "not decided yet: a figure is missing or lacks planned seeds"
 VERDICTS = {True: "holds", False: "does not hold"}  # a finding's verdict from its rule (None: UNDECIDED)
+RANGES = {"whole": at_matched_loss, "between": between_checkpoints}  # the matched ranges a finding is judged on
 CUT = ("ila-50", "random-50", "spectrum-75", "lora-slow")  # what goes first when the plan is too long, in order
 
 
@@ -136,10 +137,11 @@ def decided(
     return rule(beyond(figure))
 
 
-def goal(results: dict, arm: str, compare=at_matched_loss) -> tuple[bool | None, str, list[str]]:
+def goal(results: dict, arm: str, compare=at_matched_loss) -> tuple[str, str]:
     """Whether `arm` meets the issue's first goal on every dataset (forgets less than LoRA-all at matched held-out
-    loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE; None while
-    a figure is missing), the evidence, and the datasets where it fails; `compare`: the matching (`matched`)."""
+    loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE), in words
+    (the datasets where it fails: one failure decides it, so the others may not have run yet; `UNDECIDED` while a
+    figure is missing), and the evidence; `compare`: the matching (`matched`)."""
     parts, tests, failed = [], [], []
     for dataset in results["datasets"]:
         found = matched(results, dataset, arm, REFERENCE, compare)
@@ -153,21 +155,16 @@ def goal(results: dict, arm: str, compare=at_matched_loss) -> tuple[bool | None,
         forgets = gap_text(found) if ran else "missing"
         best, follows = (delta_text(results, dataset, arm, value) for value in (best_held_out, followed))
         parts.append(f"{dataset}: forgetting {forgets}, best held-out {best}, instructions {follows}")
-    return all_of(tests), "; ".join(parts), failed
+    met, evidence = all_of(tests), "; ".join(parts)
+    if met is None:
+        return UNDECIDED, evidence
+    return ("holds on every dataset" if met else f"does not hold on {', '.join(failed)}"), evidence
 
 
-def goal_verdict(met: bool | None, failed: list[str]) -> str:
-    """The goal's verdict in words: held on every dataset, or the datasets where it failed (one failure decides it,
-    so the others may not have run yet)."""
-    if met is False:
-        return f"does not hold on {', '.join(failed)}"
-    return {True: "holds on every dataset"}.get(met, UNDECIDED)
-
-
-def ahead_of_peers(results: dict, arm: str, compare=at_matched_loss) -> tuple[bool | None, str]:
+def ahead_of_peers(results: dict, arm: str, compare=at_matched_loss) -> tuple[str, str]:
     """Whether `arm` forgets less than every peer of its share at matched held-out loss by > 2 SE on every dataset
-    where both ran (None while a figure is missing, or no peer ran), and the evidence; `compare`: the matching
-    (`matched`)."""
+    where both ran, in words (`UNDECIDED` while a figure is missing, or no peer ran), and the evidence; `compare`:
+    the matching (`matched`)."""
     parts, tests = [], []
     for dataset in results["datasets"]:
         for peer in PEERS_OF[arm]:
@@ -176,7 +173,7 @@ def ahead_of_peers(results: dict, arm: str, compare=at_matched_loss) -> tuple[bo
             found = matched(results, dataset, arm, peer, compare)
             tests.append(decided(found["delta"] if found else None, lower, results, dataset, arm, peer))
             parts.append(f"{dataset} vs {peer}: {gap_text(found)}")
-    return all_of(tests or [None]), "; ".join(parts) or "no peer ran"
+    return VERDICTS.get(all_of(tests or [None]), UNDECIDED), "; ".join(parts) or "no peer ran"
 
 
 def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
@@ -198,21 +195,29 @@ def ila_arms_run(results: dict) -> list[str]:
     return [arm for arm in ILA_ARMS if any(run["arm"] == arm for run in results["runs"])]
 
 
-def findings(results: dict) -> list[Finding]:
+def judged_on_ranges(results: dict) -> dict[str, dict[str, tuple[str, str]]]:
+    """The findings that match curves over a range, by `Finding.id`: their (verdict, evidence) over each of `RANGES`."""
+    judged = {}
+    for arm in ila_arms_run(results):
+        judged[f"frontier-{arm}"] = {name: goal(results, arm, compare) for name, compare in RANGES.items()}
+        if PEERS_OF[arm]:
+            judged[f"frontier-peers-{arm}"] = {
+                name: ahead_of_peers(results, arm, compare) for name, compare in RANGES.items()
+            }
+    return judged
+
+
+def findings(results: dict, judged: dict | None = None) -> list[Finding]:
+    """The page's findings; `judged`: `judged_on_ranges(results)` where the caller has it."""
+    judged = judged_on_ranges(results) if judged is None else judged
     out = []
     for arm in ila_arms_run(results):
-        met, evidence, failed = goal(results, arm)
         claim = f"{results['labels'][arm]} forgets less than LoRA-all at matched held-out loss, learns as well"
-        between, between_evidence, between_failed = goal(results, arm, between_checkpoints)
-        evidence += _between_checkpoints(goal_verdict(between, between_failed), between_evidence, evidence)
         rule = "forgetting below −2 SE, best held-out loss and instruction score (best checkpoint) not above +2 SE"
-        out.append(Finding(claim, goal_verdict(met, failed), evidence, f"{rule}; {RULE}", id=f"frontier-{arm}"))
+        out.append(_on_both_ranges(claim, judged[f"frontier-{arm}"], f"{rule}; {RULE}", f"frontier-{arm}"))
         if PEERS_OF[arm]:
-            met, evidence = ahead_of_peers(results, arm)
             claim = f"{results['labels'][arm]} forgets less than every peer selector of the same share"
-            between, between_evidence = ahead_of_peers(results, arm, between_checkpoints)
-            evidence += _between_checkpoints(VERDICTS.get(between, UNDECIDED), between_evidence, evidence)
-            out.append(Finding(claim, VERDICTS.get(met, UNDECIDED), evidence, RULE, id=f"frontier-peers-{arm}"))
+            out.append(_on_both_ranges(claim, judged[f"frontier-peers-{arm}"], RULE, f"frontier-peers-{arm}"))
         met, evidence = trade_off_past_best(results, arm)
         claim = (
             f"Past its best checkpoint, {results['labels'][arm]} forgets less than LoRA-all at matched held-out loss"
@@ -222,37 +227,28 @@ def findings(results: dict) -> list[Finding]:
     return out
 
 
-def range_verdicts(results: dict, compare) -> dict[str, str]:
-    """The verdicts of the findings that match curves over a range (`Finding.id`: verdict), with `compare` (the
-    whole range, `at_matched_loss`, or `between_checkpoints`)."""
-    verdicts = {}
-    for arm in ila_arms_run(results):
-        met, _, failed = goal(results, arm, compare)
-        verdicts[f"frontier-{arm}"] = goal_verdict(met, failed)
-        if PEERS_OF[arm]:
-            verdicts[f"frontier-peers-{arm}"] = VERDICTS.get(ahead_of_peers(results, arm, compare)[0], UNDECIDED)
-    return verdicts
+def _on_both_ranges(claim: str, judged: dict[str, tuple[str, str]], rule: str, id: str) -> Finding:
+    """A finding judged on each of `RANGES`: the whole range's verdict, its evidence ending with the same rule's
+    verdict and evidence between the checkpoints only (`judge.between_checkpoints`: without the stretch from the
+    base model to the first checkpoint, which no checkpoint measured) where that evidence differs."""
+    (verdict, evidence), (between, between_evidence) = judged["whole"], judged["between"]
+    if between_evidence != evidence:
+        evidence += f". Between the checkpoints only, the same rule: {between}; {between_evidence}"
+    return Finding(claim, verdict, evidence, rule, id=id)
 
 
-def ranges_line(results: dict, found: list[Finding]) -> str:
+def ranges_line(judged: dict[str, dict[str, tuple[str, str]]], found: list[Finding]) -> str:
     """Whether a verdict of the page's `found` changes when curves are matched between the checkpoints only instead
-    of over the whole range (from the base model)."""
-    whole, between = (range_verdicts(results, compare) for compare in (at_matched_loss, between_checkpoints))
-    differ = [(n, f.id) for n, f in enumerate(found, 1) if f.id in whole and whole[f.id] != between[f.id]]
+    of over the whole range (from the base model); `judged`: `judged_on_ranges`."""
+    verdicts = {i: (ranges["whole"][0], ranges["between"][0]) for i, ranges in judged.items()}
+    differ = [(n, f.id) for n, f in enumerate(found, 1) if f.id in verdicts and len(set(verdicts[f.id])) > 1]
     head = "The whole range against between the checkpoints only:"
     if not differ:
-        return f"{head} no verdict differs (of the {len(whole)} findings matched over both).\n"
-    shown = "; ".join(f"finding {n}: {whole[i]} over the whole range, {between[i]} between" for n, i in differ)
-    return f"{head} {len(differ)} of the {len(whole)} findings matched over both differ ({shown}).\n"
-
-
-def _between_checkpoints(verdict: str, evidence: str, whole: str) -> str:
-    """The same rule's verdict and evidence on the range between the checkpoints only (`judge.between_checkpoints`:
-    without the stretch from the base model to the first checkpoint, which no checkpoint measured), as a sentence
-    the finding's evidence (`whole`: on the whole range) ends with; empty when there is nothing new to say."""
-    if evidence == whole:
-        return ""
-    return f". Between the checkpoints only, the same rule: {verdict}; {evidence}"
+        return f"{head} no verdict differs (of the {len(verdicts)} findings matched over both).\n"
+    shown = "; ".join(
+        f"finding {n}: {verdicts[i][0]} over the whole range, {verdicts[i][1]} between" for n, i in differ
+    )
+    return f"{head} {len(differ)} of the {len(verdicts)} findings matched over both differ ({shown}).\n"
 
 
 # --- the plan's cost ----------------------------------------------------------------------------------------------
@@ -375,9 +371,10 @@ def page(results: dict, prefix: str = "") -> str:
     lines += _how(results), ""
     lines += [_base_line(base, p), ""]
     lines += [line for line in (_others_line(results), _under_way_line(results), _pace_line(results)) if line]
-    found = findings(results)
+    judged = judged_on_ranges(results)
+    found = findings(results, judged)
     if found:
-        lines += [*findings_section(found), ranges_line(results, found)]
+        lines += [*findings_section(found), ranges_line(judged, found)]
     else:
         lines += ["## Findings", "", "No ILA arm has run yet.", ""]
     for dataset in results["datasets"]:
