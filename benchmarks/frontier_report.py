@@ -27,7 +27,6 @@ RULE = (  # the 2-SE rule, its standard error from the seeds of the two arms com
     + ", the standard error from the two arms' pooled seed-to-seed spread of the figure compared"
 )
 UNDECIDED = "not decided yet: a figure is missing or lacks planned seeds"
-VERDICTS = {True: "holds", False: "does not hold"}  # a finding's verdict from its rule (None: UNDECIDED)
 RANGES = {"whole": at_matched_loss, "between": between_checkpoints}  # the matched ranges a finding is judged on
 CUT = ("ila-50", "random-50", "spectrum-75", "lora-slow")  # what goes first when the plan is too long, in order
 
@@ -108,9 +107,16 @@ def chosen(results: dict, arms: list[str]) -> list[str]:
 # --- findings --------------------------------------------------------------------------------------------------------
 
 
-def all_of(tests: list[bool | None]) -> bool | None:
-    """Whether every test holds: False once one fails, None (not decided) while any lacks its figures."""
-    return False if False in tests else None if None in tests else True
+def in_words(tests: dict[str, list[bool | None]], datasets: list[str]) -> str:
+    """A finding's verdict from its rule's `tests` on each dataset judged: "does not hold on" the datasets where
+    one fails (one failure decides it, so others may not have run yet), `UNDECIDED` while one lacks its figures or
+    none was judged, else "holds on" the datasets judged ("every dataset" when they are all of `datasets`)."""
+    failed = [name for name, here in tests.items() if False in here]
+    if failed:
+        return f"does not hold on {', '.join(failed)}"
+    if not tests or any(None in here for here in tests.values()):
+        return UNDECIDED
+    return f"holds on {'every dataset' if list(tests) == datasets else ', '.join(tests)}"
 
 
 def lower(sign: int) -> bool:
@@ -140,54 +146,48 @@ def decided(
 def goal(results: dict, arm: str, compare=at_matched_loss) -> tuple[str, str]:
     """Whether `arm` meets the issue's first goal on every dataset (forgets less than LoRA-all at matched held-out
     loss by > 2 SE, best held-out loss and instruction score at its best checkpoint not worse by > 2 SE), in words
-    (the datasets where it fails: one failure decides it, so the others may not have run yet; `UNDECIDED` while a
-    figure is missing), and the evidence; `compare`: the matching (`matched`)."""
-    parts, tests, failed = [], [], []
+    (`in_words`), and the evidence; `compare`: the matching (`matched`)."""
+    parts, tests = [], {}
     for dataset in results["datasets"]:
         found = matched(results, dataset, arm, REFERENCE, compare)
         figures = [found["delta"] if found else None]
         figures += [delta(results, dataset, arm, value) for value in (best_held_out, followed)]
-        rules = (lower, not_higher, not_higher)
-        here = [decided(f, rule, results, dataset, arm, REFERENCE) for f, rule in zip(figures, rules, strict=True)]
-        tests += here
-        failed += [dataset] if False in here else []
+        rules = zip(figures, (lower, not_higher, not_higher), strict=True)
+        tests[dataset] = [decided(f, rule, results, dataset, arm, REFERENCE) for f, rule in rules]
         ran = runs_of(results, dataset, arm) and runs_of(results, dataset, REFERENCE)
         forgets = gap_text(found) if ran else "missing"
         best, follows = (delta_text(results, dataset, arm, value) for value in (best_held_out, followed))
         parts.append(f"{dataset}: forgetting {forgets}, best held-out {best}, instructions {follows}")
-    met, evidence = all_of(tests), "; ".join(parts)
-    if met is None:
-        return UNDECIDED, evidence
-    return ("holds on every dataset" if met else f"does not hold on {', '.join(failed)}"), evidence
+    return in_words(tests, results["datasets"]), "; ".join(parts)
 
 
 def ahead_of_peers(results: dict, arm: str, compare=at_matched_loss) -> tuple[str, str]:
     """Whether `arm` forgets less than every peer of its share at matched held-out loss by > 2 SE on every dataset
-    where both ran, in words (`UNDECIDED` while a figure is missing, or no peer ran), and the evidence; `compare`:
-    the matching (`matched`)."""
-    parts, tests = [], []
+    where both ran, in words (`in_words`), and the evidence; `compare`: the matching (`matched`)."""
+    parts, tests = [], {}
     for dataset in results["datasets"]:
         for peer in PEERS_OF[arm]:
             if not runs_of(results, dataset, peer) or not runs_of(results, dataset, arm):
                 continue
             found = matched(results, dataset, arm, peer, compare)
-            tests.append(decided(found["delta"] if found else None, lower, results, dataset, arm, peer))
+            here = decided(found["delta"] if found else None, lower, results, dataset, arm, peer)
+            tests.setdefault(dataset, []).append(here)
             parts.append(f"{dataset} vs {peer}: {gap_text(found)}")
-    return VERDICTS.get(all_of(tests or [None]), UNDECIDED), "; ".join(parts) or "no peer ran"
+    return in_words(tests, results["datasets"]), "; ".join(parts) or "no peer ran"
 
 
-def trade_off_past_best(results: dict, arm: str) -> tuple[bool | None, str]:
+def trade_off_past_best(results: dict, arm: str) -> tuple[str, str]:
     """Whether `arm` forgets less than LoRA-all at matched held-out loss past both curves' best checkpoints by
-    > 2 SE on every dataset where both ran (None while a figure is missing), and the evidence: is a lower forgetting
-    after 3 epochs a better trade-off, or the same curve less far along its overfitting?"""
-    parts, tests = [], []
+    > 2 SE on every dataset where both ran, in words (`in_words`), and the evidence: is a lower forgetting after 3
+    epochs a better trade-off, or the same curve less far along its overfitting?"""
+    parts, tests = [], {}
     for dataset in results["datasets"]:
         if not runs_of(results, dataset, arm) or not runs_of(results, dataset, REFERENCE):
             continue
         found = matched(results, dataset, arm, REFERENCE, past_best)
-        tests.append(decided(found["delta"] if found else None, lower, results, dataset, arm, REFERENCE))
+        tests[dataset] = [decided(found["delta"] if found else None, lower, results, dataset, arm, REFERENCE)]
         parts.append(f"{dataset}: {gap_text(found)}")
-    return all_of(tests or [None]), "; ".join(parts) or "not run beside LoRA-all"
+    return in_words(tests, results["datasets"]), "; ".join(parts) or "not run beside LoRA-all"
 
 
 def ila_arms_run(results: dict) -> list[str]:
@@ -218,12 +218,12 @@ def findings(results: dict, judged: dict | None = None) -> list[Finding]:
         if PEERS_OF[arm]:
             claim = f"{results['labels'][arm]} forgets less than every peer selector of the same share"
             out.append(_on_both_ranges(claim, judged[f"frontier-peers-{arm}"], RULE, f"frontier-peers-{arm}"))
-        met, evidence = trade_off_past_best(results, arm)
+        verdict, evidence = trade_off_past_best(results, arm)
         claim = (
             f"Past its best checkpoint, {results['labels'][arm]} forgets less than LoRA-all at matched held-out loss"
         )
         rule = f"forgetting where both curves climb back to the same held-out loss below −2 SE; {RULE}"
-        out.append(Finding(claim, VERDICTS.get(met, UNDECIDED), evidence, rule, id=f"frontier-past-best-{arm}"))
+        out.append(Finding(claim, verdict, evidence, rule, id=f"frontier-past-best-{arm}"))
     return out
 
 

@@ -192,6 +192,32 @@ def test_the_goal_names_the_datasets_where_it_fails_while_others_wait_for_their_
     assert verdict(alpaca | lima_holds | dolly_holds) == "holds on every dataset"
 
 
+def test_ila_against_its_peers_names_the_datasets_judged_and_those_where_it_fails():
+    from benchmarks.frontier_report import UNDECIDED, findings
+
+    def run(dataset: str, arm: str, seed: int, slope: float) -> dict:
+        points = [{"held_out": loss, "forgetting": slope * (2.0 - loss)} for loss in (1.8, 1.5)]
+        closing = {"best": {"instructions": {"share": 0.3}, "step": 2}, "end": {"instructions": {"share": 0.3}}}
+        return {"dataset": dataset, "arm": arm, "seed": seed, "checkpoints": points, "closing": closing}
+
+    def peers(slopes: dict[tuple[str, str], list[float]]):
+        runs = [run(*key, seed, slope) for key, seeds in slopes.items() for seed, slope in enumerate(seeds)]
+        results = {"datasets": ["alpaca", "lima", "dolly"], "runs": runs, "primary": "alpaca"}
+        results |= {"base": {"held_out": {"alpaca": 2.0, "lima": 2.0, "dolly": 2.0}}}
+        results |= {"settings": {"seeds": [0, 1], "other_seeds": [0, 1]}, "labels": {"ila-75": "I"}}
+        return next(f for f in findings(results) if f.id == "frontier-peers-ila-75")
+
+    lower, higher = [0.3, 0.35], [1.0, 1.1]  # ILA's forgetting slopes against the peers'
+    alpaca = {("alpaca", "ila-75"): lower, ("alpaca", "random-75"): higher, ("alpaca", "kappa-75"): higher}
+    assert peers(alpaca).verdict == "holds on alpaca"  # lima and dolly: no peer ran there, not judged
+    lima = {("lima", "ila-75"): higher, ("lima", "kappa-75"): lower}
+    found = peers(alpaca | lima)
+    assert found.verdict == "does not hold on lima" and "lima vs random-75" not in found.evidence
+    dolly = {("dolly", "ila-75"): lower, ("dolly", "kappa-75"): higher[:1]}  # a planned seed to come
+    assert peers(alpaca | dolly).verdict == UNDECIDED
+    assert peers({("alpaca", "ila-75"): lower}).evidence == "no peer ran"
+
+
 def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
     from benchmarks.frontier_report import UNDECIDED, findings
 
@@ -208,9 +234,9 @@ def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
         return next(f for f in findings(results) if f.id == "frontier-past-best-ila-75")
 
     found = judged({"lora-all": [1.0, 1.1], "ila-75": [0.3, 0.35]})
-    assert found.verdict == "holds" and found.evidence.startswith("alpaca: -0.0")  # lima: not run there, not counted
+    assert found.verdict == "holds on alpaca" and found.evidence.startswith("alpaca: -0.0")  # lima: not run there
     assert "lima" not in found.evidence
-    assert judged({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}).verdict == "does not hold"
+    assert judged({"lora-all": [0.3, 0.35], "ila-75": [1.0, 1.1]}).verdict == "does not hold on alpaca"
     one_seed = judged({"lora-all": [1.0], "ila-75": [0.3]})
     assert one_seed.verdict == UNDECIDED and one_seed.evidence == "alpaca: -0.0700 (one seed)"  # 0.1 (0.3 - 1.0)
     assert judged({"ila-75": [0.3, 0.35]}).evidence == "not run beside LoRA-all"
