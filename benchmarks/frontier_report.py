@@ -251,6 +251,24 @@ def ranges_line(judged: dict[str, dict[str, tuple[str, str]]], found: list[Findi
     return f"{head} {len(differ)} of the {len(verdicts)} findings matched over both differ ({shown}).\n"
 
 
+def closeness_lines(results: dict) -> list[str]:
+    """How close each ILA arm came to forgetting less at matched held-out loss over the whole range: its gap to
+    LoRA-all and to each peer that ran beside it, in standard errors (the findings need below −2), by dataset."""
+    lines = []
+    for arm in ila_arms_run(results):
+        gaps = []
+        for dataset in results["datasets"]:
+            here = [
+                f"{delta[0] / delta[1]:+.1f} against {results['labels'][other]}"
+                for other in (REFERENCE, *PEERS_OF[arm])
+                if (found := matched(results, dataset, arm, other)) and (delta := found["delta"]) and delta[1] > 0
+            ]
+            gaps += [f"{dataset}: {', '.join(here)}"] if here else []
+        lines += [f"- {results['labels'][arm]}. {'; '.join(gaps)}"] if gaps else []
+    head = "How close each ILA arm came to forgetting less: its gap at matched held-out loss, in standard errors"
+    return [f"{head} (a finding needs below −2):", "", *lines, ""] if lines else []
+
+
 # --- the plan's cost ----------------------------------------------------------------------------------------------
 
 
@@ -375,6 +393,7 @@ def page(results: dict, prefix: str = "") -> str:
     found = findings(results, judged)
     if found:
         lines += [*findings_section(found), ranges_line(judged, found)]
+        lines += closeness_lines(results)
     else:
         lines += ["## Findings", "", "No ILA arm has run yet.", ""]
     for dataset in results["datasets"]:

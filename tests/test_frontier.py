@@ -218,6 +218,26 @@ def test_ila_against_its_peers_names_the_datasets_judged_and_those_where_it_fail
     assert peers({("alpaca", "ila-75"): lower}).evidence == "no peer ran"
 
 
+def test_the_page_says_how_close_each_ila_arm_came_in_standard_errors():
+    from benchmarks.frontier_report import closeness_lines
+
+    def run(arm: str, seed: int, slope: float) -> dict:  # forgetting slope * (2 - held-out): its mean slope / 4
+        points = [{"held_out": loss, "forgetting": slope * (2.0 - loss)} for loss in (1.8, 1.5)]
+        return {"dataset": "alpaca", "arm": arm, "seed": seed, "checkpoints": points}
+
+    slopes = {"lora-all": [1.0, 1.1], "ila-75": [0.3, 0.35], "random-75": [0.5, 0.6], "ila-ranks": [0.3]}
+    runs = [run(arm, seed, slope) for arm, seeds in slopes.items() for seed, slope in enumerate(seeds)]
+    results = {"datasets": ["alpaca", "lima"], "base": {"held_out": {"alpaca": 2.0, "lima": 3.0}}, "runs": runs}
+    results["labels"] = {"lora-all": "LoRA-all", "ila-75": "ILA 75%", "random-75": "random 75%", "ila-ranks": "R"}
+    # gaps (0.325 - 1.05) / 4 and (0.325 - 0.55) / 4, each seed's spread 0.0125 or 0.025 (/ 4): SE 0.01398
+    shown = ["- ILA 75%. alpaca: -13.0 against LoRA-all, -4.0 against random 75%"]
+    shown += ["- R. alpaca: -8.7 against LoRA-all"]  # one seed: (0.3 - 1.05) / 4, SE from LoRA-all's spread alone
+    head = "How close each ILA arm came to forgetting less: its gap at matched held-out loss, in standard errors"
+    assert closeness_lines(results) == [f"{head} (a finding needs below −2):", "", *shown, ""]
+    results["runs"] = [r for r in runs if r["arm"] not in ("ila-75", "ila-ranks")]
+    assert closeness_lines(results) == []
+
+
 def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
     from benchmarks.frontier_report import UNDECIDED, findings
 
