@@ -206,3 +206,25 @@ def test_a_kill_while_the_page_is_written_leaves_a_directory_that_continues(work
     monkeypatch.undo()
     assert main(args) == 0  # every file there was named in the manifest before it was written
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_the_plot_draws_each_mode_s_mean_at_the_steps_every_run_measured(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from peft_ila.app.plots import versus_plot
+
+    def run(mode: str, steps: list[int], held_out: float, rise: float | None) -> dict:
+        points = [{"step": s, "held_out": held_out - s / 10, "forgetting": rise and rise * s} for s in steps]
+        return {"mode": mode, "checkpoints": points}
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, y, *a, **k: drawn.append((x, y, k.get("label"))))
+    runs = [run("lora", [1, 2], 2.0, 0.1), run("lora", [1, 2, 3], 2.2, 0.3), run("ila", [1], 2.0, 0.2)]
+    versus_plot(tmp_path / "versus.png", runs, {"held_out": 2.5}, ["lora", "ila"])
+    means = [(x, y) for x, y, label in drawn if label and "mean" in label]
+    assert [label for *_, label in drawn if label] == ["lora (mean of 2)", "ila", "base model"]
+    assert means == [([2.5, 2.0, 1.9], [0.0, 0.2, 0.4])]  # steps 1 and 2 only: the second run's step 3 is its own
+    assert sum(label is None for *_, label in drawn) == 2  # each of lora's runs, faint beneath the mean
+    drawn.clear()
+    versus_plot(tmp_path / "versus.png", [run("lora", [1, 2], 2.0, None)], {"held_out": 2.5}, ["lora"])
+    assert drawn == [([1, 2], [1.9, 1.8], "lora")]  # no forgetting measured: held-out loss against step

@@ -83,17 +83,20 @@ def overlap_matrix(path: Path, labels: list[str], jaccard: list[list[float]], ti
 
 
 def versus_plot(path: Path, runs: list[dict], base: dict, modes: list[str]) -> None:
-    """Held-out loss (x) against forgetting (y), every checkpoint of every run joined in step order, one colour per
-    mode, the base model a black star; without forgetting (no reference sets), held-out loss against step."""
+    """Held-out loss (x) against forgetting (y), one colour per mode: each run's checkpoints joined in step order
+    (faint where the mode has several runs, with their mean at each step drawn over them), the base model a black
+    star; without forgetting (no reference sets), held-out loss against step."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     forgetting = any(point["forgetting"] is not None for run in runs for point in run["checkpoints"])
+    x_of, y_of = ("held_out", "forgetting") if forgetting else ("step", "held_out")
+    start = [{**base, "forgetting": 0.0}] if forgetting else []
     for colour, mode in zip(plt.cm.tab10.colors, modes, strict=False):
-        for number, run in enumerate(r for r in runs if r["mode"] == mode):
-            points = [{**base, "forgetting": 0.0}, *run["checkpoints"]] if forgetting else run["checkpoints"]
-            x = [p["held_out"] if forgetting else p["step"] for p in points]
-            y = [p["forgetting"] if forgetting else p["held_out"] for p in points]
-            label = mode if number == 0 else None
-            ax.plot(x, y, "o-", color=colour, markersize=3, linewidth=0.8, alpha=0.8, label=label)
+        curves = [[*start, *run["checkpoints"]] for run in runs if run["mode"] == mode]
+        if len(curves) > 1:
+            for points in curves:
+                ax.plot([p[x_of] for p in points], [p[y_of] for p in points], "-", color=colour, lw=0.6, alpha=0.3)
+        points, label = _mean_curve(curves), mode if len(curves) == 1 else f"{mode} (mean of {len(curves)})"
+        ax.plot([p[x_of] for p in points], [p[y_of] for p in points], "o-", color=colour, ms=3, lw=1.2, label=label)
     if forgetting:
         ax.plot([base["held_out"]], [0.0], "k*", markersize=10, label="base model")
     ax.set_xlabel("held-out loss" if forgetting else "step")
@@ -102,3 +105,16 @@ def versus_plot(path: Path, runs: list[dict], base: dict, modes: list[str]) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """The mean of several runs' points at each step all of them measured (the base model's point, stepless, first
+    when they start from it): {step, held_out, forgetting (None where a run has none)}."""
+    steps = [p.get("step") for p in curves[0] if all(any(q.get("step") == p.get("step") for q in c) for c in curves)]
+    mean = []
+    for step in steps:
+        at = [next(q for q in c if q.get("step") == step) for c in curves]
+        rises = [q["forgetting"] for q in at]
+        held_out = sum(q["held_out"] for q in at) / len(at)
+        mean.append({"step": step, "held_out": held_out, "forgetting": None if None in rises else sum(rises) / len(at)})
+    return mean
