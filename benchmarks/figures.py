@@ -162,6 +162,7 @@ HEADLINE = {  # the findings the README's headline answers, by study and id, in 
         "frontier-ila-ranks",
         "frontier-inside",
         "frontier-peers-inside",
+        "frontier-instructions",
     ],
 }
 

@@ -277,7 +277,7 @@ class Frontier(Study):
         results["under_way"] = []
         results.update(estimate=estimate, labels={arm: ARMS[arm].label for arm in ARMS}, base=self.bases())
         if following := self.collect("the base model's instruction score", self.base_following):
-            results["base"]["instructions"] = {k: following[k] for k in ("share", "se")}
+            results["base"]["instructions"] = verdicts(following)
         for seed in self.p["seeds"]:
             for arm in arms:
                 self.add(results, primary, arm, seed)
@@ -377,14 +377,20 @@ def plan_runs(names: list[str], arms: list[str], p: dict, steps, checkpoints, co
 
 
 def kept(record: dict) -> dict:
-    """What the page needs of a run cell (the instruction scores without each prompt's verdict)."""
+    """What the page needs of a run cell (each instruction score's verdicts by prompt in one string, `verdicts`)."""
     out = {key: record[key] for key in ("checkpoints", "steps", "seconds", "trainable_params")}
     if "evaluation_seconds" in record:  # absent from a cell computed before the executor timed evaluation
         out["evaluation_seconds"] = record["evaluation_seconds"]
     out["closing"] = {at: {**measured} for at, measured in record["closing"].items()}
     for measured in out["closing"].values():
-        measured["instructions"] = {k: v for k, v in measured["instructions"].items() if k != "obeyed"}
+        measured["instructions"] = verdicts(measured["instructions"])
     return {**out, "selected": len(record["identification"].get("selected", [])) or None}
+
+
+def verdicts(score: dict) -> dict:
+    """An instruction score (`InstructionProbe.score`) with its verdicts by prompt as one string, "1" where the
+    answer obeyed: {share, se, obeyed}."""
+    return {**score, "obeyed": "".join("1" if verdict else "0" for verdict in score["obeyed"])}
 
 
 if __name__ == "__main__":

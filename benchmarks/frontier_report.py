@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.core.cells import Missing
 from benchmarks.core.page import Column, Finding, columns, findings_section, missing_section, number
-from benchmarks.core.stats import NOISE_RULE, beyond, difference, pooled_sd, show
+from benchmarks.core.stats import NOISE_RULE, beyond, difference, paired_difference, pooled_sd, show
 from peft_ila.app.judge import MATCHED, at_matched_loss, between_checkpoints, curve, past_best
 
 ILA_ARMS = ("ila-75", "ila-50", "ila-ranks", "inside")
@@ -83,6 +83,18 @@ def followed(run: dict) -> float:
     return closing(run, "best", "instructions")
 
 
+def against_base(results: dict, dataset: str, arm: str, at: str) -> tuple[float, float] | None:
+    """The share of instructions `arm` obeyed on `dataset` `at` its best checkpoint or the end, less the base
+    model's, paired over the prompts (each prompt's share obeyed over the arm's seeds less the base model's
+    verdict), ± SE; None before both are scored."""
+    base = results["base"].get("instructions", {}).get("obeyed")
+    each = [run["closing"][at]["instructions"]["obeyed"] for run in runs_of(results, dataset, arm)] if base else []
+    if not each:
+        return None
+    shares = [statistics.mean(int(verdicts[i]) for verdicts in each) for i in range(len(base))]
+    return paired_difference(shares, [int(verdict) for verdict in base])
+
+
 def delta_text(results: dict, dataset: str, arm: str, value) -> str:
     """`delta` as the page prints it: ± SE, one seed's gap while there is no spread, or "missing"."""
     found = delta(results, dataset, arm, value)
@@ -109,11 +121,13 @@ def chosen(results: dict, arms: list[str]) -> list[str]:
 
 def in_words(tests: dict[str, list[bool | None]], datasets: list[str]) -> str:
     """A finding's verdict from its rule's `tests` on each dataset judged: "does not hold on" the datasets where
-    one fails (one failure decides it, so others may not have run yet), `UNDECIDED` while one lacks its figures or
-    none was judged, else "holds on" the datasets judged ("every dataset" when they are all of `datasets`)."""
+    one fails (one failure decides it, so others may not have run yet), with those where every test holds;
+    `UNDECIDED` while one lacks its figures or none was judged, else "holds on" the datasets judged ("every
+    dataset" when they are all of `datasets`)."""
     failed = [name for name, here in tests.items() if False in here]
+    held = [name for name, here in tests.items() if here and all(here)]
     if failed:
-        return f"does not hold on {', '.join(failed)}"
+        return f"does not hold on {', '.join(failed)}" + (f" (holds on {', '.join(held)})" if held else "")
     if not tests or any(None in here for here in tests.values()):
         return UNDECIDED
     return f"holds on {'every dataset' if list(tests) == datasets else ', '.join(tests)}"
@@ -190,6 +204,26 @@ def trade_off_past_best(results: dict, arm: str) -> tuple[str, str]:
     return in_words(tests, results["datasets"]), "; ".join(parts) or "not run beside LoRA-all"
 
 
+def fewer_instructions(results: dict) -> Finding:
+    """Whether LoRA-all's fine-tune obeys fewer instructions than the base model at its best checkpoint by > 2 SE
+    (`against_base`), on each dataset it ran; the evidence gives every arm's, at the best checkpoint and the end."""
+    parts, tests = [], {}
+    for dataset in results["datasets"]:
+        if not runs_of(results, dataset, REFERENCE):
+            continue
+        found = against_base(results, dataset, REFERENCE, "best")
+        tests[dataset] = [decided(found, lower, results, dataset, REFERENCE)]
+        arms = dict.fromkeys(run["arm"] for run in results["runs"] if run["dataset"] == dataset)  # as they ran
+        shown = [f"{arm} {show(against_base(results, dataset, arm, 'best'))}" for arm in arms]
+        end = show(against_base(results, dataset, REFERENCE, "end"))
+        parts.append(f"{dataset}: {', '.join(shown)} (LoRA-all at the end: {end})")
+    claim = "LoRA-all's fine-tune obeys fewer of the verifiable instructions than the base model (best checkpoint)"
+    rule = "paired over the prompts: each prompt's share obeyed over the arm's seeds less the base model's verdict"
+    rule += ", below −2 SE, the standard error from the spread over the prompts"
+    evidence = "; ".join(parts) or "LoRA-all has not run"
+    return Finding(claim, in_words(tests, results["datasets"]), evidence, rule, id="frontier-instructions")
+
+
 def ila_arms_run(results: dict) -> list[str]:
     """The ILA arms with at least one run, in the plan's order."""
     return [arm for arm in ILA_ARMS if any(run["arm"] == arm for run in results["runs"])]
@@ -224,7 +258,7 @@ def findings(results: dict, judged: dict | None = None) -> list[Finding]:
         )
         rule = f"forgetting where both curves climb back to the same held-out loss below −2 SE; {RULE}"
         out.append(Finding(claim, verdict, evidence, rule, id=f"frontier-past-best-{arm}"))
-    return out
+    return [*out, fewer_instructions(results)] if out else out
 
 
 def _on_both_ranges(claim: str, judged: dict[str, tuple[str, str]], rule: str, id: str) -> Finding:

@@ -184,9 +184,9 @@ def test_the_goal_names_the_datasets_where_it_fails_while_others_wait_for_their_
     lower, higher = [0.3, 0.35], [1.0, 1.1]  # ILA's forgetting slopes against LoRA-all's [1.0, 1.1] and [0.3, 0.35]
     alpaca = {("alpaca", "lora-all"): [1.0, 1.1], ("alpaca", "ila-75"): lower}
     lima_fails = {("lima", "lora-all"): [0.3, 0.35], ("lima", "ila-75"): higher}
-    assert verdict(alpaca | lima_fails) == "does not hold on lima"  # dolly has not run: one failure decides it
+    assert verdict(alpaca | lima_fails) == "does not hold on lima (holds on alpaca)"  # dolly has not run: decided
     dolly_fails = {("dolly", "lora-all"): [0.3, 0.35], ("dolly", "ila-75"): higher}
-    assert verdict(alpaca | lima_fails | dolly_fails) == "does not hold on lima, dolly"
+    assert verdict(alpaca | lima_fails | dolly_fails) == "does not hold on lima, dolly (holds on alpaca)"
     dolly_holds = {("dolly", "lora-all"): [1.0, 1.1], ("dolly", "ila-75"): lower}
     lima_holds = {("lima", "lora-all"): [1.0, 1.1], ("lima", "ila-75"): lower}
     assert verdict(alpaca | lima_holds | dolly_holds) == "holds on every dataset"
@@ -212,7 +212,7 @@ def test_ila_against_its_peers_names_the_datasets_judged_and_those_where_it_fail
     assert peers(alpaca).verdict == "holds on alpaca"  # lima and dolly: no peer ran there, not judged
     lima = {("lima", "ila-75"): higher, ("lima", "kappa-75"): lower}
     found = peers(alpaca | lima)
-    assert found.verdict == "does not hold on lima" and "lima vs random-75" not in found.evidence
+    assert found.verdict == "does not hold on lima (holds on alpaca)" and "lima vs random-75" not in found.evidence
     dolly = {("dolly", "ila-75"): lower, ("dolly", "kappa-75"): higher[:1]}  # a planned seed to come
     assert peers(alpaca | dolly).verdict == UNDECIDED
     assert peers({("alpaca", "ila-75"): lower}).evidence == "no peer ran"
@@ -236,6 +236,32 @@ def test_the_page_says_how_close_each_ila_arm_came_in_standard_errors():
     assert closeness_lines(results) == [f"{head} (a finding needs below −2):", "", *shown, ""]
     results["runs"] = [r for r in runs if r["arm"] not in ("ila-75", "ila-ranks")]
     assert closeness_lines(results) == []
+
+
+def test_the_instruction_score_is_compared_with_the_base_model_s_prompt_by_prompt():
+    from benchmarks.core.stats import paired_difference
+    from benchmarks.frontier_report import findings
+
+    def run(dataset: str, arm: str, seed: int, obeyed: str) -> dict:
+        points = [{"held_out": loss, "forgetting": 2.0 - loss} for loss in (1.8, 1.5)]
+        score = {"share": obeyed.count("1") / len(obeyed), "obeyed": obeyed}
+        closing = {"best": {"instructions": score, "step": 2}, "end": {"instructions": score}}
+        return {"dataset": dataset, "arm": arm, "seed": seed, "checkpoints": points, "closing": closing}
+
+    runs = [run("alpaca", "lora-all", 0, "01110000"), run("alpaca", "lora-all", 1, "00110000")]
+    runs += [run("alpaca", "ila-75", seed, "11110000") for seed in (0, 1)]
+    runs += [run("lima", "lora-all", seed, "00000000") for seed in (0, 1)] + [run("dolly", "lora-all", 0, "0" * 8)]
+    results = {"datasets": ["alpaca", "lima", "dolly"], "runs": runs, "primary": "alpaca"}
+    results |= {"base": {"held_out": dict.fromkeys(results["datasets"], 2.0), "instructions": {"obeyed": "11110000"}}}
+    results |= {"settings": {"seeds": [0, 1], "other_seeds": [0, 1]}, "arms": ["lora-all", "ila-75"]}
+    results["labels"] = {"lora-all": "LoRA-all", "ila-75": "ILA 75%"}
+    found = next(f for f in findings(results) if f.id == "frontier-instructions")
+    # alpaca: prompt by prompt -1, -0.5 and six 0 (-1.4 SE); lima: four -1 and four 0 (-2.6 SE); dolly: one seed of 2
+    assert found.verdict == "does not hold on alpaca (holds on lima)"
+    alpaca = "alpaca: lora-all -0.1875 ± 0.1315, ila-75 +0.0000 ± 0.0000 (LoRA-all at the end: -0.1875 ± 0.1315)"
+    assert found.evidence.startswith(f"{alpaca}; lima: lora-all -0.5000 ± 0.1890")
+    with pytest.raises(ValueError, match="paired_difference: 2 items against 3; pair every item once"):
+        paired_difference([1.0, 0.0], [1.0, 0.0, 1.0])
 
 
 def test_past_its_best_an_arm_forgets_less_than_lora_all_or_not_by_the_rule():
@@ -458,9 +484,13 @@ def test_the_frontier_study_runs_every_arm_judges_them_and_reads_its_cells_back(
     ran = {(r["dataset"], r["arm"]) for r in results["runs"]}
     assert {("alpaca", arm) for arm in frontier.ARMS} <= ran and len(ran) == len(frontier.ARMS) + 4
     for run in results["runs"]:
-        assert run["checkpoints"][-1]["step"] == 3 and "obeyed" not in run["closing"]["end"]["instructions"]
+        score = run["closing"]["end"]["instructions"]  # its verdicts: one "1" or "0" per prompt
+        assert run["checkpoints"][-1]["step"] == 3 and len(score["obeyed"]) == results["settings"]["prompts"]
+        assert set(score["obeyed"]) <= {"0", "1"}
+        assert score["obeyed"].count("1") / len(score["obeyed"]) == score["share"]
         assert set(run["closing"]["best"]) == {"step", "instructions", "knowledge", "general"}
-    assert {"frontier-ila-75", "frontier-peers-ila-75", "frontier-ila-ranks"} <= {f["id"] for f in results["findings"]}
+    ids = {"frontier-ila-75", "frontier-peers-ila-75", "frontier-ila-ranks", "frontier-instructions"}
+    assert ids <= {f["id"] for f in results["findings"]}
     folder = tmp_path / "cells" / "smoke"
     assert not list(folder.glob("*.running.safetensors"))  # a run's state goes once its cell is written
     page = (folder / "FRONTIER.md").read_text()

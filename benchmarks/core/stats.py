@@ -1,10 +1,11 @@
 """The statistics every study computes, each defined once: overlaps and rank correlation with their random
-expectation, top-k sets through the library's `resolve_top_k` and the overlap rules;
+expectation, top-k sets through the library's `resolve_top_k` and the overlap rules, a difference paired over items;
 the pooled noise scale and the 2-SE rule are the library's judge (`peft_ila.app.judge`), re-exported."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Hashable, Iterable
 
 from peft_ila import resolve_top_k
@@ -22,10 +23,22 @@ __all__ = [
     "jaccard",
     "judge",
     "listed",
+    "paired_difference",
     "pooled_sd",
     "show",
     "spearman",
 ]
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float] | None:
+    """mean(a - b) over paired items (the same prompts, say) and its standard error, the spread of the item
+    differences / sqrt(items); None with fewer than two items."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} items against {len(b)}; pair every item once")
+    if len(a) < 2:
+        return None
+    gaps = [x - y for x, y in zip(a, b, strict=True)]
+    return sum(gaps) / len(gaps), statistics.stdev(gaps) / math.sqrt(len(gaps))
 
 
 class Runs:
