@@ -19,8 +19,8 @@ identifies on each run's own data order.
 The plan: every arm on the primary dataset with every seed, then LoRA-all, the best two ILA arms and the best peer
 (by forgetting at matched held-out loss on the primary dataset) on the others with `other_seeds` (LoRA-all's runs
 there wait for no choice). The dry run's estimate decides what is cut (`CUT`, in order) to keep within
-`budget_hours`. `--arms` splits the plan between processes: each computes its arms' runs and reads the others', so
-the choice is made on every arm's cells whichever process makes it. Cells
+`budget_hours`. `--arms` and `--seeds` split the plan between processes: each computes its arms' runs of its seeds
+and reads the others', so the choice is made on every arm's cells whichever process makes it. Cells
 (`benchmarks/results/frontier/<preset>/`): `run-*` (one arm, dataset, seed; while it runs, its progress is kept in
 `run-*.running.safetensors`, and a rerun goes on from there), `follow-*` (the base model's instruction
 score), `general-*` (its loss on the general text), `peer-*` (KappaTune's and Spectrum's rankings); the grid's base,
@@ -131,6 +131,8 @@ class Frontier(Study):
         parser.add_argument(
             "--arms", type=_arm_names, help=f"compute only these arms' runs, comma-separated: {listed} (default: all)"
         )
+        seeds = "compute only these seeds' runs of those arms, comma-separated (default: all)"
+        parser.add_argument("--seeds", type=_seed_numbers, help=seeds)
         parser.add_argument(
             "--general-text", type=Path, help="general text: a folder of sections of .txt articles (default: BBC News)"
         )
@@ -207,7 +209,7 @@ class Frontier(Study):
 
     def run_cell(self, name: str, arm: str, seed: int) -> dict:
         """`ARMS[arm]` fine-tuned on `name` with `seed` for `epochs` epochs: the executor's run record (only read
-        when `--arms` leaves `arm` to another process)."""
+        when `--arms` or `--seeds` leaves the run to another process)."""
         recipe, evaluation, settings = ARMS[arm], self.based(name), self.run_settings(name, arm, seed)
 
         def compute(stem: Path) -> dict:
@@ -218,7 +220,11 @@ class Frontier(Study):
                 recipe, prepared, self.config, schedule, seed, evaluation, self.args.progress, None, ranking, state
             )
 
-        return self.cell("run", settings, compute, read_only=arm not in (self.args.arms or ARMS))
+        return self.cell("run", settings, compute, read_only=not self.computes(arm, seed))
+
+    def computes(self, arm: str, seed: int) -> bool:
+        """Whether this process computes `arm`'s run with `seed` (`--arms`, `--seeds`) or only reads its cell."""
+        return arm in (self.args.arms or ARMS) and (self.args.seeds is None or seed in self.args.seeds)
 
     def under_way(self, name: str, arm: str, seed: int) -> dict | None:
         """How far a run that has not finished went, from its state file: {dataset, arm, seed, step, of}; None if
@@ -362,6 +368,16 @@ def _arm_names(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown or text!r}: choose from {', '.join(ARMS)}")
     return names
+
+
+def _seed_numbers(text: str) -> list[int]:
+    try:
+        seeds = [int(seed) for seed in text.split(",") if seed.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: give whole numbers from 0, comma-separated, e.g. 0,1")
+    return seeds
 
 
 def plan_runs(names: list[str], arms: list[str], p: dict, steps, checkpoints, config: ILAConfig) -> list[dict]:

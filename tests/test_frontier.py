@@ -545,12 +545,15 @@ def test_a_frontier_run_cut_short_shows_how_far_it_went_and_goes_on_from_there(t
         frontier.Frontier.main([*args[:-2], "--arms", "lora-all,sideways"])
 
 
-def test_a_frontier_process_given_arms_chooses_the_other_datasets_arms_on_the_whole_plan(tmp_path):
+def test_a_frontier_process_given_arms_and_seeds_chooses_the_other_datasets_arms_on_the_whole_plan(tmp_path):
     from benchmarks import frontier
 
     args = _two_dataset_args(tmp_path, "random-75")
     frontier.Frontier.main([*args, "--dry-run"])
-    results = frontier.Frontier.main(args)
+    assert frontier.Frontier.main([*args, "--seeds", "1"])["runs"] == []  # its seed-0 run left to another process
+    with pytest.raises(SystemExit):
+        frontier.Frontier.main([*args, "--seeds", "zero"])
+    results = frontier.Frontier.main([*args, "--seeds", "0"])
     assert results["arms"] == frontier.PRESETS["smoke"]["arms"]  # the plan, not the process's share of it
     assert [(r["dataset"], r["arm"]) for r in results["runs"]] == [("alpaca", "random-75")]
     assert results["others"] is None  # the other arms on alpaca are not in: nothing is chosen, nothing run on lima
