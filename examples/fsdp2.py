@@ -8,6 +8,8 @@ A tiny random Llama stands in for your model; every rank feeds its own shard of 
 import peft_ila  # noqa: F401, I001  (first: registers the PEFT type "ILA" and keeps peft's import quiet)
 from peft_ila import ILAConfig, identify_important_layers
 
+import gc
+
 import torch
 import torch.distributed as dist
 from peft import get_peft_model
@@ -40,4 +42,7 @@ state = get_model_state_dict(probe, options=StateDictOptions(full_state_dict=Tru
 if rank == 0:
     probe.save_pretrained("ila-fsdp2", state_dict=state)  # a normal adapter directory
     print(f"{dist.get_world_size()} ranks selected {len(result.selected)} layers; adapter saved to ila-fsdp2")
+dist.barrier()  # no rank closes its connections while another still reads from them
+del probe, optimizer, state  # FSDP's modules and meshes hold the group in reference cycles: free them now, since
+gc.collect()  # gloo torn down while the interpreter exits can abort ("terminate called without an active exception")
 dist.destroy_process_group()

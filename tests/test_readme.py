@@ -277,7 +277,8 @@ def test_fsdp2_example_is_in_its_page_and_runs_on_two_processes(tmp_path):
     example = ROOT / "examples" / "fsdp2.py"
     assert example.read_text() in code_blocks("python", doc("ddp.md"))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example)]
-    done = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a rank that aborts prints its Python stack
+    done = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-8000:]
     assert "2 ranks selected 7 layers" in done.stdout
     assert PeftConfig.from_pretrained(tmp_path / "ila-fsdp2").selected_layers  # a normal, selected adapter
