@@ -111,6 +111,9 @@ class Frontier(Study):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
+        planned = sorted({*self.p["seeds"], *self.p["other_seeds"]})
+        if outside := sorted(set(args.seeds or planned) - set(planned)):
+            raise SystemExit(f"--seeds {outside}: the {args.preset} preset plans seeds {planned}; choose among them")
         self.grid = Grid.beneath(args, self.p["grid"])
         self.data, self.base = self.grid.data, self.grid.base
         stages = dict(stage1_max_steps=self.grid.p["stage1"], stage2_steps=self.grid.p["stage2"])

@@ -3,6 +3,7 @@ instruction scores, the peer and rank recipes, and the study's smoke run on the 
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -550,9 +551,13 @@ def test_a_frontier_process_given_arms_and_seeds_chooses_the_other_datasets_arms
 
     args = _two_dataset_args(tmp_path, "random-75")
     frontier.Frontier.main([*args, "--dry-run"])
-    assert frontier.Frontier.main([*args, "--seeds", "1"])["runs"] == []  # its seed-0 run left to another process
     with pytest.raises(SystemExit):
         frontier.Frontier.main([*args, "--seeds", "zero"])
+    with pytest.raises(SystemExit, match=r"--seeds \[1\]: the smoke preset plans seeds \[0\]"):
+        frontier.Frontier.main([*args, "--seeds", "0,1"])
+    leaves_seed_0 = frontier.Frontier.__new__(frontier.Frontier)
+    leaves_seed_0.args = argparse.Namespace(arms=None, seeds=[1])
+    assert not leaves_seed_0.computes("random-75", 0) and leaves_seed_0.computes("random-75", 1)
     results = frontier.Frontier.main([*args, "--seeds", "0"])
     assert results["arms"] == frontier.PRESETS["smoke"]["arms"]  # the plan, not the process's share of it
     assert [(r["dataset"], r["arm"]) for r in results["runs"]] == [("alpaca", "random-75")]
