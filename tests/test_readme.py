@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from peft import PeftConfig, PeftModel
+from test_distributed import torchrun
 from transformers import AutoModelForCausalLM
 
 from benchmarks import figures
@@ -276,9 +277,6 @@ def test_every_command_in_the_docs_parses():
 def test_fsdp2_example_is_in_its_page_and_runs_on_two_processes(tmp_path):
     example = ROOT / "examples" / "fsdp2.py"
     assert example.read_text() in code_blocks("python", doc("ddp.md"))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example)]
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a rank that aborts prints its Python stack
-    done = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-8000:]
+    done = torchrun(str(example), cwd=tmp_path)  # two ranks; an aborted one prints its Python stack
     assert "2 ranks selected 7 layers" in done.stdout
     assert PeftConfig.from_pretrained(tmp_path / "ila-fsdp2").selected_layers  # a normal, selected adapter
